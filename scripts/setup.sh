@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Create .venv at the repo root and install DeepSeeMoE into it.
+#   bash scripts/setup.sh          # the package
+#   bash scripts/setup.sh --test   # plus the test extras
+# On machines without CUDA the pinned CPU build of PyTorch is installed first, so that no
+# dependency can pull the multi-GB CUDA wheels by accident.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TORCH_VERSION="2.13.0"
+extras=""
+[[ "${1:-}" == "--test" ]] && extras="[test]"
+
+if [[ ! -x .venv/bin/python ]]; then
+    python3 -m venv .venv
+fi
+PY=.venv/bin/python
+PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+
+if ! $PY -c "import torch" >/dev/null 2>&1; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
+        "${PIP[@]}" "torch==${TORCH_VERSION}"
+    else
+        # A local CPU wheel (pip's find-links) when the machine has one; else pytorch.org's CPU index.
+        wheels=$(mktemp -d)
+        if $PY -m pip download --quiet --no-index --no-deps "torch==${TORCH_VERSION}" -d "$wheels" >/dev/null 2>&1; then
+            "${PIP[@]}" "$wheels"/torch-*.whl
+        else
+            "${PIP[@]}" "torch==${TORCH_VERSION}" --index-url https://download.pytorch.org/whl/cpu \
+                --extra-index-url https://pypi.org/simple
+        fi
+        rm -rf "$wheels"
+    fi
+fi
+"${PIP[@]}" -e ".${extras}"
+echo "deepseemoe installed in .venv ($($PY -c 'import torch, transformers; print("torch", torch.__version__, "· transformers", transformers.__version__)'))"

@@ -1,0 +1,1 @@
+"""Feature explanations and their scoring."""

@@ -1,0 +1,1 @@
+"""Hook management: one forward feeding many consumers; activation and routing stores."""

@@ -1,0 +1,1 @@
+"""MoE versus dense: the same pipeline on both, side by side."""

@@ -1,0 +1,1 @@
+"""Dictionary evaluation: reconstruction, sparsity, spliced loss/KL, routing preservation."""

@@ -1,0 +1,1 @@
+"""Features mapped to experts: co-firing statistics, router-logit attribution, routing prediction."""

@@ -1,0 +1,1 @@
+"""Routing interventions (expert ablation/exclusion, forced and random routing) and feature edits."""

@@ -1,0 +1,128 @@
+"""What the rest of the toolkit knows about a loaded model: its decoder layers, its MoE layers
+and the rules (the adapter) that read and rewrite each MoE layer's routing.
+
+Shapes: T tokens (batch-major flattening of [B, S]), D model width, E routed experts,
+K experts per token, F expert hidden width.
+
+Every architecture-specific fact lives in a `MoEAdapter` subclass (one per design family,
+selected by `models.registry`); capture and interventions only ever call the methods below,
+so they never branch on the architecture.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from torch.utils.hooks import RemovableHandle
+
+
+@dataclass
+class RoutingEvent:
+    """One MoE layer's routing for one forward call, as the experts actually received it.
+
+    `weights` are the coefficients the routed experts are mixed with (after renormalisation,
+    `routed_scaling_factor` applied inside the router, and correction-bias selection); a
+    block-level post-scale outside the experts module is *not* folded in (see `MoELayer.combine`).
+    """
+
+    x: torch.Tensor  # [T, D] experts input
+    idx: torch.Tensor  # [T, K] int64 expert ids
+    weights: torch.Tensor  # [T, K]
+    logits: torch.Tensor | None = None  # [T, E] raw router logits (pre-softmax/sigmoid)
+    output: torch.Tensor | None = None  # [T, D] routed experts output (Σ_k w_k·E_k(x)), when available
+
+
+# rewrite(layer, idx[T,K], weights[T,K], logits[T,E] | None) -> (idx, weights)
+RoutingRewrite = Callable[["MoELayer", "torch.Tensor", "torch.Tensor", "torch.Tensor | None"],
+                          tuple["torch.Tensor", "torch.Tensor"]]
+
+
+class MoEAdapter(ABC):
+    """The rules of one MoE design family. Stateless; one instance may serve many layers."""
+
+    name: str = "abstract"
+
+    @abstractmethod
+    def observe(self, layer: MoELayer, callback: Callable[[RoutingEvent], None]) -> list[RemovableHandle]:
+        """Register read-only hooks that call `callback` once per forward of this layer."""
+
+    @abstractmethod
+    def intervene(self, layer: MoELayer, rewrite: RoutingRewrite) -> list[RemovableHandle]:
+        """Register hooks (run before any observer) that replace the layer's routing."""
+
+    @abstractmethod
+    def expert_outputs(self, layer: MoELayer, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Unweighted outputs of the chosen experts: x [T, D], idx [T, K] -> [T, K, D]."""
+
+    def expert_neurons(self, layer: MoELayer, x: torch.Tensor, expert: int) -> torch.Tensor:
+        """Hidden activations of one expert (the input of its down projection): [T, D] -> [T, F]."""
+        raise NotImplementedError(f"{self.name} adapter does not expose expert neurons")
+
+    def select(self, layer: MoELayer, logits: torch.Tensor,
+               banned: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Re-run the router's own selection on logits [T, E] with experts `banned` ([E] bool)
+        made unselectable; returns (idx [T, K], weights [T, K]). Used by 'exclude'."""
+        raise NotImplementedError(f"router family {layer.router_family!r} has no selector")
+
+    def block_output(self, layer: MoELayer, output: Any) -> torch.Tensor:
+        """The block's hidden-state output from whatever its forward returned."""
+        return output[0] if isinstance(output, tuple) else output
+
+
+@dataclass
+class MoELayer:
+    """One MoE layer of a model: where its modules are and how it routes."""
+
+    layer: int  # decoder-layer index (not the index among MoE layers)
+    block_path: str
+    block: nn.Module
+    router_path: str | None
+    router: nn.Module | None
+    experts_path: str | None
+    experts: nn.Module | None
+    num_experts: int
+    top_k: int
+    router_family: str  # e.g. "softmax_topk", "softmax_topk_renorm", "topk_softmax", "sigmoid_bias_group", "sparsemixer"
+    combine: str  # e.g. "routed", "routed+shared", "routed+gated_shared", "scaled_routed+shared"
+    adapter: MoEAdapter
+    shared_paths: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()  # known defects or caveats, shown by `deepseemoe inspect`
+
+
+@dataclass
+class DenseMLP:
+    """A dense feed-forward layer, whose hidden units ("neurons") play the role of experts."""
+
+    layer: int
+    path: str
+    module: nn.Module
+    neuron_path: str  # module whose *input* is the neuron activation [.., F] (e.g. down_proj)
+    num_neurons: int
+
+
+@dataclass
+class ModelHandle:
+    """A loaded causal LM and everything the toolkit found in it."""
+
+    model: nn.Module
+    tokenizer: Any | None
+    name: str  # hub id or folder
+    model_type: str
+    layers_path: str  # e.g. "model.layers"
+    layers: list[nn.Module]
+    moe_layers: dict[int, MoELayer] = field(default_factory=dict)  # by decoder-layer index
+    dense_mlps: dict[int, DenseMLP] = field(default_factory=dict)  # by decoder-layer index
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.moe_layers)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)

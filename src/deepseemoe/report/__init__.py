@@ -1,0 +1,1 @@
+"""The static report and its figures."""

@@ -1,0 +1,1 @@
+"""Routing statistics over the routing store (DuckDB over parquet) and their figures."""

@@ -1,0 +1,1 @@
+"""The small models the project trains itself for the offline default."""
