@@ -1,0 +1,90 @@
+"""Load a causal LM (hub id or local folder) and describe it as a `ModelHandle`.
+
+Hub kernels stay off: `use_kernels=True` replaces whole MoE block forwards (e.g. MegaBlocks
+for GPT-OSS) and silences the router/experts hooks this toolkit depends on.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from deepseemoe.errors import DeepSeeMoEError
+from deepseemoe.models.spec import ModelHandle
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+           "float16": "float16", "fp16": "float16", "auto": "auto"}
+
+
+def resolve_dtype(dtype: Any):
+    import torch
+
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower()
+    if key not in _DTYPES:
+        raise DeepSeeMoEError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16, auto")
+    return "auto" if key == "auto" else getattr(torch, _DTYPES[key])
+
+
+def load_model(name_or_path: str, *, dtype: Any = None, device: str | None = None, device_map: Any = None,
+               trust_remote_code: bool = False, experts_implementation: str | None = None,
+               revision: str | None = None, load_tokenizer: bool = True) -> ModelHandle:
+    """Load a causal LM from the hub or a local folder and find its MoE (or dense) layers."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(name_or_path).expanduser()
+    is_local = path.exists()
+    if not is_local and (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1):
+        raise DeepSeeMoEError(f"model folder {name_or_path} does not exist; give an existing folder saved with "
+                              "save_pretrained, or a hub id such as allenai/OLMoE-1B-7B-0924")
+    source = str(path) if is_local else name_or_path
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
+    except OSError as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = " (the hub is unreachable here: use a local folder)" if offline or not is_local else ""
+        raise DeepSeeMoEError(f"cannot load a model config from {name_or_path!r}{hint}: {str(exc).splitlines()[0]}"
+                              ) from None
+    except ValueError as exc:
+        raise DeepSeeMoEError(f"{name_or_path}: {str(exc).splitlines()[0]} (pass --trust-remote-code only if you "
+                              "trust this model's code)") from None
+
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "revision": revision}
+    if dtype is not None:
+        kwargs["dtype"] = resolve_dtype(dtype)
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if experts_implementation is not None:
+        kwargs["experts_implementation"] = experts_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, config=config, use_kernels=False, **kwargs)
+    except ValueError as exc:
+        if "Unrecognized configuration class" in str(exc):
+            raise DeepSeeMoEError(f"{name_or_path} is a {type(config).__name__} model, not a causal language model; "
+                                  "DeepSeeMoE reads decoder-only LMs (AutoModelForCausalLM)") from None
+        raise
+    if device is not None and device_map is None:
+        model = model.to(device)
+    tokenizer = None
+    if load_tokenizer:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
+        except (OSError, ValueError):
+            tokenizer = None
+    return handle_from_model(model, tokenizer, name=name_or_path)
+
+
+def handle_from_model(model, tokenizer=None, *, name: str | None = None) -> ModelHandle:
+    """Describe an in-memory model: decoder layers, MoE layers (or dense MLPs when it has none)."""
+    from deepseemoe.models.registry import discover_dense_mlps, discover_moe_layers, find_decoder_layers
+
+    model.eval()
+    layers_path, layers = find_decoder_layers(model)
+    moe = discover_moe_layers(model, layers_path, layers)
+    dense = discover_dense_mlps(layers_path, layers)
+    config = getattr(model, "config", None)
+    return ModelHandle(model=model, tokenizer=tokenizer, name=name or type(model).__name__,
+                       model_type=getattr(config, "model_type", "unknown"), layers_path=layers_path,
+                       layers=layers, moe_layers=moe, dense_mlps=dense)
