@@ -47,6 +47,9 @@ UNSUPPORTED: dict[str, str] = {
 }
 # Blocks that post-process the routed sum in a way that is not additive (the routing is still
 # captured exactly; only the block-level decomposition carries this caveat).
+# Blocks that multiply the routed sum by `routed_scaling_factor` after the experts module.
+POST_SCALED_BLOCKS = frozenset({"BeamMoE", "LagunaSparseMoeBlock", "MiniMaxM3VLSparseMoeBlock",
+                                "Step3p7SparseMoeBlock"})
 POST_MAP_NOTES: dict[str, str] = {
     "AXK1MoE": "block output passes through post_mlp_layernorm after routed + shared",
     "MuseSparkMoE": "experts run in a projected space (pre/post expert projections)",
@@ -183,6 +186,9 @@ def _combine(block: nn.Module, decoder_layer: nn.Module) -> tuple[str, tuple[str
     if hasattr(block, "shared_expert_gate") and shared:
         return "routed+gated_shared", (*shared, "shared_expert_gate")
     if shared:
+        params = inspect.signature(getattr(block, shared[0]).forward).parameters.values()
+        if sum(p.default is inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD for p in params) > 1:
+            return "routed+router-gated shared", shared  # Inkling: shared experts take the router's gammas
         return "routed+shared", shared
     layer_shared = tuple(a for a in SHARED_ATTRS if isinstance(getattr(decoder_layer, a, None), nn.Module))
     if layer_shared:
@@ -212,6 +218,12 @@ def discover_moe_layers(model: nn.Module, layers_path: str, layers: list[nn.Modu
             router = getattr(block, router_attr)
             prefix = f"{layers_path}.{i}" + (f".{rel}" if rel else "")
             combine, shared = _combine(block, decoder_layer)
+            routed_scale = 1.0
+            if cls in POST_SCALED_BLOCKS:
+                routed_scale = float(block.routed_scaling_factor)
+                combine = "scaled_" + combine
+            if block is decoder_layer:  # Gemma4: router and experts sit inline on the decoder layer
+                combine = "inline (normed experts beside a dense MLP)"
             notes = (POST_MAP_NOTES[cls],) if cls in POST_MAP_NOTES else ()
             if i in found:
                 raise DeepSeeMoEError(f"decoder layer {i} holds two MoE blocks ({found[i].block_path}, {prefix}); "
@@ -222,7 +234,7 @@ def discover_moe_layers(model: nn.Module, layers_path: str, layers: list[nn.Modu
                 experts_path=f"{prefix}.experts", experts=experts,
                 num_experts=_num_experts(block, router, experts), top_k=_top_k(block, router),
                 router_family=router_family(router, _hidden_size(model)).name, combine=combine, adapter=STANDARD,
-                shared_paths=shared, notes=notes,
+                shared_paths=shared, notes=notes, routed_scale=routed_scale,
             )
     return found
 

@@ -93,6 +93,7 @@ class MoELayer:
     adapter: MoEAdapter
     shared_paths: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()  # known defects or caveats, shown by `deepseemoe inspect`
+    routed_scale: float = 1.0  # block-level factor applied to the routed sum after the experts module
 
 
 @dataclass

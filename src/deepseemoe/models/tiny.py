@@ -114,9 +114,9 @@ def tiny_config(model_type: str, **overrides: Any):
     config = config_class(**kwargs)
     fixes: dict[str, Any] = {}
     # MLA: rotary embeddings are built from head_dim but applied to the qk_rope slice.
-    if getattr(config, "qk_rope_head_dim", None) and "head_dim" not in kwargs:
-        if getattr(config, "head_dim", None) != config.qk_rope_head_dim:
-            fixes["head_dim"] = config.qk_rope_head_dim
+    if getattr(config, "qk_rope_head_dim", None) and "head_dim" not in kwargs \
+            and getattr(config, "head_dim", None) != config.qk_rope_head_dim:
+        fixes["head_dim"] = config.qk_rope_head_dim
     if getattr(config, "qk_rope_head_dim", None) and model_type != "mistral4" and \
             getattr(config, "num_key_value_heads", None) not in (None, config.num_attention_heads):
         fixes["num_key_value_heads"] = config.num_attention_heads
