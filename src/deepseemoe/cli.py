@@ -56,3 +56,7 @@ def run() -> None:
     except DeepSeeMoEError as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    run()

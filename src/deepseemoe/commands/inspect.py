@@ -1,0 +1,39 @@
+"""`deepseemoe inspect MODEL`: the model's MoE structure in a table."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def inspect(
+        model: str = typer.Argument(..., help="Hub id or local folder; or tiny:MODEL_TYPE for a tiny random model."),
+        trust_remote_code: bool = typer.Option(False, help="Run the model repository's own code."),
+    ) -> None:
+        """Print layers, experts, top-k, router family, shared experts and dense layers."""
+        from rich.console import Console
+        from rich.table import Table
+
+        from deepseemoe.models.load import handle_from_model, load_model
+
+        if model.startswith("tiny:"):
+            from deepseemoe.models.tiny import tiny_model
+
+            handle = handle_from_model(tiny_model(model.removeprefix("tiny:")), name=model)
+        else:
+            handle = load_model(model, trust_remote_code=trust_remote_code, load_tokenizer=False)
+        table = Table(title=f"{handle.name} ({handle.model_type}): {handle.num_layers} layers, "
+                            f"{'MoE' if handle.is_moe else 'dense'}")
+        for col in ("layer", "kind", "experts", "top-k", "router family", "combine", "shared", "notes"):
+            table.add_column(col)
+        for i in range(handle.num_layers):
+            moe = handle.moe_layers.get(i)
+            if moe is not None:
+                table.add_row(str(i), "MoE", str(moe.num_experts), str(moe.top_k), moe.router_family, moe.combine,
+                              ", ".join(moe.shared_paths) or "-", "; ".join(moe.notes) or "")
+            elif i in handle.dense_mlps:
+                table.add_row(str(i), "dense MLP", f"{handle.dense_mlps[i].num_neurons} neurons", "-", "-", "-", "-", "")
+            else:
+                table.add_row(str(i), "other", "-", "-", "-", "-", "-", "")
+        Console().print(table)

@@ -1,0 +1,55 @@
+"""`deepseemoe route MODEL --data SOURCE --out RUN_DIR`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def route(
+        model: str = typer.Argument(..., help="Hub id or local folder of a causal LM with MoE layers."),
+        data: str = typer.Option(..., "--data", help="Local file/folder/glob (.jsonl, .jsonl.zst, .parquet, .txt) "
+                                                     "or hf:DATASET (streamed)."),
+        out: Path = typer.Option(..., "--out", help="Run directory to write tokens/, routing/ and run.json into."),
+        field: str = typer.Option("text", help="Text field of each record."),
+        domain_field: str = typer.Option(None, help="Field holding a domain label."),
+        domain_from_file: bool = typer.Option(False, help="Use each file's name as the domain label."),
+        hf_config: str = typer.Option(None, help="Dataset config name (hf: sources)."),
+        split: str = typer.Option("train", help="Dataset split (hf: sources)."),
+        data_files: str = typer.Option(None, help="data_files for hf:json / hf:parquet loaders."),
+        min_chars: int = typer.Option(0, help="Skip documents shorter than this."),
+        max_chars: int = typer.Option(None, help="Skip documents longer than this."),
+        max_docs: int = typer.Option(None, help="Stop after this many documents."),
+        max_tokens: int = typer.Option(None, help="Stop after this many tokens (BOS included)."),
+        ctx_len: int = typer.Option(256, help="Context length of the packed sequences."),
+        batch_size: int = typer.Option(8, help="Contexts per forward pass."),
+        device: str = typer.Option(None, help="Device for the model, e.g. cuda:0 (default: CPU)."),
+        device_map: str = typer.Option(None, help="device_map for models larger than one device, e.g. auto."),
+        dtype: str = typer.Option(None, help="float32, bfloat16 or float16 (default: the checkpoint's)."),
+        logits: bool = typer.Option(False, "--logits", help="Also store the router logits (logits/)."),
+        keep_bos: bool = typer.Option(False, help="Keep BOS tokens in the records."),
+        seed: int = typer.Option(0, help="Seed for --shuffle."),
+        shuffle: bool = typer.Option(False, help="Shuffle the order of the source files with --seed."),
+        trust_remote_code: bool = typer.Option(False, help="Run the model repository's own code (only if you trust it)."),
+    ) -> None:
+        """Record which experts every token is routed to, in every MoE layer."""
+        from rich.console import Console
+
+        from deepseemoe.data.sources import TextSource, resolve_files
+        from deepseemoe.models.load import load_model
+        from deepseemoe.routing.route import route_corpus
+
+        if not data.startswith("hf:"):
+            resolve_files(data)  # fail on a bad path before spending time on the model
+        handle = load_model(model, dtype=dtype, device=device, device_map=device_map,
+                            trust_remote_code=trust_remote_code)
+        source = TextSource(data, field=field, domain_field=domain_field, domain_from_file=domain_from_file,
+                            hf_config=hf_config, split=split, data_files=data_files, min_chars=min_chars,
+                            max_chars=max_chars, max_docs=max_docs, shuffle=shuffle, seed=seed)
+        result = route_corpus(handle, source, out, ctx_len=ctx_len, batch_size=batch_size, max_tokens=max_tokens,
+                              logits=logits, exclude_bos=not keep_bos, extra={"seed": seed})
+        Console().print(f"[green]routed {result.tokens:,} tokens[/] through {len(result.layers)} MoE layers in "
+                        f"{result.seconds:.1f}s ({result.tokens_per_second:,.0f} tok/s) → {result.run_dir}")

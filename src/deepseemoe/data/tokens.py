@@ -1,0 +1,108 @@
+"""Tokenize documents and pack them into fixed-length contexts, keeping each token's provenance.
+
+Shapes: a `PackedBatch` holds input_ids, attention_mask, doc and pos, all [B, S] (S = ctx_len).
+
+Packing: every document starts with BOS (when the tokenizer has one); documents are laid end
+to end and cut into contexts of `ctx_len` tokens; a context that starts inside a document gets
+a BOS of its own so no context begins mid-stream without one. `pos` is the token's index in
+its document's tokenization (BOS is -1), so routing rows map back to the text. The last
+context is padded (attention 0, doc -1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from deepseemoe.data.sources import Document
+from deepseemoe.errors import DeepSeeMoEError
+
+
+@dataclass
+class PackedBatch:
+    input_ids: torch.Tensor  # [B, S] int64
+    attention_mask: torch.Tensor  # [B, S] int64
+    doc: torch.Tensor  # [B, S] int64 document id, -1 on padding
+    pos: torch.Tensor  # [B, S] int32 position in the document, -1 on BOS and padding
+    domains: dict[int, str | None]  # doc id -> domain of the documents in this batch
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def _special_ids(tokenizer) -> tuple[int | None, int]:
+    bos = tokenizer.bos_token_id
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else (bos if bos is not None else 0)
+    return bos, pad
+
+
+def pack_documents(tokenizer, documents: Iterable[Document], *, ctx_len: int, batch_size: int,
+                   max_tokens: int | None = None, add_bos: bool = True) -> Iterator[PackedBatch]:
+    """Yield batches of packed contexts until the documents or the token budget run out.
+
+    `max_tokens` counts real (non-padding) tokens, BOS included.
+    """
+    if ctx_len < 2:
+        raise DeepSeeMoEError(f"--ctx-len must be at least 2, got {ctx_len}")
+    bos, pad = _special_ids(tokenizer)
+    use_bos = add_bos and bos is not None
+    rows: list[tuple[list[int], list[int], list[int]]] = []
+    ids, docs, poss = [], [], []
+    domains: dict[int, str | None] = {}
+    budget = max_tokens if max_tokens is not None else float("inf")
+    used = 0
+
+    def flush():
+        nonlocal rows, domains
+        B = len(rows)
+        input_ids = torch.full((B, ctx_len), pad, dtype=torch.long)
+        mask = torch.zeros((B, ctx_len), dtype=torch.long)
+        doc = torch.full((B, ctx_len), -1, dtype=torch.long)
+        pos = torch.full((B, ctx_len), -1, dtype=torch.int32)
+        for b, (r_ids, r_docs, r_pos) in enumerate(rows):
+            n = len(r_ids)
+            input_ids[b, :n] = torch.tensor(r_ids)
+            mask[b, :n] = 1
+            doc[b, :n] = torch.tensor(r_docs)
+            pos[b, :n] = torch.tensor(r_pos, dtype=torch.int32)
+        batch = PackedBatch(input_ids, mask, doc, pos, domains)
+        rows, domains = [], {}
+        return batch
+
+    def close_row():
+        rows.append((ids.copy(), docs.copy(), poss.copy()))
+        ids.clear(), docs.clear(), poss.clear()
+
+    for document in documents:
+        tokens = tokenizer(document.text, add_special_tokens=False)["input_ids"]
+        if not tokens:
+            continue
+        domains[document.doc_id] = document.domain
+        start = True
+        for i, tok in enumerate(tokens):
+            if used >= budget:
+                break
+            if use_bos and (start or not ids):
+                if len(ids) >= ctx_len - 1:  # no room for BOS + a token: start a new context
+                    close_row()
+                ids.append(bos), docs.append(document.doc_id), poss.append(-1)
+                used += 1
+                start = False
+            ids.append(tok), docs.append(document.doc_id), poss.append(i)
+            used += 1
+            if len(ids) == ctx_len:
+                close_row()
+                if len(rows) == batch_size:
+                    yield flush()
+                    domains[document.doc_id] = document.domain
+        if used >= budget:
+            break
+    if ids:
+        close_row()
+    if rows:
+        yield flush()

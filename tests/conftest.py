@@ -1,0 +1,57 @@
+"""Shared fixtures: a tiny byte-level BPE tokenizer and a tiny OLMoE saved like a hub model."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+
+warnings.filterwarnings("ignore", category=UserWarning)
+
+SAMPLE_TEXTS = {
+    "en": ["The king said unto his servants, go forth and gather the harvest before the rain.",
+           "A quick brown fox jumps over the lazy dog while the farmer sleeps in the barn."],
+    "code": ["def add(a, b):\n    return a + b\n\nclass Point:\n    x: int = 0\n",
+             "for i in range(10):\n    print(i * i)\nimport os\nos.path.join('a', 'b')\n"],
+    "de": ["Der schnelle braune Fuchs springt über den faulen Hund und die Katze schläft.",
+           "Es war einmal ein König, der hatte drei Töchter und ein großes Schloss am See."],
+}
+
+
+def build_tokenizer(folder: Path, vocab_size: int = 400):
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    corpus = [t for texts in SAMPLE_TEXTS.values() for t in texts] * 20
+    bpe.train_from_iterator(corpus, vocab_size=vocab_size, min_frequency=2,
+                            special_tokens=["<pad>", "<s>", "</s>"], show_progress=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>",
+                                  pad_token="<pad>")
+    tok.save_pretrained(folder)
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tiny_olmoe_dir(tmp_path_factory) -> Path:
+    """A tiny random OLMoE + tokenizer saved with save_pretrained (loads like a hub model)."""
+    from deepseemoe.models.tiny import tiny_model
+
+    folder = tmp_path_factory.mktemp("tiny_olmoe")
+    tok = build_tokenizer(folder)
+    model = tiny_model("olmoe", vocab_size=len(tok), bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id,
+                       eos_token_id=tok.eos_token_id)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def corpus_jsonl(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
+    with open(path, "w") as f:
+        for domain, texts in SAMPLE_TEXTS.items():
+            for text in texts:
+                f.write(json.dumps({"text": text, "domain": domain}) + "\n")
+    return path
