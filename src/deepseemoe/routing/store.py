@@ -5,7 +5,9 @@ Layout (one row per kept token in tokens/, one per token × MoE layer × rank in
   RUN_DIR/routing/part-NNNNN.parquet  doc int64, pos int32, layer int16, rank int8, expert int16, weight float32
   RUN_DIR/logits/part-NNNNN.parquet   doc, pos, layer, logits list<float32> [E]     (optional)
   RUN_DIR/run.json                    model, data, seeds, versions, token count, MoE layout
-`pos` is the position in the document (BOS, excluded by default, would be -1), so (doc, pos)
+Inside a shard, routing rows are layer-major and, within a layer, in the token order of the
+shard's tokens file with ranks consecutive, so a layer's routing reshapes to [T, K] without a
+sort. `pos` is the position in the document (BOS, excluded by default, would be -1), so (doc, pos)
 identifies a token across runs of different checkpoints on the same data. Rank 0 is the
 highest weight. A shard is written to a temporary name and renamed, so a killed run never
 leaves a file that looks complete.
@@ -71,7 +73,7 @@ class RoutingStoreWriter:
         self.shard_tokens = shard_tokens
         self.logits = logits
         self._tokens: list[dict[str, np.ndarray]] = []
-        self._routing: list[dict[str, np.ndarray]] = []
+        self._routing: dict[int, list[dict[str, np.ndarray]]] = {}  # layer -> chunks
         self._logits: list[dict[str, np.ndarray]] = []
         self._buffered = 0
         self.shard = 0
@@ -96,7 +98,7 @@ class RoutingStoreWriter:
             e = np.take_along_axis(idx[layer], order, axis=1)
             w = np.take_along_axis(w, order, axis=1)
             K = e.shape[1]
-            self._routing.append({
+            self._routing.setdefault(layer, []).append({
                 "doc": np.repeat(doc.astype(np.int64), K), "pos": np.repeat(pos.astype(np.int32), K),
                 "layer": np.full(T * K, layer, dtype=np.int16), "rank": np.tile(np.arange(K, dtype=np.int8), T),
                 "expert": e.reshape(-1).astype(np.int16), "weight": w.reshape(-1)})
@@ -117,7 +119,10 @@ class RoutingStoreWriter:
         name = f"part-{self.shard:05d}.parquet"
         tables = {
             "tokens": pa.Table.from_pydict(_concat(self._tokens), schema=_schema(TOKENS_SCHEMA)),
-            "routing": pa.Table.from_pydict(_concat(self._routing), schema=_schema(ROUTING_SCHEMA)),
+            # layer-major inside a shard: each layer is one contiguous, token-ordered range of rows
+            "routing": pa.Table.from_pydict(_concat([c for layer in sorted(self._routing)
+                                                     for c in self._routing[layer]]),
+                                            schema=_schema(ROUTING_SCHEMA)),
         }
         if self._logits:
             parts = _concat([{k: v for k, v in p.items() if k != "logits"} for p in self._logits])
@@ -128,7 +133,7 @@ class RoutingStoreWriter:
         for sub in ("routing", "logits", "tokens"):
             if sub in tables:
                 atomic_write_table(self.run_dir / sub / name, tables[sub])
-        self._tokens, self._routing, self._logits, self._buffered = [], [], [], 0
+        self._tokens, self._routing, self._logits, self._buffered = [], {}, [], 0
         self.shard += 1
 
 

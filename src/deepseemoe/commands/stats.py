@@ -1,0 +1,42 @@
+"""`deepseemoe stats RUN_DIR [--compare CHECKPOINT_RUN]`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def stats(
+        run_dir: Path = typer.Argument(..., help="A run directory written by `deepseemoe route`."),
+        compare: Path = typer.Option(None, help="Run of an earlier checkpoint on the same data (router saturation)."),
+        min_count: int = typer.Option(5, help="Minimum occurrences of a token for vocabulary specialization."),
+        no_figures: bool = typer.Option(False, "--no-figures", help="Skip the PNG figures."),
+    ) -> None:
+        """Routing statistics: load, entropy, co-activation, repetition, vocabulary and domain
+        specialization, cross-layer paths, router saturation. Written to RUN_DIR/analyses/."""
+        import time
+
+        from rich.console import Console
+        from rich.table import Table
+
+        from deepseemoe.routing.stats import compute_routing_stats
+
+        start = time.perf_counter()
+        with Console().status("computing routing statistics"):
+            result = compute_routing_stats(run_dir, compare=compare, min_count=min_count, figures=not no_figures)
+        table = Table(title=f"{result.summary['tokens']:,} tokens · {time.perf_counter() - start:.1f}s")
+        for col in ("layer", "load entropy", "CV", "dead", "top-1 repeat (baseline)", "vocab spec.", "domain NMI",
+                    "→ next NMI"):
+            table.add_column(col)
+        for layer, s in result.summary["layers"].items():
+            rep = s["repetition"]
+            table.add_row(layer, f"{s['load_entropy']:.3f}", f"{s['load_cv']:.2f}", str(s["dead_experts"]),
+                          f"{rep['top1_same']:.3f} ({rep['top1_same_load_matched']:.3f})",
+                          f"{s['vocab_specialization_input'] or 0:.3f}", f"{s['domain_nmi']:.3f}",
+                          f"{s.get('transition_to_next', {}).get('nmi', float('nan')):.3f}")
+        console = Console()
+        console.print(table)
+        console.print(f"tables and figures in {result.run_dir / 'analyses'}")

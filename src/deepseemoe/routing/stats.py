@@ -1,0 +1,415 @@
+"""Routing statistics of a run directory (definitions: shared/reference/anchors-moe-interp.md §1).
+
+Shapes: per shard and MoE layer, experts [T, K] and weights [T, K] (rank order), token ids
+[T], domain codes [T]; accumulated counts: load [L, E], pairs [L, E, E], domain [L, D, E],
+vocabulary [L, V, E] (sparse, as bincounts), transitions [L-1, E, E].
+
+One streaming pass over the shards accumulates integer counts; every statistic is derived
+from the counts at the end, so memory is bounded by one shard and the time grows linearly
+with tokens. Definitions (all over the K routing slots of each kept token unless stated):
+  load            f_e = slots to e / (T·K); entropy H(f)/log E; CV = std(f)/mean(f); dead = f_e == 0
+  weighted load   Σ weights to e / Σ weights
+  class entropy   per token class c, H(p_c)/log E with p_c(e) = slots of class-c tokens to e
+  co-activation   P(i,j) = share of tokens with both i and j in their top-k; lift = P(i,j)/(P(i)P(j));
+                  P(j|i) = P(i,j)/P(i)
+  repetition      consecutive tokens of a document (pos, pos+1): top-1 equal; top-k sets intersect;
+                  mean |S_t ∩ S_t+1|/K. Baselines: uniform (1/E; 1-C(E-K,K)/C(E,K); K/E) and
+                  load-matched independent tokens (Σ p1(e)²; Σ f'(e)²/K with f'(e) = P(e ∈ S))
+  vocabulary      share(v,e) = share of token v's occurrences with e in the top-k (input token v,
+                  or next token v); specialization(v) = max_e share(v,e), over tokens seen ≥ min_count
+  domain          share(d,e) = slots of domain d to e / slots of d; NMI(domain; expert) over slots,
+                  normalised by the arithmetic mean of the entropies
+  transitions     top-1 expert at l → top-1 at the next MoE layer: counts, MI (bits), NMI
+  saturation      (two runs, same tokens) mean |S_a ∩ S_b|/K and top-1 agreement per layer
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from math import comb
+from pathlib import Path
+
+import numpy as np
+
+from deepseemoe.errors import DeepSeeMoEError
+
+TOKEN_CLASSES = ("word_start", "word_piece", "digit", "punctuation", "whitespace", "other")
+
+
+_BYTE_LEVEL_SPACES = str.maketrans({"Ġ": " ", "Ċ": "\n", "ĉ": "\t", "▁": " "})
+
+
+def token_class(piece: str) -> int:
+    """Class of a token piece (byte-level BPE writes space/newline/tab as Ġ/Ċ/ĉ, SentencePiece as ▁)."""
+    text = piece.translate(_BYTE_LEVEL_SPACES)
+    core = text.strip()
+    if not core:
+        return TOKEN_CLASSES.index("whitespace" if text else "other")
+    if core.isdigit():
+        return TOKEN_CLASSES.index("digit")
+    if core.isalpha():
+        return TOKEN_CLASSES.index("word_start" if text[0].isspace() else "word_piece")
+    if not any(ch.isalnum() for ch in core):
+        return TOKEN_CLASSES.index("punctuation")
+    return TOKEN_CLASSES.index("other")
+
+
+def _entropy(p: np.ndarray, axis: int = -1) -> np.ndarray:
+    p = p / np.clip(p.sum(axis=axis, keepdims=True), 1e-300, None)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return -np.nansum(np.where(p > 0, p * np.log(p), 0.0), axis=axis)
+
+
+def mutual_information(joint: np.ndarray) -> tuple[float, float]:
+    """(MI in bits, NMI with arithmetic-mean normalisation) of a joint count table."""
+    total = joint.sum()
+    if total == 0:
+        return 0.0, 0.0
+    p = joint / total
+    px, py = p.sum(1, keepdims=True), p.sum(0, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mi = float(np.nansum(np.where(p > 0, p * np.log(p / (px * py)), 0.0)))
+    hx, hy = float(_entropy(px.ravel())), float(_entropy(py.ravel()))
+    nmi = 2 * mi / (hx + hy) if hx + hy > 0 else 0.0
+    return mi / np.log(2), nmi
+
+
+@dataclass
+class _Counts:
+    E: int
+    K: int
+    V: int
+    D: int
+    tokens: int = 0
+    load: np.ndarray = None  # [E] slots
+    wload: np.ndarray = None  # [E] weight sums
+    top1: np.ndarray = None  # [E]
+    present: np.ndarray = None  # [E] tokens with e in top-k (== load when experts are distinct)
+    pairs: np.ndarray = None  # [E, E] tokens with both i and j (symmetric, diagonal = present)
+    cls: np.ndarray = None  # [C, E]
+    domain: np.ndarray = None  # [D, E]
+    vocab: np.ndarray = None  # [V, E] occurrences with e in top-k
+    vocab_n: np.ndarray = None  # [V]
+    next_vocab: np.ndarray = None  # [V, E]
+    next_n: np.ndarray = None  # [V]
+    consecutive: int = 0
+    rep_top1: int = 0
+    rep_any: int = 0
+    rep_overlap: int = 0
+
+    def __post_init__(self):
+        E, V = self.E, self.V
+        self.load, self.wload, self.top1, self.present = (np.zeros(E, np.int64), np.zeros(E), np.zeros(E, np.int64),
+                                                          np.zeros(E, np.int64))
+        self.pairs = np.zeros((E, E), np.int64)
+        self.cls = np.zeros((len(TOKEN_CLASSES), E), np.int64)
+        self.domain = np.zeros((max(self.D, 1), E), np.int64)
+        self.vocab, self.vocab_n = np.zeros((V, E), np.int64), np.zeros(V, np.int64)
+        self.next_vocab, self.next_n = np.zeros((V, E), np.int64), np.zeros(V, np.int64)
+
+
+def _bincount2(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    return np.bincount(rows.astype(np.int64) * shape[1] + cols, minlength=shape[0] * shape[1]).reshape(shape)
+
+
+def _accumulate(c: _Counts, experts: np.ndarray, weights: np.ndarray, token_ids: np.ndarray, cls: np.ndarray,
+                domain: np.ndarray, next_ids: np.ndarray, consecutive: np.ndarray) -> None:
+    """Add one shard of one layer: experts/weights [T, K], the rest [T]; consecutive [T-1] bool."""
+    T, K = experts.shape
+    E = c.E
+    e64 = experts.astype(np.int64)
+    c.tokens += T
+    c.load += np.bincount(e64.ravel(), minlength=E)
+    c.wload += np.bincount(e64.ravel(), weights=weights.ravel().astype(np.float64), minlength=E)
+    c.top1 += np.bincount(e64[:, 0], minlength=E)
+    onehot = np.zeros((T, E), np.bool_)
+    np.put_along_axis(onehot, e64, True, axis=1)
+    c.present += onehot.sum(0)
+    for a in range(K):  # pair counts over distinct rank pairs; the diagonal is `present`
+        for b in range(a + 1, K):
+            c.pairs += np.bincount(e64[:, a] * E + e64[:, b], minlength=E * E).reshape(E, E)
+    slot_rows = np.repeat(np.arange(T), K)
+    flat = e64.ravel()
+    c.cls += _bincount2(cls[slot_rows], flat, c.cls.shape)
+    c.domain += _bincount2(domain[slot_rows], flat, c.domain.shape)
+    c.vocab += _bincount2(token_ids[slot_rows], flat, c.vocab.shape)
+    c.vocab_n += np.bincount(token_ids, minlength=c.V)
+    has_next = next_ids >= 0
+    nxt_rows = np.repeat(np.nonzero(has_next)[0], K)
+    c.next_vocab += _bincount2(next_ids[nxt_rows], e64[has_next].ravel(), c.next_vocab.shape)
+    c.next_n += np.bincount(next_ids[has_next], minlength=c.V)
+    if T > 1:
+        same_top1 = (e64[:-1, 0] == e64[1:, 0]) & consecutive
+        overlap = (onehot[:-1] & onehot[1:]).sum(1)
+        c.consecutive += int(consecutive.sum())
+        c.rep_top1 += int(same_top1.sum())
+        c.rep_any += int(((overlap > 0) & consecutive).sum())
+        c.rep_overlap += int(overlap[consecutive].sum())
+
+
+@dataclass
+class RunShards:
+    """The aligned (tokens, routing) shard files of a run and its layout."""
+
+    run_dir: Path
+    parts: list[str]
+    meta: dict
+    layers: list[int]
+    num_experts: dict[int, int]
+    top_k: dict[int, int]
+    notes: list[str] = field(default_factory=list)
+
+
+def open_run(run_dir: str | Path) -> RunShards:
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "routing").is_dir() or not (run_dir / "tokens").is_dir():
+        raise DeepSeeMoEError(f"{run_dir} is not a routing run (no tokens/ and routing/); create one with "
+                              "`deepseemoe route MODEL --data SOURCE --out RUN_DIR`")
+    parts = sorted(p.name for p in (run_dir / "tokens").glob("part-*.parquet")
+                   if (run_dir / "routing" / p.name).exists())
+    if not parts:
+        raise DeepSeeMoEError(f"{run_dir} has no complete shard; the route run may have been interrupted")
+    meta = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+    notes = []
+    moe = meta.get("moe_layers")
+    if moe:
+        layers = sorted(int(k) for k in moe)
+        num_experts = {int(k): int(v["num_experts"]) for k, v in moe.items()}
+        top_k = {int(k): int(v["top_k"]) for k, v in moe.items()}
+    else:
+        import duckdb
+
+        rows = duckdb.sql(f"SELECT layer, max(expert) + 1, max(rank) + 1 FROM "
+                          f"read_parquet('{run_dir / 'routing'}/part-*.parquet') GROUP BY layer ORDER BY layer").fetchall()
+        layers = [int(r[0]) for r in rows]
+        num_experts = {int(r[0]): int(r[1]) for r in rows}
+        top_k = {int(r[0]): int(r[2]) for r in rows}
+        notes.append("run.json has no MoE layout: experts per layer inferred as max(expert)+1")
+    return RunShards(run_dir, parts, meta, layers, num_experts, top_k, notes)
+
+
+def _shard_arrays(run: RunShards, part: str, domain_codes: dict[str | None, int], vocab_size: int):
+    """Token-level arrays and per-layer (experts, weights) [T, K] of one shard."""
+    import pyarrow.parquet as pq
+
+    tokens = pq.read_table(run.run_dir / "tokens" / part)
+    doc = tokens["doc"].to_numpy()
+    pos = tokens["pos"].to_numpy()
+    token_ids = tokens["token_id"].to_numpy().astype(np.int64)
+    if token_ids.size and token_ids.max() >= vocab_size:
+        raise DeepSeeMoEError(f"token id {token_ids.max()} is outside the vocabulary size {vocab_size}")
+    domain = np.array([domain_codes.setdefault(d, len(domain_codes)) for d in tokens["domain"].to_pylist()],
+                      dtype=np.int64)
+    consecutive = (doc[1:] == doc[:-1]) & (pos[1:] == pos[:-1] + 1)
+    next_ids = np.full(len(doc), -1, np.int64)
+    next_ids[:-1][consecutive] = token_ids[1:][consecutive]
+    routing = pq.read_table(run.run_dir / "routing" / part, columns=["layer", "expert", "weight"])
+    layer_col = routing["layer"].to_numpy()
+    experts = routing["expert"].to_numpy()
+    weights = routing["weight"].to_numpy()
+    T = len(doc)
+    per_layer = {}
+    bounds = np.searchsorted(layer_col, [*run.layers, 1 << 15], side="left")
+    for i, layer in enumerate(run.layers):
+        lo, hi = bounds[i], bounds[i + 1]
+        K = run.top_k[layer]
+        if hi - lo != T * K:
+            raise DeepSeeMoEError(f"{part}: layer {layer} has {hi - lo} routing rows for {T} tokens × top-{K}; "
+                                  "the shard is not a complete routing record")
+        per_layer[layer] = (experts[lo:hi].reshape(T, K), weights[lo:hi].reshape(T, K))
+    return token_ids, domain, next_ids, consecutive, per_layer
+
+
+@dataclass
+class RoutingStats:
+    run_dir: Path
+    summary: dict
+    tables: dict[str, object]  # name -> pandas DataFrame
+    figures: dict[str, Path]
+    domains: list[str]
+
+
+def _vocab_info(run: RunShards) -> tuple[int, dict[int, str]]:
+    import duckdb
+
+    rows = duckdb.sql(f"SELECT token_id, any_value(token) FROM read_parquet('{run.run_dir / 'tokens'}/part-*.parquet') "
+                      "GROUP BY token_id").fetchall()
+    pieces = {int(t): (p if p is not None else "") for t, p in rows}
+    return (max(pieces) + 1 if pieces else 1), pieces
+
+
+def compute_routing_stats(run_dir: str | Path, *, compare: str | Path | None = None, min_count: int = 5,
+                          top_tokens: int = 10, figures: bool = True, progress: bool = False) -> RoutingStats:
+    """Compute every routing statistic of a run and write tables, figures and summary.json
+    under RUN_DIR/analyses/."""
+    import pandas as pd
+
+    run = open_run(run_dir)
+    V, pieces = _vocab_info(run)
+    cls_of = np.full(V, TOKEN_CLASSES.index("other"), np.int64)
+    for t, p in pieces.items():
+        cls_of[t] = token_class(p)
+    domain_codes: dict[str | None, int] = {}
+    # domains are discovered while reading; size the domain axis from the data up front
+    import duckdb
+
+    domain_names = [r[0] for r in duckdb.sql(
+        f"SELECT DISTINCT domain FROM read_parquet('{run.run_dir / 'tokens'}/part-*.parquet') ORDER BY domain"
+    ).fetchall()]
+    for d in domain_names:
+        domain_codes.setdefault(d, len(domain_codes))
+    counts = {layer: _Counts(run.num_experts[layer], run.top_k[layer], V, len(domain_codes)) for layer in run.layers}
+    transitions = {(a, b): np.zeros((run.num_experts[a], run.num_experts[b]), np.int64)
+                   for a, b in zip(run.layers, run.layers[1:], strict=False)}
+    for part in run.parts:
+        token_ids, domain, next_ids, consecutive, per_layer = _shard_arrays(run, part, domain_codes, V)
+        cls = cls_of[token_ids]
+        for layer, (experts, weights) in per_layer.items():
+            _accumulate(counts[layer], experts, weights, token_ids, cls, domain, next_ids, consecutive)
+        for (a, b), table in transitions.items():
+            table += _bincount2(per_layer[a][0][:, 0].astype(np.int64), per_layer[b][0][:, 0].astype(np.int64),
+                                table.shape)
+
+    names = {code: name for name, code in domain_codes.items()}
+    summary: dict = {"tokens": counts[run.layers[0]].tokens, "layers": {}, "notes": run.notes,
+                     "definitions": "see deepseemoe/routing/stats.py docstring"}
+    rows_load, rows_co, rows_cls, rows_dom, rows_vocab, rows_tr = [], [], [], [], [], []
+    for layer in run.layers:
+        c = counts[layer]
+        E, K, T = c.E, c.K, c.tokens
+        f = c.load / max(T * K, 1)
+        wl = c.wload / max(c.wload.sum(), 1e-300)
+        p1 = c.top1 / max(T, 1)
+        fp = c.present / max(T, 1)
+        for e in range(E):
+            rows_load.append((layer, e, f[e], wl[e], p1[e]))
+        p_pair = (c.pairs + c.pairs.T) / max(T, 1)
+        np.fill_diagonal(p_pair, fp)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            lift = np.where(np.outer(fp, fp) > 0, p_pair / np.outer(fp, fp), np.nan)
+            cond = np.where(fp[:, None] > 0, p_pair / fp[:, None], np.nan)
+        for i in range(E):
+            for j in range(E):
+                if i != j:
+                    rows_co.append((layer, i, j, p_pair[i, j], lift[i, j], cond[i, j]))
+        for k, name in enumerate(TOKEN_CLASSES):
+            n = int(c.cls[k].sum())
+            if n:
+                rows_cls.append((layer, name, n // K, float(_entropy(c.cls[k].astype(float)) / np.log(E))))
+        dom_share = c.domain / np.clip(c.domain.sum(1, keepdims=True), 1, None)
+        for d in range(c.domain.shape[0]):
+            if c.domain[d].sum():
+                for e in range(E):
+                    rows_dom.append((layer, names.get(d), e, dom_share[d, e], dom_share[d, e] * E / K))
+        seen = c.vocab_n >= min_count
+        share = c.vocab[seen] / c.vocab_n[seen, None]
+        nseen = c.next_n >= min_count
+        nshare = c.next_vocab[nseen] / c.next_n[nseen, None]
+        ids_seen = np.nonzero(seen)[0]
+        for e in range(E):
+            order = np.argsort(-share[:, e], kind="stable")[:top_tokens] if len(ids_seen) else []
+            for rank, o in enumerate(order):
+                t = int(ids_seen[o])
+                rows_vocab.append((layer, e, rank, t, pieces.get(t, ""), int(c.vocab_n[t]), float(share[o, e])))
+        dom_mi, dom_nmi = mutual_information(c.domain[c.domain.sum(1) > 0])
+        rep_n = max(c.consecutive, 1)
+        summary["layers"][str(layer)] = {
+            "experts": E, "top_k": K,
+            "load_entropy": float(_entropy(f.astype(float)) / np.log(E)),
+            "load_cv": float(f.std() / f.mean()) if f.mean() > 0 else 0.0,
+            "dead_experts": int((c.load == 0).sum()),
+            "max_load": float(f.max()),
+            "repetition": {
+                "pairs": c.consecutive,
+                "top1_same": c.rep_top1 / rep_n, "top1_same_uniform": 1 / E, "top1_same_load_matched": float((p1 ** 2).sum()),
+                "topk_any_overlap": c.rep_any / rep_n,
+                "topk_any_overlap_uniform": 1 - comb(E - K, K) / comb(E, K) if E >= 2 * K else 1.0,
+                "topk_overlap_frac": c.rep_overlap / rep_n / K, "topk_overlap_frac_uniform": K / E,
+                "topk_overlap_frac_load_matched": float((fp ** 2).sum() / K),
+            },
+            "vocab_specialization_input": float(share.max(1).mean()) if share.size else None,
+            "vocab_specialization_next": float(nshare.max(1).mean()) if nshare.size else None,
+            "vocab_specialization_uniform": K / E,
+            "domain_mi_bits": dom_mi, "domain_nmi": dom_nmi,
+        }
+    for (a, b), table in transitions.items():
+        mi, nmi = mutual_information(table)
+        summary["layers"][str(a)]["transition_to_next"] = {"next_layer": b, "mi_bits": mi, "nmi": nmi}
+        ii, jj = np.nonzero(table)
+        rows_tr += [(a, b, int(i), int(j), int(table[i, j])) for i, j in zip(ii, jj, strict=True)]
+
+    tables = {
+        "load": pd.DataFrame(rows_load, columns=["layer", "expert", "load", "weighted_load", "top1_share"]),
+        "coactivation": pd.DataFrame(rows_co, columns=["layer", "expert_i", "expert_j", "p_both", "lift",
+                                                       "p_j_given_i"]),
+        "class_entropy": pd.DataFrame(rows_cls, columns=["layer", "token_class", "tokens", "entropy_norm"]),
+        "domain": pd.DataFrame(rows_dom, columns=["layer", "domain", "expert", "share", "lift_over_uniform"]),
+        "vocab_top_tokens": pd.DataFrame(rows_vocab, columns=["layer", "expert", "rank", "token_id", "token", "count",
+                                                              "share"]),
+        "transitions": pd.DataFrame(rows_tr, columns=["layer", "next_layer", "expert", "next_expert", "count"]),
+    }
+    if compare is not None:
+        sat = router_saturation(compare, run_dir)
+        summary["saturation"] = sat
+        tables["saturation"] = pd.DataFrame([{"layer": int(k), **v} for k, v in sat["layers"].items()])
+    out = run.run_dir / "analyses"
+    out.mkdir(exist_ok=True)
+    import pyarrow as pa
+
+    from deepseemoe.routing.store import atomic_write_json, atomic_write_table
+
+    for name, df in tables.items():
+        atomic_write_table(out / f"{name}.parquet", pa.Table.from_pandas(df, preserve_index=False))
+    atomic_write_json(out / "summary.json", summary)
+    figs = {}
+    if figures:
+        from deepseemoe.routing.figures import routing_figures
+
+        figs = routing_figures(tables, summary, out)
+    return RoutingStats(run.run_dir, summary, tables, figs, [names[i] for i in sorted(names)])
+
+
+def _topk_sets(run: RunShards) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Per layer: (keys [T] = doc·2^20 + pos, experts [T, K]) over all shards."""
+    import pyarrow.parquet as pq
+
+    keys, per_layer = [], {layer: [] for layer in run.layers}
+    for part in run.parts:
+        tokens = pq.read_table(run.run_dir / "tokens" / part, columns=["doc", "pos"])
+        keys.append(tokens["doc"].to_numpy().astype(np.int64) * (1 << 20) + tokens["pos"].to_numpy())
+        routing = pq.read_table(run.run_dir / "routing" / part, columns=["layer", "expert"])
+        layer_col, experts = routing["layer"].to_numpy(), routing["expert"].to_numpy()
+        bounds = np.searchsorted(layer_col, [*run.layers, 1 << 15])
+        for i, layer in enumerate(run.layers):
+            per_layer[layer].append(experts[bounds[i]:bounds[i + 1]].reshape(-1, run.top_k[layer]))
+    key = np.concatenate(keys)
+    return {layer: (key, np.concatenate(chunks)) for layer, chunks in per_layer.items()}
+
+
+def router_saturation(checkpoint_run: str | Path, final_run: str | Path) -> dict:
+    """OLMoE §5.1: share of the final checkpoint's top-k experts already chosen at an earlier
+    checkpoint, over the tokens (doc, pos) both runs routed. Random baseline K/E."""
+    a, b = open_run(checkpoint_run), open_run(final_run)
+    if a.layers != b.layers:
+        raise DeepSeeMoEError(f"runs {a.run_dir} and {b.run_dir} have different MoE layers; compare checkpoints "
+                              "of the same model")
+    sa, sb = _topk_sets(a), _topk_sets(b)
+    result = {"checkpoint_run": str(a.run_dir), "final_run": str(b.run_dir), "layers": {}}
+    for layer in a.layers:
+        ka, ea = sa[layer]
+        kb, eb = sb[layer]
+        common, ia, ib = np.intersect1d(ka, kb, assume_unique=False, return_indices=True)
+        if not len(common):
+            raise DeepSeeMoEError("the two runs share no tokens; route the same data with both checkpoints")
+        xa, xb = ea[ia].astype(np.int64), eb[ib].astype(np.int64)
+        E, K = b.num_experts[layer], b.top_k[layer]
+        ha = np.zeros((len(common), E), bool)
+        hb = np.zeros((len(common), E), bool)
+        np.put_along_axis(ha, xa, True, 1)
+        np.put_along_axis(hb, xb, True, 1)
+        result["layers"][str(layer)] = {"tokens": len(common), "topk_saturation": float((ha & hb).sum(1).mean() / K),
+                                        "top1_agreement": float((xa[:, 0] == xb[:, 0]).mean()),
+                                        "random_baseline": K / E}
+    return result

@@ -1,0 +1,126 @@
+"""Routing statistics on hand-built routing records whose answers are computed by hand below."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from deepseemoe.routing.stats import compute_routing_stats, mutual_information, router_saturation, token_class
+from deepseemoe.routing.store import RoutingStoreWriter
+
+# 4 tokens: doc 0 (pos 0,1; domain x) and doc 1 (pos 0,1; domain y); 2 MoE layers, E=4, K=2.
+DOC = np.array([0, 0, 1, 1])
+POS = np.array([0, 1, 0, 1])
+IDS = np.array([5, 6, 5, 7])
+PIECES = ["Ġa", "b", "Ġa", "1"]
+DOMAINS = ["x", "x", "y", "y"]
+L0 = np.array([[0, 1], [0, 2], [1, 3], [3, 1]])
+W0 = np.array([[0.6, 0.4], [0.7, 0.3], [0.5, 0.5], [0.8, 0.2]], dtype=np.float32)
+L1 = np.array([[2, 3], [2, 3], [0, 1], [1, 0]])
+W1 = np.array([[0.9, 0.1], [0.6, 0.4], [0.55, 0.45], [0.7, 0.3]], dtype=np.float32)
+
+
+def _run(path, l0=L0, l1=L1):
+    writer = RoutingStoreWriter(path, shard_tokens=2)  # two shards of 2 tokens each
+    for sl in (slice(0, 2), slice(2, 4)):
+        writer.add(DOC[sl], POS[sl], IDS[sl], PIECES[sl], DOMAINS[sl], {0: l0[sl], 1: l1[sl]},
+                   {0: W0[sl], 1: W1[sl]})
+    writer.flush()
+    (path / "run.json").write_text(json.dumps({"moe_layers": {"0": {"num_experts": 4, "top_k": 2},
+                                                              "1": {"num_experts": 4, "top_k": 2}}}))
+    return path
+
+
+@pytest.fixture()
+def stats(tmp_path):
+    return compute_routing_stats(_run(tmp_path / "run"), min_count=1)
+
+
+def test_load(stats):
+    load = stats.tables["load"].query("layer == 0").sort_values("expert")
+    np.testing.assert_allclose(load["load"], [2 / 8, 3 / 8, 1 / 8, 2 / 8])
+    np.testing.assert_allclose(load["top1_share"], [0.5, 0.25, 0, 0.25])
+    # weighted load: e0 .6+.7, e1 .4+.5+.2, e2 .3, e3 .5+.8 over a total of 4
+    np.testing.assert_allclose(load["weighted_load"], [1.3 / 4, 1.1 / 4, 0.3 / 4, 1.3 / 4], rtol=1e-6)
+    s = stats.summary["layers"]["0"]
+    f = np.array([2, 3, 1, 2]) / 8
+    assert s["load_entropy"] == pytest.approx(-(f * np.log(f)).sum() / np.log(4))
+    assert s["load_cv"] == pytest.approx(f.std() / f.mean())
+    assert s["dead_experts"] == 0 and s["max_load"] == pytest.approx(0.375)
+
+
+def test_repetition_and_baselines(stats):
+    r = stats.summary["layers"]["0"]["repetition"]
+    assert r["pairs"] == 2  # (doc0 pos0→1) and (doc1 pos0→1); the doc boundary is not a pair
+    assert r["top1_same"] == 0.5  # 0→0 yes, 1→3 no
+    assert r["topk_any_overlap"] == 1.0  # {0,1}∩{0,2} and {1,3}∩{3,1} both non-empty
+    assert r["topk_overlap_frac"] == pytest.approx((1 + 2) / 2 / 2)
+    assert r["top1_same_uniform"] == 0.25
+    assert r["top1_same_load_matched"] == pytest.approx(0.5**2 + 0.25**2 + 0.25**2)
+    assert r["topk_any_overlap_uniform"] == pytest.approx(1 - 1 / 6)  # 1 - C(2,2)/C(4,2)
+    assert r["topk_overlap_frac_load_matched"] == pytest.approx((0.5**2 + 0.75**2 + 0.25**2 + 0.5**2) / 2)
+
+
+def test_coactivation(stats):
+    co = stats.tables["coactivation"].query("layer == 0").set_index(["expert_i", "expert_j"])
+    assert co.loc[(0, 1), "p_both"] == pytest.approx(1 / 4)  # only token 0
+    assert co.loc[(1, 3), "p_both"] == pytest.approx(2 / 4)  # tokens 2 and 3
+    assert co.loc[(1, 3), "lift"] == pytest.approx(0.5 / (0.75 * 0.5))
+    assert co.loc[(3, 1), "p_j_given_i"] == pytest.approx(1.0)  # every token with 3 also has 1
+    assert co.loc[(0, 3), "p_both"] == 0
+
+
+def test_domain_specialization(stats):
+    dom = stats.tables["domain"].query("layer == 0").pivot(index="domain", columns="expert", values="share")
+    np.testing.assert_allclose(dom.loc["x"], [0.5, 0.25, 0.25, 0])
+    np.testing.assert_allclose(dom.loc["y"], [0, 0.5, 0, 0.5])
+    # NMI by hand: joint slot counts [[2,1,1,0],[0,2,0,2]]
+    joint = np.array([[2, 1, 1, 0], [0, 2, 0, 2]]) / 8
+    px, py = joint.sum(1), joint.sum(0)
+    nz = joint > 0
+    mi = (joint[nz] * np.log(joint[nz] / np.outer(px, py)[nz])).sum()
+    hx, hy = -(px * np.log(px)).sum(), -(py[py > 0] * np.log(py[py > 0])).sum()
+    assert stats.summary["layers"]["0"]["domain_nmi"] == pytest.approx(2 * mi / (hx + hy))
+
+
+def test_vocabulary_and_classes(stats):
+    s = stats.summary["layers"]["0"]
+    # token 5 occurs twice, both with expert 1 in the top-k → share 1; tokens 6 and 7 once → 1
+    assert s["vocab_specialization_input"] == pytest.approx(1.0)
+    top = stats.tables["vocab_top_tokens"].query("layer == 0 and expert == 1 and rank == 0").iloc[0]
+    assert top["token_id"] == 5 and top["share"] == 1.0 and top["count"] == 2
+    # next tokens: t0 → 6 (experts {0,1}), t2 → 7 ({1,3}); each seen once → share 1
+    assert s["vocab_specialization_next"] == pytest.approx(1.0)
+    assert [token_class(p) for p in ("Ġthe", "ing", "42", ",", "Ċ", "a1")] == [0, 1, 2, 3, 4, 5]
+    cls = stats.tables["class_entropy"].query("layer == 0").set_index("token_class")
+    assert cls.loc["digit", "tokens"] == 1
+    assert cls.loc["digit", "entropy_norm"] == pytest.approx(np.log(2) / np.log(4))  # experts {3,1}, one slot each
+
+
+def test_transitions(stats):
+    tr = stats.tables["transitions"].query("layer == 0")
+    pairs = {(r.expert, r.next_expert): r["count"] for _, r in tr.iterrows()}
+    assert pairs == {(0, 2): 2, (1, 0): 1, (3, 1): 1}
+    mi, nmi = mutual_information(np.array([[2, 0, 0], [0, 1, 0], [0, 0, 1]]))
+    assert mi == pytest.approx(1.5)  # H of (1/2, 1/4, 1/4) in bits, the mapping is a bijection
+    assert stats.summary["layers"]["0"]["transition_to_next"]["mi_bits"] == pytest.approx(1.5)
+    assert nmi == pytest.approx(1.0)
+
+
+def test_saturation(tmp_path):
+    final = _run(tmp_path / "final")
+    early_l0 = np.array([[0, 2], [3, 2], [1, 3], [0, 2]])  # overlaps with final: 1, 1, 2, 0
+    early = _run(tmp_path / "early", l0=early_l0)
+    sat = router_saturation(early, final)["layers"]
+    assert sat["0"]["topk_saturation"] == pytest.approx((1 + 1 + 2 + 0) / 4 / 2)
+    assert sat["0"]["top1_agreement"] == pytest.approx(2 / 4)  # tokens 0 and 2
+    assert sat["1"]["topk_saturation"] == 1.0 and sat["0"]["random_baseline"] == 0.5
+
+
+def test_outputs_written(stats):
+    out = stats.run_dir / "analyses"
+    for name in ("summary.json", "load.parquet", "coactivation.parquet", "domain.parquet", "load.png",
+                 "coactivation.png", "domain.png", "repetition.png", "transitions.png"):
+        assert (out / name).exists(), name
