@@ -26,6 +26,8 @@ with tokens. Definitions (all over the K routing slots of each kept token unless
 from __future__ import annotations
 
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from math import comb
 from pathlib import Path
@@ -118,32 +120,32 @@ def _accumulate(c: _Counts, experts: np.ndarray, weights: np.ndarray, token_ids:
     """Add one shard of one layer: experts/weights [T, K], the rest [T]; consecutive [T-1] bool."""
     T, K = experts.shape
     E = c.E
-    e64 = experts.astype(np.int64)
+    flat = experts.reshape(-1).astype(np.int64)
     c.tokens += T
-    c.load += np.bincount(e64.ravel(), minlength=E)
-    c.wload += np.bincount(e64.ravel(), weights=weights.ravel().astype(np.float64), minlength=E)
-    c.top1 += np.bincount(e64[:, 0], minlength=E)
-    onehot = np.zeros((T, E), np.bool_)
-    np.put_along_axis(onehot, e64, True, axis=1)
-    c.present += onehot.sum(0)
-    for a in range(K):  # pair counts over distinct rank pairs; the diagonal is `present`
-        for b in range(a + 1, K):
-            c.pairs += np.bincount(e64[:, a] * E + e64[:, b], minlength=E * E).reshape(E, E)
-    slot_rows = np.repeat(np.arange(T), K)
-    flat = e64.ravel()
-    c.cls += _bincount2(cls[slot_rows], flat, c.cls.shape)
-    c.domain += _bincount2(domain[slot_rows], flat, c.domain.shape)
-    c.vocab += _bincount2(token_ids[slot_rows], flat, c.vocab.shape)
+    c.load += np.bincount(flat, minlength=E)
+    c.wload += np.bincount(flat, weights=weights.reshape(-1), minlength=E)
+    c.top1 += np.bincount(flat[::K], minlength=E)
+    c.present += np.bincount(flat, minlength=E)  # a token's top-k experts are distinct
+    for i in range(K):  # pair counts over rank pairs (i < j); no dense [T, E] indicator: memory-bound here
+        for j in range(i + 1, K):
+            c.pairs += np.bincount(flat[i::K] * E + flat[j::K], minlength=E * E).reshape(E, E)
+    slot_group = np.repeat(domain * len(TOKEN_CLASSES) + cls, K)
+    by_group = _bincount2(slot_group, flat, (c.domain.shape[0] * len(TOKEN_CLASSES), E))
+    by_group = by_group.reshape(c.domain.shape[0], len(TOKEN_CLASSES), E)
+    c.domain += by_group.sum(1)
+    c.cls += by_group.sum(0)
+    c.vocab += _bincount2(np.repeat(token_ids, K), flat, c.vocab.shape)
     c.vocab_n += np.bincount(token_ids, minlength=c.V)
     has_next = next_ids >= 0
-    nxt_rows = np.repeat(np.nonzero(has_next)[0], K)
-    c.next_vocab += _bincount2(next_ids[nxt_rows], e64[has_next].ravel(), c.next_vocab.shape)
+    c.next_vocab += _bincount2(np.repeat(next_ids[has_next], K), experts[has_next].reshape(-1).astype(np.int64),
+                               c.next_vocab.shape)
     c.next_n += np.bincount(next_ids[has_next], minlength=c.V)
     if T > 1:
-        same_top1 = (e64[:-1, 0] == e64[1:, 0]) & consecutive
-        overlap = (onehot[:-1] & onehot[1:]).sum(1)
+        top1 = flat[::K]
+        e2 = flat.reshape(T, K)
+        overlap = sum((e2[:-1, i:i + 1] == e2[1:]).sum(1) for i in range(K))
         c.consecutive += int(consecutive.sum())
-        c.rep_top1 += int(same_top1.sum())
+        c.rep_top1 += int(((top1[:-1] == top1[1:]) & consecutive).sum())
         c.rep_any += int(((overlap > 0) & consecutive).sum())
         c.rep_overlap += int(overlap[consecutive].sum())
 
@@ -200,26 +202,39 @@ def _shard_arrays(run: RunShards, part: str, domain_codes: dict[str | None, int]
     token_ids = tokens["token_id"].to_numpy().astype(np.int64)
     if token_ids.size and token_ids.max() >= vocab_size:
         raise DeepSeeMoEError(f"token id {token_ids.max()} is outside the vocabulary size {vocab_size}")
-    domain = np.array([domain_codes.setdefault(d, len(domain_codes)) for d in tokens["domain"].to_pylist()],
-                      dtype=np.int64)
+    import pyarrow.compute as pc
+
+    dictionary = pc.dictionary_encode(tokens["domain"]).combine_chunks()
+    codes = np.array([domain_codes.setdefault(d, len(domain_codes)) for d in dictionary.dictionary.to_pylist()]
+                     + [domain_codes.setdefault(None, len(domain_codes))], dtype=np.int64)
+    indices = dictionary.indices.to_numpy(zero_copy_only=False)
+    domain = codes[np.where(np.isnan(indices.astype(float)), len(codes) - 1, np.nan_to_num(indices).astype(np.int64))]
     consecutive = (doc[1:] == doc[:-1]) & (pos[1:] == pos[:-1] + 1)
     next_ids = np.full(len(doc), -1, np.int64)
     next_ids[:-1][consecutive] = token_ids[1:][consecutive]
-    routing = pq.read_table(run.run_dir / "routing" / part, columns=["layer", "expert", "weight"])
-    layer_col = routing["layer"].to_numpy()
-    experts = routing["expert"].to_numpy()
-    weights = routing["weight"].to_numpy()
     T = len(doc)
-    per_layer = {}
-    bounds = np.searchsorted(layer_col, [*run.layers, 1 << 15], side="left")
-    for i, layer in enumerate(run.layers):
-        lo, hi = bounds[i], bounds[i + 1]
-        K = run.top_k[layer]
-        if hi - lo != T * K:
-            raise DeepSeeMoEError(f"{part}: layer {layer} has {hi - lo} routing rows for {T} tokens × top-{K}; "
-                                  "the shard is not a complete routing record")
-        per_layer[layer] = (experts[lo:hi].reshape(T, K), weights[lo:hi].reshape(T, K))
+    experts, weights = _routing_columns(run, part, T)
+    per_layer, lo = {}, 0
+    for layer in run.layers:
+        hi = lo + T * run.top_k[layer]
+        per_layer[layer] = (experts[lo:hi].reshape(T, -1), weights[lo:hi].reshape(T, -1))
+        lo = hi
     return token_ids, domain, next_ids, consecutive, per_layer
+
+
+def _routing_columns(run: RunShards, part: str, T: int, columns=("expert", "weight")):
+    """A shard's routing columns. The store is layer-major with every token in every MoE layer,
+    so layer l is rows [Σ_{l'<l} T·K_l', …) and the layer column need not be read; the row
+    count and the first row of each layer are checked instead."""
+    import pyarrow.parquet as pq
+
+    path = run.run_dir / "routing" / part
+    expected = T * sum(run.top_k[layer] for layer in run.layers)
+    if pq.ParquetFile(path).metadata.num_rows != expected:
+        raise DeepSeeMoEError(f"{path} has {pq.ParquetFile(path).metadata.num_rows} rows, expected {expected} "
+                              f"({T} tokens × top-k over {len(run.layers)} layers); the shard is incomplete")
+    table = pq.read_table(path, columns=list(columns))
+    return tuple(table[c].to_numpy() for c in columns)
 
 
 @dataclass
@@ -263,15 +278,19 @@ def compute_routing_stats(run_dir: str | Path, *, compare: str | Path | None = N
     counts = {layer: _Counts(run.num_experts[layer], run.top_k[layer], V, len(domain_codes)) for layer in run.layers}
     transitions = {(a, b): np.zeros((run.num_experts[a], run.num_experts[b]), np.int64)
                    for a, b in zip(run.layers, run.layers[1:], strict=False)}
+    pool = ThreadPoolExecutor(max_workers=max(1, min(len(run.layers), os.cpu_count() or 1)))
     for part in run.parts:
         token_ids, domain, next_ids, consecutive, per_layer = _shard_arrays(run, part, domain_codes, V)
         cls = cls_of[token_ids]
-        for layer, (experts, weights) in per_layer.items():
-            _accumulate(counts[layer], experts, weights, token_ids, cls, domain, next_ids, consecutive)
+        # numpy releases the GIL in bincount and friends: one thread per core over the layers
+        shared = (token_ids, cls, domain, next_ids, consecutive)
+        list(pool.map(lambda item, shared=shared: _accumulate(counts[item[0]], *item[1], *shared),
+                      per_layer.items()))
         for (a, b), table in transitions.items():
             table += _bincount2(per_layer[a][0][:, 0].astype(np.int64), per_layer[b][0][:, 0].astype(np.int64),
                                 table.shape)
 
+    pool.shutdown()
     names = {code: name for name, code in domain_codes.items()}
     summary: dict = {"tokens": counts[run.layers[0]].tokens, "layers": {}, "notes": run.notes,
                      "definitions": "see deepseemoe/routing/stats.py docstring"}
@@ -286,7 +305,7 @@ def compute_routing_stats(run_dir: str | Path, *, compare: str | Path | None = N
         for e in range(E):
             rows_load.append((layer, e, f[e], wl[e], p1[e]))
         p_pair = (c.pairs + c.pairs.T) / max(T, 1)
-        np.fill_diagonal(p_pair, fp)
+        np.fill_diagonal(p_pair, fp)  # pairs were counted once per unordered pair: symmetrised above
         with np.errstate(divide="ignore", invalid="ignore"):
             lift = np.where(np.outer(fp, fp) > 0, p_pair / np.outer(fp, fp), np.nan)
             cond = np.where(fp[:, None] > 0, p_pair / fp[:, None], np.nan)
@@ -379,11 +398,12 @@ def _topk_sets(run: RunShards) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     for part in run.parts:
         tokens = pq.read_table(run.run_dir / "tokens" / part, columns=["doc", "pos"])
         keys.append(tokens["doc"].to_numpy().astype(np.int64) * (1 << 20) + tokens["pos"].to_numpy())
-        routing = pq.read_table(run.run_dir / "routing" / part, columns=["layer", "expert"])
-        layer_col, experts = routing["layer"].to_numpy(), routing["expert"].to_numpy()
-        bounds = np.searchsorted(layer_col, [*run.layers, 1 << 15])
-        for i, layer in enumerate(run.layers):
-            per_layer[layer].append(experts[bounds[i]:bounds[i + 1]].reshape(-1, run.top_k[layer]))
+        (experts,) = _routing_columns(run, part, tokens.num_rows, columns=("expert",))
+        lo = 0
+        for layer in run.layers:
+            hi = lo + tokens.num_rows * run.top_k[layer]
+            per_layer[layer].append(experts[lo:hi].reshape(-1, run.top_k[layer]))
+            lo = hi
     key = np.concatenate(keys)
     return {layer: (key, np.concatenate(chunks)) for layer, chunks in per_layer.items()}
 
