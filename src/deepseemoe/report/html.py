@@ -1,0 +1,130 @@
+"""The static report: one self-contained HTML page (figures embedded), opened from disk.
+
+Inputs are the files a run directory already holds: routing parquet, analyses/ (tables,
+figures, summary.json) and optional extras (model losses, saturation across checkpoints).
+"""
+
+from __future__ import annotations
+
+import base64
+import colorsys
+import datetime as dt
+import html
+from pathlib import Path
+
+from markupsafe import Markup
+
+from deepseemoe.routing.store import atomic_write_bytes
+
+
+def expert_colors(n: int) -> tuple[list[str], list[str]]:
+    """n distinguishable background colours (golden-ratio hues) and a readable text colour each."""
+    colors, text = [], []
+    for i in range(n):
+        h = (i * 0.618033988749895) % 1.0
+        light = 0.55 if i % 2 else 0.72
+        r, g, b = colorsys.hls_to_rgb(h, light, 0.65)
+        colors.append(f"#{int(r * 255):02x}{int(g * 255):02x}{int(b * 255):02x}")
+        text.append("#000" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "#fff")
+    return colors, text
+
+
+def _show(piece: str) -> str:
+    return piece.replace("Ġ", "·").replace("Ċ", "⏎").replace("ĉ", "⇥").replace("▁", "·")
+
+
+def routing_samples(run_dir: Path, layers: list[int], tokens_per_sample: int = 40) -> list[dict]:
+    """The first `tokens_per_sample` tokens of one document per domain with their routing."""
+    import duckdb
+
+    tok = f"read_parquet('{run_dir / 'tokens'}/part-*.parquet')"
+    rt = f"read_parquet('{run_dir / 'routing'}/part-*.parquet')"
+    docs = duckdb.sql(f"SELECT domain, min(doc) FROM {tok} GROUP BY domain ORDER BY domain").fetchall()
+    samples = []
+    for domain, doc in docs:
+        rows = duckdb.sql(f"SELECT pos, token FROM {tok} WHERE doc = {int(doc)} ORDER BY pos "
+                          f"LIMIT {tokens_per_sample}").fetchall()
+        if not rows:
+            continue
+        max_pos = rows[-1][0]
+        routing = duckdb.sql(f"SELECT layer, pos, list(expert ORDER BY rank), list(weight ORDER BY rank) FROM {rt} "
+                             f"WHERE doc = {int(doc)} AND pos <= {max_pos} GROUP BY layer, pos").fetchall()
+        by = {(layer, pos): (e, w) for layer, pos, e, w in routing}
+        sample = {"domain": domain or "(no domain)", "tokens": [_show(p or "") for _, p in rows], "rows": []}
+        for layer in layers:
+            cells = []
+            for pos, _ in rows:
+                e, w = by.get((layer, pos), ([0], [0.0]))
+                cells.append({"e": int(e[0]), "title": ", ".join(f"E{x}: {y:.2f}" for x, y in zip(e, w, strict=True))})
+            sample["rows"].append({"layer": layer, "cells": cells})
+        samples.append(sample)
+    return samples
+
+
+def write_report(run_dir: str | Path, out_path: str | Path, *, title: str, zoo_report: dict | None = None,
+                 saturation: list[dict] | None = None, notes: list[str] | None = None, min_count: int = 5) -> Path:
+    """Render RUN_DIR's routing analyses (and optional model report) into one HTML file."""
+    import json
+
+    import jinja2
+    import pandas as pd
+
+    run_dir, out_path = Path(run_dir), Path(out_path)
+    analyses = run_dir / "analyses"
+    summary = json.loads((analyses / "summary.json").read_text())
+    layers = [int(x) for x in summary["layers"]]
+    first = summary["layers"][str(layers[0])]
+    experts, top_k = first["experts"], first["top_k"]
+
+    def fig(name: str) -> Markup:
+        path = analyses / f"{name}.png"
+        if not path.exists():
+            return Markup("")
+        data = base64.b64encode(path.read_bytes()).decode()
+        return Markup(f'<img alt="{html.escape(name)}" src="data:image/png;base64,{data}">')
+
+    summary_rows = []
+    for layer in layers:
+        s = summary["layers"][str(layer)]
+        nxt = s.get("transition_to_next")
+        summary_rows.append({"layer": layer, "load_entropy": s["load_entropy"], "dead": s["dead_experts"],
+                             "max_load": s["max_load"], "domain_nmi": s["domain_nmi"],
+                             "rep": s["repetition"]["top1_same"], "rep_base": s["repetition"]["top1_same_load_matched"],
+                             "vocab": s["vocab_specialization_input"] or 0.0,
+                             "next_nmi": f"{nxt['nmi']:.3f}" if nxt else "–"})
+    vocab = pd.read_parquet(analyses / "vocab_top_tokens.parquet")
+    top_layer = layers[len(layers) // 2]
+    top_tokens = []
+    for e in range(experts):
+        sub = vocab[(vocab["layer"] == top_layer) & (vocab["expert"] == e)].sort_values("rank").head(8)
+        top_tokens.append({"expert": e, "tokens": "  ".join(f"{_show(t)} ({s:.2f})"
+                                                            for t, s in zip(sub["token"], sub["share"], strict=True))})
+    losses = []
+    training = ""
+    if zoo_report:
+        for domain in sorted(zoo_report["val_loss"]["moe"]):
+            losses.append({"domain": domain, "moe": zoo_report["val_loss"]["moe"][domain],
+                           "dense": zoo_report["val_loss"]["dense"][domain],
+                           "unigram": zoo_report["unigram_baseline"][domain]})
+        r = zoo_report["recipe"]
+        training = (f"Recipe '{r['name']}': {r['steps']} steps × {r['batch_size']}×{r['seq_len']} tokens "
+                    f"({zoo_report['tokens_per_model']:,} tokens per model); hidden {r['hidden']}, {r['layers']} layers, "
+                    f"{r['experts']} experts × {r['expert_hidden']}, top-{r['top_k']}; dense twin MLP "
+                    f"{r['top_k'] * r['expert_hidden']}. Router aux-loss coefficient {r['aux_loss_coef']}.")
+    colors, text_colors = expert_colors(experts)
+    sections = [("models", "models")] if losses else []
+    sections += [("summary", "summary"), ("where", "routing view"), ("load", "load"), ("domains", "domains"),
+                 ("tokens", "top tokens"), ("coactivation", "co-activation"), ("repetition", "repetition")]
+    if saturation:
+        sections.append(("saturation", "saturation"))
+    env = jinja2.Environment(loader=jinja2.PackageLoader("deepseemoe.report", "templates"),
+                             autoescape=jinja2.select_autoescape(["html", "j2"]))
+    page = env.get_template("report.html.j2").render(
+        title=title, tokens=f"{summary['tokens']:,}", layers=layers, experts=experts, top_k=top_k,
+        generated=dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), sections=sections,
+        notes=(notes or []) + summary.get("notes", []), losses=losses, training=training,
+        summary_rows=summary_rows, vocab_uniform=top_k / experts, samples=routing_samples(run_dir, layers),
+        colors=colors, text_colors=text_colors, fig=fig, top_tokens=top_tokens, top_layer=top_layer,
+        min_count=min_count, saturation=saturation)
+    atomic_write_bytes(out_path, page.encode())
+    return out_path
