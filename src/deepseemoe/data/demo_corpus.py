@@ -175,7 +175,14 @@ def build_corpus(out_dir: str | Path, *, seed: int = 0, max_bytes_per_domain: in
         used_sources: dict[str, int] = {}
         for i, (name, fn) in enumerate(domain_sources):
             share = budget // (len(domain_sources) - i)
-            texts = [t for t in fn() if t.strip()]
+            # read up to 4× the share, then sample: keeps big sources (the stdlib) fast to scan
+            texts, pool_bytes = [], 0
+            for t in fn():
+                if t.strip():
+                    texts.append(t)
+                    pool_bytes += len(t)
+                    if pool_bytes >= 4 * share:
+                        break
             rng.shuffle(texts)
             taken = 0
             for text in texts:

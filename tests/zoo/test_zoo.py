@@ -1,0 +1,61 @@
+"""The tiny recipe trains, reloads like a hub model, and is cached; the twin matches active params."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from deepseemoe.data.demo_corpus import build_corpus
+from deepseemoe.models.load import load_model
+from deepseemoe.zoo.recipes import dense_config, get_recipe, moe_config
+from deepseemoe.zoo.train import lr_at, train_zoo
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zoo")
+    build_corpus(root / "corpus", max_bytes_per_domain=get_recipe("tiny").max_bytes_per_domain)
+    return train_zoo(root / "corpus", recipe="tiny", cache_dir=root / "cache", progress=False), root
+
+
+def test_twin_has_the_same_active_feed_forward_parameters():
+    r = get_recipe("demo")
+
+    class Tok:
+        bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+
+    moe, dense = moe_config(r, Tok), dense_config(r, Tok)
+    # by hand: a SwiGLU MLP of width f over D has 3·D·f weights; the MoE activates top_k experts of width f_e
+    active_moe = moe.num_experts_per_tok * 3 * moe.hidden_size * moe.intermediate_size
+    assert active_moe == 3 * dense.hidden_size * dense.intermediate_size
+    assert (moe.hidden_size, moe.num_hidden_layers, moe.num_attention_heads) == \
+        (dense.hidden_size, dense.num_hidden_layers, dense.num_attention_heads)
+
+
+def test_schedule_warms_up_then_decays_to_ten_percent():
+    r = get_recipe("demo")
+    assert lr_at(0, r) == pytest.approx(r.lr / r.warmup)
+    assert lr_at(r.warmup, r) == pytest.approx(r.lr)
+    assert lr_at(r.steps, r) == pytest.approx(0.1 * r.lr)
+
+
+def test_tiny_training_reloads_and_is_cached(zoo):
+    models, root = zoo
+    log = [json.loads(x) for x in (models.root / "moe.log.jsonl").read_text().splitlines()]
+    assert log[-1]["loss"] < log[0]["loss"]  # it learned something
+    tok = AutoTokenizer.from_pretrained(models.moe_dir)
+    ids = torch.tensor([tok("def main():\n    return 0")["input_ids"]])
+    for folder in (models.moe_dir, models.dense_dir):
+        a = AutoModelForCausalLM.from_pretrained(folder).eval()
+        b = AutoModelForCausalLM.from_pretrained(folder).eval()
+        with torch.no_grad():
+            assert torch.equal(a(input_ids=ids).logits, b(input_ids=ids).logits)
+    handle = load_model(str(models.moe_dir))
+    assert handle.is_moe and handle.tokenizer is not None and len(handle.moe_layers) == 2
+    assert not load_model(str(models.dense_dir)).is_moe
+    assert set(models.checkpoints) == {1, 3, 12, 30} and all(p.exists() for p in models.checkpoints.values())
+    again = train_zoo(root / "corpus", recipe="tiny", cache_dir=root / "cache", progress=False)
+    assert again.cached and again.root == models.root
