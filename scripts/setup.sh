@@ -32,4 +32,15 @@ if ! $PY -c "import torch" >/dev/null 2>&1; then
     fi
 fi
 "${PIP[@]}" -e ".${extras}"
+
+# Text for the offline demo corpus (deepseemoe corpus build): Debian packages, when we are root
+# and apt is there. Never fatal: without them the corpus falls back to what the machine has.
+DEMO_PACKAGES="fortunes fortunes-de fortunes-es fortunes-ru sword-text-web sword-text-sparv diatheke iso-codes unicode-data"
+if [[ "$(id -u)" == "0" ]] && command -v apt-get >/dev/null 2>&1 && [[ -z "${DEEPSEEMOE_NO_APT:-}" ]]; then
+    missing=$(for p in $DEMO_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
+    if [[ -n "$missing" ]]; then
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing; } \
+            >/dev/null 2>&1 || echo "note: could not install the demo corpus packages ($missing); the demo will use fewer domains"
+    fi
+fi
 echo "deepseemoe installed in .venv ($($PY -c 'import torch, transformers; print("torch", torch.__version__, "· transformers", transformers.__version__)'))"

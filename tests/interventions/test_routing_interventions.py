@@ -13,11 +13,11 @@ import torch
 
 from deepseemoe.interventions.routing import ablate, exclude, force, random_routing, route_intervention
 from deepseemoe.models.load import handle_from_model
+from deepseemoe.models.registry import UNSUPPORTED_MODEL_TYPES
 from deepseemoe.models.tiny import moe_model_types, tiny_model
 
 MAIN = ["mixtral", "olmoe", "qwen3_moe", "deepseek_v3", "gpt_oss"]
-UNSUPPORTED = {"llama4_text", "jetmoe", "doge", "switch_transformers", "nllb-moe"}
-STANDARD = [t for t in moe_model_types() if t not in UNSUPPORTED]
+STANDARD = [t for t in moe_model_types() if t not in UNSUPPORTED_MODEL_TYPES]
 IDS = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(3))
 
 

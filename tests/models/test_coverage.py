@@ -21,19 +21,12 @@ import torch
 
 from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.models.load import handle_from_model
-from deepseemoe.models.registry import UNSUPPORTED
+from deepseemoe.models.registry import UNSUPPORTED_MODEL_TYPES
 from deepseemoe.models.tiny import moe_model_types, tiny_model
 
 warnings.filterwarnings("ignore")
 
-# Model types that cannot pass, with the reason (rendered into README's list).
-UNSUPPORTED_TYPES = {
-    "llama4_text": UNSUPPORTED["Llama4TextExperts"],
-    "jetmoe": UNSUPPORTED["JetMoeMoE"],
-    "doge": UNSUPPORTED["DogeCDMoE"],
-    "switch_transformers": "encoder-decoder, not a causal LM; " + UNSUPPORTED["SwitchTransformersExperts"],
-    "nllb-moe": "encoder-decoder, not a causal LM; " + UNSUPPORTED["NllbMoeExperts"],
-}
+UNSUPPORTED_TYPES = UNSUPPORTED_MODEL_TYPES
 # Router outputs that are not raw logits over the routed experts, so (b) compares differently.
 HF_LOGITS_EXCEPTIONS = {
     "gemma4_text": "records softmax probabilities, not logits",
@@ -159,3 +152,14 @@ def test_capture_adds_up(model_type):
         assert len(hf_logits) == len(ours)
         for mine, theirs in zip(ours, hf_logits, strict=True):
             torch.testing.assert_close(mine.float(), theirs.reshape(mine.shape).float(), rtol=0, atol=0)
+
+
+def test_readme_lists_every_unsupported_architecture_with_its_reason():
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    for model_type, reason in UNSUPPORTED_MODEL_TYPES.items():
+        assert f"`{model_type}`" in readme and reason in readme, model_type
+    supported = [t for t in ALL_TYPES if t not in UNSUPPORTED_MODEL_TYPES]
+    for model_type in supported:
+        assert f"`{model_type}`" in readme, f"README's supported list lacks {model_type}"

@@ -47,6 +47,16 @@ UNSUPPORTED: dict[str, str] = {
 }
 # Blocks that post-process the routed sum in a way that is not additive (the routing is still
 # captured exactly; only the block-level decomposition carries this caveat).
+# Model types (from `deepseemoe.models.tiny.moe_model_types`) that cannot pass the coverage
+# checks, with the reason; README's "Supported architectures" lists them.
+UNSUPPORTED_MODEL_TYPES: dict[str, str] = {
+    "llama4_text": UNSUPPORTED["Llama4TextExperts"],
+    "jetmoe": UNSUPPORTED["JetMoeMoE"],
+    "doge": UNSUPPORTED["DogeCDMoE"] + " (loads as a dense model)",
+    "switch_transformers": "encoder-decoder, not a causal LM; " + UNSUPPORTED["SwitchTransformersExperts"],
+    "nllb-moe": "encoder-decoder, not a causal LM; " + UNSUPPORTED["NllbMoeExperts"],
+}
+
 # Blocks that multiply the routed sum by `routed_scaling_factor` after the experts module.
 POST_SCALED_BLOCKS = frozenset({"BeamMoE", "LagunaSparseMoeBlock", "MiniMaxM3VLSparseMoeBlock",
                                 "Step3p7SparseMoeBlock"})
