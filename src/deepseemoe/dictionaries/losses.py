@@ -1,0 +1,58 @@
+"""Training losses of sparse coders.
+
+Shapes: target y and reconstruction ŷ [T, D_out]; latents and pre-activations [T, F].
+
+FVU is normalised by the target's total variance in the batch, Σ‖y − mean_T(y)‖², so 1.0
+means "no better than predicting the batch mean" (sparsify's normalisation; SAELens' "MSE"
+divides by the number of elements instead).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from deepseemoe.dictionaries.coder import CoderOutput, SparseCoder
+
+
+class _Step(torch.autograd.Function):
+    """H(pre − θ) with the rectangle-kernel straight-through gradient for θ (JumpReLU L0)."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, threshold = ctx.saved_tensors
+        kernel = ((pre - threshold).abs() < ctx.bandwidth / 2).to(pre.dtype) / ctx.bandwidth
+        return None, -(grad * kernel).sum(0), None
+
+
+def fvu(target: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+    total = (target - target.mean(0)).pow(2).sum()
+    return (target - recon).pow(2).sum() / total.clamp_min(torch.finfo(target.dtype).tiny)
+
+
+def auxk_loss(coder: SparseCoder, target: torch.Tensor, output: CoderOutput, dead: torch.Tensor,
+              k_aux: int) -> torch.Tensor:
+    """Reconstruct the residual with the k_aux largest pre-activations among dead latents
+    (Gao et al. 2024), normalised like FVU on the residual."""
+    n_dead = int(dead.sum())
+    if n_dead == 0:
+        return target.new_zeros(())
+    residual = (target - output.out).detach() * coder.target_scale
+    pre = torch.relu(output.pre).masked_fill(~dead, 0.0)
+    vals, idx = pre.topk(min(k_aux, n_dead), dim=-1)
+    recon = torch.zeros_like(pre).scatter(-1, idx, vals) @ coder.W_dec
+    return fvu(residual, recon)
+
+
+def sparsity_penalty(coder: SparseCoder, output: CoderOutput) -> torch.Tensor:
+    """ReLU: L1 of latents weighted by decoder norms; JumpReLU: expected L0 (straight-through)."""
+    if coder.cfg.activation == "relu":
+        return (output.latents * coder.W_dec.norm(dim=1)).sum(-1).mean()
+    if coder.cfg.activation == "jumprelu":
+        return _Step.apply(output.pre, coder.log_threshold.exp(), coder.cfg.jumprelu_bandwidth).sum(-1).mean()
+    return output.pre.new_zeros(())
