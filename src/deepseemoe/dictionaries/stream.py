@@ -1,0 +1,35 @@
+"""Activation streams for the coder trainer: from a live model (one forward feeds every coder)
+or from tensors already in memory.
+
+Shapes: each item is {coder name: (source [T, D_in], target [T, D_out])}, T = kept tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from deepseemoe.capture.consumers import ActivationCollector
+from deepseemoe.capture.core import Site, run_capture
+from deepseemoe.data.tokens import PackedBatch
+from deepseemoe.models.spec import ModelHandle
+
+
+def model_stream(handle: ModelHandle, batches: Iterable[PackedBatch], pairs: dict[str, tuple[Site, Site]],
+                 device: str | torch.device = "cpu") -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Capture every (source, target) site pair with one forward per batch; tensors are moved to
+    `device` (the coders' device), so the model can live on another one."""
+    sites = sorted({s for pair in pairs.values() for s in pair}, key=lambda s: (s.layer, s.kind))
+    collector = ActivationCollector(sites, device=device)
+    for packed in batches:
+        run_capture(handle, packed.input_ids, [collector], attention_mask=packed.attention_mask)
+        got = {s: collector.chunks[s].pop() for s in sites}
+        yield {name: (got[src], got[tgt]) for name, (src, tgt) in pairs.items()}
+
+
+def tensor_stream(source: torch.Tensor, target: torch.Tensor | None = None, *, name: str = "coder",
+                  chunk: int = 1024) -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    target = source if target is None else target
+    for i in range(0, len(source), chunk):
+        yield {name: (source[i:i + chunk], target[i:i + chunk])}
