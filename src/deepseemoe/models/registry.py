@@ -47,6 +47,23 @@ UNSUPPORTED: dict[str, str] = {
 }
 # Blocks that post-process the routed sum in a way that is not additive (the routing is still
 # captured exactly; only the block-level decomposition carries this caveat).
+EXPERTS_ROUTE_THEMSELVES = ("its experts module receives router logits and does the top-k itself, so the routing "
+                            "the experts use is not visible to hooks (Aria in transformers < 5.23)")
+
+
+def _version_specific_unsupported() -> dict[str, str]:
+    """Designs that changed between transformers releases, detected from the installed code."""
+    found = {}
+    try:
+        from transformers.models.aria import modeling_aria
+    except ImportError:
+        return found
+    experts = getattr(modeling_aria, "AriaExperts", None)
+    if experts is not None and "router_logits" in inspect.signature(experts.forward).parameters:
+        found["aria_text"] = EXPERTS_ROUTE_THEMSELVES
+    return found
+
+
 # Model types (from `deepseemoe.models.tiny.moe_model_types`) that cannot pass the coverage
 # checks, with the reason; README's "Supported architectures" lists them.
 UNSUPPORTED_MODEL_TYPES: dict[str, str] = {
@@ -56,6 +73,8 @@ UNSUPPORTED_MODEL_TYPES: dict[str, str] = {
     "switch_transformers": "encoder-decoder, not a causal LM; " + UNSUPPORTED["SwitchTransformersExperts"],
     "nllb-moe": "encoder-decoder, not a causal LM; " + UNSUPPORTED["NllbMoeExperts"],
 }
+VERSION_SPECIFIC_UNSUPPORTED = _version_specific_unsupported()
+UNSUPPORTED_MODEL_TYPES.update(VERSION_SPECIFIC_UNSUPPORTED)
 
 # Blocks that multiply the routed sum by `routed_scaling_factor` after the experts module.
 POST_SCALED_BLOCKS = frozenset({"BeamMoE", "LagunaSparseMoeBlock", "MiniMaxM3VLSparseMoeBlock",
@@ -102,7 +121,7 @@ class StandardAdapter(MoEAdapter):
 
         def router_hook(module, args, out):
             if not hooks_bypassed():
-                pending["logits"] = self.router_logits(out)
+                pending["logits"] = self.router_logits(out, layer.num_experts)
 
         def experts_hook(module, args, kwargs, out):
             if hooks_bypassed():
@@ -119,8 +138,14 @@ class StandardAdapter(MoEAdapter):
         return handles
 
     @staticmethod
-    def router_logits(out) -> torch.Tensor:
-        logits = out if isinstance(out, torch.Tensor) else out[0]
+    def router_logits(out, num_experts: int | None = None) -> torch.Tensor:
+        """The logits in a router's output: the tensor itself, else the first floating tuple
+        element over all experts (transformers ≤ 5.2x Granite returns (idx, weights, logits)),
+        else element 0 (routers with extra classes: Zaya's skip class, Longcat's zero experts)."""
+        if isinstance(out, torch.Tensor):
+            return out.reshape(-1, out.shape[-1])
+        logits = next((t for t in out if isinstance(t, torch.Tensor) and t.is_floating_point()
+                       and num_experts is not None and t.shape[-1] == num_experts), out[0])
         return logits.reshape(-1, logits.shape[-1])
 
     def intervene(self, layer: MoELayer, rewrite: RoutingRewrite) -> list[RemovableHandle]:
@@ -128,7 +153,7 @@ class StandardAdapter(MoEAdapter):
 
         def router_hook(module, args, out):
             if not hooks_bypassed():
-                pending["logits"] = self.router_logits(out)
+                pending["logits"] = self.router_logits(out, layer.num_experts)
 
         def experts_pre(module, args, kwargs):
             if hooks_bypassed():
@@ -223,8 +248,10 @@ def discover_moe_layers(model: nn.Module, layers_path: str, layers: list[nn.Modu
                 raise DeepSeeMoEError(f"unsupported MoE architecture {ecls}: {UNSUPPORTED[ecls]}. To add it, write "
                                       "a MoEAdapter subclass in deepseemoe/models/registry.py and register it")
             router_attr = next((a for a in ROUTER_ATTRS if isinstance(getattr(block, a, None), nn.Module)), None)
-            if router_attr is None or not _experts_takes_routing(experts):
+            if router_attr is None:
                 continue
+            if not _experts_takes_routing(experts):
+                raise DeepSeeMoEError(f"unsupported MoE architecture {cls}: {EXPERTS_ROUTE_THEMSELVES}")
             router = getattr(block, router_attr)
             prefix = f"{layers_path}.{i}" + (f".{rel}" if rel else "")
             combine, shared = _combine(block, decoder_layer)
