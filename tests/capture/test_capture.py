@@ -92,16 +92,24 @@ def test_expert_outputs_sum_to_block_output(olmoe):
     torch.testing.assert_close((w.unsqueeze(-1) * y).sum(1), acts.tensor(Site("block_out", 1)), rtol=1e-5, atol=1e-6)
 
 
-def test_dense_mlp_neurons_match_manual_recomputation():
-    model = tiny_model("llama")
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "olmo", "gpt2"])
+def test_dense_mlp_neurons_match_manual_recomputation(model_type):
+    model = tiny_model(model_type, n_embd=64, n_layer=2, n_head=4, n_positions=64)
     handle = handle_from_model(model)
-    assert not handle.is_moe and handle.dense_mlps[0].num_neurons == model.config.intermediate_size
+    assert not handle.is_moe and sorted(handle.dense_mlps) == list(range(handle.num_layers))
     ids = _ids()
     acts = ActivationCollector([Site("mlp_neurons", 0), Site("block_in", 0)])
     run_capture(handle, ids, [acts], exclude_bos=False)
-    mlp = model.model.layers[0].mlp
+    mlp = handle.layers[0].mlp
     x = acts.tensor(Site("block_in", 0))
-    manual = torch.nn.functional.silu(x @ mlp.gate_proj.weight.T) * (x @ mlp.up_proj.weight.T)
+    with torch.no_grad():  # reference: the MLP's hidden units from its own weights
+        if model_type == "gpt2":  # Conv1D stores [in, out]; GELU (tanh approximation)
+            manual = mlp.act(x @ mlp.c_fc.weight + mlp.c_fc.bias)
+            width = model.config.n_inner or 4 * model.config.n_embd
+        else:
+            manual = torch.nn.functional.silu(x @ mlp.gate_proj.weight.T) * (x @ mlp.up_proj.weight.T)
+            width = model.config.intermediate_size
+    assert handle.dense_mlps[0].num_neurons == width
     torch.testing.assert_close(acts.tensor(Site("mlp_neurons", 0)), manual, rtol=1e-5, atol=1e-6)
 
 

@@ -1,0 +1,51 @@
+"""load_model from local folders: round trip, device_map + bf16, and its one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, T5Config, T5Model
+
+from deepseemoe.capture.consumers import RoutingRecorder
+from deepseemoe.capture.core import run_capture
+from deepseemoe.errors import DeepSeeMoEError
+from deepseemoe.models.load import load_model
+from deepseemoe.models.tiny import tiny_model
+
+
+def test_local_folder_round_trip(tiny_olmoe_dir):
+    handle = load_model(str(tiny_olmoe_dir))
+    ref = AutoModelForCausalLM.from_pretrained(tiny_olmoe_dir).eval()
+    ids = torch.tensor([[1, 5, 9, 13]])
+    with torch.no_grad():
+        assert torch.equal(handle.model(input_ids=ids).logits, ref(input_ids=ids).logits)
+    assert handle.is_moe and handle.model_type == "olmoe" and handle.tokenizer is not None
+    assert {m.router_family for m in handle.moe_layers.values()} == {"softmax_topk"}
+
+
+def test_device_map_and_bf16(tiny_olmoe_dir):
+    handle = load_model(str(tiny_olmoe_dir), device_map="cpu", dtype="bf16")
+    assert next(handle.model.parameters()).dtype == torch.bfloat16
+    rec = RoutingRecorder(sorted(handle.moe_layers))
+    run_capture(handle, torch.tensor([[1, 5, 9, 13, 20]]), [rec])
+    assert rec.batches[0]["idx"][0].shape == (4, 2)
+
+
+def test_errors_are_one_clear_line(tmp_path):
+    with pytest.raises(DeepSeeMoEError, match="does not exist"):
+        load_model(str(tmp_path / "missing"))
+    T5Model(T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16, vocab_size=100)).save_pretrained(
+        tmp_path / "t5")
+    with pytest.raises(DeepSeeMoEError, match="not a causal language model"):
+        load_model(str(tmp_path / "t5"))
+    with pytest.raises(DeepSeeMoEError, match="unknown dtype"):
+        load_model(str(tmp_path / "t5"), dtype="int3")
+    tiny_model("jetmoe").save_pretrained(tmp_path / "jetmoe")
+    with pytest.raises(DeepSeeMoEError, match=r"unsupported MoE architecture JetMoeMoE.*MoEAdapter"):
+        load_model(str(tmp_path / "jetmoe"))
+
+
+def test_a_model_without_moe_layers_is_dense(tmp_path):
+    tiny_model("qwen3").save_pretrained(tmp_path / "qwen3")
+    handle = load_model(str(tmp_path / "qwen3"))
+    assert not handle.is_moe and len(handle.dense_mlps) == handle.num_layers
