@@ -110,7 +110,8 @@ def fortunes(package: str, subdir: str | None) -> Iterator[str]:
         if path.suffix in (".dat", ".u8") or path.name.startswith("."):
             continue
         parts = path.parts
-        if "fortunes" not in parts or "off" in parts or "asciiart" in path.name or "ascii-art" in path.name:
+        # the quotes live under .../games/fortunes/; the package's doc folder (changelogs) does not count
+        if "games" not in parts or "fortunes" not in parts or "off" in parts or "ascii" in path.name:
             continue
         parent = parts[parts.index("fortunes") + 1] if parts.index("fortunes") + 1 < len(parts) - 1 else None
         if parent != subdir:  # fortunes-it/-zh drop files at the top level too: keep only this package's dir
