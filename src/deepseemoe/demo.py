@@ -79,7 +79,9 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
         if step == final_step:
             continue
         ck_dir = out_dir / "checkpoints" / f"step-{step:06d}"
-        route_corpus(load_model(str(path)), source, ck_dir, progress=False, **route_kw)
+        # saturation is an average agreement: a third of the tokens pins it down well enough
+        route_corpus(load_model(str(path)), source, ck_dir, progress=False,
+                     **{**route_kw, "max_tokens": max(max_tokens // 3, 1000)})
         sat = router_saturation(ck_dir, run_dir)
         saturation_rows.append({"step": f"{step} ({100 * step / final_step:.0f}%)",
                                 "values": [v["topk_saturation"] for v in sat["layers"].values()]})
