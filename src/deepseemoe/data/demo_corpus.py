@@ -211,6 +211,7 @@ def build_corpus(out_dir: str | Path, *, seed: int = 0, max_bytes_per_domain: in
         report.notes.append(f"domains missing on this machine: {', '.join(report.missing)} (install the Debian "
                             f"packages {' '.join(DEBIAN_PACKAGES)} as root, or run scripts/setup.sh as root)")
     rng.shuffle(train)
+    rng.shuffle(val)  # a token budget on the held-out split must still see every domain
     for name, rows in (("train.jsonl", train), ("val.jsonl", val)):
         atomic_write_bytes(out_dir / name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
     atomic_write_json(out_dir / "report.json", report.to_json())

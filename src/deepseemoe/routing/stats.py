@@ -328,7 +328,8 @@ def compute_routing_stats(run_dir: str | Path, *, compare: str | Path | None = N
         nshare = c.next_vocab[nseen] / c.next_n[nseen, None]
         ids_seen = np.nonzero(seen)[0]
         for e in range(E):
-            order = np.argsort(-share[:, e], kind="stable")[:top_tokens] if len(ids_seen) else []
+            # highest share first, ties broken by frequency
+            order = np.lexsort((-c.vocab_n[ids_seen], -share[:, e]))[:top_tokens] if len(ids_seen) else []
             for rank, o in enumerate(order):
                 t = int(ids_seen[o])
                 rows_vocab.append((layer, e, rank, t, pieces.get(t, ""), int(c.vocab_n[t]), float(share[o, e])))
