@@ -1,1 +1,0 @@
-"""Feature explanations and their scoring."""

@@ -1,1 +1,0 @@
-"""MoE versus dense: the same pipeline on both, side by side."""

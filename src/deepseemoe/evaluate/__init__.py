@@ -1,1 +1,0 @@
-"""Dictionary evaluation: reconstruction, sparsity, spliced loss/KL, routing preservation."""

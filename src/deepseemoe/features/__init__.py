@@ -1,1 +1,0 @@
-"""Features mapped to experts: co-firing statistics, router-logit attribution, routing prediction."""
