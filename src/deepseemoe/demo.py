@@ -36,9 +36,9 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
              cache_dir: str | Path | None = None, max_tokens: int = 60_000, seed: int = 0,
              console: Console | None = None) -> DemoResult:
     console = console or Console()
+    spec = get_recipe(recipe)  # a bad recipe name fails before anything is written
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    spec = get_recipe(recipe)
     seconds: dict[str, float] = {}
     t = time.perf_counter()
 
