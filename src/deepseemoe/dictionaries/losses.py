@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from deepseemoe.dictionaries.coder import CoderOutput, SparseCoder
+from deepseemoe.dictionaries.coder import Coder, CoderOutput
 
 
 class _Step(torch.autograd.Function):
@@ -35,7 +35,14 @@ def fvu(target: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
     return (target - recon).pow(2).sum() / total.clamp_min(torch.finfo(target.dtype).tiny)
 
 
-def auxk_loss(coder: SparseCoder, target: torch.Tensor, output: CoderOutput, dead: torch.Tensor,
+def site_fvu(coder: Coder, target: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+    """Mean over the target's sites of each site's FVU (one site: plain FVU), so a crosscoder or
+    CLT is not dominated by the layers with the largest activations."""
+    blocks = coder.site_slices("target")
+    return torch.stack([fvu(target[:, b], recon[:, b]) for b in blocks]).mean()
+
+
+def auxk_loss(coder: Coder, target: torch.Tensor, output: CoderOutput, dead: torch.Tensor,
               k_aux: int) -> torch.Tensor:
     """Reconstruct the residual with the k_aux largest pre-activations among dead latents
     (Gao et al. 2024), normalised like FVU on the residual."""
@@ -43,16 +50,22 @@ def auxk_loss(coder: SparseCoder, target: torch.Tensor, output: CoderOutput, dea
     if n_dead == 0:
         return target.new_zeros(())
     residual = (target - output.out).detach() * coder.target_scale
+    if output.idx is not None:  # TopK fast path: pick among dead latents without autograd, gather sparsely
+        with torch.no_grad():
+            idx = output.pre.masked_fill(~dead, float("-inf")).topk(min(k_aux, n_dead), dim=-1).indices
+        vals = torch.relu(coder.gather_pre(output.encoder_input, idx, output.pre))
+        recon = torch.nn.functional.embedding_bag(idx, coder.W_dec, per_sample_weights=vals, mode="sum")
+        return site_fvu(coder, residual, recon)
     pre = torch.relu(output.pre).masked_fill(~dead, 0.0)
     vals, idx = pre.topk(min(k_aux, n_dead), dim=-1)
-    recon = torch.zeros_like(pre).scatter(-1, idx, vals) @ coder.W_dec
-    return fvu(residual, recon)
+    recon = coder.decode_latents(torch.zeros_like(pre).scatter(-1, idx, vals))
+    return site_fvu(coder, residual, recon)
 
 
-def sparsity_penalty(coder: SparseCoder, output: CoderOutput) -> torch.Tensor:
+def sparsity_penalty(coder: Coder, output: CoderOutput) -> torch.Tensor:
     """ReLU: L1 of latents weighted by decoder norms; JumpReLU: expected L0 (straight-through)."""
     if coder.cfg.activation == "relu":
-        return (output.latents * coder.W_dec.norm(dim=1)).sum(-1).mean()
+        return (output.latents * coder.decoder_norms()).sum(-1).mean()
     if coder.cfg.activation == "jumprelu":
         return _Step.apply(output.pre, coder.log_threshold.exp(), coder.cfg.jumprelu_bandwidth).sum(-1).mean()
     return output.pre.new_zeros(())

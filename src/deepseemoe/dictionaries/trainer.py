@@ -8,6 +8,15 @@ on the coder's device, so the model can sit elsewhere (`--model-device` / `--cod
 A checkpoint holds the coders, optimizers, buffers, RNG state and the number of stream items
 consumed, so `resume` continues with exactly the batches an uninterrupted run would have seen
 (given a deterministic stream).
+
+Data parallel (torchrun): every rank feeds its own stream and takes batch_size / world rows per
+step; the loss is the FVU of the *global* batch (numerators local, the target variance
+all-reduced), and gradients are summed across ranks, so the update equals one process training
+on the union of the ranks' batches (exactly for TopK, ReLU and JumpReLU; BatchTopK picks its k·B
+largest per rank).
+
+Input normalisation ("mean_norm"): before the first step each site of the source and target is
+scaled so its mean norm is √D_site (estimated on the first full buffer); `folded()` undoes it.
 """
 
 from __future__ import annotations
@@ -19,8 +28,9 @@ from pathlib import Path
 
 import torch
 
-from deepseemoe.dictionaries.coder import SparseCoder
-from deepseemoe.dictionaries.losses import auxk_loss, fvu, sparsity_penalty
+from deepseemoe.dictionaries.coder import Coder
+from deepseemoe.dictionaries.losses import auxk_loss, site_fvu, sparsity_penalty
+from deepseemoe.errors import DeepSeeMoEError
 
 
 @dataclass
@@ -31,8 +41,10 @@ class TrainConfig:
     auxk_alpha: float = 1 / 32
     dead_after_tokens: int = 1_000_000  # a latent that has not fired for this many tokens is dead
     sparsity_coef: float = 0.0  # ReLU: L1 coefficient; JumpReLU: L0 coefficient
+    normalize: str = "mean_norm"  # "mean_norm": scale each site to mean norm √D first; "none"
     seed: int = 0
     device: str = "cpu"
+    autocast: bool = True  # bf16 autocast of the coder forward on CUDA (fp32 master weights)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,10 +88,24 @@ class _Buffer:
             self.add(state["data"])
 
 
+def _dist() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 class CoderTrainer:
     """Trains a set of named coders on streamed (source, target) activations."""
 
-    def __init__(self, coders: dict[str, SparseCoder], cfg: TrainConfig):
+    def __init__(self, coders: dict[str, Coder], cfg: TrainConfig):
+        if cfg.normalize not in ("mean_norm", "none"):
+            raise DeepSeeMoEError(f"unknown normalize={cfg.normalize!r}; use 'mean_norm' or 'none'")
+        self.rank, self.world = _dist()
+        if cfg.batch_size % self.world:
+            raise DeepSeeMoEError(f"batch_size {cfg.batch_size} must divide by the {self.world} ranks")
+        self.local_batch = cfg.batch_size // self.world
         self.coders, self.cfg = coders, cfg
         self.optimizers = {}
         for name, coder in coders.items():
@@ -89,41 +115,89 @@ class CoderTrainer:
         self.buffers = {name: _Buffer(cfg.buffer_size, cfg.device) for name in coders}
         self.since_fired = {name: torch.zeros(c.cfg.n_latents, dtype=torch.long, device=cfg.device)
                             for name, c in coders.items()}
-        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.generator = torch.Generator().manual_seed(cfg.seed + self.rank)
+        self.normalized = cfg.normalize == "none"
         self.step = 0
         self.tokens = 0
         self.items_consumed = 0
         self.metrics: list[dict] = []
 
+    def _all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        return t
+
+    def _global_variance(self, coder: Coder, y: torch.Tensor) -> torch.Tensor:
+        """Σ over the global batch of ‖y_site − mean(y_site)‖², per target site [S]."""
+        y = y.detach().double()  # Σy² − (Σy)²/n cancels badly in fp32 when the mean is large
+        sq = torch.stack([y[:, b].pow(2).sum() for b in coder.site_slices()] + [y.new_tensor(y.shape[0])])
+        col_sums = torch.stack([y[:, b].sum(0) for b in coder.site_slices()])  # [S, D_site]
+        self._all_reduce(sq)
+        self._all_reduce(col_sums)
+        return (sq[:-1] - col_sums.pow(2).sum(1) / sq[-1]).float()
+
+    def _fvu(self, coder: Coder, y: torch.Tensor, recon: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
+        resid = torch.stack([(y[:, b] - recon[:, b]).pow(2).sum() for b in coder.site_slices()])
+        return (resid / variance.clamp_min(torch.finfo(variance.dtype).tiny)).mean()
+
+    @torch.no_grad()
+    def _set_scales(self) -> None:
+        """Per-site scale to mean norm √D_site, from the buffers' current rows (all ranks)."""
+        for name, coder in self.coders.items():
+            rows = self.buffers[name].data[: self.buffers[name].fill]
+            d_in = coder.cfg.d_in
+            for which, scale, cols in (("source", coder.input_scale, rows[:, :d_in]),
+                                       ("target", coder.target_scale, rows[:, d_in:])):
+                for b in coder.site_slices(which):
+                    stats = torch.stack([cols[:, b].norm(dim=1).sum(), cols.new_tensor(cols.shape[0])])
+                    self._all_reduce(stats)
+                    mean_norm = float(stats[0] / stats[1])
+                    width = b.stop - b.start
+                    scale[b] = width**0.5 / mean_norm if mean_norm > 0 else 1.0
+            if not coder.cfg.is_transcoder:
+                coder.target_scale.copy_(coder.input_scale)
+        self.normalized = True
+
     def _train_step(self, name: str, batch: torch.Tensor) -> dict:
         coder, opt = self.coders[name], self.optimizers[name]
         d_in = coder.cfg.d_in
         x, y = batch[:, :d_in], batch[:, d_in:]
-        out = coder(x)
-        loss_fvu = fvu(y, out.out)
-        loss = loss_fvu + self.cfg.sparsity_coef * sparsity_penalty(coder, out)
-        fired = (out.latents > 0).any(0)
-        self.since_fired[name] += x.shape[0]
-        self.since_fired[name][fired] = 0
+        variance = self._global_variance(coder, y)
+        use_autocast = self.cfg.autocast and x.device.type == "cuda"
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
+            out = coder(x)
+        recon = out.out.float()
+        loss_fvu = self._fvu(coder, y, recon, variance)
+        loss = loss_fvu + self.cfg.sparsity_coef * sparsity_penalty(coder, out) / self.world
+        fired = out.fired()
+        self._all_reduce(fired, op="max")
+        self.since_fired[name] += self.cfg.batch_size
+        self.since_fired[name][fired.bool()] = 0
         dead = self.since_fired[name] >= self.cfg.dead_after_tokens
         aux = torch.zeros((), device=x.device)
         if coder.cfg.activation in ("topk", "batchtopk") and bool(dead.any()):
             aux = auxk_loss(coder, y, out, dead, k_aux=min(coder.cfg.n_latents // 2, 2 * coder.cfg.k))
-            loss = loss + self.cfg.auxk_alpha * aux
+            loss = loss + self.cfg.auxk_alpha * aux / self.world
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        with torch.no_grad():  # keep decoder rows unit-norm: remove the gradient along each row first
-            if coder.cfg.activation in ("topk", "batchtopk"):
-                w = coder.W_dec
-                w.grad -= (w.grad * w).sum(1, keepdim=True) * w
+        if self.world > 1:
+            for p in coder.parameters():
+                if p.grad is not None:
+                    self._all_reduce(p.grad)
+        unit_decoder = coder.cfg.activation in ("topk", "batchtopk")
+        if unit_decoder:  # keep decoder rows unit-norm: remove the gradient along each row first
+            coder.remove_parallel_grad_()
         opt.step()
-        with torch.no_grad():
-            if coder.cfg.activation in ("topk", "batchtopk"):
-                coder.W_dec.div_(coder.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
-            if coder.cfg.activation == "batchtopk":
-                coder.update_batchtopk_threshold(out.latents.detach())
-        return {"coder": name, "step": self.step, "fvu": float(loss_fvu), "auxk": float(aux),
-                "l0": float((out.latents > 0).sum(-1).float().mean()), "dead": float(dead.float().mean())}
+        if unit_decoder:
+            coder.normalize_decoder_()
+        if coder.cfg.activation == "batchtopk":
+            coder.update_batchtopk_threshold(out.latents.detach())
+        logged = self._all_reduce(torch.stack([loss_fvu.detach(), out.l0().detach(), aux.detach()]))
+        logged[1:] /= self.world
+        return {"coder": name, "step": self.step, "fvu": float(logged[0]), "auxk": float(logged[2]),
+                "l0": float(logged[1]), "dead": float(dead.float().mean())}
 
     def fit(self, stream: Iterable[dict[str, tuple[torch.Tensor, torch.Tensor]]], *, max_steps: int,
             checkpoint: str | Path | None = None, checkpoint_every: int = 0, progress: bool = False) -> None:
@@ -138,11 +212,16 @@ class CoderTrainer:
                       TextColumn("FVU {task.fields[fvu]:.3f} · L0 {task.fields[l0]:.1f}"), disable=not progress) as bar:
             task = bar.add_task("train", total=max_steps, completed=self.step, fvu=float("nan"), l0=0.0)
             while self.step < max_steps:
-                if all(b.fill >= self.cfg.batch_size for b in self.buffers.values()) and \
-                        min(b.fill for b in self.buffers.values()) >= min(self.cfg.buffer_size // 2,
-                                                                          self.cfg.batch_size):
+                ready = all(b.fill >= max(self.local_batch, min(self.cfg.buffer_size // 2, self.local_batch))
+                            for b in self.buffers.values())
+                if self.world > 1:  # every rank steps together, or none does
+                    flag = self._all_reduce(torch.tensor([0 if ready else 1], device=self.cfg.device))
+                    ready = int(flag) == 0
+                if ready:
+                    if not self.normalized:
+                        self._set_scales()
                     for name, buf in self.buffers.items():
-                        self.metrics.append(self._train_step(name, buf.take(self.cfg.batch_size, self.generator)))
+                        self.metrics.append(self._train_step(name, buf.take(self.local_batch, self.generator)))
                     self.step += 1
                     self.tokens += self.cfg.batch_size
                     bar.update(task, completed=self.step, fvu=self.metrics[-1]["fvu"], l0=self.metrics[-1]["l0"])
@@ -163,6 +242,7 @@ class CoderTrainer:
                 "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
                 "buffers": {n: b.state() for n, b in self.buffers.items()},
                 "since_fired": self.since_fired, "generator": self.generator.get_state(),
+                "normalized": self.normalized, "rank": self.rank, "world": self.world,
                 "step": self.step, "tokens": self.tokens, "items_consumed": self.items_consumed,
                 "config": self.cfg.to_dict()}
 
@@ -173,14 +253,20 @@ class CoderTrainer:
             self.buffers[n].load(state["buffers"][n])
         self.since_fired = {n: t.to(self.cfg.device) for n, t in state["since_fired"].items()}
         self.generator.set_state(state["generator"])
+        self.normalized = state["normalized"]
         self.step, self.tokens, self.items_consumed = state["step"], state["tokens"], state["items_consumed"]
+
+    def _rank_path(self, path: str | Path) -> Path:
+        """Rank 0 writes `path`; under torchrun every other rank its own buffers beside it."""
+        path = Path(path)
+        return path if self.rank == 0 else path.with_name(f"{path.stem}.rank{self.rank}{path.suffix}")
 
     def save(self, path: str | Path) -> None:
         """Atomic checkpoint (temp file + rename)."""
         import os
         import tempfile
 
-        path = Path(path)
+        path = self._rank_path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
@@ -192,4 +278,11 @@ class CoderTrainer:
             raise
 
     def resume(self, path: str | Path) -> None:
-        self.load_state_dict(torch.load(path, weights_only=False))
+        path = self._rank_path(path)
+        if not path.exists():
+            raise DeepSeeMoEError(f"no checkpoint at {path}; start without --resume")
+        state = torch.load(path, weights_only=False, map_location=self.cfg.device)
+        if state.get("world", 1) != self.world:
+            raise DeepSeeMoEError(f"checkpoint {path} was written by {state.get('world', 1)} ranks, this run has "
+                                  f"{self.world}; resume with the same number of processes")
+        self.load_state_dict(state)
