@@ -210,6 +210,7 @@ def test_crosscoder_is_one_dictionary_over_concatenated_sites():
     assert coder.cfg.kind == "crosscoder" and isinstance(coder, SparseCoder)
     x = torch.randn(5, 8, dtype=torch.float64)
     ref_out, ref_lat = _reference(coder, x)  # the SAE math on the concatenation
+    torch.testing.assert_close(coder(x).latents, ref_lat)
     torch.testing.assert_close(coder(x).out, ref_out)
     assert coder.site_slices() == [slice(0, 4), slice(4, 8)]
 

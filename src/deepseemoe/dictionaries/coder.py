@@ -23,6 +23,7 @@ equivalent coder with them absorbed into the weights, which is what the exchange
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+
 import torch
 from torch import nn
 

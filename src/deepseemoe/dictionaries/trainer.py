@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from deepseemoe.dictionaries.coder import Coder
-from deepseemoe.dictionaries.losses import auxk_loss, site_fvu, sparsity_penalty
+from deepseemoe.dictionaries.losses import auxk_loss, sparsity_penalty
 from deepseemoe.errors import DeepSeeMoEError
 
 
