@@ -31,7 +31,16 @@ if ! $PY -c "import torch" >/dev/null 2>&1; then
         rm -rf "$wheels"
     fi
 fi
-"${PIP[@]}" -e ".${extras}"
+# Keep the torch that is there: no dependency may swap it for another build.
+constraints=$(mktemp)
+$PY -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$constraints"
+"${PIP[@]}" -c "$constraints" -e ".${extras}"
+if [[ -n "$extras" ]]; then
+    # circuit-tracer pins transformers<=4.57; its transcoder loaders (all the tests use) need none of
+    # that, so it goes in without its dependencies.
+    "${PIP[@]}" --no-deps "circuit-tracer==0.5.0"
+fi
+rm -f "$constraints"
 
 # Text for the offline demo corpus (deepseemoe corpus build): Debian packages, when we are root
 # and apt is there. Never fatal: without them the corpus falls back to what the machine has.
