@@ -9,6 +9,8 @@ divides by the number of elements instead).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from deepseemoe.dictionaries.coder import Coder, CoderOutput
@@ -43,9 +45,12 @@ def site_fvu(coder: Coder, target: torch.Tensor, recon: torch.Tensor) -> torch.T
 
 
 def auxk_loss(coder: Coder, target: torch.Tensor, output: CoderOutput, dead: torch.Tensor,
-              k_aux: int) -> torch.Tensor:
+              k_aux: int, normalized: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+              ) -> torch.Tensor:
     """Reconstruct the residual with the k_aux largest pre-activations among dead latents
-    (Gao et al. 2024), normalised like FVU on the residual."""
+    (Gao et al. 2024), normalised like FVU on the residual (`normalized(residual, recon)`; the
+    data-parallel trainer passes one that uses the global batch's variance)."""
+    normalized = normalized or (lambda r, rec: site_fvu(coder, r, rec))
     n_dead = int(dead.sum())
     if n_dead == 0:
         return target.new_zeros(())
@@ -55,11 +60,11 @@ def auxk_loss(coder: Coder, target: torch.Tensor, output: CoderOutput, dead: tor
             idx = output.pre.masked_fill(~dead, float("-inf")).topk(min(k_aux, n_dead), dim=-1).indices
         vals = torch.relu(coder.gather_pre(output.encoder_input, idx, output.pre))
         recon = torch.nn.functional.embedding_bag(idx, coder.W_dec, per_sample_weights=vals, mode="sum")
-        return site_fvu(coder, residual, recon)
+        return normalized(residual, recon)
     pre = torch.relu(output.pre).masked_fill(~dead, 0.0)
     vals, idx = pre.topk(min(k_aux, n_dead), dim=-1)
     recon = coder.decode_latents(torch.zeros_like(pre).scatter(-1, idx, vals))
-    return site_fvu(coder, residual, recon)
+    return normalized(residual, recon)
 
 
 def sparsity_penalty(coder: Coder, output: CoderOutput) -> torch.Tensor:

@@ -178,8 +178,9 @@ class CoderTrainer:
         dead = self.since_fired[name] >= self.cfg.dead_after_tokens
         aux = torch.zeros((), device=x.device)
         if coder.cfg.activation in ("topk", "batchtopk") and bool(dead.any()):
-            aux = auxk_loss(coder, y, out, dead, k_aux=min(coder.cfg.n_latents // 2, 2 * coder.cfg.k))
-            loss = loss + self.cfg.auxk_alpha * aux / self.world
+            aux = auxk_loss(coder, y, out, dead, k_aux=min(coder.cfg.n_latents // 2, 2 * coder.cfg.k),
+                            normalized=lambda r, rec: self._fvu(coder, r, rec, self._global_variance(coder, r)))
+            loss = loss + self.cfg.auxk_alpha * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.world > 1:
@@ -194,8 +195,7 @@ class CoderTrainer:
             coder.normalize_decoder_()
         if coder.cfg.activation == "batchtopk":
             coder.update_batchtopk_threshold(out.latents.detach())
-        logged = self._all_reduce(torch.stack([loss_fvu.detach(), out.l0().detach(), aux.detach()]))
-        logged[1:] /= self.world
+        logged = self._all_reduce(torch.stack([loss_fvu.detach(), out.l0().detach() / self.world, aux.detach()]))
         return {"coder": name, "step": self.step, "fvu": float(logged[0]), "auxk": float(logged[2]),
                 "l0": float(logged[1]), "dead": float(dead.float().mean())}
 
