@@ -145,16 +145,20 @@ def save_saelens(coder: Coder, path: str | Path, *, hf_hook_name: str, hook_name
 
 # ---- sparsify -------------------------------------------------------------------------------------
 
-def save_sparsify(coder: Coder, run_dir: str | Path, hookpoint: str) -> Path:
-    """`<run_dir>/<hookpoint>/{cfg.json, sae.safetensors}`; hookpoint is relative to the base model
-    (e.g. `layers.3` for a residual SAE, `layers.3.mlp` for a block transcoder)."""
-    cfg = coder.cfg
+def check_sparsify(cfg: CoderConfig) -> None:
     if cfg.n_sites > 1 or cfg.activation != "topk":
         raise DeepSeeMoEError(f"sparsify stores single-site TopK coders only (this one is {cfg.kind}, "
                               f"{cfg.activation}); save it for SAELens or circuit-tracer instead")
     if cfg.is_transcoder and cfg.out_dim != cfg.d_in:
         raise DeepSeeMoEError("sparsify transcoders write back to the input width; a router transcoder "
                               f"(d_out={cfg.out_dim}) goes to SAELens or our format")
+
+
+def save_sparsify(coder: Coder, run_dir: str | Path, hookpoint: str) -> Path:
+    """`<run_dir>/<hookpoint>/{cfg.json, sae.safetensors}`; hookpoint is relative to the base model
+    (e.g. `layers.3` for a residual SAE, `layers.3.mlp` for a block transcoder)."""
+    cfg = coder.cfg
+    check_sparsify(cfg)
     c = coder.folded()
     doc = {"activation": "topk", "expansion_factor": cfg.n_latents // cfg.d_in, "normalize_decoder": True,
            "num_latents": cfg.n_latents, "k": cfg.k, "multi_topk": False, "skip_connection": cfg.skip,
@@ -173,7 +177,9 @@ def save_sparsify(coder: Coder, run_dir: str | Path, hookpoint: str) -> Path:
 
 # ---- circuit-tracer -------------------------------------------------------------------------------
 
-def _circuit_tracer_check(cfg: CoderConfig) -> None:
+def check_circuit_tracer(cfg: CoderConfig) -> None:
+    if not cfg.is_transcoder:
+        raise DeepSeeMoEError("circuit-tracer holds transcoders and CLTs, not SAEs or crosscoders")
     if cfg.activation == "topk":
         raise DeepSeeMoEError("circuit-tracer transcoders are ReLU or JumpReLU; train with --activation "
                               "batchtopk (its threshold is saved), jumprelu or relu")
@@ -196,7 +202,7 @@ def save_circuit_tracer(coders: dict[int, Coder] | Coder, path: str | Path, *, m
         for c in coders.values():
             if c.cfg.cross_layer or not c.cfg.is_transcoder:
                 raise DeepSeeMoEError("a circuit-tracer transcoder set holds single-layer transcoders")
-            _circuit_tracer_check(c.cfg)
+            check_circuit_tracer(c.cfg)
         folded = {i: c.folded() for i, c in coders.items()}
         files = {}
         for i, c in folded.items():
@@ -212,7 +218,7 @@ def save_circuit_tracer(coders: dict[int, Coder] | Coder, path: str | Path, *, m
         c = coders.folded()
         if not c.cfg.cross_layer:
             raise DeepSeeMoEError("pass a dict {layer: transcoder} for a per-layer set, or a cross-layer transcoder")
-        _circuit_tracer_check(c.cfg)
+        check_circuit_tracer(c.cfg)
         S = c.cfg.n_sites
         D = c.cfg.out_dim // S
         b_dec = c.b_dec.view(S, D)

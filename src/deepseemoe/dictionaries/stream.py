@@ -6,7 +6,7 @@ Shapes: each item is {coder name: (source [T, D_in], target [T, D_out])}, T = ke
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
@@ -16,16 +16,29 @@ from deepseemoe.data.tokens import PackedBatch
 from deepseemoe.models.spec import ModelHandle
 
 
-def model_stream(handle: ModelHandle, batches: Iterable[PackedBatch], pairs: dict[str, tuple[Site, Site]],
+SiteGroup = Site | Sequence[Site]
+
+
+def _as_list(group: SiteGroup) -> list[Site]:
+    return [group] if isinstance(group, Site) else list(group)
+
+
+def model_stream(handle: ModelHandle, batches: Iterable[PackedBatch], pairs: dict[str, tuple[SiteGroup, SiteGroup]],
                  device: str | torch.device = "cpu") -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """Capture every (source, target) site pair with one forward per batch; tensors are moved to
-    `device` (the coders' device), so the model can live on another one."""
-    sites = sorted({s for pair in pairs.values() for s in pair}, key=lambda s: (s.layer, s.kind))
+    """Capture every (source, target) pair with one forward per batch; a list of sites is
+    concatenated along the feature axis (crosscoders, CLTs). Tensors are moved to `device` (the
+    coders' device), so the model can live on another one."""
+    sites = sorted({s for pair in pairs.values() for g in pair for s in _as_list(g)}, key=lambda s: (s.layer, s.kind))
     collector = ActivationCollector(sites, device=device)
     for packed in batches:
         run_capture(handle, packed.input_ids, [collector], attention_mask=packed.attention_mask)
         got = {s: collector.chunks[s].pop() for s in sites}
-        yield {name: (got[src], got[tgt]) for name, (src, tgt) in pairs.items()}
+
+        def cat(group: SiteGroup, got=got) -> torch.Tensor:
+            parts = [got[s] for s in _as_list(group)]
+            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+        yield {name: (cat(src), cat(tgt)) for name, (src, tgt) in pairs.items()}
 
 
 def tensor_stream(source: torch.Tensor, target: torch.Tensor | None = None, *, name: str = "coder",

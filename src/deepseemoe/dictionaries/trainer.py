@@ -22,7 +22,7 @@ scaled so its mean norm is √D_site (estimated on the first full buffer); `fold
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -200,7 +200,8 @@ class CoderTrainer:
                 "l0": float(logged[1]), "dead": float(dead.float().mean())}
 
     def fit(self, stream: Iterable[dict[str, tuple[torch.Tensor, torch.Tensor]]], *, max_steps: int,
-            checkpoint: str | Path | None = None, checkpoint_every: int = 0, progress: bool = False) -> None:
+            checkpoint: str | Path | None = None, checkpoint_every: int = 0, progress: bool = False,
+            on_step: Callable[[list[dict]], None] | None = None) -> None:
         """Consume the stream until `max_steps` optimizer steps; a resumed trainer first skips the
         stream items it had already consumed."""
         iterator: Iterator = iter(stream)
@@ -208,9 +209,13 @@ class CoderTrainer:
             next(iterator)
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+        import time
+
+        start, start_tokens = time.perf_counter(), self.tokens
         with Progress(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("FVU {task.fields[fvu]:.3f} · L0 {task.fields[l0]:.1f}"), disable=not progress) as bar:
-            task = bar.add_task("train", total=max_steps, completed=self.step, fvu=float("nan"), l0=0.0)
+                      TextColumn("{task.fields[tps]:,.0f} tok/s · FVU {task.fields[fvu]:.3f} · L0 {task.fields[l0]:.1f}"),
+                      disable=not progress) as bar:
+            task = bar.add_task("train", total=max_steps, completed=self.step, fvu=float("nan"), l0=0.0, tps=0.0)
             while self.step < max_steps:
                 ready = all(b.fill >= max(self.local_batch, min(self.cfg.buffer_size // 2, self.local_batch))
                             for b in self.buffers.values())
@@ -220,11 +225,15 @@ class CoderTrainer:
                 if ready:
                     if not self.normalized:
                         self._set_scales()
-                    for name, buf in self.buffers.items():
-                        self.metrics.append(self._train_step(name, buf.take(self.local_batch, self.generator)))
+                    step_metrics = [self._train_step(name, buf.take(self.local_batch, self.generator))
+                                    for name, buf in self.buffers.items()]
+                    self.metrics += step_metrics
                     self.step += 1
                     self.tokens += self.cfg.batch_size
-                    bar.update(task, completed=self.step, fvu=self.metrics[-1]["fvu"], l0=self.metrics[-1]["l0"])
+                    tps = (self.tokens - start_tokens) / max(time.perf_counter() - start, 1e-9)
+                    bar.update(task, completed=self.step, fvu=self.metrics[-1]["fvu"], l0=self.metrics[-1]["l0"], tps=tps)
+                    if on_step is not None:
+                        on_step([{**m, "tokens": self.tokens, "tokens_per_s": tps} for m in step_metrics])
                     if checkpoint and checkpoint_every and self.step % checkpoint_every == 0:
                         self.save(checkpoint)
                     continue

@@ -1,0 +1,61 @@
+"""`deepseemoe train CONFIG.yaml` (or one coder from flags)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def train(
+        config: Path = typer.Argument(None, help="Run config (YAML); see README: Dictionaries. Flags override it."),
+        model: str = typer.Option(None, help="Hub id, local folder, or tiny:MODEL_TYPE."),
+        corpus: str = typer.Option(None, help="Local file/folder/glob or hf:DATASET."),
+        out: Path = typer.Option(None, help="Run folder for the dictionaries, metrics and checkpoint."),
+        kind: str = typer.Option("transcoder", help="Without a config: sae, transcoder, skip_transcoder, "
+                                                    "router_transcoder, crosscoder or clt."),
+        layers: str = typer.Option(None, help="Without a config: layer(s), e.g. 3 or 0,1,2 or all."),
+        site: str = typer.Option("resid_out", help="Without a config: the site of an sae / crosscoder."),
+        activation: str = typer.Option("topk", help="Without a config: topk, batchtopk, jumprelu or relu."),
+        k: int = typer.Option(32, help="Without a config: active latents per token (TopK / BatchTopK)."),
+        expansion_factor: int = typer.Option(16, help="Without a config: latents per input dimension."),
+        tokens: int = typer.Option(None, help="Training tokens."),
+        model_device: str = typer.Option(None, help="Device of the model, e.g. cuda:0."),
+        coder_device: str = typer.Option(None, help="Device of the coders and their buffer, e.g. cuda:1."),
+        formats: list[str] = typer.Option(None, "--format", help="Also write saelens, sparsify or circuit_tracer "
+                                                                "files (repeatable)."),
+        resume: bool = typer.Option(False, help="Continue the run in --out from its checkpoint."),
+    ) -> None:
+        """Train sparse dictionaries (SAEs, transcoders, router transcoders, crosscoders, CLTs)."""
+        import yaml
+        from rich.console import Console
+
+        from deepseemoe.dictionaries.run import train_run
+        from deepseemoe.dictionaries.spec import RunSpec
+        from deepseemoe.errors import DeepSeeMoEError
+
+        if config is not None:
+            if not config.exists():
+                raise DeepSeeMoEError(f"config {config} does not exist; pass a YAML run config or use flags")
+            raw = yaml.safe_load(config.read_text()) or {}
+        else:
+            if not layers:
+                raise DeepSeeMoEError("pass a run config, or --layers (with --model, --corpus, --out) for one coder")
+            ls = "all" if layers == "all" else [int(v) for v in layers.split(",")]
+            raw = {"coders": [{"kind": kind, "layers": ls, "site": site, "activation": activation, "k": k,
+                               "expansion_factor": expansion_factor}]}
+        overrides = {"model": model, "corpus": corpus, "out": str(out) if out else None, "tokens": tokens,
+                     "model_device": model_device, "coder_device": coder_device, "formats": formats or None}
+        raw.update({key: v for key, v in overrides.items() if v is not None})
+        spec = RunSpec.from_dict(raw)
+        result = train_run(spec, resume=resume)
+        console = Console()
+        for name, m in result.final.items():
+            console.print(f"  {name}: FVU {m['fvu']:.3f} · L0 {m['l0']:.1f} · dead {m['dead']:.1%}")
+        if result.exhausted:
+            console.print(f"[yellow]the corpus ran out after {result.tokens:,} of {spec.tokens:,} tokens[/]")
+        console.print(f"[green]trained {len(result.final)} coder(s) on {result.tokens:,} tokens in "
+                      f"{result.seconds:.1f}s ({result.tokens / max(result.seconds, 1e-9):,.0f} tok/s) → "
+                      f"{result.out}/dictionaries[/]")

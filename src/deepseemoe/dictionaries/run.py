@@ -1,0 +1,267 @@
+"""`deepseemoe train`: load the model once, stream the corpus through it, train every coder of the
+run config from the same forward passes, and write
+
+    OUT/config.yaml                     the resolved run config
+    OUT/checkpoint.pt                   resumable state (per rank beside it under torchrun)
+    OUT/metrics.jsonl                   one line per coder per optimizer step
+    OUT/dictionaries/NAME/              our format (config.json + coder.safetensors, checksummed)
+    OUT/exports/FORMAT/...              SAELens / sparsify / circuit-tracer files, when asked
+
+Under torchrun every rank loads the model on its own device, reads every world-th batch, and
+rank 0 writes the files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from deepseemoe.capture.core import Site
+from deepseemoe.dictionaries.coder import Coder, build_coder
+from deepseemoe.dictionaries.formats import save_circuit_tracer, save_native, save_saelens, save_sparsify
+from deepseemoe.dictionaries.spec import CoderSpec, RunSpec
+from deepseemoe.dictionaries.stream import model_stream
+from deepseemoe.dictionaries.trainer import CoderTrainer
+from deepseemoe.errors import DeepSeeMoEError
+from deepseemoe.models.spec import ModelHandle
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int
+    tokens: int
+    seconds: float
+    final: dict[str, dict]  # coder name -> last metrics
+    exhausted: bool  # the corpus ran out before the token budget
+
+
+def _init_distributed() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, 0
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def load_for_run(spec: RunSpec, device: str | None) -> ModelHandle:
+    from deepseemoe.models.load import handle_from_model, load_model
+
+    if spec.model.startswith("tiny:"):
+        from deepseemoe.models.tiny import tiny_model
+
+        handle = handle_from_model(tiny_model(spec.model.removeprefix("tiny:")), name=spec.model)
+        handle.model.to(device or "cpu")
+        return handle
+    return load_model(spec.model, dtype=spec.dtype, device=device, trust_remote_code=spec.trust_remote_code)
+
+
+def site_width(handle: ModelHandle, site: Site) -> int:
+    if site.kind == "router_logits":
+        return handle.moe_layers[site.layer].num_experts
+    if site.kind in ("resid_in", "resid_out", "block_in", "block_out"):
+        return int(handle.model.config.hidden_size)
+    raise DeepSeeMoEError(f"site {site.kind} cannot feed a coder; use resid_*, block_* or router_logits")
+
+
+def hook_names(handle: ModelHandle, site: Site) -> dict[str, str]:
+    """The site as a Hugging Face module path, a sparsify hookpoint (relative to the base model)
+    and a TransformerLens hook name."""
+    L = site.layer
+    if site.kind in ("resid_in", "resid_out"):
+        hf = f"{handle.layers_path}.{L}"
+        tl = f"blocks.{L}.hook_resid_{'pre' if site.kind == 'resid_in' else 'post'}"
+    else:
+        moe = handle.moe_layers.get(L)
+        hf = moe.block_path if moe is not None else handle.dense_mlps[L].path
+        if site.kind == "router_logits":
+            hf = moe.router_path or hf
+        tl = {"block_in": f"blocks.{L}.ln2.hook_normalized", "block_out": f"blocks.{L}.hook_mlp_out",
+              "router_logits": f"blocks.{L}.mlp.hook_router_logits"}[site.kind]
+    prefix = getattr(handle.model, "base_model_prefix", "model") + "."
+    return {"hf": hf, "sparsify": hf.removeprefix(prefix), "tl": tl}
+
+
+def _batches(spec: RunSpec, handle: ModelHandle, rank: int, world: int):
+    from deepseemoe.data.sources import TextSource, iter_documents
+    from deepseemoe.data.tokens import pack_documents
+
+    source = TextSource(spec.corpus, field=spec.field, domain_field=spec.domain_field)
+    for i, batch in enumerate(pack_documents(handle.tokenizer, iter_documents(source), ctx_len=spec.ctx_len,
+                                             batch_size=spec.batch_size)):
+        if i % world == rank:
+            yield batch
+
+
+class _Sinks:
+    """metrics.jsonl always; wandb / tensorboard / trackio when asked for and installed."""
+
+    def __init__(self, spec: RunSpec, out: Path, enabled: bool):
+        self.enabled, self.file, self.others = enabled, None, []
+        if not enabled:
+            return
+        self.file = open(out / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
+        for name in spec.log:
+            try:
+                if name == "wandb":
+                    import wandb
+
+                    run = wandb.init(project="deepseemoe", config=spec.to_dict(), dir=str(out))
+                    self.others.append(lambda m, run=run: run.log({f"{m['coder']}/{k}": v for k, v in m.items()
+                                                                   if k != "coder"}, step=m["step"]))
+                elif name == "tensorboard":
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    writer = SummaryWriter(str(out / "tensorboard"))
+                    self.others.append(lambda m, w=writer: [w.add_scalar(f"{m['coder']}/{k}", v, m["step"])
+                                                            for k, v in m.items() if k not in ("coder", "step")])
+                elif name == "trackio":
+                    import trackio
+
+                    trackio.init(project="deepseemoe", config=spec.to_dict())
+                    self.others.append(lambda m: trackio.log({f"{m['coder']}/{k}": v for k, v in m.items()
+                                                              if k != "coder"}))
+                else:
+                    raise DeepSeeMoEError(f"unknown logger {name!r}; choose wandb, tensorboard or trackio")
+            except ImportError:
+                raise DeepSeeMoEError(f"log: {name} is not installed; pip install {name} or drop it from `log`") from None
+
+    def __call__(self, metrics: list[dict]) -> None:
+        if not self.enabled:
+            return
+        for m in metrics:
+            self.file.write(json.dumps(m) + "\n")
+            for sink in self.others:
+                sink(m)
+        self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def export_plan(spec: RunSpec, configs: dict[str, object]) -> dict[str, list[str]]:
+    """Which coders each requested format can hold exactly; the rest are named before training."""
+    from deepseemoe.dictionaries import formats
+
+    plan, skipped = {}, []
+    for fmt in spec.formats:
+        plan[fmt] = []
+        for name, cfg in configs.items():
+            try:
+                if fmt == "saelens":
+                    formats.saelens_architecture(cfg)
+                elif fmt == "sparsify":
+                    formats.check_sparsify(cfg)
+                else:
+                    formats.check_circuit_tracer(cfg)
+                plan[fmt].append(name)
+            except DeepSeeMoEError as e:
+                skipped.append(f"{fmt} skips {name}: {e}")
+    for line in skipped:
+        print(f"note: {line}")
+    return plan
+
+
+def _export(spec: RunSpec, handle: ModelHandle, coders: dict[str, Coder], specs: dict[str, CoderSpec],
+            out: Path, plan: dict[str, list[str]]) -> None:
+    model_name = handle.name
+    for fmt, names in plan.items():
+        per_layer = {}
+        for name in names:
+            coder, cs = coders[name], specs[name]
+            src, tgt = cs.sites()
+            hin, hout = hook_names(handle, src[0]), hook_names(handle, tgt[0])
+            if fmt == "saelens":
+                tc = coder.cfg.is_transcoder
+                save_saelens(coder, out / "exports" / "saelens" / name, hf_hook_name=hin["hf"], hook_name=hin["tl"],
+                             hf_hook_name_out=hout["hf"] if tc else "", hook_name_out=hout["tl"] if tc else "",
+                             model_name=model_name, context_size=spec.ctx_len)
+            elif fmt == "sparsify":
+                save_sparsify(coder, out / "exports" / "sparsify", hin["sparsify"])
+            elif cs.kind == "clt":
+                save_circuit_tracer(coder, out / "exports" / "circuit_tracer" / name, model_name=model_name)
+            else:
+                per_layer[cs.layers[0]] = coder
+        if per_layer:  # circuit-tracer: a set needs a transcoder for every layer 0..L-1
+            if sorted(per_layer) != list(range(len(per_layer))):
+                print(f"note: circuit_tracer transcoder set skipped: layers {sorted(per_layer)} are not 0..L-1")
+            else:
+                save_circuit_tracer(per_layer, out / "exports" / "circuit_tracer" / "transcoder_set",
+                                    model_name=model_name)
+
+
+def train_run(spec: RunSpec, *, resume: bool = False, progress: bool = True) -> TrainResult:
+    import time
+
+    rank, world, local_rank = _init_distributed()
+    cuda = torch.cuda.is_available()
+    model_device = spec.model_device or (f"cuda:{local_rank}" if cuda else "cpu")
+    coder_device = spec.coder_device or model_device
+    spec.train.device = coder_device
+    out = Path(spec.out)
+    ckpt = out / "checkpoint.pt"
+    if resume and not ckpt.exists():
+        raise DeepSeeMoEError(f"nothing to resume: {ckpt} does not exist; run without --resume")
+    if not resume and ckpt.exists():
+        raise DeepSeeMoEError(f"{out} already holds a training run; pass --resume to continue it or choose "
+                              "another --out")
+    from deepseemoe.data.sources import resolve_files
+
+    if not spec.corpus.startswith("hf:"):
+        resolve_files(spec.corpus)  # fail on a bad path before loading the model
+
+    handle = load_for_run(spec, model_device)
+    block_layers = sorted(set(handle.moe_layers) | set(handle.dense_mlps))
+    specs: dict[str, CoderSpec] = {}
+    coders: dict[str, Coder] = {}
+    pairs = {}
+    for cs in spec.coders:
+        cs.resolve_layers(handle.num_layers, block_layers, sorted(handle.moe_layers))
+        src, tgt = cs.sites()
+        torch.manual_seed(spec.train.seed)
+        coders[cs.name] = build_coder(cs.coder_config(site_width(handle, src[0]), site_width(handle, tgt[0])),
+                                      device=coder_device)
+        specs[cs.name], pairs[cs.name] = cs, (src, tgt)
+    plan = export_plan(spec, {n: c.cfg for n, c in coders.items()}) if rank == 0 else {}
+
+    trainer = CoderTrainer(coders, spec.train)
+    if resume:
+        trainer.resume(ckpt)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+    sinks = _Sinks(spec, out, enabled=rank == 0)
+    start = time.perf_counter()
+    try:
+        stream = model_stream(handle, _batches(spec, handle, rank, world), pairs, device=coder_device)
+        trainer.fit(stream, max_steps=spec.max_steps, checkpoint=ckpt, checkpoint_every=spec.checkpoint_every,
+                    progress=progress and rank == 0, on_step=sinks)
+    finally:
+        sinks.close()
+    seconds = time.perf_counter() - start
+    trainer.save(ckpt)
+    final = {}
+    for m in trainer.metrics:
+        final[m["coder"]] = m
+    if rank == 0:
+        for name, coder in coders.items():
+            cs = specs[name]
+            src, tgt = cs.sites()
+            meta = {"model": handle.name, "kind": cs.kind, "layers": cs.layers,
+                    "source": [[s.kind, s.layer] for s in src], "target": [[s.kind, s.layer] for s in tgt],
+                    "hooks_in": [hook_names(handle, s) for s in src], "hooks_out": [hook_names(handle, s) for s in tgt],
+                    "tokens": trainer.tokens, "steps": trainer.step, "final": final.get(name, {}),
+                    "train": spec.train.to_dict()}
+            save_native(coder.eval(), out / "dictionaries" / name, meta=meta)
+        _export(spec, handle, coders, specs, out, plan)
+    return TrainResult(out=out, steps=trainer.step, tokens=trainer.tokens, seconds=seconds, final=final,
+                       exhausted=trainer.step < spec.max_steps)

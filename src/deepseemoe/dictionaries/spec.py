@@ -1,0 +1,157 @@
+"""What to train: the run config of `deepseemoe train` (one YAML file, saved with the results) and
+the (source sites → target sites) each coder reads and writes.
+
+A coder entry names a kind and its layers; the sites follow from the kind unless given:
+
+    sae                source = target = `site` (default resid_out) at one layer
+    transcoder         block_in → block_out at one layer (skip_transcoder: plus x @ W_skipᵀ)
+    router_transcoder  block_in → router_logits at one MoE layer
+    crosscoder         `site` at several layers, concatenated (one dictionary over all of them)
+    clt                block_in at layers i → block_out at layers i..L-1 (default: every block layer)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from dataclasses import field as dc_field
+from pathlib import Path
+
+import yaml
+
+from deepseemoe.capture.core import Site
+from deepseemoe.dictionaries.coder import ACTIVATIONS, CoderConfig
+from deepseemoe.dictionaries.trainer import TrainConfig
+from deepseemoe.errors import DeepSeeMoEError
+
+KINDS = ("sae", "transcoder", "skip_transcoder", "router_transcoder", "crosscoder", "clt")
+FORMATS = ("saelens", "sparsify", "circuit_tracer")
+
+
+@dataclass
+class CoderSpec:
+    kind: str
+    layers: list[int] | str  # or "all"
+    name: str = ""
+    site: str = "resid_out"  # sae / crosscoder
+    activation: str = "topk"
+    k: int = 32
+    expansion_factor: int = 16
+    n_latents: int = 0
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise DeepSeeMoEError(f"unknown coder kind {self.kind!r}; choose from {', '.join(KINDS)}")
+        if self.activation not in ACTIVATIONS:
+            raise DeepSeeMoEError(f"unknown activation {self.activation!r}; choose from {', '.join(ACTIVATIONS)}")
+        if isinstance(self.layers, int):
+            self.layers = [self.layers]
+        if self.layers == "all":  # resolved against the model by `resolve_layers`
+            self.name = self.name or f"{self.kind}_all"
+            return
+        single = self.kind not in ("crosscoder", "clt")
+        if single and len(self.layers) != 1:
+            raise DeepSeeMoEError(f"a {self.kind} reads one layer; got layers {self.layers} (use one entry per layer)")
+        if not self.layers:
+            raise DeepSeeMoEError(f"coder {self.name or self.kind} needs at least one layer")
+        if not self.name:
+            self.name = f"{self.kind}_{'_'.join(map(str, self.layers))}"
+
+    def resolve_layers(self, n_layers: int, block_layers: list[int], moe_layers: list[int]) -> None:
+        """Check the layers against the model; `layers: all` → every layer the kind can read."""
+        if self.kind == "router_transcoder" or self.site == "router_logits":
+            allowed, what = moe_layers, "an MoE block"
+        elif self.kind in ("sae", "crosscoder") and self.site in ("resid_in", "resid_out"):
+            allowed, what = list(range(n_layers)), "a decoder layer"
+        else:
+            allowed, what = block_layers, "an MoE block or MLP"
+        if self.layers == "all":
+            self.layers = list(allowed)
+            self.__post_init__()
+        missing = [layer for layer in self.layers if layer not in allowed]
+        if missing:
+            raise DeepSeeMoEError(f"coder {self.name}: layers {missing} have no {what}; choose from {allowed}")
+
+    def sites(self) -> tuple[list[Site], list[Site]]:
+        L = self.layers
+        if self.kind in ("sae", "crosscoder"):
+            s = [Site(self.site, layer) for layer in L]
+            return s, s
+        if self.kind == "router_transcoder":
+            return [Site("block_in", L[0])], [Site("router_logits", L[0])]
+        return [Site("block_in", layer) for layer in L], [Site("block_out", layer) for layer in L]
+
+    def coder_config(self, d_source: int, d_target: int) -> CoderConfig:
+        """d_source / d_target: the width of one source / target site."""
+        S = len(self.layers)
+        sae_like = self.kind in ("sae", "crosscoder")
+        n_latents = self.n_latents or self.expansion_factor * d_source * S  # a CLT: per layer × layers
+        return CoderConfig(d_in=S * d_source, d_out=None if sae_like else S * d_target, n_latents=n_latents,
+                           activation=self.activation, k=self.k, skip=self.kind == "skip_transcoder",
+                           n_sites=S, cross_layer=self.kind == "clt")
+
+
+@dataclass
+class RunSpec:
+    model: str
+    corpus: str
+    out: str
+    coders: list[CoderSpec]
+    tokens: int = 1_000_000  # training tokens per coder
+    ctx_len: int = 256
+    batch_size: int = 8  # contexts per model forward
+    model_device: str | None = None
+    coder_device: str | None = None
+    dtype: str | None = None
+    field: str = "text"
+    domain_field: str | None = None
+    trust_remote_code: bool = False
+    checkpoint_every: int = 200  # optimizer steps
+    formats: list[str] = dc_field(default_factory=list)
+    train: TrainConfig = dc_field(default_factory=TrainConfig)
+    log: list[str] = dc_field(default_factory=list)  # wandb, tensorboard, trackio (local metrics.jsonl always)
+
+    def __post_init__(self):
+        bad = [f for f in self.formats if f not in FORMATS]
+        if bad:
+            raise DeepSeeMoEError(f"unknown format(s) {bad}; choose from {', '.join(FORMATS)}")
+        names = [c.name for c in self.coders]
+        if len(set(names)) != len(names):
+            raise DeepSeeMoEError(f"coder names must be unique; got {names}")
+        if not self.coders:
+            raise DeepSeeMoEError("the config lists no coders; add at least one under `coders:`")
+
+    @property
+    def max_steps(self) -> int:
+        return max(1, self.tokens // self.train.batch_size)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["coders"] = [asdict(c) for c in self.coders]
+        d["train"] = self.train.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunSpec:
+        d = dict(d)
+        missing = [k for k in ("model", "corpus", "out", "coders") if not d.get(k)]
+        if missing:
+            raise DeepSeeMoEError(f"the run config lacks {', '.join(missing)}; see `deepseemoe train --help`")
+        try:
+            d["coders"] = [CoderSpec(**c) for c in d["coders"]]
+            d["train"] = TrainConfig(**(d.get("train") or {}))
+            return cls(**d)
+        except TypeError as e:
+            raise DeepSeeMoEError(f"bad run config: {e}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> RunSpec:
+        path = Path(path)
+        if not path.exists():
+            raise DeepSeeMoEError(f"config {path} does not exist; write one (see README: Dictionaries)")
+        try:
+            d = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise DeepSeeMoEError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(d, dict):
+            raise DeepSeeMoEError(f"{path} must hold a mapping of settings")
+        return cls.from_dict(d)

@@ -1,0 +1,82 @@
+"""`deepseemoe train`: every kind × activation trains from one config on a tiny OLMoE folder, the
+files load back, exports appear, and a resumed run ends where an uninterrupted one does."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from deepseemoe.cli import app
+from deepseemoe.dictionaries.formats import load_native
+
+KINDS = {"sae": [0], "transcoder": [1], "skip_transcoder": [0], "router_transcoder": [1], "crosscoder": [0, 1],
+         "clt": "all"}
+ACTIVATIONS = ["topk", "batchtopk", "jumprelu", "relu"]
+
+
+@pytest.fixture(scope="module")
+def big_corpus(tmp_path_factory, corpus_jsonl):
+    path = tmp_path_factory.mktemp("train_corpus") / "docs.jsonl"
+    lines = corpus_jsonl.read_text().splitlines()
+    path.write_text("\n".join(lines * 40) + "\n")
+    return path
+
+
+def run(args):
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_every_kind_and_activation_trains_from_one_config(tmp_path, tiny_olmoe_dir, big_corpus):
+    coders = [{"kind": kind, "layers": layers, "activation": act, "k": 4, "expansion_factor": 2,
+               "name": f"{kind}_{act}"} for kind, layers in KINDS.items() for act in ACTIVATIONS]
+    config = {"model": str(tiny_olmoe_dir), "corpus": str(big_corpus), "out": str(tmp_path / "run"), "coders": coders,
+              "tokens": 3072, "ctx_len": 32, "batch_size": 8, "checkpoint_every": 4,
+              "formats": ["saelens", "sparsify", "circuit_tracer"],
+              "train": {"batch_size": 256, "buffer_size": 512, "lr": 3e-3, "sparsity_coef": 1e-3}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    output = run(["train", str(tmp_path / "run.yaml")])
+    assert "trained 24 coder(s)" in output
+    out = tmp_path / "run"
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 24 * 12
+    for c in coders:
+        curve = [m["fvu"] for m in metrics if m["coder"] == c["name"]]
+        assert len(curve) == 12 and all(v == v for v in curve), c["name"]  # no NaN
+        coder, meta = load_native(out / "dictionaries" / c["name"])
+        assert coder.cfg.kind == c["kind"].replace("router_transcoder", "transcoder") and meta["steps"] == 12
+    clt, meta = load_native(out / "dictionaries" / "clt_relu")
+    assert clt.cfg.n_sites == 2 and meta["source"] == [["block_in", 0], ["block_in", 1]]
+    # exports: SAELens for what it can express, sparsify for single-site TopK, circuit-tracer CLTs
+    assert (out / "exports" / "saelens" / "router_transcoder_jumprelu" / "cfg.json").exists()
+    assert not (out / "exports" / "saelens" / "transcoder_topk").exists()  # SAELens has no TopK transcoder
+    assert (out / "exports" / "sparsify" / "layers.0" / "sae.safetensors").exists()
+    assert (out / "exports" / "circuit_tracer" / "clt_batchtopk" / "W_dec_1.safetensors").exists()
+    assert yaml.safe_load((out / "config.yaml").read_text())["tokens"] == 3072
+
+
+def test_resume_from_the_cli_matches_an_uninterrupted_run(tmp_path, tiny_olmoe_dir, big_corpus):
+    base = ["train", "--model", str(tiny_olmoe_dir), "--corpus", str(big_corpus), "--kind", "skip_transcoder",
+            "--layers", "1", "--k", "4", "--expansion-factor", "2"]
+
+    def cfg(out, tokens):
+        (tmp_path / f"{out}.yaml").write_text(yaml.safe_dump({
+            "coders": [{"kind": "skip_transcoder", "layers": [1], "k": 4, "expansion_factor": 2}],
+            "ctx_len": 32, "checkpoint_every": 2, "train": {"batch_size": 128, "buffer_size": 256, "lr": 3e-3}}))
+        return [str(tmp_path / f"{out}.yaml"), "--model", str(tiny_olmoe_dir), "--corpus", str(big_corpus),
+                "--out", str(tmp_path / out), "--tokens", str(tokens)]
+
+    run(["train", *cfg("straight", 1280)])
+    run(["train", *cfg("split", 640)])  # "killed" after 5 steps, its checkpoint on disk
+    run(["train", *cfg("split", 1280), "--resume"])
+    a, _ = load_native(tmp_path / "straight" / "dictionaries" / "skip_transcoder_1")
+    b, _ = load_native(tmp_path / "split" / "dictionaries" / "skip_transcoder_1")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name
+    result = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "straight")])
+    assert result.exit_code != 0 and "--resume" in str(result.exception or result.output)
