@@ -15,7 +15,6 @@ from deepseemoe.capture.core import Site, run_capture
 from deepseemoe.data.tokens import PackedBatch
 from deepseemoe.models.spec import ModelHandle
 
-
 SiteGroup = Site | Sequence[Site]
 
 

@@ -207,9 +207,9 @@ class CoderTrainer:
         iterator: Iterator = iter(stream)
         for _ in range(self.items_consumed):
             next(iterator)
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
         import time
+
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
         start, start_tokens = time.perf_counter(), self.tokens
         with Progress(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
