@@ -1,0 +1,35 @@
+"""`deepseemoe evaluate RUN_DIR`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def evaluate(
+        run_dir: Path = typer.Argument(..., help="The --out folder of `deepseemoe train`."),
+        corpus: str = typer.Option(None, help="Held-out text (default: the training corpus, which is not held out)."),
+        tokens: int = typer.Option(20_000, help="Evaluation tokens."),
+        batch_size: int = typer.Option(8, help="Contexts per forward pass."),
+        device: str = typer.Option(None, help="Device for the model and coders (default: the run's)."),
+    ) -> None:
+        """FVU, L0, dead/dense latents, spliced ΔCE / KL / loss recovered, routing preserved."""
+        from rich.console import Console
+        from rich.table import Table
+
+        from deepseemoe.dictionaries.evaluate import evaluate_run
+
+        doc = evaluate_run(run_dir, corpus=corpus, tokens=tokens, batch_size=batch_size, device=device)
+        table = Table(title=f"{doc['tokens']:,} tokens of {doc['corpus']}")
+        cols = ["fvu", "l0", "dead", "dense", "delta_ce", "kl", "loss_recovered", "routing_preserved"]
+        table.add_column("coder")
+        for c in cols:
+            table.add_column(c, justify="right")
+        for name, r in doc["coders"].items():
+            table.add_row(name, *[f"{r[c]:.3f}" if c in r else "—" for c in cols])
+        console = Console()
+        console.print(table)
+        console.print(f"[green]→ {run_dir / 'evaluation.json'}[/] (FVU: {doc['fvu_normalisation']})")

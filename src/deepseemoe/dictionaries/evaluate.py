@@ -1,0 +1,279 @@
+"""`deepseemoe evaluate RUN_DIR`: how good are the trained dictionaries, on text they did not see.
+
+Per coder, over the evaluation tokens (BOS and padding excluded everywhere):
+- fvu: Σ‖y − ŷ‖² / Σ‖y − ȳ‖² per target site, ȳ the mean over all evaluation tokens, averaged
+  over the coder's sites (the training loss uses the same definition per batch);
+- l0 (mean active latents per token), dead (never fired) and dense (fired on > 10 % of tokens);
+- spliced next-token loss: the model runs with the target site replaced by the reconstruction
+  (residual SAE: decoder-layer output; block transcoder: MoE block output; CLT: every block
+  output, each from the latents of its layer and the layers before), against the clean model:
+  ce_clean, ce_spliced, delta_ce, kl (clean ‖ spliced, nats per token), and loss_recovered =
+  (ce_zero − ce_spliced) / (ce_zero − ce_clean) with the site zero-ablated;
+- MoE: routing_preserved — mean top-k set overlap, |clean ∩ spliced| / k, at every MoE layer after
+  the spliced site; for a router transcoder, the top-k of its reconstructed logits against the
+  router's own; per_expert_fvu of block transcoders: tokens grouped by their top-1 expert, each
+  group's FVU against its own mean.
+A crosscoder reads several layers at once and cannot be spliced into one forward: FVU etc. only.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import yaml
+
+from deepseemoe.capture.core import Site, token_mask
+from deepseemoe.dictionaries.coder import Coder
+from deepseemoe.dictionaries.formats import load_native
+from deepseemoe.dictionaries.spec import RunSpec
+from deepseemoe.dictionaries.stream import model_stream
+from deepseemoe.errors import DeepSeeMoEError
+from deepseemoe.models.spec import ModelHandle
+
+DENSE_FRACTION = 0.10
+
+
+def _first(x):
+    return x[0] if isinstance(x, tuple) else x
+
+
+def _replace_first(out, new):
+    return (new, *out[1:]) if isinstance(out, tuple) else new
+
+
+class _Splice:
+    """Hooks that replace a coder's target site(s) with its reconstruction (or zeros), on the kept
+    tokens only; `routing` collects the experts chosen at MoE layers after the site."""
+
+    def __init__(self, handle: ModelHandle, coder: Coder, meta: dict, keep: torch.Tensor, mode: str):
+        self.handle, self.coder, self.meta, self.keep, self.mode = handle, coder, meta, keep, mode
+        self.hooks: list = []
+        self.latents: dict[int, torch.Tensor] = {}
+        self.routing: dict[int, torch.Tensor] = {}
+        self.source = [Site(k, layer) for k, layer in meta["source"]]
+        self.target = [Site(k, layer) for k, layer in meta["target"]]
+
+    def _module(self, site: Site):
+        if site.kind in ("resid_in", "resid_out"):
+            return self.handle.layers[site.layer]
+        moe = self.handle.moe_layers.get(site.layer)
+        return moe.block if moe is not None else self.handle.dense_mlps[site.layer].module
+
+    def _rewrite(self, flat: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        new = flat.clone()
+        k = self.keep.to(flat.device)
+        new[k] = (torch.zeros_like(recon) if self.mode == "zero" else recon).to(flat.dtype)[k]
+        return new
+
+    def install(self) -> None:
+        c, kind = self.coder, self.meta["kind"]
+        dev = c.b_dec.device
+        if kind == "sae":
+            site = self.target[0]
+            if site.kind != "resid_out":
+                raise DeepSeeMoEError(f"splicing an SAE on {site.kind} is not supported; evaluate resid_out SAEs")
+
+            def hook(module, args, out):
+                h = _first(out)
+                flat = h.reshape(-1, h.shape[-1])
+                recon = c(flat.to(dev, torch.float32)).out.to(flat.device)
+                return _replace_first(out, self._rewrite(flat, recon).view_as(h))
+
+            self.hooks.append(self._module(site).register_forward_hook(hook))
+        elif kind in ("transcoder", "skip_transcoder", "clt"):
+            S = len(self.source)
+            D = c.cfg.d_in // S
+            width_out = c.cfg.out_dim // S
+            for i, site in enumerate(self.source):
+                def pre(module, args, kwargs, i=i):
+                    x = args[0] if args else kwargs["hidden_states"]
+                    self.latents[i] = x.reshape(-1, x.shape[-1]).to(dev, torch.float32)
+                self.hooks.append(self._module(site).register_forward_pre_hook(pre, with_kwargs=True))
+            for j, site in enumerate(self.target):
+                def post(module, args, out, j=j):
+                    h = _first(out)
+                    flat = h.reshape(-1, h.shape[-1])
+                    if S == 1:
+                        recon = c(self.latents[0]).out
+                    else:  # CLT: the source layers seen so far, the rest zero (they only write to later layers)
+                        x = torch.zeros(flat.shape[0], S * D, device=dev)
+                        for i in range(j + 1):
+                            x[:, i * D:(i + 1) * D] = self.latents[i]
+                        recon = c(x).out[:, j * width_out:(j + 1) * width_out]
+                    return _replace_first(out, self._rewrite(flat, recon.to(flat.device)).view_as(h))
+                self.hooks.append(self._module(site).register_forward_hook(post))
+        else:
+            raise DeepSeeMoEError(f"a {kind} cannot be spliced into one forward")
+        after = max(s.layer for s in self.target)
+        for layer, moe in self.handle.moe_layers.items():
+            if layer > after:
+                self.hooks += moe.adapter.observe(moe, lambda ev, layer=layer: self.routing.__setitem__(layer, ev.idx))
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks.clear()
+
+
+def _observe_routing(handle: ModelHandle) -> tuple[dict[int, torch.Tensor], list]:
+    got: dict[int, torch.Tensor] = {}
+    hooks = []
+    for layer, moe in handle.moe_layers.items():
+        hooks += moe.adapter.observe(moe, lambda ev, layer=layer: got.__setitem__(layer, ev.idx))
+    return got, hooks
+
+
+def _topk_overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[T, K] × [T, K] expert ids → [T] |a ∩ b| / K."""
+    return (a[:, :, None] == b[:, None, :]).any(-1).float().mean(-1)
+
+
+def _next_token_stats(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                      clean_logp: torch.Tensor | None = None) -> tuple[float, float, int]:
+    """Σ CE and Σ KL(clean ‖ this) over positions whose next token is real; and their count."""
+    logp = torch.log_softmax(logits[:, :-1].float(), -1)
+    valid = mask[:, 1:].bool() & mask[:, :-1].bool()
+    ce = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    kl = 0.0
+    if clean_logp is not None:
+        kl = float((clean_logp.exp() * (clean_logp - logp)).sum(-1)[valid].sum())
+    return float(ce[valid].sum()), kl, int(valid.sum())
+
+
+@torch.no_grad()
+def evaluate_run(run_dir: str | Path, *, corpus: str | None = None, tokens: int = 20_000, batch_size: int = 8,
+                 device: str | None = None, progress: bool = True) -> dict:
+    from rich.progress import track
+
+    from deepseemoe.data.sources import TextSource, iter_documents
+    from deepseemoe.data.tokens import pack_documents
+    from deepseemoe.dictionaries.run import load_for_run
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise DeepSeeMoEError(f"{run_dir} is not a training run (no config.yaml); pass the --out of `deepseemoe train`")
+    spec = RunSpec.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    coder_device = device or spec.coder_device or "cpu"
+    handle = load_for_run(spec, device or spec.model_device)
+    coders: dict[str, tuple[Coder, dict]] = {}
+    for folder in sorted((run_dir / "dictionaries").glob("*")):
+        coder, meta = load_native(folder, device=coder_device)
+        coders[folder.name] = (coder, meta)
+    if not coders:
+        raise DeepSeeMoEError(f"{run_dir}/dictionaries holds no trained coders; run `deepseemoe train` first")
+
+    source = TextSource(corpus or spec.corpus, field=spec.field, domain_field=spec.domain_field)
+    batches = list(pack_documents(handle.tokenizer, iter_documents(source), ctx_len=spec.ctx_len,
+                                  batch_size=batch_size, max_tokens=tokens))
+    pairs = {name: ([Site(k, la) for k, la in m["source"]], [Site(k, la) for k, la in m["target"]])
+             for name, (_, m) in coders.items()}
+    extra_routing = {name: Site("routing", m["layers"][0]) for name, (_, m) in coders.items()
+                     if m["kind"] in ("transcoder", "skip_transcoder") and m["layers"][0] in handle.moe_layers}
+    acc: dict[str, dict] = defaultdict(lambda: defaultdict(float))
+    bos = getattr(handle.tokenizer, "bos_token_id", None)
+    model_device = next(handle.model.parameters()).device
+    for packed in track(batches, description="evaluating", disable=not progress):
+        ids, am = packed.input_ids.to(model_device), packed.attention_mask.to(model_device)
+        keep = token_mask(ids, am, bos, exclude_bos=True)
+        # reconstruction quality on the kept tokens, one forward for all coders
+        items = next(model_stream(handle, [packed], {**pairs, **{f"@{n}": (s, s) for n, s in extra_routing.items()}},
+                                  device=coder_device))
+        for name, (coder, meta) in coders.items():
+            x, y = items[name]
+            out = coder(x.float())
+            a = acc[name]
+            for b_i, b in enumerate(coder.site_slices()):
+                a[f"res{b_i}"] += float((y[:, b] - out.out[:, b]).pow(2).sum())
+                a[f"sq{b_i}"] += float(y[:, b].double().pow(2).sum())
+                a.setdefault(f"sum{b_i}", torch.zeros(b.stop - b.start, dtype=torch.float64))
+                a[f"sum{b_i}"] += y[:, b].double().sum(0).cpu()
+            a["n"] += y.shape[0]
+            lat = out.latents
+            a["l0"] += float((lat > 0).sum())
+            a.setdefault("fires", torch.zeros(lat.shape[1], dtype=torch.float64))
+            a["fires"] += (lat > 0).sum(0).double().cpu()
+            if meta["target"][0][0] == "router_logits":
+                k = handle.moe_layers[meta["layers"][0]].top_k
+                a["route_agree"] += float(_topk_overlap(y.topk(k).indices, out.out.topk(k).indices).sum())
+            if name in extra_routing:
+                top1 = items[f"@{name}"][0][:, 0].long().cpu()
+                err = (y - out.out).pow(2).sum(1).double().cpu()
+                a.setdefault("exp_res", defaultdict(float))
+                a.setdefault("exp_y", defaultdict(list))
+                for e in top1.unique().tolist():
+                    sel = top1 == e
+                    a["exp_res"][e] += float(err[sel].sum())
+                    a["exp_y"][e].append(y[sel.to(y.device)].double().cpu())
+        # spliced loss
+        clean_routing, hooks = _observe_routing(handle)
+        try:
+            clean_logits = handle.model(input_ids=ids, attention_mask=am, use_cache=False).logits
+        finally:
+            for h in hooks:
+                h.remove()
+        clean_logp = torch.log_softmax(clean_logits[:, :-1].float(), -1)
+        ce, _, n = _next_token_stats(clean_logits, ids, am)
+        for name, (coder, meta) in coders.items():
+            a = acc[name]
+            if meta["kind"] not in ("sae", "transcoder", "skip_transcoder", "clt") or \
+                    (meta["kind"] == "sae" and meta["target"][0][0] != "resid_out"):
+                continue
+            a["ce_clean"] += ce
+            a["n_next"] += n
+            for mode in ("recon", "zero"):
+                splice = _Splice(handle, coder, meta, keep, mode)
+                splice.install()
+                try:
+                    logits = handle.model(input_ids=ids, attention_mask=am, use_cache=False).logits
+                finally:
+                    splice.remove()
+                ce_s, kl_s, _ = _next_token_stats(logits, ids, am, clean_logp if mode == "recon" else None)
+                a[f"ce_{mode}"] += ce_s
+                if mode == "recon":
+                    a["kl"] += kl_s
+                    for layer, idx in splice.routing.items():
+                        k_mask = keep.to(idx.device)
+                        a["rp_sum"] += float(_topk_overlap(clean_routing[layer][k_mask], idx[k_mask]).sum())
+                        a["rp_n"] += int(k_mask.sum())
+    return _summarise(run_dir, coders, acc, corpus or spec.corpus, sum(b.num_tokens for b in batches))
+
+
+def _summarise(run_dir: Path, coders: dict, acc: dict, corpus: str, n_tokens: int) -> dict:
+    results = {}
+    for name, (coder, meta) in coders.items():
+        a = acc[name]
+        n = a["n"]
+        fvus = []
+        for b_i in range(coder.cfg.n_sites):
+            var = a[f"sq{b_i}"] - float(a[f"sum{b_i}"].pow(2).sum()) / n
+            fvus.append(a[f"res{b_i}"] / max(var, 1e-30))
+        fires = a["fires"] / n
+        r = {"kind": meta["kind"], "layers": meta["layers"], "activation": coder.cfg.activation,
+             "n_latents": coder.cfg.n_latents, "tokens": int(n), "fvu": sum(fvus) / len(fvus),
+             "fvu_per_site": fvus, "l0": a["l0"] / n, "dead": float((fires == 0).double().mean()),
+             "dense": float((fires > DENSE_FRACTION).double().mean())}
+        if a.get("n_next"):
+            ce_c, ce_r, ce_z = (a[f"ce_{m}"] / a["n_next"] for m in ("clean", "recon", "zero"))
+            r.update(ce_clean=ce_c, ce_spliced=ce_r, ce_zero=ce_z, delta_ce=ce_r - ce_c, kl=a["kl"] / a["n_next"],
+                     loss_recovered=(ce_z - ce_r) / (ce_z - ce_c) if ce_z != ce_c else float("nan"))
+            if a.get("rp_n"):
+                r["routing_preserved"] = a["rp_sum"] / a["rp_n"]
+        if "route_agree" in a:
+            r["routing_preserved"] = a["route_agree"] / n
+        if "exp_res" in a:
+            per = {}
+            for e, res in sorted(a["exp_res"].items()):
+                y = torch.cat(a["exp_y"][e])
+                var = float((y - y.mean(0)).pow(2).sum())
+                per[str(e)] = res / var if var > 0 and len(y) > 1 else float("nan")
+            r["per_expert_fvu"] = per
+        results[name] = r
+    doc = {"corpus": corpus, "tokens": n_tokens,
+           "fvu_normalisation": "per site: sum of squared error / sum of squared deviation from the mean over "
+                                "the evaluation tokens; averaged over sites", "coders": results}
+    from deepseemoe.routing.store import atomic_write_json
+
+    atomic_write_json(run_dir / "evaluation.json", doc)
+    return doc
