@@ -36,9 +36,10 @@ constraints=$(mktemp)
 $PY -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$constraints"
 "${PIP[@]}" -c "$constraints" -e ".${extras}"
 if [[ -n "$extras" ]]; then
-    # circuit-tracer pins transformers<=4.57; its transcoder loaders (all the tests use) need none of
-    # that, so it goes in without its dependencies.
-    "${PIP[@]}" --no-deps "circuit-tracer==0.5.0"
+    # circuit-tracer pins transformers<=4.57 and delphi requires vLLM; the loaders the tests use need
+    # neither, so both go in without their dependencies, plus what their loader modules import.
+    "${PIP[@]}" --no-deps "circuit-tracer==0.5.0" "eai-delphi==0.1.3"
+    "${PIP[@]}" -c "$constraints" asyncer orjson faiss-cpu sentence-transformers blobfile fire aiofiles
 fi
 rm -f "$constraints"
 

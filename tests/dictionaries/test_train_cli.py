@@ -134,3 +134,51 @@ def test_evaluate_after_training_covers_every_spliceable_kind(tmp_path, tiny_olm
     assert 0 <= doc["router_transcoder_1"]["routing_preserved"] <= 1
     assert "delta_ce" not in doc["crosscoder_0_1"]
     assert set(doc["transcoder_1"]["per_expert_fvu"]) <= {str(e) for e in range(64)}
+
+
+def test_latent_cache_loads_in_delphi(tmp_path, tiny_olmoe_dir, big_corpus):
+    """delphi's own TensorBuffer reads our splits; every (context, position, latent, value) equals
+    the coder's encoding of the block input captured independently with a forward hook."""
+    from delphi.latents.loader import TensorBuffer
+
+    from deepseemoe.data.sources import TextSource, iter_documents
+    from deepseemoe.data.tokens import pack_documents
+    from deepseemoe.models.load import load_model
+
+    config = {"model": str(tiny_olmoe_dir), "corpus": str(big_corpus), "out": str(tmp_path / "run"), "ctx_len": 32,
+              "tokens": 512, "coders": [{"kind": "transcoder", "layers": [1], "k": 4, "expansion_factor": 2,
+                                         "name": "tc"}], "train": {"batch_size": 128, "buffer_size": 256}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    run(["train", str(tmp_path / "run.yaml")])
+    run(["latents", str(tmp_path / "run"), "--tokens", "300", "--n-splits", "3", "--batch-size", "4"])
+    folder = tmp_path / "run" / "latents" / "tc"
+    locs, acts = [], []
+    files = sorted(folder.glob("*.safetensors"), key=lambda p: int(p.stem.split("_")[0]))
+    assert len(files) == 3
+    for f in files:
+        loc, act, tokens = TensorBuffer(str(f), "tc").load()
+        locs.append(loc)
+        acts.append(act)
+    locs, acts = torch.cat(locs), torch.cat(acts)
+
+    coder, _ = load_native(tmp_path / "run" / "dictionaries" / "tc")
+    handle = load_model(str(tiny_olmoe_dir))
+    batches = list(pack_documents(handle.tokenizer, iter_documents(TextSource(str(big_corpus))), ctx_len=32,
+                                  batch_size=4, max_tokens=300))
+    ids = torch.cat([b.input_ids for b in batches])
+    assert torch.equal(tokens, ids)
+    seen = []
+    hook = handle.moe_layers[1].block.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    with torch.no_grad():
+        for b in batches:
+            handle.model(input_ids=b.input_ids, attention_mask=b.attention_mask)
+    hook.remove()
+    x = torch.cat(seen)  # [contexts, S, D]
+    with torch.no_grad():
+        expected = coder.encode(x.reshape(-1, x.shape[-1])).view(x.shape[0], x.shape[1], -1)
+    real = torch.cat([b.attention_mask for b in batches]).bool() & (ids != handle.tokenizer.bos_token_id)
+    expected = expected * real[..., None]
+    got = torch.zeros_like(expected)
+    got[locs[:, 0], locs[:, 1], locs[:, 2]] = acts.float()
+    torch.testing.assert_close(got, expected, atol=2e-3, rtol=1e-3)  # delphi stores float16
+    assert int((expected > 0).sum()) == len(acts)
