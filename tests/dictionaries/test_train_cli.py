@@ -182,3 +182,43 @@ def test_latent_cache_loads_in_delphi(tmp_path, tiny_olmoe_dir, big_corpus):
     got[locs[:, 0], locs[:, 1], locs[:, 2]] = acts.float()
     torch.testing.assert_close(got, expected, atol=2e-3, rtol=1e-3)  # delphi stores float16
     assert int((expected > 0).sum()) == len(acts)
+
+
+def test_activation_cache_trains_the_same_coder_without_the_model(tmp_path, tiny_olmoe_dir, big_corpus):
+    """Run 1 captures while training; run 2, with the model's weights replaced by noise, reads the
+    cache and ends with identical weights; a damaged shard and a cache of other settings are refused."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_olmoe_dir, model)
+    cache = tmp_path / "acts"
+
+    def cfg(out, **extra):
+        (tmp_path / f"{out}.yaml").write_text(yaml.safe_dump({
+            "model": str(model), "corpus": str(big_corpus), "out": str(tmp_path / out), "ctx_len": 32,
+            "tokens": 1024, "activation_cache": str(cache), "coders": [
+                {"kind": "clt", "layers": "all", "k": 4, "expansion_factor": 2, "name": "clt"},
+                {"kind": "sae", "layers": [1], "k": 4, "expansion_factor": 2, "name": "sae"}],
+            "train": {"batch_size": 128, "buffer_size": 256, "lr": 3e-3}, **extra}))
+        return str(tmp_path / f"{out}.yaml")
+
+    run(["train", cfg("first")])
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["complete"] and sum(s["tokens"] for s in manifest["shards"]) >= 1024
+    # other weights: only the cache can reproduce run 1's activations
+    from safetensors.torch import load_file, save_file
+
+    for f in model.glob("*.safetensors"):
+        save_file({k: torch.randn_like(v) for k, v in load_file(f).items()}, f, metadata={"format": "pt"})
+    run(["train", cfg("third")])
+    for name in ("clt", "sae"):
+        a, _ = load_native(tmp_path / "first" / "dictionaries" / name)
+        b, _ = load_native(tmp_path / "third" / "dictionaries" / name)
+        for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+            assert torch.equal(x, y), (name, k)
+    result = CliRunner().invoke(app, ["train", cfg("fourth", ctx_len=16)])
+    assert result.exit_code != 0 and "other settings (ctx_len)" in str(result.exception)
+    shard = cache / manifest["shards"][0]["file"]
+    shard.write_bytes(shard.read_bytes()[:-8] + b"\0" * 8)
+    result = CliRunner().invoke(app, ["train", cfg("fifth")])
+    assert result.exit_code != 0 and "checksum" in str(result.exception)

@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from deepseemoe.capture.core import Site
+from deepseemoe.dictionaries.activation_cache import ActivationCacheWriter, cache_state, cached_stream
 from deepseemoe.dictionaries.coder import Coder, build_coder
 from deepseemoe.dictionaries.formats import save_circuit_tracer, save_native, save_saelens, save_sparsify
 from deepseemoe.dictionaries.spec import CoderSpec, RunSpec
@@ -241,10 +242,23 @@ def train_run(spec: RunSpec, *, resume: bool = False, progress: bool = True) -> 
         (out / "config.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
     sinks = _Sinks(spec, out, enabled=rank == 0)
     start = time.perf_counter()
+    writer = None
     try:
-        stream = model_stream(handle, _batches(spec, handle, rank, world), pairs, device=coder_device)
+        if spec.activation_cache and world > 1:
+            raise DeepSeeMoEError("activation_cache works with one process; drop it or run without torchrun")
+        state = cache_state(spec.activation_cache, spec.cache_key()) if spec.activation_cache else "missing"
+        if state == "complete":
+            stream = cached_stream(spec.activation_cache, pairs, device=coder_device)
+        else:
+            if spec.activation_cache:
+                sites = sorted({s for g in pairs.values() for grp in g for s in grp}, key=lambda s: (s.layer, s.kind))
+                writer = ActivationCacheWriter(spec.activation_cache, spec.cache_key(), sites)
+            stream = model_stream(handle, _batches(spec, handle, rank, world), pairs, device=coder_device,
+                                  on_capture=writer.add if writer else None)
         trainer.fit(stream, max_steps=spec.max_steps, checkpoint=ckpt, checkpoint_every=spec.checkpoint_every,
                     progress=progress and rank == 0, on_step=sinks)
+        if writer is not None:
+            writer.close()
     finally:
         sinks.close()
     seconds = time.perf_counter() - start

@@ -109,6 +109,12 @@ class RunSpec:
     formats: list[str] = dc_field(default_factory=list)
     train: TrainConfig = dc_field(default_factory=TrainConfig)
     log: list[str] = dc_field(default_factory=list)  # wandb, tensorboard, trackio (local metrics.jsonl always)
+    activation_cache: str | None = None  # folder: written on the first run, read (no model forward) after
+
+    def cache_key(self) -> dict:
+        sites = sorted({f"{s.kind}@{s.layer}" for c in self.coders for g in c.sites() for s in g})
+        return {"model": self.model, "corpus": self.corpus, "ctx_len": self.ctx_len, "batch_size": self.batch_size,
+                "dtype": self.dtype, "field": self.field, "sites": sites}
 
     def __post_init__(self):
         bad = [f for f in self.formats if f not in FORMATS]

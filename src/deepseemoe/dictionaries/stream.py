@@ -6,7 +6,7 @@ Shapes: each item is {coder name: (source [T, D_in], target [T, D_out])}, T = ke
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -23,15 +23,19 @@ def _as_list(group: SiteGroup) -> list[Site]:
 
 
 def model_stream(handle: ModelHandle, batches: Iterable[PackedBatch], pairs: dict[str, tuple[SiteGroup, SiteGroup]],
-                 device: str | torch.device = "cpu") -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+                 device: str | torch.device = "cpu", on_capture: Callable[[dict[Site, torch.Tensor]], None] | None = None
+                 ) -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """Capture every (source, target) pair with one forward per batch; a list of sites is
     concatenated along the feature axis (crosscoders, CLTs). Tensors are moved to `device` (the
-    coders' device), so the model can live on another one."""
+    coders' device), so the model can live on another one. `on_capture` sees each batch's raw
+    site tensors (the activation cache writer)."""
     sites = sorted({s for pair in pairs.values() for g in pair for s in _as_list(g)}, key=lambda s: (s.layer, s.kind))
     collector = ActivationCollector(sites, device=device)
     for packed in batches:
         run_capture(handle, packed.input_ids, [collector], attention_mask=packed.attention_mask)
         got = {s: collector.chunks[s].pop() for s in sites}
+        if on_capture is not None:
+            on_capture(got)
 
         def cat(group: SiteGroup, got=got) -> torch.Tensor:
             parts = [got[s] for s in _as_list(group)]
