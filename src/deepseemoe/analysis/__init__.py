@@ -1,0 +1,1 @@
+"""Analyses that pair routing observations with causal checks (issue: features ↔ experts, MoE vs dense)."""

@@ -1,0 +1,76 @@
+"""`deepseemoe ablate MODEL --data SOURCE --out DIR`: causal checks of experts and routers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def ablate(
+        model: str = typer.Argument(..., help="Hub id, local folder, or tiny:MODEL_TYPE."),
+        data: str = typer.Option(..., "--data", help="Held-out text: file/folder/glob or hf:DATASET."),
+        out: Path = typer.Option(..., "--out", help="Folder for ablation.json and figures."),
+        tokens: int = typer.Option(20_000, help="Held-out tokens."),
+        ctx_len: int = typer.Option(256, help="Context length."),
+        batch_size: int = typer.Option(8, help="Contexts per forward pass."),
+        layers: str = typer.Option(None, help="MoE layers to ablate in, e.g. 0,3 (default: all)."),
+        experts: str = typer.Option(None, help="Experts to ablate, e.g. 0,1,2 (default: all)."),
+        domain_field: str = typer.Option("domain", help="Field holding each document's domain label."),
+        device: str = typer.Option(None, help="Device for the model."),
+        dtype: str = typer.Option(None, help="float32, bfloat16 or float16."),
+        seed: int = typer.Option(0, help="Seed of the random controls and random routing."),
+    ) -> None:
+        """Expert ablation/exclusion vs load-matched controls, top-r sweep, top-1 and random routing per layer."""
+        from rich.console import Console
+        from rich.table import Table
+
+        from deepseemoe.analysis.causal import run_causal_checks
+        from deepseemoe.analysis.figures import causal_figures
+        from deepseemoe.data.sources import TextSource, iter_documents, resolve_files
+        from deepseemoe.data.tokens import pack_documents
+        from deepseemoe.errors import DeepSeeMoEError
+        from deepseemoe.models.load import handle_from_model, load_model
+        from deepseemoe.routing.store import atomic_write_json
+
+        if not data.startswith("hf:"):
+            resolve_files(data)
+        if model.startswith("tiny:"):
+            from deepseemoe.models.tiny import tiny_model
+
+            handle = handle_from_model(tiny_model(model.removeprefix("tiny:")), name=model)
+        else:
+            handle = load_model(model, dtype=dtype, device=device)
+        if not handle.is_moe:
+            raise DeepSeeMoEError(f"{model} has no MoE layers to ablate")
+        source = TextSource(data, domain_field=domain_field)
+        batches = list(pack_documents(handle.tokenizer, iter_documents(source), ctx_len=ctx_len,
+                                      batch_size=batch_size, max_tokens=tokens))
+
+        def parse(s: str | None) -> list[int] | None:
+            return [int(v) for v in s.split(",")] if s else None
+
+        result = run_causal_checks(handle, batches, layers=parse(layers), experts=parse(experts), seed=seed)
+        result["model"] = handle.name
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "ablation.json", result)
+        figures = causal_figures(result, out / "figures")
+        table = Table(title=f"ΔCE (nats/token) on {result['tokens']:,} held-out tokens")
+        for c in ("layer", "random routing", "top-1 only", "max expert ablation", "its control",
+                  "ρ(load, ΔCE)"):
+            table.add_column(c, justify="right")
+        corr = {c["layer"]: c for c in result["observational_vs_causal"]}
+        for r in result["layers"]:
+            mine = [e for e in result["experts"] if e["layer"] == r["layer"]]
+            worst = max(mine, key=lambda e: e["ablate_delta_ce"]) if mine else None
+            table.add_row(str(r["layer"]), f"{r['random_routing_delta_ce']:.4f}", f"{r['top1_only_delta_ce']:.4f}",
+                          f"{worst['ablate_delta_ce']:.4f} (E{worst['expert']})" if worst else "—",
+                          f"{worst['control_delta_ce']:.4f}" if worst else "—",
+                          f"{corr[r['layer']]['spearman_load']:.2f}" if r["layer"] in corr else "—")
+        console = Console()
+        console.print(table)
+        for s in result["disable_top_r"]:
+            console.print(f"  top-{s['disabled_top_r']} experts disabled in every layer: ΔCE {s['delta_ce']:.4f}")
+        console.print(f"[green]→ {out / 'ablation.json'}[/] and {len(figures)} figures")

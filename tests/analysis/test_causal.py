@@ -1,0 +1,109 @@
+"""Causal checks on hand-built cases with known answers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from deepseemoe.analysis.causal import (
+    LossMeter,
+    disable_top,
+    drop_slots,
+    run_causal_checks,
+    spearman,
+    token_domains,
+    top1_only,
+)
+from deepseemoe.cli import app
+from deepseemoe.data.sources import TextSource, iter_documents
+from deepseemoe.data.tokens import pack_documents
+from deepseemoe.interventions.routing import ablate, exclude, random_routing, route_intervention
+from deepseemoe.models.load import load_model
+
+
+def test_spearman_by_hand():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ties get average ranks: a → (1, 2.5, 2.5, 4) minus 1; b = (1, 2, 3, 4)
+    ra, rb = torch.tensor([0, 1.5, 1.5, 3]), torch.tensor([0, 1.0, 2, 3])
+    expected = float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
+    assert spearman([5, 7, 7, 9], [1, 2, 3, 4]) == pytest.approx(expected)
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+
+
+def test_rewrites_by_hand():
+    idx = torch.tensor([[3, 1, 0], [2, 0, 1]])
+    w = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]])
+    _, w1 = top1_only()(None, idx, w, None)
+    torch.testing.assert_close(w1, torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]))
+    _, w2 = disable_top(1)(None, idx, w, None)  # drop the largest, rescale the rest to the total 1.0
+    torch.testing.assert_close(w2, torch.tensor([[0, 0.6, 0.4], [0.25, 0, 0.75]]))
+
+    class Layer:
+        layer = 0
+    _, w3 = drop_slots(0.25, seed=1)(Layer(), torch.zeros(4000, 4, dtype=torch.long), torch.ones(4000, 4), None)
+    assert abs(float((w3 == 0).float().mean()) - 0.25) < 0.02
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_olmoe_dir, corpus_jsonl, tmp_path_factory):
+    path = tmp_path_factory.mktemp("heldout") / "docs.jsonl"
+    path.write_text("\n".join(corpus_jsonl.read_text().splitlines() * 6) + "\n")
+    handle = load_model(str(tiny_olmoe_dir))
+    batches = list(pack_documents(handle.tokenizer, iter_documents(TextSource(str(path))), ctx_len=32,
+                                  batch_size=4, max_tokens=400))
+    return handle, batches, path
+
+
+def test_known_answers_on_a_tiny_olmoe(setup):
+    handle, batches, _ = setup
+    meter = LossMeter(handle, batches, [token_domains(b) for b in batches])
+    none = meter.measure()
+    assert none["delta_ce"] == 0 and none["kl"] == 0
+    # an expert whose down projection is zero outputs 0: ablating it changes nothing...
+    experts = handle.moe_layers[1].experts
+    saved = experts.down_proj.data[3].clone()
+    experts.down_proj.data[3] = 0
+    try:
+        ablated = meter.__class__(handle, batches, [token_domains(b) for b in batches])  # clean = the edited model
+        res = ablated.measure(lambda: route_intervention(handle, {1: ablate([3])}))
+        assert res["delta_ce"] == 0 and res["kl"] == 0
+        # ...while excluding it lets the router pick another expert, which does change the output
+        assert ablated.measure(lambda: route_intervention(handle, {1: exclude([3])}))["kl"] > 0
+    finally:
+        experts.down_proj.data[3] = saved
+    # all experts identical → random routing with the router's weights kept changes nothing
+    saved = (experts.gate_up_proj.data.clone(), experts.down_proj.data.clone())
+    experts.gate_up_proj.data[:] = saved[0][0]
+    experts.down_proj.data[:] = saved[1][0]
+    try:
+        same = LossMeter(handle, batches, [token_domains(b) for b in batches])
+        res = same.measure(lambda: route_intervention(handle, {1: random_routing(0)}))
+        assert abs(res["delta_ce"]) < 1e-5 and res["kl"] < 1e-6
+    finally:
+        experts.gate_up_proj.data, experts.down_proj.data = saved
+    # domains: the per-domain ΔCEs average (token-weighted) to the overall ΔCE
+    res = meter.measure(lambda: route_intervention(handle, {0: top1_only()}))
+    n = {d: sum(int(m[d].sum()) for m in meter.domain_masks if d in m) for d in res["by_domain"]}
+    weighted = sum(res["by_domain"][d] * n[d] for d in n) / sum(n.values())
+    assert weighted == pytest.approx(res["delta_ce"], rel=1e-5)
+
+
+def test_run_causal_checks_and_cli(setup, tiny_olmoe_dir, tmp_path):
+    handle, batches, path = setup
+    res = run_causal_checks(handle, batches[:2], layers=[1], experts=[0, 1, 2], progress=False)
+    assert [r["expert"] for r in res["experts"]] == [0, 1, 2]
+    assert {r["layer"] for r in res["layers"]} == {1} and len(res["disable_top_r"]) == 1
+    loads = [r["load"] for r in res["experts"]]
+    assert all(0 <= v <= 1 for v in loads)
+    result = CliRunner().invoke(app, ["ablate", str(tiny_olmoe_dir), "--data", str(path), "--out", str(tmp_path / "a"),
+                                      "--tokens", "200", "--ctx-len", "32", "--layers", "0", "--experts", "0,1,2,3"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    doc = json.loads((tmp_path / "a" / "ablation.json").read_text())
+    assert len(doc["experts"]) == 4 and (tmp_path / "a" / "figures" / "ablation_delta_ce.png").exists()
+    assert len(doc["observational_vs_causal"]) == 1
