@@ -1,0 +1,97 @@
+"""`deepseemoe map`: run the analyses of `features.py` for one dictionary and write
+
+    RUN_DIR/maps/NAME/summary.json            layer, routing prediction, attribution check, specificity
+    RUN_DIR/maps/NAME/features.parquet        per feature: fires, specificity, top expert by lift (+ MI),
+                                              the expert it promotes most (virtual router weight)
+    RUN_DIR/maps/NAME/feature_experts.parquet per live (feature, expert): count, P(e|f), lift, MI
+    RUN_DIR/maps/NAME/examples.json           top-activating contexts with their experts
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from deepseemoe.analysis.features import (
+    collect_for_map,
+    feature_expert_tables,
+    routing_prediction,
+    top_examples,
+)
+from deepseemoe.capture.core import Site
+from deepseemoe.dictionaries.spec import RunSpec
+from deepseemoe.errors import DeepSeeMoEError
+from deepseemoe.routing.store import atomic_write_json, atomic_write_table
+
+
+def fed_layer(source: list[Site], moe_layers: list[int]) -> int:
+    """The MoE layer a source site feeds: its own for block/router sites and resid_in, the next
+    MoE layer after a resid_out."""
+    s = source[0]
+    start = s.layer + 1 if s.kind == "resid_out" else s.layer
+    later = [la for la in moe_layers if la >= start]
+    if not later:
+        raise DeepSeeMoEError(f"no MoE layer at or after layer {start}; MoE layers: {moe_layers}")
+    return later[0]
+
+
+def write_map(run_dir: Path, spec: RunSpec, name: str, *, corpus: str | None, tokens: int, layer: int | None,
+              batch_size: int, n_examples: int) -> dict:
+    from deepseemoe.data.sources import TextSource, iter_documents
+    from deepseemoe.data.tokens import pack_documents
+    from deepseemoe.dictionaries.formats import load_native
+    from deepseemoe.dictionaries.run import load_for_run
+
+    folder = run_dir / "dictionaries" / name
+    if not folder.exists():
+        raise DeepSeeMoEError(f"no dictionary {name!r} in {run_dir}/dictionaries; choose from "
+                              f"{sorted(p.name for p in (run_dir / 'dictionaries').glob('*'))}")
+    coder, meta = load_native(folder, device=spec.coder_device or "cpu")
+    handle = load_for_run(spec, spec.model_device)
+    sources = [Site(k, la) for k, la in meta["source"]]
+    layer = fed_layer(sources, sorted(handle.moe_layers)) if layer is None else layer
+    if layer not in handle.moe_layers:
+        raise DeepSeeMoEError(f"layer {layer} is not an MoE layer; MoE layers: {sorted(handle.moe_layers)}")
+    attribution = meta["kind"] == "sae" and sources == [Site("block_in", layer)]
+    source = TextSource(corpus or spec.corpus, field=spec.field, domain_field=spec.domain_field)
+    batches = list(pack_documents(handle.tokenizer, iter_documents(source), ctx_len=spec.ctx_len,
+                                  batch_size=batch_size, max_tokens=tokens))
+    got = collect_for_map(handle, coder, sources, layer, batches, attribution)
+    moe = handle.moe_layers[layer]
+    tables = feature_expert_tables(got["latents"], got["idx"], moe.num_experts)
+    live = tables["fires"] > 0
+    out = run_dir / "maps" / name
+    lift = np.nan_to_num(tables["lift"], nan=-1.0)
+    F = len(tables["fires"])
+    cols = {"feature": np.arange(F), "fires": tables["fires"].astype(np.int64),
+            "specificity": tables["specificity"], "top_expert": lift.argmax(1), "top_lift": lift.max(1),
+            "top_mi_expert": tables["mi_bits"].argmax(1), "top_mi_bits": tables["mi_bits"].max(1)}
+    if "virtual" in got:
+        cols["promoted_expert"] = got["virtual"].argmax(1).numpy()
+        cols["promoted_logit_per_unit"] = got["virtual"].max(1).values.numpy()
+    atomic_write_table(out / "features.parquet", pa.table(cols))
+    f_idx, e_idx = np.nonzero(tables["counts"] > 0)
+    atomic_write_table(out / "feature_experts.parquet", pa.table({
+        "feature": f_idx, "expert": e_idx, "count": tables["counts"][f_idx, e_idx].astype(np.int64),
+        "p_e_given_f": tables["p_e_given_f"][f_idx, e_idx], "lift": tables["lift"][f_idx, e_idx],
+        "mi_bits": tables["mi_bits"][f_idx, e_idx]}))
+    order = np.argsort(-tables["fires"])[: min(100, int(live.sum()))]
+    ex = top_examples(got["latents"], got["where"], got["contexts"], got["idx"], handle.tokenizer, n=n_examples,
+                      features=[int(f) for f in order])
+    atomic_write_json(out / "examples.json", {str(k): v for k, v in ex.items()})
+    summary = {"dictionary": name, "layer": layer, "top_k": moe.top_k, "num_experts": moe.num_experts,
+               "tokens": tables["tokens"], "live_features": int(live.sum()), "features": F,
+               "specificity_median": float(np.nanmedian(tables["specificity"])) if live.any() else float("nan"),
+               "expert_specific_share": float(np.nanmean(tables["specificity"][live] > 0.5)) if live.any() else 0.0,
+               "routing_prediction": routing_prediction(got["latents"], got["idx"], got["tokens"], got["prev"],
+                                                        moe.num_experts),
+               "out": str(out)}
+    if attribution:
+        feats, err = got["attr_features"], got["attr_error"]
+        summary["attribution"] = {"max_abs_error": float(got["attr_err"].max()),
+                                  "logit_scale": float(got["attr_scale"].max()),
+                                  "error_share": float(err.abs().mean() / (feats.abs().mean() + err.abs().mean()))}
+    atomic_write_json(out / "summary.json", summary)
+    return summary

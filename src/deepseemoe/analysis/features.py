@@ -1,0 +1,191 @@
+"""Features ↔ experts: how a dictionary's features relate to the routing of the MoE layer they
+feed (the layer of the coder's source site).
+
+Shapes: latents [T, F]; expert ids [T, K]; router logits [T, E]; counts [F, E].
+
+- P(e | f fires): over tokens where feature f is active, the share of them that route to expert e
+  (each token counts once per chosen expert, so Σ_e P(e|f) = K); lift = P(e|f) / P(e) with P(e)
+  the same share over all tokens (1.0 = no association);
+- MI(f; e) in bits between the binary events "f fires" and "e is chosen";
+- specificity of a feature: 1 − H(P(·|f)/K) / log E (1 = always the same experts, 0 = uniform);
+- routing prediction (recall@K of the chosen set, on the held-out second half of the tokens), scores
+  fitted on the first half: features Σ_f a_f·log-lift(f, e), token identity (the experts most chosen
+  for that token id), bigram (for that (previous, current) pair, falling back to the token);
+- router attribution, for an SAE on the MoE block input (the router's own input, after the norm,
+  so no nonlinearity sits between): logit_e = Σ_i f_i·(W_r[e]·d_i) + W_r[e]·b_dec + W_r[e]·ε + b_e,
+  ε = x − x̂; checked per token against the router's logits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+
+import numpy as np
+import torch
+
+from deepseemoe.capture.core import Site, token_mask
+from deepseemoe.dictionaries.coder import Coder
+from deepseemoe.dictionaries.stream import model_stream
+from deepseemoe.errors import DeepSeeMoEError
+from deepseemoe.models.spec import ModelHandle
+
+
+def router_linear(handle: ModelHandle, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """W_r [E, D] and bias [E] (or None) of a linear router."""
+    moe = handle.moe_layers[layer]
+    E = moe.num_experts
+    weights = [p for n, p in moe.router.named_parameters() if p.ndim == 2 and p.shape[0] == E]
+    biases = [p for n, p in moe.router.named_parameters() if p.ndim == 1 and p.shape[0] == E and "bias" in n]
+    if len(weights) != 1:
+        raise DeepSeeMoEError(f"layer {layer}: the router has no single [E, D] weight; attribution needs a linear router")
+    return weights[0].detach(), (biases[0].detach() if biases else None)
+
+
+def router_attribution(coder: Coder, x: torch.Tensor, W_r: torch.Tensor, b_r: torch.Tensor | None) -> dict:
+    """Exact decomposition of router logits through an SAE on the router's input x [T, D], per token
+    [T, E]: the features' sum, the decoder bias's, the reconstruction error's and the router bias
+    (`total` adds them up); `virtual` [F, E] = W_r[e]·d_i, a feature's logit effect per unit."""
+    c = coder.folded()
+    lat = c.encode(x)
+    recon = lat @ c.W_dec + c.b_dec
+    virtual = c.W_dec @ W_r.T  # [F, E]: W_r[e]·d_i
+    features = lat @ virtual  # [T, E]
+    bias_part = (c.b_dec @ W_r.T).expand_as(features)
+    error_part = (x - recon) @ W_r.T
+    total = features + bias_part + error_part + (b_r if b_r is not None else 0)
+    return {"features": features, "b_dec": bias_part, "error": error_part, "total": total, "latents": lat,
+            "virtual": virtual}
+
+
+def _mi_bits(n11: np.ndarray, n1_: np.ndarray, n_1: np.ndarray, N: int) -> np.ndarray:
+    """MI between two binary events from the joint count n11 and the marginals (broadcasting)."""
+    n10, n01 = n1_ - n11, n_1 - n11
+    n00 = N - n11 - n10 - n01
+    total = np.zeros(np.broadcast(n11, n1_, n_1).shape)
+    for joint, a, b in ((n11, n1_, n_1), (n10, n1_, N - n_1), (n01, N - n1_, n_1), (n00, N - n1_, N - n_1)):
+        p = joint / N
+        with np.errstate(divide="ignore", invalid="ignore"):
+            term = p * np.log2(joint * N / (a * b))
+        total += np.where(joint > 0, term, 0.0)
+    return total
+
+
+def feature_expert_tables(latents: torch.Tensor, idx: torch.Tensor, num_experts: int) -> dict[str, np.ndarray]:
+    """Counts and the statistics above from latents [T, F] and chosen experts [T, K]."""
+    fires = (latents > 0).double()
+    T, K = idx.shape
+    chosen = torch.zeros(T, num_experts, dtype=torch.float64).scatter_(1, idx.long(), 1.0)
+    counts = (fires.T @ chosen).numpy()  # [F, E]
+    n_f = fires.sum(0).numpy()
+    n_e = chosen.sum(0).numpy()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p_e_given_f = counts / n_f[:, None]
+        p_e = n_e / T
+        lift = p_e_given_f / p_e[None, :]
+        q = p_e_given_f / K
+        ent = -np.where(q > 0, q * np.log(q), 0.0).sum(1)
+    specificity = np.where(n_f > 0, 1 - ent / math.log(num_experts), np.nan)
+    return {"counts": counts, "fires": n_f, "expert_slots": n_e, "p_e_given_f": p_e_given_f, "lift": lift,
+            "mi_bits": _mi_bits(counts, n_f[:, None], n_e[None, :], T), "specificity": specificity, "tokens": T}
+
+
+def recall_at_k(scores: torch.Tensor, idx: torch.Tensor) -> float:
+    """Mean |top-K(scores) ∩ chosen| / K, scores [T, E], chosen [T, K]."""
+    K = idx.shape[1]
+    pred = scores.topk(K, dim=-1).indices
+    return float((pred[:, :, None] == idx[:, None, :]).any(-1).float().mean())
+
+
+def routing_prediction(latents: torch.Tensor, idx: torch.Tensor, tokens: torch.Tensor, prev: torch.Tensor,
+                       num_experts: int) -> dict[str, float]:
+    """recall@K on the second half of the tokens, every predictor fitted on the first half."""
+    T = len(idx)
+    half = T // 2
+    tr, te = slice(0, half), slice(half, T)
+    stats = feature_expert_tables(latents[tr], idx[tr], num_experts)
+    log_lift = torch.from_numpy(np.nan_to_num(np.log(np.clip(stats["lift"], 1e-3, None)), nan=0.0)).float()
+    feat_scores = (latents[te] > 0).float() @ log_lift
+    base = torch.from_numpy(stats["expert_slots"]).float()
+
+    by_token: dict[int, Counter] = defaultdict(Counter)
+    by_bigram: dict[tuple[int, int], Counter] = defaultdict(Counter)
+    for t, p, row in zip(tokens[tr].tolist(), prev[tr].tolist(), idx[tr].tolist(), strict=True):
+        by_token[t].update(row)
+        by_bigram[(p, t)].update(row)
+
+    def scores(table, keys):
+        out = base.expand(len(keys), -1).clone() * 1e-6  # tie-break by overall load
+        for i, key in enumerate(keys):
+            for e, n in table.get(key, {}).items():
+                out[i, e] += n
+        return out
+
+    tok_keys = tokens[te].tolist()
+    token_scores = scores(by_token, tok_keys)
+    bigram_scores = scores(by_bigram, list(zip(prev[te].tolist(), tok_keys, strict=True)))
+    unseen = torch.tensor([(p, t) not in by_bigram for p, t in zip(prev[te].tolist(), tok_keys, strict=True)])
+    bigram_scores[unseen] = token_scores[unseen]
+    return {"features": recall_at_k(feat_scores, idx[te]), "token": recall_at_k(token_scores, idx[te]),
+            "bigram": recall_at_k(bigram_scores, idx[te]),
+            "load_only": recall_at_k(base.expand(T - half, -1), idx[te]), "test_tokens": T - half}
+
+
+@torch.no_grad()
+def collect_for_map(handle: ModelHandle, coder: Coder, sources: list[Site], layer: int, batches: list,
+                    attribution: bool) -> dict:
+    """One pass: latents, chosen experts and router logits at `layer`, token ids, previous ids,
+    (context, position) of every kept token, and the attribution parts when asked."""
+    bos = getattr(handle.tokenizer, "bos_token_id", None)
+    extra = [Site("routing", layer)] + ([Site("router_logits", layer)] if attribution else [])
+    pairs = {"src": (sources, sources[:1]), **{f"@{s.kind}": (s, s) for s in extra}}
+    W_r, b_r = router_linear(handle, layer) if attribution else (None, None)
+    out: dict[str, list] = defaultdict(list)
+    ctx = 0
+    dev = coder.b_dec.device
+    for packed in batches:
+        item = next(model_stream(handle, [packed], pairs, device=dev))
+        x = item["src"][0].float()
+        lat = coder.encode(x)
+        out["latents"].append(lat.cpu())
+        out["idx"].append(item["@routing"][0].long().cpu())
+        ids = packed.input_ids
+        keep = token_mask(ids, packed.attention_mask, bos, exclude_bos=True)
+        flat = ids.reshape(-1)
+        prev = torch.cat([torch.full((ids.shape[0], 1), -1, dtype=ids.dtype), ids[:, :-1]], 1).reshape(-1)
+        out["tokens"].append(flat[keep])
+        out["prev"].append(prev[keep])
+        pos = keep.nonzero().squeeze(1)
+        out["where"].append(torch.stack([pos // ids.shape[1] + ctx, pos % ids.shape[1]], 1))
+        out["contexts"].append(ids)
+        ctx += ids.shape[0]
+        if attribution:
+            parts = router_attribution(coder, x, W_r.to(dev).float(), None if b_r is None else b_r.to(dev).float())
+            logits = item["@router_logits"][0].float()
+            out["attr_err"].append((parts["total"] - logits).abs().max().reshape(1).cpu())
+            out["attr_scale"].append(logits.abs().max().reshape(1).cpu())
+            out["attr_features"].append(parts["features"].cpu())
+            out["attr_error"].append(parts["error"].cpu())
+            out["virtual"] = [parts["virtual"].cpu()]
+    return {k: torch.cat(v) if k not in ("virtual",) else v[0] for k, v in out.items()}
+
+
+def top_examples(latents: torch.Tensor, where: torch.Tensor, contexts: torch.Tensor, idx: torch.Tensor,
+                 tokenizer, n: int = 5, window: int = 8, features: list[int] | None = None) -> dict[int, list[dict]]:
+    """The n strongest activations of each feature, with a token window and the token's experts."""
+    result = {}
+    feats = features if features is not None else range(latents.shape[1])
+    for f in feats:
+        col = latents[:, f]
+        if not bool((col > 0).any()):
+            continue
+        top = col.topk(min(n, int((col > 0).sum()))).indices
+        rows = []
+        for t in top.tolist():
+            c, p = where[t].tolist()
+            ids = contexts[c, max(0, p - window):p + 1].tolist()
+            rows.append({"activation": float(col[t]), "experts": idx[t].tolist(),
+                         "text": tokenizer.decode(ids[:-1]) if tokenizer else str(ids[:-1]),
+                         "token": tokenizer.decode(ids[-1:]) if tokenizer else str(ids[-1])})
+        result[f] = rows
+    return result

@@ -1,0 +1,44 @@
+"""`deepseemoe map RUN_DIR --dictionary NAME`: features ↔ experts of the MoE layer the dictionary feeds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command(name="map")
+    def map_features(
+        run_dir: Path = typer.Argument(..., help="The --out folder of `deepseemoe train`."),
+        dictionary: str = typer.Option(..., "--dictionary", help="Name of the trained coder."),
+        corpus: str = typer.Option(None, help="Held-out text (default: the run's corpus)."),
+        tokens: int = typer.Option(20_000, help="Tokens to map on (half fit the routing predictors, half test)."),
+        layer: int = typer.Option(None, help="MoE layer to relate to (default: the one the coder's source feeds)."),
+        batch_size: int = typer.Option(8, help="Contexts per forward pass."),
+        examples: int = typer.Option(5, help="Top-activating examples per feature."),
+    ) -> None:
+        """Expert distribution, lift and MI per feature; routing prediction vs token/bigram baselines;
+        exact router-logit attribution for SAEs on the block input; top examples with their routing."""
+        import yaml
+        from rich.console import Console
+
+        from deepseemoe.analysis.feature_map import write_map
+        from deepseemoe.dictionaries.spec import RunSpec
+        from deepseemoe.errors import DeepSeeMoEError
+
+        if not (run_dir / "config.yaml").exists():
+            raise DeepSeeMoEError(f"{run_dir} is not a training run (no config.yaml); pass the --out of `deepseemoe train`")
+        spec = RunSpec.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+        summary = write_map(run_dir, spec, dictionary, corpus=corpus, tokens=tokens, layer=layer,
+                            batch_size=batch_size, n_examples=examples)
+        c = Console()
+        rp = summary["routing_prediction"]
+        c.print(f"layer {summary['layer']}: {summary['live_features']:,} live features · median specificity "
+                f"{summary['specificity_median']:.2f} · routing recall@{summary['top_k']}: features {rp['features']:.3f}"
+                f" · token {rp['token']:.3f} · bigram {rp['bigram']:.3f} · load only {rp['load_only']:.3f}")
+        if "attribution" in summary:
+            a = summary["attribution"]
+            c.print(f"router attribution: parts add back to the logits within {a['max_abs_error']:.2e} "
+                    f"(logit scale {a['logit_scale']:.2f}); error term share {a['error_share']:.3f}")
+        c.print(f"[green]→ {summary['out']}[/]")
