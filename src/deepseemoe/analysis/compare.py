@@ -1,0 +1,269 @@
+"""MoE vs dense: the same measurements on a matched pair of models, side by side.
+
+Units and their activity a_u(t) ≥ 0 on each held-out token t (BOS and padding excluded):
+- expert            the routing weight given to the expert (0 when not chosen);
+- expert neuron     |h| of the expert's hidden neuron when the token is routed to it, else 0;
+- MLP neuron        |h| of a dense MLP hidden neuron (the input of down_proj);
+- attention head    ‖head output‖ (its slice of the o_proj input).
+
+Selectivity (one metric for every kind): p_u(c) ∝ mean activity of u on tokens of class c (domain,
+or token class), normalised over classes; selectivity = 1 − H(p_u) / log C: 0 when the unit is
+equally active on every class, 1 when it is active on one only. Units never active are left out.
+
+Ablation selectivity: ablate one unit — an expert (weight 0), a head (its o_proj input slice 0),
+or, for the dense model, the block of MLP neurons most selective for a domain, as many as one
+expert has (d_ff_dense / E, so the removed capacity matches) — and compare ΔCE on the unit's
+preferred domain with the mean ΔCE on the other domains (gap = preferred − others).
+
+The SAE frontier is trained with the regular trainer (`deepseemoe.dictionaries`) on the same
+residual site of both models at equal width, for several k; FVU, dead fraction and spliced ΔCE
+come from `evaluate`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from deepseemoe.analysis.causal import LossMeter, token_domains
+from deepseemoe.capture.core import token_mask
+from deepseemoe.errors import DeepSeeMoEError
+from deepseemoe.interventions.routing import ablate, route_intervention
+from deepseemoe.models.spec import ModelHandle
+
+
+def selectivity(mass: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """mass [U, C] summed activity per class, counts [C] tokens per class → [U] (nan if silent)."""
+    mean = mass / np.maximum(counts, 1)[None, :]
+    total = mean.sum(1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = mean / total
+        h = -np.where(p > 0, p * np.log(p), 0.0).sum(1)
+    C = int((counts > 0).sum())
+    out = 1 - h / math.log(C) if C > 1 else np.full(len(mass), np.nan)
+    return np.where(total[:, 0] > 0, out, np.nan)
+
+
+def _attention_out_proj(layer_module) -> torch.nn.Module | None:
+    attn = getattr(layer_module, "self_attn", None) or getattr(layer_module, "attention", None)
+    return None if attn is None else getattr(attn, "o_proj", None) or getattr(attn, "dense", None)
+
+
+class UnitActivity:
+    """Hooks that add each unit's activity into per-class sums for one batch at a time."""
+
+    def __init__(self, handle: ModelHandle, n_classes: int, expert_neurons: bool = True):
+        self.h, self.C = handle, n_classes
+        self.mass: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
+        self.expert_neurons = expert_neurons
+        self.heads = int(handle.model.config.num_attention_heads)
+
+    def _add(self, kind: str, layer: int, act: torch.Tensor, classes: torch.Tensor) -> None:
+        """act [T, U] ≥ 0, classes [T] → mass[kind][layer] [U, C] += Σ_t act per class."""
+        onehot = torch.nn.functional.one_hot(classes.long(), self.C).double()
+        m = (act.double().T @ onehot).cpu().numpy()
+        if layer in self.mass[kind]:
+            self.mass[kind][layer] += m
+        else:
+            self.mass[kind][layer] = m
+
+    def run(self, ids: torch.Tensor, am: torch.Tensor, keep: torch.Tensor, classes: torch.Tensor) -> None:
+        h, hooks = self.h, []
+        for layer, moe in h.moe_layers.items():
+            def cb(ev, layer=layer, moe=moe):
+                idx, w, x = ev.idx[keep], ev.weights[keep], ev.x[keep]
+                weight = torch.zeros(len(idx), moe.num_experts, device=w.device, dtype=torch.float32)
+                weight.scatter_add_(1, idx.long(), w.float())
+                self._add("expert", layer, weight, classes)
+                if self.expert_neurons:
+                    parts = []
+                    for e in range(moe.num_experts):
+                        routed = (idx == e).any(1)
+                        neurons = moe.adapter.expert_neurons(moe, x, e).abs().float()
+                        parts.append(neurons * routed[:, None])
+                    self._add("expert_neuron", layer, torch.cat(parts, 1), classes)
+            hooks += moe.adapter.observe(moe, cb)
+        for layer, mlp in h.dense_mlps.items():
+            module = h.model.get_submodule(mlp.neuron_path)
+
+            def pre(mod, args, layer=layer):
+                a = args[0].reshape(-1, args[0].shape[-1])[keep]
+                self._add("mlp_neuron", layer, a.abs().float(), classes)
+            hooks.append(module.register_forward_pre_hook(pre))
+        for layer, block in enumerate(h.layers):
+            proj = _attention_out_proj(block)
+            if proj is None:
+                continue
+
+            def head_pre(mod, args, layer=layer):
+                a = args[0].reshape(-1, args[0].shape[-1])[keep].float()
+                self._add("attention_head", layer, a.view(len(a), self.heads, -1).norm(dim=-1), classes)
+            hooks.append(proj.register_forward_pre_hook(head_pre))
+        try:
+            with torch.no_grad():
+                h.model(input_ids=ids, attention_mask=am, use_cache=False)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+
+def unit_selectivity(handle: ModelHandle, batches: list, class_of, n_classes: int,
+                     expert_neurons: bool = True) -> dict:
+    """Per unit kind: selectivity of every unit (all layers), and the per-class token counts."""
+    device = next(handle.model.parameters()).device
+    bos = getattr(handle.tokenizer, "bos_token_id", None)
+    acts = UnitActivity(handle, n_classes, expert_neurons)
+    counts = np.zeros(n_classes)
+    for b in batches:
+        ids, am = b.input_ids.to(device), b.attention_mask.to(device)
+        keep = token_mask(ids, am, bos, exclude_bos=True)
+        classes = class_of(b)[keep.cpu()].to(device)
+        counts += np.bincount(classes.cpu().numpy(), minlength=n_classes)
+        acts.run(ids, am, keep, classes)
+    out = {}
+    for kind, by_layer in acts.mass.items():
+        per_layer = {layer: selectivity(m, counts) for layer, m in by_layer.items()}
+        out[kind] = {"per_layer": per_layer, "mass": by_layer}
+    return {"units": out, "counts": counts}
+
+
+def summarize_selectivity(sel: dict) -> dict:
+    rows = {}
+    for kind, d in sel["units"].items():
+        v = np.concatenate([x for x in d["per_layer"].values()])
+        v = v[~np.isnan(v)]
+        if len(v):
+            rows[kind] = {"units": len(v), "mean": float(v.mean()), "median": float(np.median(v)),
+                          "p90": float(np.quantile(v, 0.9)), "share_above_0.5": float((v > 0.5).mean())}
+    return rows
+
+
+def _preferred(mass_row: np.ndarray, counts: np.ndarray) -> int:
+    return int(np.argmax(mass_row / np.maximum(counts, 1)))
+
+
+def _gap(res: dict, preferred: str) -> dict:
+    by = res["by_domain"]
+    others = [v for d, v in by.items() if d != preferred]
+    mean_others = float(np.mean(others)) if others else float("nan")
+    return {"preferred": preferred, "delta_ce_preferred": by.get(preferred, float("nan")),
+            "delta_ce_others": mean_others, "gap": by.get(preferred, float("nan")) - mean_others}
+
+
+def ablation_selectivity(handle: ModelHandle, batches: list, domains: list[str], sel: dict,
+                         max_units_per_kind: int = 64) -> dict:
+    """Ablate experts / heads / domain neuron blocks one at a time; ΔCE on the preferred domain vs
+    the others (units chosen as the most active ones when there are more than `max_units_per_kind`)."""
+    meter = LossMeter(handle, batches, [token_domains(b) for b in batches])
+    counts = sel["counts"]
+    out: dict[str, list[dict]] = defaultdict(list)
+    units = sel["units"]
+
+    def most_active(mass_by_layer: dict) -> list[tuple[int, int]]:
+        cand = [(float(m[u].sum()), layer, u) for layer, m in mass_by_layer.items() for u in range(len(m))]
+        cand.sort(reverse=True)
+        return [(la, u) for _, la, u in cand[:max_units_per_kind]]
+
+    if "expert" in units:
+        for layer, e in most_active(units["expert"]["mass"]):
+            pref = domains[_preferred(units["expert"]["mass"][layer][e], counts)]
+            res = meter.measure(lambda layer=layer, e=e: route_intervention(handle, {layer: ablate([e])}))
+            out["expert"].append({"layer": layer, "unit": e, **_gap(res, pref)})
+    if "attention_head" in units:
+        heads = int(handle.model.config.num_attention_heads)
+        for layer, hd in most_active(units["attention_head"]["mass"]):
+            pref = domains[_preferred(units["attention_head"]["mass"][layer][hd], counts)]
+            proj = _attention_out_proj(handle.layers[layer])
+            res = meter.measure(lambda proj=proj, hd=hd: _zero_slice(proj, hd, heads))
+            out["attention_head"].append({"layer": layer, "unit": hd, **_gap(res, pref)})
+    if "mlp_neuron" in units:
+        for layer, mass in units["mlp_neuron"]["mass"].items():
+            block = max(1, mass.shape[0] // sel.get("experts_to_match", 16))
+            mean = mass / np.maximum(counts, 1)[None, :]
+            p = mean / np.maximum(mean.sum(1, keepdims=True), 1e-30)
+            for c, dom in enumerate(domains):
+                if counts[c] == 0:
+                    continue
+                chosen = np.argsort(-(p[:, c] * mean[:, c]))[:block]
+                module = handle.model.get_submodule(handle.dense_mlps[layer].neuron_path)
+                res = meter.measure(lambda module=module, chosen=chosen: _zero_neurons(module, chosen))
+                out["mlp_neuron_block"].append({"layer": layer, "unit": dom, "neurons": int(block), **_gap(res, dom)})
+    return dict(out)
+
+
+class _Hook:
+    def __init__(self, module, fn):
+        self.module, self.fn, self.handle = module, fn, None
+
+    def __enter__(self):
+        self.handle = self.module.register_forward_pre_hook(self.fn)
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def _zero_slice(proj, head: int, heads: int) -> _Hook:
+    def fn(mod, args):
+        x = args[0].clone()
+        d = x.shape[-1] // heads
+        x[..., head * d:(head + 1) * d] = 0
+        return (x, *args[1:])
+    return _Hook(proj, fn)
+
+
+def _zero_neurons(module, neurons: np.ndarray) -> _Hook:
+    idx = torch.as_tensor(neurons, dtype=torch.long)
+
+    def fn(mod, args):
+        x = args[0].clone()
+        x[..., idx.to(x.device)] = 0
+        return (x, *args[1:])
+    return _Hook(module, fn)
+
+
+def domain_classes(batches: list) -> tuple[list[str], callable]:
+    names = sorted({d or "all" for b in batches for d in b.domains.values()})
+    index = {n: i for i, n in enumerate(names)}
+
+    def class_of(b) -> torch.Tensor:
+        doc = b.doc.reshape(-1)
+        lab = [index[b.domains.get(int(d)) or "all"] if d >= 0 else 0 for d in doc.tolist()]
+        return torch.tensor(lab)
+    return names, class_of
+
+
+def token_classes(tokenizer) -> tuple[list[str], callable]:
+    from deepseemoe.routing.stats import TOKEN_CLASSES, token_class
+
+    cache: dict[int, int] = {}
+
+    def class_of(b) -> torch.Tensor:
+        ids = b.input_ids.reshape(-1).tolist()
+        out = []
+        for i in ids:
+            if i not in cache:
+                cache[i] = token_class(tokenizer.convert_ids_to_tokens(i))
+            out.append(cache[i])
+        return torch.tensor(out)
+    return list(TOKEN_CLASSES), class_of
+
+
+def compare_models(moe: ModelHandle, dense: ModelHandle, batches_moe: list, batches_dense: list, *,
+                   expert_neurons: bool = True, max_units_per_kind: int = 64) -> dict:
+    """Selectivity by domain and by token class, and ablation selectivity, for both models."""
+    if not moe.is_moe:
+        raise DeepSeeMoEError(f"{moe.name} has no MoE layers; pass the MoE model first")
+    result = {}
+    for label, h, batches in (("moe", moe, batches_moe), ("dense", dense, batches_dense)):
+        domains, by_domain = domain_classes(batches)
+        sel = unit_selectivity(h, batches, by_domain, len(domains), expert_neurons)
+        tnames, by_token = token_classes(h.tokenizer)
+        sel_tok = unit_selectivity(h, batches, by_token, len(tnames), expert_neurons=False)
+        sel["experts_to_match"] = max((m.num_experts for m in moe.moe_layers.values()), default=16)
+        result[label] = {"domains": domains, "domain_selectivity": summarize_selectivity(sel),
+                         "token_class_selectivity": summarize_selectivity(sel_tok),
+                         "ablation": ablation_selectivity(h, batches, domains, sel, max_units_per_kind)}
+    return result

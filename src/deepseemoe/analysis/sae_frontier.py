@@ -1,0 +1,37 @@
+"""The SAE reconstruction–sparsity frontier of two models at equal width: one training run per
+model (all k values from the same forward passes), then `evaluate` on held-out text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from deepseemoe.dictionaries.evaluate import evaluate_run
+from deepseemoe.dictionaries.run import train_run
+from deepseemoe.dictionaries.spec import CoderSpec, RunSpec
+from deepseemoe.dictionaries.trainer import TrainConfig
+
+
+def sae_frontier(models: dict[str, str], corpus: str, heldout: str, out: Path, *, layer: int, ks: list[int],
+                 expansion_factor: int, tokens: int, eval_tokens: int, ctx_len: int, batch_size: int = 8,
+                 train_batch: int = 1024) -> dict:
+    rows = {}
+    for label, model in models.items():
+        run_dir = out / f"sae_{label}"
+        spec = RunSpec(model=model, corpus=corpus, out=str(run_dir), tokens=tokens, ctx_len=ctx_len,
+                       batch_size=batch_size, checkpoint_every=10**9,
+                       coders=[CoderSpec(kind="sae", layers=[layer], k=k, expansion_factor=expansion_factor,
+                                         name=f"k{k}") for k in ks],
+                       train=TrainConfig(batch_size=train_batch, buffer_size=8 * train_batch, lr=1e-3,
+                                         dead_after_tokens=max(tokens // 4, train_batch)))
+        if not (run_dir / "evaluation.json").exists():
+            if not (run_dir / "dictionaries").exists():
+                train_run(spec, progress=True)
+            evaluate_run(run_dir, corpus=heldout, tokens=eval_tokens, progress=False)
+        import json
+
+        doc = json.loads((run_dir / "evaluation.json").read_text())["coders"]
+        rows[label] = [{"k": k, **{m: doc[f"k{k}"].get(m) for m in ("fvu", "l0", "dead", "delta_ce", "kl",
+                                                                 "loss_recovered", "routing_preserved")}}
+                       for k in ks]
+    return {"layer": layer, "site": "resid_out", "expansion_factor": expansion_factor, "tokens": tokens,
+            "rows": rows}

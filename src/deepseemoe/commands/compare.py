@@ -1,0 +1,60 @@
+"""`deepseemoe compare MOE_MODEL DENSE_MODEL --data TEXT --out DIR`: is the MoE more interpretable?"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def compare(
+        moe_model: str = typer.Argument(..., help="The MoE model (hub id or folder)."),
+        dense_model: str = typer.Argument(..., help="Its dense twin (same data, matched active parameters)."),
+        data: str = typer.Option(..., "--data", help="Held-out text with a domain field."),
+        out: Path = typer.Option(..., "--out", help="Folder for comparison.json / comparison.md."),
+        train_data: str = typer.Option(None, help="Text to train the SAEs on (default: --data)."),
+        tokens: int = typer.Option(20_000, help="Held-out tokens for selectivity and ablations."),
+        ctx_len: int = typer.Option(256, help="Context length."),
+        domain_field: str = typer.Option("domain", help="Field holding each document's domain label."),
+        sae_layer: int = typer.Option(None, help="Residual layer of the SAE frontier (default: the middle)."),
+        sae_k: str = typer.Option("8,16,32", help="k values of the SAE frontier."),
+        sae_tokens: int = typer.Option(200_000, help="Training tokens per SAE (0: skip the frontier)."),
+        expansion_factor: int = typer.Option(8, help="SAE width / model width."),
+        max_units: int = typer.Option(64, help="Units ablated per kind (the most active ones)."),
+    ) -> None:
+        """Selectivity of experts, neurons and heads; ablation selectivity; the SAE frontier — one table."""
+        from rich.console import Console
+
+        from deepseemoe.analysis.compare import compare_models
+        from deepseemoe.analysis.report_tables import comparison_markdown
+        from deepseemoe.analysis.sae_frontier import sae_frontier
+        from deepseemoe.data.sources import TextSource, iter_documents, resolve_files
+        from deepseemoe.data.tokens import pack_documents
+        from deepseemoe.models.load import load_model
+        from deepseemoe.routing.store import atomic_write_bytes, atomic_write_json
+
+        if not data.startswith("hf:"):
+            resolve_files(data)
+        moe, dense = load_model(moe_model), load_model(dense_model)
+        source = TextSource(data, domain_field=domain_field)
+
+        def batches(h):
+            return list(pack_documents(h.tokenizer, iter_documents(source), ctx_len=ctx_len, batch_size=8,
+                                       max_tokens=tokens))
+
+        result = compare_models(moe, dense, batches(moe), batches(dense), max_units_per_kind=max_units)
+        if sae_tokens > 0:
+            layer = moe.num_layers // 2 if sae_layer is None else sae_layer
+            result["sae_frontier"] = sae_frontier({"moe": moe_model, "dense": dense_model}, train_data or data, data,
+                                                  out, layer=layer, ks=[int(k) for k in sae_k.split(",")],
+                                                  expansion_factor=expansion_factor, tokens=sae_tokens,
+                                                  eval_tokens=tokens, ctx_len=ctx_len)
+        result["models"] = {"moe": moe.name, "dense": dense.name}
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "comparison.json", result)
+        md = comparison_markdown(result)
+        atomic_write_bytes(out / "comparison.md", md.encode())
+        Console().print(md)
+        Console().print(f"[green]→ {out / 'comparison.json'}[/]")
