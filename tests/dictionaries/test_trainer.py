@@ -83,3 +83,19 @@ def test_moe_block_and_router_transcoders_train_from_a_live_model(tiny_olmoe_dir
         by.setdefault(m["coder"], []).append(m["fvu"])
     for name, curve in by.items():
         assert len(curve) == 30 and curve[-1] < curve[0], name
+
+
+def test_shuffle_buffer_hands_out_every_row_exactly_once():
+    from deepseemoe.dictionaries.trainer import _Buffer
+
+    buf, g = _Buffer(64, "cpu"), torch.Generator().manual_seed(0)
+    added, taken = [], []
+    for i in range(20):  # interleave adds and takes of different sizes
+        rows = torch.arange(i * 13, (i + 1) * 13, dtype=torch.float32)[:, None].repeat(1, 3)
+        buf.add(rows)
+        added.append(rows)
+        if buf.fill >= 20:
+            taken.append(buf.take(11, g))
+    while buf.fill:
+        taken.append(buf.take(min(5, buf.fill), g))
+    assert sorted(torch.cat(taken)[:, 0].tolist()) == sorted(torch.cat(added)[:, 0].tolist())

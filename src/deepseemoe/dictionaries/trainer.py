@@ -71,11 +71,14 @@ class _Buffer:
         """n random rows, removed from the buffer (swap-remove keeps it compact)."""
         pick = torch.randperm(self.fill, generator=generator)[:n].to(self.device)
         out = self.data[pick].clone()
-        keep = torch.ones(self.fill, dtype=torch.bool, device=self.device)
-        keep[pick] = False
-        rest = self.data[: self.fill][keep]
-        self.fill = rest.shape[0]
-        self.data[: self.fill] = rest
+        # fill the holes left below the new end with the unpicked rows above it: O(n), not O(buffer)
+        end = self.fill - len(pick)
+        taken = torch.zeros(self.fill, dtype=torch.bool, device=self.device)
+        taken[pick] = True
+        holes = pick[pick < end]
+        movers = torch.arange(end, self.fill, device=self.device)[~taken[end:]]
+        self.data[holes] = self.data[movers]
+        self.fill = end
         return out
 
     def state(self) -> dict:
