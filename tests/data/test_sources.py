@@ -99,3 +99,18 @@ def test_packing_keeps_provenance(tmp_path):
     assert all(b.input_ids.shape[1] == 6 for b in batches)
     budget = list(pack_documents(tok, docs, ctx_len=6, batch_size=2, max_tokens=5))
     assert sum(b.num_tokens for b in budget) == 5
+
+
+def test_no_batch_grows_past_batch_size_when_a_context_closes_for_lack_of_room(tmp_path):
+    """Regression: a context closed because BOS + one token no longer fit used to skip the
+    batch-size check, so one batch swallowed the rest of the corpus."""
+    from deepseemoe.data.sources import Document
+
+    tok = build_tokenizer(tmp_path)
+    text = "hello world"
+    n = len(tok(text, add_special_tokens=False)["input_ids"])
+    ctx = n + 2  # BOS + the document leaves exactly one free slot: no room for the next BOS + token
+    docs = [Document(i, text, None, "x") for i in range(40)]
+    batches = list(pack_documents(tok, docs, ctx_len=ctx, batch_size=3))
+    assert all(b.input_ids.shape[0] <= 3 for b in batches)
+    assert sum(int((b.pos >= 0).sum()) for b in batches) == 40 * n  # nothing lost

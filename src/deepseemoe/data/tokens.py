@@ -90,6 +90,9 @@ def pack_documents(tokenizer, documents: Iterable[Document], *, ctx_len: int, ba
             if use_bos and (start or not ids):
                 if len(ids) >= ctx_len - 1:  # no room for BOS + a token: start a new context
                     close_row()
+                    if len(rows) == batch_size:
+                        yield flush()
+                        domains[document.doc_id] = document.domain
                 ids.append(bos), docs.append(document.doc_id), poss.append(-1)
                 used += 1
                 start = False
