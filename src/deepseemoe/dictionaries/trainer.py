@@ -215,16 +215,21 @@ class CoderTrainer:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
         start, start_tokens = time.perf_counter(), self.tokens
+        exhausted = False
         with Progress(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("{task.fields[tps]:,.0f} tok/s · FVU {task.fields[fvu]:.3f} · L0 {task.fields[l0]:.1f}"),
                       disable=not progress) as bar:
             task = bar.add_task("train", total=max_steps, completed=self.step, fvu=float("nan"), l0=0.0, tps=0.0)
             while self.step < max_steps:
-                ready = all(b.fill >= max(self.local_batch, min(self.cfg.buffer_size // 2, self.local_batch))
-                            for b in self.buffers.values())
-                if self.world > 1:  # every rank steps together, or none does
-                    flag = self._all_reduce(torch.tensor([0 if ready else 1], device=self.cfg.device))
-                    ready = int(flag) == 0
+                # mix: step only once the buffer is half full (the tokens of one forward are far from
+                # i.i.d.); when the stream has run out, drain what is left
+                need = self.local_batch if exhausted else max(self.local_batch, self.cfg.buffer_size // 2)
+                ready = all(b.fill >= need for b in self.buffers.values())
+                stop = exhausted
+                if self.world > 1:  # every rank steps together, or none does; one rank's end ends all
+                    flags = self._all_reduce(torch.tensor([0 if ready else 1, int(exhausted)], device=self.cfg.device),
+                                             op="max")
+                    ready, stop = int(flags[0]) == 0, int(flags[1]) == 1
                 if ready:
                     if not self.normalized:
                         self._set_scales()
@@ -240,10 +245,13 @@ class CoderTrainer:
                     if checkpoint and checkpoint_every and self.step % checkpoint_every == 0:
                         self.save(checkpoint)
                     continue
+                if stop:
+                    break
                 try:
                     item = next(iterator)
                 except StopIteration:
-                    break
+                    exhausted = True
+                    continue
                 self.items_consumed += 1
                 for name, (src, tgt) in item.items():
                     if name in self.buffers:
