@@ -2,7 +2,8 @@
 
 Stages: corpus (text on this machine) → tokenizer + MoE + dense twin (trained once, cached) →
 load the MoE from its folder exactly like a hub model → route the held-out split → route the
-same text through the intermediate checkpoints → routing statistics → report/index.html.
+same text through the intermediate checkpoints → routing statistics → dictionaries, feature maps,
+causal checks and the MoE-vs-dense table → report/index.html.
 """
 
 from __future__ import annotations
@@ -47,19 +48,19 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
     stamp_path = corpus_dir / "build.json"
     if stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp and (corpus_dir / "val.jsonl").exists():
         corpus = json.loads((corpus_dir / "report.json").read_text())
-        console.print(f"[bold]1/5 corpus[/] reused {corpus_dir}")
+        console.print(f"[bold]1/6 corpus[/] reused {corpus_dir}")
     else:
-        with console.status("[bold]1/5 corpus[/] collecting text found on this machine"):
+        with console.status("[bold]1/6 corpus[/] collecting text found on this machine"):
             corpus = build_corpus(corpus_dir, seed=seed, max_bytes_per_domain=spec.max_bytes_per_domain).to_json()
         stamp_path.write_text(json.dumps(stamp))
-        console.print(f"[bold]1/5 corpus[/] {len(corpus['domains'])} domains: "
+        console.print(f"[bold]1/6 corpus[/] {len(corpus['domains'])} domains: "
                       + ", ".join(f"{d} {v['bytes'] / 1e6:.1f} MB" for d, v in corpus["domains"].items()))
     for note in corpus.get("notes", []):
         console.print(f"[yellow]{note}[/]")
     seconds["corpus"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    console.print(f"[bold]2/5 models[/] recipe '{recipe}': OLMoE {spec.experts} experts top-{spec.top_k} and its "
+    console.print(f"[bold]2/6 models[/] recipe '{recipe}': OLMoE {spec.experts} experts top-{spec.top_k} and its "
                   f"dense twin, {spec.steps} steps each")
     zoo = train_zoo(corpus_dir, recipe=spec, cache_dir=cache_dir, retrain=retrain)
     if zoo.cached:
@@ -69,7 +70,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
     t = time.perf_counter()
     source = TextSource(str(corpus_dir / "val.jsonl"), domain_field="domain")
     route_kw = dict(ctx_len=spec.seq_len, batch_size=16, max_tokens=max_tokens)
-    console.print("[bold]3/5 routing[/] held-out text through the MoE (loaded from its folder like a hub model)")
+    console.print("[bold]3/6 routing[/] held-out text through the MoE (loaded from its folder like a hub model)")
     handle = load_model(str(zoo.moe_dir))
     run_dir = out_dir / "run"
     route_corpus(handle, source, run_dir, extra={"recipe": recipe, "zoo": str(zoo.root)}, **route_kw)
@@ -88,17 +89,27 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
     seconds["routing"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    with console.status("[bold]4/5 statistics[/]"):
+    with console.status("[bold]4/6 statistics[/]"):
         stats = compute_routing_stats(run_dir)
-    console.print(f"[bold]4/5 statistics[/] {stats.summary['tokens']:,} tokens → {run_dir / 'analyses'}")
+    console.print(f"[bold]4/6 statistics[/] {stats.summary['tokens']:,} tokens → {run_dir / 'analyses'}")
     seconds["stats"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    from deepseemoe.analysis.demo_stage import run_demo_analyses
+
+    with console.status("[bold]5/6 dictionaries and causal checks[/]"):
+        analyses = run_demo_analyses(zoo.moe_dir, zoo.dense_dir, corpus_dir, out_dir, ctx_len=spec.seq_len)
+    ev = analyses["evaluation"]["coders"]
+    console.print("[bold]5/6 dictionaries and causal checks[/] " + ", ".join(
+        f"{n}: FVU {r['fvu']:.3f}, ΔCE {r.get('delta_ce', float('nan')):.3f}" for n, r in ev.items()))
+    seconds["analyses"] = time.perf_counter() - t
 
     t = time.perf_counter()
     report = write_report(run_dir, out_dir / "report" / "index.html",
                           title=f"offline demo: OLMoE trained on this machine (recipe '{recipe}')",
-                          zoo_report=zoo.report, saturation=saturation_rows,
+                          zoo_report=zoo.report, saturation=saturation_rows, analyses=analyses,
                           notes=["A small model trained in minutes on a CPU: expect weak, mostly lexical "
                                  "specialisation, as in the larger MoEs of the literature but fainter."])
     seconds["report"] = time.perf_counter() - t
-    console.print(f"[bold]5/5 report[/] {report}")
+    console.print(f"[bold]6/6 report[/] {report}")
     return DemoResult(out_dir, report, seconds, stats.summary)

@@ -5,7 +5,8 @@ Per coder, over the evaluation tokens (BOS and padding excluded everywhere):
   over the coder's sites (the training loss uses the same definition per batch);
 - l0 (mean active latents per token), dead (never fired) and dense (fired on > 10 % of tokens);
 - spliced next-token loss: the model runs with the target site replaced by the reconstruction
-  (residual SAE: decoder-layer output; block transcoder: MoE block output; CLT: every block
+  (SAE: its site — decoder-layer input/output, MoE block input/output; block transcoder: MoE
+  block output; CLT: every block
   output, each from the latents of its layer and the layers before), against the clean model:
   ce_clean, ce_spliced, delta_ce, kl (clean ‖ spliced, nats per token), and loss_recovered =
   (ce_zero − ce_spliced) / (ce_zero − ce_clean) with the site zero-ablated;
@@ -33,6 +34,7 @@ from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.models.spec import ModelHandle
 
 DENSE_FRACTION = 0.10
+SPLICEABLE_SAE_SITES = ("resid_in", "resid_out", "block_in", "block_out")
 
 
 def _first(x):
@@ -72,16 +74,28 @@ class _Splice:
         dev = c.b_dec.device
         if kind == "sae":
             site = self.target[0]
-            if site.kind != "resid_out":
-                raise DeepSeeMoEError(f"splicing an SAE on {site.kind} is not supported; evaluate resid_out SAEs")
+            if site.kind not in SPLICEABLE_SAE_SITES:
+                raise DeepSeeMoEError(f"splicing an SAE on {site.kind} is not supported; "
+                                      f"spliceable sites: {', '.join(SPLICEABLE_SAE_SITES)}")
 
-            def hook(module, args, out):
-                h = _first(out)
+            def swap(h: torch.Tensor) -> torch.Tensor:
                 flat = h.reshape(-1, h.shape[-1])
                 recon = c(flat.to(dev, torch.float32)).out.to(flat.device)
-                return _replace_first(out, self._rewrite(flat, recon).view_as(h))
+                return self._rewrite(flat, recon).view_as(h)
 
-            self.hooks.append(self._module(site).register_forward_hook(hook))
+            def hook(module, args, out):
+                return _replace_first(out, swap(_first(out)))
+
+            def pre_hook(module, args, kwargs):
+                if args:
+                    return (swap(args[0]), *args[1:]), kwargs
+                return args, {**kwargs, "hidden_states": swap(kwargs["hidden_states"])}
+
+            module = self._module(site)
+            if site.kind in ("resid_out", "block_out"):
+                self.hooks.append(module.register_forward_hook(hook))
+            else:
+                self.hooks.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
         elif kind in ("transcoder", "skip_transcoder", "clt"):
             S = len(self.source)
             D = c.cfg.d_in // S
@@ -218,7 +232,7 @@ def evaluate_run(run_dir: str | Path, *, corpus: str | None = None, tokens: int 
         for name, (coder, meta) in coders.items():
             a = acc[name]
             if meta["kind"] not in ("sae", "transcoder", "skip_transcoder", "clt") or \
-                    (meta["kind"] == "sae" and meta["target"][0][0] != "resid_out"):
+                    (meta["kind"] == "sae" and meta["target"][0][0] not in SPLICEABLE_SAE_SITES):
                 continue
             a["ce_clean"] += ce
             a["n_next"] += n

@@ -62,7 +62,8 @@ def routing_samples(run_dir: Path, layers: list[int], tokens_per_sample: int = 4
 
 
 def write_report(run_dir: str | Path, out_path: str | Path, *, title: str, zoo_report: dict | None = None,
-                 saturation: list[dict] | None = None, notes: list[str] | None = None, min_count: int = 5) -> Path:
+                 saturation: list[dict] | None = None, notes: list[str] | None = None, min_count: int = 5,
+                 analyses: dict | None = None) -> Path:
     """Render RUN_DIR's routing analyses (and optional model report) into one HTML file."""
     import json
 
@@ -117,6 +118,9 @@ def write_report(run_dir: str | Path, out_path: str | Path, *, title: str, zoo_r
                  ("tokens", "top tokens"), ("coactivation", "co-activation"), ("repetition", "repetition")]
     if saturation:
         sections.append(("saturation", "saturation"))
+    extra = _analyses_context(analyses) if analyses else None
+    if extra:
+        sections += [("dictionaries", "dictionaries"), ("causal", "causal checks"), ("compare", "MoE vs dense")]
     env = jinja2.Environment(loader=jinja2.PackageLoader("deepseemoe.report", "templates"),
                              autoescape=jinja2.select_autoescape(["html", "j2"]))
     page = env.get_template("report.html.j2").render(
@@ -125,6 +129,44 @@ def write_report(run_dir: str | Path, out_path: str | Path, *, title: str, zoo_r
         notes=(notes or []) + summary.get("notes", []), losses=losses, training=training,
         summary_rows=summary_rows, vocab_uniform=top_k / experts, samples=routing_samples(run_dir, layers),
         colors=colors, text_colors=text_colors, fig=fig, top_tokens=top_tokens, top_layer=top_layer,
-        min_count=min_count, saturation=saturation)
+        min_count=min_count, saturation=saturation, extra=extra)
     atomic_write_bytes(out_path, page.encode())
     return out_path
+
+
+def _png(path: Path) -> Markup:
+    if not Path(path).exists():
+        return Markup("")
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return Markup(f'<img alt="{html.escape(Path(path).stem)}" src="data:image/png;base64,{data}">')
+
+
+def _analyses_context(a: dict) -> dict:
+    """Tables of the dictionaries / causal / comparison stage for the template."""
+    coders = []
+    for name, r in a["evaluation"]["coders"].items():
+        coders.append({"name": name, "kind": r["kind"], "fvu": r["fvu"], "l0": r["l0"], "dead": r["dead"],
+                       "delta_ce": r.get("delta_ce"), "kl": r.get("kl"), "recovered": r.get("loss_recovered"),
+                       "routing": r.get("routing_preserved")})
+    maps = []
+    for name, m in a["maps"].items():
+        rp = m["routing_prediction"]
+        maps.append({"name": name, "layer": m["layer"], "live": m["live_features"], "features": m["features"],
+                     "specificity": m["specificity_median"], "specific_share": m["expert_specific_share"],
+                     "rp": rp, "attr": m.get("attribution")})
+    c = a["causal"]
+    corr = {r["layer"]: r for r in c["observational_vs_causal"]}
+    layers = []
+    for r in c["layers"]:
+        mine = [e for e in c["experts"] if e["layer"] == r["layer"]]
+        worst = max(mine, key=lambda e: e["ablate_delta_ce"])
+        layers.append({"layer": r["layer"], "random": r["random_routing_delta_ce"], "top1": r["top1_only_delta_ce"],
+                       "worst": worst["ablate_delta_ce"], "worst_expert": worst["expert"],
+                       "control": worst["control_delta_ce"],
+                       "mean_ablate": sum(e["ablate_delta_ce"] for e in mine) / len(mine),
+                       "mean_control": sum(e["control_delta_ce"] for e in mine) / len(mine),
+                       "rho_load": corr.get(r["layer"], {}).get("spearman_load"),
+                       "rho_norm": corr.get(r["layer"], {}).get("spearman_output_norm")})
+    return {"coders": coders, "maps": maps, "layers": layers, "sweep": c["disable_top_r"], "tokens": c["tokens"],
+            "comparison": a["comparison_rows"], "figures": [_png(p) for p in a["figures"]]}
+

@@ -1,0 +1,63 @@
+"""The demo's last analysis stage: dictionaries on the demo MoE, their evaluation and feature map,
+the causal checks, and the MoE-vs-dense table — small budgets, so the whole demo stays minutes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from deepseemoe.routing.store import atomic_write_json
+
+
+def run_demo_analyses(moe_dir: Path, dense_dir: Path, corpus_dir: Path, out_dir: Path, *, ctx_len: int,
+                      train_tokens: int = 100_000, eval_tokens: int = 4_000, layer: int = 2) -> dict:
+    from deepseemoe.analysis.causal import run_causal_checks
+    from deepseemoe.analysis.compare import compare_models
+    from deepseemoe.analysis.feature_map import write_map
+    from deepseemoe.analysis.figures import causal_figures
+    from deepseemoe.analysis.report_tables import comparison_rows
+    from deepseemoe.analysis.sae_frontier import sae_frontier
+    from deepseemoe.data.sources import TextSource, iter_documents
+    from deepseemoe.data.tokens import pack_documents
+    from deepseemoe.dictionaries.evaluate import evaluate_run
+    from deepseemoe.dictionaries.run import train_run
+    from deepseemoe.dictionaries.spec import CoderSpec, RunSpec
+    from deepseemoe.dictionaries.trainer import TrainConfig
+    from deepseemoe.models.load import load_model
+
+    train, val = str(corpus_dir / "train.jsonl"), str(corpus_dir / "val.jsonl")
+    dict_dir = out_dir / "dictionaries"
+    spec = RunSpec(model=str(moe_dir), corpus=train, out=str(dict_dir), tokens=train_tokens, ctx_len=ctx_len,
+                   domain_field="domain", checkpoint_every=10**9,
+                   coders=[CoderSpec(kind="sae", site="block_in", layers=[layer], k=16, expansion_factor=8,
+                                     name=f"router_sae_{layer}"),
+                           CoderSpec(kind="skip_transcoder", layers=[layer], activation="batchtopk", k=16,
+                                     expansion_factor=8, name=f"block_transcoder_{layer}")],
+                   train=TrainConfig(batch_size=1024, buffer_size=8192, lr=1e-3, dead_after_tokens=50_000))
+    if not (dict_dir / "evaluation.json").exists():
+        if not (dict_dir / "dictionaries").exists():
+            train_run(spec, progress=False)
+        evaluate_run(dict_dir, corpus=val, tokens=eval_tokens, progress=False)
+    evaluation = json.loads((dict_dir / "evaluation.json").read_text())
+    maps = {c.name: write_map(dict_dir, spec, c.name, corpus=val, tokens=4 * eval_tokens, layer=None,
+                              batch_size=8, n_examples=5) for c in spec.coders}
+
+    moe, dense = load_model(str(moe_dir)), load_model(str(dense_dir))
+    source = TextSource(val, domain_field="domain")
+
+    def batches(h, tokens):
+        return list(pack_documents(h.tokenizer, iter_documents(source), ctx_len=ctx_len, batch_size=8,
+                                   max_tokens=tokens))
+
+    causal = run_causal_checks(moe, batches(moe, eval_tokens), progress=False)
+    atomic_write_json(out_dir / "ablate" / "ablation.json", causal)
+    causal_figures(causal, out_dir / "ablate" / "figures")
+    comparison = compare_models(moe, dense, batches(moe, eval_tokens), batches(dense, eval_tokens),
+                                max_units_per_kind=16)
+    comparison["sae_frontier"] = sae_frontier({"moe": str(moe_dir), "dense": str(dense_dir)}, train, val,
+                                              out_dir / "compare", layer=layer, ks=[8, 16], expansion_factor=8,
+                                              tokens=train_tokens, eval_tokens=eval_tokens, ctx_len=ctx_len)
+    atomic_write_json(out_dir / "compare" / "comparison.json", comparison)
+    return {"evaluation": evaluation, "maps": maps, "causal": causal, "comparison_rows": comparison_rows(comparison),
+            "figures": [out_dir / "ablate" / "figures" / "ablation_delta_ce.png",
+                        out_dir / "ablate" / "figures" / "routing_corruption_by_layer.png"]}
