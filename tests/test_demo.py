@@ -17,7 +17,8 @@ def test_reduced_demo(tmp_path):
     page = result.report.read_text()
     assert page.count("data:image/png;base64,") >= 4  # load, domain, co-activation, repetition
     for heading in ("Which expert is active when and where", "Expert load", "Experts × domains", "top tokens",
-                    "Co-activation", "Consecutive tokens", "Router saturation", "losses per domain"):
+                    "Co-activation", "Consecutive tokens", "Router saturation", "losses per domain",
+                    "Dictionaries of the MoE block", "Causal checks", "MoE vs dense"):
         assert heading in page, heading
     run = tmp_path / "demo" / "run"
     summary = json.loads((run / "analyses" / "summary.json").read_text())
@@ -30,3 +31,7 @@ def test_reduced_demo(tmp_path):
         assert cell and float(cell.group(1)) == pytest.approx(max_load, abs=1e-3)
     tokens = duckdb.sql(f"SELECT count(*) FROM read_parquet('{run}/tokens/*.parquet')").fetchall()[0][0]
     assert summary["tokens"] == tokens
+    # the causal table shows the numbers of ablation.json
+    causal = json.loads((tmp_path / "demo" / "ablate" / "ablation.json").read_text())
+    for r in causal["layers"]:
+        assert f"<td class=\"l\">{r['layer']}</td><td>{r['random_routing_delta_ce']:.4f}</td>" in page

@@ -98,7 +98,9 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
     from deepseemoe.analysis.demo_stage import run_demo_analyses
 
     with console.status("[bold]5/6 dictionaries and causal checks[/]"):
-        analyses = run_demo_analyses(zoo.moe_dir, zoo.dense_dir, corpus_dir, out_dir, ctx_len=spec.seq_len)
+        analyses = run_demo_analyses(zoo.moe_dir, zoo.dense_dir, corpus_dir, out_dir, ctx_len=spec.seq_len,
+                                     train_tokens=max(10_000, min(100_000, 2 * max_tokens)),
+                                     eval_tokens=max(1_000, min(4_000, max_tokens // 4)), layer=spec.layers // 2)
     ev = analyses["evaluation"]["coders"]
     console.print("[bold]5/6 dictionaries and causal checks[/] " + ", ".join(
         f"{n}: FVU {r['fvu']:.3f}, ΔCE {r.get('delta_ce', float('nan')):.3f}" for n, r in ev.items()))

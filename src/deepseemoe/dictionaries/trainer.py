@@ -292,6 +292,9 @@ class CoderTrainer:
         os.close(fd)
         try:
             torch.save(self.state_dict(), tmp)
+            mask = os.umask(0)
+            os.umask(mask)
+            os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; checkpoints get the usual permissions
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
