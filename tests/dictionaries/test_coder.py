@@ -234,3 +234,17 @@ def test_site_fvu_averages_per_site_fvus():
     r = torch.tensor([[1.0, 0.0, 10.0, 0.0], [1.0, 0.0, 20.0, 0.0]], dtype=torch.float64)
     # site 0: residual² 2, variance 2 → 1.0; site 1: residual² 100, variance 200 → 0.5
     assert float(site_fvu(coder, y, r)) == pytest.approx(0.75)
+
+
+def test_batchtopk_threshold_is_the_batch_cutoff_so_inference_keeps_k_per_token():
+    """With momentum 0 the threshold is the smallest value BatchTopK kept; every kept value but
+    that one exceeds it and every dropped value does not, so on the same batch inference keeps
+    exactly k·T − 1 activations."""
+    coder = _coder("batchtopk", F=40, D=6, k=3)
+    x = torch.randn(50, 6, dtype=torch.float64)
+    coder.train()
+    kept = coder(x).latents
+    coder.update_batchtopk_threshold(kept, momentum=0.0)
+    assert torch.all(coder.threshold == kept[kept > 0].min())
+    coder.eval()
+    assert int((coder.encode(x) > 0).sum()) == 3 * 50 - 1

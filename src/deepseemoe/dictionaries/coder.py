@@ -243,18 +243,21 @@ class _CoderBase(nn.Module):
         return [slice(i * width, (i + 1) * width) for i in range(self.cfg.n_sites)]
 
     @torch.no_grad()
-    def update_batchtopk_threshold(self, latents: torch.Tensor, momentum: float = 0.99) -> None:
-        """Running estimate of the smallest kept activation per latent (min over the batch of its
-        positive values), which turns BatchTopK into a JumpReLU for inference."""
+    def update_batchtopk_threshold(self, latents: torch.Tensor, momentum: float = 0.9) -> None:
+        """Running mean of the smallest activation BatchTopK kept in the batch, one threshold per
+        latent group (the whole dictionary; a CLT's source layer) — Bussmann et al.'s inference
+        rule, which keeps L0 ≈ k. (A per-latent minimum is biased high for rare latents and drops
+        L0 far below k.) The EMA forgets the first, untrained batches within ~1/(1−momentum) steps."""
         if self.threshold is None:
             return
-        positive = latents > 0
-        mins = torch.where(positive, latents, torch.full_like(latents, float("inf"))).min(0).values
-        seen = positive.any(0)
-        first = seen & (self.threshold == 0)
-        self.threshold[first] = mins[first]
-        rest = seen & ~first
-        self.threshold[rest] = momentum * self.threshold[rest] + (1 - momentum) * mins[rest]
+        G = self.cfg.groups
+        grouped = latents.view(latents.shape[0], G, -1)
+        positive = grouped > 0
+        mins = torch.where(positive, grouped, torch.full_like(grouped, float("inf"))).amin(dim=(0, 2))  # [G]
+        current = self.threshold.view(G, -1)[:, 0]
+        new = torch.where(current == 0, mins, momentum * current + (1 - momentum) * mins)
+        new = torch.where(torch.isinf(mins), current, new)  # a group that kept nothing keeps its value
+        self.threshold.copy_(new[:, None].expand(G, self.threshold.numel() // G).reshape(-1))
 
     def _fold_check(self) -> tuple[torch.Tensor, torch.Tensor]:
         s, t = self.input_scale, self.target_scale
