@@ -109,7 +109,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
     t = time.perf_counter()
     report = write_report(run_dir, out_dir / "report" / "index.html",
                           title=f"offline demo: OLMoE trained on this machine (recipe '{recipe}')",
-                          zoo_report=zoo.report, saturation=saturation_rows, analyses=analyses,
+                          zoo_report=zoo.report, saturation=saturation_rows, study=analyses,
                           notes=["A small model trained in minutes on a CPU: expect weak, mostly lexical "
                                  "specialisation, as in the larger MoEs of the literature but fainter."])
     seconds["report"] = time.perf_counter() - t

@@ -31,3 +31,42 @@ def test_two_rank_torchrun_matches_one_process(tmp_path):
         torch.testing.assert_close(ddp["state"][name], value, rtol=1e-4, atol=1e-5, msg=name)
     for a, b in zip(ddp["metrics"], single.metrics, strict=True):
         assert abs(a["fvu"] - b["fvu"]) < 1e-4 and a["l0"] == b["l0"]
+
+
+def test_coders_split_across_two_ranks_match_one_process(tmp_path, tiny_olmoe_dir, corpus_jsonl):
+    """`distribute: coders` under torchrun: rank r trains coders r, r+2, …, each on the full stream;
+    the files equal those of one process training every coder."""
+    import yaml
+
+    from deepseemoe.dictionaries.formats import load_native
+
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("\n".join(corpus_jsonl.read_text().splitlines() * 30) + "\n")
+
+    def config(out, distribute):
+        path = tmp_path / f"{out}.yaml"
+        path.write_text(yaml.safe_dump({
+            "model": str(tiny_olmoe_dir), "corpus": str(corpus), "out": str(tmp_path / out), "ctx_len": 32,
+            "tokens": 768, "distribute": distribute, "formats": ["saelens"],
+            "coders": [{"kind": "sae", "layers": [0], "k": 4, "expansion_factor": 2, "name": "a"},
+                       {"kind": "transcoder", "layers": [1], "activation": "relu", "expansion_factor": 2, "name": "b"},
+                       {"kind": "router_transcoder", "layers": [1], "k": 4, "expansion_factor": 2, "name": "c"}],
+            "train": {"batch_size": 128, "buffer_size": 256, "lr": 3e-3}}))
+        return str(path)
+
+    root = Path(__file__).parents[2]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "deepseemoe.cli", "train", config("split", "coders")], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = subprocess.run([sys.executable, "-m", "deepseemoe.cli", "train", config("single", "data")], env=env,
+                            capture_output=True, text=True, timeout=300, cwd=root)
+    assert single.returncode == 0, single.stderr[-3000:]
+    for name in "abc":
+        x, _ = load_native(tmp_path / "split" / "dictionaries" / name)
+        y, _ = load_native(tmp_path / "single" / "dictionaries" / name)
+        for (k, u), (_, v) in zip(x.state_dict().items(), y.state_dict().items(), strict=True):
+            torch.testing.assert_close(u, v, rtol=0, atol=0, msg=f"{name}.{k}")
+    assert (tmp_path / "split" / "metrics.rank1.jsonl").exists()
+    assert (tmp_path / "split" / "exports" / "saelens" / "b" / "cfg.json").exists()  # trained by rank 1

@@ -105,11 +105,11 @@ def _batches(spec: RunSpec, handle: ModelHandle, rank: int, world: int):
 class _Sinks:
     """metrics.jsonl always; wandb / tensorboard / trackio when asked for and installed."""
 
-    def __init__(self, spec: RunSpec, out: Path, enabled: bool):
+    def __init__(self, spec: RunSpec, out: Path, enabled: bool, name: str = "metrics.jsonl"):
         self.enabled, self.file, self.others = enabled, None, []
         if not enabled:
             return
-        self.file = open(out / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
+        self.file = open(out / name, "a")  # noqa: SIM115 - closed in close()
         for name in spec.log:
             try:
                 if name == "wandb":
@@ -225,26 +225,34 @@ def train_run(spec: RunSpec, *, resume: bool = False, progress: bool = True) -> 
     specs: dict[str, CoderSpec] = {}
     coders: dict[str, Coder] = {}
     pairs = {}
-    for cs in spec.coders:
+    split = spec.distribute == "coders" and world > 1
+    if split and world > len(spec.coders):
+        raise DeepSeeMoEError(f"distribute: coders needs at least one coder per rank ({len(spec.coders)} coders, "
+                              f"{world} ranks); use fewer processes or distribute: data")
+    for i, cs in enumerate(spec.coders):
         cs.resolve_layers(handle.num_layers, block_layers, sorted(handle.moe_layers))
+        if split and i % world != rank:  # coders split across ranks: this rank trains every world-th
+            specs[cs.name] = cs
+            continue
         src, tgt = cs.sites()
         torch.manual_seed(spec.train.seed)
         coders[cs.name] = build_coder(cs.coder_config(site_width(handle, src[0]), site_width(handle, tgt[0])),
                                       device=coder_device)
         specs[cs.name], pairs[cs.name] = cs, (src, tgt)
-    plan = export_plan(spec, {n: c.cfg for n, c in coders.items()}) if rank == 0 else {}
+    plan = export_plan(spec, {n: c.cfg for n, c in coders.items()}) if rank == 0 and not split else {}
 
-    trainer = CoderTrainer(coders, spec.train)
+    trainer = CoderTrainer(coders, spec.train, data_parallel=not split)
     if resume:
         trainer.resume(ckpt)
+    out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
-    sinks = _Sinks(spec, out, enabled=rank == 0)
+    sinks = _Sinks(spec, out, enabled=rank == 0 or split, name="metrics.jsonl" if rank == 0 else
+                   f"metrics.rank{rank}.jsonl")
     start = time.perf_counter()
     writer = None
     try:
-        if spec.activation_cache and world > 1:
+        if spec.activation_cache and world > 1 and not split:
             raise DeepSeeMoEError("activation_cache works with one process; drop it or run without torchrun")
         state = cache_state(spec.activation_cache, spec.cache_key()) if spec.activation_cache else "missing"
         if state == "complete":
@@ -253,7 +261,8 @@ def train_run(spec: RunSpec, *, resume: bool = False, progress: bool = True) -> 
             if spec.activation_cache:
                 sites = sorted({s for g in pairs.values() for grp in g for s in grp}, key=lambda s: (s.layer, s.kind))
                 writer = ActivationCacheWriter(spec.activation_cache, spec.cache_key(), sites)
-            stream = model_stream(handle, _batches(spec, handle, rank, world), pairs, device=coder_device,
+            shard = (0, 1) if split else (rank, world)  # split: every rank reads every batch
+            stream = model_stream(handle, _batches(spec, handle, *shard), pairs, device=coder_device,
                                   on_capture=writer.add if writer else None)
         trainer.fit(stream, max_steps=spec.max_steps, checkpoint=ckpt, checkpoint_every=spec.checkpoint_every,
                     progress=progress and rank == 0, on_step=sinks)
@@ -266,7 +275,7 @@ def train_run(spec: RunSpec, *, resume: bool = False, progress: bool = True) -> 
     final = {}
     for m in trainer.metrics:
         final[m["coder"]] = m
-    if rank == 0:
+    if rank == 0 or split:
         for name, coder in coders.items():
             cs = specs[name]
             src, tgt = cs.sites()
@@ -276,6 +285,16 @@ def train_run(spec: RunSpec, *, resume: bool = False, progress: bool = True) -> 
                     "tokens": trainer.tokens, "steps": trainer.step, "final": final.get(name, {}),
                     "train": spec.train.to_dict()}
             save_native(coder.eval(), out / "dictionaries" / name, meta=meta)
+    if split:  # rank 0 exports every coder, read back from the files the ranks wrote
+        import torch.distributed as dist
+
+        dist.barrier()
+        if rank == 0 and spec.formats:
+            from deepseemoe.dictionaries.formats import load_native
+
+            every = {name: load_native(out / "dictionaries" / name, device=coder_device)[0] for name in specs}
+            _export(spec, handle, every, specs, out, export_plan(spec, {n: c.cfg for n, c in every.items()}))
+    elif rank == 0:
         _export(spec, handle, coders, specs, out, plan)
     return TrainResult(out=out, steps=trainer.step, tokens=trainer.tokens, seconds=seconds, final=final,
                        exhausted=trainer.step < spec.max_steps)

@@ -110,6 +110,7 @@ class RunSpec:
     train: TrainConfig = dc_field(default_factory=TrainConfig)
     log: list[str] = dc_field(default_factory=list)  # wandb, tensorboard, trackio (local metrics.jsonl always)
     activation_cache: str | None = None  # folder: written on the first run, read (no model forward) after
+    distribute: str = "data"  # under torchrun: "data" (each rank its batches) or "coders" (each rank its coders)
 
     def cache_key(self) -> dict:
         sites = sorted({f"{s.kind}@{s.layer}" for c in self.coders for g in c.sites() for s in g})
@@ -125,6 +126,8 @@ class RunSpec:
             raise DeepSeeMoEError(f"coder names must be unique; got {names}")
         if not self.coders:
             raise DeepSeeMoEError("the config lists no coders; add at least one under `coders:`")
+        if self.distribute not in ("data", "coders"):
+            raise DeepSeeMoEError(f"distribute must be 'data' or 'coders', not {self.distribute!r}")
 
     @property
     def max_steps(self) -> int:

@@ -22,6 +22,7 @@ scaled so its mean norm is √D_site (estimated on the first full buffer); `fold
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -102,10 +103,13 @@ def _dist() -> tuple[int, int]:
 class CoderTrainer:
     """Trains a set of named coders on streamed (source, target) activations."""
 
-    def __init__(self, coders: dict[str, Coder], cfg: TrainConfig):
+    def __init__(self, coders: dict[str, Coder], cfg: TrainConfig, data_parallel: bool = True):
+        """`data_parallel=False` under torchrun: this rank trains its own coders on the full
+        stream (coders split across ranks) — no collectives, files still named per rank."""
         if cfg.normalize not in ("mean_norm", "none"):
             raise DeepSeeMoEError(f"unknown normalize={cfg.normalize!r}; use 'mean_norm' or 'none'")
-        self.rank, self.world = _dist()
+        self.file_rank, self.file_world = _dist()
+        self.rank, self.world = (self.file_rank, self.file_world) if data_parallel else (0, 1)
         if cfg.batch_size % self.world:
             raise DeepSeeMoEError(f"batch_size {cfg.batch_size} must divide by the {self.world} ranks")
         self.local_batch = cfg.batch_size // self.world
@@ -118,7 +122,9 @@ class CoderTrainer:
         self.buffers = {name: _Buffer(cfg.buffer_size, cfg.device) for name in coders}
         self.since_fired = {name: torch.zeros(c.cfg.n_latents, dtype=torch.long, device=cfg.device)
                             for name, c in coders.items()}
-        self.generator = torch.Generator().manual_seed(cfg.seed + self.rank)
+        # one generator per coder: a coder's batches do not depend on which coders train beside it
+        self.generators = {name: torch.Generator().manual_seed(cfg.seed * 1_000_003 + zlib.crc32(name.encode())
+                                                               + 7919 * self.rank) for name in coders}
         self.normalized = cfg.normalize == "none"
         self.step = 0
         self.tokens = 0
@@ -233,7 +239,7 @@ class CoderTrainer:
                 if ready:
                     if not self.normalized:
                         self._set_scales()
-                    step_metrics = [self._train_step(name, buf.take(self.local_batch, self.generator))
+                    step_metrics = [self._train_step(name, buf.take(self.local_batch, self.generators[name]))
                                     for name, buf in self.buffers.items()]
                     self.metrics += step_metrics
                     self.step += 1
@@ -261,8 +267,8 @@ class CoderTrainer:
         return {"coders": {n: c.state_dict() for n, c in self.coders.items()},
                 "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
                 "buffers": {n: b.state() for n, b in self.buffers.items()},
-                "since_fired": self.since_fired, "generator": self.generator.get_state(),
-                "normalized": self.normalized, "rank": self.rank, "world": self.world,
+                "since_fired": self.since_fired, "generators": {n: g.get_state() for n, g in self.generators.items()},
+                "normalized": self.normalized, "rank": self.file_rank, "world": self.file_world,
                 "step": self.step, "tokens": self.tokens, "items_consumed": self.items_consumed,
                 "config": self.cfg.to_dict()}
 
@@ -272,14 +278,16 @@ class CoderTrainer:
             self.optimizers[n].load_state_dict(state["optimizers"][n])
             self.buffers[n].load(state["buffers"][n])
         self.since_fired = {n: t.to(self.cfg.device) for n, t in state["since_fired"].items()}
-        self.generator.set_state(state["generator"])
+        for n, g in self.generators.items():
+            g.set_state(state["generators"][n])
         self.normalized = state["normalized"]
         self.step, self.tokens, self.items_consumed = state["step"], state["tokens"], state["items_consumed"]
 
     def _rank_path(self, path: str | Path) -> Path:
         """Rank 0 writes `path`; under torchrun every other rank its own buffers beside it."""
         path = Path(path)
-        return path if self.rank == 0 else path.with_name(f"{path.stem}.rank{self.rank}{path.suffix}")
+        r = self.file_rank
+        return path if r == 0 else path.with_name(f"{path.stem}.rank{r}{path.suffix}")
 
     def save(self, path: str | Path) -> None:
         """Atomic checkpoint (temp file + rename)."""
@@ -305,7 +313,7 @@ class CoderTrainer:
         if not path.exists():
             raise DeepSeeMoEError(f"no checkpoint at {path}; start without --resume")
         state = torch.load(path, weights_only=False, map_location=self.cfg.device)
-        if state.get("world", 1) != self.world:
+        if state.get("world", 1) != self.file_world:
             raise DeepSeeMoEError(f"checkpoint {path} was written by {state.get('world', 1)} ranks, this run has "
-                                  f"{self.world}; resume with the same number of processes")
+                                  f"{self.file_world}; resume with the same number of processes")
         self.load_state_dict(state)

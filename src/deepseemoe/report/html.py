@@ -63,7 +63,7 @@ def routing_samples(run_dir: Path, layers: list[int], tokens_per_sample: int = 4
 
 def write_report(run_dir: str | Path, out_path: str | Path, *, title: str, zoo_report: dict | None = None,
                  saturation: list[dict] | None = None, notes: list[str] | None = None, min_count: int = 5,
-                 analyses: dict | None = None) -> Path:
+                 study: dict | None = None) -> Path:
     """Render RUN_DIR's routing analyses (and optional model report) into one HTML file."""
     import json
 
@@ -118,7 +118,7 @@ def write_report(run_dir: str | Path, out_path: str | Path, *, title: str, zoo_r
                  ("tokens", "top tokens"), ("coactivation", "co-activation"), ("repetition", "repetition")]
     if saturation:
         sections.append(("saturation", "saturation"))
-    extra = _analyses_context(analyses) if analyses else None
+    extra = _analyses_context(study) if study else None
     if extra:
         sections += [("dictionaries", "dictionaries"), ("causal", "causal checks"), ("compare", "MoE vs dense")]
     env = jinja2.Environment(loader=jinja2.PackageLoader("deepseemoe.report", "templates"),
