@@ -25,11 +25,12 @@ def register(app: typer.Typer) -> None:
         doc = evaluate_run(run_dir, corpus=corpus, tokens=tokens, batch_size=batch_size, device=device)
         table = Table(title=f"{doc['tokens']:,} tokens of {doc['corpus']}")
         cols = ["fvu", "l0", "dead", "dense", "delta_ce", "kl", "loss_recovered", "routing_preserved"]
-        table.add_column("coder")
-        for c in cols:
-            table.add_column(c, justify="right")
+        heads = ["FVU", "L0", "dead", "dense", "ΔCE", "KL", "recovered", "routing"]
+        table.add_column("coder", no_wrap=True)
+        for h in heads:
+            table.add_column(h, justify="right", no_wrap=True)
         for name, r in doc["coders"].items():
-            table.add_row(name, *[f"{r[c]:.3f}" if c in r else "—" for c in cols])
+            table.add_row(name, *[(f"{r[c]:.1f}" if c == "l0" else f"{r[c]:.3f}") if c in r else "—" for c in cols])
         console = Console()
         console.print(table)
         console.print(f"[green]→ {run_dir / 'evaluation.json'}[/] (FVU: {doc['fvu_normalisation']})")
