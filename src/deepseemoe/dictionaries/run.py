@@ -153,7 +153,8 @@ def export_plan(spec: RunSpec, configs: dict[str, object]) -> dict[str, list[str
     """Which coders each requested format can hold exactly; the rest are named before training."""
     from deepseemoe.dictionaries import formats
 
-    plan, skipped = {}, []
+    plan: dict[str, list[str]] = {}
+    skipped: dict[tuple[str, str], list[str]] = {}
     for fmt in spec.formats:
         plan[fmt] = []
         for name, cfg in configs.items():
@@ -166,9 +167,9 @@ def export_plan(spec: RunSpec, configs: dict[str, object]) -> dict[str, list[str
                     formats.check_circuit_tracer(cfg)
                 plan[fmt].append(name)
             except DeepSeeMoEError as e:
-                skipped.append(f"{fmt} skips {name}: {e}")
-    for line in skipped:
-        print(f"note: {line}")
+                skipped.setdefault((fmt, str(e)), []).append(name)
+    for (fmt, why), names in skipped.items():  # one line per format and reason
+        print(f"note: {fmt} skips {', '.join(names)}: {why}")
     return plan
 
 
