@@ -111,12 +111,15 @@ class LossMeter:
         valid = am[:, 1:].bool() & am[:, :-1].bool()
         return logp, ce, valid
 
-    def measure(self, context: Callable[[], object] | None = None) -> dict:
-        """ΔCE overall and per domain, and KL, for the forwards run inside `context()`."""
+    def measure(self, context: Callable[[], object] | None = None, only: list[int] | None = None) -> dict:
+        """ΔCE overall and per domain, and KL, for the forwards run inside `context()` (on the
+        batches `only`, default all)."""
         sums: dict[str, float] = defaultdict(float)
         counts: dict[str, int] = defaultdict(int)
         kl_sum, n, delta_sum = 0.0, 0, 0.0
         for i, b in enumerate(self.batches):
+            if only is not None and i not in only:
+                continue
             with (context() if context else _nothing()):
                 logp, ce, _ = self._run(b)
             valid = self.valid[i]
