@@ -103,3 +103,17 @@ def test_map_cli_on_a_trained_block_input_sae(tmp_path, tiny_olmoe_dir, corpus_j
     fe = pq.read_table(tmp_path / "run" / "maps" / "router_sae" / "feature_experts.parquet").to_pandas()
     sums = fe.groupby("feature")["p_e_given_f"].sum()
     np.testing.assert_allclose(sums.values, 2.0)  # K = 2 experts per token
+    examples = json.loads((tmp_path / "run" / "maps" / "router_sae" / "examples.json").read_text())
+    first = next(iter(examples.values()))
+    assert first["top"] and len(first["quantiles"]) == 4
+    acts = [e["activation"] for q in first["quantiles"] for e in q]
+    assert acts and max(acts) <= first["top"][0]["activation"] + 1e-6
+
+
+def test_quantile_picks_by_hand():
+    from deepseemoe.analysis.features import quantile_picks
+
+    v = torch.tensor([0.0, 5.0, 1.0, 0.0, 3.0, 2.0, 4.0, 6.0])  # positives sorted: 1,2,3,4,5,6
+    picks = quantile_picks(v, bins=3, per_bin=5)
+    assert [sorted(v[p].tolist()) for p in picks] == [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]
+    assert quantile_picks(torch.zeros(4), 2, 3) == [[], []]

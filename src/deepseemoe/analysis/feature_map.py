@@ -4,7 +4,7 @@
     RUN_DIR/maps/NAME/features.parquet        per feature: fires, specificity, top expert by lift (+ MI),
                                               the expert it promotes most (virtual router weight)
     RUN_DIR/maps/NAME/feature_experts.parquet per live (feature, expert): count, P(e|f), lift, MI
-    RUN_DIR/maps/NAME/examples.json           top-activating contexts with their experts
+    RUN_DIR/maps/NAME/examples.json           per feature: top-activating and per-quantile contexts, with experts
 """
 
 from __future__ import annotations

@@ -170,9 +170,33 @@ def collect_for_map(handle: ModelHandle, coder: Coder, sources: list[Site], laye
     return {k: torch.cat(v) if k not in ("virtual",) else v[0] for k, v in out.items()}
 
 
+def quantile_picks(values: torch.Tensor, bins: int, per_bin: int, seed: int = 0) -> list[list[int]]:
+    """Indices of up to `per_bin` random positive entries of `values` from each of `bins`
+    equal-count bins of its positive values, lowest bin first (delphi's quantile sampling)."""
+    pos = (values > 0).nonzero().squeeze(1)
+    if len(pos) == 0:
+        return [[] for _ in range(bins)]
+    order = pos[values[pos].argsort()]
+    g = torch.Generator().manual_seed(seed)
+    picks = []
+    for chunk in torch.tensor_split(order, bins):
+        take = torch.randperm(len(chunk), generator=g)[:per_bin]
+        picks.append(chunk[take].tolist())
+    return picks
+
+
 def top_examples(latents: torch.Tensor, where: torch.Tensor, contexts: torch.Tensor, idx: torch.Tensor,
-                 tokenizer, n: int = 5, window: int = 8, features: list[int] | None = None) -> dict[int, list[dict]]:
-    """The n strongest activations of each feature, with a token window and the token's experts."""
+                 tokenizer, n: int = 5, window: int = 8, features: list[int] | None = None,
+                 quantile_bins: int = 4) -> dict[int, dict[str, list]]:
+    """Per feature, the n strongest activations and n per activation-quantile bin, each with a
+    token window and the token's experts."""
+    def show(col: torch.Tensor, t: int) -> dict:
+        c, p = where[t].tolist()
+        ids = contexts[c, max(0, p - window):p + 1].tolist()
+        return {"activation": float(col[t]), "experts": idx[t].tolist(),
+                "text": tokenizer.decode(ids[:-1]) if tokenizer else str(ids[:-1]),
+                "token": tokenizer.decode(ids[-1:]) if tokenizer else str(ids[-1])}
+
     result = {}
     feats = features if features is not None else range(latents.shape[1])
     for f in feats:
@@ -180,12 +204,6 @@ def top_examples(latents: torch.Tensor, where: torch.Tensor, contexts: torch.Ten
         if not bool((col > 0).any()):
             continue
         top = col.topk(min(n, int((col > 0).sum()))).indices
-        rows = []
-        for t in top.tolist():
-            c, p = where[t].tolist()
-            ids = contexts[c, max(0, p - window):p + 1].tolist()
-            rows.append({"activation": float(col[t]), "experts": idx[t].tolist(),
-                         "text": tokenizer.decode(ids[:-1]) if tokenizer else str(ids[:-1]),
-                         "token": tokenizer.decode(ids[-1:]) if tokenizer else str(ids[-1])})
-        result[f] = rows
+        result[f] = {"top": [show(col, t) for t in top.tolist()],
+                     "quantiles": [[show(col, t) for t in b] for b in quantile_picks(col, quantile_bins, n, seed=f)]}
     return result
