@@ -94,12 +94,15 @@ def test_map_cli_on_a_trained_block_input_sae(tmp_path, tiny_olmoe_dir, corpus_j
         r = runner.invoke(app, ["map", str(tmp_path / "run"), "--dictionary", name, "--tokens", "600"],
                           catch_exceptions=False)
         assert r.exit_code == 0, r.output
+    import pyarrow.parquet as pq
+
     s = json.loads((tmp_path / "run" / "maps" / "router_sae" / "summary.json").read_text())
     assert s["layer"] == 1 and s["attribution"]["max_abs_error"] < 1e-4 * max(1.0, s["attribution"]["logit_scale"])
     assert 0 <= s["routing_prediction"]["features"] <= 1 and not math.isnan(s["specificity_median"])
-    assert "attribution" not in json.loads((tmp_path / "run" / "maps" / "transcoder_1" / "summary.json").read_text())
-    import pyarrow.parquet as pq
-
+    tsum = json.loads((tmp_path / "run" / "maps" / "transcoder_1" / "summary.json").read_text())
+    assert "attribution" not in tsum and 0 <= tsum["composition"]["expert_specific_share"] <= 1
+    comp = pq.read_table(tmp_path / "run" / "maps" / "transcoder_1" / "expert_composition.parquet").to_pandas()
+    assert len(comp) == 8 * 128  # experts × features
     fe = pq.read_table(tmp_path / "run" / "maps" / "router_sae" / "feature_experts.parquet").to_pandas()
     sums = fe.groupby("feature")["p_e_given_f"].sum()
     np.testing.assert_allclose(sums.values, 2.0)  # K = 2 experts per token
@@ -117,3 +120,37 @@ def test_quantile_picks_by_hand():
     picks = quantile_picks(v, bins=3, per_bin=5)
     assert [sorted(v[p].tolist()) for p in picks] == [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]
     assert quantile_picks(torch.zeros(4), 2, 3) == [[], []]
+
+
+def test_expert_composition_by_hand():
+    from deepseemoe.analysis.features import expert_composition
+
+    # two experts whose outputs are e0 = (2, 0) and e1 = (0, 3); feature 0 writes along x, feature 1 along y
+    W_dec = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    idx = torch.tensor([[0], [1], [0]])
+    contrib = torch.tensor([[[2.0, 0.0]], [[0.0, 3.0]], [[2.0, 0.0]]])
+    latents = torch.tensor([[2.0, 0.0], [0.0, 1.5], [1.0, 1.0]])
+    out = expert_composition(latents, W_dec, idx, contrib, 2)
+    # expert 0: tokens 0, 2 — num f0: 2·2 + 1·2 = 6, f1: 0; den 4 + 4 = 8 → 0.75, 0
+    # expert 1: token 1 — f1: 1.5·3 = 4.5, den 9 → 0.5
+    np.testing.assert_allclose(out["share"], [[0.75, 0.0], [0.0, 0.5]])
+    np.testing.assert_allclose(out["specificity"], [1.0, 1.0])
+    assert out["top_expert"].tolist() == [0, 1]
+
+
+def test_composition_sums_do_not_depend_on_chunking():
+    from deepseemoe.analysis.features import composition_sums
+
+    g = torch.Generator().manual_seed(0)
+    lat, W = torch.rand(50, 6, generator=g), torch.randn(6, 4, generator=g)
+    idx, contrib = torch.randint(0, 3, (50, 2), generator=g), torch.randn(50, 2, 4, generator=g)
+    a = composition_sums(lat, W, idx, contrib, 3, chunk=7)
+    b = composition_sums(lat, W, idx, contrib, 3, chunk=1000)
+    torch.testing.assert_close(a[0], b[0])
+    torch.testing.assert_close(a[1], b[1])
+    # and the numerator is Σ f_i ⟨d_i, c⟩ per expert, written out with loops
+    ref = torch.zeros(3, 6, dtype=torch.float64)
+    for t in range(50):
+        for k in range(2):
+            ref[idx[t, k]] += (lat[t] * (W @ contrib[t, k])).double()
+    torch.testing.assert_close(b[0], ref, rtol=1e-5, atol=1e-5)

@@ -4,6 +4,8 @@
     RUN_DIR/maps/NAME/features.parquet        per feature: fires, specificity, top expert by lift (+ MI),
                                               the expert it promotes most (virtual router weight)
     RUN_DIR/maps/NAME/feature_experts.parquet per live (feature, expert): count, P(e|f), lift, MI
+    RUN_DIR/maps/NAME/expert_composition.parquet  block transcoders: per (expert, feature) the share of
+                                              the expert's routed output the feature writes along it
     RUN_DIR/maps/NAME/examples.json           per feature: top-activating and per-quantile contexts, with experts
 """
 
@@ -16,6 +18,7 @@ import pyarrow as pa
 
 from deepseemoe.analysis.features import (
     collect_for_map,
+    composition_from_sums,
     feature_expert_tables,
     routing_prediction,
     top_examples,
@@ -58,7 +61,9 @@ def write_map(run_dir: Path, spec: RunSpec, name: str, *, corpus: str | None, to
     source = TextSource(corpus or spec.corpus, field=spec.field, domain_field=spec.domain_field)
     batches = list(pack_documents(handle.tokenizer, iter_documents(source), ctx_len=spec.ctx_len,
                                   batch_size=batch_size, max_tokens=tokens))
-    got = collect_for_map(handle, coder, sources, layer, batches, attribution)
+    targets = [Site(k, la) for k, la in meta["target"]]
+    composition = meta["kind"] in ("transcoder", "skip_transcoder") and targets == [Site("block_out", layer)]
+    got = collect_for_map(handle, coder, sources, layer, batches, attribution, composition)
     moe = handle.moe_layers[layer]
     tables = feature_expert_tables(got["latents"], got["idx"], moe.num_experts)
     live = tables["fires"] > 0
@@ -71,6 +76,14 @@ def write_map(run_dir: Path, spec: RunSpec, name: str, *, corpus: str | None, to
     if "virtual" in got:
         cols["promoted_expert"] = got["virtual"].argmax(1).numpy()
         cols["promoted_logit_per_unit"] = got["virtual"].max(1).values.numpy()
+    comp = None
+    if composition:
+        comp = composition_from_sums(got["comp_num"], got["comp_den"])
+        cols["composition_top_expert"] = comp["top_expert"]
+        cols["composition_specificity"] = comp["specificity"]
+        e_idx, f_idx = np.meshgrid(np.arange(moe.num_experts), np.arange(F), indexing="ij")
+        atomic_write_table(out / "expert_composition.parquet", pa.table({
+            "expert": e_idx.reshape(-1), "feature": f_idx.reshape(-1), "share": comp["share"].T.reshape(-1)}))
     atomic_write_table(out / "features.parquet", pa.table(cols))
     f_idx, e_idx = np.nonzero(tables["counts"] > 0)
     atomic_write_table(out / "feature_experts.parquet", pa.table({
@@ -88,6 +101,13 @@ def write_map(run_dir: Path, spec: RunSpec, name: str, *, corpus: str | None, to
                "routing_prediction": routing_prediction(got["latents"], got["idx"], got["tokens"], got["prev"],
                                                         moe.num_experts),
                "out": str(out)}
+    if comp is not None:
+        spec = comp["specificity"][live]
+        spec = spec[~np.isnan(spec)]
+        summary["composition"] = {
+            "median_specificity": float(np.median(spec)) if len(spec) else float("nan"),
+            "expert_specific_share": float((spec > 0.5).mean()) if len(spec) else 0.0,
+            "routed_share_explained": {str(e): float(comp["share"][:, e].sum()) for e in range(moe.num_experts)}}
     if attribution:
         feats, err = got["attr_features"], got["attr_error"]
         summary["attribution"] = {"max_abs_error": float(got["attr_err"].max()),

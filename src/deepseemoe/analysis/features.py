@@ -133,7 +133,7 @@ def routing_prediction(latents: torch.Tensor, idx: torch.Tensor, tokens: torch.T
 
 @torch.no_grad()
 def collect_for_map(handle: ModelHandle, coder: Coder, sources: list[Site], layer: int, batches: list,
-                    attribution: bool) -> dict:
+                    attribution: bool, composition: bool = False) -> dict:
     """One pass: latents, chosen experts and router logits at `layer`, token ids, previous ids,
     (context, position) of every kept token, and the attribution parts when asked."""
     bos = getattr(handle.tokenizer, "bos_token_id", None)
@@ -143,8 +143,18 @@ def collect_for_map(handle: ModelHandle, coder: Coder, sources: list[Site], laye
     out: dict[str, list] = defaultdict(list)
     ctx = 0
     dev = coder.b_dec.device
+    moe = handle.moe_layers[layer]
     for packed in batches:
-        item = next(model_stream(handle, [packed], pairs, device=dev))
+        hooks, seen = [], {}
+        if composition:  # the weighted outputs w_k·E_k(x) of the chosen experts
+            def cb(ev, seen=seen):
+                seen["contrib"] = (moe.adapter.expert_outputs(moe, ev.x, ev.idx) * ev.weights[..., None]).float()
+            hooks = moe.adapter.observe(moe, cb)
+        try:
+            item = next(model_stream(handle, [packed], pairs, device=dev))
+        finally:
+            for h in hooks:
+                h.remove()
         x = item["src"][0].float()
         lat = coder.encode(x)
         out["latents"].append(lat.cpu())
@@ -157,6 +167,11 @@ def collect_for_map(handle: ModelHandle, coder: Coder, sources: list[Site], laye
         out["prev"].append(prev[keep])
         pos = keep.nonzero().squeeze(1)
         out["where"].append(torch.stack([pos // ids.shape[1] + ctx, pos % ids.shape[1]], 1))
+        if composition:  # accumulate, never keep [T, K, D]
+            num, den = composition_sums(lat, coder.folded().W_dec.detach(), item["@routing"][0].long(),
+                                        seen["contrib"][keep.to(seen["contrib"].device)], moe.num_experts)
+            out["comp_num"] = [num + (out["comp_num"][0] if out["comp_num"] else 0)]
+            out["comp_den"] = [den + (out["comp_den"][0] if out["comp_den"] else 0)]
         out["contexts"].append(ids)
         ctx += ids.shape[0]
         if attribution:
@@ -167,7 +182,7 @@ def collect_for_map(handle: ModelHandle, coder: Coder, sources: list[Site], laye
             out["attr_features"].append(parts["features"].cpu())
             out["attr_error"].append(parts["error"].cpu())
             out["virtual"] = [parts["virtual"].cpu()]
-    return {k: torch.cat(v) if k not in ("virtual",) else v[0] for k, v in out.items()}
+    return {k: torch.cat(v) if k not in ("virtual", "comp_num", "comp_den") else v[0] for k, v in out.items()}
 
 
 def quantile_picks(values: torch.Tensor, bins: int, per_bin: int, seed: int = 0) -> list[list[int]]:
@@ -207,3 +222,44 @@ def top_examples(latents: torch.Tensor, where: torch.Tensor, contexts: torch.Ten
         result[f] = {"top": [show(col, t) for t in top.tolist()],
                      "quantiles": [[show(col, t) for t in b] for b in quantile_picks(col, quantile_bins, n, seed=f)]}
     return result
+
+
+def expert_composition(latents: torch.Tensor, W_dec: torch.Tensor, idx: torch.Tensor, contrib: torch.Tensor,
+                       num_experts: int) -> dict[str, np.ndarray]:
+    """Which features write each expert's share of a block transcoder's output.
+
+    latents [T, F], W_dec [F, D] (scales folded), idx [T, K] chosen experts, contrib [T, K, D] the
+    weighted outputs w_k·E_k(x) of those experts. For feature i and expert e:
+        S[i, e] = Σ_{t,k: idx=e} f_i(t)·⟨d_i, c_k(t)⟩ / Σ_{t,k: idx=e} ‖c_k(t)‖²
+    — the part of expert e's output (in its own squared norm) that feature i writes along it.
+    A feature's expert profile |S[i, :]| normalised gives its specificity 1 − H/log E (1: it writes
+    into one expert's output only)."""
+    return composition_from_sums(*composition_sums(latents, W_dec, idx, contrib, num_experts))
+
+
+def composition_sums(latents: torch.Tensor, W_dec: torch.Tensor, idx: torch.Tensor, contrib: torch.Tensor,
+                     num_experts: int, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """The numerator [E, F] and denominator [E] of S, in token chunks (memory [chunk, K, F])."""
+    F = latents.shape[1]
+    num = torch.zeros(num_experts, F, dtype=torch.float64)
+    den = torch.zeros(num_experts, dtype=torch.float64)
+    W = W_dec.float().to(contrib.device)
+    for a in range(0, len(idx), chunk):
+        lat, ix, c = latents[a:a + chunk].float().to(W.device), idx[a:a + chunk], contrib[a:a + chunk].float()
+        proj = torch.einsum("fd,tkd->tkf", W, c) * lat[:, None, :]  # [t, K, F]
+        flat = ix.reshape(-1).long().cpu()
+        num.index_add_(0, flat, proj.reshape(-1, F).double().cpu())
+        den.index_add_(0, flat, c.pow(2).sum(-1).reshape(-1).double().cpu())
+    return num, den
+
+
+def composition_from_sums(num: torch.Tensor, den: torch.Tensor) -> dict[str, np.ndarray]:
+    num_experts = len(den)
+    S = (num / den.clamp_min(1e-30)[:, None]).T.numpy()  # [F, E]
+    mag = np.abs(S)
+    total = mag.sum(1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = mag / total
+        h = -np.where(p > 0, p * np.log(p), 0.0).sum(1)
+    spec = np.where(total[:, 0] > 0, 1 - h / math.log(num_experts), np.nan)
+    return {"share": S, "specificity": spec, "top_expert": mag.argmax(1)}
