@@ -94,6 +94,18 @@ def test_compare_cli_on_a_tiny_pair(pair, tmp_path):
     assert set(doc["moe"]["domain_selectivity"]) == {"expert", "expert_neuron", "attention_head"}
     assert set(doc["dense"]["domain_selectivity"]) == {"mlp_neuron", "attention_head"}
     assert len(doc["moe"]["ablation"]["expert"]) == 4 and "mlp_neuron_block" in doc["dense"]["ablation"]
+    assert {u["neurons"] for u in doc["dense"]["ablation"]["mlp_random_block"]} == \
+        {u["neurons"] for u in doc["dense"]["ablation"]["mlp_neuron_block"]}
     assert [row["k"] for row in doc["sae_frontier"]["rows"]["dense"]] == [4, 8]
     md = (tmp_path / "cmp" / "comparison.md").read_text()
     assert "| measure | MoE | dense |" in md and "SAE k=8" in md
+
+
+def test_ablation_gap_by_hand():
+    from deepseemoe.analysis.compare import _gap, _preferred
+
+    res = {"by_domain": {"code": 0.30, "en": 0.10, "de": 0.05}}
+    g = _gap(res, "code")
+    assert g["delta_ce_others"] == pytest.approx(0.075) and g["gap"] == pytest.approx(0.225)
+    # preferred = highest mean activity per token, not highest total
+    assert _preferred(np.array([10.0, 6.0]), np.array([10.0, 2.0])) == 1

@@ -11,9 +11,11 @@ or token class), normalised over classes; selectivity = 1 − H(p_u) / log C: 0 
 equally active on every class, 1 when it is active on one only. Units never active are left out.
 
 Ablation selectivity: ablate one unit — an expert (weight 0), a head (its o_proj input slice 0),
-or, for the dense model, the block of MLP neurons most selective for a domain, as many as one
-expert has (d_ff_dense / E, so the removed capacity matches) — and compare ΔCE on the unit's
-preferred domain with the mean ΔCE on the other domains (gap = preferred − others).
+or, for the dense model, a block of as many MLP neurons as one expert has (d_ff_dense / E, so
+the removed capacity matches): either the block most selective for a domain (selected on the
+evaluation data, so it favours the dense model) or random blocks (the unselected analogue of an
+expert) — and compare ΔCE on the unit's preferred domain with the mean ΔCE on the other domains
+(gap = preferred − others).
 
 The SAE frontier is trained with the regular trainer (`deepseemoe.dictionaries`) on the same
 residual site of both models at equal width, for several k; FVU, dead fraction and spliced ΔCE
@@ -191,6 +193,15 @@ def ablation_selectivity(handle: ModelHandle, batches: list, domains: list[str],
                 module = handle.model.get_submodule(handle.dense_mlps[layer].neuron_path)
                 res = meter.measure(lambda module=module, chosen=chosen: _zero_neurons(module, chosen))
                 out["mlp_neuron_block"].append({"layer": layer, "unit": dom, "neurons": int(block), **_gap(res, dom)})
+            # the unselected analogue of an expert: a random block of the same size, its preferred
+            # domain read off its activity like an expert's (no selection on the evaluation data)
+            g = np.random.default_rng(layer)
+            for r in range(min(4, sel.get("experts_to_match", 16))):
+                chosen = g.choice(mass.shape[0], size=block, replace=False)
+                pref = domains[_preferred(mass[chosen].sum(0), counts)]
+                module = handle.model.get_submodule(handle.dense_mlps[layer].neuron_path)
+                res = meter.measure(lambda module=module, chosen=chosen: _zero_neurons(module, chosen))
+                out["mlp_random_block"].append({"layer": layer, "unit": r, "neurons": int(block), **_gap(res, pref)})
     return dict(out)
 
 

@@ -22,7 +22,7 @@ def comparison_rows(result: dict) -> list[tuple[str, str, str]]:
                 rows.append((f"{what} selectivity of {kind.replace('_', ' ')}s (median; share > 0.5)",
                              f"{_fmt(m['median'])}; {_fmt(m['share_above_0.5'])}" if m else "—",
                              f"{_fmt(d['median'])}; {_fmt(d['share_above_0.5'])}" if d else "—"))
-    for kind in ("expert", "mlp_neuron_block", "attention_head"):
+    for kind in ("expert", "mlp_random_block", "mlp_neuron_block", "attention_head"):
         vals = {}
         for side in ("moe", "dense"):
             units = result[side]["ablation"].get(kind, [])
