@@ -18,9 +18,8 @@ from deepseemoe.analysis.causal import LossMeter, token_domains
 from deepseemoe.capture.core import Site, token_mask
 from deepseemoe.dictionaries.coder import Coder
 from deepseemoe.errors import DeepSeeMoEError
+from deepseemoe.interventions.sites import REWRITABLE, rewrite_site, routing_hooks, watch_routing
 from deepseemoe.models.spec import ModelHandle
-
-STEERABLE = ("resid_in", "resid_out", "block_in", "block_out")
 
 
 class FeatureEdit:
@@ -28,8 +27,8 @@ class FeatureEdit:
     the routing of the MoE layers at or after it and where the feature fired."""
 
     def __init__(self, handle: ModelHandle, coder: Coder, site: Site, feature: int, scale: float):
-        if site.kind not in STEERABLE:
-            raise DeepSeeMoEError(f"feature edits need an SAE on {', '.join(STEERABLE)}; this one reads {site.kind}")
+        if site.kind not in REWRITABLE:
+            raise DeepSeeMoEError(f"feature edits need an SAE on {', '.join(REWRITABLE)}; this one reads {site.kind}")
         if coder.cfg.is_transcoder or coder.cfg.n_sites > 1:
             raise DeepSeeMoEError("feature edits take a single-site SAE (its decoder writes the site it reads)")
         if not 0 <= feature < coder.cfg.n_latents:
@@ -39,7 +38,7 @@ class FeatureEdit:
         self.hooks: list = []
         self.keep: torch.Tensor | None = None
         self.fired: torch.Tensor | None = None
-        self.routing: dict[int, torch.Tensor] = {}
+        self.routing: dict[int, list[torch.Tensor]] = {}
 
     def _edit(self, h: torch.Tensor) -> torch.Tensor:
         flat = h.reshape(-1, h.shape[-1])
@@ -53,47 +52,17 @@ class FeatureEdit:
         return (x + delta).to(flat.dtype).view_as(h)
 
     def __enter__(self):
-        h, site = self.handle, self.site
-        if site.kind in ("resid_in", "resid_out"):
-            module = h.layers[site.layer]
-        else:
-            moe = h.moe_layers.get(site.layer)
-            module = moe.block if moe is not None else h.dense_mlps[site.layer].module
-        if site.kind in ("resid_out", "block_out"):
-            def post(mod, args, out):
-                if isinstance(out, tuple):
-                    return (self._edit(out[0]), *out[1:])
-                return self._edit(out)
-            self.hooks.append(module.register_forward_hook(post))
-        else:
-            def pre(mod, args, kwargs):
-                if args:
-                    return (self._edit(args[0]), *args[1:]), kwargs
-                return args, {**kwargs, "hidden_states": self._edit(kwargs["hidden_states"])}
-            self.hooks.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-        first = site.layer + (1 if site.kind in ("resid_out", "block_out") else 0)
-        for layer, moe in h.moe_layers.items():
-            if layer >= first:
-                self.hooks += moe.adapter.observe(moe, lambda ev, layer=layer: self.routing.__setitem__(layer, ev.idx))
+        self.routing = {}
+        self.hooks = [rewrite_site(self.handle, self.site, self._edit)]
+        first = self.site.layer + (1 if self.site.kind.endswith("_out") else 0)
+        self.hooks += routing_hooks(self.handle, [la for la in sorted(self.handle.moe_layers) if la >= first],
+                                    self.routing)
         return self
 
     def __exit__(self, *exc):
         for hook in self.hooks:
             hook.remove()
         self.hooks.clear()
-
-
-def _routing(handle: ModelHandle, ids, am) -> dict[int, torch.Tensor]:
-    got, hooks = {}, []
-    for layer, moe in handle.moe_layers.items():
-        hooks += moe.adapter.observe(moe, lambda ev, layer=layer: got.__setitem__(layer, ev.idx))
-    try:
-        with torch.no_grad():
-            handle.model(input_ids=ids, attention_mask=am, use_cache=False)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return got
 
 
 def _changed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -104,7 +73,8 @@ def _changed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def edit_feature(handle: ModelHandle, coder: Coder, site: Site, batches: list, feature: int,
                  scale: float = 0.0) -> dict:
-    meter = LossMeter(handle, batches, [token_domains(b) for b in batches])
+    with watch_routing(handle) as clean_calls:  # the clean pass of the meter gives the clean routing
+        meter = LossMeter(handle, batches, [token_domains(b) for b in batches])
     device = next(handle.model.parameters()).device
     bos = getattr(handle.tokenizer, "bos_token_id", None)
     counts: dict[int, list[float]] = {}
@@ -114,7 +84,6 @@ def edit_feature(handle: ModelHandle, coder: Coder, site: Site, batches: list, f
     for i, b in enumerate(batches):
         ids, am = b.input_ids.to(device), b.attention_mask.to(device)
         keep = token_mask(ids, am, bos, exclude_bos=True)
-        clean = _routing(handle, ids, am)
         edit.keep = keep
         res = meter.measure(lambda: edit, only=[i])
         n = int(meter.valid[i].sum())
@@ -122,8 +91,8 @@ def edit_feature(handle: ModelHandle, coder: Coder, site: Site, batches: list, f
         loss["kl"] += res["kl"] * n
         fired = edit.fired & keep.cpu()
         fired_total += int(fired.sum())
-        for layer, idx in edit.routing.items():
-            ch = _changed(clean[layer], idx).cpu()
+        for layer, calls in edit.routing.items():
+            ch = _changed(clean_calls[layer][i], calls[-1]).cpu()
             c = counts.setdefault(layer, [0.0, 0.0, 0.0])
             c[0] += float(ch[keep.cpu()].sum())
             c[1] += float(ch[fired].sum())

@@ -31,18 +31,11 @@ from deepseemoe.dictionaries.formats import load_native
 from deepseemoe.dictionaries.spec import RunSpec
 from deepseemoe.dictionaries.stream import model_stream
 from deepseemoe.errors import DeepSeeMoEError
+from deepseemoe.interventions.sites import REWRITABLE, rewrite_site, routing_hooks, site_module, watch_routing
 from deepseemoe.models.spec import ModelHandle
 
 DENSE_FRACTION = 0.10
-SPLICEABLE_SAE_SITES = ("resid_in", "resid_out", "block_in", "block_out")
-
-
-def _first(x):
-    return x[0] if isinstance(x, tuple) else x
-
-
-def _replace_first(out, new):
-    return (new, *out[1:]) if isinstance(out, tuple) else new
+SPLICEABLE_SAE_SITES = REWRITABLE
 
 
 class _Splice:
@@ -53,15 +46,9 @@ class _Splice:
         self.handle, self.coder, self.meta, self.keep, self.mode = handle, coder, meta, keep, mode
         self.hooks: list = []
         self.latents: dict[int, torch.Tensor] = {}
-        self.routing: dict[int, torch.Tensor] = {}
+        self.routing: dict[int, list[torch.Tensor]] = {}
         self.source = [Site(k, layer) for k, layer in meta["source"]]
         self.target = [Site(k, layer) for k, layer in meta["target"]]
-
-    def _module(self, site: Site):
-        if site.kind in ("resid_in", "resid_out"):
-            return self.handle.layers[site.layer]
-        moe = self.handle.moe_layers.get(site.layer)
-        return moe.block if moe is not None else self.handle.dense_mlps[site.layer].module
 
     def _rewrite(self, flat: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
         new = flat.clone()
@@ -83,19 +70,7 @@ class _Splice:
                 recon = c(flat.to(dev, torch.float32)).out.to(flat.device)
                 return self._rewrite(flat, recon).view_as(h)
 
-            def hook(module, args, out):
-                return _replace_first(out, swap(_first(out)))
-
-            def pre_hook(module, args, kwargs):
-                if args:
-                    return (swap(args[0]), *args[1:]), kwargs
-                return args, {**kwargs, "hidden_states": swap(kwargs["hidden_states"])}
-
-            module = self._module(site)
-            if site.kind in ("resid_out", "block_out"):
-                self.hooks.append(module.register_forward_hook(hook))
-            else:
-                self.hooks.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+            self.hooks.append(rewrite_site(self.handle, site, swap))
         elif kind in ("transcoder", "skip_transcoder", "clt"):
             S = len(self.source)
             D = c.cfg.d_in // S
@@ -104,10 +79,9 @@ class _Splice:
                 def pre(module, args, kwargs, i=i):
                     x = args[0] if args else kwargs["hidden_states"]
                     self.latents[i] = x.reshape(-1, x.shape[-1]).to(dev, torch.float32)
-                self.hooks.append(self._module(site).register_forward_pre_hook(pre, with_kwargs=True))
+                self.hooks.append(site_module(self.handle, site).register_forward_pre_hook(pre, with_kwargs=True))
             for j, site in enumerate(self.target):
-                def post(module, args, out, j=j):
-                    h = _first(out)
+                def replace(h: torch.Tensor, j=j) -> torch.Tensor:
                     flat = h.reshape(-1, h.shape[-1])
                     if S == 1:
                         recon = c(self.latents[0]).out
@@ -116,27 +90,18 @@ class _Splice:
                         for i in range(j + 1):
                             x[:, i * D:(i + 1) * D] = self.latents[i]
                         recon = c(x).out[:, j * width_out:(j + 1) * width_out]
-                    return _replace_first(out, self._rewrite(flat, recon.to(flat.device)).view_as(h))
-                self.hooks.append(self._module(site).register_forward_hook(post))
+                    return self._rewrite(flat, recon.to(flat.device)).view_as(h)
+                self.hooks.append(rewrite_site(self.handle, site, replace))
         else:
             raise DeepSeeMoEError(f"a {kind} cannot be spliced into one forward")
         after = max(s.layer for s in self.target)
-        for layer, moe in self.handle.moe_layers.items():
-            if layer > after:
-                self.hooks += moe.adapter.observe(moe, lambda ev, layer=layer: self.routing.__setitem__(layer, ev.idx))
+        self.hooks += routing_hooks(self.handle, [la for la in sorted(self.handle.moe_layers) if la > after],
+                                    self.routing)
 
     def remove(self) -> None:
         for h in self.hooks:
             h.remove()
         self.hooks.clear()
-
-
-def _observe_routing(handle: ModelHandle) -> tuple[dict[int, torch.Tensor], list]:
-    got: dict[int, torch.Tensor] = {}
-    hooks = []
-    for layer, moe in handle.moe_layers.items():
-        hooks += moe.adapter.observe(moe, lambda ev, layer=layer: got.__setitem__(layer, ev.idx))
-    return got, hooks
 
 
 def _topk_overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -221,12 +186,8 @@ def evaluate_run(run_dir: str | Path, *, corpus: str | None = None, tokens: int 
                     a["exp_res"][e] += float(err[sel].sum())
                     a["exp_y"][e].append(y[sel.to(y.device)].double().cpu())
         # spliced loss
-        clean_routing, hooks = _observe_routing(handle)
-        try:
+        with watch_routing(handle) as clean_routing:
             clean_logits = handle.model(input_ids=ids, attention_mask=am, use_cache=False).logits
-        finally:
-            for h in hooks:
-                h.remove()
         clean_logp = torch.log_softmax(clean_logits[:, :-1].float(), -1)
         ce, _, n = _next_token_stats(clean_logits, ids, am)
         for name, (coder, meta) in coders.items():
@@ -247,9 +208,10 @@ def evaluate_run(run_dir: str | Path, *, corpus: str | None = None, tokens: int 
                 a[f"ce_{mode}"] += ce_s
                 if mode == "recon":
                     a["kl"] += kl_s
-                    for layer, idx in splice.routing.items():
+                    for layer, calls in splice.routing.items():
+                        idx = calls[-1]
                         k_mask = keep.to(idx.device)
-                        a["rp_sum"] += float(_topk_overlap(clean_routing[layer][k_mask], idx[k_mask]).sum())
+                        a["rp_sum"] += float(_topk_overlap(clean_routing[layer][-1][k_mask], idx[k_mask]).sum())
                         a["rp_n"] += int(k_mask.sum())
     return _summarise(run_dir, coders, acc, corpus or spec.corpus, sum(b.num_tokens for b in batches))
 
