@@ -42,25 +42,17 @@ def fed_layer(source: list[Site], moe_layers: list[int]) -> int:
 
 def write_map(run_dir: Path, spec: RunSpec, name: str, *, corpus: str | None, tokens: int, layer: int | None,
               batch_size: int, n_examples: int) -> dict:
-    from deepseemoe.data.sources import TextSource, iter_documents
-    from deepseemoe.data.tokens import pack_documents
-    from deepseemoe.dictionaries.formats import load_native
-    from deepseemoe.dictionaries.run import load_for_run
+    from deepseemoe.dictionaries.formats import load_run_dictionary
+    from deepseemoe.dictionaries.run import load_for_run, run_batches
 
-    folder = run_dir / "dictionaries" / name
-    if not folder.exists():
-        raise DeepSeeMoEError(f"no dictionary {name!r} in {run_dir}/dictionaries; choose from "
-                              f"{sorted(p.name for p in (run_dir / 'dictionaries').glob('*'))}")
-    coder, meta = load_native(folder, device=spec.coder_device or "cpu")
+    coder, meta = load_run_dictionary(run_dir, name, device=spec.coder_device or "cpu")
     handle = load_for_run(spec, spec.model_device)
     sources = [Site(k, la) for k, la in meta["source"]]
     layer = fed_layer(sources, sorted(handle.moe_layers)) if layer is None else layer
     if layer not in handle.moe_layers:
         raise DeepSeeMoEError(f"layer {layer} is not an MoE layer; MoE layers: {sorted(handle.moe_layers)}")
     attribution = meta["kind"] == "sae" and sources == [Site("block_in", layer)]
-    source = TextSource(corpus or spec.corpus, field=spec.field, domain_field=spec.domain_field)
-    batches = list(pack_documents(handle.tokenizer, iter_documents(source), ctx_len=spec.ctx_len,
-                                  batch_size=batch_size, max_tokens=tokens))
+    batches = list(run_batches(spec, handle, corpus=corpus, batch_size=batch_size, max_tokens=tokens))
     targets = [Site(k, la) for k, la in meta["target"]]
     composition = meta["kind"] in ("transcoder", "skip_transcoder") and targets == [Site("block_out", layer)]
     got = collect_for_map(handle, coder, sources, layer, batches, attribution, composition)

@@ -144,6 +144,7 @@ def collect_for_map(handle: ModelHandle, coder: Coder, sources: list[Site], laye
     ctx = 0
     dev = coder.b_dec.device
     moe = handle.moe_layers[layer]
+    decoder = coder.folded().W_dec.detach() if composition else None  # fold once, not per batch
     for packed in batches:
         hooks, seen = [], {}
         if composition:  # the weighted outputs w_k·E_k(x) of the chosen experts
@@ -168,7 +169,7 @@ def collect_for_map(handle: ModelHandle, coder: Coder, sources: list[Site], laye
         pos = keep.nonzero().squeeze(1)
         out["where"].append(torch.stack([pos // ids.shape[1] + ctx, pos % ids.shape[1]], 1))
         if composition:  # accumulate, never keep [T, K, D]
-            num, den = composition_sums(lat, coder.folded().W_dec.detach(), item["@routing"][0].long(),
+            num, den = composition_sums(lat, decoder, item["@routing"][0].long(),
                                         seen["contrib"][keep.to(seen["contrib"].device)], moe.num_experts)
             out["comp_num"] = [num + (out["comp_num"][0] if out["comp_num"] else 0)]
             out["comp_den"] = [den + (out["comp_den"][0] if out["comp_den"] else 0)]

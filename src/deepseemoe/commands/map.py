@@ -20,16 +20,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Expert distribution, lift and MI per feature; routing prediction vs token/bigram baselines;
         exact router-logit attribution for SAEs on the block input; top examples with their routing."""
-        import yaml
         from rich.console import Console
 
         from deepseemoe.analysis.feature_map import write_map
         from deepseemoe.dictionaries.spec import RunSpec
-        from deepseemoe.errors import DeepSeeMoEError
 
-        if not (run_dir / "config.yaml").exists():
-            raise DeepSeeMoEError(f"{run_dir} is not a training run (no config.yaml); pass the --out of `deepseemoe train`")
-        spec = RunSpec.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+        spec = RunSpec.from_run_dir(run_dir)
         summary = write_map(run_dir, spec, dictionary, corpus=corpus, tokens=tokens, layer=layer,
                             batch_size=batch_size, n_examples=examples)
         c = Console()

@@ -19,29 +19,19 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(8, help="Contexts per forward pass."),
     ) -> None:
         """ΔCE, KL and how often the chosen experts change when a feature is ablated or steered."""
-        import yaml
         from rich.console import Console
 
         from deepseemoe.analysis.steering import edit_feature
         from deepseemoe.capture.core import Site
-        from deepseemoe.data.sources import TextSource, iter_documents
-        from deepseemoe.data.tokens import pack_documents
-        from deepseemoe.dictionaries.formats import load_native
-        from deepseemoe.dictionaries.run import load_for_run
+        from deepseemoe.dictionaries.formats import load_run_dictionary
+        from deepseemoe.dictionaries.run import load_for_run, run_batches
         from deepseemoe.dictionaries.spec import RunSpec
-        from deepseemoe.errors import DeepSeeMoEError
         from deepseemoe.routing.store import atomic_write_json
 
-        if not (run_dir / "config.yaml").exists():
-            raise DeepSeeMoEError(f"{run_dir} is not a training run (no config.yaml); pass the --out of `deepseemoe train`")
-        if not (run_dir / "dictionaries" / dictionary).exists():
-            raise DeepSeeMoEError(f"no dictionary {dictionary!r} in {run_dir}/dictionaries")
-        spec = RunSpec.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
-        coder, meta = load_native(run_dir / "dictionaries" / dictionary, device=spec.coder_device or "cpu")
+        spec = RunSpec.from_run_dir(run_dir)
+        coder, meta = load_run_dictionary(run_dir, dictionary, device=spec.coder_device or "cpu")
         handle = load_for_run(spec, spec.model_device)
-        source = TextSource(corpus or spec.corpus, field=spec.field, domain_field=spec.domain_field)
-        batches = list(pack_documents(handle.tokenizer, iter_documents(source), ctx_len=spec.ctx_len,
-                                      batch_size=batch_size, max_tokens=tokens))
+        batches = list(run_batches(spec, handle, corpus=corpus, batch_size=batch_size, max_tokens=tokens))
         site = Site(*meta["source"][0])
         results = [edit_feature(handle, coder, site, batches, f, scale) for f in feature]
         console = Console()

@@ -23,7 +23,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-import yaml
 
 from deepseemoe.capture.core import Site, token_mask
 from deepseemoe.dictionaries.coder import Coder
@@ -126,14 +125,10 @@ def evaluate_run(run_dir: str | Path, *, corpus: str | None = None, tokens: int 
                  device: str | None = None, progress: bool = True) -> dict:
     from rich.progress import track
 
-    from deepseemoe.data.sources import TextSource, iter_documents
-    from deepseemoe.data.tokens import pack_documents
-    from deepseemoe.dictionaries.run import load_for_run
+    from deepseemoe.dictionaries.run import load_for_run, run_batches
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").exists():
-        raise DeepSeeMoEError(f"{run_dir} is not a training run (no config.yaml); pass the --out of `deepseemoe train`")
-    spec = RunSpec.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    spec = RunSpec.from_run_dir(run_dir)
     coder_device = device or spec.coder_device or "cpu"
     handle = load_for_run(spec, device or spec.model_device)
     coders: dict[str, tuple[Coder, dict]] = {}
@@ -143,9 +138,7 @@ def evaluate_run(run_dir: str | Path, *, corpus: str | None = None, tokens: int 
     if not coders:
         raise DeepSeeMoEError(f"{run_dir}/dictionaries holds no trained coders; run `deepseemoe train` first")
 
-    source = TextSource(corpus or spec.corpus, field=spec.field, domain_field=spec.domain_field)
-    batches = list(pack_documents(handle.tokenizer, iter_documents(source), ctx_len=spec.ctx_len,
-                                  batch_size=batch_size, max_tokens=tokens))
+    batches = list(run_batches(spec, handle, corpus=corpus, batch_size=batch_size, max_tokens=tokens))
     pairs = {name: ([Site(k, la) for k, la in m["source"]], [Site(k, la) for k, la in m["target"]])
              for name, (_, m) in coders.items()}
     extra_routing = {name: Site("routing", m["layers"][0]) for name, (_, m) in coders.items()

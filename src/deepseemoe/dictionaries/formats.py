@@ -94,6 +94,15 @@ def load_native(path: str | Path, device: str | torch.device = "cpu") -> tuple[C
     return coder.eval(), doc["meta"]
 
 
+def load_run_dictionary(run_dir: str | Path, name: str, device: str | torch.device = "cpu") -> tuple[Coder, dict]:
+    """The coder `name` of a training run's dictionaries/ folder."""
+    folder = Path(run_dir) / "dictionaries" / name
+    if not folder.exists():
+        have = sorted(p.name for p in (Path(run_dir) / "dictionaries").glob("*"))
+        raise DeepSeeMoEError(f"no dictionary {name!r} in {run_dir}/dictionaries; choose from {have}")
+    return load_native(folder, device=device)
+
+
 # ---- SAELens --------------------------------------------------------------------------------------
 
 def saelens_architecture(cfg: CoderConfig) -> str:

@@ -91,13 +91,19 @@ def hook_names(handle: ModelHandle, site: Site) -> dict[str, str]:
     return {"hf": hf, "sparsify": hf.removeprefix(prefix), "tl": tl}
 
 
-def _batches(spec: RunSpec, handle: ModelHandle, rank: int, world: int):
+def run_batches(spec: RunSpec, handle: ModelHandle, *, corpus: str | None = None, batch_size: int | None = None,
+                max_tokens: int | None = None):
+    """Packed batches of the run's corpus (or `corpus`, read with the run's field settings)."""
     from deepseemoe.data.sources import TextSource, iter_documents
     from deepseemoe.data.tokens import pack_documents
 
-    source = TextSource(spec.corpus, field=spec.field, domain_field=spec.domain_field)
-    for i, batch in enumerate(pack_documents(handle.tokenizer, iter_documents(source), ctx_len=spec.ctx_len,
-                                             batch_size=spec.batch_size)):
+    source = TextSource(corpus or spec.corpus, field=spec.field, domain_field=spec.domain_field)
+    return pack_documents(handle.tokenizer, iter_documents(source), ctx_len=spec.ctx_len,
+                          batch_size=batch_size or spec.batch_size, max_tokens=max_tokens)
+
+
+def _batches(spec: RunSpec, handle: ModelHandle, rank: int, world: int):
+    for i, batch in enumerate(run_batches(spec, handle)):
         if i % world == rank:
             yield batch
 

@@ -153,6 +153,15 @@ class RunSpec:
             raise DeepSeeMoEError(f"bad run config: {e}") from None
 
     @classmethod
+    def from_run_dir(cls, run_dir: str | Path) -> RunSpec:
+        """The resolved config a `deepseemoe train` run saved in its --out folder."""
+        path = Path(run_dir) / "config.yaml"
+        if not path.exists():
+            raise DeepSeeMoEError(f"{run_dir} is not a training run (no config.yaml); pass the --out of "
+                                  "`deepseemoe train`")
+        return cls.from_dict(yaml.safe_load(path.read_text()))
+
+    @classmethod
     def from_yaml(cls, path: str | Path) -> RunSpec:
         path = Path(path)
         if not path.exists():

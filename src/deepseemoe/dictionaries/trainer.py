@@ -294,15 +294,15 @@ class CoderTrainer:
         import os
         import tempfile
 
+        from deepseemoe.routing.store import _umask_mode
+
         path = self._rank_path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         try:
             torch.save(self.state_dict(), tmp)
-            mask = os.umask(0)
-            os.umask(mask)
-            os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600; checkpoints get the usual permissions
+            os.chmod(tmp, _umask_mode())  # mkstemp makes 0600; checkpoints get the usual permissions
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
