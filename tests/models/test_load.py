@@ -49,3 +49,18 @@ def test_a_model_without_moe_layers_is_dense(tmp_path):
     tiny_model("qwen3").save_pretrained(tmp_path / "qwen3")
     handle = load_model(str(tmp_path / "qwen3"))
     assert not handle.is_moe and len(handle.dense_mlps) == handle.num_layers
+
+
+def test_tiny_scheme_builds_a_random_model_of_that_type():
+    import torch
+    from typer.testing import CliRunner
+
+    from deepseemoe.cli import app
+    from deepseemoe.models.load import load_model
+    from deepseemoe.models.tiny import tiny_config
+
+    handle = load_model("tiny:olmoe", dtype="bfloat16")
+    assert handle.is_moe and handle.num_layers == tiny_config("olmoe").num_hidden_layers
+    assert next(handle.model.parameters()).dtype == torch.bfloat16 and handle.name == "tiny:olmoe"
+    result = CliRunner().invoke(app, ["inspect", "tiny:mixtral"])
+    assert result.exit_code == 0 and "MoE" in result.output

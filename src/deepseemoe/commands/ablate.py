@@ -32,17 +32,12 @@ def register(app: typer.Typer) -> None:
         from deepseemoe.data.sources import TextSource, iter_documents, resolve_files
         from deepseemoe.data.tokens import pack_documents
         from deepseemoe.errors import DeepSeeMoEError
-        from deepseemoe.models.load import handle_from_model, load_model
+        from deepseemoe.models.load import load_model
         from deepseemoe.routing.store import atomic_write_json
 
         if not data.startswith("hf:"):
             resolve_files(data)
-        if model.startswith("tiny:"):
-            from deepseemoe.models.tiny import tiny_model
-
-            handle = handle_from_model(tiny_model(model.removeprefix("tiny:")), name=model)
-        else:
-            handle = load_model(model, dtype=dtype, device=device)
+        handle = load_model(model, dtype=dtype, device=device)
         if not handle.is_moe:
             raise DeepSeeMoEError(f"{model} has no MoE layers to ablate")
         source = TextSource(data, domain_field=domain_field)

@@ -15,14 +15,9 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from deepseemoe.models.load import handle_from_model, load_model
+        from deepseemoe.models.load import load_model
 
-        if model.startswith("tiny:"):
-            from deepseemoe.models.tiny import tiny_model
-
-            handle = handle_from_model(tiny_model(model.removeprefix("tiny:")), name=model)
-        else:
-            handle = load_model(model, trust_remote_code=trust_remote_code, load_tokenizer=False)
+        handle = load_model(model, trust_remote_code=trust_remote_code, load_tokenizer=False)
         table = Table(title=f"{handle.name} ({handle.model_type}): {handle.num_layers} layers, "
                             f"{'MoE' if handle.is_moe else 'dense'}")
         for col in ("layer", "kind", "experts", "top-k", "router family", "combine", "shared", "notes"):

@@ -54,14 +54,8 @@ def _init_distributed() -> tuple[int, int, int]:
 
 
 def load_for_run(spec: RunSpec, device: str | None) -> ModelHandle:
-    from deepseemoe.models.load import handle_from_model, load_model
+    from deepseemoe.models.load import load_model
 
-    if spec.model.startswith("tiny:"):
-        from deepseemoe.models.tiny import tiny_model
-
-        handle = handle_from_model(tiny_model(spec.model.removeprefix("tiny:")), name=spec.model)
-        handle.model.to(device or "cpu")
-        return handle
     return load_model(spec.model, dtype=spec.dtype, device=device, trust_remote_code=spec.trust_remote_code)
 
 

@@ -31,8 +31,18 @@ def resolve_dtype(dtype: Any):
 def load_model(name_or_path: str, *, dtype: Any = None, device: str | None = None, device_map: Any = None,
                trust_remote_code: bool = False, experts_implementation: str | None = None,
                revision: str | None = None, load_tokenizer: bool = True) -> ModelHandle:
-    """Load a causal LM from the hub or a local folder and find its MoE (or dense) layers."""
+    """Load a causal LM from the hub or a local folder and find its MoE (or dense) layers;
+    `tiny:MODEL_TYPE` builds a tiny random-weight model of that type (no tokenizer)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if name_or_path.startswith("tiny:"):
+        from deepseemoe.models.tiny import tiny_model
+
+        model = tiny_model(name_or_path.removeprefix("tiny:"))
+        torch_dtype = resolve_dtype(dtype)
+        if torch_dtype not in (None, "auto"):
+            model.to(torch_dtype)
+        return handle_from_model(model.to(device or "cpu"), name=name_or_path)
 
     path = Path(name_or_path).expanduser()
     is_local = path.exists()
