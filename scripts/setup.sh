@@ -10,11 +10,12 @@ TORCH_VERSION="2.13.0"
 extras=""
 [[ "${1:-}" == "--test" ]] && extras="[test]"
 
-if [[ ! -x .venv/bin/python ]]; then
-    python3 -m venv .venv
+VENV="${DEEPSEEMOE_VENV:-.venv}"  # another folder for another environment (scripts/upstream_check.sh)
+if [[ ! -x "$VENV/bin/python" ]]; then
+    python3 -m venv "$VENV"
 fi
-PY=.venv/bin/python
-PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+PY="$VENV/bin/python"
+PIP=("$PY" -m pip install --quiet --disable-pip-version-check)
 
 if ! $PY -c "import torch" >/dev/null 2>&1; then
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
@@ -31,16 +32,24 @@ if ! $PY -c "import torch" >/dev/null 2>&1; then
         rm -rf "$wheels"
     fi
 fi
-# Keep the torch that is there: no dependency may swap it for another build.
+# Keep the torch that is there (no dependency may swap it for another build), and install everything
+# else at the versions in constraints/ci.txt, so that no upstream release can change what a fresh
+# clone gets. PIP_CONSTRAINT (not -c) so that pip's isolated build environments obey it too.
+# DEEPSEEMOE_UNPINNED=1 takes the newest releases instead (scripts/upstream_check.sh).
 constraints=$(mktemp)
 $PY -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$constraints"
-"${PIP[@]}" -c "$constraints" -e ".${extras}"
+if [[ -z "${DEEPSEEMOE_UNPINNED:-}" ]]; then
+    cat constraints/ci.txt >> "$constraints"
+fi
+export PIP_CONSTRAINT="$constraints"
+"${PIP[@]}" -e ".${extras}"
 if [[ -n "$extras" ]]; then
     # circuit-tracer pins transformers<=4.57 and delphi requires vLLM; the loaders the tests use need
     # neither, so both go in without their dependencies, plus what their loader modules import.
     "${PIP[@]}" --no-deps "circuit-tracer==0.5.0" "eai-delphi==0.1.3"
-    "${PIP[@]}" -c "$constraints" asyncer orjson faiss-cpu sentence-transformers blobfile fire aiofiles
+    "${PIP[@]}" asyncer orjson faiss-cpu sentence-transformers blobfile fire aiofiles
 fi
+unset PIP_CONSTRAINT
 rm -f "$constraints"
 
 # Text for the offline demo corpus (deepseemoe corpus build): Debian packages, when we are root
@@ -53,4 +62,4 @@ if [[ "$(id -u)" == "0" ]] && command -v apt-get >/dev/null 2>&1 && [[ -z "${DEE
             >/dev/null 2>&1 || echo "note: could not install the demo corpus packages ($missing); the demo will use fewer domains"
     fi
 fi
-echo "deepseemoe installed in .venv ($($PY -c 'import torch, transformers; print("torch", torch.__version__, "· transformers", transformers.__version__)'))"
+echo "deepseemoe installed in $VENV ($($PY -c 'import torch, transformers; print("torch", torch.__version__, "· transformers", transformers.__version__)'))"

@@ -10,6 +10,20 @@ import pytest
 
 warnings.filterwarnings("ignore", category=UserWarning)
 
+
+def _let_circuit_tracer_import() -> None:
+    """circuit-tracer 0.5.0 (pinned to transformers ≤ 4.57, installed --no-deps) imports
+    `huggingface_hub.constants.HF_HUB_ENABLE_HF_TRANSFER`, which huggingface_hub 1.0 removed with
+    hf_transfer itself; the flag only chose a download backend. Restore it as off, so that
+    circuit-tracer's own unmodified code (ReplacementModel included) imports in our environment."""
+    import huggingface_hub.constants as hub_constants
+
+    if not hasattr(hub_constants, "HF_HUB_ENABLE_HF_TRANSFER"):
+        hub_constants.HF_HUB_ENABLE_HF_TRANSFER = False
+
+
+_let_circuit_tracer_import()
+
 SAMPLE_TEXTS = {
     "en": ["The king said unto his servants, go forth and gather the harvest before the rain.",
            "A quick brown fox jumps over the lazy dog while the farmer sleeps in the barn."],

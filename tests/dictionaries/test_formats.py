@@ -90,6 +90,14 @@ def test_sparsify_loads_our_files(tmp_path, x, d_out, skip):
                                    atol=1e-5, rtol=1e-5)
 
 
+def test_circuit_tracers_replacement_model_imports():
+    # circuit-tracer's attribution entry point, not only its loaders, must be usable in the test
+    # environment (tests/conftest.py restores the huggingface_hub flag it imports).
+    from circuit_tracer import ReplacementModel, attribute
+
+    assert callable(ReplacementModel.from_pretrained_and_transcoders) and callable(attribute)
+
+
 @pytest.mark.parametrize("activation", ["relu", "jumprelu", "batchtopk"])
 def test_circuit_tracer_loads_our_transcoder_set(tmp_path, x, activation):
     from circuit_tracer.transcoder import load_transcoder_set
