@@ -21,7 +21,7 @@ import torch
 
 from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.models.load import handle_from_model
-from deepseemoe.models.registry import UNSUPPORTED_MODEL_TYPES, VERSION_SPECIFIC_UNSUPPORTED
+from deepseemoe.models.registry import UNSUPPORTED_MODEL_TYPES
 from deepseemoe.models.tiny import moe_model_types, tiny_model
 
 warnings.filterwarnings("ignore")
