@@ -40,6 +40,8 @@ def _register_commands() -> None:
     import deepseemoe.commands as commands
 
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):  # helpers shared by the verbs, not verbs
+            continue
         module = importlib.import_module(f"deepseemoe.commands.{info.name}")
         module.register(app)
 

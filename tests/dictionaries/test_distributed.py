@@ -21,7 +21,7 @@ def test_two_rank_torchrun_matches_one_process(tmp_path):
                            "-m", "tests.dictionaries.ddp_worker", str(out)], env=env, capture_output=True,
                           text=True, timeout=300, cwd=Path(__file__).parents[2])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ddp = torch.load(out)
+    ddp = torch.load(out, weights_only=True)
 
     x, y = ddp_worker.data()
     single = ddp_worker.make_trainer(ddp_worker.BATCH)

@@ -51,10 +51,10 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path):
     straight.fit(tensor_stream(x, y, name="tc", chunk=300), max_steps=40)
     first = fresh()
     first.fit(tensor_stream(x, y, name="tc", chunk=300), max_steps=17)
-    first.save(tmp_path / "ckpt.pt")
+    first.save(tmp_path / "ckpt.safetensors")
     del first  # "killed"
     resumed = fresh()
-    resumed.resume(tmp_path / "ckpt.pt")
+    resumed.resume(tmp_path / "ckpt.safetensors")
     resumed.fit(tensor_stream(x, y, name="tc", chunk=300), max_steps=40)
     for a, b in zip(straight.coders["tc"].state_dict().values(), resumed.coders["tc"].state_dict().values(),
                     strict=True):

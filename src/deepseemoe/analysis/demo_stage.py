@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from deepseemoe.routing.store import atomic_write_json
+from deepseemoe.runs.atomic import atomic_write_json
 
 
 def run_demo_analyses(moe_dir: Path, dense_dir: Path, corpus_dir: Path, out_dir: Path, *, ctx_len: int,

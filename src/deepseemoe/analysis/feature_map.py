@@ -26,7 +26,7 @@ from deepseemoe.analysis.features import (
 from deepseemoe.capture.core import Site
 from deepseemoe.dictionaries.spec import RunSpec
 from deepseemoe.errors import DeepSeeMoEError
-from deepseemoe.routing.store import atomic_write_json, atomic_write_table
+from deepseemoe.runs.atomic import atomic_write_json, atomic_write_table
 
 
 def fed_layer(source: list[Site], moe_layers: list[int]) -> int:
@@ -41,12 +41,12 @@ def fed_layer(source: list[Site], moe_layers: list[int]) -> int:
 
 
 def write_map(run_dir: Path, spec: RunSpec, name: str, *, corpus: str | None, tokens: int, layer: int | None,
-              batch_size: int, n_examples: int) -> dict:
+              batch_size: int, n_examples: int, trust_remote_code: bool = False) -> dict:
     from deepseemoe.dictionaries.formats import load_run_dictionary
     from deepseemoe.dictionaries.run import load_for_run, run_batches
 
     coder, meta = load_run_dictionary(run_dir, name, device=spec.coder_device or "cpu")
-    handle = load_for_run(spec, spec.model_device)
+    handle = load_for_run(spec, spec.model_device, trust_remote_code=trust_remote_code)
     sources = [Site(k, la) for k, la in meta["source"]]
     layer = fed_layer(sources, sorted(handle.moe_layers)) if layer is None else layer
     if layer not in handle.moe_layers:

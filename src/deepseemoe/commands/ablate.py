@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from deepseemoe.commands._options import trust_remote_code_option
+
 
 def register(app: typer.Typer) -> None:
     @app.command()
@@ -22,6 +24,7 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option(None, help="Device for the model."),
         dtype: str = typer.Option(None, help="float32, bfloat16 or float16."),
         seed: int = typer.Option(0, help="Seed of the random controls and random routing."),
+        trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
         """Expert ablation/exclusion vs load-matched controls, top-r sweep, top-1 and random routing per layer."""
         from rich.console import Console
@@ -33,11 +36,11 @@ def register(app: typer.Typer) -> None:
         from deepseemoe.data.tokens import pack_documents
         from deepseemoe.errors import DeepSeeMoEError
         from deepseemoe.models.load import load_model
-        from deepseemoe.routing.store import atomic_write_json
+        from deepseemoe.runs.atomic import atomic_write_json
 
         if not data.startswith("hf:"):
             resolve_files(data)
-        handle = load_model(model, dtype=dtype, device=device)
+        handle = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
         if not handle.is_moe:
             raise DeepSeeMoEError(f"{model} has no MoE layers to ablate")
         source = TextSource(data, domain_field=domain_field)

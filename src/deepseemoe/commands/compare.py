@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from deepseemoe.commands._options import trust_remote_code_option
+
 
 def register(app: typer.Typer) -> None:
     @app.command()
@@ -23,6 +25,7 @@ def register(app: typer.Typer) -> None:
         sae_tokens: int = typer.Option(200_000, help="Training tokens per SAE (0: skip the frontier)."),
         expansion_factor: int = typer.Option(8, help="SAE width / model width."),
         max_units: int = typer.Option(64, help="Units ablated per kind (the most active ones)."),
+        trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
         """Selectivity of experts, neurons and heads; ablation selectivity; the SAE frontier — one table."""
         from rich.console import Console
@@ -33,11 +36,12 @@ def register(app: typer.Typer) -> None:
         from deepseemoe.data.sources import TextSource, iter_documents, resolve_files
         from deepseemoe.data.tokens import pack_documents
         from deepseemoe.models.load import load_model
-        from deepseemoe.routing.store import atomic_write_bytes, atomic_write_json
+        from deepseemoe.runs.atomic import atomic_write_bytes, atomic_write_json
 
         if not data.startswith("hf:"):
             resolve_files(data)
-        moe, dense = load_model(moe_model), load_model(dense_model)
+        moe = load_model(moe_model, trust_remote_code=trust_remote_code)
+        dense = load_model(dense_model, trust_remote_code=trust_remote_code)
         source = TextSource(data, domain_field=domain_field)
 
         def batches(h):

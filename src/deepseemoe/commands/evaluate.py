@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from deepseemoe.commands._options import trust_remote_code_option
+
 
 def register(app: typer.Typer) -> None:
     @app.command()
@@ -15,6 +17,7 @@ def register(app: typer.Typer) -> None:
         tokens: int = typer.Option(20_000, help="Evaluation tokens."),
         batch_size: int = typer.Option(8, help="Contexts per forward pass."),
         device: str = typer.Option(None, help="Device for the model and coders (default: the run's)."),
+        trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
         """FVU, L0, dead/dense latents, spliced ΔCE / KL / loss recovered, routing preserved."""
         from rich.console import Console
@@ -22,7 +25,8 @@ def register(app: typer.Typer) -> None:
 
         from deepseemoe.dictionaries.evaluate import evaluate_run
 
-        doc = evaluate_run(run_dir, corpus=corpus, tokens=tokens, batch_size=batch_size, device=device)
+        doc = evaluate_run(run_dir, corpus=corpus, tokens=tokens, batch_size=batch_size, device=device,
+                           trust_remote_code=trust_remote_code)
         table = Table(title=f"{doc['tokens']:,} tokens of {doc['corpus']}")
         cols = ["fvu", "l0", "dead", "dense", "delta_ce", "kl", "loss_recovered", "routing_preserved"]
         heads = ["FVU", "L0", "dead", "dense", "ΔCE", "KL", "recovered", "routing"]

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from deepseemoe.commands._options import trust_remote_code_option
+
 
 def register(app: typer.Typer) -> None:
     @app.command()
@@ -16,6 +18,7 @@ def register(app: typer.Typer) -> None:
         tokens: int = typer.Option(100_000, help="Tokens to cache."),
         batch_size: int = typer.Option(8, help="Contexts per forward pass."),
         n_splits: int = typer.Option(5, help="Latent ranges per file, as delphi reads them."),
+        trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
         """Cache where every latent fires (delphi format: RUN_DIR/latents/NAME/)."""
         from rich.console import Console
@@ -28,7 +31,7 @@ def register(app: typer.Typer) -> None:
 
         spec = RunSpec.from_run_dir(run_dir)
         names = dictionary or sorted(p.name for p in (run_dir / "dictionaries").glob("*"))
-        handle = load_for_run(spec, spec.model_device)
+        handle = load_for_run(spec, spec.model_device, trust_remote_code=trust_remote_code)
         batches = list(run_batches(spec, handle, corpus=corpus, batch_size=batch_size, max_tokens=tokens))
         console = Console()
         for name in names:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from deepseemoe.commands._options import trust_remote_code_option
+
 
 def register(app: typer.Typer) -> None:
     @app.command(name="map")
@@ -17,6 +19,7 @@ def register(app: typer.Typer) -> None:
         layer: int = typer.Option(None, help="MoE layer to relate to (default: the one the coder's source feeds)."),
         batch_size: int = typer.Option(8, help="Contexts per forward pass."),
         examples: int = typer.Option(5, help="Top-activating examples per feature."),
+        trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
         """Expert distribution, lift and MI per feature; routing prediction vs token/bigram baselines;
         exact router-logit attribution for SAEs on the block input; top examples with their routing."""
@@ -27,7 +30,7 @@ def register(app: typer.Typer) -> None:
 
         spec = RunSpec.from_run_dir(run_dir)
         summary = write_map(run_dir, spec, dictionary, corpus=corpus, tokens=tokens, layer=layer,
-                            batch_size=batch_size, n_examples=examples)
+                            batch_size=batch_size, n_examples=examples, trust_remote_code=trust_remote_code)
         c = Console()
         rp = summary["routing_prediction"]
         c.print(f"layer {summary['layer']}: {summary['live_features']:,} live features · median specificity "

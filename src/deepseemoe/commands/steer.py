@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from deepseemoe.commands._options import trust_remote_code_option
+
 
 def register(app: typer.Typer) -> None:
     @app.command()
@@ -17,6 +19,7 @@ def register(app: typer.Typer) -> None:
         corpus: str = typer.Option(None, help="Held-out text (default: the run's corpus)."),
         tokens: int = typer.Option(4_000, help="Tokens to measure on."),
         batch_size: int = typer.Option(8, help="Contexts per forward pass."),
+        trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
         """ΔCE, KL and how often the chosen experts change when a feature is ablated or steered."""
         from rich.console import Console
@@ -26,11 +29,11 @@ def register(app: typer.Typer) -> None:
         from deepseemoe.dictionaries.formats import load_run_dictionary
         from deepseemoe.dictionaries.run import load_for_run, run_batches
         from deepseemoe.dictionaries.spec import RunSpec
-        from deepseemoe.routing.store import atomic_write_json
+        from deepseemoe.runs.atomic import atomic_write_json
 
         spec = RunSpec.from_run_dir(run_dir)
         coder, meta = load_run_dictionary(run_dir, dictionary, device=spec.coder_device or "cpu")
-        handle = load_for_run(spec, spec.model_device)
+        handle = load_for_run(spec, spec.model_device, trust_remote_code=trust_remote_code)
         batches = list(run_batches(spec, handle, corpus=corpus, batch_size=batch_size, max_tokens=tokens))
         site = Site(*meta["source"][0])
         results = [edit_feature(handle, coder, site, batches, f, scale) for f in feature]

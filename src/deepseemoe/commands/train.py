@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from deepseemoe.commands._options import trust_remote_code_option
+
 
 def register(app: typer.Typer) -> None:
     @app.command()
@@ -27,6 +29,7 @@ def register(app: typer.Typer) -> None:
         formats: list[str] = typer.Option(None, "--format", help="Also write saelens, sparsify or circuit_tracer "
                                                                 "files (repeatable)."),
         resume: bool = typer.Option(False, help="Continue the run in --out from its checkpoint."),
+        trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
         """Train sparse dictionaries (SAEs, transcoders, router transcoders, crosscoders, CLTs)."""
         import yaml
@@ -49,8 +52,10 @@ def register(app: typer.Typer) -> None:
         overrides = {"model": model, "corpus": corpus, "out": str(out) if out else None, "tokens": tokens,
                      "model_device": model_device, "coder_device": coder_device, "formats": formats or None}
         raw.update({key: v for key, v in overrides.items() if v is not None})
+        if trust_remote_code:  # recorded in the saved config; granted only by this flag (load_for_run)
+            raw["trust_remote_code"] = True
         spec = RunSpec.from_dict(raw)
-        result = train_run(spec, resume=resume)
+        result = train_run(spec, resume=resume, trust_remote_code=trust_remote_code)
         console = Console()
         for name, m in result.final.items():
             console.print(f"  {name}: FVU {m['fvu']:.3f} · L0 {m['l0']:.1f} · dead {m['dead']:.1%}")

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from deepseemoe.routing.store import atomic_write_bytes, atomic_write_json
+from deepseemoe.runs.atomic import atomic_write_bytes, atomic_write_json
 
 DOMAINS = ("code", "en", "de", "es", "ru", "data")
 DEBIAN_PACKAGES = ("fortunes", "fortunes-de", "fortunes-es", "fortunes-ru", "sword-text-web", "sword-text-sparv",

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save
 from deepseemoe.capture.core import Site
 from deepseemoe.dictionaries.stream import SiteGroup, _as_list
 from deepseemoe.errors import DeepSeeMoEError
-from deepseemoe.routing.store import atomic_write_bytes, atomic_write_json
+from deepseemoe.runs.atomic import atomic_write_bytes, atomic_write_json
 
 MANIFEST = "manifest.json"
 

@@ -122,7 +122,7 @@ def _next_token_stats(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tenso
 
 @torch.no_grad()
 def evaluate_run(run_dir: str | Path, *, corpus: str | None = None, tokens: int = 20_000, batch_size: int = 8,
-                 device: str | None = None, progress: bool = True) -> dict:
+                 device: str | None = None, progress: bool = True, trust_remote_code: bool = False) -> dict:
     from rich.progress import track
 
     from deepseemoe.dictionaries.run import load_for_run, run_batches
@@ -130,7 +130,7 @@ def evaluate_run(run_dir: str | Path, *, corpus: str | None = None, tokens: int 
     run_dir = Path(run_dir)
     spec = RunSpec.from_run_dir(run_dir)
     coder_device = device or spec.coder_device or "cpu"
-    handle = load_for_run(spec, device or spec.model_device)
+    handle = load_for_run(spec, device or spec.model_device, trust_remote_code=trust_remote_code)
     coders: dict[str, tuple[Coder, dict]] = {}
     for folder in sorted((run_dir / "dictionaries").glob("*")):
         coder, meta = load_native(folder, device=coder_device)
@@ -242,7 +242,7 @@ def _summarise(run_dir: Path, coders: dict, acc: dict, corpus: str, n_tokens: in
     doc = {"corpus": corpus, "tokens": n_tokens,
            "fvu_normalisation": "per site: sum of squared error / sum of squared deviation from the mean over "
                                 "the evaluation tokens; averaged over sites", "coders": results}
-    from deepseemoe.routing.store import atomic_write_json
+    from deepseemoe.runs.atomic import atomic_write_json
 
     atomic_write_json(run_dir / "evaluation.json", doc)
     return doc

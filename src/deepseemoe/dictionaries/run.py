@@ -2,7 +2,7 @@
 run config from the same forward passes, and write
 
     OUT/config.yaml                     the resolved run config
-    OUT/checkpoint.pt                   resumable state (per rank beside it under torchrun)
+    OUT/checkpoint.safetensors          resumable state, no pickle (per rank beside it under torchrun)
     OUT/metrics.jsonl                   one line per coder per optimizer step
     OUT/dictionaries/NAME/              our format (config.json + coder.safetensors, checksummed)
     OUT/exports/FORMAT/...              SAELens / sparsify / circuit-tracer files, when asked
@@ -53,10 +53,15 @@ def _init_distributed() -> tuple[int, int, int]:
     return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def load_for_run(spec: RunSpec, device: str | None) -> ModelHandle:
+def load_for_run(spec: RunSpec, device: str | None, *, trust_remote_code: bool = False) -> ModelHandle:
+    """The run's model. Remote code runs only when the caller grants it (the current command line's
+    --trust-remote-code); a config that asks for it is refused without the grant, never obeyed."""
     from deepseemoe.models.load import load_model
 
-    return load_model(spec.model, dtype=spec.dtype, device=device, trust_remote_code=spec.trust_remote_code)
+    if spec.trust_remote_code and not trust_remote_code:
+        raise DeepSeeMoEError(f"the run's config asks to run {spec.model}'s own code (trust_remote_code: true), "
+                              "which a config never grants; pass --trust-remote-code if you trust that code")
+    return load_model(spec.model, dtype=spec.dtype, device=device, trust_remote_code=trust_remote_code)
 
 
 def site_width(handle: ModelHandle, site: Site) -> int:
@@ -201,7 +206,8 @@ def _export(spec: RunSpec, handle: ModelHandle, coders: dict[str, Coder], specs:
                                     model_name=model_name)
 
 
-def train_run(spec: RunSpec, *, resume: bool = False, progress: bool = True) -> TrainResult:
+def train_run(spec: RunSpec, *, resume: bool = False, progress: bool = True,
+              trust_remote_code: bool = False) -> TrainResult:
     import time
 
     rank, world, local_rank = _init_distributed()
@@ -210,7 +216,10 @@ def train_run(spec: RunSpec, *, resume: bool = False, progress: bool = True) -> 
     coder_device = spec.coder_device or model_device
     spec.train.device = coder_device
     out = Path(spec.out)
-    ckpt = out / "checkpoint.pt"
+    ckpt = out / "checkpoint.safetensors"
+    if (out / "checkpoint.pt").exists():  # written by DeepSeeMoE ≤ 0.1 as a pickle: never unpickled
+        raise DeepSeeMoEError(f"{out / 'checkpoint.pt'} is a pickled checkpoint of an older version, which is never "
+                              "loaded (unpickling can run code); delete it and train again, or choose another --out")
     if resume and not ckpt.exists():
         raise DeepSeeMoEError(f"nothing to resume: {ckpt} does not exist; run without --resume")
     if not resume and ckpt.exists():
@@ -221,7 +230,7 @@ def train_run(spec: RunSpec, *, resume: bool = False, progress: bool = True) -> 
     if not spec.corpus.startswith("hf:"):
         resolve_files(spec.corpus)  # fail on a bad path before loading the model
 
-    handle = load_for_run(spec, model_device)
+    handle = load_for_run(spec, model_device, trust_remote_code=trust_remote_code)
     block_layers = sorted(set(handle.moe_layers) | set(handle.dense_mlps))
     specs: dict[str, CoderSpec] = {}
     coders: dict[str, Coder] = {}

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from deepseemoe.dictionaries.checkpoint import load_checkpoint, save_checkpoint
 from deepseemoe.dictionaries.coder import Coder
 from deepseemoe.dictionaries.losses import auxk_loss, sparsity_penalty
 from deepseemoe.errors import DeepSeeMoEError
@@ -290,29 +291,14 @@ class CoderTrainer:
         return path if r == 0 else path.with_name(f"{path.stem}.rank{r}{path.suffix}")
 
     def save(self, path: str | Path) -> None:
-        """Atomic checkpoint (temp file + rename)."""
-        import os
-        import tempfile
-
-        from deepseemoe.routing.store import _umask_mode
-
-        path = self._rank_path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(self.state_dict(), tmp)
-            os.chmod(tmp, _umask_mode())  # mkstemp makes 0600; checkpoints get the usual permissions
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """Atomic checkpoint without pickle (dictionaries/checkpoint.py)."""
+        save_checkpoint(self._rank_path(path), self.state_dict())
 
     def resume(self, path: str | Path) -> None:
         path = self._rank_path(path)
         if not path.exists():
             raise DeepSeeMoEError(f"no checkpoint at {path}; start without --resume")
-        state = torch.load(path, weights_only=False, map_location=self.cfg.device)
+        state = load_checkpoint(path)
         if state.get("world", 1) != self.file_world:
             raise DeepSeeMoEError(f"checkpoint {path} was written by {state.get('world', 1)} ranks, this run has "
                                   f"{self.file_world}; resume with the same number of processes")

@@ -68,6 +68,10 @@ def load_model(name_or_path: str, *, dtype: Any = None, device: str | None = Non
         kwargs["device_map"] = device_map
     if experts_implementation is not None:
         kwargs["experts_implementation"] = experts_implementation
+    import pickle
+
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(source, config=config, use_kernels=False, **kwargs)
     except ValueError as exc:
@@ -75,6 +79,12 @@ def load_model(name_or_path: str, *, dtype: Any = None, device: str | None = Non
             raise DeepSeeMoEError(f"{name_or_path} is a {type(config).__name__} model, not a causal language model; "
                                   "DeepSeeMoE reads decoder-only LMs (AutoModelForCausalLM)") from None
         raise
+    except (pickle.UnpicklingError, SafetensorError, OSError, RuntimeError) as exc:
+        # damaged, truncated or hostile weight files. Pickled weights (.bin) are read by transformers
+        # with torch.load(weights_only=True), which refuses anything but tensors without running it.
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DeepSeeMoEError(f"cannot read the model weights of {name_or_path} ({type(exc).__name__}: {first[:200]}); "
+                              "check the folder's weight files or download them again") from None
     if device is not None and device_map is None:
         model = model.to(device)
     tokenizer = None

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from markupsafe import Markup
 
-from deepseemoe.routing.store import atomic_write_bytes
+from deepseemoe.runs.atomic import atomic_write_bytes
 
 
 def expert_colors(n: int) -> tuple[list[str], list[str]]:

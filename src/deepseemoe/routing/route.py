@@ -17,7 +17,8 @@ from deepseemoe.data.sources import TextSource, iter_documents
 from deepseemoe.data.tokens import pack_documents
 from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.models.spec import ModelHandle
-from deepseemoe.routing.store import RoutingStoreWriter, atomic_write_json
+from deepseemoe.routing.store import RoutingStoreWriter
+from deepseemoe.runs.atomic import atomic_write_json
 
 
 @dataclass

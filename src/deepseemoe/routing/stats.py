@@ -378,7 +378,7 @@ def compute_routing_stats(run_dir: str | Path, *, compare: str | Path | None = N
     out.mkdir(exist_ok=True)
     import pyarrow as pa
 
-    from deepseemoe.routing.store import atomic_write_json, atomic_write_table
+    from deepseemoe.runs.atomic import atomic_write_json, atomic_write_table
 
     for name, df in tables.items():
         atomic_write_table(out / f"{name}.parquet", pa.Table.from_pandas(df, preserve_index=False))

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from deepseemoe.errors import DeepSeeMoEError
-from deepseemoe.routing.store import atomic_write_json
+from deepseemoe.runs.atomic import atomic_write_json
 from deepseemoe.zoo.recipes import Recipe, dense_config, get_recipe, moe_config
 from deepseemoe.zoo.tokenizer import read_jsonl, train_tokenizer
 

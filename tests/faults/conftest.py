@@ -1,0 +1,76 @@
+"""Helpers for the fault-injection suite: the real console entry point, run in-process."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def error_lines(self) -> list[str]:
+        return [line for line in self.err.splitlines() if line.startswith("error:")]
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run `deepseemoe ARGS…` through `deepseemoe.cli.run` (the console script's function), so exit
+    codes and the one-line error handling are the user's. An exception escaping it fails the test."""
+    from deepseemoe.cli import run
+
+    def invoke(*args: str) -> CliResult:
+        capsys.readouterr()
+        monkeypatch.setattr(sys, "argv", ["deepseemoe", *map(str, args)])
+        try:
+            run()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return invoke
+
+
+def assert_refused(result: CliResult, *words: str) -> None:
+    """Exit 2, exactly one `error:` line that contains `words`, and no traceback."""
+    assert result.code == 2, (result.code, result.out[-2000:], result.err[-2000:])
+    assert len(result.error_lines) == 1, result.err
+    assert "Traceback" not in result.err + result.out
+    for w in words:
+        assert w.lower() in result.error_lines[0].lower(), (w, result.error_lines[0])
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory, tiny_olmoe_dir, corpus_jsonl) -> Path:
+    """A finished training run (one TopK SAE) on the tiny OLMoE; tests copy it before damaging it."""
+    from typer.testing import CliRunner
+
+    from deepseemoe.cli import app
+
+    root = tmp_path_factory.mktemp("small_run")
+    config = {"model": str(tiny_olmoe_dir), "corpus": str(corpus_jsonl), "out": str(root / "run"),
+              "tokens": 512, "ctx_len": 32, "batch_size": 4, "checkpoint_every": 1,
+              "coders": [{"kind": "sae", "layers": [1], "site": "block_in", "k": 4, "expansion_factor": 2}],
+              "train": {"batch_size": 128, "buffer_size": 256}}
+    (root / "run.yaml").write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(app, ["train", str(root / "run.yaml")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return root / "run"
+
+
+@pytest.fixture
+def run_copy(small_run, tmp_path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(small_run, dst)
+    return dst
