@@ -4,7 +4,7 @@
     python bench/routing_stats.py --tokens 1e6 3e6 10e6 # growth with tokens
 
 Routing is skewed (Zipf-like expert popularity per layer, deterministic seed) and written in
-the exact store layout (`RoutingStoreWriter`'s shard format) before timing; only
+the exact store layout (runs/routing.py's shard format, with its manifest) before timing; only
 `compute_routing_stats` is timed. Prints seconds, routing rows per second, and the ratio of
 each size's time to the smallest size's.
 """
@@ -22,7 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from deepseemoe.routing.stats import compute_routing_stats
-from deepseemoe.routing.store import ROUTING_SCHEMA, TOKENS_SCHEMA
+from deepseemoe.runs.manifest import Manifest
+from deepseemoe.runs.routing import ROUTING_SCHEMA, TOKENS_SCHEMA
 
 
 def synthetic_run(path: Path, tokens: int, layers: int, top_k: int, experts: int, vocab: int,
@@ -62,6 +63,11 @@ def synthetic_run(path: Path, tokens: int, layers: int, top_k: int, experts: int
                        path / "routing" / f"part-{shard:05d}.parquet", compression="zstd")
     (path / "run.json").write_text(json.dumps({"moe_layers": {str(i): {"num_experts": experts, "top_k": top_k}
                                                               for i in range(layers)}}))
+    manifest = Manifest("routing")
+    for f in sorted(path.glob("*/part-*.parquet")):
+        manifest.add(path, f"{f.parent.name}/{f.name}", pq.ParquetFile(f).metadata.num_rows)
+    manifest.add(path, "run.json")
+    manifest.write(path)
 
 
 def main() -> None:

@@ -73,7 +73,8 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
     console.print("[bold]3/6 routing[/] held-out text through the MoE (loaded from its folder like a hub model)")
     handle = load_model(str(zoo.moe_dir))
     run_dir = out_dir / "run"
-    route_corpus(handle, source, run_dir, extra={"recipe": recipe, "zoo": str(zoo.root)}, **route_kw)
+    route_corpus(handle, source, run_dir, extra={"recipe": recipe, "zoo": str(zoo.root)}, overwrite=True,
+                 **route_kw)
     saturation_rows = []
     final_step = max(zoo.checkpoints)
     for step, path in sorted(zoo.checkpoints.items()):
@@ -81,7 +82,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
             continue
         ck_dir = out_dir / "checkpoints" / f"step-{step:06d}"
         # saturation is an average agreement: a third of the tokens pins it down well enough
-        route_corpus(load_model(str(path)), source, ck_dir, progress=False,
+        route_corpus(load_model(str(path)), source, ck_dir, progress=False, overwrite=True,
                      **{**route_kw, "max_tokens": max(max_tokens // 3, 1000)})
         sat = router_saturation(ck_dir, run_dir)
         saturation_rows.append({"step": f"{step} ({100 * step / final_step:.0f}%)",

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
 from deepseemoe.routing.stats import compute_routing_stats, mutual_information, router_saturation, token_class
-from deepseemoe.routing.store import RoutingStoreWriter
+from deepseemoe.runs.routing import RoutingRunWriter
 
 # 4 tokens: doc 0 (pos 0,1; domain x) and doc 1 (pos 0,1; domain y); 2 MoE layers, E=4, K=2.
 DOC = np.array([0, 0, 1, 1])
@@ -23,13 +21,11 @@ W1 = np.array([[0.9, 0.1], [0.6, 0.4], [0.55, 0.45], [0.7, 0.3]], dtype=np.float
 
 
 def _run(path, l0=L0, l1=L1):
-    writer = RoutingStoreWriter(path, shard_tokens=2)  # two shards of 2 tokens each
-    for sl in (slice(0, 2), slice(2, 4)):
-        writer.add(DOC[sl], POS[sl], IDS[sl], PIECES[sl], DOMAINS[sl], {0: l0[sl], 1: l1[sl]},
-                   {0: W0[sl], 1: W1[sl]})
-    writer.flush()
-    (path / "run.json").write_text(json.dumps({"moe_layers": {"0": {"num_experts": 4, "top_k": 2},
-                                                              "1": {"num_experts": 4, "top_k": 2}}}))
+    with RoutingRunWriter(path, shard_tokens=2) as writer:  # two shards of 2 tokens each
+        for sl in (slice(0, 2), slice(2, 4)):
+            writer.add(DOC[sl], POS[sl], IDS[sl], PIECES[sl], DOMAINS[sl], {0: l0[sl], 1: l1[sl]},
+                       {0: W0[sl], 1: W1[sl]})
+        writer.commit({"moe_layers": {"0": {"num_experts": 4, "top_k": 2}, "1": {"num_experts": 4, "top_k": 2}}})
     return path
 
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import typer
 
+from deepseemoe.commands._options import trust_remote_code_option
+
 
 def register(app: typer.Typer) -> None:
     @app.command()
     def inspect(
         model: str = typer.Argument(..., help="Hub id or local folder; or tiny:MODEL_TYPE for a tiny random model."),
-        trust_remote_code: bool = typer.Option(False, help="Run the model repository's own code."),
+        trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
         """Print layers, experts, top-k, router family, shared experts and dense layers."""
         from rich.console import Console

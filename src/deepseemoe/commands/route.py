@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from deepseemoe.commands._options import trust_remote_code_option
+
 
 def register(app: typer.Typer) -> None:
     @app.command()
@@ -33,7 +35,10 @@ def register(app: typer.Typer) -> None:
         keep_bos: bool = typer.Option(False, help="Keep BOS tokens in the records."),
         seed: int = typer.Option(0, help="Seed for --shuffle."),
         shuffle: bool = typer.Option(False, help="Shuffle the order of the source files with --seed."),
-        trust_remote_code: bool = typer.Option(False, help="Run the model repository's own code (only if you trust it)."),
+        shard_tokens: int = typer.Option(1_000_000, help="Tokens per parquet shard."),
+        overwrite: bool = typer.Option(False, help="Replace the routing run in --out (kept until the new one is "
+                                                   "complete)."),
+        trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
         """Record which experts every token is routed to, in every MoE layer."""
         from rich.console import Console
@@ -50,6 +55,7 @@ def register(app: typer.Typer) -> None:
                             hf_config=hf_config, split=split, data_files=data_files, min_chars=min_chars,
                             max_chars=max_chars, max_docs=max_docs, shuffle=shuffle, seed=seed)
         result = route_corpus(handle, source, out, ctx_len=ctx_len, batch_size=batch_size, max_tokens=max_tokens,
-                              logits=logits, exclude_bos=not keep_bos, extra={"seed": seed})
+                              logits=logits, exclude_bos=not keep_bos, extra={"seed": seed},
+                              overwrite=overwrite, shard_tokens=shard_tokens)
         Console().print(f"[green]routed {result.tokens:,} tokens[/] through {len(result.layers)} MoE layers in "
                         f"{result.seconds:.1f}s ({result.tokens_per_second:,.0f} tok/s) → {result.run_dir}")

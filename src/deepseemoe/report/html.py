@@ -12,6 +12,7 @@ import datetime as dt
 import html
 from pathlib import Path
 
+import numpy as np
 from markupsafe import Markup
 
 from deepseemoe.runs.atomic import atomic_write_bytes
@@ -35,26 +36,32 @@ def _show(piece: str) -> str:
 
 def routing_samples(run_dir: Path, layers: list[int], tokens_per_sample: int = 40) -> list[dict]:
     """The first `tokens_per_sample` tokens of one document per domain with their routing."""
-    import duckdb
+    from deepseemoe.runs.routing import RoutingRun
 
-    tok = f"read_parquet('{run_dir / 'tokens'}/part-*.parquet')"
-    rt = f"read_parquet('{run_dir / 'routing'}/part-*.parquet')"
-    docs = duckdb.sql(f"SELECT domain, min(doc) FROM {tok} GROUP BY domain ORDER BY domain").fetchall()
-    samples = []
-    for domain, doc in docs:
-        rows = duckdb.sql(f"SELECT pos, token FROM {tok} WHERE doc = {int(doc)} ORDER BY pos "
-                          f"LIMIT {tokens_per_sample}").fetchall()
-        if not rows:
+    run = RoutingRun.open(run_dir)
+    tokens = run.tokens(["doc", "pos", "token", "domain"]).to_pandas()
+    firsts = tokens.groupby("domain", dropna=False)["doc"].min()
+    wanted = {int(d) for d in firsts}
+    by: dict[tuple[int, int, int], tuple[list[int], list[float]]] = {}
+    for part in run.parts:  # only shards holding a wanted document, each read (and verified) once
+        t = run.read_table("tokens", part, ["doc", "pos"])
+        docs = t["doc"].to_numpy()
+        if not wanted & set(docs.tolist()):
             continue
-        max_pos = rows[-1][0]
-        routing = duckdb.sql(f"SELECT layer, pos, list(expert ORDER BY rank), list(weight ORDER BY rank) FROM {rt} "
-                             f"WHERE doc = {int(doc)} AND pos <= {max_pos} GROUP BY layer, pos").fetchall()
-        by = {(layer, pos): (e, w) for layer, pos, e, w in routing}
-        sample = {"domain": domain or "(no domain)", "tokens": [_show(p or "") for _, p in rows], "rows": []}
+        for layer, (e, w) in run.routing_layers(part, len(docs)).items():
+            for i in np.nonzero(np.isin(docs, list(wanted)))[0]:
+                by[(int(docs[i]), layer, int(t["pos"][i].as_py()))] = (e[i].tolist(), w[i].tolist())
+    samples = []
+    for domain, doc in sorted(firsts.items(), key=lambda kv: (kv[0] is None or kv[0] != kv[0], str(kv[0]))):
+        rows = tokens[tokens["doc"] == doc].sort_values("pos").head(tokens_per_sample)
+        if rows.empty:
+            continue
+        label = domain if isinstance(domain, str) else "(no domain)"
+        sample = {"domain": label, "tokens": [_show(p or "") for p in rows["token"]], "rows": []}
         for layer in layers:
             cells = []
-            for pos, _ in rows:
-                e, w = by.get((layer, pos), ([0], [0.0]))
+            for pos in rows["pos"]:
+                e, w = by.get((int(doc), layer, int(pos)), ([0], [0.0]))
                 cells.append({"e": int(e[0]), "title": ", ".join(f"E{x}: {y:.2f}" for x, y in zip(e, w, strict=True))})
             sample["rows"].append({"layer": layer, "cells": cells})
         samples.append(sample)
@@ -65,23 +72,23 @@ def write_report(run_dir: str | Path, out_path: str | Path, *, title: str, zoo_r
                  saturation: list[dict] | None = None, notes: list[str] | None = None, min_count: int = 5,
                  study: dict | None = None) -> Path:
     """Render RUN_DIR's routing analyses (and optional model report) into one HTML file."""
-    import json
 
     import jinja2
-    import pandas as pd
+
+    from deepseemoe.runs.routing import RoutingRun
 
     run_dir, out_path = Path(run_dir), Path(out_path)
-    analyses = run_dir / "analyses"
-    summary = json.loads((analyses / "summary.json").read_text())
+    analyses = RoutingRun.open(run_dir).analyses()
+    summary = analyses.summary
     layers = [int(x) for x in summary["layers"]]
     first = summary["layers"][str(layers[0])]
     experts, top_k = first["experts"], first["top_k"]
 
     def fig(name: str) -> Markup:
-        path = analyses / f"{name}.png"
-        if not path.exists():
+        png = analyses.figure(name)
+        if png is None:
             return Markup("")
-        data = base64.b64encode(path.read_bytes()).decode()
+        data = base64.b64encode(png).decode()
         return Markup(f'<img alt="{html.escape(name)}" src="data:image/png;base64,{data}">')
 
     summary_rows = []
@@ -93,7 +100,7 @@ def write_report(run_dir: str | Path, out_path: str | Path, *, title: str, zoo_r
                              "rep": s["repetition"]["top1_same"], "rep_base": s["repetition"]["top1_same_load_matched"],
                              "vocab": s["vocab_specialization_input"] or 0.0,
                              "next_nmi": f"{nxt['nmi']:.3f}" if nxt else "–"})
-    vocab = pd.read_parquet(analyses / "vocab_top_tokens.parquet")
+    vocab = analyses.table("vocab_top_tokens")
     top_layer = layers[len(layers) // 2]
     top_tokens = []
     for e in range(experts):

@@ -1,7 +1,7 @@
 """`deepseemoe route`: run a corpus through a model and store every token's routing.
 
 Shapes: batches [B, S] → kept tokens T per batch (padding and BOS dropped) → routing [T, K]
-per MoE layer, written as long-format rows by `RoutingStoreWriter`.
+per MoE layer, written as long-format rows into a routing run (runs/routing.py).
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ from deepseemoe.data.sources import TextSource, iter_documents
 from deepseemoe.data.tokens import pack_documents
 from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.models.spec import ModelHandle
-from deepseemoe.routing.store import RoutingStoreWriter
-from deepseemoe.runs.atomic import atomic_write_json
+from deepseemoe.runs.routing import RoutingRunWriter
 
 
 @dataclass
@@ -53,27 +52,29 @@ def moe_layout(handle: ModelHandle) -> dict:
 def route_corpus(handle: ModelHandle, source: TextSource, run_dir: str | Path, *, ctx_len: int = 256,
                  batch_size: int = 8, max_tokens: int | None = None, logits: bool = False,
                  exclude_bos: bool = True, shard_tokens: int = 1_000_000, progress: bool = True,
-                 extra: dict | None = None) -> RouteResult:
-    """Capture the routing of every kept token of `source` in every MoE layer into `run_dir`."""
+                 extra: dict | None = None, overwrite: bool = False) -> RouteResult:
+    """Capture the routing of every kept token of `source` in every MoE layer into `run_dir`.
+
+    The run appears whole or not at all; an existing routing run there is replaced (only with
+    `overwrite`) when the new one is complete."""
     if not handle.is_moe:
         raise DeepSeeMoEError(f"{handle.name} has no MoE layers, so there is no routing to record; "
                               "use a Mixture-of-Experts model")
     if handle.tokenizer is None:
         raise DeepSeeMoEError(f"{handle.name} has no tokenizer; save one next to the model (tokenizer.json)")
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     layers = sorted(handle.moe_layers)
-    writer = RoutingStoreWriter(run_dir, shard_tokens=shard_tokens, logits=logits)
     recorder = RoutingRecorder(layers, logits=logits)
     tokenizer = handle.tokenizer
     batches = pack_documents(tokenizer, iter_documents(source), ctx_len=ctx_len, batch_size=batch_size,
                              max_tokens=max_tokens)
-    start = time.perf_counter()
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = [TextColumn("[bold]routing"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
                TextColumn("{task.fields[rate]:>8.0f} tok/s"), TimeElapsedColumn()]
-    with Progress(*columns, disable=not progress, transient=False) as bar:
+    with RoutingRunWriter(run_dir, overwrite=overwrite, shard_tokens=shard_tokens, logits=logits) as writer, \
+            Progress(*columns, disable=not progress, transient=False) as bar:
+        start = time.perf_counter()
         task = bar.add_task("route", total=max_tokens, rate=0.0)
         for packed in batches:
             batch = run_capture(handle, packed.input_ids, [recorder], attention_mask=packed.attention_mask,
@@ -89,12 +90,12 @@ def route_corpus(handle: ModelHandle, source: TextSource, run_dir: str | Path, *
                        {i: rec["logits"][i].numpy() for i in layers} if logits else None)
             elapsed = time.perf_counter() - start
             bar.update(task, advance=int(mask.sum()), rate=writer.total_tokens / max(elapsed, 1e-9))
-    writer.flush()
-    seconds = time.perf_counter() - start
-    if writer.total_tokens == 0:
-        raise DeepSeeMoEError(f"no tokens were routed from {source.spec}; check the length filters and the field")
-    meta = {**moe_layout(handle), "data": source.describe(), "ctx_len": ctx_len, "batch_size": batch_size,
-            "max_tokens": max_tokens, "exclude_bos": exclude_bos, "logits": logits, "tokens": writer.total_tokens,
-            "shards": writer.shard, "seconds": round(seconds, 3), "versions": versions(), **(extra or {})}
-    atomic_write_json(run_dir / "run.json", meta)
-    return RouteResult(run_dir, writer.total_tokens, seconds, layers)
+        seconds = time.perf_counter() - start
+        if writer.total_tokens == 0:
+            raise DeepSeeMoEError(f"no tokens were routed from {source.spec}; check the length filters and the field")
+        meta = {**moe_layout(handle), "data": source.describe(), "ctx_len": ctx_len, "batch_size": batch_size,
+                "max_tokens": max_tokens, "exclude_bos": exclude_bos, "logits": logits,
+                "seconds": round(seconds, 3), "versions": versions(), **(extra or {})}
+        writer.commit(meta)
+        tokens = writer.total_tokens
+    return RouteResult(run_dir, tokens, seconds, layers)

@@ -25,16 +25,16 @@ with tokens. Definitions (all over the K routing slots of each kept token unless
 
 from __future__ import annotations
 
-import json
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from math import comb
 from pathlib import Path
 
 import numpy as np
 
 from deepseemoe.errors import DeepSeeMoEError
+from deepseemoe.runs.routing import RoutingRun
 
 TOKEN_CLASSES = ("word_start", "word_piece", "digit", "punctuation", "whitespace", "other")
 
@@ -150,60 +150,16 @@ def _accumulate(c: _Counts, experts: np.ndarray, weights: np.ndarray, token_ids:
         c.rep_overlap += int(overlap[consecutive].sum())
 
 
-@dataclass
-class RunShards:
-    """The aligned (tokens, routing) shard files of a run and its layout."""
-
-    run_dir: Path
-    parts: list[str]
-    meta: dict
-    layers: list[int]
-    num_experts: dict[int, int]
-    top_k: dict[int, int]
-    notes: list[str] = field(default_factory=list)
-
-
-def open_run(run_dir: str | Path) -> RunShards:
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "routing").is_dir() or not (run_dir / "tokens").is_dir():
-        raise DeepSeeMoEError(f"{run_dir} is not a routing run (no tokens/ and routing/); create one with "
-                              "`deepseemoe route MODEL --data SOURCE --out RUN_DIR`")
-    parts = sorted(p.name for p in (run_dir / "tokens").glob("part-*.parquet")
-                   if (run_dir / "routing" / p.name).exists())
-    if not parts:
-        raise DeepSeeMoEError(f"{run_dir} has no complete shard; the route run may have been interrupted")
-    meta = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
-    notes = []
-    moe = meta.get("moe_layers")
-    if moe:
-        layers = sorted(int(k) for k in moe)
-        num_experts = {int(k): int(v["num_experts"]) for k, v in moe.items()}
-        top_k = {int(k): int(v["top_k"]) for k, v in moe.items()}
-    else:
-        import duckdb
-
-        rows = duckdb.sql(f"SELECT layer, max(expert) + 1, max(rank) + 1 FROM "
-                          f"read_parquet('{run_dir / 'routing'}/part-*.parquet') GROUP BY layer ORDER BY layer").fetchall()
-        layers = [int(r[0]) for r in rows]
-        num_experts = {int(r[0]): int(r[1]) for r in rows}
-        top_k = {int(r[0]): int(r[2]) for r in rows}
-        notes.append("run.json has no MoE layout: experts per layer inferred as max(expert)+1")
-    return RunShards(run_dir, parts, meta, layers, num_experts, top_k, notes)
-
-
-def _shard_arrays(run: RunShards, part: str, domain_codes: dict[str | None, int], vocab_size: int):
+def _shard_arrays(run: RoutingRun, part: str, domain_codes: dict[str | None, int], vocab_size: int):
     """Token-level arrays and per-layer (experts, weights) [T, K] of one shard."""
-    import pyarrow.parquet as pq
+    import pyarrow.compute as pc
 
-    tokens = pq.read_table(run.run_dir / "tokens" / part)
+    tokens = run.read_table("tokens", part, ["doc", "pos", "token_id", "domain"])
     doc = tokens["doc"].to_numpy()
     pos = tokens["pos"].to_numpy()
     token_ids = tokens["token_id"].to_numpy().astype(np.int64)
     if token_ids.size and token_ids.max() >= vocab_size:
         raise DeepSeeMoEError(f"token id {token_ids.max()} is outside the vocabulary size {vocab_size}")
-    import pyarrow.compute as pc
-
     dictionary = pc.dictionary_encode(tokens["domain"]).combine_chunks()
     codes = np.array([domain_codes.setdefault(d, len(domain_codes)) for d in dictionary.dictionary.to_pylist()]
                      + [domain_codes.setdefault(None, len(domain_codes))], dtype=np.int64)
@@ -212,29 +168,8 @@ def _shard_arrays(run: RunShards, part: str, domain_codes: dict[str | None, int]
     consecutive = (doc[1:] == doc[:-1]) & (pos[1:] == pos[:-1] + 1)
     next_ids = np.full(len(doc), -1, np.int64)
     next_ids[:-1][consecutive] = token_ids[1:][consecutive]
-    T = len(doc)
-    experts, weights = _routing_columns(run, part, T)
-    per_layer, lo = {}, 0
-    for layer in run.layers:
-        hi = lo + T * run.top_k[layer]
-        per_layer[layer] = (experts[lo:hi].reshape(T, -1), weights[lo:hi].reshape(T, -1))
-        lo = hi
+    per_layer = run.routing_layers(part, len(doc))
     return token_ids, domain, next_ids, consecutive, per_layer
-
-
-def _routing_columns(run: RunShards, part: str, T: int, columns=("expert", "weight")):
-    """A shard's routing columns. The store is layer-major with every token in every MoE layer,
-    so layer l is rows [Σ_{l'<l} T·K_l', …) and the layer column need not be read; the row
-    count and the first row of each layer are checked instead."""
-    import pyarrow.parquet as pq
-
-    path = run.run_dir / "routing" / part
-    expected = T * sum(run.top_k[layer] for layer in run.layers)
-    if pq.ParquetFile(path).metadata.num_rows != expected:
-        raise DeepSeeMoEError(f"{path} has {pq.ParquetFile(path).metadata.num_rows} rows, expected {expected} "
-                              f"({T} tokens × top-k over {len(run.layers)} layers); the shard is incomplete")
-    table = pq.read_table(path, columns=list(columns))
-    return tuple(table[c].to_numpy() for c in columns)
 
 
 @dataclass
@@ -246,34 +181,31 @@ class RoutingStats:
     domains: list[str]
 
 
-def _vocab_info(run: RunShards) -> tuple[int, dict[int, str]]:
-    import duckdb
-
-    rows = duckdb.sql(f"SELECT token_id, any_value(token) FROM read_parquet('{run.run_dir / 'tokens'}/part-*.parquet') "
-                      "GROUP BY token_id").fetchall()
-    pieces = {int(t): (p if p is not None else "") for t, p in rows}
-    return (max(pieces) + 1 if pieces else 1), pieces
+def _vocab_and_domains(run: RoutingRun) -> tuple[int, dict[int, str], list[str | None]]:
+    """Vocabulary size, the piece of every token id seen, and the domains (sorted, None last)."""
+    table = run.tokens(["token_id", "token", "domain"])
+    ids = table["token_id"].to_numpy().astype(np.int64)
+    uniq, first = np.unique(ids, return_index=True)
+    tokens = table["token"].take(first).to_pylist()
+    pieces = {int(t): (p if p is not None else "") for t, p in zip(uniq, tokens, strict=True)}
+    domains = set(table["domain"].unique().to_pylist())
+    ordered = sorted(d for d in domains if d is not None) + ([None] if None in domains else [])
+    return (int(uniq.max()) + 1 if len(uniq) else 1), pieces, ordered
 
 
 def compute_routing_stats(run_dir: str | Path, *, compare: str | Path | None = None, min_count: int = 5,
                           top_tokens: int = 10, figures: bool = True, progress: bool = False) -> RoutingStats:
-    """Compute every routing statistic of a run and write tables, figures and summary.json
-    under RUN_DIR/analyses/."""
+    """Compute every routing statistic of a run; its tables, figures and summary.json are saved
+    (with the run's digest as their input) under RUN_DIR/analyses/ by the run's own class."""
     import pandas as pd
 
-    run = open_run(run_dir)
-    V, pieces = _vocab_info(run)
+    run = RoutingRun.open(run_dir)
+    V, pieces, domain_names = _vocab_and_domains(run)
     cls_of = np.full(V, TOKEN_CLASSES.index("other"), np.int64)
     for t, p in pieces.items():
         cls_of[t] = token_class(p)
     domain_codes: dict[str | None, int] = {}
-    # domains are discovered while reading; size the domain axis from the data up front
-    import duckdb
-
-    domain_names = [r[0] for r in duckdb.sql(
-        f"SELECT DISTINCT domain FROM read_parquet('{run.run_dir / 'tokens'}/part-*.parquet') ORDER BY domain"
-    ).fetchall()]
-    for d in domain_names:
+    for d in domain_names:  # domains are sized up front, so every shard shares one code table
         domain_codes.setdefault(d, len(domain_codes))
     counts = {layer: _Counts(run.num_experts[layer], run.top_k[layer], V, len(domain_codes)) for layer in run.layers}
     transitions = {(a, b): np.zeros((run.num_experts[a], run.num_experts[b]), np.int64)
@@ -374,37 +306,26 @@ def compute_routing_stats(run_dir: str | Path, *, compare: str | Path | None = N
         sat = router_saturation(compare, run_dir)
         summary["saturation"] = sat
         tables["saturation"] = pd.DataFrame([{"layer": int(k), **v} for k, v in sat["layers"].items()])
-    out = run.run_dir / "analyses"
-    out.mkdir(exist_ok=True)
-    import pyarrow as pa
-
-    from deepseemoe.runs.atomic import atomic_write_json, atomic_write_table
-
-    for name, df in tables.items():
-        atomic_write_table(out / f"{name}.parquet", pa.Table.from_pandas(df, preserve_index=False))
-    atomic_write_json(out / "summary.json", summary)
-    figs = {}
+    draw = None
     if figures:
         from deepseemoe.routing.figures import routing_figures
 
-        figs = routing_figures(tables, summary, out)
+        def draw(folder: Path) -> None:
+            routing_figures(tables, summary, folder)
+
+    out = run.save_analyses(tables, summary, draw)
+    figs = {p.stem: p for p in sorted(out.glob("*.png"))}
     return RoutingStats(run.run_dir, summary, tables, figs, [names[i] for i in sorted(names)])
 
 
-def _topk_sets(run: RunShards) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+def _topk_sets(run: RoutingRun) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """Per layer: (keys [T] = doc·2^20 + pos, experts [T, K]) over all shards."""
-    import pyarrow.parquet as pq
-
     keys, per_layer = [], {layer: [] for layer in run.layers}
     for part in run.parts:
-        tokens = pq.read_table(run.run_dir / "tokens" / part, columns=["doc", "pos"])
+        tokens = run.read_table("tokens", part, ["doc", "pos"])
         keys.append(tokens["doc"].to_numpy().astype(np.int64) * (1 << 20) + tokens["pos"].to_numpy())
-        (experts,) = _routing_columns(run, part, tokens.num_rows, columns=("expert",))
-        lo = 0
-        for layer in run.layers:
-            hi = lo + tokens.num_rows * run.top_k[layer]
-            per_layer[layer].append(experts[lo:hi].reshape(-1, run.top_k[layer]))
-            lo = hi
+        for layer, (experts,) in run.routing_layers(part, tokens.num_rows, columns=("expert",)).items():
+            per_layer[layer].append(experts)
     key = np.concatenate(keys)
     return {layer: (key, np.concatenate(chunks)) for layer, chunks in per_layer.items()}
 
@@ -412,7 +333,7 @@ def _topk_sets(run: RunShards) -> dict[int, tuple[np.ndarray, np.ndarray]]:
 def router_saturation(checkpoint_run: str | Path, final_run: str | Path) -> dict:
     """OLMoE §5.1: share of the final checkpoint's top-k experts already chosen at an earlier
     checkpoint, over the tokens (doc, pos) both runs routed. Random baseline K/E."""
-    a, b = open_run(checkpoint_run), open_run(final_run)
+    a, b = RoutingRun.open(checkpoint_run), RoutingRun.open(final_run)
     if a.layers != b.layers:
         raise DeepSeeMoEError(f"runs {a.run_dir} and {b.run_dir} have different MoE layers; compare checkpoints "
                               "of the same model")
