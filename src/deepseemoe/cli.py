@@ -49,15 +49,57 @@ def _register_commands() -> None:
 _register_commands()
 
 
-def run() -> None:
-    """Console entry point: user errors become one line on stderr and exit code 2."""
-    from deepseemoe.errors import DeepSeeMoEError
+def _fail(message: str, code: int, debug: bool) -> None:
+    if debug:
+        import traceback
 
+        traceback.print_exc()
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    raise SystemExit(code)
+
+
+def run() -> None:
+    """Console entry point. Every failure is one `error:` line on stderr, never a traceback:
+    bad input and environment (DeepSeeMoEError, usage errors, unwritable paths) exit 2, Ctrl-C
+    exits 130 saying what was kept, anything else exits 1 as an internal error. `--debug` (or
+    DEEPSEEMOE_DEBUG=1) prints the traceback as well."""
+    import os
+    import sys
+
+    try:  # typer ≥ 0.24 carries its own copy of click, whose exceptions are not click's
+        from typer._click import exceptions as click_exceptions
+    except ImportError:
+        from click import exceptions as click_exceptions
+
+    from deepseemoe.errors import DeepSeeMoEError, kept_on_interrupt
+
+    args = sys.argv[1:]
+    debug = "--debug" in args or os.environ.get("DEEPSEEMOE_DEBUG", "") not in ("", "0")
+    args = [a for a in args if a != "--debug"]
     try:
-        app(standalone_mode=True)
+        code = app(args=args, prog_name="deepseemoe", standalone_mode=False)
     except DeepSeeMoEError as exc:
-        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
-        raise SystemExit(2) from None
+        _fail(str(exc), 2, debug)
+    except (KeyboardInterrupt, *[getattr(click_exceptions, "Abort", KeyboardInterrupt)]):
+        kept = kept_on_interrupt()
+        _fail("interrupted; " + (kept or "nothing half-written was left"), 130, debug)
+    except getattr(click_exceptions, "NoArgsIsHelpError", ()) as exc:  # `deepseemoe` alone: its help
+        exc.show()
+        raise SystemExit(0) from None
+    except click_exceptions.UsageError as exc:
+        command = exc.ctx.command_path if exc.ctx is not None else "deepseemoe"
+        _fail(f"{exc.format_message()} (see `{command} --help`)", 2, debug)
+    except click_exceptions.ClickException as exc:
+        _fail(exc.format_message(), exc.exit_code, debug)
+    except OSError as exc:  # unwritable or missing output paths, a full disk: the environment, not a bug
+        where = f" {exc.filename}" if exc.filename else ""
+        _fail(f"cannot use{where}: {exc.strerror or exc}; check the path, its permissions and the free space",
+              2, debug)
+    except Exception as exc:  # a bug: still one line, with the way to the traceback
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        _fail(f"internal error ({type(exc).__name__}: {first}); rerun with --debug for the traceback and "
+              "please report it", 1, debug)
+    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.interventions.routing import ablate, exclude, random_routing, route_intervention
 from deepseemoe.models.spec import ModelHandle, MoELayer, RoutingRewrite
 
@@ -180,6 +181,16 @@ def run_causal_checks(handle: ModelHandle, batches: list, *, layers: list[int] |
     from rich.progress import Progress
 
     layers = layers or sorted(handle.moe_layers)
+    bad = [la for la in layers if la not in handle.moe_layers]
+    if bad:
+        raise DeepSeeMoEError(f"layers {bad} are not MoE layers of {handle.name}; choose from {sorted(handle.moe_layers)}")
+    fewest = min(handle.moe_layers[la].num_experts for la in layers)
+    bad = [e for e in experts or [] if not 0 <= e < fewest]
+    if bad:
+        raise DeepSeeMoEError(f"experts {bad} do not exist in layers {layers} ({fewest} experts: 0–{fewest - 1}); "
+                              "choose existing ones")
+    if not batches:
+        raise DeepSeeMoEError("no held-out tokens to measure on; give more text or a larger --tokens")
     meter = LossMeter(handle, batches, [token_domains(b) for b in batches])
     observed = observe_experts(handle, batches)
     rows, per_layer, sweep = [], [], []

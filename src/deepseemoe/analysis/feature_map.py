@@ -50,6 +50,9 @@ def write_map(run_dir: Path, spec: RunSpec, name: str, *, corpus: str | None, to
     sources = [Site(k, la) for k, la in meta["source"]]
     layer = fed_layer(sources, sorted(handle.moe_layers)) if layer is None else layer
     if layer not in handle.moe_layers:
+        raise DeepSeeMoEError(f"--layer {layer} is not an MoE layer of {handle.name}; choose from "
+                              f"{sorted(handle.moe_layers)}")
+    if layer not in handle.moe_layers:
         raise DeepSeeMoEError(f"layer {layer} is not an MoE layer; MoE layers: {sorted(handle.moe_layers)}")
     attribution = meta["kind"] == "sae" and sources == [Site("block_in", layer)]
     batches = list(run_batches(spec, handle, corpus=corpus, batch_size=batch_size, max_tokens=tokens))

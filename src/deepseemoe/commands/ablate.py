@@ -15,15 +15,15 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Argument(..., help="Hub id, local folder, or tiny:MODEL_TYPE."),
         data: str = typer.Option(..., "--data", help="Held-out text: file/folder/glob or hf:DATASET."),
         out: Path = typer.Option(..., "--out", help="Folder for ablation.json and figures."),
-        tokens: int = typer.Option(20_000, help="Held-out tokens."),
-        ctx_len: int = typer.Option(256, help="Context length."),
-        batch_size: int = typer.Option(8, help="Contexts per forward pass."),
+        tokens: int = typer.Option(20_000, min=1, help="Held-out tokens."),
+        ctx_len: int = typer.Option(256, min=1, help="Context length."),
+        batch_size: int = typer.Option(8, min=1, help="Contexts per forward pass."),
         layers: str = typer.Option(None, help="MoE layers to ablate in, e.g. 0,3 (default: all)."),
         experts: str = typer.Option(None, help="Experts to ablate, e.g. 0,1,2 (default: all)."),
         domain_field: str = typer.Option("domain", help="Field holding each document's domain label."),
         device: str = typer.Option(None, help="Device for the model."),
         dtype: str = typer.Option(None, help="float32, bfloat16 or float16."),
-        seed: int = typer.Option(0, help="Seed of the random controls and random routing."),
+        seed: int = typer.Option(0, min=0, help="Seed of the random controls and random routing."),
         trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
         """Expert ablation/exclusion vs load-matched controls, top-r sweep, top-1 and random routing per layer."""
@@ -44,7 +44,7 @@ def register(app: typer.Typer) -> None:
         if not handle.is_moe:
             raise DeepSeeMoEError(f"{model} has no MoE layers to ablate")
         source = TextSource(data, domain_field=domain_field)
-        batches = list(pack_documents(handle.tokenizer, iter_documents(source), ctx_len=ctx_len,
+        batches = list(pack_documents(handle.require_tokenizer(), iter_documents(source), ctx_len=handle.check_ctx_len(ctx_len),
                                       batch_size=batch_size, max_tokens=tokens))
 
         def parse(s: str | None) -> list[int] | None:

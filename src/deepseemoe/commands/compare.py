@@ -17,14 +17,14 @@ def register(app: typer.Typer) -> None:
         data: str = typer.Option(..., "--data", help="Held-out text with a domain field."),
         out: Path = typer.Option(..., "--out", help="Folder for comparison.json / comparison.md."),
         train_data: str = typer.Option(None, help="Text to train the SAEs on (default: --data)."),
-        tokens: int = typer.Option(20_000, help="Held-out tokens for selectivity and ablations."),
-        ctx_len: int = typer.Option(256, help="Context length."),
+        tokens: int = typer.Option(20_000, min=1, help="Held-out tokens for selectivity and ablations."),
+        ctx_len: int = typer.Option(256, min=1, help="Context length."),
         domain_field: str = typer.Option("domain", help="Field holding each document's domain label."),
-        sae_layer: int = typer.Option(None, help="Residual layer of the SAE frontier (default: the middle)."),
+        sae_layer: int = typer.Option(None, min=0, help="Residual layer of the SAE frontier (default: the middle)."),
         sae_k: str = typer.Option("8,16,32", help="k values of the SAE frontier."),
-        sae_tokens: int = typer.Option(200_000, help="Training tokens per SAE (0: skip the frontier)."),
-        expansion_factor: int = typer.Option(8, help="SAE width / model width."),
-        max_units: int = typer.Option(64, help="Units ablated per kind (the most active ones)."),
+        sae_tokens: int = typer.Option(200_000, min=0, help="Training tokens per SAE (0: skip the frontier)."),
+        expansion_factor: int = typer.Option(8, min=1, help="SAE width / model width."),
+        max_units: int = typer.Option(64, min=1, help="Units ablated per kind (the most active ones)."),
         trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
         """Selectivity of experts, neurons and heads; ablation selectivity; the SAE frontier — one table."""
@@ -35,6 +35,7 @@ def register(app: typer.Typer) -> None:
         from deepseemoe.analysis.sae_frontier import sae_frontier
         from deepseemoe.data.sources import TextSource, iter_documents, resolve_files
         from deepseemoe.data.tokens import pack_documents
+        from deepseemoe.errors import DeepSeeMoEError
         from deepseemoe.models.load import load_model
         from deepseemoe.runs.atomic import atomic_write_bytes, atomic_write_json
 
@@ -45,12 +46,15 @@ def register(app: typer.Typer) -> None:
         source = TextSource(data, domain_field=domain_field)
 
         def batches(h):
-            return list(pack_documents(h.tokenizer, iter_documents(source), ctx_len=ctx_len, batch_size=8,
+            return list(pack_documents(h.require_tokenizer(), iter_documents(source), ctx_len=h.check_ctx_len(ctx_len), batch_size=8,
                                        max_tokens=tokens))
 
         result = compare_models(moe, dense, batches(moe), batches(dense), max_units_per_kind=max_units)
         if sae_tokens > 0:
             layer = moe.num_layers // 2 if sae_layer is None else sae_layer
+            if layer >= min(moe.num_layers, dense.num_layers):
+                raise DeepSeeMoEError(f"--sae-layer {layer} does not exist (the models have "
+                                      f"{min(moe.num_layers, dense.num_layers)} layers)")
             result["sae_frontier"] = sae_frontier({"moe": moe_model, "dense": dense_model}, train_data or data, data,
                                                   out, layer=layer, ks=[int(k) for k in sae_k.split(",")],
                                                   expansion_factor=expansion_factor, tokens=sae_tokens,

@@ -12,7 +12,7 @@ corpus_app = typer.Typer(help="The offline demo corpus.", no_args_is_help=True)
 @corpus_app.command("build")
 def build(
     out: Path = typer.Option(Path("runs/corpus"), "--out", help="Folder for train.jsonl, val.jsonl, report.json."),
-    seed: int = typer.Option(0, help="Seed of the sampling and the split."),
+    seed: int = typer.Option(0, min=0, help="Seed of the sampling and the split."),
     max_mb_per_domain: float = typer.Option(2.5, help="Text per domain, in MB."),
 ) -> None:
     """Collect labelled documents (code, en, de, es, ru, data) from text present on this machine."""

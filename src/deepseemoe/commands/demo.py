@@ -14,7 +14,7 @@ def register(app: typer.Typer) -> None:
         recipe: str = typer.Option("demo", help="Model recipe: demo (CPU, minutes), tiny (seconds), gpu."),
         retrain: bool = typer.Option(False, "--retrain", help="Train the models again even if cached."),
         cache_dir: Path = typer.Option(None, help="Model cache (default ~/.cache/deepseemoe or $DEEPSEEMOE_CACHE)."),
-        max_tokens: int = typer.Option(60_000, help="Held-out tokens to route and analyse."),
+        max_tokens: int = typer.Option(60_000, min=1, help="Held-out tokens to route and analyse."),
     ) -> None:
         """Build a corpus from text on this machine, train a small MoE and its dense twin (once), and run
         routing capture, routing statistics and the report on them."""

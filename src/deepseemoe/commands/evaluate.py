@@ -14,8 +14,8 @@ def register(app: typer.Typer) -> None:
     def evaluate(
         run_dir: Path = typer.Argument(..., help="The --out folder of `deepseemoe train`."),
         corpus: str = typer.Option(None, help="Held-out text (default: the training corpus, which is not held out)."),
-        tokens: int = typer.Option(20_000, help="Evaluation tokens."),
-        batch_size: int = typer.Option(8, help="Contexts per forward pass."),
+        tokens: int = typer.Option(20_000, min=1, help="Evaluation tokens."),
+        batch_size: int = typer.Option(8, min=1, help="Contexts per forward pass."),
         device: str = typer.Option(None, help="Device for the model and coders (default: the run's)."),
         trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:

@@ -15,9 +15,9 @@ def register(app: typer.Typer) -> None:
         run_dir: Path = typer.Argument(..., help="The --out folder of `deepseemoe train`."),
         dictionary: list[str] = typer.Option(None, "--dictionary", help="Coder name(s) (default: all)."),
         corpus: str = typer.Option(None, help="Text to run (default: the run's corpus)."),
-        tokens: int = typer.Option(100_000, help="Tokens to cache."),
-        batch_size: int = typer.Option(8, help="Contexts per forward pass."),
-        n_splits: int = typer.Option(5, help="Latent ranges per file, as delphi reads them."),
+        tokens: int = typer.Option(100_000, min=1, help="Tokens to cache."),
+        batch_size: int = typer.Option(8, min=1, help="Contexts per forward pass."),
+        n_splits: int = typer.Option(5, min=1, help="Latent ranges per file, as delphi reads them."),
         trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
         """Cache where every latent fires (delphi format: RUN_DIR/latents/NAME/)."""

@@ -15,10 +15,10 @@ def register(app: typer.Typer) -> None:
         run_dir: Path = typer.Argument(..., help="The --out folder of `deepseemoe train`."),
         dictionary: str = typer.Option(..., "--dictionary", help="Name of the trained coder."),
         corpus: str = typer.Option(None, help="Held-out text (default: the run's corpus)."),
-        tokens: int = typer.Option(20_000, help="Tokens to map on (half fit the routing predictors, half test)."),
-        layer: int = typer.Option(None, help="MoE layer to relate to (default: the one the coder's source feeds)."),
-        batch_size: int = typer.Option(8, help="Contexts per forward pass."),
-        examples: int = typer.Option(5, help="Top-activating examples per feature."),
+        tokens: int = typer.Option(20_000, min=1, help="Tokens to map on (half fit the routing predictors, half test)."),
+        layer: int = typer.Option(None, min=0, help="MoE layer to relate to (default: the one the coder's source feeds)."),
+        batch_size: int = typer.Option(8, min=1, help="Contexts per forward pass."),
+        examples: int = typer.Option(5, min=1, help="Top-activating examples per feature."),
         trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
         """Expert distribution, lift and MI per feature; routing prediction vs token/bigram baselines;

@@ -12,7 +12,7 @@ def register(app: typer.Typer) -> None:
     def stats(
         run_dir: Path = typer.Argument(..., help="A run directory written by `deepseemoe route`."),
         compare: Path = typer.Option(None, help="Run of an earlier checkpoint on the same data (router saturation)."),
-        min_count: int = typer.Option(5, help="Minimum occurrences of a token for vocabulary specialization."),
+        min_count: int = typer.Option(5, min=1, help="Minimum occurrences of a token for vocabulary specialization."),
         no_figures: bool = typer.Option(False, "--no-figures", help="Skip the PNG figures."),
     ) -> None:
         """Routing statistics: load, entropy, co-activation, repetition, vocabulary and domain

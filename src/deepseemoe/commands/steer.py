@@ -17,8 +17,8 @@ def register(app: typer.Typer) -> None:
         feature: list[int] = typer.Option(..., "--feature", help="Feature index (repeatable)."),
         scale: float = typer.Option(0.0, help="Multiply the feature's contribution: 0 ablates, 2 doubles."),
         corpus: str = typer.Option(None, help="Held-out text (default: the run's corpus)."),
-        tokens: int = typer.Option(4_000, help="Tokens to measure on."),
-        batch_size: int = typer.Option(8, help="Contexts per forward pass."),
+        tokens: int = typer.Option(4_000, min=1, help="Tokens to measure on."),
+        batch_size: int = typer.Option(8, min=1, help="Contexts per forward pass."),
         trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
         """ΔCE, KL and how often the chosen experts change when a feature is ablated or steered."""
@@ -29,10 +29,15 @@ def register(app: typer.Typer) -> None:
         from deepseemoe.dictionaries.formats import load_run_dictionary
         from deepseemoe.dictionaries.run import load_for_run, run_batches
         from deepseemoe.dictionaries.spec import RunSpec
+        from deepseemoe.errors import DeepSeeMoEError
         from deepseemoe.runs.atomic import atomic_write_json
 
         spec = RunSpec.from_run_dir(run_dir)
         coder, meta = load_run_dictionary(run_dir, dictionary, device=spec.coder_device or "cpu")
+        bad = [f for f in feature if not 0 <= f < coder.cfg.n_latents]
+        if bad:
+            raise DeepSeeMoEError(f"features {bad} do not exist in {dictionary} ({coder.cfg.n_latents} features: "
+                                  f"0–{coder.cfg.n_latents - 1})")
         handle = load_for_run(spec, spec.model_device, trust_remote_code=trust_remote_code)
         batches = list(run_batches(spec, handle, corpus=corpus, batch_size=batch_size, max_tokens=tokens))
         site = Site(*meta["source"][0])

@@ -21,9 +21,9 @@ def register(app: typer.Typer) -> None:
         layers: str = typer.Option(None, help="Without a config: layer(s), e.g. 3 or 0,1,2 or all."),
         site: str = typer.Option("resid_out", help="Without a config: the site of an sae / crosscoder."),
         activation: str = typer.Option("topk", help="Without a config: topk, batchtopk, jumprelu or relu."),
-        k: int = typer.Option(32, help="Without a config: active latents per token (TopK / BatchTopK)."),
-        expansion_factor: int = typer.Option(16, help="Without a config: latents per input dimension."),
-        tokens: int = typer.Option(None, help="Training tokens."),
+        k: int = typer.Option(32, min=1, help="Without a config: active latents per token (TopK / BatchTopK)."),
+        expansion_factor: int = typer.Option(16, min=1, help="Without a config: latents per input dimension."),
+        tokens: int = typer.Option(None, min=1, help="Training tokens."),
         model_device: str = typer.Option(None, help="Device of the model, e.g. cuda:0."),
         coder_device: str = typer.Option(None, help="Device of the coders and their buffer, e.g. cuda:1."),
         formats: list[str] = typer.Option(None, "--format", help="Also write saelens, sparsify or circuit_tracer "
@@ -32,17 +32,14 @@ def register(app: typer.Typer) -> None:
         trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
         """Train sparse dictionaries (SAEs, transcoders, router transcoders, crosscoders, CLTs)."""
-        import yaml
         from rich.console import Console
 
         from deepseemoe.dictionaries.run import train_run
-        from deepseemoe.dictionaries.spec import RunSpec
+        from deepseemoe.dictionaries.spec import RunSpec, load_yaml_mapping
         from deepseemoe.errors import DeepSeeMoEError
 
         if config is not None:
-            if not config.exists():
-                raise DeepSeeMoEError(f"config {config} does not exist; pass a YAML run config or use flags")
-            raw = yaml.safe_load(config.read_text()) or {}
+            raw = load_yaml_mapping(config)
         else:
             if not layers:
                 raise DeepSeeMoEError("pass a run config, or --layers (with --model, --corpus, --out) for one coder")

@@ -28,8 +28,9 @@ from deepseemoe.dictionaries.formats import save_circuit_tracer, save_native, sa
 from deepseemoe.dictionaries.spec import CoderSpec, RunSpec
 from deepseemoe.dictionaries.stream import model_stream
 from deepseemoe.dictionaries.trainer import CoderTrainer
-from deepseemoe.errors import DeepSeeMoEError
+from deepseemoe.errors import DeepSeeMoEError, keep
 from deepseemoe.models.spec import ModelHandle
+from deepseemoe.runs.atomic import atomic_write_bytes
 
 
 @dataclass
@@ -97,7 +98,7 @@ def run_batches(spec: RunSpec, handle: ModelHandle, *, corpus: str | None = None
     from deepseemoe.data.tokens import pack_documents
 
     source = TextSource(corpus or spec.corpus, field=spec.field, domain_field=spec.domain_field)
-    return pack_documents(handle.tokenizer, iter_documents(source), ctx_len=spec.ctx_len,
+    return pack_documents(handle.require_tokenizer(), iter_documents(source), ctx_len=handle.check_ctx_len(spec.ctx_len),
                           batch_size=batch_size or spec.batch_size, max_tokens=max_tokens)
 
 
@@ -110,11 +111,23 @@ def _batches(spec: RunSpec, handle: ModelHandle, rank: int, world: int):
 class _Sinks:
     """metrics.jsonl always; wandb / tensorboard / trackio when asked for and installed."""
 
-    def __init__(self, spec: RunSpec, out: Path, enabled: bool, name: str = "metrics.jsonl"):
+    def __init__(self, spec: RunSpec, out: Path, enabled: bool, name: str = "metrics.jsonl", keep_steps: int = 0):
+        """`keep_steps`: the step a resumed trainer continues from. The lines of later steps (written
+        after that checkpoint by the run that died) are dropped, so every (coder, step) stays one line."""
         self.enabled, self.file, self.others = enabled, None, []
         if not enabled:
             return
-        self.file = open(out / name, "a")  # noqa: SIM115 - closed in close()
+        path = out / name
+        kept = []
+        if keep_steps and path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= keep_steps:
+                        kept.append(line + "\n")
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut short by the kill
+        atomic_write_bytes(path, "".join(kept).encode())
+        self.file = open(path, "a")  # noqa: SIM115 - closed in close()
         for name in spec.log:
             try:
                 if name == "wandb":
@@ -138,7 +151,16 @@ class _Sinks:
                 else:
                     raise DeepSeeMoEError(f"unknown logger {name!r}; choose wandb, tensorboard or trackio")
             except ImportError:
+                self.close()
                 raise DeepSeeMoEError(f"log: {name} is not installed; pip install {name} or drop it from `log`") from None
+            except DeepSeeMoEError:
+                self.close()
+                raise
+            except Exception as exc:  # a logger that cannot start (no login, no network, bad settings)
+                self.close()
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                raise DeepSeeMoEError(f"log: {name} could not start ({first}); fix its setup (for wandb: `wandb "
+                                      "login` or WANDB_MODE=offline) or drop it from `log`") from None
 
     def __call__(self, metrics: list[dict]) -> None:
         if not self.enabled:
@@ -206,6 +228,30 @@ def _export(spec: RunSpec, handle: ModelHandle, coders: dict[str, Coder], specs:
                                     model_name=model_name)
 
 
+# Settings a resumed run may change: how long, where, what is logged or exported; everything else
+# defines the run (its data, its coders, its optimisation) and must match the saved config.
+RESUMABLE_CHANGES = {"tokens", "out", "model_device", "coder_device", "checkpoint_every", "formats", "log",
+                     "activation_cache", "train.device", "train.autocast"}
+
+
+def resume_conflicts(saved: dict, new: dict, prefix: str = "") -> list[str]:
+    """The settings (dotted names, coders[i].key) that differ between a saved config and a new one."""
+    differ = []
+    for key in sorted(set(saved) | set(new)):
+        name = f"{prefix}{key}"
+        if name in RESUMABLE_CHANGES:
+            continue
+        a, b = saved.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            differ += resume_conflicts(a, b, f"{name}.")
+        elif key == "coders" and isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            for i, (ca, cb) in enumerate(zip(a, b, strict=True)):
+                differ += resume_conflicts(ca, cb, f"coders[{i}].")
+        elif a != b:
+            differ.append(name)
+    return differ
+
+
 def train_run(spec: RunSpec, *, resume: bool = False, progress: bool = True,
               trust_remote_code: bool = False) -> TrainResult:
     import time
@@ -220,8 +266,16 @@ def train_run(spec: RunSpec, *, resume: bool = False, progress: bool = True,
     if (out / "checkpoint.pt").exists():  # written by DeepSeeMoE ≤ 0.1 as a pickle: never unpickled
         raise DeepSeeMoEError(f"{out / 'checkpoint.pt'} is a pickled checkpoint of an older version, which is never "
                               "loaded (unpickling can run code); delete it and train again, or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise DeepSeeMoEError(f"--out {out} is a file; give a folder for the run")
     if resume and not ckpt.exists():
         raise DeepSeeMoEError(f"nothing to resume: {ckpt} does not exist; run without --resume")
+    if resume:
+        differ = resume_conflicts(RunSpec.from_run_dir(out).to_dict(), spec.to_dict())
+        if differ:
+            raise DeepSeeMoEError(f"--resume continues the run in {out} as it was configured, but "
+                                  f"{', '.join(differ)} differ from its config.yaml; resume with the same settings "
+                                  "or train into another --out")
     if not resume and ckpt.exists():
         raise DeepSeeMoEError(f"{out} already holds a training run; pass --resume to continue it or choose "
                               "another --out")
@@ -254,11 +308,21 @@ def train_run(spec: RunSpec, *, resume: bool = False, progress: bool = True,
     trainer = CoderTrainer(coders, spec.train, data_parallel=not split)
     if resume:
         trainer.resume(ckpt)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        sinks = _Sinks(spec, out, enabled=rank == 0 or split, name="metrics.jsonl" if rank == 0 else
+                       f"metrics.rank{rank}.jsonl", keep_steps=trainer.step)
+    except BaseException:
+        if created:  # nothing of this run was written: leave no folder behind
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     if rank == 0:
-        (out / "config.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
-    sinks = _Sinks(spec, out, enabled=rank == 0 or split, name="metrics.jsonl" if rank == 0 else
-                   f"metrics.rank{rank}.jsonl")
+        atomic_write_bytes(out / "config.yaml", yaml.safe_dump(spec.to_dict(), sort_keys=False).encode())
+    if not resume:
+        keep("train", f"{out} holds no checkpoint yet: the same command starts it again")
     start = time.perf_counter()
     writer = None
     try:

@@ -22,6 +22,7 @@ from deepseemoe.capture.core import Site
 from deepseemoe.dictionaries.coder import ACTIVATIONS, CoderConfig
 from deepseemoe.dictionaries.trainer import TrainConfig
 from deepseemoe.errors import DeepSeeMoEError
+from deepseemoe.validate import check_fields, known_keys
 
 KINDS = ("sae", "transcoder", "skip_transcoder", "router_transcoder", "crosscoder", "clt")
 FORMATS = ("saelens", "sparsify", "circuit_tracer")
@@ -141,16 +142,46 @@ class RunSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> RunSpec:
+        if not isinstance(d, dict):
+            raise DeepSeeMoEError(f"the run config must be a mapping of settings, not {type(d).__name__}; see "
+                                  "README: Dictionaries")
         d = dict(d)
+        known_keys(cls, d, "run config")
         missing = [k for k in ("model", "corpus", "out", "coders") if not d.get(k)]
         if missing:
             raise DeepSeeMoEError(f"the run config lacks {', '.join(missing)}; see `deepseemoe train --help`")
-        try:
-            d["coders"] = [CoderSpec(**c) for c in d["coders"]]
-            d["train"] = TrainConfig(**(d.get("train") or {}))
-            return cls(**d)
-        except TypeError as e:
-            raise DeepSeeMoEError(f"bad run config: {e}") from None
+        if not isinstance(d["coders"], list) or not all(isinstance(c, dict) for c in d["coders"]):
+            raise DeepSeeMoEError("run config: `coders` must be a list of mappings, e.g. - {kind: sae, layers: [3]}")
+        coders = []
+        for i, c in enumerate(d["coders"]):
+            where = f"run config, coder {c.get('name') or i}"
+            known_keys(CoderSpec, c, where)
+            if "kind" not in c or "layers" not in c:
+                raise DeepSeeMoEError(f"{where}: needs `kind` and `layers`")
+            layers = c["layers"]
+            if not (layers == "all" or (isinstance(layers, int) and not isinstance(layers, bool))
+                    or (isinstance(layers, list) and all(type(v) is int for v in layers))):
+                raise DeepSeeMoEError(f"{where}: `layers` must be a layer index, a list of them or 'all', "
+                                      f"not {layers!r}")
+            spec = CoderSpec(**c)
+            check_fields(spec, where, positive=("k", "expansion_factor"), non_negative=("n_latents",))
+            if spec.layers != "all" and any(layer < 0 for layer in spec.layers):
+                raise DeepSeeMoEError(f"{where}: layers must be 0 or more, not {spec.layers}")
+            coders.append(spec)
+        d["coders"] = coders
+        train = d.get("train") or {}
+        if not isinstance(train, dict):
+            raise DeepSeeMoEError("run config: `train` must be a mapping, e.g. {batch_size: 4096}")
+        known_keys(TrainConfig, train, "run config, train")
+        d["train"] = TrainConfig(**train)
+        check_fields(d["train"], "run config, train", positive=("batch_size", "buffer_size", "lr", "dead_after_tokens"),
+                     non_negative=("auxk_alpha", "sparsity_coef", "seed"))
+        if d["train"].buffer_size < d["train"].batch_size:
+            raise DeepSeeMoEError(f"run config, train: buffer_size ({d['train'].buffer_size}) must hold at least one "
+                                  f"batch (batch_size {d['train'].batch_size})")
+        spec = cls(**d)
+        check_fields(spec, "run config", positive=("tokens", "ctx_len", "batch_size", "checkpoint_every"))
+        return spec
 
     @classmethod
     def from_run_dir(cls, run_dir: str | Path) -> RunSpec:
@@ -159,17 +190,25 @@ class RunSpec:
         if not path.exists():
             raise DeepSeeMoEError(f"{run_dir} is not a training run (no config.yaml); pass the --out of "
                                   "`deepseemoe train`")
-        return cls.from_dict(yaml.safe_load(path.read_text()))
+        return cls.from_dict(load_yaml_mapping(path))
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> RunSpec:
-        path = Path(path)
-        if not path.exists():
-            raise DeepSeeMoEError(f"config {path} does not exist; write one (see README: Dictionaries)")
-        try:
-            d = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise DeepSeeMoEError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(d, dict):
-            raise DeepSeeMoEError(f"{path} must hold a mapping of settings")
-        return cls.from_dict(d)
+        return cls.from_dict(load_yaml_mapping(path))
+
+
+def load_yaml_mapping(path: str | Path) -> dict:
+    """A YAML config file as a dict; one-line refusals for a missing file, bad YAML or a non-mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise DeepSeeMoEError(f"config {path} does not exist; pass a YAML run config (see README: Dictionaries)")
+    try:
+        d = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DeepSeeMoEError(f"{path} is not valid YAML ({first}); fix the file") from None
+    if d is None:
+        return {}
+    if not isinstance(d, dict):
+        raise DeepSeeMoEError(f"{path} must hold a mapping of settings (key: value), not a {type(d).__name__}")
+    return d

@@ -32,7 +32,7 @@ import torch
 from deepseemoe.dictionaries.checkpoint import load_checkpoint, save_checkpoint
 from deepseemoe.dictionaries.coder import Coder
 from deepseemoe.dictionaries.losses import auxk_loss, sparsity_penalty
-from deepseemoe.errors import DeepSeeMoEError
+from deepseemoe.errors import DeepSeeMoEError, keep
 
 
 @dataclass
@@ -293,6 +293,7 @@ class CoderTrainer:
     def save(self, path: str | Path) -> None:
         """Atomic checkpoint without pickle (dictionaries/checkpoint.py)."""
         save_checkpoint(self._rank_path(path), self.state_dict())
+        keep("train", f"the checkpoint of step {self.step} is kept in {path}: continue with --resume")
 
     def resume(self, path: str | Path) -> None:
         path = self._rank_path(path)

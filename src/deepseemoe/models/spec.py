@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from deepseemoe.errors import DeepSeeMoEError
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -127,3 +129,17 @@ class ModelHandle:
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    def check_ctx_len(self, ctx_len: int) -> int:
+        """`ctx_len` when the model can attend that far; one-line refusal beyond its position limit."""
+        limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        if isinstance(limit, int) and ctx_len > limit:
+            raise DeepSeeMoEError(f"--ctx-len {ctx_len} is beyond {self.name}'s {limit} positions "
+                                  f"(max_position_embeddings); use --ctx-len {limit} or less")
+        return ctx_len
+
+    def require_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise DeepSeeMoEError(f"{self.name} has no tokenizer, so it cannot read text; use a folder saved with "
+                                  "its tokenizer (tokenizer.json), e.g. the demo's runs/demo models")
+        return self.tokenizer

@@ -66,7 +66,7 @@ def route_corpus(handle: ModelHandle, source: TextSource, run_dir: str | Path, *
     layers = sorted(handle.moe_layers)
     recorder = RoutingRecorder(layers, logits=logits)
     tokenizer = handle.tokenizer
-    batches = pack_documents(tokenizer, iter_documents(source), ctx_len=ctx_len, batch_size=batch_size,
+    batches = pack_documents(tokenizer, iter_documents(source), ctx_len=handle.check_ctx_len(ctx_len), batch_size=batch_size,
                              max_tokens=max_tokens)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
