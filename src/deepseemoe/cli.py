@@ -99,6 +99,9 @@ def run() -> None:
         first = (str(exc).strip().splitlines() or [""])[0][:300]
         _fail(f"internal error ({type(exc).__name__}: {first}); rerun with --debug for the traceback and "
               "please report it", 1, debug)
+    if code == 130:  # typer turns Ctrl-C inside a command into exit code 130
+        kept = kept_on_interrupt()
+        _fail("interrupted; " + (kept or "nothing half-written was left"), 130, False)
     raise SystemExit(code if isinstance(code, int) else 0)
 
 

@@ -8,7 +8,6 @@ causal checks and the MoE-vs-dense table → report/index.html.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from deepseemoe.models.load import load_model
 from deepseemoe.report.html import write_report
 from deepseemoe.routing.route import route_corpus
 from deepseemoe.routing.stats import compute_routing_stats, router_saturation
+from deepseemoe.runs.atomic import atomic_write_json, read_json
 from deepseemoe.zoo.recipes import get_recipe
 from deepseemoe.zoo.train import train_zoo
 
@@ -46,13 +46,14 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
     corpus_dir = out_dir / "corpus"
     stamp = {"seed": seed, "max_bytes_per_domain": spec.max_bytes_per_domain}
     stamp_path = corpus_dir / "build.json"
-    if stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp and (corpus_dir / "val.jsonl").exists():
-        corpus = json.loads((corpus_dir / "report.json").read_text())
+    fix = f"delete {corpus_dir} to build the corpus again"
+    if stamp_path.exists() and read_json(stamp_path, fix) == stamp and (corpus_dir / "val.jsonl").exists():
+        corpus = read_json(corpus_dir / "report.json", fix)
         console.print(f"[bold]1/6 corpus[/] reused {corpus_dir}")
     else:
         with console.status("[bold]1/6 corpus[/] collecting text found on this machine"):
             corpus = build_corpus(corpus_dir, seed=seed, max_bytes_per_domain=spec.max_bytes_per_domain).to_json()
-        stamp_path.write_text(json.dumps(stamp))
+        atomic_write_json(stamp_path, stamp)
         console.print(f"[bold]1/6 corpus[/] {len(corpus['domains'])} domains: "
                       + ", ".join(f"{d} {v['bytes'] / 1e6:.1f} MB" for d, v in corpus["domains"].items()))
     for note in corpus.get("notes", []):

@@ -59,7 +59,9 @@ def small_run(tmp_path_factory, tiny_olmoe_dir, corpus_jsonl) -> Path:
     from deepseemoe.cli import app
 
     root = tmp_path_factory.mktemp("small_run")
-    config = {"model": str(tiny_olmoe_dir), "corpus": str(corpus_jsonl), "out": str(root / "run"),
+    corpus = root / "docs.jsonl"
+    corpus.write_text(corpus_jsonl.read_text() * 40)  # enough text for the steps a resume adds
+    config = {"model": str(tiny_olmoe_dir), "corpus": str(corpus), "out": str(root / "run"),
               "tokens": 512, "ctx_len": 32, "batch_size": 4, "checkpoint_every": 1,
               "coders": [{"kind": "sae", "layers": [1], "site": "block_in", "k": 4, "expansion_factor": 2}],
               "train": {"batch_size": 128, "buffer_size": 256}}

@@ -64,12 +64,14 @@ def _stem(path: Path) -> str:
 def resolve_files(spec: str) -> list[Path]:
     """Files named by a path, a folder (all supported files inside, recursively) or a glob."""
     path = Path(spec).expanduser()
-    if any(ch in spec for ch in "*?["):
-        files = [Path(p) for p in sorted(glob.glob(str(path), recursive=True))]
-    elif path.is_dir():
+    # An existing path is taken literally, whatever its characters ("notes [v2]/a.jsonl"); only a
+    # path that does not exist is read as a glob pattern.
+    if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file())
     elif path.exists():
         files = [path]
+    elif any(ch in spec for ch in "*?["):
+        files = [Path(p) for p in sorted(glob.glob(str(path), recursive=True))]
     else:
         raise DeepSeeMoEError(f"data source {spec} does not exist; give a file, a folder, a glob, or hf:DATASET")
     files = [f for f in files if _suffix(f) in LOCAL_SUFFIXES]

@@ -13,7 +13,6 @@ cache whose key does not match the run is refused rather than silently reused.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from safetensors.torch import load_file, save
 from deepseemoe.capture.core import Site
 from deepseemoe.dictionaries.stream import SiteGroup, _as_list
 from deepseemoe.errors import DeepSeeMoEError
-from deepseemoe.runs.atomic import atomic_write_bytes, atomic_write_json
+from deepseemoe.runs.atomic import atomic_write_bytes, atomic_write_json, read_json
 
 MANIFEST = "manifest.json"
 
@@ -37,7 +36,7 @@ def cache_state(path: str | Path, key: dict) -> str:
     manifest = Path(path) / MANIFEST
     if not manifest.exists():
         return "missing"
-    doc = json.loads(manifest.read_text())
+    doc = read_json(manifest, "delete the cache folder and train again to rebuild it")
     if doc["key"] != key:
         diff = sorted(k for k in set(key) | set(doc["key"]) if key.get(k) != doc["key"].get(k))
         raise DeepSeeMoEError(f"activation cache {path} was captured with other settings ({', '.join(diff)}); "
@@ -93,7 +92,7 @@ def cached_stream(path: str | Path, pairs: dict[str, tuple[SiteGroup, SiteGroup]
     """The items `model_stream` yielded when the cache was written (same order, same sizes), so a
     run on the cache trains exactly like the run that captured it."""
     path = Path(path)
-    doc = json.loads((path / MANIFEST).read_text())
+    doc = read_json(path / MANIFEST, "delete the cache folder and train again to rebuild it")
     if not doc["complete"]:
         raise DeepSeeMoEError(f"activation cache {path} is incomplete (the capture was interrupted); delete it "
                               "and capture again")

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from deepseemoe.dictionaries.coder import Coder, CoderConfig, SparseCoder, build_coder
 from deepseemoe.errors import DeepSeeMoEError
+from deepseemoe.runs.atomic import read_json
 
 NATIVE_WEIGHTS, NATIVE_CONFIG = "coder.safetensors", "config.json"
 
@@ -85,7 +86,10 @@ def load_native(path: str | Path, device: str | torch.device = "cpu") -> tuple[C
     if not (path / NATIVE_CONFIG).exists():
         raise DeepSeeMoEError(f"{path} is not a DeepSeeMoE coder folder (no {NATIVE_CONFIG}); "
                               "pass the folder written by `deepseemoe train`")
-    doc = json.loads((path / NATIVE_CONFIG).read_text())
+    doc = read_json(path / NATIVE_CONFIG, "train or copy the dictionary again")
+    if not isinstance(doc, dict) or "sha256" not in doc or "coder" not in doc:
+        raise DeepSeeMoEError(f"{path / NATIVE_CONFIG} is damaged (not a DeepSeeMoE coder config); train or copy "
+                              "the dictionary again")
     if _sha256(path / NATIVE_WEIGHTS) != doc["sha256"]:
         raise DeepSeeMoEError(f"{path / NATIVE_WEIGHTS} does not match its checksum; the file is damaged, "
                               "train or copy it again")
@@ -255,7 +259,7 @@ def save_circuit_tracer(coders: dict[int, Coder] | Coder, path: str | Path, *, m
 def load_saelens(path: str | Path) -> SparseCoder:
     """A SAELens folder (topk, standard, jumprelu and the transcoder architectures) as our coder."""
     path = Path(path)
-    doc = json.loads((path / "cfg.json").read_text())
+    doc = read_json(path / "cfg.json", "give a folder written by that tool, with its cfg.json whole")
     arch = doc.get("architecture", "standard")
     act = {"topk": "topk", "standard": "relu", "transcoder": "relu", "skip_transcoder": "relu"}.get(arch, "jumprelu")
     if arch not in ("topk", "standard", "jumprelu", "transcoder", "skip_transcoder", "jumprelu_transcoder",
@@ -282,7 +286,7 @@ def load_saelens(path: str | Path) -> SparseCoder:
 def load_sparsify(path: str | Path) -> SparseCoder:
     """One sparsify hookpoint folder (`cfg.json` + `sae.safetensors`, TopK) as our coder."""
     path = Path(path)
-    doc = json.loads((path / "cfg.json").read_text())
+    doc = read_json(path / "cfg.json", "give a folder written by that tool, with its cfg.json whole")
     if doc.get("activation", "topk") != "topk":
         raise DeepSeeMoEError(f"{path}: sparsify activation {doc['activation']!r} is not supported; only topk")
     t = load_file(path / "sae.safetensors")

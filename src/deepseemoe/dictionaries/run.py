@@ -112,8 +112,9 @@ class _Sinks:
     """metrics.jsonl always; wandb / tensorboard / trackio when asked for and installed."""
 
     def __init__(self, spec: RunSpec, out: Path, enabled: bool, name: str = "metrics.jsonl", keep_steps: int = 0):
-        """`keep_steps`: the step a resumed trainer continues from. The lines of later steps (written
-        after that checkpoint by the run that died) are dropped, so every (coder, step) stays one line."""
+        """`keep_steps`: the steps a resumed trainer's checkpoint holds (logged as steps 0…keep_steps-1).
+        Lines of later steps (logged after that checkpoint by the run that died) are dropped, so every
+        (coder, step) stays one line."""
         self.enabled, self.file, self.others = enabled, None, []
         if not enabled:
             return
@@ -122,7 +123,7 @@ class _Sinks:
         if keep_steps and path.exists():
             for line in path.read_text().splitlines():
                 try:
-                    if json.loads(line)["step"] <= keep_steps:
+                    if json.loads(line)["step"] < keep_steps:
                         kept.append(line + "\n")
                 except (ValueError, KeyError, TypeError):
                     continue  # a line cut short by the kill

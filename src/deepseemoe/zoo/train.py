@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from deepseemoe.errors import DeepSeeMoEError
-from deepseemoe.runs.atomic import atomic_write_json
+from deepseemoe.runs.atomic import atomic_write_json, read_json
 from deepseemoe.zoo.recipes import Recipe, dense_config, get_recipe, moe_config
 from deepseemoe.zoo.tokenizer import read_jsonl, train_tokenizer
 
@@ -192,7 +192,7 @@ def train_zoo(corpus_dir: str | Path, *, recipe: str | Recipe = "demo", cache_di
     root = Path(cache_dir or default_cache_dir()) / "zoo" / cache_key(recipe, corpus_dir)
     done = root / "report.json"
     if done.exists() and not retrain:
-        report = json.loads(done.read_text())
+        report = read_json(done, f"delete {root} (or pass --retrain) to train the models again")
         return ZooModels(root, root / "moe", root / "dense",
                          {int(k): Path(v) for k, v in report["checkpoints"].items()}, report, cached=True)
     root.mkdir(parents=True, exist_ok=True)

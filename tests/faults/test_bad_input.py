@@ -1,0 +1,309 @@
+"""Every bad input is one `error:` line with exit code 2 (Ctrl-C: 130), never a traceback, and
+leaves nothing half-written: out-of-range values, bad configs, damaged inputs of every kind the
+project reads, unwritable or hostile output paths, changed settings on --resume, interrupts."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.faults.conftest import assert_refused
+
+# ---- out-of-range values on the command line ---------------------------------------------------
+
+
+@pytest.mark.parametrize(("verb", "flag", "value"), [
+    ("evaluate", "--tokens", "0"), ("evaluate", "--batch-size", "0"), ("latents", "--n-splits", "0"),
+    ("map", "--tokens", "-100"), ("steer", "--batch-size", "-1"), ("latents", "--tokens", "zero"),
+])
+def test_out_of_range_option_on_a_run(cli, run_copy, verb, flag, value):
+    extra = ["--dictionary", "x"] if verb == "map" else ["--dictionary", "x", "--feature", "0"] if verb == "steer" else []
+    assert_refused(cli(verb, run_copy, *extra, flag, value), flag)
+
+
+def test_out_of_range_layers_experts_and_context(cli, tiny_olmoe_dir, corpus_jsonl, tmp_path):
+    common = [tiny_olmoe_dir, "--data", corpus_jsonl, "--out", tmp_path / "a", "--tokens", "64", "--ctx-len", "16"]
+    assert_refused(cli("ablate", *common, "--layers", "99"), "99", "not MoE layers")
+    assert_refused(cli("ablate", *common, "--experts", "42"), "42", "do not exist")
+    assert_refused(cli("ablate", tiny_olmoe_dir, "--data", corpus_jsonl, "--out", tmp_path / "a",
+                       "--ctx-len", "100000"), "--ctx-len", "max_position_embeddings")
+    assert_refused(cli("route", tiny_olmoe_dir, "--data", corpus_jsonl, "--out", tmp_path / "r",
+                       "--ctx-len", "100000"), "--ctx-len")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "r").exists()
+
+
+def test_features_and_layers_a_dictionary_lacks(cli, run_copy):
+    name = next((run_copy / "dictionaries").iterdir()).name
+    assert_refused(cli("steer", run_copy, "--dictionary", name, "--feature", "99999", "--tokens", "64"), "99999")
+    assert_refused(cli("map", run_copy, "--dictionary", name, "--layer", "99", "--tokens", "64"), "--layer 99")
+    assert not (run_copy / "steering").exists() and not (run_copy / "maps").exists()
+
+
+# ---- run configs ----------------------------------------------------------------------------------
+
+
+def _config(tiny_olmoe_dir, corpus_jsonl, out, **changes) -> dict:
+    config = {"model": str(tiny_olmoe_dir), "corpus": str(corpus_jsonl), "out": str(out), "tokens": 256,
+              "ctx_len": 32, "coders": [{"kind": "sae", "layers": [0], "k": 4, "expansion_factor": 2}],
+              "train": {"batch_size": 64, "buffer_size": 128}}
+    for key, value in changes.items():
+        if key.startswith("coder."):
+            config["coders"][0][key.removeprefix("coder.")] = value
+        elif key.startswith("train."):
+            config["train"][key.removeprefix("train.")] = value
+        else:
+            config[key] = value
+    return config
+
+
+@pytest.mark.parametrize(("change", "words"), [
+    ({"coder.k": "eight"}, ["`k`", "integer", "eight"]),
+    ({"coder.layers": "x"}, ["layers"]),
+    ({"batch_size": 0}, ["batch_size", "greater than 0"]),
+    ({"tokens": -100}, ["tokens", "-100"]),
+    ({"train.batch_size": 0}, ["batch_size", "greater than 0"]),
+    ({"train.lr": "fast"}, ["lr"]),
+    ({"coder.expansion_factr": 4}, ["expansion_factr", "unknown"]),
+    ({"log": ["carrier-pigeon"]}, ["carrier-pigeon"]),
+])
+def test_bad_settings_in_a_config(cli, tiny_olmoe_dir, corpus_jsonl, tmp_path, change, words):
+    out = tmp_path / "run"
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(_config(tiny_olmoe_dir, corpus_jsonl, out, **change)))
+    assert_refused(cli("train", tmp_path / "c.yaml"), *words)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("text", ["- just\n- a list\n", "model: [unclosed\n", "\x00\x01binary"])
+def test_a_config_that_is_not_a_yaml_mapping(cli, tmp_path, text):
+    (tmp_path / "c.yaml").write_text(text)
+    assert_refused(cli("train", tmp_path / "c.yaml"), "c.yaml")
+
+
+def test_a_logger_that_cannot_start_leaves_nothing(cli, tiny_olmoe_dir, corpus_jsonl, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "no-such-mode")  # wandb.init raises: it cannot start
+    out = tmp_path / "run"
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(_config(tiny_olmoe_dir, corpus_jsonl, out, log=["wandb"])))
+    assert_refused(cli("train", tmp_path / "c.yaml"), "wandb", "could not start")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("flag", "value", "key"), [
+    ("seed", 7, "train.seed"), ("buffer_size", 512, "train.buffer_size"), ("expansion_factor", 4, "coders[0].expansion_factor"),
+])
+def test_resume_with_changed_settings_is_refused_by_name(cli, run_copy, flag, value, key):
+    config = yaml.safe_load((run_copy / "config.yaml").read_text())
+    before = (run_copy / "config.yaml").read_bytes()
+    if flag == "expansion_factor":
+        config["coders"][0][flag] = value
+    else:
+        config["train"][flag] = value
+    (run_copy.parent / "changed.yaml").write_text(yaml.safe_dump(config))
+    result = cli("train", run_copy.parent / "changed.yaml", "--out", run_copy, "--resume")
+    assert_refused(result, key, "--resume")
+    assert (run_copy / "config.yaml").read_bytes() == before
+
+
+def test_resume_keeps_one_metrics_line_per_step(cli, run_copy):
+    """A run that died after its last checkpoint had already logged later steps; the resumed run
+    logs them again, and metrics.jsonl must hold each (coder, step) once."""
+    metrics = run_copy / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in lines]
+    assert steps == list(range(len(steps)))  # metrics count steps from 0
+    ghost = [json.dumps({**json.loads(lines[-1]), "step": s, "fvu": 9.9}) for s in (len(steps), len(steps) + 1)]
+    metrics.write_text("\n".join([*lines, *ghost]) + "\n{\"coder\": \"cut sho")  # + a line cut by the kill
+    config = yaml.safe_load((run_copy / "config.yaml").read_text())
+    more = config["tokens"] + 2 * config["train"]["batch_size"]
+    assert cli("train", run_copy / "config.yaml", "--out", run_copy, "--resume", "--tokens", more).code == 0
+    after = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [m["step"] for m in after] == list(range(len(steps) + 2))
+    assert all(m["fvu"] != 9.9 for m in after)
+
+
+# ---- damaged inputs of every kind ----------------------------------------------------------------
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: max(1, path.stat().st_size // 2)])
+
+
+@pytest.mark.parametrize("rel", ["config.yaml", "dictionaries/*/config.json", "dictionaries/*/coder.safetensors",
+                                 "checkpoint.safetensors"])
+def test_damaged_training_run_files(cli, run_copy, rel):
+    (path,) = run_copy.glob(rel)
+    _truncate(path)
+    verb = ["train", run_copy / "config.yaml", "--out", run_copy, "--resume"] if "checkpoint" in rel else ["evaluate", run_copy,
+                                                                                       "--tokens", "64"]
+    if rel == "config.yaml":
+        verb = ["evaluate", run_copy, "--tokens", "64"]
+    assert_refused(cli(*verb), path.name)
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json"])
+def test_damaged_model_files(cli, tiny_olmoe_dir, corpus_jsonl, tmp_path, name):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_olmoe_dir, model)
+    _truncate(model / name)
+    result = cli("route", model, "--data", corpus_jsonl, "--out", tmp_path / "run")
+    assert_refused(result)
+    assert not (tmp_path / "run").exists()
+
+
+def _corpus(tmp_path: Path, corpus_jsonl: Path, kind: str) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    rows = [json.loads(line) for line in corpus_jsonl.read_text().splitlines()]
+    if kind == "parquet":
+        path = tmp_path / "c.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), path)
+        _truncate(path)
+    elif kind == "zst":
+        path = tmp_path / "c.jsonl.zst"
+        data = zstandard.ZstdCompressor().compress(corpus_jsonl.read_bytes())
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        path = tmp_path / "c.jsonl"
+        path.write_text(corpus_jsonl.read_text() + '{"text": "cut sh\n')
+    return path
+
+
+@pytest.mark.parametrize("kind", ["parquet", "zst", "jsonl"])
+def test_damaged_corpus_files(cli, tiny_olmoe_dir, corpus_jsonl, tmp_path, kind):
+    path = _corpus(tmp_path, corpus_jsonl, kind)
+    assert_refused(cli("route", tiny_olmoe_dir, "--data", path, "--out", tmp_path / "run"), path.name)
+    assert not (tmp_path / "run").exists()
+
+
+def test_damaged_activation_cache_manifest(cli, tiny_olmoe_dir, corpus_jsonl, tmp_path):
+    cache = tmp_path / "acts"
+    config = _config(tiny_olmoe_dir, corpus_jsonl, tmp_path / "run", activation_cache=str(cache))
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert cli("train", tmp_path / "c.yaml").code == 0
+    (manifest,) = cache.glob("*.json")
+    _truncate(manifest)
+    config["out"] = str(tmp_path / "run2")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert_refused(cli("train", tmp_path / "c.yaml"), manifest.name)
+
+
+# ---- output paths ---------------------------------------------------------------------------------
+
+
+def test_out_that_is_a_file_or_unwritable(cli, tiny_olmoe_dir, corpus_jsonl, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    config = _config(tiny_olmoe_dir, corpus_jsonl, afile)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert_refused(cli("train", tmp_path / "c.yaml"), "is a file")
+    assert afile.read_text() == "x"
+    unwritable = Path("/proc/deepseemoe-test/run")  # not even root can create folders in /proc
+    assert_refused(cli("route", tiny_olmoe_dir, "--data", corpus_jsonl, "--out", unwritable), "/proc")
+    assert_refused(cli("ablate", tiny_olmoe_dir, "--data", corpus_jsonl, "--out", unwritable, "--tokens", "64",
+                       "--layers", "0", "--experts", "0"), "/proc")
+
+
+def test_a_full_disk_leaves_nothing_half_written(cli, tiny_olmoe_dir, corpus_jsonl, tmp_path, monkeypatch):
+    import errno
+
+    import pyarrow.parquet as pq
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(pq, "write_table", full)
+    out = tmp_path / "run"
+    assert_refused(cli("route", tiny_olmoe_dir, "--data", corpus_jsonl, "--out", out, "--ctx-len", "16"),
+                   "no space left")
+    assert not out.exists() and not any(p.name.startswith(".run.") and p.is_dir() for p in tmp_path.iterdir())
+
+
+def test_hostile_paths_are_taken_literally(cli, tiny_olmoe_dir, corpus_jsonl, tmp_path):
+    odd = tmp_path / "it's [a] \"run\" dir; DROP TABLE x"
+    odd.mkdir()
+    corpus = odd / "my corpus [v2].jsonl"
+    shutil.copy(corpus_jsonl, corpus)
+    out = odd / "run ['x'] *"
+    assert cli("route", tiny_olmoe_dir, "--data", corpus, "--out", out, "--ctx-len", "16",
+               "--domain-field", "domain").code == 0
+    assert cli("stats", out, "--no-figures").code == 0
+    summary = json.loads((out / "analyses" / "summary.json").read_text())
+    assert summary["tokens"] == json.loads((out / "run.json").read_text())["tokens"] > 0
+
+
+# ---- debug and interrupts -------------------------------------------------------------------------
+
+
+def test_debug_shows_the_traceback(cli, tmp_path):
+    result = cli("--debug", "stats", tmp_path / "nothing")
+    assert result.code == 2 and "Traceback" in result.err and len(result.error_lines) == 1
+
+
+def _start(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "deepseemoe.cli", *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(proc: subprocess.Popen, path: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def _long_train_config(tiny_olmoe_dir, corpus_jsonl, tmp_path, tokens: int = 200_000) -> Path:
+    corpus = tmp_path / "long.jsonl"
+    corpus.write_text(corpus_jsonl.read_text() * 1000)
+    config = _config(tiny_olmoe_dir, corpus, tmp_path / "run", tokens=tokens, checkpoint_every=2)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    return tmp_path / "c.yaml"
+
+
+def test_ctrl_c_during_train_says_what_was_kept(tiny_olmoe_dir, corpus_jsonl, tmp_path):
+    proc = _start(["train", _long_train_config(tiny_olmoe_dir, corpus_jsonl, tmp_path)])
+    _wait_for(proc, tmp_path / "run" / "checkpoint.safetensors")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 130 and len(lines) == 1 and "Traceback" not in err, err
+    assert "checkpoint" in lines[0] and "--resume" in lines[0]
+
+
+def test_kill_9_during_train_then_resume(cli, tiny_olmoe_dir, corpus_jsonl, tmp_path):
+    config = _long_train_config(tiny_olmoe_dir, corpus_jsonl, tmp_path, tokens=20_000)
+    proc = _start(["train", config])
+    _wait_for(proc, tmp_path / "run" / "checkpoint.safetensors")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    logged = len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+    assert logged < 20_000 // 64  # killed before the end
+    assert cli("train", config, "--resume").code == 0
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(20_000 // 64))  # each step once, none missing
+
+
+def test_ctrl_c_during_route_keeps_the_old_run(tiny_olmoe_dir, corpus_jsonl, tmp_path):
+    corpus = tmp_path / "long.jsonl"
+    corpus.write_text(corpus_jsonl.read_text() * 200)
+    out = tmp_path / "run"
+    proc = _start(["route", tiny_olmoe_dir, "--data", corpus, "--out", out, "--ctx-len", "16", "--batch-size", "2"])
+    _wait_for(proc, tmp_path / ".run.staging")
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 130 and len(lines) == 1 and "Traceback" not in err, err
+    assert "nothing of the new run" in lines[0]
+    assert not out.exists() and not (tmp_path / ".run.staging").exists()
