@@ -307,3 +307,23 @@ def test_ctrl_c_during_route_keeps_the_old_run(tiny_olmoe_dir, corpus_jsonl, tmp
     assert proc.returncode == 130 and len(lines) == 1 and "Traceback" not in err, err
     assert "nothing of the new run" in lines[0]
     assert not out.exists() and not (tmp_path / ".run.staging").exists()
+
+
+def test_kill_9_before_the_first_checkpoint_restarts_cleanly(cli, tiny_olmoe_dir, corpus_jsonl, tmp_path):
+    config = _long_train_config(tiny_olmoe_dir, corpus_jsonl, tmp_path, tokens=20_000)
+    spec = yaml.safe_load(config.read_text())
+    spec["checkpoint_every"] = 10_000  # no checkpoint before the kill
+    config.write_text(yaml.safe_dump(spec))
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    proc = _start(["train", config])
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "run" / "checkpoint.safetensors").exists()
+    assert_refused(cli("train", config, "--resume"), "nothing to resume")
+    assert cli("train", config).code == 0  # the same command starts it again
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(20_000 // 64))

@@ -117,3 +117,20 @@ def test_remote_code_runs_when_the_command_line_asks(cli, tiny_olmoe_dir, tmp_pa
     model = _remote_code_model(tiny_olmoe_dir, tmp_path / "evil_model", marker)
     result = cli("inspect", model, "--trust-remote-code")
     assert marker.exists(), result.err
+
+
+def test_pickled_activation_cache_shard_is_refused(cli, tiny_olmoe_dir, corpus_jsonl, tmp_path):
+    marker = tmp_path / "ran"
+    cache = tmp_path / "acts"
+    config = {"model": str(tiny_olmoe_dir), "corpus": str(corpus_jsonl), "out": str(tmp_path / "run"),
+              "tokens": 256, "ctx_len": 32, "activation_cache": str(cache),
+              "coders": [{"kind": "sae", "layers": [0], "k": 4, "expansion_factor": 2}],
+              "train": {"batch_size": 64, "buffer_size": 128}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert cli("train", tmp_path / "c.yaml").code == 0
+    shard = next(cache.glob("shard_*.safetensors"))
+    shard.write_bytes(payload(marker))
+    config["out"] = str(tmp_path / "run2")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert_refused(cli("train", tmp_path / "c.yaml"), shard.name)
+    assert not marker.exists()
