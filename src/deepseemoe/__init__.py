@@ -1,8 +1,32 @@
 """DeepSeeMoE: see inside Mixture-of-Experts language models.
 
-Pipeline (one sub-package per stage): data → models (MoE adapter) → capture → routing /
-dictionaries → features / interventions → compare → report. Heavy dependencies (torch,
-transformers) are imported by the stages that use them, not here, so the CLI starts fast.
+Pipeline, one sub-package per stage, bottom to top:
+
+    runs          run directories: layouts, manifests, locks, atomic writes (the seam between stages)
+    data, models, zoo      text sources and packing; loading models and the MoE adapter; the
+                           small models the project trains itself
+    capture       hooks: one forward feeding many consumers
+    routing, interventions routing records and their statistics; rewriting routing
+    dictionaries  sparse coders, their trainer, formats, evaluation
+    analysis      features ↔ experts, causal checks, MoE vs dense
+    report        the static report
+    demo, commands, cli    the verbs
+
+Imports point down this list only (tests/test_import_direction.py fails on a backward import);
+`errors` and `validate` sit beneath everything. Heavy dependencies (torch, transformers) are
+imported by the stages that use them, not here, so the CLI starts fast.
 """
 
 __version__ = "0.1.0"
+
+STAGES: tuple[frozenset[str], ...] = (
+    frozenset({"errors", "validate"}),
+    frozenset({"runs"}),
+    frozenset({"data", "models", "zoo"}),
+    frozenset({"capture"}),
+    frozenset({"routing", "interventions"}),
+    frozenset({"dictionaries"}),
+    frozenset({"analysis"}),
+    frozenset({"report"}),
+    frozenset({"demo", "commands", "cli"}),
+)

@@ -60,16 +60,25 @@ def flip_bit(path: Path, at: float) -> None:
 
 
 @pytest.mark.parametrize("rel", ["tokens/part-00001.parquet", "routing/part-00000.parquet",
-                                 "routing/part-00002.parquet", "run.json"])
+                                 "matrix/part-00002.safetensors", "logits/part-00001.parquet", "run.json"])
 @pytest.mark.parametrize("at", [0.1, 0.5, 0.9])
 def test_a_bit_flip_is_refused_naming_the_file(cli, run_dir, rel, at):
     flip_bit(run_dir / rel, at)
-    assert_refused(cli("stats", run_dir, "--no-figures"), rel.split("/")[-1], "damaged")
-    assert not (run_dir / "analyses").exists()
+    name = rel.split("/")[-1]
+    assert_refused(cli("verify", run_dir), name, "damaged")
+    if not rel.startswith(("routing/", "logits/")):  # the files the statistics read
+        assert_refused(cli("stats", run_dir, "--no-figures"), name, "damaged")
+        assert not (run_dir / "analyses").exists()
+
+
+def test_verify_passes_on_a_whole_run(cli, run_dir):
+    result = cli("verify", run_dir)
+    assert result.code == 0 and "match the manifest" in result.out
 
 
 @pytest.mark.parametrize("rel", ["tokens/part-00000.parquet", "routing/part-00001.parquet",
-                                 "logits/part-00000.parquet", "run.json", "manifest.json"])
+                                 "matrix/part-00000.safetensors", "logits/part-00000.parquet", "run.json",
+                                 "manifest.json"])
 def test_a_truncated_file_is_refused_naming_it(cli, run_dir, rel):
     path = run_dir / rel
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])

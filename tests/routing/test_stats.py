@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -120,3 +122,16 @@ def test_outputs_written(stats):
     for name in ("summary.json", "load.parquet", "coactivation.parquet", "domain.parquet", "load.png",
                  "coactivation.png", "domain.png", "repetition.png", "transitions.png"):
         assert (out / name).exists(), name
+
+
+@pytest.mark.parametrize("E", [8, 64, 65, 200])
+def test_expert_set_masks_count_overlaps_like_python_sets(E):
+    # independent reference: Python set intersection, token by token
+    from deepseemoe.routing.stats import _expert_sets
+
+    rng = np.random.default_rng(E)
+    experts = np.stack([rng.choice(E, 4, replace=False) for _ in range(300)]).astype(np.int16)
+    sets = _expert_sets(experts, E)
+    overlap = np.bitwise_count(sets[:-1] & sets[1:]).sum(1)
+    expected = [len(set(a.tolist()) & set(b.tolist())) for a, b in itertools.pairwise(experts)]
+    assert overlap.tolist() == expected

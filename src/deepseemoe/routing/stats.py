@@ -115,35 +115,52 @@ def _bincount2(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> np
     return np.bincount(rows.astype(np.int64) * shape[1] + cols, minlength=shape[0] * shape[1]).reshape(shape)
 
 
+def _expert_sets(experts: np.ndarray, E: int) -> np.ndarray:
+    """Each token's top-k set as a bit mask [T, ceil(E/64)] uint64 (a token's experts are distinct,
+    so summing the bits is or-ing them)."""
+    ids = np.arange(E)
+    bit = np.left_shift(np.uint64(1), (ids % 64).astype(np.uint64))[experts]  # [T, K], a gather
+    words = (E + 63) // 64
+    if words == 1:
+        return bit.sum(1, dtype=np.uint64)[:, None]
+    word = (ids // 64)[experts]
+    return np.stack([np.where(word == w, bit, np.uint64(0)).sum(1, dtype=np.uint64) for w in range(words)], 1)
+
+
 def _accumulate(c: _Counts, experts: np.ndarray, weights: np.ndarray, token_ids: np.ndarray, cls: np.ndarray,
                 domain: np.ndarray, next_ids: np.ndarray, consecutive: np.ndarray) -> None:
-    """Add one shard of one layer: experts/weights [T, K], the rest [T]; consecutive [T-1] bool."""
+    """Add one shard of one layer: experts/weights [T, K], the rest [T]; consecutive [T-1] bool.
+    Every count is an integer bincount, so shards (and layers, in threads) add up exactly."""
     T, K = experts.shape
     E = c.E
     flat = experts.reshape(-1).astype(np.int64)
+    cols = np.ascontiguousarray(experts.T, dtype=np.int64)  # [K, T]: rank k's experts, contiguous
     c.tokens += T
     c.load += np.bincount(flat, minlength=E)
     c.wload += np.bincount(flat, weights=weights.reshape(-1), minlength=E)
-    c.top1 += np.bincount(flat[::K], minlength=E)
+    c.top1 += np.bincount(cols[0], minlength=E)
     c.present += np.bincount(flat, minlength=E)  # a token's top-k experts are distinct
     for i in range(K):  # pair counts over rank pairs (i < j); no dense [T, E] indicator: memory-bound here
+        scaled = cols[i] * E
         for j in range(i + 1, K):
-            c.pairs += np.bincount(flat[i::K] * E + flat[j::K], minlength=E * E).reshape(E, E)
-    slot_group = np.repeat(domain * len(TOKEN_CLASSES) + cls, K)
-    by_group = _bincount2(slot_group, flat, (c.domain.shape[0] * len(TOKEN_CLASSES), E))
+            c.pairs += np.bincount(scaled + cols[j], minlength=E * E).reshape(E, E)
+    group = domain * len(TOKEN_CLASSES) + cls
+    by_group = np.bincount((group[:, None] * E + experts).reshape(-1),
+                           minlength=c.domain.shape[0] * len(TOKEN_CLASSES) * E)
     by_group = by_group.reshape(c.domain.shape[0], len(TOKEN_CLASSES), E)
     c.domain += by_group.sum(1)
     c.cls += by_group.sum(0)
-    c.vocab += _bincount2(np.repeat(token_ids, K), flat, c.vocab.shape)
+    c.vocab += np.bincount((token_ids[:, None] * E + experts).reshape(-1), minlength=c.V * E).reshape(c.V, E)
     c.vocab_n += np.bincount(token_ids, minlength=c.V)
-    has_next = next_ids >= 0
-    c.next_vocab += _bincount2(np.repeat(next_ids[has_next], K), experts[has_next].reshape(-1).astype(np.int64),
-                               c.next_vocab.shape)
-    c.next_n += np.bincount(next_ids[has_next], minlength=c.V)
+    # tokens without a next token (-1) go to a spare row V, dropped after counting
+    nxt = np.where(next_ids >= 0, next_ids, c.V)
+    c.next_vocab += np.bincount((nxt[:, None] * E + experts).reshape(-1),
+                                minlength=(c.V + 1) * E).reshape(c.V + 1, E)[: c.V]
+    c.next_n += np.bincount(nxt, minlength=c.V + 1)[: c.V]
     if T > 1:
-        top1 = flat[::K]
-        e2 = flat.reshape(T, K)
-        overlap = sum((e2[:-1, i:i + 1] == e2[1:]).sum(1) for i in range(K))
+        top1 = cols[0]
+        sets = _expert_sets(experts, E)
+        overlap = np.bitwise_count(sets[:-1] & sets[1:]).sum(1, dtype=np.int64)
         c.consecutive += int(consecutive.sum())
         c.rep_top1 += int(((top1[:-1] == top1[1:]) & consecutive).sum())
         c.rep_any += int(((overlap > 0) & consecutive).sum())

@@ -1,0 +1,50 @@
+"""Imports point one way, down the pipeline (the order stated in src/deepseemoe/__init__.py):
+a module never imports from a stage above its own, at the top or inside a function.
+
+Independent reference: the import statements themselves, read with `ast` (no import is run)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import deepseemoe
+
+SRC = Path(deepseemoe.__file__).parent
+
+
+def _rank(name: str) -> int:
+    for rank, group in enumerate(deepseemoe.STAGES):
+        if name in group:
+            return rank
+    raise AssertionError(f"deepseemoe.{name} is in no stage of deepseemoe.STAGES; add it there")
+
+
+def _stage(path: Path) -> str:
+    rel = path.relative_to(SRC)
+    return rel.parts[0] if len(rel.parts) > 1 else rel.stem
+
+
+def test_every_import_points_down_the_pipeline():
+    backward = []
+    for path in sorted(SRC.rglob("*.py")):
+        if path.name == "__init__.py" and path.parent == SRC:
+            continue
+        mine = _stage(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("deepseemoe."):
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names if a.name.startswith("deepseemoe.")]
+            else:
+                continue
+            for name in names:
+                theirs = name.split(".")[1]
+                if theirs != mine and _rank(theirs) > _rank(mine):
+                    backward.append(f"{path.relative_to(SRC)}:{node.lineno} imports {name}")
+    assert not backward, "imports against the pipeline:\n" + "\n".join(backward)
+
+
+def test_the_stage_order():
+    # a module of runs/ (the bottom) importing routing/ must be caught by the same rule
+    assert _rank("routing") > _rank("runs") and _rank("report") > _rank("analysis")
