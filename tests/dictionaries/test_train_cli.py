@@ -61,14 +61,14 @@ def test_every_kind_and_activation_trains_from_one_config(tmp_path, tiny_olmoe_d
 
 
 def test_resume_from_the_cli_matches_an_uninterrupted_run(tmp_path, tiny_olmoe_dir, big_corpus):
-    base = ["train", "--model", str(tiny_olmoe_dir), "--corpus", str(big_corpus), "--kind", "skip_transcoder",
+    base = ["train", "--model", str(tiny_olmoe_dir), "--data", str(big_corpus), "--kind", "skip_transcoder",
             "--layers", "1", "--k", "4", "--expansion-factor", "2"]
 
     def cfg(out, tokens):
         (tmp_path / f"{out}.yaml").write_text(yaml.safe_dump({
             "coders": [{"kind": "skip_transcoder", "layers": [1], "k": 4, "expansion_factor": 2}],
             "ctx_len": 32, "checkpoint_every": 2, "train": {"batch_size": 128, "buffer_size": 256, "lr": 3e-3}}))
-        return [str(tmp_path / f"{out}.yaml"), "--model", str(tiny_olmoe_dir), "--corpus", str(big_corpus),
+        return [str(tmp_path / f"{out}.yaml"), "--model", str(tiny_olmoe_dir), "--data", str(big_corpus),
                 "--out", str(tmp_path / out), "--tokens", str(tokens)]
 
     run(["train", *cfg("straight", 1280)])

@@ -27,7 +27,7 @@ def run_demo_analyses(moe_dir: Path, dense_dir: Path, corpus_dir: Path, out_dir:
 
     train, val = str(corpus_dir / "train.jsonl"), str(corpus_dir / "val.jsonl")
     dict_dir = out_dir / "dictionaries"
-    spec = RunSpec(model=str(moe_dir), corpus=train, out=str(dict_dir), tokens=train_tokens, ctx_len=ctx_len,
+    spec = RunSpec(model=str(moe_dir), data=train, out=str(dict_dir), tokens=train_tokens, ctx_len=ctx_len,
                    domain_field="domain", checkpoint_every=10**9,
                    coders=[CoderSpec(kind="sae", site="block_in", layers=[layer], k=16, expansion_factor=8,
                                      name=f"router_sae_{layer}"),
@@ -37,9 +37,9 @@ def run_demo_analyses(moe_dir: Path, dense_dir: Path, corpus_dir: Path, out_dir:
     if not (dict_dir / "evaluation.json").exists():
         if not (dict_dir / "dictionaries").exists():
             train_run(spec, progress=False)
-        evaluate_run(dict_dir, corpus=val, tokens=eval_tokens, progress=False)
+        evaluate_run(dict_dir, data=val, tokens=eval_tokens, progress=False)
     evaluation = json.loads((dict_dir / "evaluation.json").read_text())
-    maps = {c.name: write_map(dict_dir, spec, c.name, corpus=val, tokens=4 * eval_tokens, layer=None,
+    maps = {c.name: write_map(dict_dir, spec, c.name, data=val, tokens=4 * eval_tokens, layer=None,
                               batch_size=8, n_examples=5) for c in spec.coders}
 
     moe, dense = load_model(str(moe_dir)), load_model(str(dense_dir))

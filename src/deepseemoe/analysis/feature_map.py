@@ -40,7 +40,7 @@ def fed_layer(source: list[Site], moe_layers: list[int]) -> int:
     return later[0]
 
 
-def write_map(run_dir: Path, spec: RunSpec, name: str, *, corpus: str | None, tokens: int, layer: int | None,
+def write_map(run_dir: Path, spec: RunSpec, name: str, *, data: str | None, tokens: int, layer: int | None,
               batch_size: int, n_examples: int, trust_remote_code: bool = False) -> dict:
     from deepseemoe.dictionaries.formats import load_run_dictionary
     from deepseemoe.dictionaries.run import load_for_run, run_batches
@@ -55,7 +55,7 @@ def write_map(run_dir: Path, spec: RunSpec, name: str, *, corpus: str | None, to
     if layer not in handle.moe_layers:
         raise DeepSeeMoEError(f"layer {layer} is not an MoE layer; MoE layers: {sorted(handle.moe_layers)}")
     attribution = meta["kind"] == "sae" and sources == [Site("block_in", layer)]
-    batches = list(run_batches(spec, handle, corpus=corpus, batch_size=batch_size, max_tokens=tokens))
+    batches = list(run_batches(spec, handle, data=data, batch_size=batch_size, max_tokens=tokens))
     targets = [Site(k, la) for k, la in meta["target"]]
     composition = meta["kind"] in ("transcoder", "skip_transcoder") and targets == [Site("block_out", layer)]
     got = collect_for_map(handle, coder, sources, layer, batches, attribution, composition)

@@ -11,13 +11,13 @@ from deepseemoe.dictionaries.spec import CoderSpec, RunSpec
 from deepseemoe.dictionaries.trainer import TrainConfig
 
 
-def sae_frontier(models: dict[str, str], corpus: str, heldout: str, out: Path, *, layer: int, ks: list[int],
+def sae_frontier(models: dict[str, str], data: str, heldout: str, out: Path, *, layer: int, ks: list[int],
                  expansion_factor: int, tokens: int, eval_tokens: int, ctx_len: int, batch_size: int = 8,
                  train_batch: int = 1024) -> dict:
     rows = {}
     for label, model in models.items():
         run_dir = out / f"sae_{label}"
-        spec = RunSpec(model=model, corpus=corpus, out=str(run_dir), tokens=tokens, ctx_len=ctx_len,
+        spec = RunSpec(model=model, data=data, out=str(run_dir), tokens=tokens, ctx_len=ctx_len,
                        batch_size=batch_size, checkpoint_every=10**9,
                        coders=[CoderSpec(kind="sae", layers=[layer], k=k, expansion_factor=expansion_factor,
                                          name=f"k{k}") for k in ks],
@@ -26,7 +26,7 @@ def sae_frontier(models: dict[str, str], corpus: str, heldout: str, out: Path, *
         if not (run_dir / "evaluation.json").exists():
             if not (run_dir / "dictionaries").exists():
                 train_run(spec, progress=True)
-            evaluate_run(run_dir, corpus=heldout, tokens=eval_tokens, progress=False)
+            evaluate_run(run_dir, data=heldout, tokens=eval_tokens, progress=False)
         import json
 
         doc = json.loads((run_dir / "evaluation.json").read_text())["coders"]

@@ -13,7 +13,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def evaluate(
         run_dir: Path = typer.Argument(..., help="The --out folder of `deepseemoe train`."),
-        corpus: str = typer.Option(None, help="Held-out text (default: the training corpus, which is not held out)."),
+        data: str = typer.Option(None, help="Held-out text (default: the training data, which is not held out)."),
         tokens: int = typer.Option(20_000, min=1, help="Evaluation tokens."),
         batch_size: int = typer.Option(8, min=1, help="Contexts per forward pass."),
         device: str = typer.Option(None, help="Device for the model and coders (default: the run's)."),
@@ -25,9 +25,9 @@ def register(app: typer.Typer) -> None:
 
         from deepseemoe.dictionaries.evaluate import evaluate_run
 
-        doc = evaluate_run(run_dir, corpus=corpus, tokens=tokens, batch_size=batch_size, device=device,
+        doc = evaluate_run(run_dir, data=data, tokens=tokens, batch_size=batch_size, device=device,
                            trust_remote_code=trust_remote_code)
-        table = Table(title=f"{doc['tokens']:,} tokens of {doc['corpus']}")
+        table = Table(title=f"{doc['tokens']:,} tokens of {doc['data']}")
         cols = ["fvu", "l0", "dead", "dense", "delta_ce", "kl", "loss_recovered", "routing_preserved"]
         heads = ["FVU", "L0", "dead", "dense", "ΔCE", "KL", "recovered", "routing"]
         table.add_column("coder", no_wrap=True)

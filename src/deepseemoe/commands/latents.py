@@ -14,7 +14,7 @@ def register(app: typer.Typer) -> None:
     def latents(
         run_dir: Path = typer.Argument(..., help="The --out folder of `deepseemoe train`."),
         dictionary: list[str] = typer.Option(None, "--dictionary", help="Coder name(s) (default: all)."),
-        corpus: str = typer.Option(None, help="Text to run (default: the run's corpus)."),
+        data: str = typer.Option(None, help="Text to run (default: the run's data)."),
         tokens: int = typer.Option(100_000, min=1, help="Tokens to cache."),
         batch_size: int = typer.Option(8, min=1, help="Contexts per forward pass."),
         n_splits: int = typer.Option(5, min=1, help="Latent ranges per file, as delphi reads them."),
@@ -32,12 +32,12 @@ def register(app: typer.Typer) -> None:
         spec = RunSpec.from_run_dir(run_dir)
         names = dictionary or sorted(p.name for p in (run_dir / "dictionaries").glob("*"))
         handle = load_for_run(spec, spec.model_device, trust_remote_code=trust_remote_code)
-        batches = list(run_batches(spec, handle, corpus=corpus, batch_size=batch_size, max_tokens=tokens))
+        batches = list(run_batches(spec, handle, data=data, batch_size=batch_size, max_tokens=tokens))
         console = Console()
         for name in names:
             coder, meta = load_run_dictionary(run_dir, name, device=spec.coder_device or "cpu")
             got = collect_latents(handle, coder, [Site(k, la) for k, la in meta["source"]], batches)
-            config = {"dataset_repo": corpus or spec.corpus, "dataset_split": "", "dataset_name": "",
+            config = {"dataset_repo": data or spec.data, "dataset_split": "", "dataset_name": "",
                       "dataset_column": spec.field, "batch_size": batch_size, "cache_ctx_len": spec.ctx_len,
                       "n_tokens": int(sum(b.num_tokens for b in batches)), "model_name": handle.name}
             out = save_delphi_cache(run_dir / "latents" / name, got, coder.cfg.n_latents, n_splits=n_splits,

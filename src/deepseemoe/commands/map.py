@@ -14,7 +14,7 @@ def register(app: typer.Typer) -> None:
     def map_features(
         run_dir: Path = typer.Argument(..., help="The --out folder of `deepseemoe train`."),
         dictionary: str = typer.Option(..., "--dictionary", help="Name of the trained coder."),
-        corpus: str = typer.Option(None, help="Held-out text (default: the run's corpus)."),
+        data: str = typer.Option(None, help="Held-out text (default: the run's data)."),
         tokens: int = typer.Option(20_000, min=1, help="Tokens to map on (half fit the routing predictors, half test)."),
         layer: int = typer.Option(None, min=0, help="MoE layer to relate to (default: the one the coder's source feeds)."),
         batch_size: int = typer.Option(8, min=1, help="Contexts per forward pass."),
@@ -29,7 +29,7 @@ def register(app: typer.Typer) -> None:
         from deepseemoe.dictionaries.spec import RunSpec
 
         spec = RunSpec.from_run_dir(run_dir)
-        summary = write_map(run_dir, spec, dictionary, corpus=corpus, tokens=tokens, layer=layer,
+        summary = write_map(run_dir, spec, dictionary, data=data, tokens=tokens, layer=layer,
                             batch_size=batch_size, n_examples=examples, trust_remote_code=trust_remote_code)
         c = Console()
         rp = summary["routing_prediction"]

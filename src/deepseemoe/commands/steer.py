@@ -16,7 +16,7 @@ def register(app: typer.Typer) -> None:
         dictionary: str = typer.Option(..., "--dictionary", help="A single-site SAE of the run."),
         feature: list[int] = typer.Option(..., "--feature", help="Feature index (repeatable)."),
         scale: float = typer.Option(0.0, help="Multiply the feature's contribution: 0 ablates, 2 doubles."),
-        corpus: str = typer.Option(None, help="Held-out text (default: the run's corpus)."),
+        data: str = typer.Option(None, help="Held-out text (default: the run's data)."),
         tokens: int = typer.Option(4_000, min=1, help="Tokens to measure on."),
         batch_size: int = typer.Option(8, min=1, help="Contexts per forward pass."),
         trust_remote_code: bool = trust_remote_code_option(),
@@ -39,7 +39,7 @@ def register(app: typer.Typer) -> None:
             raise DeepSeeMoEError(f"features {bad} do not exist in {dictionary} ({coder.cfg.n_latents} features: "
                                   f"0–{coder.cfg.n_latents - 1})")
         handle = load_for_run(spec, spec.model_device, trust_remote_code=trust_remote_code)
-        batches = list(run_batches(spec, handle, corpus=corpus, batch_size=batch_size, max_tokens=tokens))
+        batches = list(run_batches(spec, handle, data=data, batch_size=batch_size, max_tokens=tokens))
         site = Site(*meta["source"][0])
         results = [edit_feature(handle, coder, site, batches, f, scale) for f in feature]
         console = Console()

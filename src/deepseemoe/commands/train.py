@@ -14,7 +14,7 @@ def register(app: typer.Typer) -> None:
     def train(
         config: Path = typer.Argument(None, help="Run config (YAML); see README: Dictionaries. Flags override it."),
         model: str = typer.Option(None, help="Hub id, local folder, or tiny:MODEL_TYPE."),
-        corpus: str = typer.Option(None, help="Local file/folder/glob or hf:DATASET."),
+        data: str = typer.Option(None, help="The text: local file/folder/glob or hf:DATASET."),
         out: Path = typer.Option(None, help="Run folder for the dictionaries, metrics and checkpoint."),
         kind: str = typer.Option("transcoder", help="Without a config: sae, transcoder, skip_transcoder, "
                                                     "router_transcoder, crosscoder or clt."),
@@ -42,11 +42,11 @@ def register(app: typer.Typer) -> None:
             raw = load_yaml_mapping(config)
         else:
             if not layers:
-                raise DeepSeeMoEError("pass a run config, or --layers (with --model, --corpus, --out) for one coder")
+                raise DeepSeeMoEError("pass a run config, or --layers (with --model, --data, --out) for one coder")
             ls = "all" if layers == "all" else [int(v) for v in layers.split(",")]
             raw = {"coders": [{"kind": kind, "layers": ls, "site": site, "activation": activation, "k": k,
                                "expansion_factor": expansion_factor}]}
-        overrides = {"model": model, "corpus": corpus, "out": str(out) if out else None, "tokens": tokens,
+        overrides = {"model": model, "data": data, "out": str(out) if out else None, "tokens": tokens,
                      "model_device": model_device, "coder_device": coder_device, "formats": formats or None}
         raw.update({key: v for key, v in overrides.items() if v is not None})
         if trust_remote_code:  # recorded in the saved config; granted only by this flag (load_for_run)

@@ -11,7 +11,7 @@ zoo_app = typer.Typer(help="The small models the project trains itself.", no_arg
 
 @zoo_app.command("train")
 def train(
-    corpus: Path = typer.Option(Path("runs/corpus"), "--corpus", help="A folder made by `deepseemoe corpus build`."),
+    data: Path = typer.Option(Path("runs/corpus"), "--data", help="A folder made by `deepseemoe corpus build`."),
     recipe: str = typer.Option("demo", help="demo (CPU, minutes), tiny (seconds), gpu."),
     cache_dir: Path = typer.Option(None, help="Model cache (default ~/.cache/deepseemoe or $DEEPSEEMOE_CACHE)."),
     retrain: bool = typer.Option(False, "--retrain", help="Train again even if cached."),
@@ -22,7 +22,7 @@ def train(
 
     from deepseemoe.zoo.train import train_zoo
 
-    zoo = train_zoo(corpus, recipe=recipe, cache_dir=cache_dir, retrain=retrain)
+    zoo = train_zoo(data, recipe=recipe, cache_dir=cache_dir, retrain=retrain)
     r = zoo.report
     table = Table(title=f"validation loss, nats/token ({'cached' if zoo.cached else 'trained'}: {zoo.root})")
     for col in ("domain", "MoE", "dense twin", "unigram"):

@@ -121,7 +121,7 @@ def _next_token_stats(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tenso
 
 
 @torch.no_grad()
-def evaluate_run(run_dir: str | Path, *, corpus: str | None = None, tokens: int = 20_000, batch_size: int = 8,
+def evaluate_run(run_dir: str | Path, *, data: str | None = None, tokens: int = 20_000, batch_size: int = 8,
                  device: str | None = None, progress: bool = True, trust_remote_code: bool = False) -> dict:
     from rich.progress import track
 
@@ -138,7 +138,7 @@ def evaluate_run(run_dir: str | Path, *, corpus: str | None = None, tokens: int 
     if not coders:
         raise DeepSeeMoEError(f"{run_dir}/dictionaries holds no trained coders; run `deepseemoe train` first")
 
-    batches = list(run_batches(spec, handle, corpus=corpus, batch_size=batch_size, max_tokens=tokens))
+    batches = list(run_batches(spec, handle, data=data, batch_size=batch_size, max_tokens=tokens))
     pairs = {name: ([Site(k, la) for k, la in m["source"]], [Site(k, la) for k, la in m["target"]])
              for name, (_, m) in coders.items()}
     extra_routing = {name: Site("routing", m["layers"][0]) for name, (_, m) in coders.items()
@@ -206,10 +206,10 @@ def evaluate_run(run_dir: str | Path, *, corpus: str | None = None, tokens: int 
                         k_mask = keep.to(idx.device)
                         a["rp_sum"] += float(_topk_overlap(clean_routing[layer][-1][k_mask], idx[k_mask]).sum())
                         a["rp_n"] += int(k_mask.sum())
-    return _summarise(run_dir, coders, acc, corpus or spec.corpus, sum(b.num_tokens for b in batches))
+    return _summarise(run_dir, coders, acc, data or spec.data, sum(b.num_tokens for b in batches))
 
 
-def _summarise(run_dir: Path, coders: dict, acc: dict, corpus: str, n_tokens: int) -> dict:
+def _summarise(run_dir: Path, coders: dict, acc: dict, data: str, n_tokens: int) -> dict:
     results = {}
     for name, (coder, meta) in coders.items():
         a = acc[name]
@@ -239,7 +239,7 @@ def _summarise(run_dir: Path, coders: dict, acc: dict, corpus: str, n_tokens: in
                 per[str(e)] = res / var if var > 0 and len(y) > 1 else float("nan")
             r["per_expert_fvu"] = per
         results[name] = r
-    doc = {"corpus": corpus, "tokens": n_tokens,
+    doc = {"data": data, "tokens": n_tokens,
            "fvu_normalisation": "per site: sum of squared error / sum of squared deviation from the mean over "
                                 "the evaluation tokens; averaged over sites", "coders": results}
     from deepseemoe.runs.atomic import atomic_write_json

@@ -1,5 +1,5 @@
 """Write and read sparse coders: our own folder format and the files SAELens, sparsify and
-circuit-tracer load with their own loaders (layouts in ../shared/reference/anchors-tools.md §6).
+circuit-tracer load with their own loaders (tests/dictionaries/test_formats.py loads every one).
 
 Every writer first folds the input/target scales into the weights (`coder.folded()`), so the files
 hold the plain affine maps; none of the formats has a place for them. A kind or activation a format

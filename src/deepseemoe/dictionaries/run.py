@@ -91,13 +91,13 @@ def hook_names(handle: ModelHandle, site: Site) -> dict[str, str]:
     return {"hf": hf, "sparsify": hf.removeprefix(prefix), "tl": tl}
 
 
-def run_batches(spec: RunSpec, handle: ModelHandle, *, corpus: str | None = None, batch_size: int | None = None,
+def run_batches(spec: RunSpec, handle: ModelHandle, *, data: str | None = None, batch_size: int | None = None,
                 max_tokens: int | None = None):
-    """Packed batches of the run's corpus (or `corpus`, read with the run's field settings)."""
+    """Packed batches of the run's text (or `data`, read with the run's field settings)."""
     from deepseemoe.data.sources import TextSource, iter_documents
     from deepseemoe.data.tokens import pack_documents
 
-    source = TextSource(corpus or spec.corpus, field=spec.field, domain_field=spec.domain_field)
+    source = TextSource(data or spec.data, field=spec.field, domain_field=spec.domain_field)
     return pack_documents(handle.require_tokenizer(), iter_documents(source), ctx_len=handle.check_ctx_len(spec.ctx_len),
                           batch_size=batch_size or spec.batch_size, max_tokens=max_tokens)
 
@@ -282,8 +282,8 @@ def train_run(spec: RunSpec, *, resume: bool = False, progress: bool = True,
                               "another --out")
     from deepseemoe.data.sources import resolve_files
 
-    if not spec.corpus.startswith("hf:"):
-        resolve_files(spec.corpus)  # fail on a bad path before loading the model
+    if not spec.data.startswith("hf:"):
+        resolve_files(spec.data)  # fail on a bad path before loading the model
 
     handle = load_for_run(spec, model_device, trust_remote_code=trust_remote_code)
     block_layers = sorted(set(handle.moe_layers) | set(handle.dense_mlps))

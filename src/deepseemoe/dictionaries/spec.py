@@ -94,7 +94,7 @@ class CoderSpec:
 @dataclass
 class RunSpec:
     model: str
-    corpus: str
+    data: str  # the text: a local file/folder/glob or hf:DATASET (`corpus` in configs of 0.1)
     out: str
     coders: list[CoderSpec]
     tokens: int = 1_000_000  # training tokens per coder
@@ -115,7 +115,7 @@ class RunSpec:
 
     def cache_key(self) -> dict:
         sites = sorted({f"{s.kind}@{s.layer}" for c in self.coders for g in c.sites() for s in g})
-        return {"model": self.model, "corpus": self.corpus, "ctx_len": self.ctx_len, "batch_size": self.batch_size,
+        return {"model": self.model, "data": self.data, "ctx_len": self.ctx_len, "batch_size": self.batch_size,
                 "dtype": self.dtype, "field": self.field, "sites": sites}
 
     def __post_init__(self):
@@ -146,8 +146,10 @@ class RunSpec:
             raise DeepSeeMoEError(f"the run config must be a mapping of settings, not {type(d).__name__}; see "
                                   "README: Dictionaries")
         d = dict(d)
+        if "corpus" in d and "data" not in d:  # the key's name in configs saved by DeepSeeMoE 0.1
+            d["data"] = d.pop("corpus")
         known_keys(cls, d, "run config")
-        missing = [k for k in ("model", "corpus", "out", "coders") if not d.get(k)]
+        missing = [k for k in ("model", "data", "out", "coders") if not d.get(k)]
         if missing:
             raise DeepSeeMoEError(f"the run config lacks {', '.join(missing)}; see `deepseemoe train --help`")
         if not isinstance(d["coders"], list) or not all(isinstance(c, dict) for c in d["coders"]):

@@ -198,7 +198,8 @@ def _num_experts(block: nn.Module, router: nn.Module | None, experts: nn.Module)
         p = getattr(experts, "down_proj", None)
     if isinstance(p, torch.Tensor) and p.dim() == 3:
         return int(p.shape[0])
-    raise DeepSeeMoEError(f"cannot tell how many experts {type(block).__name__} has; add it to the registry")
+    raise DeepSeeMoEError(f"cannot tell how many experts {type(block).__name__} has; it is not a "
+                          "supported MoE design (README: Supported architectures)")
 
 
 def _top_k(block: nn.Module, router: nn.Module | None) -> int:
@@ -207,7 +208,8 @@ def _top_k(block: nn.Module, router: nn.Module | None) -> int:
             v = getattr(m, a, None) if m is not None else None
             if isinstance(v, int):
                 return v
-    raise DeepSeeMoEError(f"cannot tell the top-k of {type(block).__name__}; add it to the registry")
+    raise DeepSeeMoEError(f"cannot tell the top-k of {type(block).__name__}; it is not a supported MoE "
+                          "design (README: Supported architectures)")
 
 
 def _hidden_size(model: nn.Module) -> int | None:
@@ -238,15 +240,17 @@ def discover_moe_layers(model: nn.Module, layers_path: str, layers: list[nn.Modu
         for rel, block in decoder_layer.named_modules():
             cls = type(block).__name__
             if cls in UNSUPPORTED:
-                raise DeepSeeMoEError(f"unsupported MoE architecture {cls}: {UNSUPPORTED[cls]}. To add it, write a "
-                                      "MoEAdapter subclass in deepseemoe/models/registry.py and register it")
+                raise DeepSeeMoEError(f"unsupported MoE architecture {cls}: {UNSUPPORTED[cls]}. Supporting it needs "
+                                      "an MoEAdapter of its own (StandardAdapter in deepseemoe/models/registry.py is "
+                                      "the one every supported architecture uses)")
             experts = getattr(block, "experts", None)
             if not isinstance(experts, nn.Module):
                 continue
             if type(experts).__name__ in UNSUPPORTED:
                 ecls = type(experts).__name__
-                raise DeepSeeMoEError(f"unsupported MoE architecture {ecls}: {UNSUPPORTED[ecls]}. To add it, write "
-                                      "a MoEAdapter subclass in deepseemoe/models/registry.py and register it")
+                raise DeepSeeMoEError(f"unsupported MoE architecture {ecls}: {UNSUPPORTED[ecls]}. Supporting it needs "
+                                      "an MoEAdapter of its own (StandardAdapter in deepseemoe/models/registry.py is "
+                                      "the one every supported architecture uses)")
             router_attr = next((a for a in ROUTER_ATTRS if isinstance(getattr(block, a, None), nn.Module)), None)
             if router_attr is None:
                 continue

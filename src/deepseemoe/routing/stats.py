@@ -1,4 +1,6 @@
-"""Routing statistics of a run directory (definitions: shared/reference/anchors-moe-interp.md §1).
+"""Routing statistics of a routing run: the measures of Mixtral §5 (repetition) and OLMoE §5
+(specialization, saturation), defined exactly below (co-activation counts all pairs of a token's
+top-k; OLMoE's analysis script counts rank-adjacent pairs only).
 
 Shapes: per shard and MoE layer, experts [T, K] and weights [T, K] (rank order), token ids
 [T], domain codes [T]; accumulated counts: load [L, E], pairs [L, E, E], domain [L, D, E],

@@ -5,7 +5,7 @@ the MoE activates top_k experts of `expert_hidden` units each, the dense MLP has
 top_k·expert_hidden units (only the MoE's router, E·D weights, has no counterpart).
 Budgets are in optimizer steps, never wall-clock time, so a recipe gives the same models on
 any machine. `router_aux_loss_coef=0.1` (not HF's 0.01): at 0.01 up to 10 of 16 experts die in
-this regime (shared/reference/demo-feasibility.md §4).
+this regime (measured when the demo was planned).
 """
 
 from __future__ import annotations
