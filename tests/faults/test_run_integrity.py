@@ -127,13 +127,17 @@ def _complete_shards(run: Path) -> bool:
     return True
 
 
-def _kill_route_after(args: list[str], delay: float) -> int:
+def _kill_route_after(args: list[str], out: Path, shards: int) -> int:
+    """Start `route`, SIGKILL it once its staging folder holds `shards` routing shards (or let it
+    finish first); returns its exit code."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "deepseemoe.cli", "route", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + delay
-    while time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.02)
+    staging = out.parent / f".{out.name}.staging" / "routing"
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and len(list(staging.glob("part-*.parquet"))) < shards:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     if proc.poll() is None:
         proc.send_signal(signal.SIGKILL)
     return proc.wait()
@@ -142,32 +146,22 @@ def _kill_route_after(args: list[str], delay: float) -> int:
 def test_kill_9_during_a_first_route_leaves_no_run_or_a_complete_one(cli, tiny_olmoe_dir, long_corpus, tmp_path):
     out = tmp_path / "run"
     args = [str(tiny_olmoe_dir), "--data", str(long_corpus), "--out", str(out), "--overwrite", *ROUTE]
-    outcomes = set()
-    for delay in (2.0, 4.0, 5.0, 6.0, 7.5):
-        code = _kill_route_after(args, delay)
-        if out.exists():
-            assert _complete_shards(out)
-            outcomes.add("complete")
-        else:
-            assert_refused(cli("stats", out), "not a routing run")
-            outcomes.add("absent")
-        if code == 0:
-            break
-    assert "absent" in outcomes  # at least one kill landed mid-run
-    assert cli("route", *args).code == 0  # the lock died with the process
+    for shards in (1, 4, 9):
+        assert _kill_route_after(args, out, shards) == -signal.SIGKILL
+        assert not out.exists()  # killed mid-run: no run at all, never a partial one
+        assert_refused(cli("stats", out), "not a routing run")
+    assert cli("route", *args).code == 0  # the lock died with the process; staging is cleaned up
     assert _complete_shards(out)
+    assert not (tmp_path / ".run.staging").exists()
 
 
 def test_kill_9_during_a_rerun_leaves_the_old_run_or_the_new_one(cli, run_dir, tiny_olmoe_dir, long_corpus):
     old = sha256_file(run_dir / "manifest.json")
     args = [str(tiny_olmoe_dir), "--data", str(long_corpus), "--out", str(run_dir), "--overwrite", *ROUTE]
-    seen_old = False
-    for delay in (3.0, 4.5, 6.0):
-        _kill_route_after(args, delay)
-        assert _complete_shards(run_dir)
-        seen_old |= sha256_file(run_dir / "manifest.json") == old
+    for shards in (1, 5):
+        assert _kill_route_after(args, run_dir, shards) == -signal.SIGKILL
+        assert sha256_file(run_dir / "manifest.json") == old and _complete_shards(run_dir)
         assert cli("stats", run_dir, "--no-figures").code == 0
-    assert seen_old
     assert cli("route", *args).code == 0
     new = sha256_file(run_dir / "manifest.json")
     assert new != old and _complete_shards(run_dir)
