@@ -35,3 +35,26 @@ def test_reduced_demo(tmp_path):
     causal = json.loads((tmp_path / "demo" / "ablate" / "ablation.json").read_text())
     for r in causal["layers"]:
         assert f"<td class=\"l\">{r['layer']}</td><td>{r['random_routing_delta_ce']:.4f}</td>" in page
+    # `deepseemoe report` rebuilds the same page from the run directories alone
+    from typer.testing import CliRunner
+
+    from deepseemoe.cli import app
+
+    again = tmp_path / "again.html"
+    r = CliRunner().invoke(app, ["report", str(run), "--out", str(again)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+
+    def strip(html: str) -> str:
+        return re.sub(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", "", html)
+
+    assert strip(again.read_text()) == strip(page)
+    # a routing run alone (nothing beside it) reports its routing sections only
+    alone = tmp_path / "alone" / "run"
+    alone.parent.mkdir()
+    import shutil
+
+    shutil.copytree(run, alone)
+    r = CliRunner().invoke(app, ["report", str(alone)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    solo = (alone.parent / "report" / "index.html").read_text()
+    assert "Expert load" in solo and "Causal checks" not in solo and "MoE vs dense" not in solo

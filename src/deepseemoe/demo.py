@@ -17,9 +17,9 @@ from rich.console import Console
 from deepseemoe.data.demo_corpus import build_corpus
 from deepseemoe.data.sources import TextSource
 from deepseemoe.models.load import load_model
-from deepseemoe.report.html import write_report
+from deepseemoe.report.html import build_report
 from deepseemoe.routing.route import route_corpus
-from deepseemoe.routing.stats import compute_routing_stats, router_saturation
+from deepseemoe.routing.stats import compute_routing_stats
 from deepseemoe.runs.atomic import atomic_write_json, read_json
 from deepseemoe.zoo.recipes import get_recipe
 from deepseemoe.zoo.train import train_zoo
@@ -76,18 +76,18 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
     run_dir = out_dir / "run"
     route_corpus(handle, source, run_dir, extra={"recipe": recipe, "zoo": str(zoo.root)}, overwrite=True,
                  **route_kw)
-    saturation_rows = []
     final_step = max(zoo.checkpoints)
-    for step, path in sorted(zoo.checkpoints.items()):
-        if step == final_step:
-            continue
-        ck_dir = out_dir / "checkpoints" / f"step-{step:06d}"
+    earlier = {out_dir / "checkpoints" / f"step-{step:06d}": path for step, path in sorted(zoo.checkpoints.items())
+               if step != final_step}
+    for stale in (out_dir / "checkpoints").glob("step-*") if (out_dir / "checkpoints").is_dir() else []:
+        if stale not in earlier and (stale / "manifest.json").exists():  # another recipe's checkpoints
+            import shutil
+
+            shutil.rmtree(stale)
+    for ck_dir, path in earlier.items():
         # saturation is an average agreement: a third of the tokens pins it down well enough
         route_corpus(load_model(str(path)), source, ck_dir, progress=False, overwrite=True,
                      **{**route_kw, "max_tokens": max(max_tokens // 3, 1000)})
-        sat = router_saturation(ck_dir, run_dir)
-        saturation_rows.append({"step": f"{step} ({100 * step / final_step:.0f}%)",
-                                "values": [v["topk_saturation"] for v in sat["layers"].values()]})
     seconds["routing"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -109,11 +109,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
     seconds["analyses"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    report = write_report(run_dir, out_dir / "report" / "index.html",
-                          title=f"offline demo: OLMoE trained on this machine (recipe '{recipe}')",
-                          zoo_report=zoo.report, saturation=saturation_rows, study=analyses,
-                          notes=["A small model trained in minutes on a CPU: expect weak, mostly lexical "
-                                 "specialisation, as in the larger MoEs of the literature but fainter."])
+    report = build_report(run_dir)  # what `deepseemoe report runs/demo/run` writes, from the files alone
     seconds["report"] = time.perf_counter() - t
     console.print(f"[bold]6/6 report[/] {report}")
     return DemoResult(out_dir, report, seconds, stats.summary)

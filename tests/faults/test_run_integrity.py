@@ -206,8 +206,8 @@ def test_statistics_from_other_data_are_stale(cli, run_dir, tiny_olmoe_dir, long
     assert not (run_dir / "analyses").exists()  # the rerun replaced the whole run, analyses included
     shutil.copytree(kept, run_dir / "analyses")
     from deepseemoe.errors import DeepSeeMoEError
-    from deepseemoe.report.html import write_report
+    from deepseemoe.report.html import build_report
 
     with pytest.raises(DeepSeeMoEError, match="stale"):
-        write_report(run_dir, tmp_path / "report.html", title="t")
+        build_report(run_dir, tmp_path / "report.html")
     assert not (tmp_path / "report.html").exists()

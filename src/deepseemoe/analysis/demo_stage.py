@@ -15,7 +15,6 @@ def run_demo_analyses(moe_dir: Path, dense_dir: Path, corpus_dir: Path, out_dir:
     from deepseemoe.analysis.compare import compare_models
     from deepseemoe.analysis.feature_map import write_map
     from deepseemoe.analysis.figures import causal_figures
-    from deepseemoe.analysis.report_tables import comparison_rows
     from deepseemoe.analysis.sae_frontier import sae_frontier
     from deepseemoe.data.sources import TextSource, iter_documents
     from deepseemoe.data.tokens import pack_documents
@@ -58,6 +57,4 @@ def run_demo_analyses(moe_dir: Path, dense_dir: Path, corpus_dir: Path, out_dir:
                                               out_dir / "compare", layer=layer, ks=[8, 16], expansion_factor=8,
                                               tokens=train_tokens, eval_tokens=eval_tokens, ctx_len=ctx_len)
     atomic_write_json(out_dir / "compare" / "comparison.json", comparison)
-    return {"evaluation": evaluation, "maps": maps, "causal": causal, "comparison_rows": comparison_rows(comparison),
-            "figures": [out_dir / "ablate" / "figures" / "ablation_delta_ce.png",
-                        out_dir / "ablate" / "figures" / "routing_corruption_by_layer.png"]}
+    return {"evaluation": evaluation, "maps": maps, "causal": causal, "comparison": comparison}

@@ -1,7 +1,8 @@
 """The static report: one self-contained HTML page (figures embedded), opened from disk.
 
-Inputs are the files a run directory already holds: routing parquet, analyses/ (tables,
-figures, summary.json) and optional extras (model losses, saturation across checkpoints).
+Inputs are the files of a study directory (runs/study.py) and nothing else: the routing run and
+its analyses/, and whatever dictionaries, maps, ablations, comparisons, checkpoint runs and model
+training report sit beside it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 from markupsafe import Markup
 
 from deepseemoe.runs.atomic import atomic_write_bytes
+from deepseemoe.runs.study import Study
 
 
 def expert_colors(n: int) -> tuple[list[str], list[str]]:
@@ -68,17 +70,56 @@ def routing_samples(run_dir: Path, layers: list[int], tokens_per_sample: int = 4
     return samples
 
 
-def write_report(run_dir: str | Path, out_path: str | Path, *, title: str, zoo_report: dict | None = None,
-                 saturation: list[dict] | None = None, notes: list[str] | None = None, min_count: int = 5,
-                 study: dict | None = None) -> Path:
-    """Render RUN_DIR's routing analyses (and optional model report) into one HTML file."""
+DEMO_NOTE = ("A small model trained in minutes on a CPU: expect weak, mostly lexical specialisation, as in the "
+             "larger MoEs of the literature but fainter.")
+
+
+def saturation_rows(study: Study) -> list[dict]:
+    """Router saturation of each earlier checkpoint against the study's run (OLMoE §5.1), per layer."""
+    import re
+
+    from deepseemoe.routing.stats import router_saturation
+
+    final = (study.zoo_report or {}).get("recipe", {}).get("steps")
+    rows = []
+    for ck in study.checkpoints:
+        sat = router_saturation(ck.run_dir, study.run.run_dir)
+        m = re.fullmatch(r"step-0*(\d+)", ck.run_dir.name)
+        label = ck.run_dir.name
+        if m and final:
+            label = f"{int(m.group(1))} ({100 * int(m.group(1)) / final:.0f}%)"
+        rows.append({"step": label, "values": [v["topk_saturation"] for v in sat["layers"].values()]})
+    return rows
+
+
+def build_report(run_dir: str | Path, out_path: str | Path | None = None, *,
+                 checkpoint_runs: list[str | Path] | None = None, title: str | None = None,
+                 notes: list[str] | None = None) -> Path:
+    """The report of a study, from its run directories alone (runs/study.py): the routing run's
+    statistics, and whatever dictionaries, maps, ablations, comparisons and checkpoints sit beside it.
+    Default output: STUDY/report/index.html."""
+    study = Study.open(run_dir, checkpoint_runs)
+    meta = study.run.meta
+    if title is None:
+        recipe = meta.get("recipe")
+        title = (f"offline demo: OLMoE trained on this machine (recipe '{recipe}')" if recipe
+                 else str(meta.get("model", study.run.run_dir.name)))
+    notes = list(notes or []) + ([DEMO_NOTE] if meta.get("recipe") else [])
+    out_path = Path(out_path) if out_path else study.run.run_dir.parent / "report" / "index.html"
+    return write_report(study, out_path, title=title, notes=notes)
+
+
+def write_report(study: Study, out_path: str | Path, *, title: str, notes: list[str] | None = None,
+                 min_count: int = 5) -> Path:
+    """Render a study's routing analyses and whatever else it holds into one HTML file."""
 
     import jinja2
 
-    from deepseemoe.runs.routing import RoutingRun
-
-    run_dir, out_path = Path(run_dir), Path(out_path)
-    analyses = RoutingRun.open(run_dir).analyses()
+    out_path = Path(out_path)
+    run_dir = study.run.run_dir
+    analyses = study.run.analyses()
+    zoo_report = study.zoo_report
+    saturation = saturation_rows(study)
     summary = analyses.summary
     layers = [int(x) for x in summary["layers"]]
     first = summary["layers"][str(layers[0])]
@@ -125,9 +166,13 @@ def write_report(run_dir: str | Path, out_path: str | Path, *, title: str, zoo_r
                  ("tokens", "top tokens"), ("coactivation", "co-activation"), ("repetition", "repetition")]
     if saturation:
         sections.append(("saturation", "saturation"))
-    extra = _analyses_context(study) if study else None
-    if extra:
-        sections += [("dictionaries", "dictionaries"), ("causal", "causal checks"), ("compare", "MoE vs dense")]
+    extra = _analyses_context(study)
+    if extra["coders"] or extra["maps"]:
+        sections.append(("dictionaries", "dictionaries"))
+    if extra["causal"]:
+        sections.append(("causal", "causal checks"))
+    if extra["comparison"]:
+        sections.append(("compare", "MoE vs dense"))
     env = jinja2.Environment(loader=jinja2.PackageLoader("deepseemoe.report", "templates"),
                              autoescape=jinja2.select_autoescape(["html", "j2"]))
     page = env.get_template("report.html.j2").render(
@@ -148,32 +193,38 @@ def _png(path: Path) -> Markup:
     return Markup(f'<img alt="{html.escape(Path(path).stem)}" src="data:image/png;base64,{data}">')
 
 
-def _analyses_context(a: dict) -> dict:
-    """Tables of the dictionaries / causal / comparison stage for the template."""
-    coders = []
-    for name, r in a["evaluation"]["coders"].items():
-        coders.append({"name": name, "kind": r["kind"], "fvu": r["fvu"], "l0": r["l0"], "dead": r["dead"],
-                       "delta_ce": r.get("delta_ce"), "kl": r.get("kl"), "recovered": r.get("loss_recovered"),
-                       "routing": r.get("routing_preserved")})
-    maps = []
-    for name, m in a["maps"].items():
-        rp = m["routing_prediction"]
-        maps.append({"name": name, "layer": m["layer"], "live": m["live_features"], "features": m["features"],
-                     "specificity": m["specificity_median"], "specific_share": m["expert_specific_share"],
-                     "rp": rp, "attr": m.get("attribution")})
-    c = a["causal"]
-    corr = {r["layer"]: r for r in c["observational_vs_causal"]}
-    layers = []
-    for r in c["layers"]:
-        mine = [e for e in c["experts"] if e["layer"] == r["layer"]]
-        worst = max(mine, key=lambda e: e["ablate_delta_ce"])
-        layers.append({"layer": r["layer"], "random": r["random_routing_delta_ce"], "top1": r["top1_only_delta_ce"],
-                       "worst": worst["ablate_delta_ce"], "worst_expert": worst["expert"],
-                       "control": worst["control_delta_ce"],
-                       "mean_ablate": sum(e["ablate_delta_ce"] for e in mine) / len(mine),
-                       "mean_control": sum(e["control_delta_ce"] for e in mine) / len(mine),
-                       "rho_load": corr.get(r["layer"], {}).get("spearman_load"),
-                       "rho_norm": corr.get(r["layer"], {}).get("spearman_output_norm")})
-    return {"coders": coders, "maps": maps, "layers": layers, "sweep": c["disable_top_r"], "tokens": c["tokens"],
-            "comparison": a["comparison_rows"], "figures": [_png(p) for p in a["figures"]]}
+def _analyses_context(study: Study) -> dict:
+    """Tables of the dictionaries / causal / comparison parts of a study, each None when absent."""
+    from deepseemoe.analysis.report_tables import comparison_rows
 
+    coders, maps = [], []
+    for d in study.dictionary_runs:
+        for name, r in d.evaluation["coders"].items():
+            coders.append({"name": name, "kind": r["kind"], "fvu": r["fvu"], "l0": r["l0"], "dead": r["dead"],
+                           "delta_ce": r.get("delta_ce"), "kl": r.get("kl"), "recovered": r.get("loss_recovered"),
+                           "routing": r.get("routing_preserved")})
+        for name, m in d.maps.items():
+            rp = m["routing_prediction"]
+            maps.append({"name": name, "layer": m["layer"], "live": m["live_features"], "features": m["features"],
+                         "specificity": m["specificity_median"], "specific_share": m["expert_specific_share"],
+                         "rp": rp, "attr": m.get("attribution")})
+    causal = None
+    if study.ablation is not None:
+        c = study.ablation
+        corr = {r["layer"]: r for r in c["observational_vs_causal"]}
+        layers = []
+        for r in c["layers"]:
+            mine = [e for e in c["experts"] if e["layer"] == r["layer"]]
+            worst = max(mine, key=lambda e: e["ablate_delta_ce"])
+            layers.append({"layer": r["layer"], "random": r["random_routing_delta_ce"],
+                           "top1": r["top1_only_delta_ce"],
+                           "worst": worst["ablate_delta_ce"], "worst_expert": worst["expert"],
+                           "control": worst["control_delta_ce"],
+                           "mean_ablate": sum(e["ablate_delta_ce"] for e in mine) / len(mine),
+                           "mean_control": sum(e["control_delta_ce"] for e in mine) / len(mine),
+                           "rho_load": corr.get(r["layer"], {}).get("spearman_load"),
+                           "rho_norm": corr.get(r["layer"], {}).get("spearman_output_norm")})
+        causal = {"layers": layers, "sweep": c["disable_top_r"], "tokens": c["tokens"],
+                  "figures": [_png(p) for p in study.ablation_figures]}
+    return {"coders": coders or None, "maps": maps or None, "causal": causal,
+            "comparison": comparison_rows(study.comparison) if study.comparison is not None else None}

@@ -1,0 +1,26 @@
+"""`deepseemoe report RUN_DIR [CHECKPOINT_RUN...]`: the static report of a study, from its files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def report(
+        run_dir: Path = typer.Argument(..., help="A routing run (after `deepseemoe stats`)."),
+        checkpoint_runs: list[Path] = typer.Argument(None, help="Routing runs of earlier checkpoints on the same "
+                                                                 "text (default: STUDY/checkpoints/*)."),
+        out: Path = typer.Option(None, "--out", help="The HTML file (default: STUDY/report/index.html)."),
+        title: str = typer.Option(None, help="The report's title (default: the model)."),
+    ) -> None:
+        """One HTML page from run directories alone: the routing statistics of RUN_DIR and whatever
+        dictionaries, maps, ablations and comparisons sit beside it (its parent is the study)."""
+        from rich.console import Console
+
+        from deepseemoe.report.html import build_report
+
+        path = build_report(run_dir, out, checkpoint_runs=checkpoint_runs or None, title=title)
+        Console().print(f"[green]→ {path}[/]")
