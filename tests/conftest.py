@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -69,3 +71,34 @@ def corpus_jsonl(tmp_path_factory) -> Path:
             for text in texts:
                 f.write(json.dumps({"text": text, "domain": domain}) + "\n")
     return path
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def error_lines(self) -> list[str]:
+        return [line for line in self.err.splitlines() if line.startswith("error:")]
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run `deepseemoe ARGS…` through `deepseemoe.cli.run` (the console script's function), so exit
+    codes and the one-line error handling are the user's. An exception escaping it fails the test."""
+    from deepseemoe.cli import run
+
+    def invoke(*args: str) -> CliResult:
+        capsys.readouterr()
+        monkeypatch.setattr(sys, "argv", ["deepseemoe", *map(str, args)])
+        try:
+            run()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return invoke

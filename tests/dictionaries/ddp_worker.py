@@ -37,4 +37,5 @@ if __name__ == "__main__":
     trainer.fit(tensor_stream(x[rows], y[rows], name="tc", chunk=local), max_steps=STEPS)
     if rank == 0:
         torch.save({"state": trainer.coders["tc"].state_dict(), "metrics": trainer.metrics}, sys.argv[1])
+    dist.barrier()  # no rank tears the group down while another is still in a collective
     dist.destroy_process_group()

@@ -1,48 +1,15 @@
-"""Helpers for the fault-injection suite: the real console entry point, run in-process."""
+"""Helpers for the fault-injection suite: one-line refusals and a finished training run to damage."""
 
 from __future__ import annotations
 
 import shutil
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
 
-@dataclass
-class CliResult:
-    code: int
-    out: str
-    err: str
-
-    @property
-    def error_lines(self) -> list[str]:
-        return [line for line in self.err.splitlines() if line.startswith("error:")]
-
-
-@pytest.fixture
-def cli(capsys, monkeypatch):
-    """Run `deepseemoe ARGS…` through `deepseemoe.cli.run` (the console script's function), so exit
-    codes and the one-line error handling are the user's. An exception escaping it fails the test."""
-    from deepseemoe.cli import run
-
-    def invoke(*args: str) -> CliResult:
-        capsys.readouterr()
-        monkeypatch.setattr(sys, "argv", ["deepseemoe", *map(str, args)])
-        try:
-            run()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        captured = capsys.readouterr()
-        return CliResult(code, captured.out, captured.err)
-
-    return invoke
-
-
-def assert_refused(result: CliResult, *words: str) -> None:
+def assert_refused(result, *words: str) -> None:
     """Exit 2, exactly one `error:` line that contains `words`, and no traceback."""
     assert result.code == 2, (result.code, result.out[-2000:], result.err[-2000:])
     assert len(result.error_lines) == 1, result.err

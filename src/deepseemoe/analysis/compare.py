@@ -31,7 +31,6 @@ import numpy as np
 import torch
 
 from deepseemoe.analysis.causal import LossMeter, token_domains
-from deepseemoe.capture.core import token_mask
 from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.interventions.routing import ablate, route_intervention
 from deepseemoe.models.spec import ModelHandle
@@ -116,12 +115,11 @@ def unit_selectivity(handle: ModelHandle, batches: list, class_of, n_classes: in
                      expert_neurons: bool = True) -> dict:
     """Per unit kind: selectivity of every unit (all layers), and the per-class token counts."""
     device = next(handle.model.parameters()).device
-    bos = getattr(handle.tokenizer, "bos_token_id", None)
     acts = UnitActivity(handle, n_classes, expert_neurons)
     counts = np.zeros(n_classes)
     for b in batches:
         ids, am = b.input_ids.to(device), b.attention_mask.to(device)
-        keep = token_mask(ids, am, bos, exclude_bos=True)
+        keep = b.keep.to(device)
         classes = class_of(b)[keep.cpu()].to(device)
         counts += np.bincount(classes.cpu().numpy(), minlength=n_classes)
         acts.run(ids, am, keep, classes)

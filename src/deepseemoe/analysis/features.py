@@ -24,7 +24,7 @@ from collections import Counter, defaultdict
 import numpy as np
 import torch
 
-from deepseemoe.capture.core import Site, token_mask
+from deepseemoe.capture.core import Site
 from deepseemoe.dictionaries.coder import Coder
 from deepseemoe.dictionaries.stream import model_stream
 from deepseemoe.errors import DeepSeeMoEError
@@ -136,7 +136,6 @@ def collect_for_map(handle: ModelHandle, coder: Coder, sources: list[Site], laye
                     attribution: bool, composition: bool = False) -> dict:
     """One pass: latents, chosen experts and router logits at `layer`, token ids, previous ids,
     (context, position) of every kept token, and the attribution parts when asked."""
-    bos = getattr(handle.tokenizer, "bos_token_id", None)
     extra = [Site("routing", layer)] + ([Site("router_logits", layer)] if attribution else [])
     pairs = {"src": (sources, sources[:1]), **{f"@{s.kind}": (s, s) for s in extra}}
     W_r, b_r = router_linear(handle, layer) if attribution else (None, None)
@@ -161,7 +160,7 @@ def collect_for_map(handle: ModelHandle, coder: Coder, sources: list[Site], laye
         out["latents"].append(lat.cpu())
         out["idx"].append(item["@routing"][0].long().cpu())
         ids = packed.input_ids
-        keep = token_mask(ids, packed.attention_mask, bos, exclude_bos=True)
+        keep = packed.keep
         flat = ids.reshape(-1)
         prev = torch.cat([torch.full((ids.shape[0], 1), -1, dtype=ids.dtype), ids[:, :-1]], 1).reshape(-1)
         out["tokens"].append(flat[keep])

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from deepseemoe.analysis.causal import LossMeter, token_domains
-from deepseemoe.capture.core import Site, token_mask
+from deepseemoe.capture.core import Site
 from deepseemoe.dictionaries.coder import Coder
 from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.interventions.sites import REWRITABLE, rewrite_site, routing_hooks, watch_routing
@@ -76,14 +76,12 @@ def edit_feature(handle: ModelHandle, coder: Coder, site: Site, batches: list, f
     with watch_routing(handle) as clean_calls:  # the clean pass of the meter gives the clean routing
         meter = LossMeter(handle, batches, [token_domains(b) for b in batches])
     device = next(handle.model.parameters()).device
-    bos = getattr(handle.tokenizer, "bos_token_id", None)
     counts: dict[int, list[float]] = {}
     loss = {"delta_ce": 0.0, "kl": 0.0}
     fired_total = 0
     edit = FeatureEdit(handle, coder, site, feature, scale)
     for i, b in enumerate(batches):
-        ids, am = b.input_ids.to(device), b.attention_mask.to(device)
-        keep = token_mask(ids, am, bos, exclude_bos=True)
+        keep = b.keep.to(device)
         edit.keep = keep
         res = meter.measure(lambda: edit, only=[i])
         n = int(meter.valid[i].sum())

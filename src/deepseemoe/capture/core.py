@@ -174,8 +174,9 @@ class _Recorder:
 @torch.no_grad()
 def run_capture(handle: ModelHandle, input_ids: torch.Tensor, consumers: Sequence[Consumer], *,
                 attention_mask: torch.Tensor | None = None, exclude_bos: bool = True,
-                stop_early: bool = True) -> CaptureBatch:
-    """Run one forward on `input_ids` [B, S] and hand every consumer its sites, masked."""
+                stop_early: bool = True, keep: torch.Tensor | None = None) -> CaptureBatch:
+    """Run one forward on `input_ids` [B, S] and hand every consumer its sites, masked by `keep`
+    [B*S] (a packed batch's `keep`); without it, real tokens minus BOS (`exclude_bos`) by id."""
     sites = {s for c in consumers for s in c.sites}
     model = handle.model
     device = next(model.parameters()).device
@@ -193,10 +194,11 @@ def run_capture(handle: ModelHandle, input_ids: torch.Tensor, consumers: Sequenc
             pass
     finally:
         recorder.remove()
-    bos = getattr(handle.tokenizer, "bos_token_id", None)
-    if bos is None:
-        bos = getattr(getattr(model, "config", None), "bos_token_id", None)
-    mask = token_mask(input_ids, attention_mask, bos, exclude_bos)
+    if keep is not None:
+        mask = keep.to(input_ids.device)
+    else:  # the BOS the tokenizer adds; a handle without tokenizer has only its config's
+        source = handle.tokenizer if handle.tokenizer is not None else getattr(model, "config", None)
+        mask = token_mask(input_ids, attention_mask, getattr(source, "bos_token_id", None), exclude_bos)
     kept = {site: t[mask.to(t.device)] for site, t in recorder.raw.items()}
     batch = CaptureBatch(tensors=kept, mask=mask, token_ids=input_ids.reshape(-1)[mask],
                          batch_shape=tuple(input_ids.shape),

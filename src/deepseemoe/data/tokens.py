@@ -32,6 +32,13 @@ class PackedBatch:
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
 
+    @property
+    def keep(self) -> torch.Tensor:
+        """[B*S] bool: the kept tokens — real text, not padding and not the BOS the packer inserted.
+        The one kept-token mask of the project: it is told by `pos`, never by comparing token ids
+        with a BOS id (a tokenizer without BOS, or text that spells the BOS token, would shift it)."""
+        return (self.attention_mask.bool() & (self.pos >= 0)).reshape(-1)
+
 
 def _special_ids(tokenizer) -> tuple[int | None, int]:
     bos = tokenizer.bos_token_id

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from deepseemoe.capture.core import Site, token_mask
+from deepseemoe.capture.core import Site
 from deepseemoe.dictionaries.coder import Coder
 from deepseemoe.dictionaries.formats import load_native
 from deepseemoe.dictionaries.spec import RunSpec
@@ -144,11 +144,10 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, tokens: int = 
     extra_routing = {name: Site("routing", m["layers"][0]) for name, (_, m) in coders.items()
                      if m["kind"] in ("transcoder", "skip_transcoder") and m["layers"][0] in handle.moe_layers}
     acc: dict[str, dict] = defaultdict(lambda: defaultdict(float))
-    bos = getattr(handle.tokenizer, "bos_token_id", None)
     model_device = next(handle.model.parameters()).device
     for packed in track(batches, description="evaluating", disable=not progress):
         ids, am = packed.input_ids.to(model_device), packed.attention_mask.to(model_device)
-        keep = token_mask(ids, am, bos, exclude_bos=True)
+        keep = packed.keep.to(model_device)
         # reconstruction quality on the kept tokens, one forward for all coders
         items = next(model_stream(handle, [packed], {**pairs, **{f"@{n}": (s, s) for n, s in extra_routing.items()}},
                                   device=coder_device))

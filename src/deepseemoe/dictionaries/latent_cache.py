@@ -39,9 +39,6 @@ def split_bounds(width: int, n_splits: int) -> list[tuple[int, int]]:
 def collect_latents(handle: ModelHandle, coder: Coder, sources: list[Site], batches: list) -> dict:
     """Run the corpus through the model and the coder: locations [n, 3] int64 (context, position,
     latent), activations [n] float32, tokens [contexts, S] int64."""
-    from deepseemoe.capture.core import token_mask
-
-    bos = getattr(handle.tokenizer, "bos_token_id", None)
     locs, acts, toks = [], [], []
     offset = 0
     for packed in batches:
@@ -49,7 +46,7 @@ def collect_latents(handle: ModelHandle, coder: Coder, sources: list[Site], batc
                                     device=coder.b_dec.device)).values()
         lat = coder.encode(x.float())
         B, S = packed.input_ids.shape
-        keep = token_mask(packed.input_ids, packed.attention_mask, bos, exclude_bos=True).nonzero().squeeze(1)
+        keep = packed.keep.nonzero().squeeze(1)
         tok_i, lat_i = (lat > 0).nonzero(as_tuple=True)
         flat = keep[tok_i.cpu()]
         locs.append(torch.stack([flat // S + offset, flat % S, lat_i.cpu()], 1))

@@ -371,5 +371,10 @@ def train_run(spec: RunSpec, *, resume: bool = False, progress: bool = True,
             _export(spec, handle, every, specs, out, export_plan(spec, {n: c.cfg for n, c in every.items()}))
     elif rank == 0:
         _export(spec, handle, coders, specs, out, plan)
+    if world > 1:  # leave together: a rank that tears the group down mid-collective aborts the others
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
     return TrainResult(out=out, steps=trainer.step, tokens=trainer.tokens, seconds=seconds, final=final,
                        exhausted=trainer.step < spec.max_steps)

@@ -32,7 +32,7 @@ def model_stream(handle: ModelHandle, batches: Iterable[PackedBatch], pairs: dic
     sites = sorted({s for pair in pairs.values() for g in pair for s in _as_list(g)}, key=lambda s: (s.layer, s.kind))
     collector = ActivationCollector(sites, device=device)
     for packed in batches:
-        run_capture(handle, packed.input_ids, [collector], attention_mask=packed.attention_mask)
+        run_capture(handle, packed.input_ids, [collector], attention_mask=packed.attention_mask, keep=packed.keep)
         got = {s: collector.chunks[s].pop() for s in sites}
         if on_capture is not None:
             on_capture(got)

@@ -77,8 +77,9 @@ def route_corpus(handle: ModelHandle, source: TextSource, run_dir: str | Path, *
         start = time.perf_counter()
         task = bar.add_task("route", total=max_tokens, rate=0.0)
         for packed in batches:
+            keep = packed.keep if exclude_bos else packed.attention_mask.bool().reshape(-1)
             batch = run_capture(handle, packed.input_ids, [recorder], attention_mask=packed.attention_mask,
-                                exclude_bos=exclude_bos)
+                                keep=keep)
             rec = recorder.batches.pop()
             mask = batch.mask.cpu().numpy()
             doc = packed.doc.reshape(-1).numpy()[mask]
