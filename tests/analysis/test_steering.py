@@ -94,5 +94,10 @@ def test_steer_cli(tmp_path, tiny_olmoe_dir, corpus_jsonl):
     r = runner.invoke(app, ["steer", str(tmp_path / "run"), "--dictionary", "s", "--feature", "0", "--feature", "1",
                             "--scale", "2", "--tokens", "300"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
-    doc = json.loads((tmp_path / "run" / "steering" / "s.json").read_text())
-    assert [d["feature"] for d in doc] == [0, 1] and all(d["scale"] == 2 for d in doc)
+    doc = json.loads((tmp_path / "run" / "steering" / "s" / "f0-1_x2.json").read_text())
+    assert [d["feature"] for d in doc["results"]] == [0, 1] and all(d["scale"] == 2 for d in doc["results"])
+    # another scale gets a file of its own: earlier results are never overwritten
+    r = runner.invoke(app, ["steer", str(tmp_path / "run"), "--dictionary", "s", "--feature", "0", "--scale", "0",
+                            "--tokens", "300"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (tmp_path / "run" / "steering" / "s").iterdir()) == ["f0-1_x2.json", "f0_x0.json"]

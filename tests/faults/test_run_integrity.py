@@ -211,3 +211,26 @@ def test_statistics_from_other_data_are_stale(cli, run_dir, tiny_olmoe_dir, long
     with pytest.raises(DeepSeeMoEError, match="stale"):
         build_report(run_dir, tmp_path / "report.html")
     assert not (tmp_path / "report.html").exists()
+
+
+def test_evaluations_and_maps_of_a_retrained_dictionary_are_stale(cli, run_copy):
+    """Derived results of a dictionary run name the coders they came from (sha256); a coder trained
+    again in the same folder makes them stale, and readers say so instead of showing old numbers."""
+    import torch
+
+    from deepseemoe.dictionaries.formats import load_native, save_native
+    from deepseemoe.errors import DeepSeeMoEError
+    from deepseemoe.runs.dictionary import DictionaryRun
+
+    name = next((run_copy / "dictionaries").iterdir()).name
+    assert cli("evaluate", run_copy, "--tokens", "64").code == 0
+    assert cli("map", run_copy, "--dictionary", name, "--tokens", "64").code == 0
+    run = DictionaryRun.open(run_copy)
+    assert run.evaluation()["coders"][name] and name in run.map_summaries()
+    coder, meta = load_native(run.coder_dir(name))
+    with torch.no_grad():
+        coder.W_dec.mul_(1.5)  # "trained again"
+    save_native(coder, run.coder_dir(name), meta=meta)
+    for read in (run.evaluation, run.map_summaries):
+        with pytest.raises(DeepSeeMoEError, match="stale"):
+            read()

@@ -3,17 +3,17 @@ the causal checks, and the MoE-vs-dense table — small budgets, so the whole de
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from deepseemoe.runs.atomic import atomic_write_json
+from deepseemoe.runs.dictionary import EVALUATION, DictionaryRun
 
 
 def run_demo_analyses(moe_dir: Path, dense_dir: Path, corpus_dir: Path, out_dir: Path, *, ctx_len: int,
                       train_tokens: int = 100_000, eval_tokens: int = 4_000, layer: int = 2) -> dict:
     from deepseemoe.analysis.causal import run_causal_checks
     from deepseemoe.analysis.compare import compare_models
-    from deepseemoe.analysis.feature_map import write_map
+    from deepseemoe.analysis.feature_map import compute_map
     from deepseemoe.analysis.figures import causal_figures
     from deepseemoe.analysis.sae_frontier import sae_frontier
     from deepseemoe.data.sources import TextSource, iter_documents
@@ -33,13 +33,18 @@ def run_demo_analyses(moe_dir: Path, dense_dir: Path, corpus_dir: Path, out_dir:
                            CoderSpec(kind="skip_transcoder", layers=[layer], activation="batchtopk", k=16,
                                      expansion_factor=8, name=f"block_transcoder_{layer}")],
                    train=TrainConfig(batch_size=1024, buffer_size=8192, lr=1e-3, dead_after_tokens=50_000))
-    if not (dict_dir / "evaluation.json").exists():
-        if not (dict_dir / "dictionaries").exists():
+    run = DictionaryRun(dict_dir)
+    if not (dict_dir / EVALUATION).exists():
+        if not run.coder_names():
             train_run(spec, progress=False)
-        evaluate_run(dict_dir, data=val, tokens=eval_tokens, progress=False)
-    evaluation = json.loads((dict_dir / "evaluation.json").read_text())
-    maps = {c.name: write_map(dict_dir, spec, c.name, data=val, tokens=4 * eval_tokens, layer=None,
-                              batch_size=8, n_examples=5) for c in spec.coders}
+        run.save_evaluation(evaluate_run(dict_dir, data=val, tokens=eval_tokens, progress=False))
+    evaluation = run.evaluation()
+    maps = {}
+    for c in spec.coders:
+        m = compute_map(dict_dir, spec, c.name, data=val, tokens=4 * eval_tokens, layer=None, batch_size=8,
+                        n_examples=5)
+        run.save_map(c.name, m.tables, m.examples, m.summary)
+        maps[c.name] = m.summary
 
     moe, dense = load_model(str(moe_dir)), load_model(str(dense_dir))
     source = TextSource(val, domain_field="domain")

@@ -1,4 +1,4 @@
-"""`deepseemoe map`: run the analyses of `features.py` for one dictionary and write
+"""`deepseemoe map`: run the analyses of `features.py` for one dictionary; the run saves the result as
 
     RUN_DIR/maps/NAME/summary.json            layer, routing prediction, attribution check, specificity
     RUN_DIR/maps/NAME/features.parquet        per feature: fires, specificity, top expert by lift (+ MI),
@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,6 @@ from deepseemoe.analysis.features import (
 from deepseemoe.capture.core import Site
 from deepseemoe.dictionaries.spec import RunSpec
 from deepseemoe.errors import DeepSeeMoEError
-from deepseemoe.runs.atomic import atomic_write_json, atomic_write_table
 
 
 def fed_layer(source: list[Site], moe_layers: list[int]) -> int:
@@ -40,8 +40,17 @@ def fed_layer(source: list[Site], moe_layers: list[int]) -> int:
     return later[0]
 
 
-def write_map(run_dir: Path, spec: RunSpec, name: str, *, data: str | None, tokens: int, layer: int | None,
-              batch_size: int, n_examples: int, trust_remote_code: bool = False) -> dict:
+@dataclass
+class FeatureMap:
+    """What `map` computes for one dictionary; `DictionaryRun.save_map` writes it as maps/NAME/."""
+
+    tables: dict[str, pa.Table]  # file stem -> table (columns in the module docstring)
+    examples: dict[str, list]  # feature -> top examples with their routing
+    summary: dict
+
+
+def compute_map(run_dir: Path, spec: RunSpec, name: str, *, data: str | None, tokens: int, layer: int | None,
+                batch_size: int, n_examples: int, trust_remote_code: bool = False) -> FeatureMap:
     from deepseemoe.dictionaries.formats import load_run_dictionary
     from deepseemoe.dictionaries.run import load_for_run, run_batches
 
@@ -52,8 +61,6 @@ def write_map(run_dir: Path, spec: RunSpec, name: str, *, data: str | None, toke
     if layer not in handle.moe_layers:
         raise DeepSeeMoEError(f"--layer {layer} is not an MoE layer of {handle.name}; choose from "
                               f"{sorted(handle.moe_layers)}")
-    if layer not in handle.moe_layers:
-        raise DeepSeeMoEError(f"layer {layer} is not an MoE layer; MoE layers: {sorted(handle.moe_layers)}")
     attribution = meta["kind"] == "sae" and sources == [Site("block_in", layer)]
     batches = list(run_batches(spec, handle, data=data, batch_size=batch_size, max_tokens=tokens))
     targets = [Site(k, la) for k, la in meta["target"]]
@@ -62,7 +69,7 @@ def write_map(run_dir: Path, spec: RunSpec, name: str, *, data: str | None, toke
     moe = handle.moe_layers[layer]
     tables = feature_expert_tables(got["latents"], got["idx"], moe.num_experts)
     live = tables["fires"] > 0
-    out = run_dir / "maps" / name
+    out: dict[str, pa.Table] = {}
     lift = np.nan_to_num(tables["lift"], nan=-1.0)
     F = len(tables["fires"])
     cols = {"feature": np.arange(F), "fires": tables["fires"].astype(np.int64),
@@ -77,25 +84,24 @@ def write_map(run_dir: Path, spec: RunSpec, name: str, *, data: str | None, toke
         cols["composition_top_expert"] = comp["top_expert"]
         cols["composition_specificity"] = comp["specificity"]
         e_idx, f_idx = np.meshgrid(np.arange(moe.num_experts), np.arange(F), indexing="ij")
-        atomic_write_table(out / "expert_composition.parquet", pa.table({
+        out["expert_composition"] = (pa.table({
             "expert": e_idx.reshape(-1), "feature": f_idx.reshape(-1), "share": comp["share"].T.reshape(-1)}))
-    atomic_write_table(out / "features.parquet", pa.table(cols))
+    out["features"] = pa.table(cols)
     f_idx, e_idx = np.nonzero(tables["counts"] > 0)
-    atomic_write_table(out / "feature_experts.parquet", pa.table({
+    out["feature_experts"] = (pa.table({
         "feature": f_idx, "expert": e_idx, "count": tables["counts"][f_idx, e_idx].astype(np.int64),
         "p_e_given_f": tables["p_e_given_f"][f_idx, e_idx], "lift": tables["lift"][f_idx, e_idx],
         "mi_bits": tables["mi_bits"][f_idx, e_idx]}))
     order = np.argsort(-tables["fires"])[: min(100, int(live.sum()))]
     ex = top_examples(got["latents"], got["where"], got["contexts"], got["idx"], handle.tokenizer, n=n_examples,
                       features=[int(f) for f in order])
-    atomic_write_json(out / "examples.json", {str(k): v for k, v in ex.items()})
+    examples = {str(k): v for k, v in ex.items()}
     summary = {"dictionary": name, "layer": layer, "top_k": moe.top_k, "num_experts": moe.num_experts,
                "tokens": tables["tokens"], "live_features": int(live.sum()), "features": F,
                "specificity_median": float(np.nanmedian(tables["specificity"])) if live.any() else float("nan"),
                "expert_specific_share": float(np.nanmean(tables["specificity"][live] > 0.5)) if live.any() else 0.0,
                "routing_prediction": routing_prediction(got["latents"], got["idx"], got["tokens"], got["prev"],
-                                                        moe.num_experts),
-               "out": str(out)}
+                                                        moe.num_experts)}
     if comp is not None:
         spec = comp["specificity"][live]
         spec = spec[~np.isnan(spec)]
@@ -108,5 +114,4 @@ def write_map(run_dir: Path, spec: RunSpec, name: str, *, data: str | None, toke
         summary["attribution"] = {"max_abs_error": float(got["attr_err"].max()),
                                   "logit_scale": float(got["attr_scale"].max()),
                                   "error_share": float(err.abs().mean() / (feats.abs().mean() + err.abs().mean()))}
-    atomic_write_json(out / "summary.json", summary)
-    return summary
+    return FeatureMap(out, examples, summary)

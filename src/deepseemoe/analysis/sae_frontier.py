@@ -9,6 +9,7 @@ from deepseemoe.dictionaries.evaluate import evaluate_run
 from deepseemoe.dictionaries.run import train_run
 from deepseemoe.dictionaries.spec import CoderSpec, RunSpec
 from deepseemoe.dictionaries.trainer import TrainConfig
+from deepseemoe.runs.dictionary import EVALUATION, DictionaryRun
 
 
 def sae_frontier(models: dict[str, str], data: str, heldout: str, out: Path, *, layer: int, ks: list[int],
@@ -23,13 +24,12 @@ def sae_frontier(models: dict[str, str], data: str, heldout: str, out: Path, *, 
                                          name=f"k{k}") for k in ks],
                        train=TrainConfig(batch_size=train_batch, buffer_size=8 * train_batch, lr=1e-3,
                                          dead_after_tokens=max(tokens // 4, train_batch)))
-        if not (run_dir / "evaluation.json").exists():
-            if not (run_dir / "dictionaries").exists():
+        run = DictionaryRun(run_dir)
+        if not (run_dir / EVALUATION).exists():
+            if not run.coder_names():
                 train_run(spec, progress=True)
-            evaluate_run(run_dir, data=heldout, tokens=eval_tokens, progress=False)
-        import json
-
-        doc = json.loads((run_dir / "evaluation.json").read_text())["coders"]
+            run.save_evaluation(evaluate_run(run_dir, data=heldout, tokens=eval_tokens, progress=False))
+        doc = run.evaluation()["coders"]
         rows[label] = [{"k": k, **{m: doc[f"k{k}"].get(m) for m in ("fvu", "l0", "dead", "delta_ce", "kl",
                                                                  "loss_recovered", "routing_preserved")}}
                        for k in ks]

@@ -24,7 +24,9 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         from deepseemoe.dictionaries.evaluate import evaluate_run
+        from deepseemoe.runs.dictionary import DictionaryRun
 
+        run = DictionaryRun.open(run_dir)
         doc = evaluate_run(run_dir, data=data, tokens=tokens, batch_size=batch_size, device=device,
                            trust_remote_code=trust_remote_code)
         table = Table(title=f"{doc['tokens']:,} tokens of {doc['data']}")
@@ -37,4 +39,4 @@ def register(app: typer.Typer) -> None:
             table.add_row(name, *[(f"{r[c]:.1f}" if c == "l0" else f"{r[c]:.3f}") if c in r else "—" for c in cols])
         console = Console()
         console.print(table)
-        console.print(f"[green]→ {run_dir / 'evaluation.json'}[/] (FVU: {doc['fvu_normalisation']})")
+        console.print(f"[green]→ {run.save_evaluation(doc)}[/] (FVU: {doc['fvu_normalisation']})")

@@ -28,9 +28,11 @@ def register(app: typer.Typer) -> None:
         from deepseemoe.dictionaries.latent_cache import collect_latents, save_delphi_cache
         from deepseemoe.dictionaries.run import load_for_run, run_batches
         from deepseemoe.dictionaries.spec import RunSpec
+        from deepseemoe.runs.dictionary import DictionaryRun
 
         spec = RunSpec.from_run_dir(run_dir)
-        names = dictionary or sorted(p.name for p in (run_dir / "dictionaries").glob("*"))
+        run = DictionaryRun.open(run_dir)
+        names = dictionary or run.coder_names()
         handle = load_for_run(spec, spec.model_device, trust_remote_code=trust_remote_code)
         batches = list(run_batches(spec, handle, data=data, batch_size=batch_size, max_tokens=tokens))
         console = Console()
@@ -40,7 +42,7 @@ def register(app: typer.Typer) -> None:
             config = {"dataset_repo": data or spec.data, "dataset_split": "", "dataset_name": "",
                       "dataset_column": spec.field, "batch_size": batch_size, "cache_ctx_len": spec.ctx_len,
                       "n_tokens": int(sum(b.num_tokens for b in batches)), "model_name": handle.name}
-            out = save_delphi_cache(run_dir / "latents" / name, got, coder.cfg.n_latents, n_splits=n_splits,
+            out = save_delphi_cache(run.latents_dir(name), got, coder.cfg.n_latents, n_splits=n_splits,
                                     config=config)
             console.print(f"[green]{name}[/]: {len(got['activations']):,} activations over "
                           f"{got['tokens'].numel():,} positions → {out}")

@@ -25,12 +25,16 @@ def register(app: typer.Typer) -> None:
         exact router-logit attribution for SAEs on the block input; top examples with their routing."""
         from rich.console import Console
 
-        from deepseemoe.analysis.feature_map import write_map
+        from deepseemoe.analysis.feature_map import compute_map
         from deepseemoe.dictionaries.spec import RunSpec
+        from deepseemoe.runs.dictionary import DictionaryRun
 
+        run = DictionaryRun.open(run_dir)
         spec = RunSpec.from_run_dir(run_dir)
-        summary = write_map(run_dir, spec, dictionary, data=data, tokens=tokens, layer=layer,
-                            batch_size=batch_size, n_examples=examples, trust_remote_code=trust_remote_code)
+        result = compute_map(run_dir, spec, dictionary, data=data, tokens=tokens, layer=layer,
+                             batch_size=batch_size, n_examples=examples, trust_remote_code=trust_remote_code)
+        out = run.save_map(dictionary, result.tables, result.examples, result.summary)
+        summary = result.summary
         c = Console()
         rp = summary["routing_prediction"]
         c.print(f"layer {summary['layer']}: {summary['live_features']:,} live features · median specificity "
@@ -40,4 +44,4 @@ def register(app: typer.Typer) -> None:
             a = summary["attribution"]
             c.print(f"router attribution: parts add back to the logits within {a['max_abs_error']:.2e} "
                     f"(logit scale {a['logit_scale']:.2f}); error term share {a['error_share']:.3f}")
-        c.print(f"[green]→ {summary['out']}[/]")
+        c.print(f"[green]→ {out}[/]")

@@ -30,7 +30,7 @@ def register(app: typer.Typer) -> None:
         from deepseemoe.dictionaries.run import load_for_run, run_batches
         from deepseemoe.dictionaries.spec import RunSpec
         from deepseemoe.errors import DeepSeeMoEError
-        from deepseemoe.runs.atomic import atomic_write_json
+        from deepseemoe.runs.dictionary import DictionaryRun
 
         spec = RunSpec.from_run_dir(run_dir)
         coder, meta = load_run_dictionary(run_dir, dictionary, device=spec.coder_device or "cpu")
@@ -48,6 +48,5 @@ def register(app: typer.Typer) -> None:
                                 for la, v in r["routing_changed"].items())
             console.print(f"feature {r['feature']} × {scale}: fired on {r['fired_tokens']} tokens · ΔCE "
                           f"{r['delta_ce']:.4f} · KL {r['kl']:.4f} · experts changed: {routing or '—'}")
-        out = run_dir / "steering" / f"{dictionary}.json"
-        atomic_write_json(out, results)
+        out = DictionaryRun.open(run_dir).save_steering(dictionary, list(feature), scale, results)
         console.print(f"[green]→ {out}[/]")

@@ -32,6 +32,7 @@ from deepseemoe.dictionaries.stream import model_stream
 from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.interventions.sites import REWRITABLE, rewrite_site, routing_hooks, site_module, watch_routing
 from deepseemoe.models.spec import ModelHandle
+from deepseemoe.runs.dictionary import DictionaryRun
 
 DENSE_FRACTION = 0.10
 SPLICEABLE_SAE_SITES = REWRITABLE
@@ -132,7 +133,8 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, tokens: int = 
     coder_device = device or spec.coder_device or "cpu"
     handle = load_for_run(spec, device or spec.model_device, trust_remote_code=trust_remote_code)
     coders: dict[str, tuple[Coder, dict]] = {}
-    for folder in sorted((run_dir / "dictionaries").glob("*")):
+    run = DictionaryRun.open(run_dir)
+    for folder in (run.coder_dir(name) for name in run.coder_names()):
         coder, meta = load_native(folder, device=coder_device)
         coders[folder.name] = (coder, meta)
     if not coders:
@@ -241,7 +243,4 @@ def _summarise(run_dir: Path, coders: dict, acc: dict, data: str, n_tokens: int)
     doc = {"data": data, "tokens": n_tokens,
            "fvu_normalisation": "per site: sum of squared error / sum of squared deviation from the mean over "
                                 "the evaluation tokens; averaged over sites", "coders": results}
-    from deepseemoe.runs.atomic import atomic_write_json
-
-    atomic_write_json(run_dir / "evaluation.json", doc)
     return doc

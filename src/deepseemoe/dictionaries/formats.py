@@ -15,10 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,32 +23,10 @@ from safetensors.torch import load_file, save_file
 from deepseemoe.dictionaries.coder import Coder, CoderConfig, SparseCoder, build_coder
 from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.runs.atomic import read_json
+from deepseemoe.runs.dictionary import CODER_CONFIG, CODER_WEIGHTS, DictionaryRun
+from deepseemoe.runs.lock import atomic_dir
 
-NATIVE_WEIGHTS, NATIVE_CONFIG = "coder.safetensors", "config.json"
-
-
-def _atomic_dir(path: Path, write: Callable[[Path], None]) -> Path:
-    """Write into a temp folder beside `path`, then swap it in (an old folder is replaced)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    try:
-        write(tmp)
-        for f in tmp.rglob("*"):
-            os.chmod(f, 0o755 if f.is_dir() else 0o644)
-        os.chmod(tmp, 0o755)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+NATIVE_WEIGHTS, NATIVE_CONFIG = CODER_WEIGHTS, CODER_CONFIG  # the layout is runs/dictionary.py's
 
 
 def _sha256(path: Path) -> str:
@@ -78,7 +52,7 @@ def save_native(coder: Coder, path: str | Path, meta: dict | None = None) -> Pat
                "sha256": _sha256(tmp / NATIVE_WEIGHTS)}
         (tmp / NATIVE_CONFIG).write_text(json.dumps(doc, indent=2))
 
-    return _atomic_dir(Path(path), write)
+    return atomic_dir(Path(path), write)
 
 
 def load_native(path: str | Path, device: str | torch.device = "cpu") -> tuple[Coder, dict]:
@@ -100,11 +74,7 @@ def load_native(path: str | Path, device: str | torch.device = "cpu") -> tuple[C
 
 def load_run_dictionary(run_dir: str | Path, name: str, device: str | torch.device = "cpu") -> tuple[Coder, dict]:
     """The coder `name` of a training run's dictionaries/ folder."""
-    folder = Path(run_dir) / "dictionaries" / name
-    if not folder.exists():
-        have = sorted(p.name for p in (Path(run_dir) / "dictionaries").glob("*"))
-        raise DeepSeeMoEError(f"no dictionary {name!r} in {run_dir}/dictionaries; choose from {have}")
-    return load_native(folder, device=device)
+    return load_native(DictionaryRun.open(run_dir).existing_coder(name), device=device)
 
 
 # ---- SAELens --------------------------------------------------------------------------------------
@@ -153,7 +123,7 @@ def save_saelens(coder: Coder, path: str | Path, *, hf_hook_name: str, hook_name
         if sparsity is not None:
             save_file({"sparsity": _cpu(sparsity)}, tmp / "sparsity.safetensors")
 
-    return _atomic_dir(Path(path), write)
+    return atomic_dir(Path(path), write)
 
 
 # ---- sparsify -------------------------------------------------------------------------------------
@@ -185,7 +155,7 @@ def save_sparsify(coder: Coder, run_dir: str | Path, hookpoint: str) -> Path:
         save_file(tensors, tmp / "sae.safetensors")
         (tmp / "cfg.json").write_text(json.dumps(doc, indent=2))
 
-    return _atomic_dir(Path(run_dir) / hookpoint, write)
+    return atomic_dir(Path(run_dir) / hookpoint, write)
 
 
 # ---- circuit-tracer -------------------------------------------------------------------------------
@@ -251,7 +221,7 @@ def save_circuit_tracer(coders: dict[int, Coder] | Coder, path: str | Path, *, m
             save_file(tensors, tmp / name)
         (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
-    return _atomic_dir(Path(path), write)
+    return atomic_dir(Path(path), write)
 
 
 # ---- reading other tools' files -------------------------------------------------------------------

@@ -25,9 +25,9 @@ from safetensors.numpy import save_file
 
 from deepseemoe.capture.core import Site
 from deepseemoe.dictionaries.coder import Coder
-from deepseemoe.dictionaries.formats import _atomic_dir
 from deepseemoe.dictionaries.stream import model_stream
 from deepseemoe.models.spec import ModelHandle
+from deepseemoe.runs.lock import atomic_dir
 
 
 def split_bounds(width: int, n_splits: int) -> list[tuple[int, int]]:
@@ -74,4 +74,4 @@ def save_delphi_cache(path: str | Path, latents: dict, width: int, *, n_splits: 
         (tmp / "config.json").write_text(json.dumps({**(config or {}), "n_splits": n_splits, "width": width},
                                                     indent=2))
 
-    return _atomic_dir(Path(path), write)
+    return atomic_dir(Path(path), write)

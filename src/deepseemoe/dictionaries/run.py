@@ -1,11 +1,6 @@
-"""`deepseemoe train`: load the model once, stream the corpus through it, train every coder of the
-run config from the same forward passes, and write
-
-    OUT/config.yaml                     the resolved run config
-    OUT/checkpoint.safetensors          resumable state, no pickle (per rank beside it under torchrun)
-    OUT/metrics.jsonl                   one line per coder per optimizer step
-    OUT/dictionaries/NAME/              our format (config.json + coder.safetensors, checksummed)
-    OUT/exports/FORMAT/...              SAELens / sparsify / circuit-tracer files, when asked
+"""`deepseemoe train`: load the model once, stream the text through it, train every coder of the
+run config from the same forward passes, and write the dictionary run (its layout: runs/dictionary.py)
+— config.yaml, checkpoint, metrics.jsonl, dictionaries/NAME/ and, when asked, exports/FORMAT/.
 
 Under torchrun every rank loads the model on its own device, reads every world-th batch, and
 rank 0 writes the files.
@@ -31,6 +26,7 @@ from deepseemoe.dictionaries.trainer import CoderTrainer
 from deepseemoe.errors import DeepSeeMoEError, keep
 from deepseemoe.models.spec import ModelHandle
 from deepseemoe.runs.atomic import atomic_write_bytes
+from deepseemoe.runs.dictionary import CONFIG, DictionaryRun
 
 
 @dataclass
@@ -111,14 +107,13 @@ def _batches(spec: RunSpec, handle: ModelHandle, rank: int, world: int):
 class _Sinks:
     """metrics.jsonl always; wandb / tensorboard / trackio when asked for and installed."""
 
-    def __init__(self, spec: RunSpec, out: Path, enabled: bool, name: str = "metrics.jsonl", keep_steps: int = 0):
+    def __init__(self, spec: RunSpec, out: Path, enabled: bool, path: Path, keep_steps: int = 0):
         """`keep_steps`: the steps a resumed trainer's checkpoint holds (logged as steps 0…keep_steps-1).
         Lines of later steps (logged after that checkpoint by the run that died) are dropped, so every
         (coder, step) stays one line."""
         self.enabled, self.file, self.others = enabled, None, []
         if not enabled:
             return
-        path = out / name
         kept = []
         if keep_steps and path.exists():
             for line in path.read_text().splitlines():
@@ -212,20 +207,20 @@ def _export(spec: RunSpec, handle: ModelHandle, coders: dict[str, Coder], specs:
             hin, hout = hook_names(handle, src[0]), hook_names(handle, tgt[0])
             if fmt == "saelens":
                 tc = coder.cfg.is_transcoder
-                save_saelens(coder, out / "exports" / "saelens" / name, hf_hook_name=hin["hf"], hook_name=hin["tl"],
+                save_saelens(coder, DictionaryRun(out).exports("saelens") / name, hf_hook_name=hin["hf"], hook_name=hin["tl"],
                              hf_hook_name_out=hout["hf"] if tc else "", hook_name_out=hout["tl"] if tc else "",
                              model_name=model_name, context_size=spec.ctx_len)
             elif fmt == "sparsify":
-                save_sparsify(coder, out / "exports" / "sparsify", hin["sparsify"])
+                save_sparsify(coder, DictionaryRun(out).exports("sparsify"), hin["sparsify"])
             elif cs.kind == "clt":
-                save_circuit_tracer(coder, out / "exports" / "circuit_tracer" / name, model_name=model_name)
+                save_circuit_tracer(coder, DictionaryRun(out).exports("circuit_tracer") / name, model_name=model_name)
             else:
                 per_layer[cs.layers[0]] = coder
         if per_layer:  # circuit-tracer: a set needs a transcoder for every layer 0..L-1
             if sorted(per_layer) != list(range(len(per_layer))):
                 print(f"note: circuit_tracer transcoder set skipped: layers {sorted(per_layer)} are not 0..L-1")
             else:
-                save_circuit_tracer(per_layer, out / "exports" / "circuit_tracer" / "transcoder_set",
+                save_circuit_tracer(per_layer, DictionaryRun(out).exports("circuit_tracer") / "transcoder_set",
                                     model_name=model_name)
 
 
@@ -263,7 +258,8 @@ def train_run(spec: RunSpec, *, resume: bool = False, progress: bool = True,
     coder_device = spec.coder_device or model_device
     spec.train.device = coder_device
     out = Path(spec.out)
-    ckpt = out / "checkpoint.safetensors"
+    run = DictionaryRun(out)
+    ckpt = run.checkpoint()
     if (out / "checkpoint.pt").exists():  # written by DeepSeeMoE ≤ 0.1 as a pickle: never unpickled
         raise DeepSeeMoEError(f"{out / 'checkpoint.pt'} is a pickled checkpoint of an older version, which is never "
                               "loaded (unpickling can run code); delete it and train again, or choose another --out")
@@ -312,8 +308,7 @@ def train_run(spec: RunSpec, *, resume: bool = False, progress: bool = True,
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        sinks = _Sinks(spec, out, enabled=rank == 0 or split, name="metrics.jsonl" if rank == 0 else
-                       f"metrics.rank{rank}.jsonl", keep_steps=trainer.step)
+        sinks = _Sinks(spec, out, enabled=rank == 0 or split, path=run.metrics(rank), keep_steps=trainer.step)
     except BaseException:
         if created:  # nothing of this run was written: leave no folder behind
             import shutil
@@ -321,7 +316,7 @@ def train_run(spec: RunSpec, *, resume: bool = False, progress: bool = True,
             shutil.rmtree(out, ignore_errors=True)
         raise
     if rank == 0:
-        atomic_write_bytes(out / "config.yaml", yaml.safe_dump(spec.to_dict(), sort_keys=False).encode())
+        atomic_write_bytes(run.path / CONFIG, yaml.safe_dump(spec.to_dict(), sort_keys=False).encode())
     if not resume:
         keep("train", f"{out} holds no checkpoint yet: the same command starts it again")
     start = time.perf_counter()
@@ -359,7 +354,7 @@ def train_run(spec: RunSpec, *, resume: bool = False, progress: bool = True,
                     "hooks_in": [hook_names(handle, s) for s in src], "hooks_out": [hook_names(handle, s) for s in tgt],
                     "tokens": trainer.tokens, "steps": trainer.step, "final": final.get(name, {}),
                     "train": spec.train.to_dict()}
-            save_native(coder.eval(), out / "dictionaries" / name, meta=meta)
+            save_native(coder.eval(), run.coder_dir(name), meta=meta)
     if split:  # rank 0 exports every coder, read back from the files the ranks wrote
         import torch.distributed as dist
 
@@ -367,7 +362,7 @@ def train_run(spec: RunSpec, *, resume: bool = False, progress: bool = True,
         if rank == 0 and spec.formats:
             from deepseemoe.dictionaries.formats import load_native
 
-            every = {name: load_native(out / "dictionaries" / name, device=coder_device)[0] for name in specs}
+            every = {name: load_native(run.coder_dir(name), device=coder_device)[0] for name in specs}
             _export(spec, handle, every, specs, out, export_plan(spec, {n: c.cfg for n, c in every.items()}))
     elif rank == 0:
         _export(spec, handle, coders, specs, out, plan)

@@ -188,11 +188,9 @@ class RunSpec:
     @classmethod
     def from_run_dir(cls, run_dir: str | Path) -> RunSpec:
         """The resolved config a `deepseemoe train` run saved in its --out folder."""
-        path = Path(run_dir) / "config.yaml"
-        if not path.exists():
-            raise DeepSeeMoEError(f"{run_dir} is not a training run (no config.yaml); pass the --out of "
-                                  "`deepseemoe train`")
-        return cls.from_dict(load_yaml_mapping(path))
+        from deepseemoe.runs.dictionary import DictionaryRun
+
+        return cls.from_dict(DictionaryRun.open(run_dir).config())
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> RunSpec:
