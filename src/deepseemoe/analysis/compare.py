@@ -48,11 +48,6 @@ def selectivity(mass: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return np.where(total[:, 0] > 0, out, np.nan)
 
 
-def _attention_out_proj(layer_module) -> torch.nn.Module | None:
-    attn = getattr(layer_module, "self_attn", None) or getattr(layer_module, "attention", None)
-    return None if attn is None else getattr(attn, "o_proj", None) or getattr(attn, "dense", None)
-
-
 class UnitActivity:
     """Hooks that add each unit's activity into per-class sums for one batch at a time."""
 
@@ -60,7 +55,6 @@ class UnitActivity:
         self.h, self.C = handle, n_classes
         self.mass: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
         self.expert_neurons = expert_neurons
-        self.heads = int(handle.model.config.num_attention_heads)
 
     def _add(self, kind: str, layer: int, act: torch.Tensor, classes: torch.Tensor) -> None:
         """act [T, U] ≥ 0, classes [T] → mass[kind][layer] [U, C] += Σ_t act per class."""
@@ -94,14 +88,15 @@ class UnitActivity:
                 a = args[0].reshape(-1, args[0].shape[-1])[keep]
                 self._add("mlp_neuron", layer, a.abs().float(), classes)
             hooks.append(module.register_forward_pre_hook(pre))
-        for layer, block in enumerate(h.layers):
-            proj = _attention_out_proj(block)
-            if proj is None:
+        for layer in range(h.num_layers):
+            found = h.attention_output(layer)
+            if found is None:
                 continue
+            proj, heads = found
 
-            def head_pre(mod, args, layer=layer):
+            def head_pre(mod, args, layer=layer, heads=heads):
                 a = args[0].reshape(-1, args[0].shape[-1])[keep].float()
-                self._add("attention_head", layer, a.view(len(a), self.heads, -1).norm(dim=-1), classes)
+                self._add("attention_head", layer, a.view(len(a), heads, -1).norm(dim=-1), classes)
             hooks.append(proj.register_forward_pre_hook(head_pre))
         try:
             with torch.no_grad():
@@ -173,11 +168,10 @@ def ablation_selectivity(handle: ModelHandle, batches: list, domains: list[str],
             res = meter.measure(lambda layer=layer, e=e: route_intervention(handle, {layer: ablate([e])}))
             out["expert"].append({"layer": layer, "unit": e, **_gap(res, pref)})
     if "attention_head" in units:
-        heads = int(handle.model.config.num_attention_heads)
         for layer, hd in most_active(units["attention_head"]["mass"]):
             pref = domains[_preferred(units["attention_head"]["mass"][layer][hd], counts)]
-            proj = _attention_out_proj(handle.layers[layer])
-            res = meter.measure(lambda proj=proj, hd=hd: _zero_slice(proj, hd, heads))
+            proj, heads = handle.attention_output(layer)
+            res = meter.measure(lambda proj=proj, hd=hd, heads=heads: _zero_slice(proj, hd, heads))
             out["attention_head"].append({"layer": layer, "unit": hd, **_gap(res, pref)})
     if "mlp_neuron" in units:
         for layer, mass in units["mlp_neuron"]["mass"].items():

@@ -105,34 +105,21 @@ class _Recorder:
                 continue
             if not 0 <= layer < h.num_layers:
                 raise DeepSeeMoEError(f"layer {layer} does not exist; the model has layers 0..{h.num_layers - 1}")
-            decoder = h.layers[layer]
-            if "resid_in" in kinds:
-                self.hooks.append(decoder.register_forward_pre_hook(self._store_pre(Site("resid_in", layer)),
-                                                                     with_kwargs=True))
-            if "resid_out" in kinds:
-                self.hooks.append(decoder.register_forward_hook(self._store_out(Site("resid_out", layer))))
+            for kind in ("resid_in", "block_in", "mlp_neurons"):  # tensors a module reads
+                if kind in kinds:
+                    module = h.site_module(Site(kind, layer))
+                    self.hooks.append(module.register_forward_pre_hook(self._store_pre(Site(kind, layer)),
+                                                                        with_kwargs=True))
+            for kind in ("resid_out", "block_out"):  # tensors a module writes
+                if kind in kinds:
+                    self.hooks.append(h.site_module(Site(kind, layer)).register_forward_hook(
+                        self._store_out(Site(kind, layer))))
             moe_kinds = kinds & {"router_logits", "routing", "expert_out"}
-            block_kinds = kinds & {"block_in", "block_out"}
-            moe = h.moe_layers.get(layer)
-            dense = h.dense_mlps.get(layer)
-            if moe_kinds and moe is None:
-                raise DeepSeeMoEError(f"layer {layer} is not an MoE layer; MoE layers: {sorted(h.moe_layers)}")
-            if block_kinds:
-                block = moe.block if moe is not None else (dense.module if dense is not None else None)
-                if block is None:
-                    raise DeepSeeMoEError(f"layer {layer} has no MoE block or MLP to capture")
-                if "block_in" in kinds:
-                    self.hooks.append(block.register_forward_pre_hook(self._store_pre(Site("block_in", layer)),
-                                                                       with_kwargs=True))
-                if "block_out" in kinds:
-                    self.hooks.append(block.register_forward_hook(self._store_out(Site("block_out", layer))))
             if moe_kinds:
+                moe = h.moe_layers.get(layer)
+                if moe is None:
+                    raise DeepSeeMoEError(f"layer {layer} is not an MoE layer; MoE layers: {sorted(h.moe_layers)}")
                 self.hooks += moe.adapter.observe(moe, self._store_routing(layer, moe_kinds))
-            if "mlp_neurons" in kinds:
-                if dense is None:
-                    raise DeepSeeMoEError(f"layer {layer} has no dense MLP; use expert_out on MoE layers")
-                neuron_module = self.handle.model.get_submodule(dense.neuron_path)
-                self.hooks.append(neuron_module.register_forward_pre_hook(self._store_pre(Site("mlp_neurons", layer))))
         needed = [s.layer for s in self.sites if s.layer >= 0]
         if stop_early and needed and not any(s.kind == "logits" for s in self.sites):
             self.stop_after = max(needed)

@@ -30,7 +30,7 @@ from deepseemoe.dictionaries.formats import load_native
 from deepseemoe.dictionaries.spec import RunSpec
 from deepseemoe.dictionaries.stream import model_stream
 from deepseemoe.errors import DeepSeeMoEError
-from deepseemoe.interventions.sites import REWRITABLE, rewrite_site, routing_hooks, site_module, watch_routing
+from deepseemoe.interventions.sites import REWRITABLE, rewrite_site, routing_hooks, watch_routing
 from deepseemoe.models.spec import ModelHandle
 from deepseemoe.runs.dictionary import DictionaryRun
 
@@ -79,7 +79,7 @@ class _Splice:
                 def pre(module, args, kwargs, i=i):
                     x = args[0] if args else kwargs["hidden_states"]
                     self.latents[i] = x.reshape(-1, x.shape[-1]).to(dev, torch.float32)
-                self.hooks.append(site_module(self.handle, site).register_forward_pre_hook(pre, with_kwargs=True))
+                self.hooks.append(self.handle.site_module(site).register_forward_pre_hook(pre, with_kwargs=True))
             for j, site in enumerate(self.target):
                 def replace(h: torch.Tensor, j=j) -> torch.Tensor:
                     flat = h.reshape(-1, h.shape[-1])

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 import yaml
 
-from deepseemoe.capture.core import Site
 from deepseemoe.dictionaries.activation_cache import ActivationCacheWriter, cache_state, cached_stream
 from deepseemoe.dictionaries.coder import Coder, build_coder
 from deepseemoe.dictionaries.formats import save_circuit_tracer, save_native, save_saelens, save_sparsify
@@ -59,32 +58,6 @@ def load_for_run(spec: RunSpec, device: str | None, *, trust_remote_code: bool =
         raise DeepSeeMoEError(f"the run's config asks to run {spec.model}'s own code (trust_remote_code: true), "
                               "which a config never grants; pass --trust-remote-code if you trust that code")
     return load_model(spec.model, dtype=spec.dtype, device=device, trust_remote_code=trust_remote_code)
-
-
-def site_width(handle: ModelHandle, site: Site) -> int:
-    if site.kind == "router_logits":
-        return handle.moe_layers[site.layer].num_experts
-    if site.kind in ("resid_in", "resid_out", "block_in", "block_out"):
-        return int(handle.model.config.hidden_size)
-    raise DeepSeeMoEError(f"site {site.kind} cannot feed a coder; use resid_*, block_* or router_logits")
-
-
-def hook_names(handle: ModelHandle, site: Site) -> dict[str, str]:
-    """The site as a Hugging Face module path, a sparsify hookpoint (relative to the base model)
-    and a TransformerLens hook name."""
-    L = site.layer
-    if site.kind in ("resid_in", "resid_out"):
-        hf = f"{handle.layers_path}.{L}"
-        tl = f"blocks.{L}.hook_resid_{'pre' if site.kind == 'resid_in' else 'post'}"
-    else:
-        moe = handle.moe_layers.get(L)
-        hf = moe.block_path if moe is not None else handle.dense_mlps[L].path
-        if site.kind == "router_logits":
-            hf = moe.router_path or hf
-        tl = {"block_in": f"blocks.{L}.ln2.hook_normalized", "block_out": f"blocks.{L}.hook_mlp_out",
-              "router_logits": f"blocks.{L}.mlp.hook_router_logits"}[site.kind]
-    prefix = getattr(handle.model, "base_model_prefix", "model") + "."
-    return {"hf": hf, "sparsify": hf.removeprefix(prefix), "tl": tl}
 
 
 def run_batches(spec: RunSpec, handle: ModelHandle, *, data: str | None = None, batch_size: int | None = None,
@@ -204,7 +177,7 @@ def _export(spec: RunSpec, handle: ModelHandle, coders: dict[str, Coder], specs:
         for name in names:
             coder, cs = coders[name], specs[name]
             src, tgt = cs.sites()
-            hin, hout = hook_names(handle, src[0]), hook_names(handle, tgt[0])
+            hin, hout = handle.hook_names(src[0]), handle.hook_names(tgt[0])
             if fmt == "saelens":
                 tc = coder.cfg.is_transcoder
                 save_saelens(coder, DictionaryRun(out).exports("saelens") / name, hf_hook_name=hin["hf"], hook_name=hin["tl"],
@@ -297,7 +270,7 @@ def train_run(spec: RunSpec, *, resume: bool = False, progress: bool = True,
             continue
         src, tgt = cs.sites()
         torch.manual_seed(spec.train.seed)
-        coders[cs.name] = build_coder(cs.coder_config(site_width(handle, src[0]), site_width(handle, tgt[0])),
+        coders[cs.name] = build_coder(cs.coder_config(handle.site_width(src[0]), handle.site_width(tgt[0])),
                                       device=coder_device)
         specs[cs.name], pairs[cs.name] = cs, (src, tgt)
     plan = export_plan(spec, {n: c.cfg for n, c in coders.items()}) if rank == 0 and not split else {}
@@ -351,7 +324,7 @@ def train_run(spec: RunSpec, *, resume: bool = False, progress: bool = True,
             src, tgt = cs.sites()
             meta = {"model": handle.name, "kind": cs.kind, "layers": cs.layers,
                     "source": [[s.kind, s.layer] for s in src], "target": [[s.kind, s.layer] for s in tgt],
-                    "hooks_in": [hook_names(handle, s) for s in src], "hooks_out": [hook_names(handle, s) for s in tgt],
+                    "hooks_in": [handle.hook_names(s) for s in src], "hooks_out": [handle.hook_names(s) for s in tgt],
                     "tokens": trainer.tokens, "steps": trainer.step, "final": final.get(name, {}),
                     "train": spec.train.to_dict()}
             save_native(coder.eval(), run.coder_dir(name), meta=meta)

@@ -10,7 +10,6 @@ import contextlib
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
-from torch import nn
 
 from deepseemoe.capture.core import Site
 from deepseemoe.errors import DeepSeeMoEError
@@ -19,24 +18,12 @@ from deepseemoe.models.spec import ModelHandle
 REWRITABLE = ("resid_in", "resid_out", "block_in", "block_out")
 
 
-def site_module(handle: ModelHandle, site: Site) -> nn.Module:
-    """The module whose input (…_in) or output (…_out) is the site."""
-    if site.kind in ("resid_in", "resid_out"):
-        return handle.layers[site.layer]
-    moe = handle.moe_layers.get(site.layer)
-    if moe is not None:
-        return moe.block
-    if site.layer in handle.dense_mlps:
-        return handle.dense_mlps[site.layer].module
-    raise DeepSeeMoEError(f"layer {site.layer} has no MoE block or MLP")
-
-
 def rewrite_site(handle: ModelHandle, site: Site, fn: Callable[[torch.Tensor], torch.Tensor]):
     """Replace the site's tensor h by fn(h) in every forward until the returned hook is removed:
     a forward hook on the module's output (…_out), a pre-hook on its input (…_in)."""
     if site.kind not in REWRITABLE:
         raise DeepSeeMoEError(f"site {site.kind} cannot be rewritten; choose from {', '.join(REWRITABLE)}")
-    module = site_module(handle, site)
+    module = handle.site_module(site)
     if site.kind.endswith("_out"):
         def post(mod, args, out):
             return (fn(out[0]), *out[1:]) if isinstance(out, tuple) else fn(out)

@@ -130,6 +130,75 @@ class ModelHandle:
     def num_layers(self) -> int:
         return len(self.layers)
 
+    # ---- sites: the one place that maps a capture site to the model --------------------------------
+    # A site (kind, layer) is read and rewritten at a module's input (…_in) or output (…_out):
+    #   resid_in / resid_out   the decoder layer            block_in / block_out   the MoE block (or dense MLP)
+    #   router_logits          the router's output          mlp_neurons            the input of the MLP's down proj
+
+    def site_module(self, site) -> nn.Module:
+        """The module whose input (…_in, mlp_neurons) or output (…_out, router_logits) is the site."""
+        if not 0 <= site.layer < self.num_layers:
+            raise DeepSeeMoEError(f"layer {site.layer} does not exist; the model has layers 0..{self.num_layers - 1}")
+        if site.kind in ("resid_in", "resid_out"):
+            return self.layers[site.layer]
+        moe, dense = self.moe_layers.get(site.layer), self.dense_mlps.get(site.layer)
+        if site.kind == "router_logits":
+            if moe is None:
+                raise DeepSeeMoEError(f"layer {site.layer} is not an MoE layer; MoE layers: {sorted(self.moe_layers)}")
+            return moe.router
+        if site.kind == "mlp_neurons":
+            if dense is None:
+                raise DeepSeeMoEError(f"layer {site.layer} has no dense MLP; use expert_out on MoE layers")
+            return self.model.get_submodule(dense.neuron_path)
+        if site.kind in ("block_in", "block_out"):
+            if moe is not None:
+                return moe.block
+            if dense is not None:
+                return dense.module
+            raise DeepSeeMoEError(f"layer {site.layer} has no MoE block or MLP")
+        raise DeepSeeMoEError(f"site {site.kind} is not tied to one module")
+
+    def site_width(self, site) -> int:
+        """Features per token at a site that can feed a dictionary."""
+        if site.kind == "router_logits":
+            self.site_module(site)  # refuses a layer without a router
+            return self.moe_layers[site.layer].num_experts
+        if site.kind in ("resid_in", "resid_out", "block_in", "block_out"):
+            config = self.model.config
+            config = getattr(config, "get_text_config", lambda: config)()
+            return int(config.hidden_size)
+        raise DeepSeeMoEError(f"site {site.kind} cannot feed a coder; use resid_*, block_* or router_logits")
+
+    def hook_names(self, site) -> dict[str, str]:
+        """The site in the other tools' words: a Hugging Face module path ("hf"), a sparsify hookpoint
+        (relative to the base model) and a TransformerLens hook name ("tl")."""
+        L = site.layer
+        if site.kind in ("resid_in", "resid_out"):
+            hf = f"{self.layers_path}.{L}"
+            tl = f"blocks.{L}.hook_resid_{'pre' if site.kind == 'resid_in' else 'post'}"
+        else:
+            moe = self.moe_layers.get(L)
+            hf = moe.block_path if moe is not None else self.dense_mlps[L].path
+            if site.kind == "router_logits":
+                hf = moe.router_path or hf
+            tl = {"block_in": f"blocks.{L}.ln2.hook_normalized", "block_out": f"blocks.{L}.hook_mlp_out",
+                  "router_logits": f"blocks.{L}.mlp.hook_router_logits"}[site.kind]
+        prefix = getattr(self.model, "base_model_prefix", "model") + "."
+        return {"hf": hf, "sparsify": hf.removeprefix(prefix), "tl": tl}
+
+    def attention_output(self, layer: int) -> tuple[nn.Module, int] | None:
+        """The attention output projection of a decoder layer and the number of heads whose outputs it
+        reads, concatenated ([.., heads·head_dim]): head h is slice h of its input. None when the layer
+        has no projection DeepSeeMoE knows (o_proj / dense)."""
+        decoder = self.layers[layer]
+        attn = getattr(decoder, "self_attn", None) or getattr(decoder, "attention", None)
+        proj = None if attn is None else getattr(attn, "o_proj", None) or getattr(attn, "dense", None)
+        if proj is None:
+            return None
+        config = self.model.config
+        config = getattr(config, "get_text_config", lambda: config)()
+        return proj, int(config.num_attention_heads)
+
     def check_ctx_len(self, ctx_len: int) -> int:
         """`ctx_len` when the model can attend that far; one-line refusal beyond its position limit."""
         limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
