@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deepseemoe.routing.stats import compute_routing_stats
+from deepseemoe.routing.stats import compute_routing_stats, save_routing_stats
 from deepseemoe.runs.routing import RoutingRunWriter
 
 BLOCK = 1_000_000
@@ -101,7 +101,7 @@ def main() -> None:
 
 def _timed_stats(run: str, queue) -> None:
     t0 = time.perf_counter()
-    compute_routing_stats(run, figures=False)
+    save_routing_stats(compute_routing_stats(run), figures=False)
     queue.put(time.perf_counter() - t0)
 
 

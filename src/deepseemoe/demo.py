@@ -19,7 +19,7 @@ from deepseemoe.data.sources import TextSource
 from deepseemoe.models.load import load_model
 from deepseemoe.report.html import build_report
 from deepseemoe.routing.route import route_corpus
-from deepseemoe.routing.stats import compute_routing_stats
+from deepseemoe.routing.stats import compute_routing_stats, save_routing_stats
 from deepseemoe.runs.atomic import atomic_write_json, read_json
 from deepseemoe.zoo.recipes import get_recipe
 from deepseemoe.zoo.train import train_zoo
@@ -93,6 +93,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
     t = time.perf_counter()
     with console.status("[bold]4/6 statistics[/]"):
         stats = compute_routing_stats(run_dir)
+        save_routing_stats(stats)
     console.print(f"[bold]4/6 statistics[/] {stats.summary['tokens']:,} tokens → {run_dir / 'analyses'}")
     seconds["stats"] = time.perf_counter() - t
 

@@ -7,7 +7,13 @@ import itertools
 import numpy as np
 import pytest
 
-from deepseemoe.routing.stats import compute_routing_stats, mutual_information, router_saturation, token_class
+from deepseemoe.routing.stats import (
+    compute_routing_stats,
+    mutual_information,
+    router_saturation,
+    save_routing_stats,
+    token_class,
+)
 from deepseemoe.runs.routing import RoutingRunWriter
 
 # 4 tokens: doc 0 (pos 0,1; domain x) and doc 1 (pos 0,1; domain y); 2 MoE layers, E=4, K=2.
@@ -33,7 +39,9 @@ def _run(path, l0=L0, l1=L1):
 
 @pytest.fixture()
 def stats(tmp_path):
-    return compute_routing_stats(_run(tmp_path / "run"), min_count=1)
+    stats = compute_routing_stats(_run(tmp_path / "run"), min_count=1)
+    save_routing_stats(stats)
+    return stats
 
 
 def test_load(stats):

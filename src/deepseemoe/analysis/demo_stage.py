@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from deepseemoe.runs.atomic import atomic_write_json
 from deepseemoe.runs.dictionary import EVALUATION, DictionaryRun
+from deepseemoe.runs.study import save_ablation, save_comparison
 
 
 def run_demo_analyses(moe_dir: Path, dense_dir: Path, corpus_dir: Path, out_dir: Path, *, ctx_len: int,
@@ -15,6 +15,7 @@ def run_demo_analyses(moe_dir: Path, dense_dir: Path, corpus_dir: Path, out_dir:
     from deepseemoe.analysis.compare import compare_models
     from deepseemoe.analysis.feature_map import compute_map
     from deepseemoe.analysis.figures import causal_figures
+    from deepseemoe.analysis.report_tables import comparison_markdown
     from deepseemoe.analysis.sae_frontier import sae_frontier
     from deepseemoe.data.sources import TextSource, iter_documents
     from deepseemoe.data.tokens import pack_documents
@@ -54,12 +55,11 @@ def run_demo_analyses(moe_dir: Path, dense_dir: Path, corpus_dir: Path, out_dir:
                                    max_tokens=tokens))
 
     causal = run_causal_checks(moe, batches(moe, eval_tokens), progress=False)
-    atomic_write_json(out_dir / "ablate" / "ablation.json", causal)
-    causal_figures(causal, out_dir / "ablate" / "figures")
+    save_ablation(out_dir / "ablate", causal, lambda folder: causal_figures(causal, folder))
     comparison = compare_models(moe, dense, batches(moe, eval_tokens), batches(dense, eval_tokens),
                                 max_units_per_kind=16)
     comparison["sae_frontier"] = sae_frontier({"moe": str(moe_dir), "dense": str(dense_dir)}, train, val,
                                               out_dir / "compare", layer=layer, ks=[8, 16], expansion_factor=8,
                                               tokens=train_tokens, eval_tokens=eval_tokens, ctx_len=ctx_len)
-    atomic_write_json(out_dir / "compare" / "comparison.json", comparison)
+    save_comparison(out_dir / "compare", comparison, comparison_markdown(comparison))
     return {"evaluation": evaluation, "maps": maps, "causal": causal, "comparison": comparison}

@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
         from deepseemoe.data.tokens import pack_documents
         from deepseemoe.errors import DeepSeeMoEError
         from deepseemoe.models.load import load_model
-        from deepseemoe.runs.atomic import atomic_write_json
+        from deepseemoe.runs.study import save_ablation
 
         if not data.startswith("hf:"):
             resolve_files(data)
@@ -52,9 +52,8 @@ def register(app: typer.Typer) -> None:
 
         result = run_causal_checks(handle, batches, layers=parse(layers), experts=parse(experts), seed=seed)
         result["model"] = handle.name
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "ablation.json", result)
-        figures = causal_figures(result, out / "figures")
+        figures: list = []
+        path = save_ablation(out, result, lambda folder: figures.extend(causal_figures(result, folder)))
         table = Table(title=f"ΔCE (nats/token) on {result['tokens']:,} held-out tokens")
         for c in ("layer", "random routing", "top-1 only", "max expert ablation", "its control",
                   "ρ(load, ΔCE)"):
@@ -71,4 +70,4 @@ def register(app: typer.Typer) -> None:
         console.print(table)
         for s in result["disable_top_r"]:
             console.print(f"  top-{s['disabled_top_r']} experts disabled in every layer: ΔCE {s['delta_ce']:.4f}")
-        console.print(f"[green]→ {out / 'ablation.json'}[/] and {len(figures)} figures")
+        console.print(f"[green]→ {path}[/] and {len(figures)} figures")

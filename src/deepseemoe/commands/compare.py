@@ -37,7 +37,7 @@ def register(app: typer.Typer) -> None:
         from deepseemoe.data.tokens import pack_documents
         from deepseemoe.errors import DeepSeeMoEError
         from deepseemoe.models.load import load_model
-        from deepseemoe.runs.atomic import atomic_write_bytes, atomic_write_json
+        from deepseemoe.runs.study import save_comparison
 
         if not data.startswith("hf:"):
             resolve_files(data)
@@ -60,9 +60,7 @@ def register(app: typer.Typer) -> None:
                                                   expansion_factor=expansion_factor, tokens=sae_tokens,
                                                   eval_tokens=tokens, ctx_len=ctx_len)
         result["models"] = {"moe": moe.name, "dense": dense.name}
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "comparison.json", result)
         md = comparison_markdown(result)
-        atomic_write_bytes(out / "comparison.md", md.encode())
+        path = save_comparison(out, result, md)
         Console().print(md)
-        Console().print(f"[green]→ {out / 'comparison.json'}[/]")
+        Console().print(f"[green]→ {path}[/]")

@@ -22,11 +22,12 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from deepseemoe.routing.stats import compute_routing_stats
+        from deepseemoe.routing.stats import compute_routing_stats, save_routing_stats
 
         start = time.perf_counter()
         with Console().status("computing routing statistics"):
-            result = compute_routing_stats(run_dir, compare=compare, min_count=min_count, figures=not no_figures)
+            result = compute_routing_stats(run_dir, compare=compare, min_count=min_count)
+            out = save_routing_stats(result, figures=not no_figures)
         table = Table(title=f"{result.summary['tokens']:,} tokens · {time.perf_counter() - start:.1f}s")
         for col in ("layer", "load entropy", "CV", "dead", "top-1 repeat (baseline)", "vocab spec.", "domain NMI",
                     "→ next NMI"):
@@ -39,4 +40,8 @@ def register(app: typer.Typer) -> None:
                           f"{s.get('transition_to_next', {}).get('nmi', float('nan')):.3f}")
         console = Console()
         console.print(table)
-        console.print(f"tables and figures in {result.run_dir / 'analyses'}")
+        if "saturation" in result.summary:
+            console.print("router saturation against " + str(compare) + ": " + ", ".join(
+                f"L{la} top-k {v['topk_saturation']:.3f} (top-1 {v['top1_agreement']:.3f}, random "
+                f"{v['random_baseline']:.3f})" for la, v in result.summary["saturation"]["layers"].items()))
+        console.print(f"tables and figures in {out}")

@@ -193,11 +193,16 @@ def _shard_arrays(run: RoutingRun, part: str, domain_codes: dict[str | None, int
 
 @dataclass
 class RoutingStats:
-    run_dir: Path
+    """Every statistic of one routing run; `save_routing_stats` writes them as RUN_DIR/analyses/."""
+
+    run: RoutingRun
     summary: dict
-    tables: dict[str, object]  # name -> pandas DataFrame
-    figures: dict[str, Path]
+    tables: dict[str, object]  # name -> pandas DataFrame (columns: see the tables built below)
     domains: list[str]
+
+    @property
+    def run_dir(self) -> Path:
+        return self.run.run_dir
 
 
 def _vocab_and_domains(run: RoutingRun) -> tuple[int, dict[int, str], list[str | None]]:
@@ -213,9 +218,8 @@ def _vocab_and_domains(run: RoutingRun) -> tuple[int, dict[int, str], list[str |
 
 
 def compute_routing_stats(run_dir: str | Path, *, compare: str | Path | None = None, min_count: int = 5,
-                          top_tokens: int = 10, figures: bool = True, progress: bool = False) -> RoutingStats:
-    """Compute every routing statistic of a run; its tables, figures and summary.json are saved
-    (with the run's digest as their input) under RUN_DIR/analyses/ by the run's own class."""
+                          top_tokens: int = 10, progress: bool = False) -> RoutingStats:
+    """Compute every routing statistic of a run (nothing is written: see `save_routing_stats`)."""
     import pandas as pd
 
     run = RoutingRun.open(run_dir)
@@ -325,16 +329,20 @@ def compute_routing_stats(run_dir: str | Path, *, compare: str | Path | None = N
         sat = router_saturation(compare, run_dir)
         summary["saturation"] = sat
         tables["saturation"] = pd.DataFrame([{"layer": int(k), **v} for k, v in sat["layers"].items()])
+    return RoutingStats(run, summary, tables, [names[i] for i in sorted(names)])
+
+
+def save_routing_stats(stats: RoutingStats, figures: bool = True) -> Path:
+    """RUN_DIR/analyses/: the tables, summary.json and (unless `figures` is off) the figures, saved
+    whole by the run's own class with the run's digest as their input."""
     draw = None
     if figures:
         from deepseemoe.routing.figures import routing_figures
 
         def draw(folder: Path) -> None:
-            routing_figures(tables, summary, folder)
+            routing_figures(stats.tables, stats.summary, folder)
 
-    out = run.save_analyses(tables, summary, draw)
-    figs = {p.stem: p for p in sorted(out.glob("*.png"))}
-    return RoutingStats(run.run_dir, summary, tables, figs, [names[i] for i in sorted(names)])
+    return stats.run.save_analyses(stats.tables, stats.summary, draw)
 
 
 def _topk_sets(run: RoutingRun) -> dict[int, tuple[np.ndarray, np.ndarray]]:
