@@ -46,11 +46,11 @@ def test_analyses_run_on_each_architecture(model_type):
     D = handle.model.config.hidden_size
     sae = build_coder(CoderConfig(d_in=D, n_latents=32, k=4))
     got = collect_for_map(handle, sae, [Site("block_in", layer)], layer, data, attribution=True)
-    assert float(got["attr_err"].max()) < 1e-4 * max(1.0, float(got["attr_scale"].max()))
-    t = feature_expert_tables(got["latents"], got["idx"], E)
+    assert got.attribution.max_abs_error < 1e-4 * max(1.0, got.attribution.logit_scale)
+    t = feature_expert_tables(got.latents, got.experts, E)
     assert np.isfinite(t["counts"]).all() and t["counts"].sum() > 0
     assert (t["p_e_given_f"][t["fires"] > 0].sum(1) == pytest.approx(handle.moe_layers[layer].top_k))
-    rp = routing_prediction(got["latents"], got["idx"], got["tokens"], got["prev"], E)
+    rp = routing_prediction(got.latents, got.experts, got.tokens, got.prev_tokens, E)
     assert 0 <= rp["features"] <= 1
 
     names = ["a", "b"]

@@ -67,7 +67,7 @@ def compute_map(run_dir: Path, spec: RunSpec, name: str, *, data: str | None, to
     composition = meta["kind"] in ("transcoder", "skip_transcoder") and targets == [Site("block_out", layer)]
     got = collect_for_map(handle, coder, sources, layer, batches, attribution, composition)
     moe = handle.moe_layers[layer]
-    tables = feature_expert_tables(got["latents"], got["idx"], moe.num_experts)
+    tables = feature_expert_tables(got.latents, got.experts, moe.num_experts)
     live = tables["fires"] > 0
     out: dict[str, pa.Table] = {}
     lift = np.nan_to_num(tables["lift"], nan=-1.0)
@@ -75,12 +75,12 @@ def compute_map(run_dir: Path, spec: RunSpec, name: str, *, data: str | None, to
     cols = {"feature": np.arange(F), "fires": tables["fires"].astype(np.int64),
             "specificity": tables["specificity"], "top_expert": lift.argmax(1), "top_lift": lift.max(1),
             "top_mi_expert": tables["mi_bits"].argmax(1), "top_mi_bits": tables["mi_bits"].max(1)}
-    if "virtual" in got:
-        cols["promoted_expert"] = got["virtual"].argmax(1).numpy()
-        cols["promoted_logit_per_unit"] = got["virtual"].max(1).values.numpy()
+    if got.attribution is not None:
+        cols["promoted_expert"] = got.attribution.virtual.argmax(1).numpy()
+        cols["promoted_logit_per_unit"] = got.attribution.virtual.max(1).values.numpy()
     comp = None
     if composition:
-        comp = composition_from_sums(got["comp_num"], got["comp_den"])
+        comp = composition_from_sums(*got.composition)
         cols["composition_top_expert"] = comp["top_expert"]
         cols["composition_specificity"] = comp["specificity"]
         e_idx, f_idx = np.meshgrid(np.arange(moe.num_experts), np.arange(F), indexing="ij")
@@ -93,14 +93,14 @@ def compute_map(run_dir: Path, spec: RunSpec, name: str, *, data: str | None, to
         "p_e_given_f": tables["p_e_given_f"][f_idx, e_idx], "lift": tables["lift"][f_idx, e_idx],
         "mi_bits": tables["mi_bits"][f_idx, e_idx]}))
     order = np.argsort(-tables["fires"])[: min(100, int(live.sum()))]
-    ex = top_examples(got["latents"], got["where"], got["contexts"], got["idx"], handle.tokenizer, n=n_examples,
+    ex = top_examples(got.latents, got.where, got.contexts, got.experts, handle.tokenizer, n=n_examples,
                       features=[int(f) for f in order])
     examples = {str(k): v for k, v in ex.items()}
     summary = {"dictionary": name, "layer": layer, "top_k": moe.top_k, "num_experts": moe.num_experts,
                "tokens": tables["tokens"], "live_features": int(live.sum()), "features": F,
                "specificity_median": float(np.nanmedian(tables["specificity"])) if live.any() else float("nan"),
                "expert_specific_share": float(np.nanmean(tables["specificity"][live] > 0.5)) if live.any() else 0.0,
-               "routing_prediction": routing_prediction(got["latents"], got["idx"], got["tokens"], got["prev"],
+               "routing_prediction": routing_prediction(got.latents, got.experts, got.tokens, got.prev_tokens,
                                                         moe.num_experts)}
     if comp is not None:
         spec = comp["specificity"][live]
@@ -109,9 +109,9 @@ def compute_map(run_dir: Path, spec: RunSpec, name: str, *, data: str | None, to
             "median_specificity": float(np.median(spec)) if len(spec) else float("nan"),
             "expert_specific_share": float((spec > 0.5).mean()) if len(spec) else 0.0,
             "routed_share_explained": {str(e): float(comp["share"][:, e].sum()) for e in range(moe.num_experts)}}
-    if attribution:
-        feats, err = got["attr_features"], got["attr_error"]
-        summary["attribution"] = {"max_abs_error": float(got["attr_err"].max()),
-                                  "logit_scale": float(got["attr_scale"].max()),
-                                  "error_share": float(err.abs().mean() / (feats.abs().mean() + err.abs().mean()))}
+    if got.attribution is not None:
+        a = got.attribution
+        summary["attribution"] = {"max_abs_error": a.max_abs_error, "logit_scale": a.logit_scale,
+                                  "error_share": float(a.error.abs().mean() / (a.features.abs().mean()
+                                                                               + a.error.abs().mean()))}
     return FeatureMap(out, examples, summary)

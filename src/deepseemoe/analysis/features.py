@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -131,15 +132,44 @@ def routing_prediction(latents: torch.Tensor, idx: torch.Tensor, tokens: torch.T
             "load_only": recall_at_k(base.expand(T - half, -1), idx[te]), "test_tokens": T - half}
 
 
+@dataclass
+class RouterAttribution:
+    """Router logits of the kept tokens split into feature and SAE-error parts (`router_attribution`)."""
+
+    features: torch.Tensor  # [T, E] Σ_i f_i·(W_r·d_i)
+    error: torch.Tensor  # [T, E] W_r·(x − x̂)
+    virtual: torch.Tensor  # [F, E] W_r·d_i: the experts each feature promotes per unit of activation
+    max_abs_error: float  # max |Σ parts − the router's own logits|: the decomposition's check
+    logit_scale: float  # max |router logit|, to judge max_abs_error against
+
+
+@dataclass
+class MapPass:
+    """One pass of a dictionary over held-out text at one MoE layer; T kept tokens."""
+
+    latents: torch.Tensor  # [T, F]
+    experts: torch.Tensor  # [T, K] experts chosen at the layer
+    tokens: torch.Tensor  # [T] token ids
+    prev_tokens: torch.Tensor  # [T] the previous token's id (-1 at a context start)
+    where: torch.Tensor  # [T, 2] (context, position)
+    contexts: torch.Tensor  # [contexts, S] token ids
+    attribution: RouterAttribution | None = None  # SAEs on the router's input
+    composition: tuple[torch.Tensor, torch.Tensor] | None = None  # block transcoders: (num, den) sums
+
+
 @torch.no_grad()
 def collect_for_map(handle: ModelHandle, coder: Coder, sources: list[Site], layer: int, batches: list,
-                    attribution: bool, composition: bool = False) -> dict:
+                    attribution: bool, composition: bool = False) -> MapPass:
     """One pass: latents, chosen experts and router logits at `layer`, token ids, previous ids,
     (context, position) of every kept token, and the attribution parts when asked."""
-    extra = [Site("routing", layer)] + ([Site("router_logits", layer)] if attribution else [])
-    pairs = {"src": (sources, sources[:1]), **{f"@{s.kind}": (s, s) for s in extra}}
+    routing_site, logits_site = Site("routing", layer), Site("router_logits", layer)
+    pairs = {"src": (sources, sources[:1]), routing_site: (routing_site, routing_site)}
+    if attribution:
+        pairs[logits_site] = (logits_site, logits_site)
     W_r, b_r = router_linear(handle, layer) if attribution else (None, None)
     out: dict[str, list] = defaultdict(list)
+    comp_num = comp_den = virtual = None
+    max_err, scale = 0.0, 0.0
     ctx = 0
     dev = coder.b_dec.device
     moe = handle.moe_layers[layer]
@@ -157,32 +187,37 @@ def collect_for_map(handle: ModelHandle, coder: Coder, sources: list[Site], laye
                 h.remove()
         x = item["src"][0].float()
         lat = coder.encode(x)
+        experts = item[routing_site][0].long()
         out["latents"].append(lat.cpu())
-        out["idx"].append(item["@routing"][0].long().cpu())
+        out["experts"].append(experts.cpu())
         ids = packed.input_ids
         keep = packed.keep
         flat = ids.reshape(-1)
         prev = torch.cat([torch.full((ids.shape[0], 1), -1, dtype=ids.dtype), ids[:, :-1]], 1).reshape(-1)
         out["tokens"].append(flat[keep])
-        out["prev"].append(prev[keep])
+        out["prev_tokens"].append(prev[keep])
         pos = keep.nonzero().squeeze(1)
         out["where"].append(torch.stack([pos // ids.shape[1] + ctx, pos % ids.shape[1]], 1))
         if composition:  # accumulate, never keep [T, K, D]
-            num, den = composition_sums(lat, decoder, item["@routing"][0].long(),
-                                        seen["contrib"][keep.to(seen["contrib"].device)], moe.num_experts)
-            out["comp_num"] = [num + (out["comp_num"][0] if out["comp_num"] else 0)]
-            out["comp_den"] = [den + (out["comp_den"][0] if out["comp_den"] else 0)]
+            num, den = composition_sums(lat, decoder, experts, seen["contrib"][keep.to(seen["contrib"].device)],
+                                        moe.num_experts)
+            comp_num = num if comp_num is None else num + comp_num
+            comp_den = den if comp_den is None else den + comp_den
         out["contexts"].append(ids)
         ctx += ids.shape[0]
         if attribution:
             parts = router_attribution(coder, x, W_r.to(dev).float(), None if b_r is None else b_r.to(dev).float())
-            logits = item["@router_logits"][0].float()
-            out["attr_err"].append((parts["total"] - logits).abs().max().reshape(1).cpu())
-            out["attr_scale"].append(logits.abs().max().reshape(1).cpu())
+            logits = item[logits_site][0].float()
+            max_err = max(max_err, float((parts["total"] - logits).abs().max()))
+            scale = max(scale, float(logits.abs().max()))
             out["attr_features"].append(parts["features"].cpu())
             out["attr_error"].append(parts["error"].cpu())
-            out["virtual"] = [parts["virtual"].cpu()]
-    return {k: torch.cat(v) if k not in ("virtual", "comp_num", "comp_den") else v[0] for k, v in out.items()}
+            virtual = parts["virtual"].cpu()
+    cat = {k: torch.cat(v) for k, v in out.items()}
+    return MapPass(cat["latents"], cat["experts"], cat["tokens"], cat["prev_tokens"], cat["where"], cat["contexts"],
+                   RouterAttribution(cat["attr_features"], cat["attr_error"], virtual, max_err, scale)
+                   if attribution else None,
+                   (comp_num, comp_den) if composition else None)
 
 
 def quantile_picks(values: torch.Tensor, bins: int, per_bin: int, seed: int = 0) -> list[list[int]]:

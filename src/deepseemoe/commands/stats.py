@@ -1,4 +1,4 @@
-"""`deepseemoe stats RUN_DIR [--compare CHECKPOINT_RUN]`."""
+"""`deepseemoe stats RUN_DIR [--checkpoint CHECKPOINT_RUN]`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def stats(
         run_dir: Path = typer.Argument(..., help="A run directory written by `deepseemoe route`."),
-        compare: Path = typer.Option(None, help="Run of an earlier checkpoint on the same data (router saturation)."),
+        checkpoint: Path = typer.Option(None, help="Routing run of an earlier checkpoint on the same text "
+                                                   "(router saturation)."),
         min_count: int = typer.Option(5, min=1, help="Minimum occurrences of a token for vocabulary specialization."),
         no_figures: bool = typer.Option(False, "--no-figures", help="Skip the PNG figures."),
     ) -> None:
@@ -26,7 +27,7 @@ def register(app: typer.Typer) -> None:
 
         start = time.perf_counter()
         with Console().status("computing routing statistics"):
-            result = compute_routing_stats(run_dir, compare=compare, min_count=min_count)
+            result = compute_routing_stats(run_dir, checkpoint=checkpoint, min_count=min_count)
             out = save_routing_stats(result, figures=not no_figures)
         table = Table(title=f"{result.summary['tokens']:,} tokens · {time.perf_counter() - start:.1f}s")
         for col in ("layer", "load entropy", "CV", "dead", "top-1 repeat (baseline)", "vocab spec.", "domain NMI",
@@ -41,7 +42,7 @@ def register(app: typer.Typer) -> None:
         console = Console()
         console.print(table)
         if "saturation" in result.summary:
-            console.print("router saturation against " + str(compare) + ": " + ", ".join(
+            console.print("router saturation against " + str(checkpoint) + ": " + ", ".join(
                 f"L{la} top-k {v['topk_saturation']:.3f} (top-1 {v['top1_agreement']:.3f}, random "
                 f"{v['random_baseline']:.3f})" for la, v in result.summary["saturation"]["layers"].items()))
         console.print(f"tables and figures in {out}")

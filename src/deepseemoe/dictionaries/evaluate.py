@@ -19,7 +19,7 @@ A crosscoder reads several layers at once and cannot be spliced into one forward
 
 from __future__ import annotations
 
-from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -121,6 +121,33 @@ def _next_token_stats(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tenso
     return float(ce[valid].sum()), kl, int(valid.sum())
 
 
+@dataclass
+class _Totals:
+    """Running sums of one coder over the evaluation tokens (each becomes one figure of evaluation.json)."""
+
+    sq_err: list[float]  # per site: Σ‖y − ŷ‖²
+    sq: list[float]  # per site: Σ‖y‖²
+    sums: list[torch.Tensor | None]  # per site: Σ y [D_site] (float64)
+    tokens: int = 0
+    active: float = 0.0  # Σ L0
+    fires: torch.Tensor | None = None  # [F] tokens each latent fired on
+    topk_agree: float | None = None  # router transcoders: Σ top-k overlap of predicted and true logits
+    expert_sq_err: dict[int, float] = field(default_factory=dict)  # block transcoders, by top-1 expert
+    expert_targets: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    next_tokens: int = 0  # predictions measured with the splice
+    ce_clean: float = 0.0
+    ce_recon: float = 0.0
+    ce_zero: float = 0.0
+    kl: float = 0.0
+    routing_overlap: float = 0.0  # Σ top-k overlap of later MoE layers, spliced vs clean
+    routing_tokens: int = 0
+
+    @classmethod
+    def for_coder(cls, coder: Coder) -> _Totals:
+        S = coder.cfg.n_sites
+        return cls([0.0] * S, [0.0] * S, [None] * S)
+
+
 @torch.no_grad()
 def evaluate_run(run_dir: str | Path, *, data: str | None = None, tokens: int = 20_000, batch_size: int = 8,
                  device: str | None = None, progress: bool = True, trust_remote_code: bool = False) -> dict:
@@ -143,42 +170,44 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, tokens: int = 
     batches = list(run_batches(spec, handle, data=data, batch_size=batch_size, max_tokens=tokens))
     pairs = {name: ([Site(k, la) for k, la in m["source"]], [Site(k, la) for k, la in m["target"]])
              for name, (_, m) in coders.items()}
+    # block transcoders: their layer's routing too, for the FVU per top-1 expert
     extra_routing = {name: Site("routing", m["layers"][0]) for name, (_, m) in coders.items()
                      if m["kind"] in ("transcoder", "skip_transcoder") and m["layers"][0] in handle.moe_layers}
-    acc: dict[str, dict] = defaultdict(lambda: defaultdict(float))
+    acc = {name: _Totals.for_coder(coder) for name, (coder, _) in coders.items()}
     model_device = next(handle.model.parameters()).device
     for packed in track(batches, description="evaluating", disable=not progress):
         ids, am = packed.input_ids.to(model_device), packed.attention_mask.to(model_device)
         keep = packed.keep.to(model_device)
         # reconstruction quality on the kept tokens, one forward for all coders
-        items = next(model_stream(handle, [packed], {**pairs, **{f"@{n}": (s, s) for n, s in extra_routing.items()}},
+        items = next(model_stream(handle, [packed], {**pairs, **{s: (s, s) for s in extra_routing.values()}},
                                   device=coder_device))
         for name, (coder, meta) in coders.items():
             x, y = items[name]
             out = coder(x.float())
             a = acc[name]
             for b_i, b in enumerate(coder.site_slices()):
-                a[f"res{b_i}"] += float((y[:, b] - out.out[:, b]).pow(2).sum())
-                a[f"sq{b_i}"] += float(y[:, b].double().pow(2).sum())
-                a.setdefault(f"sum{b_i}", torch.zeros(b.stop - b.start, dtype=torch.float64))
-                a[f"sum{b_i}"] += y[:, b].double().sum(0).cpu()
-            a["n"] += y.shape[0]
+                a.sq_err[b_i] += float((y[:, b] - out.out[:, b]).pow(2).sum())
+                a.sq[b_i] += float(y[:, b].double().pow(2).sum())
+                if a.sums[b_i] is None:
+                    a.sums[b_i] = torch.zeros(b.stop - b.start, dtype=torch.float64)
+                a.sums[b_i] += y[:, b].double().sum(0).cpu()
+            a.tokens += y.shape[0]
             lat = out.latents
-            a["l0"] += float((lat > 0).sum())
-            a.setdefault("fires", torch.zeros(lat.shape[1], dtype=torch.float64))
-            a["fires"] += (lat > 0).sum(0).double().cpu()
+            a.active += float((lat > 0).sum())
+            if a.fires is None:
+                a.fires = torch.zeros(lat.shape[1], dtype=torch.float64)
+            a.fires += (lat > 0).sum(0).double().cpu()
             if meta["target"][0][0] == "router_logits":
                 k = handle.moe_layers[meta["layers"][0]].top_k
-                a["route_agree"] += float(_topk_overlap(y.topk(k).indices, out.out.topk(k).indices).sum())
+                a.topk_agree = (a.topk_agree or 0.0) + float(_topk_overlap(y.topk(k).indices,
+                                                                           out.out.topk(k).indices).sum())
             if name in extra_routing:
-                top1 = items[f"@{name}"][0][:, 0].long().cpu()
+                top1 = items[extra_routing[name]][0][:, 0].long().cpu()
                 err = (y - out.out).pow(2).sum(1).double().cpu()
-                a.setdefault("exp_res", defaultdict(float))
-                a.setdefault("exp_y", defaultdict(list))
                 for e in top1.unique().tolist():
                     sel = top1 == e
-                    a["exp_res"][e] += float(err[sel].sum())
-                    a["exp_y"][e].append(y[sel.to(y.device)].double().cpu())
+                    a.expert_sq_err[e] = a.expert_sq_err.get(e, 0.0) + float(err[sel].sum())
+                    a.expert_targets.setdefault(e, []).append(y[sel.to(y.device)].double().cpu())
         # spliced loss
         with watch_routing(handle) as clean_routing:
             clean_logits = handle.model(input_ids=ids, attention_mask=am, use_cache=False).logits
@@ -189,8 +218,8 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, tokens: int = 
             if meta["kind"] not in ("sae", "transcoder", "skip_transcoder", "clt") or \
                     (meta["kind"] == "sae" and meta["target"][0][0] not in SPLICEABLE_SAE_SITES):
                 continue
-            a["ce_clean"] += ce
-            a["n_next"] += n
+            a.ce_clean += ce
+            a.next_tokens += n
             for mode in ("recon", "zero"):
                 splice = _Splice(handle, coder, meta, keep, mode)
                 splice.install()
@@ -199,43 +228,45 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, tokens: int = 
                 finally:
                     splice.remove()
                 ce_s, kl_s, _ = _next_token_stats(logits, ids, am, clean_logp if mode == "recon" else None)
-                a[f"ce_{mode}"] += ce_s
-                if mode == "recon":
-                    a["kl"] += kl_s
-                    for layer, calls in splice.routing.items():
-                        idx = calls[-1]
-                        k_mask = keep.to(idx.device)
-                        a["rp_sum"] += float(_topk_overlap(clean_routing[layer][-1][k_mask], idx[k_mask]).sum())
-                        a["rp_n"] += int(k_mask.sum())
+                if mode == "zero":
+                    a.ce_zero += ce_s
+                    continue
+                a.ce_recon += ce_s
+                a.kl += kl_s
+                for layer, calls in splice.routing.items():
+                    idx = calls[-1]
+                    k_mask = keep.to(idx.device)
+                    a.routing_overlap += float(_topk_overlap(clean_routing[layer][-1][k_mask], idx[k_mask]).sum())
+                    a.routing_tokens += int(k_mask.sum())
     return _summarise(run_dir, coders, acc, data or spec.data, sum(b.num_tokens for b in batches))
 
 
-def _summarise(run_dir: Path, coders: dict, acc: dict, data: str, n_tokens: int) -> dict:
+def _summarise(run_dir: Path, coders: dict, acc: dict[str, _Totals], data: str, n_tokens: int) -> dict:
     results = {}
     for name, (coder, meta) in coders.items():
         a = acc[name]
-        n = a["n"]
+        n = a.tokens
         fvus = []
         for b_i in range(coder.cfg.n_sites):
-            var = a[f"sq{b_i}"] - float(a[f"sum{b_i}"].pow(2).sum()) / n
-            fvus.append(a[f"res{b_i}"] / max(var, 1e-30))
-        fires = a["fires"] / n
+            var = a.sq[b_i] - float(a.sums[b_i].pow(2).sum()) / n
+            fvus.append(a.sq_err[b_i] / max(var, 1e-30))
+        fires = a.fires / n
         r = {"kind": meta["kind"], "layers": meta["layers"], "activation": coder.cfg.activation,
              "n_latents": coder.cfg.n_latents, "tokens": int(n), "fvu": sum(fvus) / len(fvus),
-             "fvu_per_site": fvus, "l0": a["l0"] / n, "dead": float((fires == 0).double().mean()),
+             "fvu_per_site": fvus, "l0": a.active / n, "dead": float((fires == 0).double().mean()),
              "dense": float((fires > DENSE_FRACTION).double().mean())}
-        if a.get("n_next"):
-            ce_c, ce_r, ce_z = (a[f"ce_{m}"] / a["n_next"] for m in ("clean", "recon", "zero"))
-            r.update(ce_clean=ce_c, ce_spliced=ce_r, ce_zero=ce_z, delta_ce=ce_r - ce_c, kl=a["kl"] / a["n_next"],
+        if a.next_tokens:
+            ce_c, ce_r, ce_z = (v / a.next_tokens for v in (a.ce_clean, a.ce_recon, a.ce_zero))
+            r.update(ce_clean=ce_c, ce_spliced=ce_r, ce_zero=ce_z, delta_ce=ce_r - ce_c, kl=a.kl / a.next_tokens,
                      loss_recovered=(ce_z - ce_r) / (ce_z - ce_c) if ce_z != ce_c else float("nan"))
-            if a.get("rp_n"):
-                r["routing_preserved"] = a["rp_sum"] / a["rp_n"]
-        if "route_agree" in a:
-            r["routing_preserved"] = a["route_agree"] / n
-        if "exp_res" in a:
+            if a.routing_tokens:
+                r["routing_preserved"] = a.routing_overlap / a.routing_tokens
+        if a.topk_agree is not None:
+            r["routing_preserved"] = a.topk_agree / n
+        if a.expert_sq_err:
             per = {}
-            for e, res in sorted(a["exp_res"].items()):
-                y = torch.cat(a["exp_y"][e])
+            for e, res in sorted(a.expert_sq_err.items()):
+                y = torch.cat(a.expert_targets[e])
                 var = float((y - y.mean(0)).pow(2).sum())
                 per[str(e)] = res / var if var > 0 and len(y) > 1 else float("nan")
             r["per_expert_fvu"] = per

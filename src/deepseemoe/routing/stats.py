@@ -217,7 +217,7 @@ def _vocab_and_domains(run: RoutingRun) -> tuple[int, dict[int, str], list[str |
     return (int(uniq.max()) + 1 if len(uniq) else 1), pieces, ordered
 
 
-def compute_routing_stats(run_dir: str | Path, *, compare: str | Path | None = None, min_count: int = 5,
+def compute_routing_stats(run_dir: str | Path, *, checkpoint: str | Path | None = None, min_count: int = 5,
                           top_tokens: int = 10, progress: bool = False) -> RoutingStats:
     """Compute every routing statistic of a run (nothing is written: see `save_routing_stats`)."""
     import pandas as pd
@@ -325,8 +325,8 @@ def compute_routing_stats(run_dir: str | Path, *, compare: str | Path | None = N
                                                               "share"]),
         "transitions": pd.DataFrame(rows_tr, columns=["layer", "next_layer", "expert", "next_expert", "count"]),
     }
-    if compare is not None:
-        sat = router_saturation(compare, run_dir)
+    if checkpoint is not None:
+        sat = router_saturation(checkpoint, run_dir)
         summary["saturation"] = sat
         tables["saturation"] = pd.DataFrame([{"layer": int(k), **v} for k, v in sat["layers"].items()])
     return RoutingStats(run, summary, tables, [names[i] for i in sorted(names)])
