@@ -143,3 +143,21 @@ def test_expert_set_masks_count_overlaps_like_python_sets(E):
     overlap = np.bitwise_count(sets[:-1] & sets[1:]).sum(1)
     expected = [len(set(a.tolist()) & set(b.tolist())) for a, b in itertools.pairwise(experts)]
     assert overlap.tolist() == expected
+
+
+def test_domain_lift_token_share_and_top1(stats):
+    # by hand from L0: domain x tokens {0,1},{0,2} (top-1 0, 0); domain y {1,3},{3,1} (top-1 1, 3); E=4, K=2
+    dom = stats.tables["domain"].query("layer == 0").set_index(["domain", "expert"])
+    # slot shares x: [.5, .25, .25, 0] → lift over the uniform 1/4: [2, 1, 1, 0]
+    np.testing.assert_allclose([dom.loc[("x", e), "lift_over_uniform"] for e in range(4)], [2, 1, 1, 0])
+    # under uniform routing every expert has lift 1, whatever K: y's [0, .5, 0, .5] → [0, 2, 0, 2]
+    np.testing.assert_allclose([dom.loc[("y", e), "lift_over_uniform"] for e in range(4)], [0, 2, 0, 2])
+    np.testing.assert_allclose([dom.loc[("x", e), "token_share"] for e in range(4)], [1, 0.5, 0.5, 0])
+    np.testing.assert_allclose([dom.loc[("x", e), "top1_share"] for e in range(4)], [1, 0, 0, 0])
+    np.testing.assert_allclose([dom.loc[("y", e), "top1_share"] for e in range(4)], [0, 0.5, 0, 0.5])
+    joint = np.array([[2, 0, 0, 0], [0, 1, 0, 1]]) / 4  # top-1 choices by domain
+    px, py = joint.sum(1), joint.sum(0)
+    nz = joint > 0
+    mi = (joint[nz] * np.log(joint[nz] / np.outer(px, py)[nz])).sum()
+    hx, hy = -(px * np.log(px)).sum(), -(py[py > 0] * np.log(py[py > 0])).sum()
+    assert stats.summary["layers"]["0"]["domain_nmi_top1"] == pytest.approx(2 * mi / (hx + hy))

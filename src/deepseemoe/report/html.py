@@ -138,6 +138,7 @@ def write_report(study: Study, out_path: str | Path, *, title: str, notes: list[
         nxt = s.get("transition_to_next")
         summary_rows.append({"layer": layer, "load_entropy": s["load_entropy"], "dead": s["dead_experts"],
                              "max_load": s["max_load"], "domain_nmi": s["domain_nmi"],
+                             "domain_nmi_top1": s.get("domain_nmi_top1"),
                              "rep": s["repetition"]["top1_same"], "rep_base": s["repetition"]["top1_same_load_matched"],
                              "vocab": s["vocab_specialization_input"] or 0.0,
                              "next_nmi": f"{nxt['nmi']:.3f}" if nxt else "–"})

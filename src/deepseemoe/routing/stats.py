@@ -19,7 +19,11 @@ with tokens. Definitions (all over the K routing slots of each kept token unless
                   load-matched independent tokens (Σ p1(e)²; Σ f'(e)²/K with f'(e) = P(e ∈ S))
   vocabulary      share(v,e) = share of token v's occurrences with e in the top-k (input token v,
                   or next token v); specialization(v) = max_e share(v,e), over tokens seen ≥ min_count
-  domain          share(d,e) = slots of domain d to e / slots of d; NMI(domain; expert) over slots,
+  domain          share(d,e) = slots of domain d to e / slots of d (uniform routing: 1/E);
+                  lift_over_uniform = share·E; token_share = share·K = share of d's tokens with e in
+                  their top-k (OLMoE §5.3's domain specialization); top1_share = share of d's tokens
+                  whose top-1 is e. NMI(domain; expert) over slots (perfect specialization reads at
+                  most H(d)/(H(d)+H(e))·2 < 1 when K > 1) and over top-1 choices (domain_nmi_top1),
                   normalised by the arithmetic mean of the entropies
   transitions     top-1 expert at l → top-1 at the next MoE layer: counts, MI (bits), NMI
   saturation      (two runs, same tokens) mean |S_a ∩ S_b|/K and top-1 agreement per layer
@@ -92,7 +96,8 @@ class _Counts:
     present: np.ndarray = None  # [E] tokens with e in top-k (== load when experts are distinct)
     pairs: np.ndarray = None  # [E, E] tokens with both i and j (symmetric, diagonal = present)
     cls: np.ndarray = None  # [C, E]
-    domain: np.ndarray = None  # [D, E]
+    domain: np.ndarray = None  # [D, E] slots
+    domain_top1: np.ndarray = None  # [D, E] tokens whose top-1 expert is e
     vocab: np.ndarray = None  # [V, E] occurrences with e in top-k
     vocab_n: np.ndarray = None  # [V]
     next_vocab: np.ndarray = None  # [V, E]
@@ -109,6 +114,7 @@ class _Counts:
         self.pairs = np.zeros((E, E), np.int64)
         self.cls = np.zeros((len(TOKEN_CLASSES), E), np.int64)
         self.domain = np.zeros((max(self.D, 1), E), np.int64)
+        self.domain_top1 = np.zeros((max(self.D, 1), E), np.int64)
         self.vocab, self.vocab_n = np.zeros((V, E), np.int64), np.zeros(V, np.int64)
         self.next_vocab, self.next_n = np.zeros((V, E), np.int64), np.zeros(V, np.int64)
 
@@ -151,6 +157,7 @@ def _accumulate(c: _Counts, experts: np.ndarray, weights: np.ndarray, token_ids:
                            minlength=c.domain.shape[0] * len(TOKEN_CLASSES) * E)
     by_group = by_group.reshape(c.domain.shape[0], len(TOKEN_CLASSES), E)
     c.domain += by_group.sum(1)
+    c.domain_top1 += np.bincount(domain * E + cols[0], minlength=c.domain_top1.size).reshape(c.domain_top1.shape)
     c.cls += by_group.sum(0)
     c.vocab += np.bincount((token_ids[:, None] * E + experts).reshape(-1), minlength=c.V * E).reshape(c.V, E)
     c.vocab_n += np.bincount(token_ids, minlength=c.V)
@@ -273,10 +280,12 @@ def compute_routing_stats(run_dir: str | Path, *, checkpoint: str | Path | None 
             if n:
                 rows_cls.append((layer, name, n // K, float(_entropy(c.cls[k].astype(float)) / np.log(E))))
         dom_share = c.domain / np.clip(c.domain.sum(1, keepdims=True), 1, None)
+        dom_top1 = c.domain_top1 / np.clip(c.domain_top1.sum(1, keepdims=True), 1, None)
         for d in range(c.domain.shape[0]):
             if c.domain[d].sum():
                 for e in range(E):
-                    rows_dom.append((layer, names.get(d), e, dom_share[d, e], dom_share[d, e] * E / K))
+                    rows_dom.append((layer, names.get(d), e, dom_share[d, e], dom_share[d, e] * E,
+                                     dom_share[d, e] * K, dom_top1[d, e]))
         seen = c.vocab_n >= min_count
         share = c.vocab[seen] / c.vocab_n[seen, None]
         nseen = c.next_n >= min_count
@@ -289,6 +298,7 @@ def compute_routing_stats(run_dir: str | Path, *, checkpoint: str | Path | None 
                 t = int(ids_seen[o])
                 rows_vocab.append((layer, e, rank, t, pieces.get(t, ""), int(c.vocab_n[t]), float(share[o, e])))
         dom_mi, dom_nmi = mutual_information(c.domain[c.domain.sum(1) > 0])
+        _, dom_nmi_top1 = mutual_information(c.domain_top1[c.domain_top1.sum(1) > 0])
         rep_n = max(c.consecutive, 1)
         summary["layers"][str(layer)] = {
             "experts": E, "top_k": K,
@@ -307,7 +317,7 @@ def compute_routing_stats(run_dir: str | Path, *, checkpoint: str | Path | None 
             "vocab_specialization_input": float(share.max(1).mean()) if share.size else None,
             "vocab_specialization_next": float(nshare.max(1).mean()) if nshare.size else None,
             "vocab_specialization_uniform": K / E,
-            "domain_mi_bits": dom_mi, "domain_nmi": dom_nmi,
+            "domain_mi_bits": dom_mi, "domain_nmi": dom_nmi, "domain_nmi_top1": dom_nmi_top1,
         }
     for (a, b), table in transitions.items():
         mi, nmi = mutual_information(table)
@@ -320,7 +330,8 @@ def compute_routing_stats(run_dir: str | Path, *, checkpoint: str | Path | None 
         "coactivation": pd.DataFrame(rows_co, columns=["layer", "expert_i", "expert_j", "p_both", "lift",
                                                        "p_j_given_i"]),
         "class_entropy": pd.DataFrame(rows_cls, columns=["layer", "token_class", "tokens", "entropy_norm"]),
-        "domain": pd.DataFrame(rows_dom, columns=["layer", "domain", "expert", "share", "lift_over_uniform"]),
+        "domain": pd.DataFrame(rows_dom, columns=["layer", "domain", "expert", "share", "lift_over_uniform",
+                                                  "token_share", "top1_share"]),
         "vocab_top_tokens": pd.DataFrame(rows_vocab, columns=["layer", "expert", "rank", "token_id", "token", "count",
                                                               "share"]),
         "transitions": pd.DataFrame(rows_tr, columns=["layer", "next_layer", "expert", "next_expert", "count"]),
