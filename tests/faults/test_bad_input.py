@@ -327,3 +327,23 @@ def test_kill_9_before_the_first_checkpoint_restarts_cleanly(cli, tiny_olmoe_dir
     assert cli("train", config).code == 0  # the same command starts it again
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == list(range(20_000 // 64))
+
+
+def test_inspect_an_unknown_tiny_type(cli):
+    assert_refused(cli("inspect", "tiny:nope"), "tiny:nope")
+
+
+def test_evaluate_prints_plain_full_numbers_when_piped(cli, run_copy):
+    result = cli("evaluate", run_copy, "--tokens", "64")  # captured output: not a terminal
+    assert result.code == 0
+    name = next((run_copy / "dictionaries").iterdir()).name
+    (row,) = [line.split() for line in result.out.splitlines() if line.split()[:1] == [name]]
+    fvu = json.loads((run_copy / "evaluation.json").read_text())["coders"][name]["fvu"]
+    assert row[1] == f"{fvu:.3f}" and len(row) == 9 and "…" not in result.out
+
+
+def test_loss_recovered_is_undefined_when_zero_ablation_does_nothing():
+    from deepseemoe.dictionaries.evaluate import loss_recovered
+
+    assert loss_recovered(2.0, 2.1, 3.0) == pytest.approx(0.9)  # (3.0 − 2.1) / (3.0 − 2.0)
+    assert loss_recovered(2.0, 2.1, 1.9984) is None  # the −1.4 of a −0.0016 denominator is not a number

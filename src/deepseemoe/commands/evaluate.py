@@ -29,14 +29,28 @@ def register(app: typer.Typer) -> None:
         run = DictionaryRun.open(run_dir)
         doc = evaluate_run(run_dir, data=data, tokens=tokens, batch_size=batch_size, device=device,
                            trust_remote_code=trust_remote_code)
-        table = Table(title=f"{doc['tokens']:,} tokens of {doc['data']}")
         cols = ["fvu", "l0", "dead", "dense", "delta_ce", "kl", "loss_recovered", "routing_preserved"]
         heads = ["FVU", "L0", "dead", "dense", "ΔCE", "KL", "recovered", "routing"]
-        table.add_column("coder", no_wrap=True)
-        for h in heads:
-            table.add_column(h, justify="right", no_wrap=True)
-        for name, r in doc["coders"].items():
-            table.add_row(name, *[(f"{r[c]:.1f}" if c == "l0" else f"{r[c]:.3f}") if c in r else "—" for c in cols])
+        rows = [[name, *[(f"{r[c]:.1f}" if c == "l0" else f"{r[c]:.3f}") if r.get(c) is not None else "—"
+                         for c in cols]] for name, r in doc["coders"].items()]
+        title = f"{doc['tokens']:,} tokens of {doc['data']}"
         console = Console()
-        console.print(table)
-        console.print(f"[green]→ {run.save_evaluation(doc)}[/] (FVU: {doc['fvu_normalisation']})")
+        if console.is_terminal:
+            table = Table(title=title)
+            table.add_column("coder", no_wrap=True)
+            for h in heads:
+                table.add_column(h, justify="right", no_wrap=True)
+            for row in rows:
+                table.add_row(*row)
+            console.print(table)
+        else:  # piped or redirected: plain aligned text, never squeezed to 80 columns
+            widths = [max(len(x) for x in col) for col in zip(["coder", *heads], *rows, strict=True)]
+            print(title)
+            for row in [["coder", *heads], *rows]:
+                print("  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(row, widths,
+                                                                                                  strict=True))))
+        for name, r in doc["coders"].items():
+            if "loss_recovered_note" in r:
+                print(f"{name}: loss recovered {r['loss_recovered_note']}")
+        path = run.save_evaluation(doc)
+        print(f"→ {path} (FVU: {doc['fvu_normalisation']})")

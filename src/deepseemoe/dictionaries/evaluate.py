@@ -121,6 +121,19 @@ def _next_token_stats(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tenso
     return float(ce[valid].sum()), kl, int(valid.sum())
 
 
+# Below this |CE(zero) − CE(clean)| (nats/token) zero-ablating the site hardly matters, and the loss
+# recovered ratio is noise over noise (e.g. −1.4 from a denominator of −0.0016): it is not reported.
+MIN_ZERO_ABLATION_EFFECT = 1e-2
+
+
+def loss_recovered(ce_clean: float, ce_spliced: float, ce_zero: float) -> float | None:
+    """(CE_zero − CE_spliced) / (CE_zero − CE_clean): 1 for a perfect splice, 0 for one no better than
+    zeros; None when zero ablation changes CE by less than MIN_ZERO_ABLATION_EFFECT."""
+    if abs(ce_zero - ce_clean) < MIN_ZERO_ABLATION_EFFECT:
+        return None
+    return (ce_zero - ce_spliced) / (ce_zero - ce_clean)
+
+
 @dataclass
 class _Totals:
     """Running sums of one coder over the evaluation tokens (each becomes one figure of evaluation.json)."""
@@ -257,8 +270,13 @@ def _summarise(run_dir: Path, coders: dict, acc: dict[str, _Totals], data: str, 
              "dense": float((fires > DENSE_FRACTION).double().mean())}
         if a.next_tokens:
             ce_c, ce_r, ce_z = (v / a.next_tokens for v in (a.ce_clean, a.ce_recon, a.ce_zero))
-            r.update(ce_clean=ce_c, ce_spliced=ce_r, ce_zero=ce_z, delta_ce=ce_r - ce_c, kl=a.kl / a.next_tokens,
-                     loss_recovered=(ce_z - ce_r) / (ce_z - ce_c) if ce_z != ce_c else float("nan"))
+            r.update(ce_clean=ce_c, ce_spliced=ce_r, ce_zero=ce_z, delta_ce=ce_r - ce_c, kl=a.kl / a.next_tokens)
+            recovered = loss_recovered(ce_c, ce_r, ce_z)
+            if recovered is None:
+                r["loss_recovered_note"] = (f"undefined: zero-ablating the site changes CE by only {ce_z - ce_c:+.2g} "
+                                            f"nats/token (below {MIN_ZERO_ABLATION_EFFECT})")
+            else:
+                r["loss_recovered"] = recovered
             if a.routing_tokens:
                 r["routing_preserved"] = a.routing_overlap / a.routing_tokens
         if a.topk_agree is not None:

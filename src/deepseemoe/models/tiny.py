@@ -103,6 +103,11 @@ def tiny_config(model_type: str, **overrides: Any):
     """A tiny config of `model_type` (hidden 64, 2 layers, 8 experts, top-2 where allowed)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+    if model_type not in CONFIG_MAPPING:
+        from deepseemoe.errors import DeepSeeMoEError
+
+        raise DeepSeeMoEError(f"tiny:{model_type} names no model type of transformers; use tiny:MODEL_TYPE with a "
+                              "type from README: Supported architectures, e.g. tiny:olmoe or tiny:mixtral")
     config_class = CONFIG_MAPPING[model_type]
     try:
         known = set(config_class().to_dict())

@@ -1,0 +1,148 @@
+"""A dictionary run directory (the --out of `deepseemoe train`): the only code that knows its layout.
+
+    OUT/config.yaml                     the resolved run config, saved by `train`
+    OUT/checkpoint.safetensors          resumable trainer state, no pickle (rank r>0: checkpoint.rank{r}…)
+    OUT/metrics.jsonl                   one line per coder and optimizer step
+    OUT/dictionaries/NAME/              config.json (coder config, metadata, sha256 of the weights)
+                                        + coder.safetensors
+    OUT/exports/FORMAT/…                the coders in SAELens / sparsify / circuit-tracer layouts
+    OUT/evaluation.json                 `evaluate`; "inputs" holds the sha256 of every coder it measured
+    OUT/maps/NAME/                      `map`: parquet tables, examples.json, summary.json (+ inputs)
+    OUT/latents/NAME/                   `latents`: delphi's latent cache
+    OUT/steering/NAME/F…_xSCALE.json    `steer`: one file per feature set and scale
+
+Derived results (evaluation, maps, steering) record the sha256 of the coders they came from and are
+refused as stale when a coder changed since (a retrained run in the same folder).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from deepseemoe.errors import DeepSeeMoEError
+from deepseemoe.runs.atomic import atomic_write_json, atomic_write_table, read_json
+from deepseemoe.runs.lock import atomic_dir
+
+CONFIG = "config.yaml"
+CHECKPOINT = "checkpoint.safetensors"
+METRICS = "metrics.jsonl"
+DICTIONARIES = "dictionaries"
+CODER_CONFIG = "config.json"
+CODER_WEIGHTS = "coder.safetensors"
+EVALUATION = "evaluation.json"
+
+
+@dataclass
+class DictionaryRun:
+    path: Path
+
+    @classmethod
+    def open(cls, path: str | Path) -> DictionaryRun:
+        path = Path(path)
+        if not (path / CONFIG).is_file():
+            raise DeepSeeMoEError(f"{path} is not a training run (no {CONFIG}); pass the --out of `deepseemoe train`")
+        return cls(path)
+
+    # ---- what `train` writes -------------------------------------------------------------------
+
+    def config(self) -> dict:
+        """config.yaml as a mapping (one-line refusal for a damaged one)."""
+        import yaml
+
+        path = self.path / CONFIG
+        try:
+            d = yaml.safe_load(path.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DeepSeeMoEError(f"{path} is not valid YAML ({first}); fix the file") from None
+        if not isinstance(d, dict):
+            raise DeepSeeMoEError(f"{path} must hold a mapping of settings (key: value), not a {type(d).__name__}")
+        return d
+
+    def checkpoint(self, rank: int = 0) -> Path:
+        return self.path / (CHECKPOINT if rank == 0 else CHECKPOINT.replace(".safetensors", f".rank{rank}.safetensors"))
+
+    def metrics(self, rank: int = 0) -> Path:
+        return self.path / (METRICS if rank == 0 else f"metrics.rank{rank}.jsonl")
+
+    def coder_dir(self, name: str) -> Path:
+        return self.path / DICTIONARIES / name
+
+    def coder_names(self) -> list[str]:
+        folder = self.path / DICTIONARIES
+        return sorted(p.name for p in folder.iterdir() if (p / CODER_CONFIG).exists()) if folder.is_dir() else []
+
+    def existing_coder(self, name: str) -> Path:
+        folder = self.coder_dir(name)
+        if not (folder / CODER_CONFIG).exists():
+            raise DeepSeeMoEError(f"no dictionary {name!r} in {self.path / DICTIONARIES}; choose from "
+                                  f"{self.coder_names()}")
+        return folder
+
+    def coder_digest(self, name: str) -> str:
+        doc = read_json(self.existing_coder(name) / CODER_CONFIG, "train or copy the dictionary again")
+        if not isinstance(doc, dict) or "sha256" not in doc:
+            raise DeepSeeMoEError(f"{self.coder_dir(name) / CODER_CONFIG} is damaged; train or copy it again")
+        return str(doc["sha256"])
+
+    def exports(self, fmt: str) -> Path:
+        return self.path / "exports" / fmt
+
+    # ---- derived results, each with the coders it came from ---------------------------------------
+
+    def _inputs(self, names: list[str]) -> dict[str, str]:
+        return {name: self.coder_digest(name) for name in names}
+
+    def _check_inputs(self, what: Path, inputs: dict, verb: str) -> None:
+        for name, digest in (inputs or {}).items():
+            if name not in self.coder_names() or self.coder_digest(name) != digest:
+                raise DeepSeeMoEError(f"{what} was computed from another version of dictionary {name!r} (stale); "
+                                      f"run `deepseemoe {verb}` again")
+
+    def save_evaluation(self, doc: dict) -> Path:
+        path = self.path / EVALUATION
+        atomic_write_json(path, {**doc, "inputs": self._inputs(sorted(doc["coders"]))})
+        return path
+
+    def evaluation(self) -> dict:
+        path = self.path / EVALUATION
+        doc = read_json(path, f"run `deepseemoe evaluate {self.path}` again")
+        self._check_inputs(path, doc.get("inputs", {}), f"evaluate {self.path}")
+        return doc
+
+    def map_dir(self, name: str) -> Path:
+        return self.path / "maps" / name
+
+    def save_map(self, name: str, tables: dict[str, Any], examples: dict, summary: dict) -> Path:
+        """maps/NAME/ written whole: `tables` (file stem -> pyarrow table), examples.json, summary.json."""
+        inputs = self._inputs([name])
+
+        def write(tmp: Path) -> None:
+            for stem, table in tables.items():
+                atomic_write_table(tmp / f"{stem}.parquet", table)
+            atomic_write_json(tmp / "examples.json", examples)
+            atomic_write_json(tmp / "summary.json", {**summary, "inputs": inputs})
+
+        return atomic_dir(self.map_dir(name), write)
+
+    def map_summaries(self) -> dict[str, dict]:
+        """summary.json of every map, checked against the coders they came from."""
+        out = {}
+        for path in sorted((self.path / "maps").glob("*/summary.json")):
+            doc = read_json(path, f"run `deepseemoe map {self.path} --dictionary {path.parent.name}` again")
+            self._check_inputs(path, doc.get("inputs", {}), f"map {self.path} --dictionary {path.parent.name}")
+            out[path.parent.name] = doc
+        return out
+
+    def latents_dir(self, name: str) -> Path:
+        return self.path / "latents" / name
+
+    def save_steering(self, name: str, features: list[int], scale: float, results: list[dict]) -> Path:
+        """steering/NAME/f{F,…}_x{SCALE}.json: every feature set and scale keeps its own file."""
+        stem = "f" + "-".join(map(str, features)) + f"_x{scale:g}"
+        path = self.path / "steering" / name / f"{stem}.json"
+        atomic_write_json(path, {"dictionary": name, "features": features, "scale": scale, "results": results,
+                                 "inputs": self._inputs([name])})
+        return path

@@ -1,0 +1,398 @@
+"""A routing run directory: the only code that knows its layout, writes it and reads it.
+
+Layout (one row per kept token in tokens/, one per token × MoE layer × rank in routing/):
+  RUN_DIR/tokens/part-NNNNN.parquet   doc int64, pos int32, token_id int32, token string, domain string
+  RUN_DIR/routing/part-NNNNN.parquet  doc int64, pos int32, layer int16, rank int8, expert int16, weight float32
+  RUN_DIR/matrix/part-NNNNN.safetensors  per MoE layer l: "experts.l" [T, K] uint8 (int16 past 255
+                                      experts) and "weights.l" [T, K] float32, rows in the token order
+                                      of the shard's tokens file, ranks as in routing/ (what the
+                                      statistics read: no parquet decoding, the same numbers)
+  RUN_DIR/logits/part-NNNNN.parquet   doc, pos, layer, logits list<float32> [E]     (optional)
+  RUN_DIR/run.json                    model, data, seeds, versions, token count, MoE layout
+  RUN_DIR/manifest.json               every file above: bytes, rows, sha256 (written last)
+  RUN_DIR/analyses/                   derived statistics, with their own manifest naming the run's
+Inside a shard, routing rows are layer-major and, within a layer, in the token order of the
+shard's tokens file with ranks consecutive, so a layer's routing reshapes to [T, K] without a
+sort. `pos` is the position in the document (BOS, excluded by default, would be -1), so (doc, pos)
+identifies a token across runs of different checkpoints on the same data. Rank 0 is the highest
+weight.
+
+Integrity: a run is written in `.NAME.staging` beside RUN_DIR under a lock (runs/lock.py) and
+swapped in whole with its manifest, so RUN_DIR holds the old complete run or the new one, never a
+mix; readers refuse a run without a manifest and verify the sha256 of every file they read.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from deepseemoe.errors import DeepSeeMoEError, keep
+from deepseemoe.runs.atomic import atomic_path, atomic_write_json, atomic_write_table
+from deepseemoe.runs.lock import recover, run_lock, sidecar, swap_in
+from deepseemoe.runs.manifest import NAME as MANIFEST
+from deepseemoe.runs.manifest import Manifest
+
+KIND = "routing"
+ANALYSES = "analyses"
+ANALYSES_KIND = "routing-analyses"
+TOKENS_SCHEMA = {"doc": "int64", "pos": "int32", "token_id": "int32", "token": "string", "domain": "string"}
+ROUTING_SCHEMA = {"doc": "int64", "pos": "int32", "layer": "int16", "rank": "int8", "expert": "int16",
+                  "weight": "float32"}
+PARTS = ("tokens", "routing", "matrix", "logits")
+
+
+def arrow_schema(fields: dict[str, str]):
+    import pyarrow as pa
+
+    return pa.schema([(name, getattr(pa, kind)()) for name, kind in fields.items()])
+
+
+class ShardWriter:
+    """Buffers routing rows and flushes them to numbered parquet shards in `folder`."""
+
+    def __init__(self, folder: Path, shard_tokens: int = 1_000_000, logits: bool = False):
+        self.folder = folder
+        self.shard_tokens = shard_tokens
+        self.logits = logits
+        self._tokens: list[dict[str, np.ndarray]] = []
+        self._routing: dict[int, list[dict[str, np.ndarray]]] = {}  # layer -> chunks
+        self._matrix: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}  # layer -> [(experts, weights)]
+        self._logits: list[dict[str, np.ndarray]] = []
+        self._buffered = 0
+        self.shard = 0
+        self.total_tokens = 0
+        self.rows: dict[str, int] = {}  # relative path -> rows, for the manifest
+
+    def add(self, doc: np.ndarray, pos: np.ndarray, token_id: np.ndarray, token: list[str],
+            domain: list[str | None], idx: dict[int, np.ndarray], weights: dict[int, np.ndarray],
+            logits: dict[int, np.ndarray] | None = None) -> None:
+        """One batch of T kept tokens: doc/pos/token_id [T], idx/weights {layer: [T, K]}."""
+        T = len(doc)
+        self._tokens.append({"doc": doc.astype(np.int64), "pos": pos.astype(np.int32),
+                             "token_id": token_id.astype(np.int32), "token": np.asarray(token, dtype=object),
+                             "domain": np.asarray(domain, dtype=object)})
+        for layer in sorted(idx):
+            w = weights[layer].astype(np.float32)
+            order = np.argsort(-w, axis=1, kind="stable")  # rank 0 = highest weight
+            e = np.take_along_axis(idx[layer], order, axis=1)
+            w = np.take_along_axis(w, order, axis=1)
+            K = e.shape[1]
+            self._matrix.setdefault(layer, []).append((e, w))
+            self._routing.setdefault(layer, []).append({
+                "doc": np.repeat(doc.astype(np.int64), K), "pos": np.repeat(pos.astype(np.int32), K),
+                "layer": np.full(T * K, layer, dtype=np.int16), "rank": np.tile(np.arange(K, dtype=np.int8), T),
+                "expert": e.reshape(-1).astype(np.int16), "weight": w.reshape(-1)})
+            if self.logits and logits is not None:
+                self._logits.append({"doc": doc.astype(np.int64), "pos": pos.astype(np.int32),
+                                     "layer": np.full(T, layer, dtype=np.int16),
+                                     "logits": logits[layer].astype(np.float32)})
+        self._buffered += T
+        self.total_tokens += T
+        if self._buffered >= self.shard_tokens:
+            self.flush()
+
+    def flush(self) -> None:
+        import pyarrow as pa
+
+        if not self._buffered:
+            return
+        name = f"part-{self.shard:05d}.parquet"
+        tables = {
+            "tokens": pa.Table.from_pydict(_concat(self._tokens), schema=arrow_schema(TOKENS_SCHEMA)),
+            # layer-major inside a shard: each layer is one contiguous, token-ordered range of rows
+            "routing": pa.Table.from_pydict(_concat([c for layer in sorted(self._routing)
+                                                     for c in self._routing[layer]]),
+                                            schema=arrow_schema(ROUTING_SCHEMA)),
+        }
+        if self._logits:
+            parts = _concat([{k: v for k, v in p.items() if k != "logits"} for p in self._logits])
+            matrix = np.concatenate([p["logits"] for p in self._logits])
+            parts["logits"] = pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
+            tables["logits"] = pa.table(parts)
+        for sub, table in tables.items():
+            atomic_write_table(self.folder / sub / name, table)
+            self.rows[f"{sub}/{name}"] = table.num_rows
+        matrix = {}
+        for layer, chunks in sorted(self._matrix.items()):
+            e = np.concatenate([c[0] for c in chunks])
+            matrix[f"experts.{layer}"] = e.astype(np.uint8 if e.size == 0 or e.max() < 256 else np.int16)
+            matrix[f"weights.{layer}"] = np.ascontiguousarray(np.concatenate([c[1] for c in chunks]), np.float32)
+        mname = name.replace(".parquet", ".safetensors")
+        with atomic_path(self.folder / "matrix" / mname) as tmp:
+            from safetensors.numpy import save_file
+
+            save_file(matrix, str(tmp))
+        self.rows[f"matrix/{mname}"] = tables["tokens"].num_rows
+        self._tokens, self._routing, self._matrix, self._logits, self._buffered = [], {}, {}, [], 0
+        self.shard += 1
+
+
+def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _is_replaceable(path: Path) -> bool:
+    """A folder that `--overwrite` may replace: empty, or a routing run (complete or not)."""
+    if not path.is_dir():
+        return False
+    entries = {p.name for p in path.iterdir()}
+    return not entries or MANIFEST in entries or {"run.json", "routing"} & entries == {"run.json", "routing"} \
+        or entries <= {"tokens", "routing", "matrix", "logits", "run.json", "analyses"}
+
+
+class RoutingRunWriter:
+    """Write a routing run: `with RoutingRunWriter(out) as w: w.add(...); w.commit(meta)`.
+
+    Holds the run's lock from enter to exit; rows go to `.NAME.staging`; `commit` writes run.json
+    and the manifest there and swaps the folder in. Leaving the block without `commit` (an error,
+    Ctrl-C) removes the staging folder and leaves any old run untouched."""
+
+    def __init__(self, run_dir: str | Path, *, overwrite: bool = False, shard_tokens: int = 1_000_000,
+                 logits: bool = False):
+        self.run_dir = Path(run_dir)
+        self.overwrite, self.shard_tokens, self.logits = overwrite, shard_tokens, logits
+        self.staging = sidecar(self.run_dir, "staging")
+        self.shards: ShardWriter | None = None
+        self._lock = None
+        self.committed = False
+
+    def __enter__(self) -> RoutingRunWriter:
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise DeepSeeMoEError(f"--out {self.run_dir} is a file; give a folder for the run")
+        self._lock = run_lock(self.run_dir)
+        self._lock.__enter__()
+        try:
+            recover(self.run_dir)
+            if self.run_dir.exists() and any(self.run_dir.iterdir()):
+                if not _is_replaceable(self.run_dir):
+                    raise DeepSeeMoEError(f"{self.run_dir} exists and is not a routing run; choose another --out")
+                if not self.overwrite:
+                    raise DeepSeeMoEError(f"{self.run_dir} already holds a routing run; pass --overwrite to replace "
+                                          "it (the old run stays until the new one is complete) or choose another --out")
+            self.staging.mkdir(parents=True)
+            self.shards = ShardWriter(self.staging, self.shard_tokens, self.logits)
+            old = "the routing run already in it is unchanged" if self.run_dir.exists() else "it holds nothing"
+            keep("route", f"nothing of the new run in {self.run_dir} is kept; {old}")
+        except BaseException:
+            self._lock.__exit__(None, None, None)
+            raise
+        return self
+
+    def add(self, *args, **kwargs) -> None:
+        self.shards.add(*args, **kwargs)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.shards.total_tokens
+
+    def commit(self, meta: dict) -> str:
+        """Finish the run with `meta` as run.json (must hold the MoE layout); returns the manifest's sha256."""
+        if "moe_layers" not in meta:
+            raise ValueError("run.json needs the MoE layout (moe_layers)")
+        self.shards.flush()
+        atomic_write_json(self.staging / "run.json", {**meta, "tokens": self.shards.total_tokens,
+                                                      "shards": self.shards.shard})
+        manifest = Manifest(KIND)
+        for rel, rows in sorted(self.shards.rows.items()):
+            manifest.add(self.staging, rel, rows)
+        manifest.add(self.staging, "run.json")
+        digest = manifest.write(self.staging)
+        swap_in(self.staging, self.run_dir)
+        self.committed = True
+        keep("route", None)
+        return digest
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if not self.committed and self.staging.exists():
+                shutil.rmtree(self.staging, ignore_errors=True)
+        finally:
+            self._lock.__exit__(None, None, None)
+
+
+@dataclass
+class RoutingRun:
+    """A complete routing run, opened for reading. Every read is checked against the manifest."""
+
+    run_dir: Path
+    manifest: Manifest
+    digest: str  # sha256 of manifest.json: the run's identity for what is derived from it
+    meta: dict
+    parts: list[str]  # shard file names, in order
+    layers: list[int]
+    num_experts: dict[int, int]
+    top_k: dict[int, int]
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, run_dir: str | Path) -> RoutingRun:
+        run_dir = Path(run_dir)
+        if not run_dir.is_dir():
+            old = sidecar(run_dir, "old")
+            hint = f" (a previous run is kept at {old}: a writer died while replacing it)" if old.exists() else ""
+            raise DeepSeeMoEError(f"{run_dir} is not a routing run{hint}; create one with "
+                                  "`deepseemoe route MODEL --data SOURCE --out RUN_DIR`")
+        if not (run_dir / MANIFEST).exists() and not (run_dir / "routing").is_dir():
+            raise DeepSeeMoEError(f"{run_dir} is not a routing run (no routing/); create one with "
+                                  "`deepseemoe route MODEL --data SOURCE --out RUN_DIR`")
+        manifest, digest = Manifest.read(run_dir, KIND)
+        manifest.check_sizes(run_dir)
+        try:
+            meta = json.loads(manifest.verified_bytes(run_dir, "run.json"))
+            moe = meta["moe_layers"]
+            layers = sorted(int(k) for k in moe)
+            num_experts = {int(k): int(v["num_experts"]) for k, v in moe.items()}
+            top_k = {int(k): int(v["top_k"]) for k, v in moe.items()}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise DeepSeeMoEError(f"{run_dir / 'run.json'} lacks the MoE layout; write the run again") from None
+        parts = sorted(rel.split("/", 1)[1] for rel in manifest.files if rel.startswith("tokens/"))
+        missing = [p for p in parts if f"routing/{p}" not in manifest.files]
+        if not parts or missing:
+            raise DeepSeeMoEError(f"{run_dir} lists no complete shard; write the run again")
+        return cls(run_dir, manifest, digest, meta, parts, layers, num_experts, top_k)
+
+    def verify_all(self) -> tuple[int, int]:
+        """Check every listed file's sha256; (files, bytes)."""
+        for rel in self.manifest.files:
+            self.manifest.verify_file(self.run_dir, rel)
+        return len(self.manifest.files), sum(e.bytes for e in self.manifest.files.values())
+
+    def rows(self, sub: str, part: str) -> int:
+        return int(self.manifest.files[f"{sub}/{part}"].rows)
+
+    def read_table(self, sub: str, part: str, columns: list[str] | None = None):
+        """One shard file as a pyarrow table, after checking its sha256."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        data = self.manifest.verified_bytes(self.run_dir, f"{sub}/{part}")
+        try:
+            return pq.read_table(pa.BufferReader(data), columns=columns)
+        except (pa.ArrowException, OSError) as exc:  # a checksummed file can still be a foreign one
+            raise DeepSeeMoEError(f"{self.run_dir / sub / part} cannot be read as parquet ({exc}); write the run "
+                                  "again") from None
+
+    def tokens(self, columns: list[str] | None = None):
+        """The whole token table (verified), shards concatenated in order."""
+        import pyarrow as pa
+
+        return pa.concat_tables([self.read_table("tokens", p, columns) for p in self.parts])
+
+    def verified_files(self, sub: str) -> list[Path]:
+        """Paths of every shard of `sub`, each checked against its sha256 (for engines that read files)."""
+        return [self.manifest.verify_file(self.run_dir, f"{sub}/{p}") for p in self.parts]
+
+    def routing_layers(self, part: str, T: int, columns=("expert", "weight")) -> dict[int, tuple[np.ndarray, ...]]:
+        """Per MoE layer, the shard's routing as [T, K] arrays (`columns`: expert, weight), read from
+        the compact matrix file (verified), or from the long parquet for runs written without one."""
+        matrix = f"matrix/{part.replace('.parquet', '.safetensors')}"
+        if matrix in self.manifest.files:
+            from safetensors.numpy import load
+
+            try:
+                arrays = load(self.manifest.verified_bytes(self.run_dir, matrix))
+            except DeepSeeMoEError:
+                raise
+            except Exception as exc:  # a checksummed file can still be a foreign one
+                raise DeepSeeMoEError(f"{self.run_dir / matrix} cannot be read ({exc}); write the run again") from None
+            names = {"expert": "experts", "weight": "weights"}
+            out = {}
+            for layer in self.layers:
+                got = tuple(arrays[f"{names[c]}.{layer}"] for c in columns)
+                if any(a.shape != (T, self.top_k[layer]) for a in got):
+                    raise DeepSeeMoEError(f"{self.run_dir / matrix} does not match its tokens ({T} tokens, "
+                                          f"top-{self.top_k[layer]} at layer {layer}); write the run again")
+                out[layer] = tuple(a.astype(np.int16) if c == "expert" else a for a, c in zip(got, columns, strict=True))
+            return out
+        return self._routing_from_parquet(part, T, columns)
+
+    def _routing_from_parquet(self, part: str, T: int, columns) -> dict[int, tuple[np.ndarray, ...]]:
+        """The store is layer-major with every token in every MoE layer, so layer l is rows
+        [Σ_{l'<l} T·K_l', …) and the layer column need not be read; the row count is checked instead."""
+        expected = T * sum(self.top_k[layer] for layer in self.layers)
+        if self.rows("routing", part) != expected:
+            raise DeepSeeMoEError(f"{self.run_dir / 'routing' / part} has {self.rows('routing', part)} rows, "
+                                  f"expected {expected} ({T} tokens × top-k over {len(self.layers)} layers)")
+        table = self.read_table("routing", part, list(columns))
+        arrays = [table[c].to_numpy() for c in columns]
+        out, lo = {}, 0
+        for layer in self.layers:
+            hi = lo + T * self.top_k[layer]
+            out[layer] = tuple(a[lo:hi].reshape(T, -1) for a in arrays)
+            lo = hi
+        return out
+
+    # ---- analyses/: derived from this run, recorded with the run's digest ---------------------
+
+    def save_analyses(self, tables: dict, summary: dict, draw: Callable[[Path], object] | None = None) -> Path:
+        """Write RUN_DIR/analyses/ whole: `tables` (name -> DataFrame) as parquet, `summary.json` with
+        this run's digest as its input, the figures `draw(folder)` writes, and a manifest; swapped in
+        under the run's lock, so readers see the old analyses or the new ones."""
+        import pyarrow as pa
+
+        target = self.run_dir / ANALYSES
+        with run_lock(self.run_dir):
+            if Manifest.read(self.run_dir, KIND)[1] != self.digest:
+                raise DeepSeeMoEError(f"{self.run_dir} was rewritten while its statistics were computed; run "
+                                      "`deepseemoe stats` again")
+            recover(target)
+            staging = sidecar(target, "staging")
+            try:
+                staging.mkdir(parents=True)
+                manifest = Manifest(ANALYSES_KIND)
+                for name, df in tables.items():
+                    atomic_write_table(staging / f"{name}.parquet", pa.Table.from_pandas(df, preserve_index=False))
+                atomic_write_json(staging / "summary.json",
+                                  {**summary, "inputs": {"routing_run": self.digest}})
+                if draw is not None:
+                    draw(staging)
+                for path in sorted(staging.iterdir()):
+                    rows = tables[path.stem].shape[0] if path.suffix == ".parquet" else None
+                    manifest.add(staging, path.name, rows)
+                manifest.write(staging)
+                swap_in(staging, target)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        return target
+
+    def analyses(self) -> Analyses:
+        """RUN_DIR/analyses/, refused in one line when missing, damaged or computed from other data."""
+        folder = self.run_dir / ANALYSES
+        if not folder.is_dir():
+            raise DeepSeeMoEError(f"{self.run_dir} has no routing statistics yet; run `deepseemoe stats "
+                                  f"{self.run_dir}` first")
+        manifest, _ = Manifest.read(folder, ANALYSES_KIND)
+        manifest.check_sizes(folder)
+        summary = json.loads(manifest.verified_bytes(folder, "summary.json"))
+        if summary.get("inputs", {}).get("routing_run") != self.digest:
+            raise DeepSeeMoEError(f"{folder} was computed from other routing data than {self.run_dir} now holds "
+                                  f"(stale); run `deepseemoe stats {self.run_dir}` again")
+        return Analyses(folder, manifest, summary)
+
+
+@dataclass
+class Analyses:
+    """A run's verified statistics: summary, tables and figures."""
+
+    folder: Path
+    manifest: Manifest
+    summary: dict
+
+    def table(self, name: str):
+        import pandas as pd
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        data = self.manifest.verified_bytes(self.folder, f"{name}.parquet")
+        return pq.read_table(pa.BufferReader(data)).to_pandas() if data else pd.DataFrame()
+
+    def figure(self, name: str) -> bytes | None:
+        """A PNG's bytes (verified), or None when the statistics were computed without it."""
+        rel = f"{name}.png"
+        return self.manifest.verified_bytes(self.folder, rel) if rel in self.manifest.files else None

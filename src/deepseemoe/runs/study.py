@@ -1,0 +1,85 @@
+"""A study directory: a routing run and what other verbs wrote beside it, found from the files alone.
+
+    STUDY/RUN/                      the routing run (runs/routing.py), with its analyses/
+    STUDY/checkpoints/*/            routing runs of earlier checkpoints on the same text (saturation)
+    STUDY/*/config.yaml + evaluation.json   dictionary runs (runs/dictionary.py) with their maps
+    STUDY/*/ablation.json (+ figures/*.png)  causal checks (`ablate`)
+    STUDY/*/comparison.json         the MoE-vs-dense comparison (`compare`)
+    run.json's "zoo" folder, report.json    the models' training report, when the zoo trained them
+
+`deepseemoe report` renders whatever of this exists; nothing here is recomputed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from deepseemoe.runs.atomic import atomic_write_bytes, atomic_write_json, read_json
+from deepseemoe.runs.dictionary import CONFIG, EVALUATION, DictionaryRun
+from deepseemoe.runs.routing import RoutingRun
+
+FIX = "run the verb that wrote it again"
+ABLATION, COMPARISON = "ablation.json", "comparison.json"
+
+
+def save_ablation(folder: str | Path, result: dict, draw: Callable[[Path], object] | None = None) -> Path:
+    """FOLDER/ablation.json (what `ablate` computed) and FOLDER/figures/ drawn by `draw(figures)`."""
+    folder = Path(folder)
+    atomic_write_json(folder / ABLATION, result)
+    if draw is not None:
+        draw(folder / "figures")
+    return folder / ABLATION
+
+
+def save_comparison(folder: str | Path, result: dict, markdown: str) -> Path:
+    """FOLDER/comparison.json (what `compare` computed) and the same table as comparison.md."""
+    folder = Path(folder)
+    atomic_write_json(folder / COMPARISON, result)
+    atomic_write_bytes(folder / "comparison.md", markdown.encode())
+    return folder / COMPARISON
+
+
+@dataclass
+class DictionaryRunFiles:
+    path: Path
+    evaluation: dict
+    maps: dict[str, dict]  # dictionary name -> maps/NAME/summary.json
+
+
+@dataclass
+class Study:
+    run: RoutingRun
+    checkpoints: list[RoutingRun] = field(default_factory=list)
+    dictionary_runs: list[DictionaryRunFiles] = field(default_factory=list)
+    ablation: dict | None = None
+    ablation_figures: list[Path] = field(default_factory=list)
+    comparison: dict | None = None
+    zoo_report: dict | None = None
+
+    @classmethod
+    def open(cls, run_dir: str | Path, checkpoint_runs: list[str | Path] | None = None) -> Study:
+        """The routing run at `run_dir` and what sits beside it; `checkpoint_runs` (else the routing
+        runs under STUDY/checkpoints/) are earlier checkpoints routed on the same text."""
+        run = RoutingRun.open(run_dir)
+        root = run.run_dir.parent
+        if checkpoint_runs is None:
+            folder = root / "checkpoints"
+            checkpoint_runs = sorted(p for p in folder.iterdir() if (p / "manifest.json").exists()) \
+                if folder.is_dir() else []
+        study = cls(run, [RoutingRun.open(p) for p in checkpoint_runs])
+        for sub in sorted(p for p in root.iterdir() if p.is_dir() and p != run.run_dir):
+            if (sub / CONFIG).exists() and (sub / EVALUATION).exists():
+                dictionaries = DictionaryRun(sub)
+                study.dictionary_runs.append(DictionaryRunFiles(sub, dictionaries.evaluation(),
+                                                                dictionaries.map_summaries()))
+            if (sub / ABLATION).exists() and study.ablation is None:
+                study.ablation = read_json(sub / ABLATION, FIX)
+                study.ablation_figures = sorted((sub / "figures").glob("*.png"))
+            if (sub / COMPARISON).exists() and study.comparison is None:
+                study.comparison = read_json(sub / COMPARISON, FIX)
+        zoo = run.meta.get("zoo")
+        if zoo and (Path(zoo) / "report.json").exists():
+            study.zoo_report = read_json(Path(zoo) / "report.json", "train the zoo models again (--retrain)")
+        return study
