@@ -345,5 +345,11 @@ def test_evaluate_prints_plain_full_numbers_when_piped(cli, run_copy):
 def test_loss_recovered_is_undefined_when_zero_ablation_does_nothing():
     from deepseemoe.dictionaries.evaluate import loss_recovered
 
-    assert loss_recovered(2.0, 2.1, 3.0) == pytest.approx(0.9)  # (3.0 − 2.1) / (3.0 − 2.0)
-    assert loss_recovered(2.0, 2.1, 1.9984) is None  # the −1.4 of a −0.0016 denominator is not a number
+    # 100 predictions whose CE rises by exactly 1 under zero ablation: a clear denominator
+    assert loss_recovered(2.0, 2.1, 3.0, zero_diff_sq=100 * 1.0, n=100) == pytest.approx(0.9)  # 0.9 / 1.0
+    # mean change −0.0016 from per-prediction changes of ±0.5: noise, so the −1.4 ratio is not reported
+    assert loss_recovered(2.0, 2.1, 1.9984, zero_diff_sq=100 * 0.25, n=100) is None
+    # a splice that is the zero ablation recovers nothing, noise or not
+    assert loss_recovered(2.0, 1.9984, 1.9984, zero_diff_sq=100 * 0.25, n=100) == 0.0
+    # the same small mean with no spread is a real (if small) effect
+    assert loss_recovered(2.0, 2.0, 1.9984, zero_diff_sq=100 * 0.0016**2, n=100) == pytest.approx(1.0)

@@ -110,28 +110,32 @@ def _topk_overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _next_token_stats(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
-                      clean_logp: torch.Tensor | None = None) -> tuple[float, float, int]:
-    """Σ CE and Σ KL(clean ‖ this) over positions whose next token is real; and their count."""
+                      clean_logp: torch.Tensor | None = None) -> tuple[float, float, int, torch.Tensor]:
+    """Σ CE and Σ KL(clean ‖ this) over positions whose next token is real; their count; and the CE of
+    each of those positions [n] (float64)."""
     logp = torch.log_softmax(logits[:, :-1].float(), -1)
     valid = mask[:, 1:].bool() & mask[:, :-1].bool()
     ce = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
     kl = 0.0
     if clean_logp is not None:
         kl = float((clean_logp.exp() * (clean_logp - logp)).sum(-1)[valid].sum())
-    return float(ce[valid].sum()), kl, int(valid.sum())
+    return float(ce[valid].sum()), kl, int(valid.sum()), ce[valid].double()
 
 
-# Below this |CE(zero) − CE(clean)| (nats/token) zero-ablating the site hardly matters, and the loss
-# recovered ratio is noise over noise (e.g. −1.4 from a denominator of −0.0016): it is not reported.
-MIN_ZERO_ABLATION_EFFECT = 1e-2
-
-
-def loss_recovered(ce_clean: float, ce_spliced: float, ce_zero: float) -> float | None:
+def loss_recovered(ce_clean: float, ce_spliced: float, ce_zero: float, zero_diff_sq: float, n: int) -> float | None:
     """(CE_zero − CE_spliced) / (CE_zero − CE_clean): 1 for a perfect splice, 0 for one no better than
-    zeros; None when zero ablation changes CE by less than MIN_ZERO_ABLATION_EFFECT."""
-    if abs(ce_zero - ce_clean) < MIN_ZERO_ABLATION_EFFECT:
+    zeros. None when the denominator is noise: the mean per-prediction change CE_zero − CE_clean is
+    within two standard errors of 0 (`zero_diff_sq` = Σ of its squares over the `n` predictions), as
+    when zero-ablating the site hardly matters (a −1.4 from a denominator of −0.0016 is no number)."""
+    d = ce_zero - ce_clean
+    if d == 0:
         return None
-    return (ce_zero - ce_spliced) / (ce_zero - ce_clean)
+    if ce_spliced == ce_zero:  # the splice *is* zero ablation: it recovers nothing, whatever the noise
+        return 0.0
+    se = max(zero_diff_sq / n - d * d, 0.0) ** 0.5 / max(n - 1, 1) ** 0.5
+    if n < 2 or abs(d) < 2 * se:
+        return None
+    return (ce_zero - ce_spliced) / d
 
 
 @dataclass
@@ -151,6 +155,7 @@ class _Totals:
     ce_clean: float = 0.0
     ce_recon: float = 0.0
     ce_zero: float = 0.0
+    zero_diff_sq: float = 0.0  # Σ over predictions of (CE_zero − CE_clean)², for the noise of CE_zero − CE_clean
     kl: float = 0.0
     routing_overlap: float = 0.0  # Σ top-k overlap of later MoE layers, spliced vs clean
     routing_tokens: int = 0
@@ -225,7 +230,7 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, tokens: int = 
         with watch_routing(handle) as clean_routing:
             clean_logits = handle.model(input_ids=ids, attention_mask=am, use_cache=False).logits
         clean_logp = torch.log_softmax(clean_logits[:, :-1].float(), -1)
-        ce, _, n = _next_token_stats(clean_logits, ids, am)
+        ce, _, n, ce_tokens = _next_token_stats(clean_logits, ids, am)
         for name, (coder, meta) in coders.items():
             a = acc[name]
             if meta["kind"] not in ("sae", "transcoder", "skip_transcoder", "clt") or \
@@ -240,9 +245,12 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, tokens: int = 
                     logits = handle.model(input_ids=ids, attention_mask=am, use_cache=False).logits
                 finally:
                     splice.remove()
-                ce_s, kl_s, _ = _next_token_stats(logits, ids, am, clean_logp if mode == "recon" else None)
+                ce_s, kl_s, _, ce_s_tokens = _next_token_stats(logits, ids, am,
+                                                                clean_logp if mode == "recon" else None)
                 if mode == "zero":
                     a.ce_zero += ce_s
+                    diff = ce_s_tokens - ce_tokens
+                    a.zero_diff_sq += float(diff.pow(2).sum())
                     continue
                 a.ce_recon += ce_s
                 a.kl += kl_s
@@ -271,10 +279,10 @@ def _summarise(run_dir: Path, coders: dict, acc: dict[str, _Totals], data: str, 
         if a.next_tokens:
             ce_c, ce_r, ce_z = (v / a.next_tokens for v in (a.ce_clean, a.ce_recon, a.ce_zero))
             r.update(ce_clean=ce_c, ce_spliced=ce_r, ce_zero=ce_z, delta_ce=ce_r - ce_c, kl=a.kl / a.next_tokens)
-            recovered = loss_recovered(ce_c, ce_r, ce_z)
+            recovered = loss_recovered(ce_c, ce_r, ce_z, a.zero_diff_sq, a.next_tokens)
             if recovered is None:
-                r["loss_recovered_note"] = (f"undefined: zero-ablating the site changes CE by only {ce_z - ce_c:+.2g} "
-                                            f"nats/token (below {MIN_ZERO_ABLATION_EFFECT})")
+                r["loss_recovered_note"] = (f"undefined: zero-ablating the site changes CE by {ce_z - ce_c:+.2g} "
+                                            "nats/token, within two standard errors of no change")
             else:
                 r["loss_recovered"] = recovered
             if a.routing_tokens:
