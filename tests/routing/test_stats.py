@@ -161,3 +161,20 @@ def test_domain_lift_token_share_and_top1(stats):
     mi = (joint[nz] * np.log(joint[nz] / np.outer(px, py)[nz])).sum()
     hx, hy = -(px * np.log(px)).sum(), -(py[py > 0] * np.log(py[py > 0])).sum()
     assert stats.summary["layers"]["0"]["domain_nmi_top1"] == pytest.approx(2 * mi / (hx + hy))
+
+
+def test_olmoe_adjacent_rank_coactivation(tmp_path):
+    # K=3, two tokens ranked [0, 1, 2] and [2, 0, 1]: every pair co-occurs in both tokens (all-pairs
+    # P(j|i) = 1), but OLMoE's script counts rank neighbours only: (0,1),(1,2) and (2,0),(0,1)
+    path = tmp_path / "run"
+    e = np.array([[0, 1, 2], [2, 0, 1]])
+    w = np.array([[0.5, 0.3, 0.2], [0.5, 0.3, 0.2]], dtype=np.float32)
+    with RoutingRunWriter(path) as writer:
+        writer.add(np.array([0, 0]), np.array([0, 1]), np.array([5, 6]), ["a", "b"], ["x", "x"], {0: e}, {0: w})
+        writer.commit({"moe_layers": {"0": {"num_experts": 4, "top_k": 3}}})
+    co = compute_routing_stats(path, min_count=1).tables["coactivation"].set_index(["expert_i", "expert_j"])
+    assert co.loc[(0, 1), "p_j_given_i"] == co.loc[(0, 2), "p_j_given_i"] == 1.0
+    # by hand: adjacent (0,1) twice, (1,2) once, (0,2) once; each expert is in the top-k of 2 tokens
+    assert co.loc[(0, 1), "p_j_given_i_adjacent"] == co.loc[(1, 0), "p_j_given_i_adjacent"] == 1.0
+    assert co.loc[(1, 2), "p_j_given_i_adjacent"] == co.loc[(0, 2), "p_j_given_i_adjacent"] == 0.5
+    assert co.loc[(2, 0), "p_j_given_i_adjacent"] == 0.5

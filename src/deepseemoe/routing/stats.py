@@ -13,12 +13,17 @@ with tokens. Definitions (all over the K routing slots of each kept token unless
   weighted load   Σ weights to e / Σ weights
   class entropy   per token class c, H(p_c)/log E with p_c(e) = slots of class-c tokens to e
   co-activation   P(i,j) = share of tokens with both i and j in their top-k; lift = P(i,j)/(P(i)P(j));
-                  P(j|i) = P(i,j)/P(i)
+                  P(j|i) = P(i,j)/P(i) (all C(K,2) pairs of a token's top-k). p_j_given_i_adjacent is the
+                  variant of OLMoE's scripts/run_moe_analysis.py, which its co-activation heat maps
+                  show: tokens where i and j sit at adjacent ranks (r, r+1; K−1 of the C(K,2) pairs) /
+                  tokens with i in the top-k
   repetition      consecutive tokens of a document (pos, pos+1): top-1 equal; top-k sets intersect;
                   mean |S_t ∩ S_t+1|/K. Baselines: uniform (1/E; 1-C(E-K,K)/C(E,K); K/E) and
                   load-matched independent tokens (Σ p1(e)²; Σ f'(e)²/K with f'(e) = P(e ∈ S))
   vocabulary      share(v,e) = share of token v's occurrences with e in the top-k (input token v,
                   or next token v); specialization(v) = max_e share(v,e), over tokens seen ≥ min_count
+                  (default 5; `stats --min-count`). The next token pairs within a document only
+                  (OLMoE's script pairs across document ends, as its contexts run on)
   domain          share(d,e) = slots of domain d to e / slots of d (uniform routing: 1/E);
                   lift_over_uniform = share·E; token_share = share·K = share of d's tokens with e in
                   their top-k (OLMoE §5.3's domain specialization); top1_share = share of d's tokens
@@ -95,6 +100,7 @@ class _Counts:
     top1: np.ndarray = None  # [E]
     present: np.ndarray = None  # [E] tokens with e in top-k (== load when experts are distinct)
     pairs: np.ndarray = None  # [E, E] tokens with both i and j (symmetric, diagonal = present)
+    adjacent: np.ndarray = None  # [E, E] tokens with i and j at adjacent ranks (counted both ways)
     cls: np.ndarray = None  # [C, E]
     domain: np.ndarray = None  # [D, E] slots
     domain_top1: np.ndarray = None  # [D, E] tokens whose top-1 expert is e
@@ -112,6 +118,7 @@ class _Counts:
         self.load, self.wload, self.top1, self.present = (np.zeros(E, np.int64), np.zeros(E), np.zeros(E, np.int64),
                                                           np.zeros(E, np.int64))
         self.pairs = np.zeros((E, E), np.int64)
+        self.adjacent = np.zeros((E, E), np.int64)
         self.cls = np.zeros((len(TOKEN_CLASSES), E), np.int64)
         self.domain = np.zeros((max(self.D, 1), E), np.int64)
         self.domain_top1 = np.zeros((max(self.D, 1), E), np.int64)
@@ -151,7 +158,10 @@ def _accumulate(c: _Counts, experts: np.ndarray, weights: np.ndarray, token_ids:
     for i in range(K):  # pair counts over rank pairs (i < j); no dense [T, E] indicator: memory-bound here
         scaled = cols[i] * E
         for j in range(i + 1, K):
-            c.pairs += np.bincount(scaled + cols[j], minlength=E * E).reshape(E, E)
+            counts = np.bincount(scaled + cols[j], minlength=E * E).reshape(E, E)
+            c.pairs += counts
+            if j == i + 1:
+                c.adjacent += counts + counts.T
     group = domain * len(TOKEN_CLASSES) + cls
     by_group = np.bincount((group[:, None] * E + experts).reshape(-1),
                            minlength=c.domain.shape[0] * len(TOKEN_CLASSES) * E)
@@ -271,10 +281,11 @@ def compute_routing_stats(run_dir: str | Path, *, checkpoint: str | Path | None 
         with np.errstate(divide="ignore", invalid="ignore"):
             lift = np.where(np.outer(fp, fp) > 0, p_pair / np.outer(fp, fp), np.nan)
             cond = np.where(fp[:, None] > 0, p_pair / fp[:, None], np.nan)
+            cond_adj = np.where(c.present[:, None] > 0, c.adjacent / c.present[:, None], np.nan)
         for i in range(E):
             for j in range(E):
                 if i != j:
-                    rows_co.append((layer, i, j, p_pair[i, j], lift[i, j], cond[i, j]))
+                    rows_co.append((layer, i, j, p_pair[i, j], lift[i, j], cond[i, j], cond_adj[i, j]))
         for k, name in enumerate(TOKEN_CLASSES):
             n = int(c.cls[k].sum())
             if n:
@@ -328,7 +339,7 @@ def compute_routing_stats(run_dir: str | Path, *, checkpoint: str | Path | None 
     tables = {
         "load": pd.DataFrame(rows_load, columns=["layer", "expert", "load", "weighted_load", "top1_share"]),
         "coactivation": pd.DataFrame(rows_co, columns=["layer", "expert_i", "expert_j", "p_both", "lift",
-                                                       "p_j_given_i"]),
+                                                       "p_j_given_i", "p_j_given_i_adjacent"]),
         "class_entropy": pd.DataFrame(rows_cls, columns=["layer", "token_class", "tokens", "entropy_norm"]),
         "domain": pd.DataFrame(rows_dom, columns=["layer", "domain", "expert", "share", "lift_over_uniform",
                                                   "token_share", "top1_share"]),
