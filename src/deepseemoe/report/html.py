@@ -32,8 +32,9 @@ def expert_colors(n: int) -> tuple[list[str], list[str]]:
     return colors, text
 
 
-def _show(piece: str) -> str:
-    return piece.replace("Ġ", "·").replace("Ċ", "⏎").replace("ĉ", "⇥").replace("▁", "·")
+def _show(text: str) -> str:
+    """A token's text with its whitespace visible."""
+    return text.replace(" ", "·").replace("\n", "⏎").replace("\t", "⇥")
 
 
 def routing_samples(run_dir: Path, layers: list[int], tokens_per_sample: int = 40) -> list[dict]:

@@ -14,6 +14,7 @@ from pathlib import Path
 from deepseemoe.capture.consumers import RoutingRecorder
 from deepseemoe.capture.core import run_capture
 from deepseemoe.data.sources import TextSource, iter_documents
+from deepseemoe.data.token_text import token_texts
 from deepseemoe.data.tokens import pack_documents
 from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.models.spec import ModelHandle
@@ -86,9 +87,10 @@ def route_corpus(handle: ModelHandle, source: TextSource, run_dir: str | Path, *
             pos = packed.pos.reshape(-1).numpy()[mask]
             token_ids = batch.token_ids.cpu().numpy()
             pieces = tokenizer.convert_ids_to_tokens(token_ids.tolist())
-            writer.add(doc, pos, token_ids, pieces, [packed.domains.get(int(d)) for d in doc],
+            writer.add(doc, pos, token_ids, token_texts(tokenizer, token_ids.tolist()),
+                       [packed.domains.get(int(d)) for d in doc],
                        {i: rec["idx"][i].numpy() for i in layers}, {i: rec["weights"][i].numpy() for i in layers},
-                       {i: rec["logits"][i].numpy() for i in layers} if logits else None)
+                       {i: rec["logits"][i].numpy() for i in layers} if logits else None, pieces=pieces)
             elapsed = time.perf_counter() - start
             bar.update(task, advance=int(mask.sum()), rate=writer.total_tokens / max(elapsed, 1e-9))
         seconds = time.perf_counter() - start

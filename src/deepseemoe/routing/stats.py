@@ -222,16 +222,17 @@ class RoutingStats:
         return self.run.run_dir
 
 
-def _vocab_and_domains(run: RoutingRun) -> tuple[int, dict[int, str], list[str | None]]:
-    """Vocabulary size, the piece of every token id seen, and the domains (sorted, None last)."""
-    table = run.tokens(["token_id", "token", "domain"])
+def _vocab_and_domains(run: RoutingRun) -> tuple[int, dict[int, str], dict[int, str], list[str | None]]:
+    """Vocabulary size, the text and the symbol of every token id seen, and the domains (sorted,
+    None last)."""
+    table = run.tokens(["token_id", "token", "piece", "domain"])
     ids = table["token_id"].to_numpy().astype(np.int64)
     uniq, first = np.unique(ids, return_index=True)
-    tokens = table["token"].take(first).to_pylist()
-    pieces = {int(t): (p if p is not None else "") for t, p in zip(uniq, tokens, strict=True)}
+    texts = {int(t): (p or "") for t, p in zip(uniq, table["token"].take(first).to_pylist(), strict=True)}
+    pieces = {int(t): (p or "") for t, p in zip(uniq, table["piece"].take(first).to_pylist(), strict=True)}
     domains = set(table["domain"].unique().to_pylist())
     ordered = sorted(d for d in domains if d is not None) + ([None] if None in domains else [])
-    return (int(uniq.max()) + 1 if len(uniq) else 1), pieces, ordered
+    return (int(uniq.max()) + 1 if len(uniq) else 1), texts, pieces, ordered
 
 
 def compute_routing_stats(run_dir: str | Path, *, checkpoint: str | Path | None = None, min_count: int = 5,
@@ -240,7 +241,7 @@ def compute_routing_stats(run_dir: str | Path, *, checkpoint: str | Path | None 
     import pandas as pd
 
     run = RoutingRun.open(run_dir)
-    V, pieces, domain_names = _vocab_and_domains(run)
+    V, texts, pieces, domain_names = _vocab_and_domains(run)
     cls_of = np.full(V, TOKEN_CLASSES.index("other"), np.int64)
     for t, p in pieces.items():
         cls_of[t] = token_class(p)
@@ -307,7 +308,7 @@ def compute_routing_stats(run_dir: str | Path, *, checkpoint: str | Path | None 
             order = np.lexsort((-c.vocab_n[ids_seen], -share[:, e]))[:top_tokens] if len(ids_seen) else []
             for rank, o in enumerate(order):
                 t = int(ids_seen[o])
-                rows_vocab.append((layer, e, rank, t, pieces.get(t, ""), int(c.vocab_n[t]), float(share[o, e])))
+                rows_vocab.append((layer, e, rank, t, texts.get(t, ""), int(c.vocab_n[t]), float(share[o, e])))
         dom_mi, dom_nmi = mutual_information(c.domain[c.domain.sum(1) > 0])
         _, dom_nmi_top1 = mutual_information(c.domain_top1[c.domain_top1.sum(1) > 0])
         rep_n = max(c.consecutive, 1)

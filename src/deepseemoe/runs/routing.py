@@ -1,7 +1,9 @@
 """A routing run directory: the only code that knows its layout, writes it and reads it.
 
 Layout (one row per kept token in tokens/, one per token × MoE layer × rank in routing/):
-  RUN_DIR/tokens/part-NNNNN.parquet   doc int64, pos int32, token_id int32, token string, domain string
+  RUN_DIR/tokens/part-NNNNN.parquet   doc int64, pos int32, token_id int32, token string (the token's
+                                      text, data/token_text.py), domain string, piece string (the
+                                      tokenizer's own symbol, e.g. "Ġcaf")
   RUN_DIR/routing/part-NNNNN.parquet  doc int64, pos int32, layer int16, rank int8, expert int16, weight float32
   RUN_DIR/matrix/part-NNNNN.safetensors  per MoE layer l: "experts.l" [T, K] uint8 (int16 past 255
                                       experts) and "weights.l" [T, K] float32, rows in the token order
@@ -41,7 +43,8 @@ from deepseemoe.runs.manifest import Manifest
 KIND = "routing"
 ANALYSES = "analyses"
 ANALYSES_KIND = "routing-analyses"
-TOKENS_SCHEMA = {"doc": "int64", "pos": "int32", "token_id": "int32", "token": "string", "domain": "string"}
+TOKENS_SCHEMA = {"doc": "int64", "pos": "int32", "token_id": "int32", "token": "string", "domain": "string",
+                 "piece": "string"}
 ROUTING_SCHEMA = {"doc": "int64", "pos": "int32", "layer": "int16", "rank": "int8", "expert": "int16",
                   "weight": "float32"}
 PARTS = ("tokens", "routing", "matrix", "logits")
@@ -71,12 +74,14 @@ class ShardWriter:
 
     def add(self, doc: np.ndarray, pos: np.ndarray, token_id: np.ndarray, token: list[str],
             domain: list[str | None], idx: dict[int, np.ndarray], weights: dict[int, np.ndarray],
-            logits: dict[int, np.ndarray] | None = None) -> None:
-        """One batch of T kept tokens: doc/pos/token_id [T], idx/weights {layer: [T, K]}."""
+            logits: dict[int, np.ndarray] | None = None, pieces: list[str] | None = None) -> None:
+        """One batch of T kept tokens: doc/pos/token_id [T], their texts `token` and symbols `pieces`
+        (default: the texts), idx/weights {layer: [T, K]}."""
         T = len(doc)
         self._tokens.append({"doc": doc.astype(np.int64), "pos": pos.astype(np.int32),
                              "token_id": token_id.astype(np.int32), "token": np.asarray(token, dtype=object),
-                             "domain": np.asarray(domain, dtype=object)})
+                             "domain": np.asarray(domain, dtype=object),
+                             "piece": np.asarray(token if pieces is None else pieces, dtype=object)})
         for layer in sorted(idx):
             w = weights[layer].astype(np.float32)
             order = np.argsort(-w, axis=1, kind="stable")  # rank 0 = highest weight
