@@ -93,6 +93,16 @@ def saelens_architecture(cfg: CoderConfig) -> str:
     return f"jumprelu_{base}" if thresholded else base
 
 
+def _sae_lens_version() -> str:
+    """The installed SAELens' version (the files are written for it), else the 6.x layout's."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sae-lens")
+    except PackageNotFoundError:
+        return "6.0.0"
+
+
 def save_saelens(coder: Coder, path: str | Path, *, hf_hook_name: str, hook_name: str = "",
                  hf_hook_name_out: str = "", hook_name_out: str = "", model_name: str = "",
                  context_size: int = 0, sparsity: torch.Tensor | None = None) -> Path:
@@ -102,7 +112,7 @@ def save_saelens(coder: Coder, path: str | Path, *, hf_hook_name: str, hook_name
     c = coder.folded()
     meta = {"model_name": model_name, "hook_name": hook_name or hf_hook_name, "hf_hook_name": hf_hook_name,
             "context_size": context_size, "prepend_bos": True, "model_class_name": "AutoModelForCausalLM",
-            "sae_lens_version": "6.0.0", "sae_lens_training_version": "deepseemoe"}
+            "sae_lens_version": _sae_lens_version(), "sae_lens_training_version": "deepseemoe"}
     doc = {"architecture": arch, "d_in": cfg.d_in, "d_sae": cfg.n_latents, "dtype": "float32", "device": "cpu",
            "apply_b_dec_to_input": not cfg.is_transcoder, "normalize_activations": "none",
            "reshape_activations": "none", "metadata": meta}

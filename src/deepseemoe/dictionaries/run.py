@@ -145,8 +145,23 @@ class _Sinks:
             self.file.close()
 
 
-def export_plan(spec: RunSpec, configs: dict[str, object]) -> dict[str, list[str]]:
-    """Which coders each requested format can hold exactly; the rest are named before training."""
+def sparsify_hookpoint(handle: ModelHandle, cs: CoderSpec, cfg) -> str:
+    """Where sparsify would hook the coder: transcoders read their block's input and predict its
+    output; SAEs read the output of the module the hookpoint names."""
+    src, _ = cs.sites()
+    names = handle.hook_names(src[0])
+    point = names["block"] if cfg.is_transcoder else names["sparsify"]
+    if point is None:
+        raise DeepSeeMoEError(f"sparsify hooks module outputs, and no module of {handle.name} outputs "
+                              f"{src[0].kind} of layer {src[0].layer}")
+    return point
+
+
+def export_plan(spec: RunSpec, configs: dict[str, object], handle: ModelHandle | None = None,
+                specs: dict[str, CoderSpec] | None = None) -> dict[str, list[str]]:
+    """Which coders each requested format can hold exactly; the rest are named before training.
+    Two coders that would land in the same place of a format (one sparsify hookpoint, one layer of a
+    circuit-tracer transcoder set) are refused before training: no export overwrites another."""
     from deepseemoe.dictionaries import formats
 
     plan: dict[str, list[str]] = {}
@@ -159,6 +174,8 @@ def export_plan(spec: RunSpec, configs: dict[str, object]) -> dict[str, list[str
                     formats.saelens_architecture(cfg)
                 elif fmt == "sparsify":
                     formats.check_sparsify(cfg)
+                    if handle is not None:
+                        sparsify_hookpoint(handle, specs[name], cfg)
                 else:
                     formats.check_circuit_tracer(cfg)
                 plan[fmt].append(name)
@@ -166,12 +183,32 @@ def export_plan(spec: RunSpec, configs: dict[str, object]) -> dict[str, list[str
                 skipped.setdefault((fmt, str(e)), []).append(name)
     for (fmt, why), names in skipped.items():  # one line per format and reason
         print(f"note: {fmt} skips {', '.join(names)}: {why}")
+    if handle is not None:
+        slots: dict[tuple[str, object], list[str]] = {}
+        for name in plan.get("sparsify", []):
+            slots.setdefault(("sparsify hookpoint", sparsify_hookpoint(handle, specs[name], configs[name])),
+                             []).append(name)
+        clash = next(((where, names) for (_, where), names in slots.items() if len(names) > 1), None)
+        if clash:
+            where, names = clash
+            raise DeepSeeMoEError(f"coders {', '.join(names)} would all be written to the sparsify hookpoint "
+                                  f"{where!r}, one over the other; drop sparsify from `formats` or train them in "
+                                  "separate runs")
+        per_layer = [n for n in plan.get("circuit_tracer", []) if specs[n].kind != "clt"]
+        layers = [specs[n].layers[0] for n in per_layer]
+        if per_layer and (len(set(layers)) < len(layers)
+                          or len({specs[n].kind == "skip_transcoder" for n in per_layer}) > 1):
+            # a set has one transcoder per layer and one skip_connection flag: an ambiguous one is not
+            # written (each coder keeps its own folder in our format and SAELens')
+            print(f"note: circuit_tracer writes no transcoder set: {', '.join(per_layer)} give some layer two "
+                  "transcoders or mix skip and plain ones")
+            plan["circuit_tracer"] = [n for n in plan["circuit_tracer"] if specs[n].kind == "clt"]
     return plan
 
 
 def _export(spec: RunSpec, handle: ModelHandle, coders: dict[str, Coder], specs: dict[str, CoderSpec],
             out: Path, plan: dict[str, list[str]]) -> None:
-    model_name = handle.name
+    model_name = hub_id(handle)
     for fmt, names in plan.items():
         per_layer = {}
         for name in names:
@@ -184,7 +221,7 @@ def _export(spec: RunSpec, handle: ModelHandle, coders: dict[str, Coder], specs:
                              hf_hook_name_out=hout["hf"] if tc else "", hook_name_out=hout["tl"] if tc else "",
                              model_name=model_name, context_size=spec.ctx_len)
             elif fmt == "sparsify":
-                save_sparsify(coder, DictionaryRun(out).exports("sparsify"), hin["sparsify"])
+                save_sparsify(coder, DictionaryRun(out).exports("sparsify"), sparsify_hookpoint(handle, cs, coder.cfg))
             elif cs.kind == "clt":
                 save_circuit_tracer(coder, DictionaryRun(out).exports("circuit_tracer") / name, model_name=model_name)
             else:
@@ -195,6 +232,15 @@ def _export(spec: RunSpec, handle: ModelHandle, coders: dict[str, Coder], specs:
             else:
                 save_circuit_tracer(per_layer, DictionaryRun(out).exports("circuit_tracer") / "transcoder_set",
                                     model_name=model_name)
+
+
+def hub_id(handle: ModelHandle) -> str:
+    """The model's hub id when it is known (the name it was loaded by, or the one its config
+    records), else "" — never a local path, which means nothing on another machine."""
+    for name in (handle.name, getattr(getattr(handle.model, "config", None), "_name_or_path", "")):
+        if name and not name.startswith(("tiny:", "/", ".", "~")) and name.count("/") == 1 and not Path(name).exists():
+            return name
+    return ""
 
 
 # Settings a resumed run may change: how long, where, what is logged or exported; everything else
@@ -273,7 +319,7 @@ def train_run(spec: RunSpec, *, resume: bool = False, progress: bool = True,
         coders[cs.name] = build_coder(cs.coder_config(handle.site_width(src[0]), handle.site_width(tgt[0])),
                                       device=coder_device)
         specs[cs.name], pairs[cs.name] = cs, (src, tgt)
-    plan = export_plan(spec, {n: c.cfg for n, c in coders.items()}) if rank == 0 and not split else {}
+    plan = export_plan(spec, {n: c.cfg for n, c in coders.items()}, handle, specs) if rank == 0 and not split else {}
 
     trainer = CoderTrainer(coders, spec.train, data_parallel=not split)
     if resume:
@@ -336,7 +382,8 @@ def train_run(spec: RunSpec, *, resume: bool = False, progress: bool = True,
             from deepseemoe.dictionaries.formats import load_native
 
             every = {name: load_native(run.coder_dir(name), device=coder_device)[0] for name in specs}
-            _export(spec, handle, every, specs, out, export_plan(spec, {n: c.cfg for n, c in every.items()}))
+            _export(spec, handle, every, specs, out, export_plan(spec, {n: c.cfg for n, c in every.items()}, handle,
+                                                                 specs))
     elif rank == 0:
         _export(spec, handle, coders, specs, out, plan)
     if world > 1:  # leave together: a rank that tears the group down mid-collective aborts the others

@@ -169,22 +169,51 @@ class ModelHandle:
             return int(config.hidden_size)
         raise DeepSeeMoEError(f"site {site.kind} cannot feed a coder; use resid_*, block_* or router_logits")
 
-    def hook_names(self, site) -> dict[str, str]:
-        """The site in the other tools' words: a Hugging Face module path ("hf"), a sparsify hookpoint
-        (relative to the base model) and a TransformerLens hook name ("tl")."""
+    # The module whose *output* is a block's input, where a decoder layer names it so.
+    PRE_BLOCK_NORMS = ("pre_feedforward_layernorm", "post_attention_layernorm", "ln_2", "ffn_norm")
+
+    def output_module_path(self, site) -> str | None:
+        """The module whose output is the site (what SAELens' hf_hook_name and sparsify's hookpoints
+        name): layer L−1 (or the embedding) for resid_in of L, the pre-block norm for block_in; None
+        when the model has no such module DeepSeeMoE can name."""
         L = site.layer
+        if site.kind == "resid_out":
+            return f"{self.layers_path}.{L}"
+        if site.kind == "resid_in":
+            if L > 0:
+                return f"{self.layers_path}.{L - 1}"
+            embedding = self.model.get_input_embeddings()
+            return next((name for name, m in self.model.named_modules() if m is embedding), None)
+        if site.kind == "block_in":
+            from torch import nn
+
+            decoder = self.layers[L]
+            norm = next((a for a in self.PRE_BLOCK_NORMS if isinstance(getattr(decoder, a, None), nn.Module)), None)
+            return f"{self.layers_path}.{L}.{norm}" if norm else None
+        moe = self.moe_layers.get(L)
+        if site.kind == "router_logits":
+            return moe.router_path if moe is not None else None
+        if site.kind == "block_out":
+            return moe.block_path if moe is not None else self.dense_mlps[L].path
+        return None
+
+    def hook_names(self, site) -> dict[str, str | None]:
+        """The site in the other tools' words: "hf", the Hugging Face module whose output it is (None
+        if unnamed); "sparsify", that module relative to the base model (sparsify hooks outputs);
+        "block", the MoE block (or MLP) module relative to the base model, which sparsify transcoders
+        hook (input → output); and "tl", a TransformerLens hook name."""
+        L = site.layer
+        prefix = getattr(self.model, "base_model_prefix", "model") + "."
+        hf = self.output_module_path(site)
         if site.kind in ("resid_in", "resid_out"):
-            hf = f"{self.layers_path}.{L}"
             tl = f"blocks.{L}.hook_resid_{'pre' if site.kind == 'resid_in' else 'post'}"
         else:
-            moe = self.moe_layers.get(L)
-            hf = moe.block_path if moe is not None else self.dense_mlps[L].path
-            if site.kind == "router_logits":
-                hf = moe.router_path or hf
             tl = {"block_in": f"blocks.{L}.ln2.hook_normalized", "block_out": f"blocks.{L}.hook_mlp_out",
                   "router_logits": f"blocks.{L}.mlp.hook_router_logits"}[site.kind]
-        prefix = getattr(self.model, "base_model_prefix", "model") + "."
-        return {"hf": hf, "sparsify": hf.removeprefix(prefix), "tl": tl}
+        moe = self.moe_layers.get(L)
+        block = moe.block_path if moe is not None else (self.dense_mlps[L].path if L in self.dense_mlps else None)
+        return {"hf": hf, "sparsify": hf.removeprefix(prefix) if hf else None,
+                "block": block.removeprefix(prefix) if block else None, "tl": tl}
 
     def attention_output(self, layer: int) -> tuple[nn.Module, int] | None:
         """The attention output projection of a decoder layer and the number of heads whose outputs it
