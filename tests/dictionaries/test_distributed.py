@@ -60,6 +60,7 @@ def test_coders_split_across_two_ranks_match_one_process(tmp_path, tiny_olmoe_di
                            "-m", "deepseemoe.cli", "train", config("split", "coders")], env=env, capture_output=True,
                           text=True, timeout=300, cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("trained ") == 1  # the summary once, not once per rank
     single = subprocess.run([sys.executable, "-m", "deepseemoe.cli", "train", config("single", "data")], env=env,
                             capture_output=True, text=True, timeout=300, cwd=root)
     assert single.returncode == 0, single.stderr[-3000:]

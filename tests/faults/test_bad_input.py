@@ -353,3 +353,12 @@ def test_loss_recovered_is_undefined_when_zero_ablation_does_nothing():
     assert loss_recovered(2.0, 1.9984, 1.9984, zero_diff_sq=100 * 0.25, n=100) == 0.0
     # the same small mean with no spread is a real (if small) effect
     assert loss_recovered(2.0, 2.0, 1.9984, zero_diff_sq=100 * 0.0016**2, n=100) == pytest.approx(1.0)
+
+
+def test_run_verbs_take_a_device(cli, run_copy):
+    name = next((run_copy / "dictionaries").iterdir()).name
+    for verb in (["map", run_copy, "--dictionary", name], ["steer", run_copy, "--dictionary", name, "--feature", "0"],
+                 ["latents", run_copy]):
+        result = cli(*verb, "--device", "cpu", "--tokens", "64")
+        assert result.code == 0, (verb, result.err[-500:])
+    assert_refused(cli("map", run_copy, "--dictionary", name, "--device", "nope", "--tokens", "64"))

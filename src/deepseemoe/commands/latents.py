@@ -18,6 +18,7 @@ def register(app: typer.Typer) -> None:
         tokens: int = typer.Option(100_000, min=1, help="Tokens to cache."),
         batch_size: int = typer.Option(8, min=1, help="Contexts per forward pass."),
         n_splits: int = typer.Option(5, min=1, help="Latent ranges per file, as delphi reads them."),
+        device: str = typer.Option(None, help="Device for the model and the coders, e.g. cuda:0 (default: the run's)."),
         trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
         """Cache where every latent fires (delphi format: RUN_DIR/latents/NAME/)."""
@@ -31,6 +32,8 @@ def register(app: typer.Typer) -> None:
         from deepseemoe.runs.dictionary import DictionaryRun
 
         spec = RunSpec.from_run_dir(run_dir)
+        if device:  # this command's device; the saved config is left as it is
+            spec.model_device = spec.coder_device = device
         run = DictionaryRun.open(run_dir)
         names = dictionary or run.coder_names()
         handle = load_for_run(spec, spec.model_device, trust_remote_code=trust_remote_code)

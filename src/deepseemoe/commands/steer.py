@@ -19,6 +19,7 @@ def register(app: typer.Typer) -> None:
         data: str = typer.Option(None, help="Held-out text (default: the run's data)."),
         tokens: int = typer.Option(4_000, min=1, help="Tokens to measure on."),
         batch_size: int = typer.Option(8, min=1, help="Contexts per forward pass."),
+        device: str = typer.Option(None, help="Device for the model and the coders, e.g. cuda:0 (default: the run's)."),
         trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
         """ΔCE, KL and how often the chosen experts change when a feature is ablated or steered."""
@@ -33,6 +34,8 @@ def register(app: typer.Typer) -> None:
         from deepseemoe.runs.dictionary import DictionaryRun
 
         spec = RunSpec.from_run_dir(run_dir)
+        if device:  # this command's device; the saved config is left as it is
+            spec.model_device = spec.coder_device = device
         coder, meta = load_run_dictionary(run_dir, dictionary, device=spec.coder_device or "cpu")
         bad = [f for f in feature if not 0 <= f < coder.cfg.n_latents]
         if bad:

@@ -32,6 +32,8 @@ def register(app: typer.Typer) -> None:
         trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
         """Train sparse dictionaries (SAEs, transcoders, router transcoders, crosscoders, CLTs)."""
+        import os
+
         from rich.console import Console
 
         from deepseemoe.dictionaries.run import train_run
@@ -53,6 +55,8 @@ def register(app: typer.Typer) -> None:
             raw["trust_remote_code"] = True
         spec = RunSpec.from_dict(raw)
         result = train_run(spec, resume=resume, trust_remote_code=trust_remote_code)
+        if int(os.environ.get("RANK", "0")) != 0:  # under torchrun the summary is printed once, by rank 0
+            return
         console = Console()
         for name, m in result.final.items():
             console.print(f"  {name}: FVU {m['fvu']:.3f} · L0 {m['l0']:.1f} · dead {m['dead']:.1%}")

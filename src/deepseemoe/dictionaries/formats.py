@@ -56,6 +56,9 @@ def save_native(coder: Coder, path: str | Path, meta: dict | None = None) -> Pat
 
 
 def load_native(path: str | Path, device: str | torch.device = "cpu") -> tuple[Coder, dict]:
+    from deepseemoe.models.load import check_device
+
+    check_device(device)
     path = Path(path)
     if not (path / NATIVE_CONFIG).exists():
         raise DeepSeeMoEError(f"{path} is not a DeepSeeMoE coder folder (no {NATIVE_CONFIG}); "

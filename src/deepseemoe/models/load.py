@@ -28,6 +28,24 @@ def resolve_dtype(dtype: Any):
     return "auto" if key == "auto" else getattr(torch, _DTYPES[key])
 
 
+def check_device(device: Any) -> Any:
+    """`device` when this machine has it; one-line refusals for a misspelt or absent one."""
+    import torch
+
+    if device is None or isinstance(device, torch.device):
+        return device
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DeepSeeMoEError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DeepSeeMoEError(f"device {device!r} asks for CUDA, which this machine does not have; use cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DeepSeeMoEError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} "
+                              "CUDA device(s)")
+    return device
+
+
 def load_model(name_or_path: str, *, dtype: Any = None, device: str | None = None, device_map: Any = None,
                trust_remote_code: bool = False, experts_implementation: str | None = None,
                revision: str | None = None, load_tokenizer: bool = True) -> ModelHandle:
@@ -35,6 +53,7 @@ def load_model(name_or_path: str, *, dtype: Any = None, device: str | None = Non
     `tiny:MODEL_TYPE` builds a tiny random-weight model of that type (no tokenizer)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    check_device(device)
     if name_or_path.startswith("tiny:"):
         from deepseemoe.models.tiny import tiny_model
 
