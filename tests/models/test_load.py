@@ -64,3 +64,38 @@ def test_tiny_scheme_builds_a_random_model_of_that_type():
     assert next(handle.model.parameters()).dtype == torch.bfloat16 and handle.name == "tiny:olmoe"
     result = CliRunner().invoke(app, ["inspect", "tiny:mixtral"])
     assert result.exit_code == 0 and "MoE" in result.output
+
+
+@pytest.mark.parametrize("model_type", ["olmoe", "mixtral", "qwen3_moe", "qwen2_moe", "deepseek_v3", "gpt_oss",
+                                        "flex_olmo", "glm4_moe", "ernie4_5_moe", "granitemoe"])
+def test_structure_without_weights_equals_the_loaded_models(model_type, tmp_path):
+    """`inspect` builds the model on the meta device (no weights read); its MoE table must be the one
+    of the model loaded with its weights. The router family is detected afresh on each side."""
+    from deepseemoe.models import routers
+    from deepseemoe.models.load import load_model
+    from deepseemoe.models.tiny import tiny_model
+
+    tiny_model(model_type).save_pretrained(tmp_path / "m")
+
+    def table(weights):
+        routers._detected.clear()
+        h = load_model(str(tmp_path / "m"), load_tokenizer=False, weights=weights)
+        return [(i, m.num_experts, m.top_k, m.router_family, m.combine, m.shared_paths, m.block_path)
+                for i, m in sorted(h.moe_layers.items())], sorted(h.dense_mlps)
+
+    assert table(weights=False) == table(weights=True)
+
+
+def test_inspect_reads_no_weights(tiny_olmoe_dir, tmp_path, cli):
+    import shutil
+
+    whole = cli("inspect", tiny_olmoe_dir)
+    broken = tmp_path / "m"
+    shutil.copytree(tiny_olmoe_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not weights")  # would fail any load of the weights
+    result = cli("inspect", broken)
+    assert whole.code == result.code == 0
+    def rows(out):  # the table itself (the title wraps with the path's length)
+        return [line for line in out.splitlines() if line[:1] in "┏┃┡│└"]
+
+    assert rows(result.out) == rows(whole.out) and len(rows(whole.out)) == 6

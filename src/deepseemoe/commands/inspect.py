@@ -13,13 +13,15 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Argument(..., help="Hub id or local folder; or tiny:MODEL_TYPE for a tiny random model."),
         trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
-        """Print layers, experts, top-k, router family, shared experts and dense layers."""
+        """Print layers, experts, top-k, router family, shared experts and dense layers (from the config
+        alone: no weights are read)."""
         from rich.console import Console
         from rich.table import Table
 
         from deepseemoe.models.load import load_model
 
-        handle = load_model(model, trust_remote_code=trust_remote_code, load_tokenizer=False)
+        # the structure only: built from the config on the meta device, no weight is read
+        handle = load_model(model, trust_remote_code=trust_remote_code, load_tokenizer=False, weights=False)
         table = Table(title=f"{handle.name} ({handle.model_type}): {handle.num_layers} layers, "
                             f"{'MoE' if handle.is_moe else 'dense'}")
         for col in ("layer", "kind", "experts", "top-k", "router family", "combine", "shared", "notes"):

@@ -48,9 +48,11 @@ def check_device(device: Any) -> Any:
 
 def load_model(name_or_path: str, *, dtype: Any = None, device: str | None = None, device_map: Any = None,
                trust_remote_code: bool = False, experts_implementation: str | None = None,
-               revision: str | None = None, load_tokenizer: bool = True) -> ModelHandle:
+               revision: str | None = None, load_tokenizer: bool = True, weights: bool = True) -> ModelHandle:
     """Load a causal LM from the hub or a local folder and find its MoE (or dense) layers;
-    `tiny:MODEL_TYPE` builds a tiny random-weight model of that type (no tokenizer)."""
+    `tiny:MODEL_TYPE` builds a tiny random-weight model of that type (no tokenizer). `weights=False`
+    builds the model from its config on the meta device, reading no weights: the structure alone,
+    instantly even for a model of many GB (what `inspect` shows)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     check_device(device)
@@ -80,6 +82,12 @@ def load_model(name_or_path: str, *, dtype: Any = None, device: str | None = Non
         raise DeepSeeMoEError(f"{name_or_path}: {str(exc).splitlines()[0]} (pass --trust-remote-code only if you "
                               "trust this model's code)") from None
 
+    if not weights:
+        import torch
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        return handle_from_model(model, None, name=name_or_path)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "revision": revision}
     if dtype is not None:
         kwargs["dtype"] = resolve_dtype(dtype)

@@ -159,12 +159,29 @@ def _reproduces(family: RouterFamily, router: nn.Module, x: torch.Tensor) -> boo
                                    rtol=1e-5, atol=1e-6))
 
 
+def _materialised(router: nn.Module) -> nn.Module:
+    """A CPU copy of a router built on the meta device, with random weights: the family is a property
+    of the router's code (which selector reproduces it), so any weights without ties will do."""
+    import copy
+
+    real = copy.deepcopy(router).to_empty(device="cpu")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for t in [*real.parameters(), *real.buffers()]:
+            if t.is_floating_point():
+                t.copy_(torch.randn(t.shape, generator=g) * 0.05)
+    return real
+
+
 def detect_family(router: nn.Module, hidden_size: int) -> RouterFamily:
     """Identify a router's family by running it on a random probe input and keeping the first
     candidate selector that reproduces its (idx, weights) exactly."""
     cls = type(router)
     if cls not in _detected:
         param = next(router.parameters(), None)
+        if param is not None and param.device.type == "meta":  # a model built without its weights
+            router = _materialised(router)
+            param = next(router.parameters(), None)
         g = torch.Generator().manual_seed(0)
         x = torch.randn(64, hidden_size, generator=g)
         if param is not None:
