@@ -37,6 +37,16 @@ def _run(path, l0=L0, l1=L1):
     return path
 
 
+def _nmi_by_hand(counts) -> float:
+    """2·MI / (H(row) + H(column)) of a joint count table, written out term by term."""
+    joint = np.array(counts, dtype=float) / np.sum(counts)
+    px, py = joint.sum(1), joint.sum(0)
+    nz = joint > 0
+    mi = (joint[nz] * np.log(joint[nz] / np.outer(px, py)[nz])).sum()
+    hx, hy = -(px[px > 0] * np.log(px[px > 0])).sum(), -(py[py > 0] * np.log(py[py > 0])).sum()
+    return 2 * mi / (hx + hy)
+
+
 @pytest.fixture()
 def stats(tmp_path):
     stats = compute_routing_stats(_run(tmp_path / "run"), min_count=1)
@@ -83,12 +93,7 @@ def test_domain_specialization(stats):
     np.testing.assert_allclose(dom.loc["x"], [0.5, 0.25, 0.25, 0])
     np.testing.assert_allclose(dom.loc["y"], [0, 0.5, 0, 0.5])
     # NMI by hand: joint slot counts [[2,1,1,0],[0,2,0,2]]
-    joint = np.array([[2, 1, 1, 0], [0, 2, 0, 2]]) / 8
-    px, py = joint.sum(1), joint.sum(0)
-    nz = joint > 0
-    mi = (joint[nz] * np.log(joint[nz] / np.outer(px, py)[nz])).sum()
-    hx, hy = -(px * np.log(px)).sum(), -(py[py > 0] * np.log(py[py > 0])).sum()
-    assert stats.summary["layers"]["0"]["domain_nmi"] == pytest.approx(2 * mi / (hx + hy))
+    assert stats.summary["layers"]["0"]["domain_nmi"] == pytest.approx(_nmi_by_hand([[2, 1, 1, 0], [0, 2, 0, 2]]))
 
 
 def test_vocabulary_and_classes(stats):
@@ -155,12 +160,8 @@ def test_domain_lift_token_share_and_top1(stats):
     np.testing.assert_allclose([dom.loc[("x", e), "token_share"] for e in range(4)], [1, 0.5, 0.5, 0])
     np.testing.assert_allclose([dom.loc[("x", e), "top1_share"] for e in range(4)], [1, 0, 0, 0])
     np.testing.assert_allclose([dom.loc[("y", e), "top1_share"] for e in range(4)], [0, 0.5, 0, 0.5])
-    joint = np.array([[2, 0, 0, 0], [0, 1, 0, 1]]) / 4  # top-1 choices by domain
-    px, py = joint.sum(1), joint.sum(0)
-    nz = joint > 0
-    mi = (joint[nz] * np.log(joint[nz] / np.outer(px, py)[nz])).sum()
-    hx, hy = -(px * np.log(px)).sum(), -(py[py > 0] * np.log(py[py > 0])).sum()
-    assert stats.summary["layers"]["0"]["domain_nmi_top1"] == pytest.approx(2 * mi / (hx + hy))
+    top1 = [[2, 0, 0, 0], [0, 1, 0, 1]]  # top-1 choices by domain
+    assert stats.summary["layers"]["0"]["domain_nmi_top1"] == pytest.approx(_nmi_by_hand(top1))
 
 
 def test_olmoe_adjacent_rank_coactivation(tmp_path):
