@@ -16,12 +16,11 @@ from dataclasses import asdict, dataclass
 from dataclasses import field as dc_field
 from pathlib import Path
 
-import yaml
-
 from deepseemoe.capture.core import Site
 from deepseemoe.dictionaries.coder import ACTIVATIONS, CoderConfig
 from deepseemoe.dictionaries.trainer import TrainConfig
 from deepseemoe.errors import DeepSeeMoEError
+from deepseemoe.runs.atomic import read_yaml_mapping
 from deepseemoe.validate import check_fields, known_keys
 
 KINDS = ("sae", "transcoder", "skip_transcoder", "router_transcoder", "crosscoder", "clt")
@@ -202,13 +201,4 @@ def load_yaml_mapping(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise DeepSeeMoEError(f"config {path} does not exist; pass a YAML run config (see README: Dictionaries)")
-    try:
-        d = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DeepSeeMoEError(f"{path} is not valid YAML ({first}); fix the file") from None
-    if d is None:
-        return {}
-    if not isinstance(d, dict):
-        raise DeepSeeMoEError(f"{path} must hold a mapping of settings (key: value), not a {type(d).__name__}")
-    return d
+    return read_yaml_mapping(path)

@@ -265,7 +265,7 @@ def compute_routing_stats(run_dir: str | Path, *, checkpoint: str | Path | None 
 
     pool.shutdown()
     names = {code: name for name, code in domain_codes.items()}
-    summary: dict = {"tokens": counts[run.layers[0]].tokens, "layers": {}, "notes": run.notes,
+    summary: dict = {"tokens": counts[run.layers[0]].tokens, "layers": {}, "notes": [],
                      "definitions": "see deepseemoe/routing/stats.py docstring"}
     rows_load, rows_co, rows_cls, rows_dom, rows_vocab, rows_tr = [], [], [], [], [], []
     for layer in run.layers:

@@ -68,3 +68,22 @@ def read_json(path: str | Path, fix: str) -> Any:
         raise DeepSeeMoEError(f"{path} is missing; {fix}") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise DeepSeeMoEError(f"{path} is damaged (not valid JSON: {exc}); {fix}") from None
+
+
+def read_yaml_mapping(path: str | Path) -> dict:
+    """A YAML settings file as a dict ({} when empty); one-line refusals for bad YAML or a non-mapping."""
+    import yaml
+
+    from deepseemoe.errors import DeepSeeMoEError
+
+    path = Path(path)
+    try:
+        d = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DeepSeeMoEError(f"{path} is not valid YAML ({first}); fix the file") from None
+    if d is None:
+        return {}
+    if not isinstance(d, dict):
+        raise DeepSeeMoEError(f"{path} must hold a mapping of settings (key: value), not a {type(d).__name__}")
+    return d

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from deepseemoe.errors import DeepSeeMoEError
-from deepseemoe.runs.atomic import atomic_write_json, atomic_write_table, read_json
+from deepseemoe.runs.atomic import atomic_write_json, atomic_write_table, read_json, read_yaml_mapping
 from deepseemoe.runs.lock import atomic_dir
 
 CONFIG = "config.yaml"
@@ -49,17 +49,7 @@ class DictionaryRun:
 
     def config(self) -> dict:
         """config.yaml as a mapping (one-line refusal for a damaged one)."""
-        import yaml
-
-        path = self.path / CONFIG
-        try:
-            d = yaml.safe_load(path.read_text())
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DeepSeeMoEError(f"{path} is not valid YAML ({first}); fix the file") from None
-        if not isinstance(d, dict):
-            raise DeepSeeMoEError(f"{path} must hold a mapping of settings (key: value), not a {type(d).__name__}")
-        return d
+        return read_yaml_mapping(self.path / CONFIG)
 
     def checkpoint(self, rank: int = 0) -> Path:
         return self.path / (CHECKPOINT if rank == 0 else CHECKPOINT.replace(".safetensors", f".rank{rank}.safetensors"))

@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +47,6 @@ TOKENS_SCHEMA = {"doc": "int64", "pos": "int32", "token_id": "int32", "token": "
                  "piece": "string"}
 ROUTING_SCHEMA = {"doc": "int64", "pos": "int32", "layer": "int16", "rank": "int8", "expert": "int16",
                   "weight": "float32"}
-PARTS = ("tokens", "routing", "matrix", "logits")
 
 
 def arrow_schema(fields: dict[str, str]):
@@ -233,7 +232,6 @@ class RoutingRun:
     layers: list[int]
     num_experts: dict[int, int]
     top_k: dict[int, int]
-    notes: list[str] = field(default_factory=list)
 
     @classmethod
     def open(cls, run_dir: str | Path) -> RoutingRun:
@@ -257,7 +255,8 @@ class RoutingRun:
         except (ValueError, KeyError, TypeError, AttributeError):
             raise DeepSeeMoEError(f"{run_dir / 'run.json'} lacks the MoE layout; write the run again") from None
         parts = sorted(rel.split("/", 1)[1] for rel in manifest.files if rel.startswith("tokens/"))
-        missing = [p for p in parts if f"routing/{p}" not in manifest.files]
+        missing = [p for p in parts if f"routing/{p}" not in manifest.files
+                   or f"matrix/{p.replace('.parquet', '.safetensors')}" not in manifest.files]
         if not parts or missing:
             raise DeepSeeMoEError(f"{run_dir} lists no complete shard; write the run again")
         return cls(run_dir, manifest, digest, meta, parts, layers, num_experts, top_k)
@@ -267,9 +266,6 @@ class RoutingRun:
         for rel in self.manifest.files:
             self.manifest.verify_file(self.run_dir, rel)
         return len(self.manifest.files), sum(e.bytes for e in self.manifest.files.values())
-
-    def rows(self, sub: str, part: str) -> int:
-        return int(self.manifest.files[f"{sub}/{part}"].rows)
 
     def read_table(self, sub: str, part: str, columns: list[str] | None = None):
         """One shard file as a pyarrow table, after checking its sha256."""
@@ -289,48 +285,26 @@ class RoutingRun:
 
         return pa.concat_tables([self.read_table("tokens", p, columns) for p in self.parts])
 
-    def verified_files(self, sub: str) -> list[Path]:
-        """Paths of every shard of `sub`, each checked against its sha256 (for engines that read files)."""
-        return [self.manifest.verify_file(self.run_dir, f"{sub}/{p}") for p in self.parts]
-
     def routing_layers(self, part: str, T: int, columns=("expert", "weight")) -> dict[int, tuple[np.ndarray, ...]]:
         """Per MoE layer, the shard's routing as [T, K] arrays (`columns`: expert, weight), read from
-        the compact matrix file (verified), or from the long parquet for runs written without one."""
+        its compact matrix file (verified; the long parquet holds the same numbers for other engines)."""
+        from safetensors.numpy import load
+
         matrix = f"matrix/{part.replace('.parquet', '.safetensors')}"
-        if matrix in self.manifest.files:
-            from safetensors.numpy import load
-
-            try:
-                arrays = load(self.manifest.verified_bytes(self.run_dir, matrix))
-            except DeepSeeMoEError:
-                raise
-            except Exception as exc:  # a checksummed file can still be a foreign one
-                raise DeepSeeMoEError(f"{self.run_dir / matrix} cannot be read ({exc}); write the run again") from None
-            names = {"expert": "experts", "weight": "weights"}
-            out = {}
-            for layer in self.layers:
-                got = tuple(arrays[f"{names[c]}.{layer}"] for c in columns)
-                if any(a.shape != (T, self.top_k[layer]) for a in got):
-                    raise DeepSeeMoEError(f"{self.run_dir / matrix} does not match its tokens ({T} tokens, "
-                                          f"top-{self.top_k[layer]} at layer {layer}); write the run again")
-                out[layer] = tuple(a.astype(np.int16) if c == "expert" else a for a, c in zip(got, columns, strict=True))
-            return out
-        return self._routing_from_parquet(part, T, columns)
-
-    def _routing_from_parquet(self, part: str, T: int, columns) -> dict[int, tuple[np.ndarray, ...]]:
-        """The store is layer-major with every token in every MoE layer, so layer l is rows
-        [Σ_{l'<l} T·K_l', …) and the layer column need not be read; the row count is checked instead."""
-        expected = T * sum(self.top_k[layer] for layer in self.layers)
-        if self.rows("routing", part) != expected:
-            raise DeepSeeMoEError(f"{self.run_dir / 'routing' / part} has {self.rows('routing', part)} rows, "
-                                  f"expected {expected} ({T} tokens × top-k over {len(self.layers)} layers)")
-        table = self.read_table("routing", part, list(columns))
-        arrays = [table[c].to_numpy() for c in columns]
-        out, lo = {}, 0
+        try:
+            arrays = load(self.manifest.verified_bytes(self.run_dir, matrix))
+        except DeepSeeMoEError:
+            raise
+        except Exception as exc:  # a checksummed file can still be a foreign one
+            raise DeepSeeMoEError(f"{self.run_dir / matrix} cannot be read ({exc}); write the run again") from None
+        names = {"expert": "experts", "weight": "weights"}
+        out = {}
         for layer in self.layers:
-            hi = lo + T * self.top_k[layer]
-            out[layer] = tuple(a[lo:hi].reshape(T, -1) for a in arrays)
-            lo = hi
+            got = tuple(arrays[f"{names[c]}.{layer}"] for c in columns)
+            if any(a.shape != (T, self.top_k[layer]) for a in got):
+                raise DeepSeeMoEError(f"{self.run_dir / matrix} does not match its tokens ({T} tokens, "
+                                      f"top-{self.top_k[layer]} at layer {layer}); write the run again")
+            out[layer] = tuple(a.astype(np.int16) if c == "expert" else a for a, c in zip(got, columns, strict=True))
         return out
 
     # ---- analyses/: derived from this run, recorded with the run's digest ---------------------
