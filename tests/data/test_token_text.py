@@ -21,20 +21,19 @@ from deepseemoe.data.token_text import token_texts
 TEXTS = ["también está el café", "привет мир, как дела у тебя", "東京タワーと富士山", "party 🎉 time 🚀 now"]
 
 
-def _byte_level():
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(TEXTS * 5, vocab_size=300, min_frequency=2, special_tokens=["<pad>", "<s>", "</s>"],
-                            show_progress=False)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>",
+def _trained(model, min_frequency: int):
+    model.train_from_iterator(TEXTS * 5, vocab_size=300, min_frequency=min_frequency,
+                              special_tokens=["<pad>", "<s>", "</s>"], show_progress=False)
+    return PreTrainedTokenizerFast(tokenizer_object=model._tokenizer, bos_token="<s>", eos_token="</s>",
                                    pad_token="<pad>")
+
+
+def _byte_level():
+    return _trained(ByteLevelBPETokenizer(), min_frequency=2)
 
 
 def _sentencepiece():
-    sp = SentencePieceBPETokenizer()
-    sp.train_from_iterator(TEXTS * 5, vocab_size=300, min_frequency=1, special_tokens=["<pad>", "<s>", "</s>"],
-                           show_progress=False)
-    return PreTrainedTokenizerFast(tokenizer_object=sp._tokenizer, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>")
+    return _trained(SentencePieceBPETokenizer(), min_frequency=1)
 
 
 def _unescape(text: str) -> bytes:
