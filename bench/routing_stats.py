@@ -89,8 +89,10 @@ def main() -> None:
         queue = ctx.Queue()
         child = ctx.Process(target=_timed_stats, args=(str(run), queue))
         child.start()
-        secs = queue.get()
         child.join()
+        if child.exitcode != 0:
+            raise SystemExit(f"the statistics process failed (exit {child.exitcode}) on {run}")
+        secs = queue.get()
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6  # GB (kB on Linux)
         rows = n * args.layers * args.topk
         first = first or (n, secs)

@@ -276,8 +276,9 @@ class RoutingRun:
         try:
             return pq.read_table(pa.BufferReader(data), columns=columns)
         except (pa.ArrowException, OSError) as exc:  # a checksummed file can still be a foreign one
-            raise DeepSeeMoEError(f"{self.run_dir / sub / part} cannot be read as parquet ({exc}); write the run "
-                                  "again") from None
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise DeepSeeMoEError(f"{self.run_dir / sub / part} cannot be read as this version's parquet ({first}); "
+                                  "write the run again") from None
 
     def tokens(self, columns: list[str] | None = None):
         """The whole token table (verified), shards concatenated in order."""
