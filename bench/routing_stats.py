@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -92,8 +91,7 @@ def main() -> None:
         child.join()
         if child.exitcode != 0:
             raise SystemExit(f"the statistics process failed (exit {child.exitcode}) on {run}")
-        secs = queue.get()
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6  # GB (kB on Linux)
+        secs, peak = queue.get()
         rows = n * args.layers * args.topk
         first = first or (n, secs)
         print(f"tokens={n:>11,}  rows={rows:>14,}  generate={gen:6.1f}s  stats={secs:6.1f}s  "
@@ -104,7 +102,12 @@ def main() -> None:
 def _timed_stats(run: str, queue) -> None:
     t0 = time.perf_counter()
     save_routing_stats(compute_routing_stats(run), figures=False)
-    queue.put(time.perf_counter() - t0)
+    secs = time.perf_counter() - t0
+    # this process's own high-water mark (VmHWM starts afresh at exec; ru_maxrss of a child would
+    # carry the parent's peak across the fork)
+    status = Path("/proc/self/status").read_text().splitlines()
+    hwm_kb = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    queue.put((secs, hwm_kb / 1e6))
 
 
 if __name__ == "__main__":
