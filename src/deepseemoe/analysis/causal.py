@@ -14,6 +14,13 @@ model on the same held-out tokens, overall and per domain, plus KL(clean ‖ int
 - observational vs causal: per layer, Spearman correlation across experts between load, mean
   gate weight or mean output norm and the expert's ablation ΔCE.
 
+Which predictions count: the prediction made at position t (reading token t, predicting t+1)
+counts when both tokens are real text of the *same* document, and belongs to that document's
+domain. Packing lays documents end to end, so the prediction "last token of document a → the
+BOS that opens document b" reads `a` and predicts a token the packer inserted; it is left out of
+every mean (overall and per domain), and no prediction is ever labelled by the document it
+predicts. Attention still sees earlier documents of the same context, as in training.
+
 Shapes: input ids [B, S]; per-token losses [B, S-1]; routing idx/weights [T, K].
 """
 
@@ -88,6 +95,8 @@ class LossMeter:
     """Clean per-token log-probs of every batch, then ΔCE / KL of interventions on the same batches."""
 
     def __init__(self, handle: ModelHandle, batches: list, domains: list[list[str]]):
+        """`domains[i]` labels batch i's predictions [B·(S-1)] (see `token_domains`); only
+        predictions within one document count (module docstring)."""
         self.handle, self.batches, self.domains = handle, batches, domains
         self.device = next(handle.model.parameters()).device
         self.clean_logp: list[torch.Tensor] = []
@@ -96,6 +105,7 @@ class LossMeter:
         self.domain_masks: list[dict[str, torch.Tensor]] = []
         for b, dom in zip(batches, domains, strict=True):
             logp, ce, valid = self._run(b)
+            valid = valid & within_document(b).to(valid.device)
             self.clean_logp.append(logp)
             self.clean_ce.append(ce)
             self.valid.append(valid)
@@ -136,10 +146,18 @@ class LossMeter:
                 "by_domain": {d: sums[d] / counts[d] for d in sorted(sums) if counts[d]}}
 
 
+def within_document(batch) -> torch.Tensor:
+    """[B, S-1] bool: the predictions whose read token and predicted token are one document's."""
+    read, target = batch.doc[:, :-1], batch.doc[:, 1:]
+    return (read >= 0) & (read == target)
+
+
 def token_domains(batch) -> list[str]:
-    """The domain of each next-token prediction position [B·(S-1)], from the packed provenance."""
-    doc = batch.doc[:, 1:].reshape(-1).tolist()
-    return [batch.domains.get(d) or "all" if d >= 0 else "" for d in doc]
+    """The domain of each prediction position [B·(S-1)]: the domain of the document of the token
+    *read*; "" for padding and for predictions that cross into the next document."""
+    doc = batch.doc[:, :-1].reshape(-1).tolist()
+    within = within_document(batch).reshape(-1).tolist()
+    return [(batch.domains.get(d) or "all") if ok else "" for d, ok in zip(doc, within, strict=True)]
 
 
 @torch.no_grad()
