@@ -106,11 +106,43 @@ def test_map_cli_on_a_trained_block_input_sae(tmp_path, tiny_olmoe_dir, corpus_j
     fe = pq.read_table(tmp_path / "run" / "maps" / "router_sae" / "feature_experts.parquet").to_pandas()
     sums = fe.groupby("feature")["p_e_given_f"].sum()
     np.testing.assert_allclose(sums.values, 2.0)  # K = 2 experts per token
+    # the full feature × expert router attribution, against W_r·d_i from the router and decoder themselves
+    from deepseemoe.dictionaries.formats import load_run_dictionary
+    from deepseemoe.models.load import load_model
+
+    attr = pq.read_table(tmp_path / "run" / "maps" / "router_sae" / "router_attribution.parquet").to_pandas()
+    coder, _ = load_run_dictionary(tmp_path / "run", "router_sae")
+    W_r = load_model(str(tiny_olmoe_dir)).moe_layers[1].router.weight.detach().double()
+    expected = coder.folded().W_dec.detach().double() @ W_r.T  # [F, E]
+    assert len(attr) == expected.numel()
+    np.testing.assert_allclose(attr["logit_per_unit"], expected[attr["feature"], attr["expert"]].numpy(), atol=1e-5)
+    centred = expected - expected.mean(1, keepdim=True)
+    np.testing.assert_allclose(attr["push_per_unit"], centred[attr["feature"], attr["expert"]].numpy(), atol=1e-5)
     examples = json.loads((tmp_path / "run" / "maps" / "router_sae" / "examples.json").read_text())
     first = next(iter(examples.values()))
     assert first["top"] and len(first["quantiles"]) == 4
     acts = [e["activation"] for q in first["quantiles"] for e in q]
     assert acts and max(acts) <= first["top"][0]["activation"] + 1e-6
+
+
+def test_attribution_table_by_hand():
+    from deepseemoe.analysis.features import attribution_table
+
+    # 2 features, 3 experts; W_r·d: f0 → (3, 0, 0), f1 → (1, 1, 4)
+    virtual = torch.tensor([[3.0, 0.0, 0.0], [1.0, 1.0, 4.0]])
+    # f0 fires on tokens 0, 1 (2, 4: mean 3 when active, 1.5 per token); f1 on token 3 (1: 1, 0.25)
+    lat = torch.tensor([[2.0, 0.0], [4.0, 0.0], [0.0, 0.0], [0.0, 1.0]])
+    t = attribution_table(virtual, lat)
+    assert t["feature"].tolist() == [0, 0, 0, 1, 1, 1] and t["expert"].tolist() == [0, 1, 2] * 2
+    np.testing.assert_allclose(t["logit_per_unit"], [3, 0, 0, 1, 1, 4])
+    np.testing.assert_allclose(t["push_per_unit"], [2, -1, -1, -1, -1, 2])  # minus the row means 1 and 2
+    np.testing.assert_allclose(t["mean_push_when_active"], [6, -3, -3, -1, -1, 2])
+    np.testing.assert_allclose(t["mean_push_per_token"], [3, -1.5, -1.5, -0.25, -0.25, 0.5])
+    # many experts: each feature keeps its top-n by |push|
+    wide = torch.zeros(2, 80)
+    wide[0, 5], wide[0, 7], wide[1, 9] = 8.0, -8.0, 4.0
+    t = attribution_table(wide, lat, top_n=2)
+    assert len(t["feature"]) == 4 and set(t["expert"][:2].tolist()) == {5, 7} and t["expert"][2] == 9
 
 
 def test_quantile_picks_by_hand():

@@ -4,6 +4,9 @@
     RUN_DIR/maps/NAME/features.parquet        per feature: fires, specificity, top expert by lift (+ MI),
                                               the expert it promotes most (virtual router weight)
     RUN_DIR/maps/NAME/feature_experts.parquet per live (feature, expert): count, P(e|f), lift, MI
+    RUN_DIR/maps/NAME/router_attribution.parquet  SAEs on the block input: the feature × expert table of
+                                              router-logit attribution (`features.attribution_table`;
+                                              dense up to 64 experts, else each feature's top 16)
     RUN_DIR/maps/NAME/expert_composition.parquet  block transcoders: per (expert, feature) the share of
                                               the expert's routed output the feature writes along it
     RUN_DIR/maps/NAME/examples.json           per feature: top-activating and per-quantile contexts, with experts
@@ -18,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from deepseemoe.analysis.features import (
+    attribution_table,
     collect_for_map,
     composition_from_sums,
     feature_expert_tables,
@@ -78,6 +82,7 @@ def compute_map(run_dir: Path, spec: RunSpec, name: str, *, data: str | None, to
     if got.attribution is not None:
         cols["promoted_expert"] = got.attribution.virtual.argmax(1).numpy()
         cols["promoted_logit_per_unit"] = got.attribution.virtual.max(1).values.numpy()
+        out["router_attribution"] = pa.table(attribution_table(got.attribution.virtual, got.latents))
     comp = None
     if composition:
         comp = composition_from_sums(*got.composition)

@@ -132,6 +132,42 @@ def routing_prediction(latents: torch.Tensor, idx: torch.Tensor, tokens: torch.T
             "load_only": recall_at_k(base.expand(T - half, -1), idx[te]), "test_tokens": T - half}
 
 
+DENSE_ATTRIBUTION_EXPERTS = 64  # up to this many experts the feature × expert table is dense
+
+
+def attribution_table(virtual: torch.Tensor, latents: torch.Tensor, top_n: int = 16) -> dict[str, np.ndarray]:
+    """The feature × expert router-attribution table, one row per (feature, expert): every pair
+    when E ≤ DENSE_ATTRIBUTION_EXPERTS, else each feature's `top_n` experts by |push_per_unit|.
+
+    - logit_per_unit: W_r[e]·d_i, what one unit of feature i adds to expert e's logit;
+    - push_per_unit: the same minus its mean over experts — routing is a softmax/top-k over logits,
+      which a shift shared by all experts leaves unchanged, so this is the part that moves tokens
+      toward (> 0) or away from (< 0) expert e;
+    - mean_push_when_active: push_per_unit × the feature's mean activation where it fires;
+    - mean_push_per_token: push_per_unit × the feature's mean activation over all tokens (its
+      average share of expert e's routing preference).
+    virtual [F, E]; latents [T, F]."""
+    v = virtual.double()
+    F, E = v.shape
+    push = v - v.mean(1, keepdim=True)
+    lat = latents.double()
+    fires = (lat > 0).sum(0)
+    total = lat.sum(0)
+    when_active = torch.where(fires > 0, total / fires.clamp_min(1), torch.zeros_like(total))
+    per_token = total / max(lat.shape[0], 1)
+    if E <= DENSE_ATTRIBUTION_EXPERTS:
+        f_idx = torch.arange(F).repeat_interleave(E)
+        e_idx = torch.arange(E).repeat(F)
+    else:
+        n = min(top_n, E)
+        e_idx = push.abs().topk(n, dim=1).indices.reshape(-1)
+        f_idx = torch.arange(F).repeat_interleave(n)
+    p = push[f_idx, e_idx]
+    return {"feature": f_idx.numpy(), "expert": e_idx.numpy(), "logit_per_unit": v[f_idx, e_idx].numpy(),
+            "push_per_unit": p.numpy(), "mean_push_when_active": (p * when_active[f_idx]).numpy(),
+            "mean_push_per_token": (p * per_token[f_idx]).numpy()}
+
+
 @dataclass
 class RouterAttribution:
     """Router logits of the kept tokens split into feature and SAE-error parts (`router_attribution`)."""
