@@ -109,3 +109,57 @@ def test_ablation_gap_by_hand():
     assert g["delta_ce_others"] == pytest.approx(0.075) and g["gap"] == pytest.approx(0.225)
     # preferred = highest mean activity per token, not highest total
     assert _preferred(np.array([10.0, 6.0]), np.array([10.0, 2.0])) == 1
+
+
+def test_units_are_chosen_on_one_half_and_scored_on_the_other(pair, monkeypatch):
+    """What picks the ablated units (and the dense model's selected neuron blocks) never sees the
+    tokens their ΔCE is measured on; the descriptive selectivity still covers both halves."""
+    import deepseemoe.analysis.compare as cmp
+
+    moe_dir, dense_dir, data = pair
+    seen: dict[str, list] = {"selected": [], "scored": []}
+    real_sel, real_abl = cmp.unit_selectivity, cmp.ablation_selectivity
+
+    def spy_sel(h, batches, class_of, n, expert_neurons=True):
+        seen["selected"].append({id(b) for b in batches})
+        return real_sel(h, batches, class_of, n, expert_neurons)
+
+    def spy_abl(h, batches, domains, sel, max_units):
+        seen["scored"].append({id(b) for b in batches})
+        return real_abl(h, batches, domains, sel, max_units)
+
+    monkeypatch.setattr(cmp, "unit_selectivity", spy_sel)
+    monkeypatch.setattr(cmp, "ablation_selectivity", spy_abl)
+    moe, dense = load_model(str(moe_dir)), load_model(str(dense_dir))
+
+    def batches(h):
+        return list(pack_documents(h.tokenizer, iter_documents(TextSource(str(data))), ctx_len=32, batch_size=2,
+                                   max_tokens=300))
+    bm, bd = batches(moe), batches(dense)
+    res = cmp.compare_models(moe, dense, bm, bd, max_units_per_kind=2)
+    # per model: selection half, evaluation half, token classes over all
+    for side, (sel_ids, held_ids, _), scored in zip(("moe", "dense"), (seen["selected"][:3], seen["selected"][3:]),
+                                                    seen["scored"], strict=True):
+        assert sel_ids and scored and not (sel_ids & scored) and held_ids == scored
+        split = res[side]["ablation_split"]
+        total = sum(int(b.keep.sum()) for b in (bm if side == "moe" else bd))
+        assert split["select_tokens"] + split["evaluate_tokens"] == total and split["select_tokens"] > 0
+    # the descriptive selectivity over both halves equals one pass over all the tokens
+    monkeypatch.setattr(cmp, "unit_selectivity", real_sel)
+    names, by_domain = domain_classes(bm)
+    whole = cmp.summarize_selectivity(real_sel(moe, bm, by_domain, len(names)))
+    for kind, row in whole.items():
+        for key, v in row.items():
+            assert res["moe"]["domain_selectivity"][kind][key] == pytest.approx(v, rel=1e-9)
+
+
+def test_split_halves_of_a_single_batch():
+    from deepseemoe.analysis.compare import split_halves
+    from deepseemoe.data.tokens import PackedBatch
+    from deepseemoe.errors import DeepSeeMoEError
+
+    z = torch.zeros(4, 3, dtype=torch.long)
+    a, b = split_halves([PackedBatch(z, z + 1, z, z.int(), {})])
+    assert a[0].input_ids.shape[0] == 2 and b[0].input_ids.shape[0] == 2
+    with pytest.raises(DeepSeeMoEError, match="too few held-out contexts"):
+        split_halves([PackedBatch(z[:1], z[:1], z[:1], z[:1].int(), {})])

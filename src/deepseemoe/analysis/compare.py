@@ -12,10 +12,12 @@ equally active on every class, 1 when it is active on one only. Units never acti
 
 Ablation selectivity: ablate one unit — an expert (weight 0), a head (its o_proj input slice 0),
 or, for the dense model, a block of as many MLP neurons as one expert has (d_ff_dense / E, so
-the removed capacity matches): either the block most selective for a domain (selected on the
-evaluation data, so it favours the dense model) or random blocks (the unselected analogue of an
-expert) — and compare ΔCE on the unit's preferred domain with the mean ΔCE on the other domains
-(gap = preferred − others).
+the removed capacity matches): either the block most selective for a domain (a selected unit)
+or random blocks (the unselected analogue of an expert) — and compare ΔCE on the unit's
+preferred domain with the mean ΔCE on the other domains (gap = preferred − others).
+Everything chosen from activity — which units to ablate, each unit's preferred domain, the
+selected neuron blocks — is chosen on one half of the held-out contexts and the ΔCE measured on
+the other half (`split_halves`), so no row is selected on the tokens it is scored on.
 
 The SAE frontier is trained with the regular trainer (`deepseemoe.dictionaries`) on the same
 residual site of both models at equal width, for several k; FVU, dead fraction and spliced ΔCE
@@ -151,7 +153,9 @@ def _gap(res: dict, preferred: str) -> dict:
 def ablation_selectivity(handle: ModelHandle, batches: list, domains: list[str], sel: dict,
                          max_units_per_kind: int = 64) -> dict:
     """Ablate experts / heads / domain neuron blocks one at a time; ΔCE on the preferred domain vs
-    the others (units chosen as the most active ones when there are more than `max_units_per_kind`)."""
+    the others (units chosen as the most active ones when there are more than `max_units_per_kind`).
+    `sel` (what picks units, blocks and preferred domains) must come from other tokens than
+    `batches` (where ΔCE is measured): see `split_halves`."""
     meter = LossMeter(handle, batches, [token_domains(b) for b in batches])
     counts = sel["counts"]
     out: dict[str, list[dict]] = defaultdict(list)
@@ -254,6 +258,31 @@ def token_classes(tokenizer) -> tuple[list[str], callable]:
     return list(TOKEN_CLASSES), class_of
 
 
+def split_halves(batches: list) -> tuple[list, list]:
+    """Disjoint (selection, evaluation) halves of the held-out contexts: alternate batches, or the
+    rows of a single batch split in two."""
+    if len(batches) >= 2:
+        return batches[0::2], batches[1::2]
+    if len(batches) == 1 and batches[0].input_ids.shape[0] >= 2:
+        b = batches[0]
+        h = b.input_ids.shape[0] // 2
+        part = [type(b)(b.input_ids[s], b.attention_mask[s], b.doc[s], b.pos[s], b.domains)
+                for s in (slice(0, h), slice(h, None))]
+        return [part[0]], [part[1]]
+    raise DeepSeeMoEError("too few held-out contexts to select units on one half and score them on the other "
+                          "(need at least 2); give more --tokens")
+
+
+def _merge_selectivity(a: dict, b: dict) -> dict:
+    """Selectivity over both halves: the per-class sums and counts add up."""
+    counts = a["counts"] + b["counts"]
+    units = {}
+    for kind in a["units"]:
+        mass = {layer: m + b["units"][kind]["mass"][layer] for layer, m in a["units"][kind]["mass"].items()}
+        units[kind] = {"mass": mass, "per_layer": {la: selectivity(m, counts) for la, m in mass.items()}}
+    return {"units": units, "counts": counts}
+
+
 def compare_models(moe: ModelHandle, dense: ModelHandle, batches_moe: list, batches_dense: list, *,
                    expert_neurons: bool = True, max_units_per_kind: int = 64) -> dict:
     """Selectivity by domain and by token class, and ablation selectivity, for both models."""
@@ -262,11 +291,15 @@ def compare_models(moe: ModelHandle, dense: ModelHandle, batches_moe: list, batc
     result = {}
     for label, h, batches in (("moe", moe, batches_moe), ("dense", dense, batches_dense)):
         domains, by_domain = domain_classes(batches)
-        sel = unit_selectivity(h, batches, by_domain, len(domains), expert_neurons)
+        select, evaluate = split_halves(batches)
+        sel = unit_selectivity(h, select, by_domain, len(domains), expert_neurons)
+        held = unit_selectivity(h, evaluate, by_domain, len(domains), expert_neurons)
         tnames, by_token = token_classes(h.tokenizer)
         sel_tok = unit_selectivity(h, batches, by_token, len(tnames), expert_neurons=False)
         sel["experts_to_match"] = max((m.num_experts for m in moe.moe_layers.values()), default=16)
-        result[label] = {"domains": domains, "domain_selectivity": summarize_selectivity(sel),
+        result[label] = {"domains": domains, "domain_selectivity": summarize_selectivity(_merge_selectivity(sel, held)),
                          "token_class_selectivity": summarize_selectivity(sel_tok),
-                         "ablation": ablation_selectivity(h, batches, domains, sel, max_units_per_kind)}
+                         "ablation": ablation_selectivity(h, evaluate, domains, sel, max_units_per_kind),
+                         "ablation_split": {"select_tokens": int(sum(b.keep.sum() for b in select)),
+                                            "evaluate_tokens": int(sum(b.keep.sum() for b in evaluate))}}
     return result

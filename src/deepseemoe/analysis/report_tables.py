@@ -22,6 +22,12 @@ def comparison_rows(result: dict) -> list[tuple[str, str, str]]:
                 rows.append((f"{what} selectivity of {kind.replace('_', ' ')}s (median; share > 0.5)",
                              f"{_fmt(m['median'])}; {_fmt(m['share_above_0.5'])}" if m else "—",
                              f"{_fmt(d['median'])}; {_fmt(d['share_above_0.5'])}" if d else "—"))
+    split = result["moe"].get("ablation_split")
+    chosen = " (units and preferred domains chosen on one half of the held-out text, scored on the other)" \
+        if split else ""
+    labels = {"expert": "experts", "mlp_random_block": "random MLP neuron blocks of one expert's size (unselected)",
+              "mlp_neuron_block": "most domain-selective MLP neuron blocks of one expert's size (selected)",
+              "attention_head": "attention heads"}
     for kind in ("expert", "mlp_random_block", "mlp_neuron_block", "attention_head"):
         vals = {}
         for side in ("moe", "dense"):
@@ -29,7 +35,7 @@ def comparison_rows(result: dict) -> list[tuple[str, str, str]]:
             gaps = [u["gap"] for u in units if u["gap"] == u["gap"]]
             vals[side] = (f"{np.mean(gaps):.4f} (n={len(gaps)})" if gaps else "—")
         if vals["moe"] != "—" or vals["dense"] != "—":
-            rows.append((f"ablation ΔCE gap, preferred − other domains: {kind.replace('_', ' ')}",
+            rows.append((f"ablation ΔCE gap, preferred − other domains: {labels[kind]}{chosen}",
                          vals["moe"], vals["dense"]))
     fr = result.get("sae_frontier")
     if fr:
