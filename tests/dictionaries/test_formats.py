@@ -99,10 +99,11 @@ def test_circuit_tracers_replacement_model_imports():
 
 
 @pytest.mark.parametrize("activation", ["relu", "jumprelu", "batchtopk"])
-def test_circuit_tracer_loads_our_transcoder_set(tmp_path, x, activation):
+@pytest.mark.parametrize("skip", [False, True])
+def test_circuit_tracer_loads_our_transcoder_set(tmp_path, x, activation, skip):
     from circuit_tracer.transcoder import load_transcoder_set
 
-    coders = {i: trained_like(activation, d_out=D, skip=i == 1) for i in range(2)}
+    coders = {i: trained_like(activation, d_out=D, skip=skip) for i in range(2)}
     save_circuit_tracer(coders, tmp_path / "plt", model_name="tiny")
     import yaml
 
@@ -117,6 +118,15 @@ def test_circuit_tracer_loads_our_transcoder_set(tmp_path, x, activation):
             tc = ts.transcoders[i]
             torch.testing.assert_close(tc.encode(x), ours.latents, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(tc(x), ours.out, atol=1e-5, rtol=1e-5)
+    assert ts.skip_connection == skip
+
+
+def test_a_circuit_tracer_set_never_mixes_skip_and_plain_transcoders(tmp_path):
+    # circuit-tracer takes the set's skip flag from layer 0: layer 1's skip term would be dropped
+    with pytest.raises(DeepSeeMoEError, match="all skip transcoders or none"):
+        save_circuit_tracer({0: trained_like("relu", d_out=D), 1: trained_like("relu", d_out=D, skip=True)},
+                            tmp_path / "mixed")
+    assert not (tmp_path / "mixed").exists()
 
 
 @pytest.mark.parametrize("activation", ["relu", "jumprelu", "batchtopk"])

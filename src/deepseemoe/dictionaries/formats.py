@@ -173,6 +173,16 @@ def save_sparsify(coder: Coder, run_dir: str | Path, hookpoint: str) -> Path:
 
 # ---- circuit-tracer -------------------------------------------------------------------------------
 
+# circuit-tracer's names for the MLP/MoE block's input (after the pre-MLP norm) and output, which
+# our transcoders read and write. Its TransformerLens backend wraps every block's MLP in a
+# ReplacementMLP carrying exactly these two hooks, so they resolve for any architecture
+# TransformerLens converts (OLMoE and Mixtral included); its nnsight backend's model mapping defines
+# both for LlamaForCausalLM, Qwen3ForCausalLM and GptOssForCausalLM at the same two places
+# (tests/dictionaries/test_circuit_tracer_e2e.py reads that mapping). "ln2.hook_normalized" /
+# "hook_mlp_out", the older pair, name other places in the nnsight mapping of Gemma models (after
+# the post-feedforward norm) and are missing from it for Llama-like ones.
+CIRCUIT_TRACER_HOOKS = {"block_in": "mlp.hook_in", "block_out": "mlp.hook_out"}
+
 def check_circuit_tracer(cfg: CoderConfig) -> None:
     if not cfg.is_transcoder:
         raise DeepSeeMoEError("circuit-tracer holds transcoders and CLTs, not SAEs or crosscoders")
@@ -185,11 +195,14 @@ def check_circuit_tracer(cfg: CoderConfig) -> None:
 
 
 def save_circuit_tracer(coders: dict[int, Coder] | Coder, path: str | Path, *, model_name: str = "",
-                        feature_input_hook: str = "ln2.hook_normalized",
-                        feature_output_hook: str = "hook_mlp_out") -> Path:
-    """A per-layer transcoder set (dict layer → transcoder; layers 0..L-1 all present) as
+                        feature_input_hook: str = CIRCUIT_TRACER_HOOKS["block_in"],
+                        feature_output_hook: str = CIRCUIT_TRACER_HOOKS["block_out"]) -> Path:
+    """A per-layer transcoder set (dict layer → transcoder; layers 0..L-1 all present, all with a
+    skip connection or none: circuit-tracer reads one skip flag for the set, from layer 0) as
     `layer_{i}.safetensors`, or a cross-layer transcoder as `W_enc_{i}` / `W_dec_{i}` files, each
-    with a `config.yaml` naming the hooks."""
+    with a `config.yaml` naming the hooks. The set's `transcoders` list names the files relative to
+    the folder: load it locally with `load_transcoder_set({i: FOLDER / name, ...}, ...)`, or
+    rewrite them as hf:// addresses after uploading."""
     import yaml
 
     if isinstance(coders, dict):
@@ -199,6 +212,10 @@ def save_circuit_tracer(coders: dict[int, Coder] | Coder, path: str | Path, *, m
             if c.cfg.cross_layer or not c.cfg.is_transcoder:
                 raise DeepSeeMoEError("a circuit-tracer transcoder set holds single-layer transcoders")
             check_circuit_tracer(c.cfg)
+        if len({c.cfg.skip for c in coders.values()}) > 1:
+            raise DeepSeeMoEError("a circuit-tracer transcoder set is all skip transcoders or none (it reads one "
+                                  "skip flag, from layer 0, and would drop the others' skip term); export them "
+                                  "as separate sets or train one kind")
         folded = {i: c.folded() for i, c in coders.items()}
         files = {}
         for i, c in folded.items():
