@@ -37,13 +37,36 @@ def test_planted_features_are_recovered(activation):
     assert trainer.metrics[-1]["fvu"] < 0.1
 
 
-def test_kill_and_resume_gives_the_same_weights(tmp_path):
+@pytest.mark.parametrize("activation", ["relu", "jumprelu"])
+def test_relu_and_jumprelu_reach_their_target_l0_by_default(activation):
+    """Planted data with 6 active features of 128: by default the sparsity coefficient is steered
+    toward L0 = k = 8 (ReLU with the coefficient fixed at 0 stays dense; JumpReLU also starts its
+    thresholds at L0 ≈ k)."""
+    x, _ = planted(n=60_000, f=128, active=6, seed=3)
+    l0 = {}
+    for coef in (None, 0.0):
+        torch.manual_seed(0)
+        coder = SparseCoder(CoderConfig(d_in=32, n_latents=128, activation=activation, k=8))
+        trainer = CoderTrainer({"sae": coder}, TrainConfig(batch_size=256, buffer_size=1024, lr=3e-3,
+                                                           sparsity_coef=coef))
+        trainer.fit(tensor_stream(x.repeat(6, 1), name="sae"), max_steps=1400)
+        last = trainer.metrics[-50:]
+        l0[coef] = sum(m["l0"] for m in last) / len(last)
+        fvu = sum(m["fvu"] for m in last) / len(last)
+    assert 4 <= l0[None] <= 12, l0
+    if activation == "relu":
+        assert l0[0.0] > 3 * 8, l0
+    assert fvu < 0.2  # the dense one reconstructs; the sparse one is checked by its L0
+
+
+@pytest.mark.parametrize("activation", ["topk", "jumprelu"])
+def test_kill_and_resume_gives_the_same_weights(tmp_path, activation):
     x, _ = planted(n=8000)
     y = x @ torch.randn(32, 16, generator=torch.Generator().manual_seed(2))
 
     def fresh():
         torch.manual_seed(0)
-        coder = SparseCoder(CoderConfig(d_in=32, d_out=16, n_latents=64, activation="topk", k=4))
+        coder = SparseCoder(CoderConfig(d_in=32, d_out=16, n_latents=64, activation=activation, k=4))
         return CoderTrainer({"tc": coder}, TrainConfig(batch_size=128, buffer_size=1024, lr=1e-3,
                                                        dead_after_tokens=2000))
 
@@ -59,6 +82,7 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path):
     for a, b in zip(straight.coders["tc"].state_dict().values(), resumed.coders["tc"].state_dict().values(),
                     strict=True):
         assert torch.equal(a, b)
+    assert straight.sparsity_coef("tc") == resumed.sparsity_coef("tc")
 
 
 def test_moe_block_and_router_transcoders_train_from_a_live_model(tiny_olmoe_dir, corpus_jsonl):

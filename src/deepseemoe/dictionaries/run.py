@@ -321,7 +321,8 @@ def train_run(spec: RunSpec, *, resume: bool = False, progress: bool = True,
         specs[cs.name], pairs[cs.name] = cs, (src, tgt)
     plan = export_plan(spec, {n: c.cfg for n, c in coders.items()}, handle, specs) if rank == 0 and not split else {}
 
-    trainer = CoderTrainer(coders, spec.train, data_parallel=not split)
+    trainer = CoderTrainer(coders, spec.train, data_parallel=not split,
+                           sparsity_coefs={n: specs[n].sparsity_coef for n in coders})
     if resume:
         trainer.resume(ckpt)
     created = not out.exists()

@@ -37,6 +37,9 @@ class CoderSpec:
     k: int = 32
     expansion_factor: int = 16
     n_latents: int = 0
+    # ReLU: L1 / JumpReLU: L0 coefficient of this coder; unset: the run's train.sparsity_coef, else
+    # steered so that L0 approaches k (for TopK/BatchTopK, k is L0 itself)
+    sparsity_coef: float | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -45,8 +48,13 @@ class CoderSpec:
             raise DeepSeeMoEError(f"unknown activation {self.activation!r}; choose from {', '.join(ACTIVATIONS)}")
         if isinstance(self.layers, int):
             self.layers = [self.layers]
+        # automatic names: kind, then the site when an SAE/crosscoder reads another than resid_out (two
+        # SAEs of one layer on different sites must not collide), then the layers: sae_7,
+        # sae_block_in_7, transcoder_3, crosscoder_3_7_11, clt_all
+        stem = self.kind if self.kind not in ("sae", "crosscoder") or self.site == "resid_out" \
+            else f"{self.kind}_{self.site}"
         if self.layers == "all":  # resolved against the model by `resolve_layers`
-            self.name = self.name or f"{self.kind}_all"
+            self.name = self.name or f"{stem}_all"
             return
         single = self.kind not in ("crosscoder", "clt")
         if single and len(self.layers) != 1:
@@ -54,7 +62,7 @@ class CoderSpec:
         if not self.layers:
             raise DeepSeeMoEError(f"coder {self.name or self.kind} needs at least one layer")
         if not self.name:
-            self.name = f"{self.kind}_{'_'.join(map(str, self.layers))}"
+            self.name = f"{stem}_{'_'.join(map(str, self.layers))}"
 
     def resolve_layers(self, n_layers: int, block_layers: list[int], moe_layers: list[int]) -> None:
         """Check the layers against the model; `layers: all` → every layer the kind can read."""
@@ -165,7 +173,7 @@ class RunSpec:
                 raise DeepSeeMoEError(f"{where}: `layers` must be a layer index, a list of them or 'all', "
                                       f"not {layers!r}")
             spec = CoderSpec(**c)
-            check_fields(spec, where, positive=("k", "expansion_factor"), non_negative=("n_latents",))
+            check_fields(spec, where, positive=("k", "expansion_factor"), non_negative=("n_latents", "sparsity_coef"))
             if spec.layers != "all" and any(layer < 0 for layer in spec.layers):
                 raise DeepSeeMoEError(f"{where}: layers must be 0 or more, not {spec.layers}")
             coders.append(spec)

@@ -15,6 +15,15 @@ all-reduced), and gradients are summed across ranks, so the update equals one pr
 on the union of the ranks' batches (exactly for TopK, ReLU and JumpReLU; BatchTopK picks its k·B
 largest per rank).
 
+Sparsity of ReLU and JumpReLU coders: the loss adds coef · penalty (ReLU: L1 weighted by decoder
+norms; JumpReLU: expected L0). A coder without a fixed coefficient (`sparsity_coef` unset, the
+default) has it steered toward L0 = its `k`, as TopK coders get L0 = k by construction: after every
+step log(coef) += SPARSITY_RATE · clamp(log((L0 + 1) / (k + 1)), −1, 1), starting at
+SPARSITY_START. JumpReLU thresholds start where each latent fires on a share k / F of the first
+buffer's rows (so L0 starts near k, not near F/2: the threshold's own gradient is far too small
+to walk there from 1e-3 in a short run). A fixed coefficient (per coder, or `TrainConfig.sparsity_coef` for all) turns the
+steering off. The coefficient is checkpointed, so resume stays exact.
+
 Input normalisation ("mean_norm"): before the first step each site of the source and target is
 scaled so its mean norm is √D_site (estimated on the first full buffer); `folded()` undoes it.
 """
@@ -42,7 +51,9 @@ class TrainConfig:
     lr: float | None = None  # None: 2e-4 / sqrt(F / 16384), sparsify's scaling rule
     auxk_alpha: float = 1 / 32
     dead_after_tokens: int = 1_000_000  # a latent that has not fired for this many tokens is dead
-    sparsity_coef: float = 0.0  # ReLU: L1 coefficient; JumpReLU: L0 coefficient
+    # ReLU: L1 coefficient; JumpReLU: L0 coefficient, for every ReLU/JumpReLU coder without its own;
+    # None: each is steered toward L0 = its k (module docstring)
+    sparsity_coef: float | None = None
     normalize: str = "mean_norm"  # "mean_norm": scale each site to mean norm √D first; "none"
     seed: int = 0
     device: str = "cpu"
@@ -101,12 +112,19 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
+SPARSITY_START = 1e-3  # the steered coefficient's first value
+SPARSITY_RATE = 0.05  # its largest change of log(coef) per step (×1.05)
+
+
 class CoderTrainer:
     """Trains a set of named coders on streamed (source, target) activations."""
 
-    def __init__(self, coders: dict[str, Coder], cfg: TrainConfig, data_parallel: bool = True):
+    def __init__(self, coders: dict[str, Coder], cfg: TrainConfig, data_parallel: bool = True,
+                 sparsity_coefs: dict[str, float | None] | None = None):
         """`data_parallel=False` under torchrun: this rank trains its own coders on the full
-        stream (coders split across ranks) — no collectives, files still named per rank."""
+        stream (coders split across ranks) — no collectives, files still named per rank.
+        `sparsity_coefs`: a fixed coefficient per ReLU/JumpReLU coder (None or absent: the run's
+        `cfg.sparsity_coef`, else steered toward L0 = k)."""
         if cfg.normalize not in ("mean_norm", "none"):
             raise DeepSeeMoEError(f"unknown normalize={cfg.normalize!r}; use 'mean_norm' or 'none'")
         self.file_rank, self.file_world = _dist()
@@ -127,6 +145,12 @@ class CoderTrainer:
         self.generators = {name: torch.Generator().manual_seed(cfg.seed * 1_000_003 + zlib.crc32(name.encode())
                                                                + 7919 * self.rank) for name in coders}
         self.normalized = cfg.normalize == "none"
+        fixed = {n: (sparsity_coefs or {}).get(n) for n in coders}
+        self.sparsity_fixed = {n: (v if v is not None else cfg.sparsity_coef) for n, v in fixed.items()}
+        # log of the steered coefficient, for the ReLU/JumpReLU coders without a fixed one
+        self.log_sparsity = {n: math.log(SPARSITY_START) for n, c in coders.items()
+                             if c.cfg.activation in ("relu", "jumprelu") and self.sparsity_fixed[n] is None}
+        self.thresholds_set = False
         self.step = 0
         self.tokens = 0
         self.items_consumed = 0
@@ -170,6 +194,22 @@ class CoderTrainer:
                 coder.target_scale.copy_(coder.input_scale)
         self.normalized = True
 
+    @torch.no_grad()
+    def _init_thresholds(self) -> None:
+        """JumpReLU: each latent's threshold at the (1 − k/F_group) quantile of its pre-activations on
+        the buffer (averaged over ranks), never below the configured initial threshold."""
+        for name, coder in self.coders.items():
+            if coder.cfg.activation != "jumprelu":
+                continue
+            buf = self.buffers[name]
+            rows = buf.data[: min(buf.fill, 8192), : coder.cfg.d_in]
+            pre = coder(rows).pre.float()
+            share = min(1.0, coder.cfg.k / coder.cfg.latents_per_group)
+            q = torch.quantile(pre, 1 - share, dim=0) if share < 1 else pre.min(0).values
+            q = self._all_reduce(q.contiguous()) / self.world
+            coder.log_threshold.copy_(q.clamp_min(coder.cfg.jumprelu_init_threshold).log())
+        self.thresholds_set = True
+
     def _train_step(self, name: str, batch: torch.Tensor) -> dict:
         coder, opt = self.coders[name], self.optimizers[name]
         d_in = coder.cfg.d_in
@@ -180,7 +220,11 @@ class CoderTrainer:
             out = coder(x)
         recon = out.out.float()
         loss_fvu = self._fvu(coder, y, recon, variance)
-        loss = loss_fvu + self.cfg.sparsity_coef * sparsity_penalty(coder, out) / self.world
+        coef = self.sparsity_coef(name)
+        if coef:
+            loss = loss_fvu + coef * sparsity_penalty(coder, out) / self.world
+        else:
+            loss = loss_fvu
         fired = out.fired()
         self._all_reduce(fired, op="max")
         self.since_fired[name] += self.cfg.batch_size
@@ -206,8 +250,18 @@ class CoderTrainer:
         if coder.cfg.activation == "batchtopk":
             coder.update_batchtopk_threshold(out.latents.detach())
         logged = self._all_reduce(torch.stack([loss_fvu.detach(), out.l0().detach() / self.world, aux.detach()]))
+        l0 = float(logged[1])
+        if name in self.log_sparsity:  # every rank sees the same global L0, so the coefficients agree
+            error = math.log((l0 + 1) / (coder.cfg.k + 1))
+            self.log_sparsity[name] += SPARSITY_RATE * max(-1.0, min(1.0, error))
         return {"coder": name, "step": self.step, "fvu": float(logged[0]), "auxk": float(logged[2]),
-                "l0": float(logged[1]), "dead": float(dead.float().mean())}
+                "l0": l0, "dead": float(dead.float().mean()), "sparsity_coef": coef}
+
+    def sparsity_coef(self, name: str) -> float:
+        """The coefficient of `name`'s sparsity penalty at this step (0 for TopK/BatchTopK)."""
+        if name in self.log_sparsity:
+            return math.exp(self.log_sparsity[name])
+        return self.sparsity_fixed[name] or 0.0
 
     def fit(self, stream: Iterable[dict[str, tuple[torch.Tensor, torch.Tensor]]], *, max_steps: int,
             checkpoint: str | Path | None = None, checkpoint_every: int = 0, progress: bool = False,
@@ -240,6 +294,8 @@ class CoderTrainer:
                 if ready:
                     if not self.normalized:
                         self._set_scales()
+                    if not self.thresholds_set:
+                        self._init_thresholds()
                     step_metrics = [self._train_step(name, buf.take(self.local_batch, self.generators[name]))
                                     for name, buf in self.buffers.items()]
                     self.metrics += step_metrics
@@ -269,8 +325,9 @@ class CoderTrainer:
                 "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
                 "buffers": {n: b.state() for n, b in self.buffers.items()},
                 "since_fired": self.since_fired, "generators": {n: g.get_state() for n, g in self.generators.items()},
-                "normalized": self.normalized, "rank": self.file_rank, "world": self.file_world,
+                "normalized": self.normalized, "thresholds_set": self.thresholds_set, "rank": self.file_rank, "world": self.file_world,
                 "step": self.step, "tokens": self.tokens, "items_consumed": self.items_consumed,
+                "log_sparsity": {n: torch.tensor(v, dtype=torch.float64) for n, v in self.log_sparsity.items()},
                 "config": self.cfg.to_dict()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -282,6 +339,10 @@ class CoderTrainer:
         for n, g in self.generators.items():
             g.set_state(state["generators"][n])
         self.normalized = state["normalized"]
+        self.thresholds_set = state.get("thresholds_set", True)
+        for n, v in state.get("log_sparsity", {}).items():
+            if n in self.log_sparsity:
+                self.log_sparsity[n] = float(v)
         self.step, self.tokens, self.items_consumed = state["step"], state["tokens"], state["items_consumed"]
 
     def _rank_path(self, path: str | Path) -> Path:
