@@ -66,6 +66,25 @@ def test_tiny_scheme_builds_a_random_model_of_that_type():
     assert result.exit_code == 0 and "MoE" in result.output
 
 
+def test_tiny_models_read_text_through_every_verb_the_help_offers_them_to(tmp_path, cli):
+    """`tiny:` models come with a byte-level tokenizer: any text round-trips, and train / route run."""
+    import json
+
+    from deepseemoe.models.load import load_model
+
+    tok = load_model("tiny:olmoe").tokenizer
+    for text in ("plain ascii", "también café", "привет мир", "日本語のテキスト", "emoji 🙂🚀"):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids) == text and len(ids) == len(text.encode())  # one token per byte
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"document {i}: también привет 🙂"}) + "\n" for i in range(60)))
+    r = cli("train", "--model", "tiny:olmoe", "--data", str(data), "--kind", "sae", "--layers", "1",
+            "--out", str(tmp_path / "dicts"), "--tokens", "1024")
+    assert r.code == 0, r.err
+    r = cli("route", "tiny:mixtral", "--data", str(data), "--out", str(tmp_path / "route"), "--max-tokens", "500")
+    assert r.code == 0, r.err
+
+
 @pytest.mark.parametrize("model_type", ["olmoe", "mixtral", "qwen3_moe", "qwen2_moe", "deepseek_v3", "gpt_oss",
                                         "flex_olmo", "glm4_moe", "ernie4_5_moe", "granitemoe"])
 def test_structure_without_weights_equals_the_loaded_models(model_type, tmp_path):

@@ -50,20 +50,21 @@ def load_model(name_or_path: str, *, dtype: Any = None, device: str | None = Non
                trust_remote_code: bool = False, experts_implementation: str | None = None,
                revision: str | None = None, load_tokenizer: bool = True, weights: bool = True) -> ModelHandle:
     """Load a causal LM from the hub or a local folder and find its MoE (or dense) layers;
-    `tiny:MODEL_TYPE` builds a tiny random-weight model of that type (no tokenizer). `weights=False`
+    `tiny:MODEL_TYPE` builds a tiny random-weight model of that type, with a byte-level tokenizer. `weights=False`
     builds the model from its config on the meta device, reading no weights: the structure alone,
     instantly even for a model of many GB (what `inspect` shows)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     check_device(device)
     if name_or_path.startswith("tiny:"):
-        from deepseemoe.models.tiny import tiny_model
+        from deepseemoe.models.tiny import tiny_model, tiny_tokenizer
 
-        model = tiny_model(name_or_path.removeprefix("tiny:"))
+        tokenizer = tiny_tokenizer()
+        model = tiny_model(name_or_path.removeprefix("tiny:"), vocab_size=len(tokenizer))
         torch_dtype = resolve_dtype(dtype)
         if torch_dtype not in (None, "auto"):
             model.to(torch_dtype)
-        return handle_from_model(model.to(device or "cpu"), name=name_or_path)
+        return handle_from_model(model.to(device or "cpu"), tokenizer, name=name_or_path)
 
     path = Path(name_or_path).expanduser()
     is_local = path.exists()

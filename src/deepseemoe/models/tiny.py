@@ -155,3 +155,33 @@ def tiny_model(model_type: str, seed: int = 0, **overrides: Any):
                     and weight.abs().sum() == 0:
                 weight.normal_(0, 0.5)
     return model
+
+
+TINY_SPECIALS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2: the pad/bos/eos ids of every tiny config
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer with no merges: the three specials, then one token per byte (259
+    tokens). Any text round-trips, nothing is trained or downloaded — what `tiny:` models read."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_symbols = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {t: i for i, t in enumerate(TINY_SPECIALS)}
+    for symbol in sorted(byte_symbols, key=lambda c: _byte_of(c)):
+        vocab[symbol] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   model_max_length=1 << 20)
+
+
+def _byte_of(symbol: str) -> int:
+    """The byte a ByteLevel symbol stands for (GPT-2's printable mapping of the 256 bytes)."""
+    code = ord(symbol)
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    if code in printable:
+        return code
+    missing = [b for b in range(256) if b not in printable]
+    return missing[code - 256]
