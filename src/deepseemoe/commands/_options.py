@@ -10,3 +10,12 @@ TRUST_REMOTE_CODE_HELP = ("Run the model repository's own Python code (only if y
 
 def trust_remote_code_option():
     return typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP)
+
+
+def device_map_option():
+    return typer.Option(None, "--device-map", help="device_map for a model larger than one device, e.g. auto "
+                                                   "(spreads it over the visible GPUs; overrides --device for it).")
+
+
+def dtype_option():
+    return typer.Option(None, "--dtype", help="The model's dtype: float32, bfloat16 or float16 (default: as saved).")

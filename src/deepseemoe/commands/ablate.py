@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from deepseemoe.commands._options import trust_remote_code_option
+from deepseemoe.commands._options import device_map_option, dtype_option, trust_remote_code_option
 
 
 def register(app: typer.Typer) -> None:
@@ -22,7 +22,8 @@ def register(app: typer.Typer) -> None:
         experts: str = typer.Option(None, help="Experts to ablate, e.g. 0,1,2 (default: all)."),
         domain_field: str = typer.Option("domain", help="Field holding each document's domain label."),
         device: str = typer.Option(None, help="Device for the model."),
-        dtype: str = typer.Option(None, help="float32, bfloat16 or float16."),
+        dtype: str = dtype_option(),
+        device_map: str = device_map_option(),
         seed: int = typer.Option(0, min=0, help="Seed of the random controls and random routing."),
         trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
@@ -40,7 +41,8 @@ def register(app: typer.Typer) -> None:
 
         if not data.startswith("hf:"):
             resolve_files(data)
-        handle = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        handle = load_model(model, dtype=dtype, device=device, device_map=device_map,
+                            trust_remote_code=trust_remote_code)
         if not handle.is_moe:
             raise DeepSeeMoEError(f"{model} has no MoE layers to ablate")
         source = TextSource(data, domain_field=domain_field)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from deepseemoe.commands._options import trust_remote_code_option
+from deepseemoe.commands._options import device_map_option, dtype_option, trust_remote_code_option
 
 
 def register(app: typer.Typer) -> None:
@@ -25,6 +25,9 @@ def register(app: typer.Typer) -> None:
         sae_tokens: int = typer.Option(200_000, min=0, help="Training tokens per SAE (0: skip the frontier)."),
         expansion_factor: int = typer.Option(8, min=1, help="SAE width / model width."),
         max_units: int = typer.Option(64, min=1, help="Units ablated per kind (the most active ones)."),
+        device: str = typer.Option(None, help="Device for the models and the frontier's SAEs, e.g. cuda:0."),
+        dtype: str = dtype_option(),
+        device_map: str = device_map_option(),
         trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
         """Selectivity of experts, neurons and heads; ablation selectivity; the SAE frontier — one table."""
@@ -41,8 +44,9 @@ def register(app: typer.Typer) -> None:
 
         if not data.startswith("hf:"):
             resolve_files(data)
-        moe = load_model(moe_model, trust_remote_code=trust_remote_code)
-        dense = load_model(dense_model, trust_remote_code=trust_remote_code)
+        loading = {"dtype": dtype, "device": device, "device_map": device_map, "trust_remote_code": trust_remote_code}
+        moe = load_model(moe_model, **loading)
+        dense = load_model(dense_model, **loading)
         source = TextSource(data, domain_field=domain_field)
 
         def batches(h):
@@ -58,7 +62,7 @@ def register(app: typer.Typer) -> None:
             result["sae_frontier"] = sae_frontier({"moe": moe_model, "dense": dense_model}, train_data or data, data,
                                                   out, layer=layer, ks=[int(k) for k in sae_k.split(",")],
                                                   expansion_factor=expansion_factor, tokens=sae_tokens,
-                                                  eval_tokens=tokens, ctx_len=ctx_len)
+                                                  eval_tokens=tokens, ctx_len=ctx_len, **loading)
         result["models"] = {"moe": moe.name, "dense": dense.name}
         md = comparison_markdown(result)
         path = save_comparison(out, result, md)

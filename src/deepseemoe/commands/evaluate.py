@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from deepseemoe.commands._options import trust_remote_code_option
+from deepseemoe.commands._options import device_map_option, trust_remote_code_option
 
 
 def register(app: typer.Typer) -> None:
@@ -17,6 +17,7 @@ def register(app: typer.Typer) -> None:
         tokens: int = typer.Option(20_000, min=1, help="Evaluation tokens."),
         batch_size: int = typer.Option(8, min=1, help="Contexts per forward pass."),
         device: str = typer.Option(None, help="Device for the model and coders (default: the run's)."),
+        device_map: str = device_map_option(),
         trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
         """FVU, L0, dead/dense latents, spliced ΔCE / KL / loss recovered, routing preserved."""
@@ -27,7 +28,7 @@ def register(app: typer.Typer) -> None:
         from deepseemoe.runs.dictionary import DictionaryRun
 
         run = DictionaryRun.open(run_dir)
-        doc = evaluate_run(run_dir, data=data, tokens=tokens, batch_size=batch_size, device=device,
+        doc = evaluate_run(run_dir, data=data, tokens=tokens, batch_size=batch_size, device=device, device_map=device_map,
                            trust_remote_code=trust_remote_code)
         cols = ["fvu", "l0", "dead", "dense", "delta_ce", "kl", "loss_recovered", "routing_preserved"]
         heads = ["FVU", "L0", "dead", "dense", "ΔCE", "KL", "recovered", "routing"]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from deepseemoe.commands._options import trust_remote_code_option
+from deepseemoe.commands._options import device_map_option, trust_remote_code_option
 
 
 def register(app: typer.Typer) -> None:
@@ -19,6 +19,7 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(8, min=1, help="Contexts per forward pass."),
         n_splits: int = typer.Option(5, min=1, help="Latent ranges per file, as delphi reads them."),
         device: str = typer.Option(None, help="Device for the model and the coders, e.g. cuda:0 (default: the run's)."),
+        device_map: str = device_map_option(),
         trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
         """Cache where every latent fires (delphi format: RUN_DIR/latents/NAME/)."""
@@ -34,6 +35,8 @@ def register(app: typer.Typer) -> None:
         spec = RunSpec.from_run_dir(run_dir)
         if device:  # this command's device; the saved config is left as it is
             spec.model_device = spec.coder_device = device
+        if device_map:
+            spec.device_map = device_map
         run = DictionaryRun.open(run_dir)
         names = dictionary or run.coder_names()
         handle = load_for_run(spec, spec.model_device, trust_remote_code=trust_remote_code)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from deepseemoe.commands._options import trust_remote_code_option
+from deepseemoe.commands._options import device_map_option, trust_remote_code_option
 
 
 def register(app: typer.Typer) -> None:
@@ -20,6 +20,7 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(8, min=1, help="Contexts per forward pass."),
         examples: int = typer.Option(5, min=1, help="Top-activating examples per feature."),
         device: str = typer.Option(None, help="Device for the model and the coders, e.g. cuda:0 (default: the run's)."),
+        device_map: str = device_map_option(),
         trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
         """Expert distribution, lift and MI per feature; routing prediction vs token/bigram baselines;
@@ -34,6 +35,8 @@ def register(app: typer.Typer) -> None:
         spec = RunSpec.from_run_dir(run_dir)
         if device:  # this command's device; the saved config is left as it is
             spec.model_device = spec.coder_device = device
+        if device_map:
+            spec.device_map = device_map
         result = compute_map(run_dir, spec, dictionary, data=data, tokens=tokens, layer=layer,
                              batch_size=batch_size, n_examples=examples, trust_remote_code=trust_remote_code)
         out = run.save_map(dictionary, result.tables, result.examples, result.summary)

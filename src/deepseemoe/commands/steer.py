@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from deepseemoe.commands._options import trust_remote_code_option
+from deepseemoe.commands._options import device_map_option, trust_remote_code_option
 
 
 def register(app: typer.Typer) -> None:
@@ -20,6 +20,7 @@ def register(app: typer.Typer) -> None:
         tokens: int = typer.Option(4_000, min=1, help="Tokens to measure on."),
         batch_size: int = typer.Option(8, min=1, help="Contexts per forward pass."),
         device: str = typer.Option(None, help="Device for the model and the coders, e.g. cuda:0 (default: the run's)."),
+        device_map: str = device_map_option(),
         trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
         """ΔCE, KL and how often the chosen experts change when a feature is ablated or steered."""
@@ -36,6 +37,8 @@ def register(app: typer.Typer) -> None:
         spec = RunSpec.from_run_dir(run_dir)
         if device:  # this command's device; the saved config is left as it is
             spec.model_device = spec.coder_device = device
+        if device_map:
+            spec.device_map = device_map
         coder, meta = load_run_dictionary(run_dir, dictionary, device=spec.coder_device or "cpu")
         bad = [f for f in feature if not 0 <= f < coder.cfg.n_latents]
         if bad:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from deepseemoe.commands._options import trust_remote_code_option
+from deepseemoe.commands._options import device_map_option, dtype_option, trust_remote_code_option
 
 
 def register(app: typer.Typer) -> None:
@@ -24,6 +24,9 @@ def register(app: typer.Typer) -> None:
         k: int = typer.Option(32, min=1, help="Without a config: active latents per token (TopK / BatchTopK)."),
         expansion_factor: int = typer.Option(16, min=1, help="Without a config: latents per input dimension."),
         tokens: int = typer.Option(None, min=1, help="Training tokens."),
+        ctx_len: int = typer.Option(None, "--ctx-len", min=2, help="Context length of the model's forward passes."),
+        dtype: str = dtype_option(),
+        device_map: str = device_map_option(),
         model_device: str = typer.Option(None, help="Device of the model, e.g. cuda:0."),
         coder_device: str = typer.Option(None, help="Device of the coders and their buffer, e.g. cuda:1."),
         formats: list[str] = typer.Option(None, "--format", help="Also write saelens, sparsify or circuit_tracer "
@@ -49,7 +52,8 @@ def register(app: typer.Typer) -> None:
             raw = {"coders": [{"kind": kind, "layers": ls, "site": site, "activation": activation, "k": k,
                                "expansion_factor": expansion_factor}]}
         overrides = {"model": model, "data": data, "out": str(out) if out else None, "tokens": tokens,
-                     "model_device": model_device, "coder_device": coder_device, "formats": formats or None}
+                     "model_device": model_device, "coder_device": coder_device, "formats": formats or None,
+                     "ctx_len": ctx_len, "dtype": dtype, "device_map": device_map}
         raw.update({key: v for key, v in overrides.items() if v is not None})
         if trust_remote_code:  # recorded in the saved config; granted only by this flag (load_for_run)
             raw["trust_remote_code"] = True

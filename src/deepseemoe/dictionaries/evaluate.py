@@ -168,13 +168,16 @@ class _Totals:
 
 @torch.no_grad()
 def evaluate_run(run_dir: str | Path, *, data: str | None = None, tokens: int = 20_000, batch_size: int = 8,
-                 device: str | None = None, progress: bool = True, trust_remote_code: bool = False) -> dict:
+                 device: str | None = None, progress: bool = True, trust_remote_code: bool = False,
+                 device_map: str | None = None) -> dict:
     from rich.progress import track
 
     from deepseemoe.dictionaries.run import load_for_run, run_batches
 
     run_dir = Path(run_dir)
     spec = RunSpec.from_run_dir(run_dir)
+    if device_map:  # this command's placement; the saved config is left as it is
+        spec.device_map = device_map
     coder_device = device or spec.coder_device or "cpu"
     handle = load_for_run(spec, device or spec.model_device, trust_remote_code=trust_remote_code)
     coders: dict[str, tuple[Coder, dict]] = {}

@@ -57,7 +57,8 @@ def load_for_run(spec: RunSpec, device: str | None, *, trust_remote_code: bool =
     if spec.trust_remote_code and not trust_remote_code:
         raise DeepSeeMoEError(f"the run's config asks to run {spec.model}'s own code (trust_remote_code: true), "
                               "which a config never grants; pass --trust-remote-code if you trust that code")
-    return load_model(spec.model, dtype=spec.dtype, device=device, trust_remote_code=trust_remote_code)
+    return load_model(spec.model, dtype=spec.dtype, device=device, device_map=spec.device_map,
+                      trust_remote_code=trust_remote_code)
 
 
 def run_batches(spec: RunSpec, handle: ModelHandle, *, data: str | None = None, batch_size: int | None = None,
@@ -245,7 +246,7 @@ def hub_id(handle: ModelHandle) -> str:
 
 # Settings a resumed run may change: how long, where, what is logged or exported; everything else
 # defines the run (its data, its coders, its optimisation) and must match the saved config.
-RESUMABLE_CHANGES = {"tokens", "out", "model_device", "coder_device", "checkpoint_every", "formats", "log",
+RESUMABLE_CHANGES = {"tokens", "out", "model_device", "coder_device", "device_map", "checkpoint_every", "formats", "log",
                      "activation_cache", "train.device", "train.autocast"}
 
 

@@ -110,6 +110,7 @@ class RunSpec:
     model_device: str | None = None
     coder_device: str | None = None
     dtype: str | None = None
+    device_map: str | None = None  # e.g. "auto": the model spread over devices (model_device then unused)
     field: str = "text"
     domain_field: str | None = None
     trust_remote_code: bool = False
