@@ -13,14 +13,14 @@ Pipeline, one sub-package per stage, bottom to top:
     demo, commands, cli    the verbs
 
 Imports point down this list only (tests/test_import_direction.py fails on a backward import);
-`errors` and `validate` sit beneath everything. Heavy dependencies (torch, transformers) are
+`errors`, `validate` and `progress` sit beneath everything. Heavy dependencies (torch, transformers) are
 imported by the stages that use them, not here, so the CLI starts fast.
 """
 
 __version__ = "0.1.0"
 
 STAGES: tuple[frozenset[str], ...] = (
-    frozenset({"errors", "validate"}),
+    frozenset({"errors", "validate", "progress"}),
     frozenset({"runs"}),
     frozenset({"data", "models", "zoo"}),
     frozenset({"capture"}),

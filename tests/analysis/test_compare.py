@@ -120,13 +120,13 @@ def test_units_are_chosen_on_one_half_and_scored_on_the_other(pair, monkeypatch)
     seen: dict[str, list] = {"selected": [], "scored": []}
     real_sel, real_abl = cmp.unit_selectivity, cmp.ablation_selectivity
 
-    def spy_sel(h, batches, class_of, n, expert_neurons=True):
+    def spy_sel(h, batches, class_of, n, expert_neurons=True, **kw):
         seen["selected"].append({id(b) for b in batches})
-        return real_sel(h, batches, class_of, n, expert_neurons)
+        return real_sel(h, batches, class_of, n, expert_neurons, **kw)
 
-    def spy_abl(h, batches, domains, sel, max_units):
+    def spy_abl(h, batches, domains, sel, max_units, **kw):
         seen["scored"].append({id(b) for b in batches})
-        return real_abl(h, batches, domains, sel, max_units)
+        return real_abl(h, batches, domains, sel, max_units, **kw)
 
     monkeypatch.setattr(cmp, "unit_selectivity", spy_sel)
     monkeypatch.setattr(cmp, "ablation_selectivity", spy_abl)

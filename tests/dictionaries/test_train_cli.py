@@ -95,7 +95,9 @@ def test_evaluate_reports_splice_metrics_checked_by_hand(tmp_path, tiny_olmoe_di
     config = {"model": str(tiny_olmoe_dir), "corpus": str(big_corpus), "out": str(out), "ctx_len": 32,
               "coders": [{"kind": "sae", "layers": [0]}]}
     out.mkdir()
-    (out / "config.yaml").write_text(yaml.safe_dump(config))
+    from deepseemoe.runs.dictionary import DictionaryRun
+
+    DictionaryRun(out).save_config(config)
     meta = {"kind": "sae", "layers": [0], "source": [["resid_out", 0]], "target": [["resid_out", 0]]}
     # identity: ReLU SAE with latents ±x (2D latents), decoder maps them back
     ident = build_coder(CoderConfig(d_in=D, n_latents=2 * D, activation="relu"))

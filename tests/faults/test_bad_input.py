@@ -148,6 +148,15 @@ def test_damaged_training_run_files(cli, run_copy, rel):
     assert_refused(cli(*verb), path.name)
 
 
+@pytest.mark.parametrize("keep_lines", [5, 20])
+def test_a_run_config_cut_at_a_line_end_is_refused(cli, run_copy, keep_lines):
+    """Cut YAML at a line end still parses — to a config missing settings, which would silently run
+    with defaults; the checksum line catches it."""
+    path = run_copy / "config.yaml"
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:keep_lines]))
+    assert_refused(cli("evaluate", run_copy, "--tokens", "64"), "config.yaml")
+
+
 @pytest.mark.parametrize("name", ["model.safetensors", "config.json"])
 def test_damaged_model_files(cli, tiny_olmoe_dir, corpus_jsonl, tmp_path, name):
     model = tmp_path / "model"

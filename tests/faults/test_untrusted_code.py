@@ -89,7 +89,9 @@ def test_remote_code_in_a_saved_config_is_refused_without_the_flag(cli, run_copy
     model = _remote_code_model(tiny_olmoe_dir, tmp_path / "evil_model", marker)
     config = yaml.safe_load((run_copy / "config.yaml").read_text())
     config.update(model=str(model), trust_remote_code=True)
-    (run_copy / "config.yaml").write_text(yaml.safe_dump(config))
+    from deepseemoe.runs.dictionary import DictionaryRun
+
+    DictionaryRun(run_copy).save_config(config)  # whole and checksummed: only the request is refused
     name = next((run_copy / "dictionaries").iterdir()).name
     for verb in (["evaluate", run_copy], ["map", run_copy, "--dictionary", name], ["latents", run_copy],
                  ["steer", run_copy, "--dictionary", name, "--feature", "0"]):

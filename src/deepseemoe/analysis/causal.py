@@ -196,7 +196,7 @@ def observe_experts(handle: ModelHandle, batches: list) -> dict[int, dict[str, n
 
 def run_causal_checks(handle: ModelHandle, batches: list, *, layers: list[int] | None = None,
                       experts: list[int] | None = None, seed: int = 0, progress: bool = True) -> dict:
-    from rich.progress import Progress
+    from deepseemoe.progress import progress_bar
 
     layers = layers or sorted(handle.moe_layers)
     bad = [la for la in layers if la not in handle.moe_layers]
@@ -214,7 +214,7 @@ def run_causal_checks(handle: ModelHandle, batches: list, *, layers: list[int] |
     rows, per_layer, sweep = [], [], []
     jobs = [(la, e) for la in layers for e in (experts or range(handle.moe_layers[la].num_experts))]
     K = max(m.top_k for m in handle.moe_layers.values())
-    with Progress(disable=not progress) as bar:
+    with progress_bar(disable=not progress, unit="ablations") as bar:
         task = bar.add_task("ablations", total=len(jobs) * 3 + len(layers) * 2 + max(K - 1, 0))
         for layer, e in jobs:
             load = float(observed[layer]["load"][e])

@@ -109,12 +109,14 @@ class UnitActivity:
 
 
 def unit_selectivity(handle: ModelHandle, batches: list, class_of, n_classes: int,
-                     expert_neurons: bool = True) -> dict:
+                     expert_neurons: bool = True, progress: bool = False, description: str = "selectivity") -> dict:
     """Per unit kind: selectivity of every unit (all layers), and the per-class token counts."""
     device = next(handle.model.parameters()).device
     acts = UnitActivity(handle, n_classes, expert_neurons)
     counts = np.zeros(n_classes)
-    for b in batches:
+    from deepseemoe.progress import track
+
+    for b in track(batches, description, disable=not progress, unit="batches"):
         ids, am = b.input_ids.to(device), b.attention_mask.to(device)
         keep = b.keep.to(device)
         classes = class_of(b)[keep.cpu()].to(device)
@@ -151,7 +153,8 @@ def _gap(res: dict, preferred: str) -> dict:
 
 
 def ablation_selectivity(handle: ModelHandle, batches: list, domains: list[str], sel: dict,
-                         max_units_per_kind: int = 64) -> dict:
+                         max_units_per_kind: int = 64, progress: bool = False, description: str = "ablations"
+                         ) -> dict:
     """Ablate experts / heads / domain neuron blocks one at a time; ΔCE on the preferred domain vs
     the others (units chosen as the most active ones when there are more than `max_units_per_kind`).
     `sel` (what picks units, blocks and preferred domains) must come from other tokens than
@@ -166,16 +169,35 @@ def ablation_selectivity(handle: ModelHandle, batches: list, domains: list[str],
         cand.sort(reverse=True)
         return [(la, u) for _, la, u in cand[:max_units_per_kind]]
 
+    from deepseemoe.progress import progress_bar
+
+    total = sum(len(most_active(units[k]["mass"])) for k in ("expert", "attention_head") if k in units)
+    if "mlp_neuron" in units:
+        total += len(units["mlp_neuron"]["mass"]) * (int((counts > 0).sum()) + min(4, sel.get("experts_to_match", 16)))
+    bar = progress_bar(disable=not progress, unit="ablations")
+    task = bar.add_task(description, total=total)
+
+    def measure(context) -> dict:
+        res = meter.measure(context)
+        bar.advance(task)
+        return res
+
+    with bar:
+        _ablate_units(handle, units, domains, counts, sel, most_active, measure, out)
+    return dict(out)
+
+
+def _ablate_units(handle, units, domains, counts, sel, most_active, measure, out) -> None:
     if "expert" in units:
         for layer, e in most_active(units["expert"]["mass"]):
             pref = domains[_preferred(units["expert"]["mass"][layer][e], counts)]
-            res = meter.measure(lambda layer=layer, e=e: route_intervention(handle, {layer: ablate([e])}))
+            res = measure(lambda layer=layer, e=e: route_intervention(handle, {layer: ablate([e])}))
             out["expert"].append({"layer": layer, "unit": e, **_gap(res, pref)})
     if "attention_head" in units:
         for layer, hd in most_active(units["attention_head"]["mass"]):
             pref = domains[_preferred(units["attention_head"]["mass"][layer][hd], counts)]
             proj, heads = handle.attention_output(layer)
-            res = meter.measure(lambda proj=proj, hd=hd, heads=heads: _zero_slice(proj, hd, heads))
+            res = measure(lambda proj=proj, hd=hd, heads=heads: _zero_slice(proj, hd, heads))
             out["attention_head"].append({"layer": layer, "unit": hd, **_gap(res, pref)})
     if "mlp_neuron" in units:
         for layer, mass in units["mlp_neuron"]["mass"].items():
@@ -187,7 +209,7 @@ def ablation_selectivity(handle: ModelHandle, batches: list, domains: list[str],
                     continue
                 chosen = np.argsort(-(p[:, c] * mean[:, c]))[:block]
                 module = handle.model.get_submodule(handle.dense_mlps[layer].neuron_path)
-                res = meter.measure(lambda module=module, chosen=chosen: _zero_neurons(module, chosen))
+                res = measure(lambda module=module, chosen=chosen: _zero_neurons(module, chosen))
                 out["mlp_neuron_block"].append({"layer": layer, "unit": dom, "neurons": int(block), **_gap(res, dom)})
             # the unselected analogue of an expert: a random block of the same size, its preferred
             # domain read off its activity like an expert's (no selection on the evaluation data)
@@ -196,9 +218,8 @@ def ablation_selectivity(handle: ModelHandle, batches: list, domains: list[str],
                 chosen = g.choice(mass.shape[0], size=block, replace=False)
                 pref = domains[_preferred(mass[chosen].sum(0), counts)]
                 module = handle.model.get_submodule(handle.dense_mlps[layer].neuron_path)
-                res = meter.measure(lambda module=module, chosen=chosen: _zero_neurons(module, chosen))
+                res = measure(lambda module=module, chosen=chosen: _zero_neurons(module, chosen))
                 out["mlp_random_block"].append({"layer": layer, "unit": r, "neurons": int(block), **_gap(res, pref)})
-    return dict(out)
 
 
 class _Hook:
@@ -284,7 +305,7 @@ def _merge_selectivity(a: dict, b: dict) -> dict:
 
 
 def compare_models(moe: ModelHandle, dense: ModelHandle, batches_moe: list, batches_dense: list, *,
-                   expert_neurons: bool = True, max_units_per_kind: int = 64) -> dict:
+                   expert_neurons: bool = True, max_units_per_kind: int = 64, progress: bool = False) -> dict:
     """Selectivity by domain and by token class, and ablation selectivity, for both models."""
     if not moe.is_moe:
         raise DeepSeeMoEError(f"{moe.name} has no MoE layers; pass the MoE model first")
@@ -292,14 +313,19 @@ def compare_models(moe: ModelHandle, dense: ModelHandle, batches_moe: list, batc
     for label, h, batches in (("moe", moe, batches_moe), ("dense", dense, batches_dense)):
         domains, by_domain = domain_classes(batches)
         select, evaluate = split_halves(batches)
-        sel = unit_selectivity(h, select, by_domain, len(domains), expert_neurons)
-        held = unit_selectivity(h, evaluate, by_domain, len(domains), expert_neurons)
+        shown = {"progress": progress}
+        sel = unit_selectivity(h, select, by_domain, len(domains), expert_neurons, **shown,
+                               description=f"{label}: selectivity (selection half)")
+        held = unit_selectivity(h, evaluate, by_domain, len(domains), expert_neurons, **shown,
+                                description=f"{label}: selectivity (evaluation half)")
         tnames, by_token = token_classes(h.tokenizer)
-        sel_tok = unit_selectivity(h, batches, by_token, len(tnames), expert_neurons=False)
+        sel_tok = unit_selectivity(h, batches, by_token, len(tnames), expert_neurons=False, **shown,
+                                   description=f"{label}: token-class selectivity")
         sel["experts_to_match"] = max((m.num_experts for m in moe.moe_layers.values()), default=16)
         result[label] = {"domains": domains, "domain_selectivity": summarize_selectivity(_merge_selectivity(sel, held)),
                          "token_class_selectivity": summarize_selectivity(sel_tok),
-                         "ablation": ablation_selectivity(h, evaluate, domains, sel, max_units_per_kind),
+                         "ablation": ablation_selectivity(h, evaluate, domains, sel, max_units_per_kind, **shown,
+                                                          description=f"{label}: ablations"),
                          "ablation_split": {"select_tokens": int(sum(b.keep.sum() for b in select)),
                                             "evaluate_tokens": int(sum(b.keep.sum() for b in evaluate))}}
     return result

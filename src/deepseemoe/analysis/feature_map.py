@@ -54,7 +54,8 @@ class FeatureMap:
 
 
 def compute_map(run_dir: Path, spec: RunSpec, name: str, *, data: str | None, tokens: int, layer: int | None,
-                batch_size: int, n_examples: int, trust_remote_code: bool = False) -> FeatureMap:
+                batch_size: int, n_examples: int, trust_remote_code: bool = False, progress: bool = False
+                ) -> FeatureMap:
     from deepseemoe.dictionaries.formats import load_run_dictionary
     from deepseemoe.dictionaries.run import load_for_run, run_batches
 
@@ -69,7 +70,7 @@ def compute_map(run_dir: Path, spec: RunSpec, name: str, *, data: str | None, to
     batches = list(run_batches(spec, handle, data=data, batch_size=batch_size, max_tokens=tokens))
     targets = [Site(k, la) for k, la in meta["target"]]
     composition = meta["kind"] in ("transcoder", "skip_transcoder") and targets == [Site("block_out", layer)]
-    got = collect_for_map(handle, coder, sources, layer, batches, attribution, composition)
+    got = collect_for_map(handle, coder, sources, layer, batches, attribution, composition, progress=progress)
     moe = handle.moe_layers[layer]
     tables = feature_expert_tables(got.latents, got.experts, moe.num_experts)
     live = tables["fires"] > 0

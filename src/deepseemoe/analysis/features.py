@@ -195,7 +195,7 @@ class MapPass:
 
 @torch.no_grad()
 def collect_for_map(handle: ModelHandle, coder: Coder, sources: list[Site], layer: int, batches: list,
-                    attribution: bool, composition: bool = False) -> MapPass:
+                    attribution: bool, composition: bool = False, progress: bool = False) -> MapPass:
     """One pass: latents, chosen experts and router logits at `layer`, token ids, previous ids,
     (context, position) of every kept token, and the attribution parts when asked."""
     routing_site, logits_site = Site("routing", layer), Site("router_logits", layer)
@@ -210,7 +210,9 @@ def collect_for_map(handle: ModelHandle, coder: Coder, sources: list[Site], laye
     dev = coder.b_dec.device
     moe = handle.moe_layers[layer]
     decoder = coder.folded().W_dec.detach() if composition else None  # fold once, not per batch
-    for packed in batches:
+    from deepseemoe.progress import track
+
+    for packed in track(batches, "mapping", disable=not progress, unit="batches"):
         hooks, seen = [], {}
         if composition:  # the weighted outputs w_k·E_k(x) of the chosen experts
             def cb(ev, seen=seen):

@@ -72,7 +72,7 @@ def _changed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def edit_feature(handle: ModelHandle, coder: Coder, site: Site, batches: list, feature: int,
-                 scale: float = 0.0) -> dict:
+                 scale: float = 0.0, progress: bool = False) -> dict:
     with watch_routing(handle) as clean_calls:  # the clean pass of the meter gives the clean routing
         meter = LossMeter(handle, batches, [token_domains(b) for b in batches])
     device = next(handle.model.parameters()).device
@@ -80,7 +80,10 @@ def edit_feature(handle: ModelHandle, coder: Coder, site: Site, batches: list, f
     loss = {"delta_ce": 0.0, "kl": 0.0}
     fired_total = 0
     edit = FeatureEdit(handle, coder, site, feature, scale)
-    for i, b in enumerate(batches):
+    from deepseemoe.progress import track
+
+    for i, b in track(list(enumerate(batches)), f"feature {feature} ×{scale:g}", disable=not progress,
+                      unit="batches"):
         keep = b.keep.to(device)
         edit.keep = keep
         res = meter.measure(lambda: edit, only=[i])

@@ -53,7 +53,7 @@ def register(app: typer.Typer) -> None:
             return list(pack_documents(h.require_tokenizer(), iter_documents(source), ctx_len=h.check_ctx_len(ctx_len), batch_size=8,
                                        max_tokens=tokens))
 
-        result = compare_models(moe, dense, batches(moe), batches(dense), max_units_per_kind=max_units)
+        result = compare_models(moe, dense, batches(moe), batches(dense), max_units_per_kind=max_units, progress=True)
         if sae_tokens > 0:
             layer = moe.num_layers // 2 if sae_layer is None else sae_layer
             if layer >= min(moe.num_layers, dense.num_layers):

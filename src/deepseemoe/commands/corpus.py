@@ -21,7 +21,7 @@ def build(
 
     from deepseemoe.data.demo_corpus import build_corpus
 
-    report = build_corpus(out, seed=seed, max_bytes_per_domain=int(max_mb_per_domain * 1e6))
+    report = build_corpus(out, seed=seed, max_bytes_per_domain=int(max_mb_per_domain * 1e6), progress=True)
     table = Table(title=f"corpus → {out}")
     for col in ("domain", "train docs", "val docs", "MB", "sources"):
         table.add_column(col)

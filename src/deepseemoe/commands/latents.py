@@ -44,7 +44,8 @@ def register(app: typer.Typer) -> None:
         console = Console()
         for name in names:
             coder, meta = load_run_dictionary(run_dir, name, device=spec.coder_device or "cpu")
-            got = collect_latents(handle, coder, [Site(k, la) for k, la in meta["source"]], batches)
+            got = collect_latents(handle, coder, [Site(k, la) for k, la in meta["source"]], batches, progress=True,
+                                  description=f"latents {name}")
             config = {"dataset_repo": data or spec.data, "dataset_split": "", "dataset_name": "",
                       "dataset_column": spec.field, "batch_size": batch_size, "cache_ctx_len": spec.ctx_len,
                       "n_tokens": int(sum(b.num_tokens for b in batches)), "model_name": handle.name}

@@ -38,7 +38,8 @@ def register(app: typer.Typer) -> None:
         if device_map:
             spec.device_map = device_map
         result = compute_map(run_dir, spec, dictionary, data=data, tokens=tokens, layer=layer,
-                             batch_size=batch_size, n_examples=examples, trust_remote_code=trust_remote_code)
+                             batch_size=batch_size, n_examples=examples, trust_remote_code=trust_remote_code,
+                             progress=True)
         out = run.save_map(dictionary, result.tables, result.examples, result.summary)
         summary = result.summary
         c = Console()

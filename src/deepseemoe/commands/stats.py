@@ -26,8 +26,8 @@ def register(app: typer.Typer) -> None:
         from deepseemoe.routing.stats import compute_routing_stats, save_routing_stats
 
         start = time.perf_counter()
-        with Console().status("computing routing statistics"):
-            result = compute_routing_stats(run_dir, checkpoint=checkpoint, min_count=min_count)
+        result = compute_routing_stats(run_dir, checkpoint=checkpoint, min_count=min_count, progress=True)
+        with Console(stderr=True).status("writing tables and figures"):
             out = save_routing_stats(result, figures=not no_figures)
         table = Table(title=f"{result.summary['tokens']:,} tokens · {time.perf_counter() - start:.1f}s")
         for col in ("layer", "load entropy", "CV", "dead", "top-1 repeat (baseline)", "vocab spec.", "domain NMI",

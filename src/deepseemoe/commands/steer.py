@@ -47,7 +47,7 @@ def register(app: typer.Typer) -> None:
         handle = load_for_run(spec, spec.model_device, trust_remote_code=trust_remote_code)
         batches = list(run_batches(spec, handle, data=data, batch_size=batch_size, max_tokens=tokens))
         site = Site(*meta["source"][0])
-        results = [edit_feature(handle, coder, site, batches, f, scale) for f in feature]
+        results = [edit_feature(handle, coder, site, batches, f, scale, progress=True) for f in feature]
         console = Console()
         for r in results:
             routing = ", ".join(f"L{la} {v['all_tokens']:.3f} ({v['where_fired']:.3f} where fired)"

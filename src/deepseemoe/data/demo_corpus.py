@@ -161,7 +161,7 @@ SOURCES: dict[str, list[tuple[str, Callable[[], Iterator[str]]]]] = {
 
 
 def build_corpus(out_dir: str | Path, *, seed: int = 0, max_bytes_per_domain: int = 2_500_000,
-                 val_fraction: float = 0.05, sources: dict | None = None) -> CorpusReport:
+                 val_fraction: float = 0.05, sources: dict | None = None, progress: bool = False) -> CorpusReport:
     """Collect, deduplicate and split the demo corpus into `out_dir` (train.jsonl, val.jsonl)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -169,7 +169,10 @@ def build_corpus(out_dir: str | Path, *, seed: int = 0, max_bytes_per_domain: in
     rng = random.Random(seed)
     seen: set[bytes] = set()
     train, val = [], []
-    for domain, domain_sources in (sources or SOURCES).items():
+    from deepseemoe.progress import track
+
+    for domain, domain_sources in track(list((sources or SOURCES).items()), "collecting domains",
+                                        disable=not progress, unit="domains"):
         # equal byte share per source; a source smaller than its share passes the rest on
         budget = max_bytes_per_domain
         docs: list[dict] = []

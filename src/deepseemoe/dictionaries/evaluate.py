@@ -170,9 +170,8 @@ class _Totals:
 def evaluate_run(run_dir: str | Path, *, data: str | None = None, tokens: int = 20_000, batch_size: int = 8,
                  device: str | None = None, progress: bool = True, trust_remote_code: bool = False,
                  device_map: str | None = None) -> dict:
-    from rich.progress import track
-
     from deepseemoe.dictionaries.run import load_for_run, run_batches
+    from deepseemoe.progress import track
 
     run_dir = Path(run_dir)
     spec = RunSpec.from_run_dir(run_dir)
@@ -196,7 +195,7 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, tokens: int = 
                      if m["kind"] in ("transcoder", "skip_transcoder") and m["layers"][0] in handle.moe_layers}
     acc = {name: _Totals.for_coder(coder) for name, (coder, _) in coders.items()}
     model_device = next(handle.model.parameters()).device
-    for packed in track(batches, description="evaluating", disable=not progress):
+    for packed in track(batches, "evaluating", disable=not progress, unit="batches"):
         ids, am = packed.input_ids.to(model_device), packed.attention_mask.to(model_device)
         keep = packed.keep.to(model_device)
         # reconstruction quality on the kept tokens, one forward for all coders

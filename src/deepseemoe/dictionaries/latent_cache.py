@@ -36,12 +36,15 @@ def split_bounds(width: int, n_splits: int) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
-def collect_latents(handle: ModelHandle, coder: Coder, sources: list[Site], batches: list) -> dict:
+def collect_latents(handle: ModelHandle, coder: Coder, sources: list[Site], batches: list, *,
+                    progress: bool = False, description: str = "latents") -> dict:
     """Run the corpus through the model and the coder: locations [n, 3] int64 (context, position,
     latent), activations [n] float32, tokens [contexts, S] int64."""
     locs, acts, toks = [], [], []
     offset = 0
-    for packed in batches:
+    from deepseemoe.progress import track
+
+    for packed in track(batches, description, disable=not progress, unit="batches"):
         (x, _), = next(model_stream(handle, [packed], {"c": (sources, sources[:1])},
                                     device=coder.b_dec.device)).values()
         lat = coder.encode(x.float())

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
 from deepseemoe.dictionaries.activation_cache import ActivationCacheWriter, cache_state, cached_stream
 from deepseemoe.dictionaries.coder import Coder, build_coder
@@ -25,7 +24,7 @@ from deepseemoe.dictionaries.trainer import CoderTrainer
 from deepseemoe.errors import DeepSeeMoEError, keep
 from deepseemoe.models.spec import ModelHandle
 from deepseemoe.runs.atomic import atomic_write_bytes
-from deepseemoe.runs.dictionary import CONFIG, DictionaryRun
+from deepseemoe.runs.dictionary import DictionaryRun
 
 
 @dataclass
@@ -337,7 +336,7 @@ def train_run(spec: RunSpec, *, resume: bool = False, progress: bool = True,
             shutil.rmtree(out, ignore_errors=True)
         raise
     if rank == 0:
-        atomic_write_bytes(run.path / CONFIG, yaml.safe_dump(spec.to_dict(), sort_keys=False).encode())
+        run.save_config(spec.to_dict())
     if not resume:
         keep("train", f"{out} holds no checkpoint yet: the same command starts it again")
     start = time.perf_counter()

@@ -252,7 +252,9 @@ def compute_routing_stats(run_dir: str | Path, *, checkpoint: str | Path | None 
     transitions = {(a, b): np.zeros((run.num_experts[a], run.num_experts[b]), np.int64)
                    for a, b in zip(run.layers, run.layers[1:], strict=False)}
     pool = ThreadPoolExecutor(max_workers=max(1, min(len(run.layers), os.cpu_count() or 1)))
-    for part in run.parts:
+    from deepseemoe.progress import track
+
+    for part in track(run.parts, "routing statistics", disable=not progress, unit="shards"):
         token_ids, domain, next_ids, consecutive, per_layer = _shard_arrays(run, part, domain_codes, V)
         cls = cls_of[token_ids]
         # numpy releases the GIL in bincount and friends: one thread per core over the layers

@@ -1,6 +1,7 @@
 """A dictionary run directory (the --out of `deepseemoe train`): the only code that knows its layout.
 
-    OUT/config.yaml                     the resolved run config, saved by `train`
+    OUT/config.yaml                     the resolved run config, saved by `train`; its last line,
+                                        `# sha256: HEX`, checks the text above it (a cut file is refused)
     OUT/checkpoint.safetensors          resumable trainer state, no pickle (rank r>0: checkpoint.rank{r}…)
     OUT/metrics.jsonl                   one line per coder and optimizer step
     OUT/dictionaries/NAME/              config.json (coder config, metadata, sha256 of the weights)
@@ -22,7 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from deepseemoe.errors import DeepSeeMoEError
-from deepseemoe.runs.atomic import atomic_write_json, atomic_write_table, read_json, read_yaml_mapping
+from deepseemoe.runs.atomic import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_table,
+    read_json,
+    read_yaml_mapping,
+)
 from deepseemoe.runs.lock import atomic_dir
 
 CONFIG = "config.yaml"
@@ -32,6 +39,7 @@ DICTIONARIES = "dictionaries"
 CODER_CONFIG = "config.json"
 CODER_WEIGHTS = "coder.safetensors"
 EVALUATION = "evaluation.json"
+CONFIG_CHECKSUM = b"# sha256: "
 
 
 @dataclass
@@ -48,8 +56,28 @@ class DictionaryRun:
     # ---- what `train` writes -------------------------------------------------------------------
 
     def config(self) -> dict:
-        """config.yaml as a mapping (one-line refusal for a damaged one)."""
-        return read_yaml_mapping(self.path / CONFIG)
+        """config.yaml as a mapping, verified against its checksum line (one-line refusal for a
+        damaged or cut one: YAML cut at a line end still parses, to a config missing settings)."""
+        import hashlib
+
+        path = self.path / CONFIG
+        text = path.read_bytes()
+        body, _, last = text.rstrip(b"\n").rpartition(b"\n")
+        if not last.startswith(CONFIG_CHECKSUM) or \
+                last[len(CONFIG_CHECKSUM):].decode(errors="replace") != hashlib.sha256(body + b"\n").hexdigest():
+            raise DeepSeeMoEError(f"{path} is damaged or incomplete (its `{CONFIG_CHECKSUM.decode()}` line does not "
+                                  "match the settings above it); train the run again, or copy the folder again")
+        return read_yaml_mapping(path)
+
+    def save_config(self, config: dict) -> None:
+        """config.yaml: the settings, then the checksum line `config()` verifies."""
+        import hashlib
+
+        import yaml
+
+        body = yaml.safe_dump(config, sort_keys=False).encode()
+        atomic_write_bytes(self.path / CONFIG, body + CONFIG_CHECKSUM + hashlib.sha256(body).hexdigest().encode()
+                           + b"\n")
 
     def checkpoint(self, rank: int = 0) -> Path:
         return self.path / (CHECKPOINT if rank == 0 else CHECKPOINT.replace(".safetensors", f".rank{rank}.safetensors"))
