@@ -53,12 +53,12 @@ def register(app: typer.Typer) -> None:
             return list(pack_documents(h.require_tokenizer(), iter_documents(source), ctx_len=h.check_ctx_len(ctx_len), batch_size=8,
                                        max_tokens=tokens))
 
+        layer = moe.num_layers // 2 if sae_layer is None else sae_layer
+        if sae_tokens > 0 and layer >= min(moe.num_layers, dense.num_layers):  # checked before the long work
+            raise DeepSeeMoEError(f"--sae-layer {layer} does not exist in both models (they have {moe.num_layers} "
+                                  f"and {dense.num_layers} layers); choose a smaller one")
         result = compare_models(moe, dense, batches(moe), batches(dense), max_units_per_kind=max_units, progress=True)
         if sae_tokens > 0:
-            layer = moe.num_layers // 2 if sae_layer is None else sae_layer
-            if layer >= min(moe.num_layers, dense.num_layers):
-                raise DeepSeeMoEError(f"--sae-layer {layer} does not exist (the models have "
-                                      f"{min(moe.num_layers, dense.num_layers)} layers)")
             result["sae_frontier"] = sae_frontier({"moe": moe_model, "dense": dense_model}, train_data or data, data,
                                                   out, layer=layer, ks=[int(k) for k in sae_k.split(",")],
                                                   expansion_factor=expansion_factor, tokens=sae_tokens,
