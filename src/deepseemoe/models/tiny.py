@@ -166,22 +166,14 @@ def tiny_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    byte_symbols = pre_tokenizers.ByteLevel.alphabet()
+    from deepseemoe.data.token_text import _unicode_to_byte
+
+    byte_of = _unicode_to_byte()  # byte-level BPE's printable stand-in of each byte → the byte
     vocab = {t: i for i, t in enumerate(TINY_SPECIALS)}
-    for symbol in sorted(byte_symbols, key=lambda c: _byte_of(c)):
+    for symbol in sorted(pre_tokenizers.ByteLevel.alphabet(), key=byte_of.__getitem__):
         vocab[symbol] = len(vocab)
     core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                    model_max_length=1 << 20)
-
-
-def _byte_of(symbol: str) -> int:
-    """The byte a ByteLevel symbol stands for (GPT-2's printable mapping of the 256 bytes)."""
-    code = ord(symbol)
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    if code in printable:
-        return code
-    missing = [b for b in range(256) if b not in printable]
-    return missing[code - 256]
