@@ -9,6 +9,7 @@ Pipeline, one sub-package per stage, bottom to top:
     routing, interventions routing records and their statistics; rewriting routing
     dictionaries  sparse coders, their trainer, formats, evaluation
     analysis      features ↔ experts, causal checks, MoE vs dense
+    explain       descriptions of features and experts written by an LLM, and their scores
     report        the static report
     demo, commands, cli    the verbs
 
@@ -27,6 +28,7 @@ STAGES: tuple[frozenset[str], ...] = (
     frozenset({"routing", "interventions"}),
     frozenset({"dictionaries"}),
     frozenset({"analysis"}),
+    frozenset({"explain"}),
     frozenset({"report"}),
     frozenset({"demo", "commands", "cli"}),
 )

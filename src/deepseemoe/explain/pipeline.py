@@ -1,0 +1,237 @@
+"""`deepseemoe explain` / `score`: units from a dictionary of a training run or from the experts of
+one layer of a routing run, explained and scored through one backend, saved in an
+`ExplanationStore` (runs/explanations.py).
+
+Features: the text is the run's (or --data), its kept tokens in their contexts; a feature's
+activation is the coder's latent. Experts: the routing run's tokens in their documents; an
+expert's activation on a token is its gate weight when the token is routed to it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from deepseemoe.errors import DeepSeeMoEError
+from deepseemoe.explain.backends import ChatBackend
+from deepseemoe.explain.explainer import Prompts, explain
+from deepseemoe.explain.scorers import (
+    detection_items,
+    fuzz_items,
+    metrics,
+    predictions_metrics,
+    routing_items,
+    score_items,
+    shuffled,
+)
+from deepseemoe.explain.units import (
+    Corpus,
+    Example,
+    Sampler,
+    TokenExample,
+    UnitExamples,
+    routing_examples,
+    token_baseline,
+)
+from deepseemoe.runs.explanations import ExplanationStore
+
+
+def feature_source(run_dir: Path, name: str, *, data: str | None, tokens: int, features: list[int] | int,
+                   batch_size: int = 8, device: str | None = None, trust_remote_code: bool = False
+                   ) -> tuple[Corpus, np.ndarray, list[int], dict[int, str]]:
+    """(corpus, activations [N, U], the feature ids, MoE context per feature)."""
+    import torch
+
+    from deepseemoe.capture.core import Site
+    from deepseemoe.data.token_text import token_texts
+    from deepseemoe.dictionaries.formats import load_run_dictionary
+    from deepseemoe.dictionaries.run import load_for_run, run_batches
+    from deepseemoe.dictionaries.spec import RunSpec
+    from deepseemoe.dictionaries.stream import model_stream
+
+    spec = RunSpec.from_run_dir(run_dir)
+    if device:
+        spec.model_device = spec.coder_device = device
+    coder, meta = load_run_dictionary(run_dir, name, device=spec.coder_device or "cpu")
+    handle = load_for_run(spec, spec.model_device, trust_remote_code=trust_remote_code)
+    tokenizer = handle.require_tokenizer()
+    sources = [Site(k, la) for k, la in meta["source"]]
+    ids, lengths, lat_parts = [], [], []
+    for packed in run_batches(spec, handle, data=data, batch_size=batch_size, max_tokens=tokens):
+        (x, _), = next(model_stream(handle, [packed], {"c": (sources, sources[:1])}, device=coder.b_dec.device)).values()
+        with torch.no_grad():
+            lat = coder.encode(x.float()).cpu()
+        keep = packed.keep.reshape(packed.input_ids.shape)
+        for row in range(keep.shape[0]):
+            n = int(keep[row].sum())
+            if n:
+                ids.append(packed.input_ids[row][keep[row]].numpy())
+                lengths.append(n)
+        lat_parts.append(lat)
+    if not ids:
+        raise DeepSeeMoEError("no text to explain on; give more --tokens or other --data")
+    latents = torch.cat(lat_parts)
+    live = (latents > 0).sum(0)
+    if isinstance(features, int):  # the first N features that fire often enough to be explained and scored
+        chosen = [int(f) for f in torch.nonzero(live >= 8).squeeze(1)[:features]]
+    else:
+        bad = [f for f in features if not 0 <= f < latents.shape[1]]
+        if bad:
+            raise DeepSeeMoEError(f"features {bad} do not exist in {name} ({latents.shape[1]} latents)")
+        chosen = list(features)
+    if not chosen:
+        raise DeepSeeMoEError(f"no feature of {name} fires on at least 8 of these {latents.shape[0]:,} tokens; "
+                              "give more --tokens")
+    tokens_all = np.concatenate(ids)
+    vocab = np.unique(tokens_all)
+    texts = dict(zip(vocab.tolist(), token_texts(tokenizer, vocab.tolist()), strict=True))
+    corpus = Corpus(tokens_all, np.concatenate([[0], np.cumsum(lengths)]), texts)
+    return corpus, latents[:, chosen].numpy().astype(np.float32), chosen, _feature_contexts(run_dir, name, chosen)
+
+
+def _feature_contexts(run_dir: Path, name: str, features: list[int]) -> dict[int, str]:
+    """From `deepseemoe map`, when it ran: the experts a feature's tokens go to, the one it promotes."""
+    path = Path(run_dir) / "maps" / name / "feature_experts.parquet"
+    if not path.exists():
+        return {}
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path).to_pandas()
+    layer = None
+    summary = Path(run_dir) / "maps" / name / "summary.json"
+    if summary.exists():
+        import json
+
+        layer = json.loads(summary.read_text()).get("layer")
+    out = {}
+    for i, f in enumerate(features):
+        rows = table[(table.feature == f) & (table["count"] >= 3)].sort_values("lift", ascending=False).head(3)
+        if len(rows):
+            where = f" of MoE layer {layer}" if layer is not None else ""
+            out[i] = "Tokens where it is active are routed most often, relative to all tokens, to experts" + where + \
+                ": " + ", ".join(f"{int(r.expert)} ({r.lift:.1f}× as often)" for r in rows.itertuples()) + "."
+    return out
+
+
+def expert_source(run_dir: Path, layer: int) -> tuple[Corpus, np.ndarray, list[int], dict[int, str]]:
+    """(corpus, gate weights [N, E], the experts, MoE context per expert: domain mix) of one layer."""
+    from deepseemoe.runs.routing import RoutingRun
+
+    run = RoutingRun.open(run_dir)
+    if layer not in run.layers:
+        raise DeepSeeMoEError(f"layer {layer} is not an MoE layer of {run_dir}; choose from {run.layers}")
+    E = run.num_experts[layer]
+    ids, docs, domains, weights, texts = [], [], [], [], {}
+    for part in run.parts:
+        t = run.read_table("tokens", part, ["doc", "token_id", "token", "domain"]).to_pydict()
+        T = len(t["doc"])
+        experts, w = run.routing_layers(part, T)[layer]
+        dense = np.zeros((T, E), np.float32)
+        np.put_along_axis(dense, experts.astype(np.int64), w.astype(np.float32), axis=1)
+        ids.append(np.asarray(t["token_id"], np.int64))
+        docs.append(np.asarray(t["doc"], np.int64))
+        domains += t["domain"]
+        weights.append(dense)
+        texts.update(zip(t["token_id"], t["token"], strict=True))
+    tokens, doc, acts = np.concatenate(ids), np.concatenate(docs), np.concatenate(weights)
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(doc)) + 1, [len(doc)]])
+    corpus = Corpus(tokens, starts, texts)
+    contexts = {}
+    dom = np.array([d or "" for d in domains])
+    names = sorted(set(dom) - {""})
+    for e in range(E):
+        routed = acts[:, e] > 0
+        if names and routed.any():
+            share = {d: float((routed & (dom == d)).sum() / max((dom == d).sum(), 1)) for d in names}
+            contexts[e] = "Share of each domain's tokens routed to it: " + ", ".join(
+                f"{d} {v:.0%}" for d, v in sorted(share.items(), key=lambda kv: -kv[1])) + "."
+    return corpus, acts, list(range(E)), contexts
+
+
+def example_doc(ex: UnitExamples) -> dict:
+    return asdict(ex)
+
+
+def _examples_from(doc: dict) -> UnitExamples:
+    conv = [Example(**e) for e in doc["train"]], [Example(**e) for e in doc["test"]], \
+        [Example(**e) for e in doc["not_active"]]
+    return UnitExamples(doc["unit"], *conv, [tuple(t) for t in doc.get("top_tokens", [])])
+
+
+def run_explain(store: ExplanationStore, corpus: Corpus, acts: np.ndarray, units: list[int], contexts: dict[int, str],
+                backend: ChatBackend, prompts: Prompts, *, kind: str, source: dict, window: int = 24,
+                seed: int = 0, routing: bool = False) -> dict[int, str]:
+    """Sample each unit's examples, explain it, save explanations and the examples (for `score`)."""
+    sampler = Sampler(corpus, acts, window=window, seed=seed)
+    per_unit = {u: sampler.unit_examples(i) for i, u in enumerate(units)}
+    context = {u: contexts[i] for i, u in enumerate(units) if i in contexts}
+    explanations = explain(backend, prompts, {u: ex.train for u, ex in per_unit.items()}, context)
+    doc = {"module": store.module, "kind": kind, "source": source, "window": window, "seed": seed,
+           "backend": backend.ident, "prompts_sha256": prompts.digest(),
+           "units": {str(u): {**example_doc(ex), "unit": u, "context": context.get(u, "")} for u, ex in per_unit.items()}}
+    if routing:  # experts: held-out tokens for routing prediction, and the token-identity baseline
+        doc["routing"] = {}
+        for i, u in enumerate(units):
+            rex = routing_examples(sampler, i)
+            doc["routing"][str(u)] = {"examples": [asdict(e) for e in rex],
+                                      "token_baseline": token_baseline(sampler, i, rex)}
+    store.save_explanations(explanations)
+    store.save_examples(doc)
+    return explanations
+
+
+def run_score(store: ExplanationStore, backend: ChatBackend, prompts: Prompts, scorers: list[str], *,
+              n_per_prompt: int = 5) -> dict:
+    """Score every explained unit with each scorer and with the shuffled-explanation baseline."""
+    import pyarrow as pa
+
+    doc = store.examples()
+    explanations = store.explanations()
+    units = sorted(int(u) for u in doc["units"] if int(u) in explanations)
+    if not units:
+        raise DeepSeeMoEError(f"{store.path} holds no explanations to score; run `deepseemoe explain` first")
+    examples = {u: _examples_from(doc["units"][str(u)]) for u in units}
+    other = shuffled({u: explanations[u] for u in units})
+    summary = {"module": store.module, "kind": doc["kind"], "backend": backend.ident,
+               "explained_by": doc["backend"], "prompts_sha256": prompts.digest(), "units": len(units), "scorers": {}}
+    rows = {"unit": units, "explanation": [explanations[u] for u in units]}
+    for scorer in scorers:
+        if scorer == "routing":
+            if "routing" not in doc:
+                raise DeepSeeMoEError("the routing scorer is for experts: explain the experts of a routing run")
+            items = {u: routing_items([TokenExample(**e) for e in doc["routing"][str(u)]["examples"]]) for u in units}
+        else:
+            build = detection_items if scorer == "detection" else fuzz_items
+            items = {u: build(examples[u]) for u in units}
+        jobs = [(explanations[u], items[u]) for u in units]
+        jobs += [(other[u], items[u]) for u in units if u in other]
+        got = score_items(backend, prompts, scorer, jobs, n_per_prompt=n_per_prompt)
+        own, base = got[:len(units)], got[len(units):]
+        pooled_own, pooled_base = [], []
+        for u, recs in zip(units, own, strict=True):
+            store.save_scores(scorer, u, recs)
+            pooled_own += recs
+        for u, recs in zip([u for u in units if u in other], base, strict=True):
+            store.save_scores(f"{scorer}_shuffled", u, recs)
+            pooled_base += recs
+        per_own = [metrics(r) for r in own]
+        rows[f"{scorer}_balanced_accuracy"] = [m["balanced_accuracy"] for m in per_own]
+        rows[f"{scorer}_f1"] = [m["f1"] for m in per_own]
+        rows[f"{scorer}_examples"] = [m["examples"] for m in per_own]
+        rows[f"{scorer}_failed"] = [m["failed"] for m in per_own]
+        base_by_unit = dict(zip([u for u in units if u in other], [metrics(r) for r in base], strict=True))
+        rows[f"{scorer}_shuffled_balanced_accuracy"] = [base_by_unit.get(u, {}).get("balanced_accuracy", float("nan"))
+                                                        for u in units]
+        entry = {"explanation": metrics(pooled_own), "shuffled_explanation": metrics(pooled_base) if base else None}
+        if scorer == "routing":
+            truth, pred = [], []
+            for u in units:
+                r = doc["routing"][str(u)]
+                truth += [e["routed"] for e in r["examples"]]
+                pred += r["token_baseline"]
+            entry["token_baseline"] = predictions_metrics(truth, pred)
+        summary["scorers"][scorer] = entry
+    store.save_summary(summary, pa.table(rows))
+    return summary

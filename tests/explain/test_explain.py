@@ -1,0 +1,142 @@
+"""Explanations and scores with known answers: planted features explained by an oracle over a real
+HTTP server that speaks the OpenAI protocol; shuffled explanations at chance; an always-yes scorer
+at 0.5; retries, concurrency and the cache; delphi's own analysis reading our score files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from deepseemoe.explain.backends import Cached, OpenAIChat
+from deepseemoe.explain.explainer import Prompts, mark, parse_explanation
+from deepseemoe.explain.pipeline import run_explain, run_score
+from deepseemoe.explain.scorers import metrics, parse_answer
+from deepseemoe.explain.units import Corpus
+from deepseemoe.runs.explanations import ExplanationStore
+from tests.explain.stub_server import Stub
+
+FAMILIES = {0: ["cat", "dog", "horse", "mouse"], 1: ["red", "green", "blue", "yellow"],
+            2: ["seven", "eleven", "twenty", "forty"]}
+FILLER = ["the", "a", "of", "went", "quietly", "house", "river", "said", "and", "then", "over", "big"]
+
+
+def planted(n_tokens: int = 6000, seed: int = 0) -> tuple[Corpus, np.ndarray]:
+    """A word-level corpus; unit u fires (0.5–3) exactly on the words of family u."""
+    rng = np.random.default_rng(seed)
+    words = FILLER + [w for f in FAMILIES.values() for w in f]
+    p = np.array([0.7 / len(FILLER)] * len(FILLER) + [0.3 / 12] * 12)
+    ids = rng.choice(len(words), size=n_tokens, p=p)
+    acts = np.zeros((n_tokens, len(FAMILIES)), np.float32)
+    for u, fam in FAMILIES.items():
+        hit = np.isin(ids, [words.index(w) for w in fam])
+        acts[hit, u] = rng.uniform(0.5, 3.0, hit.sum())
+    starts = np.arange(0, n_tokens + 1, 100)
+    return Corpus(ids, starts, {i: " " + w for i, w in enumerate(words)}), acts
+
+
+def test_marking_and_parsing_by_hand():
+    assert mark([" a", " cat", " dog", " sat"], [0.0, 2.0, 1.0, 0.1]) == " a<< cat dog>> sat"
+    assert parse_explanation("thinking...\n[EXPLANATION]: animal words") == "animal words"
+    assert parse_explanation("no line") == "Explanation could not be parsed."
+    assert parse_answer("sure: [1, 0, 1]", 3) == [True, False, True]
+    assert parse_answer("[1, 0]", 3) is None and parse_answer("1 0 1", 3) is None
+
+
+def test_metrics_by_hand_and_an_always_yes_scorer_is_at_half():
+    recs = [{"activating": a, "prediction": p} for a, p in [(1, 1), (1, 0), (0, 0), (0, 0), (0, 1), (1, None)]]
+    m = metrics(recs)
+    # TPR 1/2, TNR 2/3 → 7/12; precision 1/2, F1 1/2; one unanswered
+    assert m["balanced_accuracy"] == pytest.approx(7 / 12) and m["f1"] == pytest.approx(0.5)
+    assert (m["examples"], m["scored"], m["failed"]) == (6, 5, 1)
+    yes = metrics([{"activating": a, "prediction": True} for a in [1, 0, 0, 1, 0]])
+    assert yes["balanced_accuracy"] == 0.5
+
+
+def _explain_and_score(tmp_path, stub, scorers=("detection", "fuzz"), **kw):
+    corpus, acts = planted()
+    store = ExplanationStore(tmp_path / "store", "planted")
+    chat = Cached(OpenAIChat(stub.url, "oracle", concurrency=4, backoff=0.01, **kw), tmp_path / "answers.sqlite")
+    prompts = Prompts.load()
+    got = run_explain(store, corpus, acts, [0, 1, 2], {}, chat, prompts, kind="feature", source={}, window=8)
+    summary = run_score(store, chat, prompts, list(scorers))
+    return got, summary, store, chat
+
+
+def test_an_oracle_explains_planted_features_and_scores_near_one_while_shuffled_is_at_chance(tmp_path):
+    with Stub() as stub:
+        got, summary, store, _ = _explain_and_score(tmp_path, stub)
+    for u, fam in FAMILIES.items():
+        assert set(got[u].split()) == set(fam), got[u]  # the oracle names exactly the family
+    for scorer in ("detection", "fuzz"):
+        own, base = summary["scorers"][scorer]["explanation"], summary["scorers"][scorer]["shuffled_explanation"]
+        assert own["balanced_accuracy"] > 0.95 and own["failed"] == 0, (scorer, own)
+        assert abs(base["balanced_accuracy"] - 0.5) < 0.15, (scorer, base)
+        assert own["examples"] >= 3 * 20
+    # explained on one half, scored on the other: no scored window is one the explainer saw
+    doc = store.examples()
+    for u in doc["units"].values():
+        shown = {e_["text"] if "text" in e_ else "".join(e_["tokens"]) for e_ in u["train"]}
+        scored = {"".join(e_["tokens"]) for e_ in u["test"] + u["not_active"]}
+        assert not shown & scored
+
+
+def test_an_always_yes_scorer_gets_balanced_accuracy_one_half(tmp_path):
+    with Stub(always_yes=True) as stub:
+        _, summary, _, _ = _explain_and_score(tmp_path, stub, scorers=("detection",))
+    assert summary["scorers"]["detection"]["explanation"]["balanced_accuracy"] == 0.5
+
+
+@pytest.mark.parametrize("status", [429, 500])
+def test_retries_concurrency_and_a_rerun_that_pays_nothing(tmp_path, status):
+    with Stub(fail_first=status, delay=0.02) as stub:
+        _, summary, _, _ = _explain_and_score(tmp_path, stub)
+        assert stub.failed > 0 and summary["scorers"]["detection"]["explanation"]["failed"] == 0
+        assert stub.max_in_flight > 1  # requests ran concurrently
+        before = stub.requests
+        _, again, _, chat2 = _explain_and_score(tmp_path, stub)
+        assert stub.requests == before and chat2.misses == 0 and chat2.hits > 0
+        assert again["scorers"] == summary["scorers"]
+
+
+def test_delphis_own_analysis_reads_our_scores(tmp_path):
+    from delphi.log.result_analysis import get_agg_metrics, load_data
+
+    with Stub() as stub:
+        _, summary, store, _ = _explain_and_score(tmp_path, stub)
+    df = load_data(store.path / "scores", ["planted"])
+    latent_df = df[0] if isinstance(df, tuple) else df
+    agg = get_agg_metrics(latent_df, None)
+    by = {row.score_type: row for row in agg.itertuples()} if hasattr(agg, "itertuples") else agg
+    for scorer in ("detection", "fuzz"):
+        assert by[scorer].accuracy == pytest.approx(summary["scorers"][scorer]["explanation"]["balanced_accuracy"])
+
+
+def test_cli_explains_and_scores_features_and_experts_of_tiny_runs(tmp_path, cli, corpus_jsonl):
+    """`explain` / `score` end to end on a training run and a routing run of a tiny OLMoE, through
+    the OpenAI backend; `--find` searches the descriptions."""
+    data = tmp_path / "docs.jsonl"
+    data.write_text("\n".join(corpus_jsonl.read_text().splitlines() * 12) + "\n")
+    assert cli("train", "--model", "tiny:olmoe", "--data", data, "--kind", "sae", "--site", "block_in", "--layers",
+               "1", "--out", tmp_path / "dicts", "--tokens", "2048", "--k", "8").code == 0
+    assert cli("route", "tiny:olmoe", "--data", data, "--out", tmp_path / "route", "--max-tokens", "3000").code == 0
+    with Stub() as stub:
+        backend = ["--backend", "openai", "--url", stub.url, "--model", "oracle", "--cache", tmp_path / "a.sqlite"]
+        r = cli("explain", tmp_path / "dicts", "--dictionary", "sae_block_in_1", "--features", "5", "--tokens", "2000",
+                *backend)
+        assert r.code == 0, r.err
+        r = cli("score", tmp_path / "dicts", "--dictionary", "sae_block_in_1", *backend)
+        assert r.code == 0, r.err
+        assert "detection: balanced accuracy" in r.out and "shuffled explanations" in r.out
+        r = cli("explain", tmp_path / "route", "--layer", "1", *backend)
+        assert r.code == 0, r.err
+        r = cli("score", tmp_path / "route", "--layer", "1", *backend)
+        assert r.code == 0, r.err
+        assert "routing: balanced accuracy" in r.out and "token identity" in r.out
+    store = ExplanationStore(tmp_path / "route" / "explanations" / "layer1", "layer1.experts")
+    assert len(store.explanations()) == 8 and set(store.scores("routing")) == set(range(8))
+    word = next(iter(store.explanations().values())).split()[0]
+    r = cli("explain", tmp_path / "route", "--find", word)
+    assert r.code == 0 and word in r.out
+    # nothing explained yet: one line, before any model loads
+    r = cli("score", tmp_path / "dicts", "--dictionary", "nope", "--backend", "openai", "--url", "http://x", "--model", "m")
+    assert r.code == 2 and r.error_lines and "deepseemoe explain" in r.error_lines[0]
