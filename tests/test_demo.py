@@ -13,12 +13,18 @@ from deepseemoe.demo import run_demo
 
 
 def test_reduced_demo(tmp_path):
-    result = run_demo(tmp_path / "demo", recipe="tiny", cache_dir=tmp_path / "cache", max_tokens=4000)
+    from deepseemoe.explain.backends import OpenAIChat
+    from tests.explain.stub_server import Stub
+
+    with Stub() as stub:  # the descriptions stage through an oracle (tests/explain/test_smollm2.py runs SmolLM2)
+        result = run_demo(tmp_path / "demo", recipe="tiny", cache_dir=tmp_path / "cache", max_tokens=4000,
+                          explainer=OpenAIChat(stub.url, "oracle"))
     page = result.report.read_text()
     assert page.count("data:image/png;base64,") >= 4  # load, domain, co-activation, repetition
     for heading in ("Which expert is active when and where", "Expert load", "Experts × domains", "top tokens",
                     "Co-activation", "Consecutive tokens", "Router saturation", "losses per domain",
-                    "Dictionaries of the MoE block", "Causal checks", "MoE vs dense"):
+                    "Dictionaries of the MoE block", "Causal checks", "MoE vs dense",
+                    "Descriptions of experts and features", "layer1.experts", "router_sae_1"):
         assert heading in page, heading
     run = tmp_path / "demo" / "run"
     summary = json.loads((run / "analyses" / "summary.json").read_text())

@@ -3,7 +3,8 @@
 Stages: corpus (text on this machine) → tokenizer + MoE + dense twin (trained once, cached) →
 load the MoE from its folder exactly like a hub model → route the held-out split → route the
 same text through the intermediate checkpoints → routing statistics → dictionaries, feature maps,
-causal checks and the MoE-vs-dense table → report/index.html.
+causal checks and the MoE-vs-dense table → descriptions of one layer's experts and a few dozen
+features by the offline explainer (SmolLM2), scored → report/index.html.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ class DemoResult:
 
 def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain: bool = False,
              cache_dir: str | Path | None = None, max_tokens: int = 60_000, seed: int = 0,
-             console: Console | None = None) -> DemoResult:
+             console: Console | None = None, explainer=None) -> DemoResult:
+    """`explainer`: the chat backend of the descriptions stage (default: the offline SmolLM2)."""
     console = console or Console()
     spec = get_recipe(recipe)  # a bad recipe name fails before anything is written
     out_dir = Path(out_dir)
@@ -49,19 +51,19 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
     fix = f"delete {corpus_dir} to build the corpus again"
     if stamp_path.exists() and read_json(stamp_path, fix) == stamp and (corpus_dir / "val.jsonl").exists():
         corpus = read_json(corpus_dir / "report.json", fix)
-        console.print(f"[bold]1/6 corpus[/] reused {corpus_dir}")
+        console.print(f"[bold]1/7 corpus[/] reused {corpus_dir}")
     else:
-        with console.status("[bold]1/6 corpus[/] collecting text found on this machine"):
+        with console.status("[bold]1/7 corpus[/] collecting text found on this machine"):
             corpus = build_corpus(corpus_dir, seed=seed, max_bytes_per_domain=spec.max_bytes_per_domain).to_json()
         atomic_write_json(stamp_path, stamp)
-        console.print(f"[bold]1/6 corpus[/] {len(corpus['domains'])} domains: "
+        console.print(f"[bold]1/7 corpus[/] {len(corpus['domains'])} domains: "
                       + ", ".join(f"{d} {v['bytes'] / 1e6:.1f} MB" for d, v in corpus["domains"].items()))
     for note in corpus.get("notes", []):
         console.print(f"[yellow]{note}[/]")
     seconds["corpus"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    console.print(f"[bold]2/6 models[/] recipe '{recipe}': OLMoE {spec.experts} experts top-{spec.top_k} and its "
+    console.print(f"[bold]2/7 models[/] recipe '{recipe}': OLMoE {spec.experts} experts top-{spec.top_k} and its "
                   f"dense twin, {spec.steps} steps each")
     zoo = train_zoo(corpus_dir, recipe=spec, cache_dir=cache_dir, retrain=retrain)
     if zoo.cached:
@@ -71,7 +73,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
     t = time.perf_counter()
     source = TextSource(str(corpus_dir / "val.jsonl"), domain_field="domain")
     route_kw = dict(ctx_len=spec.seq_len, batch_size=16, max_tokens=max_tokens)
-    console.print("[bold]3/6 routing[/] held-out text through the MoE (loaded from its folder like a hub model)")
+    console.print("[bold]3/7 routing[/] held-out text through the MoE (loaded from its folder like a hub model)")
     handle = load_model(str(zoo.moe_dir))
     run_dir = out_dir / "run"
     route_corpus(handle, source, run_dir, extra={"recipe": recipe, "zoo": str(zoo.root)}, overwrite=True,
@@ -91,26 +93,61 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
     seconds["routing"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    with console.status("[bold]4/6 statistics[/]"):
+    with console.status("[bold]4/7 statistics[/]"):
         stats = compute_routing_stats(run_dir)
         save_routing_stats(stats)
-    console.print(f"[bold]4/6 statistics[/] {stats.summary['tokens']:,} tokens → {run_dir / 'analyses'}")
+    console.print(f"[bold]4/7 statistics[/] {stats.summary['tokens']:,} tokens → {run_dir / 'analyses'}")
     seconds["stats"] = time.perf_counter() - t
 
     t = time.perf_counter()
     from deepseemoe.analysis.demo_stage import run_demo_analyses
 
-    with console.status("[bold]5/6 dictionaries and causal checks[/]"):
+    with console.status("[bold]5/7 dictionaries and causal checks[/]"):
         analyses = run_demo_analyses(zoo.moe_dir, zoo.dense_dir, corpus_dir, out_dir, ctx_len=spec.seq_len,
                                      train_tokens=max(10_000, min(100_000, 2 * max_tokens)),
                                      eval_tokens=max(1_000, min(4_000, max_tokens // 4)), layer=spec.layers // 2)
     ev = analyses["evaluation"]["coders"]
-    console.print("[bold]5/6 dictionaries and causal checks[/] " + ", ".join(
+    console.print("[bold]5/7 dictionaries and causal checks[/] " + ", ".join(
         f"{n}: FVU {r['fvu']:.3f}, ΔCE {r.get('delta_ce', float('nan')):.3f}" for n, r in ev.items()))
     seconds["analyses"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    _describe(run_dir, out_dir, spec.layers // 2, cache_dir, explainer, console)
+    seconds["descriptions"] = time.perf_counter() - t
+
+    t = time.perf_counter()
     report = build_report(run_dir)  # what `deepseemoe report runs/demo/run` writes, from the files alone
     seconds["report"] = time.perf_counter() - t
-    console.print(f"[bold]6/6 report[/] {report}")
+    console.print(f"[bold]7/7 report[/] {report}")
     return DemoResult(out_dir, report, seconds, stats.summary)
+
+
+def _describe(run_dir: Path, out_dir: Path, layer: int, cache_dir, explainer, console: Console) -> None:
+    """Stage 6: the experts of one layer and 24 features of the block-input SAE, explained and
+    scored; answers cached, so a warm demo asks the explainer nothing."""
+    from deepseemoe.errors import DeepSeeMoEError
+    from deepseemoe.explain.backends import Cached, LocalChat
+    from deepseemoe.explain.pipeline import demo_explanations
+    from deepseemoe.zoo.train import default_cache_dir
+
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    try:
+        chat = explainer or LocalChat.smollm2(root / "explain")
+    except DeepSeeMoEError as e:  # the offline explainer is not installed: the rest of the demo stands
+        console.print(f"[bold]6/7 descriptions[/] [yellow]skipped: {e}[/]")
+        return
+    backend = Cached(chat, root / "explain" / "answers.sqlite")
+    with console.status("[bold]6/7 descriptions[/] explaining experts and features"):
+        got = demo_explanations(run_dir, out_dir / "dictionaries", f"router_sae_{layer}", layer, backend)
+    e, f = got["experts"]["scorers"], got["features"]["scorers"]
+    console.print(f"[bold]6/7 descriptions[/] {got['experts']['units']} experts, {got['features']['units']} features "
+                  f"by {chat.ident.split(':', 1)[1]} ({backend.hits} answers cached, {backend.misses} new): routing "
+                  f"prediction {e['routing']['explanation']['balanced_accuracy']:.2f} (shuffled "
+                  f"{_fmt(e['routing']['shuffled_explanation'])}, token identity "
+                  f"{e['routing']['token_baseline']['balanced_accuracy']:.2f}); feature detection "
+                  f"{f['detection']['explanation']['balanced_accuracy']:.2f} (shuffled "
+                  f"{_fmt(f['detection']['shuffled_explanation'])})")
+
+
+def _fmt(entry: dict | None) -> str:
+    return "–" if not entry else f"{entry['balanced_accuracy']:.2f}"

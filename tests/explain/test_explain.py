@@ -38,8 +38,11 @@ def test_marking_and_parsing_by_hand():
     assert mark([" a", " cat", " dog", " sat"], [0.0, 2.0, 1.0, 0.1]) == " a<< cat dog>> sat"
     assert parse_explanation("thinking...\n[EXPLANATION]: animal words") == "animal words"
     assert parse_explanation("no line") == "Explanation could not be parsed."
+    assert parse_explanation("[EXPLANATION]: animal words\nThe dog said...") == "animal words"
     assert parse_answer("sure: [1, 0, 1]", 3) == [True, False, True]
+    assert parse_answer("[1,0,1,1,1,1,", 3) == [True, False, True]  # cut off / running on: its first n
     assert parse_answer("[1, 0]", 3) is None and parse_answer("1 0 1", 3) is None
+    assert parse_answer("[1, yes, 0]", 3) is None
 
 
 def test_metrics_by_hand_and_an_always_yes_scorer_is_at_half():

@@ -39,9 +39,13 @@ class Completion:
 
 
 class ChatBackend(Protocol):
+    """`prefix`: how the answer must start ("[EXPLANATION]:", "["). A local model is made to start
+    its answer with it (the text returned includes it); a remote endpoint is only asked to, by
+    the prompt, since the chat protocol has no standard way to start the assistant's message."""
+
     ident: str  # what the cache key records: backend kind and model
 
-    def complete_many(self, prompts: Sequence[Messages], *, max_tokens: int) -> list[Completion]: ...
+    def complete_many(self, prompts: Sequence[Messages], *, max_tokens: int, prefix: str = "") -> list[Completion]: ...
 
 
 class OpenAIChat:
@@ -98,7 +102,7 @@ class OpenAIChat:
                 time.sleep(wait if wait is not None else self.backoff * 2**attempt)
         return Completion(None, last)
 
-    def complete_many(self, prompts: Sequence[Messages], *, max_tokens: int) -> list[Completion]:
+    def complete_many(self, prompts: Sequence[Messages], *, max_tokens: int, prefix: str = "") -> list[Completion]:
         import httpx
 
         with httpx.Client() as client, ThreadPoolExecutor(max_workers=self.concurrency) as pool:
@@ -106,24 +110,32 @@ class OpenAIChat:
 
 
 class LocalChat:
-    """A local causal LM with a chat template; greedy, left-padded batches."""
+    """A local causal LM with a chat template; greedy, left-padded batches. `load` builds (model,
+    tokenizer) on the first prompt the cache cannot answer, so a fully cached rerun loads nothing."""
 
-    def __init__(self, model, tokenizer, ident: str, batch_size: int = 8):
-        self.model, self.tokenizer, self.ident, self.batch_size = model.eval(), tokenizer, ident, batch_size
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        tokenizer.padding_side = "left"
+    def __init__(self, load, ident: str, batch_size: int = 8):
+        self._load, self.ident, self.batch_size = load, ident, batch_size
+        self.model = self.tokenizer = None
+
+    def _ready(self) -> None:
+        if self.model is None:
+            model, tokenizer = self._load()
+            if tokenizer.pad_token_id is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            tokenizer.padding_side = "left"
+            self.model, self.tokenizer = model.eval(), tokenizer
 
     @classmethod
     def from_pretrained(cls, path: str, *, batch_size: int = 8, trust_remote_code: bool = False) -> LocalChat:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        try:
-            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-            model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError) as e:
-            raise DeepSeeMoEError(f"cannot load the explainer model {path!r}: {str(e).splitlines()[0]}") from None
-        return cls(model, tok, f"local:{path}", batch_size)
+        def load():
+            try:
+                tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+                return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code), tok
+            except (OSError, ValueError) as e:
+                raise DeepSeeMoEError(f"cannot load the explainer model {path!r}: {str(e).splitlines()[0]}") from None
+        return cls(load, f"local:{path}", batch_size)
 
     @classmethod
     def smollm2(cls, cache_dir: Path, *, batch_size: int = 8) -> LocalChat:
@@ -131,24 +143,29 @@ class LocalChat:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         folder = cache_dir / "SmolLM2-135M-Instruct"
-        if not (folder / "model.safetensors").exists():
-            _dequantise_smollm2(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder)
-        return cls(model, AutoTokenizer.from_pretrained(folder), "local:SmolLM2-135M-Instruct.Q4_1", batch_size)
 
-    def complete_many(self, prompts: Sequence[Messages], *, max_tokens: int) -> list[Completion]:
+        def load():
+            if not (folder / "model.safetensors").exists():
+                _dequantise_smollm2(folder)
+            return AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+        smollm2_gguf()  # a missing package is refused now, not at the first uncached prompt
+        return cls(load, "local:SmolLM2-135M-Instruct.Q4_1", batch_size)
+
+    def complete_many(self, prompts: Sequence[Messages], *, max_tokens: int, prefix: str = "") -> list[Completion]:
         import torch
 
+        self._ready()
         out: list[Completion] = []
         for i in range(0, len(prompts), self.batch_size):
             chunk = prompts[i:i + self.batch_size]
-            texts = [self.tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in chunk]
+            texts = [self.tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) + prefix
+                     for m in chunk]
             enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
             with torch.no_grad():
                 gen = self.model.generate(**enc, max_new_tokens=max_tokens, do_sample=False,
                                           pad_token_id=self.tokenizer.pad_token_id)
             for row in gen[:, enc["input_ids"].shape[1]:]:
-                out.append(Completion(self.tokenizer.decode(row, skip_special_tokens=True)))
+                out.append(Completion(prefix + self.tokenizer.decode(row, skip_special_tokens=True)))
         return out
 
 
@@ -206,13 +223,13 @@ class Cached:
         self.db.commit()
         self.hits = self.misses = 0
 
-    def key(self, messages: Messages, max_tokens: int) -> str:
-        raw = json.dumps({"backend": self.backend.ident, "messages": messages, "max_tokens": max_tokens},
-                         sort_keys=True, ensure_ascii=False)
+    def key(self, messages: Messages, max_tokens: int, prefix: str = "") -> str:
+        raw = json.dumps({"backend": self.backend.ident, "messages": messages, "max_tokens": max_tokens,
+                          "prefix": prefix}, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(raw.encode()).hexdigest()
 
-    def complete_many(self, prompts: Sequence[Messages], *, max_tokens: int) -> list[Completion]:
-        keys = [self.key(m, max_tokens) for m in prompts]
+    def complete_many(self, prompts: Sequence[Messages], *, max_tokens: int, prefix: str = "") -> list[Completion]:
+        keys = [self.key(m, max_tokens, prefix) for m in prompts]
         found = dict(self.db.execute(f"SELECT key, text FROM answers WHERE key IN ({','.join('?' * len(keys))})",
                                      keys).fetchall()) if keys else {}
         todo = [i for i, k in enumerate(keys) if k not in found]
@@ -222,7 +239,7 @@ class Cached:
         step = max(1, getattr(self.backend, "concurrency", getattr(self.backend, "batch_size", 8)))
         for start in range(0, len(todo), step):  # store each batch as it arrives: a kill loses one batch
             part = todo[start:start + step]
-            got = self.backend.complete_many([prompts[i] for i in part], max_tokens=max_tokens)
+            got = self.backend.complete_many([prompts[i] for i in part], max_tokens=max_tokens, prefix=prefix)
             for i, c in zip(part, got, strict=True):
                 answers[keys[i]] = c
                 if c.text is not None:

@@ -84,10 +84,11 @@ def explainer_messages(prompts: Prompts, examples: list[Example], context: str =
 
 
 def parse_explanation(text: str | None) -> str:
-    """What follows `[EXPLANATION]:` (delphi's rule), or UNPARSED."""
+    """The line after `[EXPLANATION]:` (delphi keeps all that follows; the prompt asks for one line,
+    and small models ramble on after it), or UNPARSED."""
     if not text:
         return UNPARSED
-    m = re.search(r"\[EXPLANATION\]:\s*(.*)", text, re.DOTALL)
+    m = re.search(r"\[EXPLANATION\]:[ \t]*\n?[ \t]*([^\n]*)", text)
     return m.group(1).strip() if m and m.group(1).strip() else UNPARSED
 
 
@@ -96,5 +97,5 @@ def explain(backend: ChatBackend, prompts: Prompts, units: dict[int, list[Exampl
     """One explanation per unit (units without examples get none)."""
     todo = [u for u, ex in units.items() if ex]
     answers = backend.complete_many([explainer_messages(prompts, units[u], contexts.get(u, "")) for u in todo],
-                                    max_tokens=max_tokens)
+                                    max_tokens=max_tokens, prefix="[EXPLANATION]:")
     return {u: parse_explanation(a.text) for u, a in zip(todo, answers, strict=True)}

@@ -162,10 +162,12 @@ def _examples_from(doc: dict) -> UnitExamples:
 
 def run_explain(store: ExplanationStore, corpus: Corpus, acts: np.ndarray, units: list[int], contexts: dict[int, str],
                 backend: ChatBackend, prompts: Prompts, *, kind: str, source: dict, window: int = 24,
-                seed: int = 0, routing: bool = False) -> dict[int, str]:
-    """Sample each unit's examples, explain it, save explanations and the examples (for `score`)."""
+                seed: int = 0, routing: bool = False, sizes: dict | None = None, n_routing: int = 40
+                ) -> dict[int, str]:
+    """Sample each unit's examples, explain it, save explanations and the examples (for `score`).
+    `sizes`: Sampler.unit_examples' counts (n_top, n_quantile, n_test, n_quantiles, n_random, n_hard)."""
     sampler = Sampler(corpus, acts, window=window, seed=seed)
-    per_unit = {u: sampler.unit_examples(i) for i, u in enumerate(units)}
+    per_unit = {u: sampler.unit_examples(i, **(sizes or {})) for i, u in enumerate(units)}
     context = {u: contexts[i] for i, u in enumerate(units) if i in contexts}
     explanations = explain(backend, prompts, {u: ex.train for u, ex in per_unit.items()}, context)
     doc = {"module": store.module, "kind": kind, "source": source, "window": window, "seed": seed,
@@ -174,7 +176,7 @@ def run_explain(store: ExplanationStore, corpus: Corpus, acts: np.ndarray, units
     if routing:  # experts: held-out tokens for routing prediction, and the token-identity baseline
         doc["routing"] = {}
         for i, u in enumerate(units):
-            rex = routing_examples(sampler, i)
+            rex = routing_examples(sampler, i, n=n_routing)
             doc["routing"][str(u)] = {"examples": [asdict(e) for e in rex],
                                       "token_baseline": token_baseline(sampler, i, rex)}
     store.save_explanations(explanations)
@@ -235,3 +237,26 @@ def run_score(store: ExplanationStore, backend: ChatBackend, prompts: Prompts, s
         summary["scorers"][scorer] = entry
     store.save_summary(summary, pa.table(rows))
     return summary
+
+
+DEMO_SIZES = {"n_top": 8, "n_quantile": 4, "n_test": 10, "n_quantiles": 5, "n_random": 5, "n_hard": 5}
+
+
+def demo_explanations(routing_run: Path, dict_run: Path, dictionary: str, layer: int, backend: ChatBackend, *,
+                      features: int = 24, tokens: int = 8_000) -> dict[str, dict]:
+    """The demo's stage: the experts of one layer and a few dozen features, explained and scored with
+    small example counts (answers cached, so a rerun asks nothing)."""
+    prompts = Prompts.load()
+    out = {}
+    experts = ExplanationStore(Path(routing_run) / "explanations" / f"layer{layer}", f"layer{layer}.experts")
+    corpus, acts, units, contexts = expert_source(Path(routing_run), layer)
+    run_explain(experts, corpus, acts, units, contexts, backend, prompts, kind="expert",
+                source={"run": str(routing_run), "layer": layer}, routing=True, sizes=DEMO_SIZES, n_routing=20)
+    out["experts"] = run_score(experts, backend, prompts, ["routing", "detection"], n_per_prompt=10)
+    feats = ExplanationStore(Path(dict_run) / "explanations" / dictionary, dictionary)
+    corpus, acts, units, contexts = feature_source(Path(dict_run), dictionary, data=None, tokens=tokens,
+                                                   features=features)
+    run_explain(feats, corpus, acts, units, contexts, backend, prompts, kind="feature",
+                source={"run": str(dict_run), "dictionary": dictionary, "tokens": tokens}, sizes=DEMO_SIZES)
+    out["features"] = run_score(feats, backend, prompts, ["detection", "fuzz"], n_per_prompt=10)
+    return out

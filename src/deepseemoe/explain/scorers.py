@@ -20,7 +20,6 @@ prediction, probability, correct.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import re
@@ -87,19 +86,18 @@ def _marked(tokens: list[str], on: list[bool]) -> str:
 
 
 def parse_answer(text: str | None, n: int) -> list[bool] | None:
-    """The first [...] of the answer as n booleans, or None."""
+    """The answer's first list of 0/1 as n booleans, or None. A list cut off by the token limit, or
+    running on past n entries (small models copy the pattern), counts by its first n entries; a
+    shorter one, or one holding anything but 0/1, is no answer."""
     if not text:
         return None
-    m = re.search(r"\[[^\[\]]*\]", text)
+    m = re.search(r"\[([^\[\]]*)\]?", text)
     if not m:
         return None
-    try:
-        values = json.loads(m.group(0))
-    except ValueError:
+    values = [v.strip() for v in m.group(1).split(",") if v.strip()]
+    if len(values) < n or any(v not in ("0", "1") for v in values[:n]):
         return None
-    if not isinstance(values, list) or len(values) != n or any(v not in (0, 1, True, False) for v in values):
-        return None
-    return [bool(v) for v in values]
+    return [v == "1" for v in values[:n]]
 
 
 def score_items(backend: ChatBackend, prompts: Prompts, scorer: str, jobs: list[tuple[str, list[Item]]], *,
@@ -117,7 +115,7 @@ def score_items(backend: ChatBackend, prompts: Prompts, scorer: str, jobs: list[
                  {"role": "user", "content": prompts.render(f"{name}_user.j2", explanation=jobs[j][0],
                                                             examples=[it.shown for it in batch])}]
                 for j, batch in batches]
-    answers = backend.complete_many(messages, max_tokens=max_tokens)
+    answers = backend.complete_many(messages, max_tokens=max_tokens, prefix="[")
     out: list[list[dict]] = [[] for _ in jobs]
     for (j, batch), answer in zip(batches, answers, strict=True):
         got = parse_answer(answer.text, len(batch))

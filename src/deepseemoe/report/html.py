@@ -175,6 +175,8 @@ def write_report(study: Study, out_path: str | Path, *, title: str, notes: list[
         sections.append(("causal", "causal checks"))
     if extra["comparison"]:
         sections.append(("compare", "MoE vs dense"))
+    if extra["explanations"]:
+        sections.append(("descriptions", "descriptions"))
     env = jinja2.Environment(loader=jinja2.PackageLoader("deepseemoe.report", "templates"),
                              autoescape=jinja2.select_autoescape(["html", "j2"]))
     page = env.get_template("report.html.j2").render(
@@ -229,4 +231,31 @@ def _analyses_context(study: Study) -> dict:
         causal = {"layers": layers, "sweep": c["disable_top_r"], "tokens": c["tokens"],
                   "figures": [_png(p) for p in study.ablation_figures]}
     return {"coders": coders or None, "maps": maps or None, "causal": causal,
-            "comparison": comparison_rows(study.comparison) if study.comparison is not None else None}
+            "comparison": comparison_rows(study.comparison) if study.comparison is not None else None,
+            "explanations": _explanations_context(study) or None}
+
+
+def _explanations_context(study: Study) -> list[dict]:
+    """Per explained module: pooled scores beside their baselines, and each unit's description."""
+    out = []
+    for store in study.explanations:
+        summary = store.summary()
+        table = store.units_table()
+        texts = store.explanations()
+        if not texts:
+            continue
+        scorers = []
+        for name, entry in (summary or {}).get("scorers", {}).items():
+            own, base = entry["explanation"], entry.get("shuffled_explanation")
+            scorers.append({"name": name, "own": own["balanced_accuracy"], "f1": own["f1"],
+                            "shuffled": base["balanced_accuracy"] if base else None,
+                            "token": entry.get("token_baseline", {}).get("balanced_accuracy"),
+                            "examples": own["examples"], "failed": own["failed"]})
+        rows = table.to_pylist() if table is not None else [{"unit": u, "explanation": t} for u, t in sorted(texts.items())]
+        cols = [s["name"] for s in scorers]
+        units = [{"unit": r["unit"], "text": r["explanation"],
+                  "scores": [r.get(f"{c}_balanced_accuracy") for c in cols]} for r in rows]
+        backend = (summary or {}).get("backend", "")
+        out.append({"module": store.module, "backend": backend, "weak": "SmolLM2" in backend, "scorers": scorers,
+                    "columns": cols, "units": units})
+    return out

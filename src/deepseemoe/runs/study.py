@@ -18,6 +18,7 @@ from pathlib import Path
 
 from deepseemoe.runs.atomic import atomic_write_bytes, atomic_write_json, read_json
 from deepseemoe.runs.dictionary import CONFIG, EVALUATION, DictionaryRun
+from deepseemoe.runs.explanations import ExplanationStore, stores_in
 from deepseemoe.runs.routing import RoutingRun
 
 FIX = "run the verb that wrote it again"
@@ -57,6 +58,7 @@ class Study:
     ablation_figures: list[Path] = field(default_factory=list)
     comparison: dict | None = None
     zoo_report: dict | None = None
+    explanations: list[ExplanationStore] = field(default_factory=list)  # the run's experts', the dictionaries'
 
     @classmethod
     def open(cls, run_dir: str | Path, checkpoint_runs: list[str | Path] | None = None) -> Study:
@@ -69,11 +71,13 @@ class Study:
             checkpoint_runs = sorted(p for p in folder.iterdir() if (p / "manifest.json").exists()) \
                 if folder.is_dir() else []
         study = cls(run, [RoutingRun.open(p) for p in checkpoint_runs])
+        study.explanations += list(stores_in(run.run_dir).values())
         for sub in sorted(p for p in root.iterdir() if p.is_dir() and p != run.run_dir):
             if (sub / CONFIG).exists() and (sub / EVALUATION).exists():
                 dictionaries = DictionaryRun(sub)
                 study.dictionary_runs.append(DictionaryRunFiles(sub, dictionaries.evaluation(),
                                                                 dictionaries.map_summaries()))
+                study.explanations += list(stores_in(sub).values())
             if (sub / ABLATION).exists() and study.ablation is None:
                 study.ablation = read_json(sub / ABLATION, FIX)
                 study.ablation_figures = sorted((sub / "figures").glob("*.png"))

