@@ -39,6 +39,7 @@ def test_marking_and_parsing_by_hand():
     assert parse_explanation("thinking...\n[EXPLANATION]: animal words") == "animal words"
     assert parse_explanation("no line") == "Explanation could not be parsed."
     assert parse_explanation("[EXPLANATION]: animal words\nThe dog said...") == "animal words"
+    assert parse_explanation("[EXPLANATION]:\n\n  animal words\nmore") == "animal words"
     assert parse_answer("sure: [1, 0, 1]", 3) == [True, False, True]
     assert parse_answer("[1,0,1,1,1,1,", 3) == [True, False, True]  # cut off / running on: its first n
     assert parse_answer("[1, 0]", 3) is None and parse_answer("1 0 1", 3) is None
@@ -52,7 +53,10 @@ def test_metrics_by_hand_and_an_always_yes_scorer_is_at_half():
     assert m["balanced_accuracy"] == pytest.approx(7 / 12) and m["f1"] == pytest.approx(0.5)
     assert (m["examples"], m["scored"], m["failed"]) == (6, 5, 1)
     yes = metrics([{"activating": a, "prediction": True} for a in [1, 0, 0, 1, 0]])
-    assert yes["balanced_accuracy"] == 0.5
+    assert yes["balanced_accuracy"] == 0.5 and yes["auroc"] is None
+    # AUROC by hand: positives 0.9, 0.4; negatives 0.4, 0.1 → pairs won 1 + 1 + 0.5 + 1 = 3.5 of 4
+    probs = [{"activating": a, "prediction": p > 0.5, "probability": p} for a, p in [(1, .9), (1, .4), (0, .4), (0, .1)]]
+    assert metrics(probs)["auroc"] == pytest.approx(3.5 / 4)
 
 
 def _explain_and_score(tmp_path, stub, scorers=("detection", "fuzz"), **kw):

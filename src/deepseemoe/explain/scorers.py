@@ -101,7 +101,7 @@ def parse_answer(text: str | None, n: int) -> list[bool] | None:
 
 
 def score_items(backend: ChatBackend, prompts: Prompts, scorer: str, jobs: list[tuple[str, list[Item]]], *,
-                n_per_prompt: int = 5, seed: int = 42, max_tokens: int = 40) -> list[list[dict]]:
+                n_per_prompt: int = 5, seed: int = 42, max_tokens: int | None = None) -> list[list[dict]]:
     """For each (explanation, items) job, the items' records with predictions (prompts of all jobs go
     to the backend together, so it can batch and run them concurrently)."""
     name = {"detection": "detection", "fuzz": "fuzz", "routing": "routing"}[scorer]
@@ -115,8 +115,19 @@ def score_items(backend: ChatBackend, prompts: Prompts, scorer: str, jobs: list[
                  {"role": "user", "content": prompts.render(f"{name}_user.j2", explanation=jobs[j][0],
                                                             examples=[it.shown for it in batch])}]
                 for j, batch in batches]
-    answers = backend.complete_many(messages, max_tokens=max_tokens, prefix="[")
     out: list[list[dict]] = [[] for _ in jobs]
+    judge = getattr(backend, "judge", None)
+    if judge is not None:  # a local model: a well-formed list by construction, with P(1) per entry
+        probs = judge(messages, [len(b) for _, b in batches])
+        for (j, batch), ps in zip(batches, probs, strict=True):
+            for it, p in zip(batch, ps, strict=True):
+                rec = dict(it.record)
+                rec["prediction"], rec["probability"] = p > 0.5, p
+                rec["correct"] = rec["prediction"] == rec["activating"]
+                out[j].append(rec)
+        return out
+    # "[1,0,…]": about two tokens per example, and a few to spare
+    answers = backend.complete_many(messages, max_tokens=max_tokens or 2 * n_per_prompt + 4, prefix="[")
     for (j, batch), answer in zip(batches, answers, strict=True):
         got = parse_answer(answer.text, len(batch))
         for k, it in enumerate(batch):
@@ -141,7 +152,20 @@ def metrics(records: list[dict]) -> dict:
     precision = tp / (tp + fp) if tp + fp else float("nan")
     f1 = 2 * precision * tpr / (precision + tpr) if tp else (0.0 if pos else float("nan"))
     return {"balanced_accuracy": (tpr + tnr) / 2 if pos and neg else float("nan"), "precision": precision,
-            "recall": tpr, "f1": f1, "examples": len(records), "scored": len(done), "failed": len(records) - len(done)}
+            "recall": tpr, "f1": f1, "auroc": auroc(done), "examples": len(records), "scored": len(done),
+            "failed": len(records) - len(done)}
+
+
+def auroc(records: list[dict]) -> float | None:
+    """P(a random activating example gets a higher probability than a random silent one), ties
+    half (the Mann–Whitney statistic); None without probabilities or without both classes."""
+    scored = [(r["probability"], bool(r["activating"])) for r in records if r.get("probability") is not None]
+    pos = [p for p, a in scored if a]
+    neg = [p for p, a in scored if not a]
+    if not pos or not neg:
+        return None
+    wins = sum((p > q) + 0.5 * (p == q) for p in pos for q in neg)
+    return wins / (len(pos) * len(neg))
 
 
 def predictions_metrics(truth: list[bool], predicted: list[bool]) -> dict:
