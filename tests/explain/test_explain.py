@@ -147,3 +147,21 @@ def test_cli_explains_and_scores_features_and_experts_of_tiny_runs(tmp_path, cli
     # nothing explained yet: one line, before any model loads
     r = cli("score", tmp_path / "dicts", "--dictionary", "nope", "--backend", "openai", "--url", "http://x", "--model", "m")
     assert r.code == 2 and r.error_lines and "deepseemoe explain" in r.error_lines[0]
+
+
+def test_expert_descriptions_beside_the_features_that_route_to_them(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from deepseemoe.explain.mapping import map_descriptions
+
+    experts = ExplanationStore(tmp_path / "e", "layer1.experts")
+    experts.save_explanations({0: "code", 1: "German"})
+    features = ExplanationStore(tmp_path / "f", "sae")
+    features.save_explanations({3: "def keyword", 5: "umlauts", 7: "brackets"})
+    table = tmp_path / "fe.parquet"  # feature 9 is not explained; feature 7's count is too small
+    pq.write_table(pa.table({"feature": [3, 7, 5, 9, 7, 3], "expert": [0, 0, 1, 1, 1, 1],
+                             "count": [10, 10, 8, 50, 2, 4], "lift": [3.0, 2.0, 5.0, 9.0, 8.0, 0.5]}), table)
+    got = {r.expert: r for r in map_descriptions(experts, features, table)}
+    assert got[0].description == "code" and got[0].features == [(3, 3.0, "def keyword"), (7, 2.0, "brackets")]
+    assert got[1].features == [(5, 5.0, "umlauts")]  # lift 0.5 (avoids it) and count 2 are left out

@@ -257,5 +257,22 @@ def _explanations_context(study: Study) -> list[dict]:
                   "scores": [r.get(f"{c}_balanced_accuracy") for c in cols]} for r in rows]
         backend = (summary or {}).get("backend", "")
         out.append({"module": store.module, "backend": backend, "weak": "SmolLM2" in backend, "scorers": scorers,
-                    "columns": cols, "units": units})
+                    "columns": cols, "units": units, "mapped": _mapped(study, store)})
     return out
+
+
+def _mapped(study: Study, experts) -> list | None:
+    """For an experts' store of layer L: each expert's description beside those of the features
+    whose tokens go to it most, from a dictionary mapped to layer L whose features were explained."""
+    from deepseemoe.explain.mapping import map_descriptions
+
+    if not experts.module.endswith(".experts"):
+        return None
+    layer = int(experts.module.split(".")[0].removeprefix("layer"))
+    for d in study.dictionary_runs:
+        for name, m in d.maps.items():
+            store = next((s for s in study.explanations if s.module == name and s.path.is_relative_to(d.path)), None)
+            table = d.path / "maps" / name / "feature_experts.parquet"
+            if m.get("layer") == layer and store is not None and table.exists():
+                return [{"dictionary": name, **vars(row)} for row in map_descriptions(experts, store, table)]
+    return None
