@@ -165,3 +165,34 @@ def test_expert_descriptions_beside_the_features_that_route_to_them(tmp_path):
     got = {r.expert: r for r in map_descriptions(experts, features, table)}
     assert got[0].description == "code" and got[0].features == [(3, 3.0, "def keyword"), (7, 2.0, "brackets")]
     assert got[1].features == [(5, 5.0, "umlauts")]  # lift 0.5 (avoids it) and count 2 are left out
+
+
+def test_a_killed_explain_resumes_without_asking_again(tmp_path, cli, corpus_jsonl):
+    """kill -9 in the middle of `explain`: the rerun asks only what was not answered yet."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = tmp_path / "docs.jsonl"
+    data.write_text("\n".join(corpus_jsonl.read_text().splitlines() * 12) + "\n")
+    assert cli("route", "tiny:olmoe", "--data", data, "--out", tmp_path / "route", "--max-tokens", "3000").code == 0
+    with Stub(delay=0.4) as stub:
+        args = [sys.executable, "-m", "deepseemoe.cli", "explain", str(tmp_path / "route"), "--layer", "1",
+                "--backend", "openai", "--url", stub.url, "--model", "oracle", "--concurrency", "1",
+                "--cache", str(tmp_path / "answers.sqlite")]
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 120
+        while stub.answered < 3 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        answered = stub.answered
+        assert 3 <= answered < 8  # killed half-way through the 8 experts
+        done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        asked_again = stub.requests - answered - 1  # minus the request cut off by the kill, if any
+        assert asked_again <= 8 - answered, (answered, stub.requests)
+    store = ExplanationStore(tmp_path / "route" / "explanations" / "layer1", "layer1.experts")
+    assert len(store.explanations()) == 8
