@@ -123,7 +123,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
 
 
 def _describe(run_dir: Path, out_dir: Path, layer: int, cache_dir, explainer, console: Console) -> None:
-    """Stage 6: the experts of one layer and 12 features of the block-input SAE, explained and
+    """Stage 6: the experts of one layer and 8 features of the block-input SAE, explained and
     scored; answers cached, so a warm demo asks the explainer nothing."""
     from deepseemoe.errors import DeepSeeMoEError
     from deepseemoe.explain.backends import Cached, LocalChat

@@ -239,20 +239,21 @@ def run_score(store: ExplanationStore, backend: ChatBackend, prompts: Prompts, s
     return summary
 
 
-DEMO_SIZES = {"n_top": 6, "n_quantile": 2, "n_test": 10, "n_quantiles": 5, "n_random": 5, "n_hard": 5}
+DEMO_SIZES = {"n_top": 6, "n_quantile": 2, "n_test": 5, "n_quantiles": 5, "n_random": 3, "n_hard": 2}
 
 
 def demo_explanations(routing_run: Path, dict_run: Path, dictionary: str, layer: int, backend: ChatBackend, *,
-                      features: int = 12, tokens: int = 8_000) -> dict[str, dict]:
+                      features: int = 8, tokens: int = 8_000) -> dict[str, dict]:
     """The demo's stage: the experts of one layer (routing prediction) and `features` features
-    (detection), explained and scored on small example sets of 16-token windows, 10 to a prompt —
-    about 140 prompts, under 2 minutes for SmolLM2 on 2 cores; answers cached, so a rerun asks nothing."""
+    (detection), explained and scored on small example sets (10 per unit, one prompt; 16-token
+    windows) — 72 prompts, about 80 s for SmolLM2 on 2 cores cold; answers cached, so a rerun asks
+    nothing. Ten examples a unit make coarse scores: the demo shows the pipeline, not a verdict."""
     prompts = Prompts.load()
     out = {}
     experts = ExplanationStore(Path(routing_run) / "explanations" / f"layer{layer}", f"layer{layer}.experts")
     corpus, acts, units, contexts = expert_source(Path(routing_run), layer)
     run_explain(experts, corpus, acts, units, contexts, backend, prompts, kind="expert",
-                source={"run": str(routing_run), "layer": layer}, routing=True, sizes=DEMO_SIZES, n_routing=20,
+                source={"run": str(routing_run), "layer": layer}, routing=True, sizes=DEMO_SIZES, n_routing=10,
                 window=16)
     out["experts"] = run_score(experts, backend, prompts, ["routing"], n_per_prompt=10)
     feats = ExplanationStore(Path(dict_run) / "explanations" / dictionary, dictionary)
