@@ -20,8 +20,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class Stub:
-    def __init__(self, *, fail_first: int | None = None, always_yes: bool = False, delay: float = 0.0):
+    def __init__(self, *, fail_first: int | None = None, always_yes: bool = False, delay: float = 0.0,
+                 always_status: int | None = None):
         self.fail_first, self.always_yes, self.delay = fail_first, always_yes, delay
+        self.always_status = always_status  # answer every request with this HTTP status (a client error)
         self.requests = 0
         self.answered = 0
         self.failed = 0
@@ -46,6 +48,9 @@ class Stub:
                     stub.seen.add(key)
                 try:
                     time.sleep(stub.delay)
+                    if stub.always_status:
+                        self._send(stub.always_status, {"error": "unauthorized"})
+                        return
                     if stub.fail_first and first:
                         with stub.lock:
                             stub.failed += 1

@@ -196,3 +196,31 @@ def test_a_killed_explain_resumes_without_asking_again(tmp_path, cli, corpus_jso
         assert asked_again <= 8 - answered, (answered, stub.requests)
     store = ExplanationStore(tmp_path / "route" / "explanations" / "layer1", "layer1.experts")
     assert len(store.explanations()) == 8
+
+
+def test_bad_input_and_failing_endpoints_get_one_line_and_leave_no_false_explanations(tmp_path, cli, corpus_jsonl):
+    data = tmp_path / "docs.jsonl"
+    data.write_text("\n".join(corpus_jsonl.read_text().splitlines() * 12) + "\n")
+    assert cli("route", "tiny:olmoe", "--data", data, "--out", tmp_path / "route", "--max-tokens", "3000").code == 0
+    route = tmp_path / "route"
+    with Stub(always_status=401) as stub:  # every request refused: nothing may be saved as an explanation
+        r = cli("explain", route, "--layer", "1", "--backend", "openai", "--url", stub.url, "--model", "m",
+                "--cache", tmp_path / "a.sqlite")
+        assert r.code == 2 and "answered none of 8 requests" in r.error_lines[0] and "401" in r.error_lines[0]
+    assert not ExplanationStore(route / "explanations" / "layer1", "layer1.experts").explanations()
+    for bad in (["--features", "abc"], ["--features", "-1"], ["--features", "0"]):
+        r = cli("explain", tmp_path, "--dictionary", "d", *bad, "--backend", "openai", "--url", "http://x", "--model", "m")
+        assert r.code == 2 and r.error_lines and "--features" in r.error_lines[0], (bad, r.err)
+    (tmp_path / "adir").mkdir()
+    r = cli("explain", route, "--layer", "1", "--backend", "openai", "--url", "http://x", "--model", "m",
+            "--cache", tmp_path / "adir")
+    assert r.code == 2 and r.error_lines and "--cache" in r.error_lines[0]
+    # a new explain replaces the old set: no stale descriptions of units not explained this time
+    store = ExplanationStore(route / "explanations" / "layer1", "layer1.experts")
+    with Stub() as stub:
+        backend = ["--backend", "openai", "--url", stub.url, "--model", "oracle", "--cache", tmp_path / "b.sqlite"]
+        assert cli("explain", route, "--layer", "1", *backend).code == 0
+        assert cli("score", route, "--layer", "1", *backend).code == 0
+    store.save_explanations({99: "stale"})
+    store.save_examples({"module": store.module, "units": {}})
+    assert not store.explanations() and store.scores("routing") == {} and store.summary() is None

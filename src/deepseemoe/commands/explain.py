@@ -60,6 +60,25 @@ def _target(run_dir: Path, dictionary: str | None, layer: int | None):
     return ExplanationStore(run_dir / "explanations" / f"layer{layer}", f"layer{layer}.experts")
 
 
+def _parse_features(text: str) -> int | list[int]:
+    """"20": the first 20 that fire often enough; "3,17,42" (or "17,"): those features."""
+    from deepseemoe.errors import DeepSeeMoEError
+
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        if len(parts) == 1:
+            n = int(parts[0])
+            if n < 1:
+                raise ValueError
+            return n
+        ids = [int(p) for p in parts if p]
+        if not ids or min(ids) < 0:
+            raise ValueError
+        return ids
+    except ValueError:
+        raise DeepSeeMoEError(f"--features {text!r}: give a count (20) or feature ids (3,17,42; one: 17,)") from None
+
+
 def register(app: typer.Typer) -> None:
     opts = _backend_options()
 
@@ -68,8 +87,8 @@ def register(app: typer.Typer) -> None:
         run_dir: Path = typer.Argument(..., help="A training run (with --dictionary) or a routing run (with --layer)."),
         dictionary: str = typer.Option(None, help="Explain features of this dictionary."),
         layer: int = typer.Option(None, min=0, help="Explain the experts of this MoE layer of a routing run."),
-        features: str = typer.Option("20", help="Features: how many (the first that fire often enough) or a list, "
-                                                "e.g. 3,17,42."),
+        features: str = typer.Option("20", help="Features: how many (the first that fire often enough), e.g. 20, "
+                                                "or which, e.g. 3,17,42 (one feature: 17,)."),
         data: str = typer.Option(None, help="Text for the features' examples (default: the run's)."),
         tokens: int = typer.Option(20_000, min=1, help="Tokens to draw the features' examples from."),
         window: int = typer.Option(24, min=4, help="Tokens per example."),
@@ -99,8 +118,10 @@ def register(app: typer.Typer) -> None:
             return
         store = _target(run_dir, dictionary, layer)
         template = Prompts.load(prompts)
+        chosen = _parse_features(features)
+        # the backend first: a bad --url, key or missing package is refused before the long work
+        chat = make_backend(backend, url, model, api_key_env, concurrency, rate_limit, cache, trust_remote_code)
         if dictionary is not None:
-            chosen = [int(v) for v in features.split(",")] if "," in features else int(features)
             corpus, acts, units, contexts = feature_source(run_dir, dictionary, data=data, tokens=tokens,
                                                            features=chosen, device=device,
                                                            trust_remote_code=trust_remote_code)
@@ -110,7 +131,6 @@ def register(app: typer.Typer) -> None:
             corpus, acts, units, contexts = expert_source(run_dir, layer)
             source = {"run": str(run_dir), "layer": layer}
             kind = "expert"
-        chat = make_backend(backend, url, model, api_key_env, concurrency, rate_limit, cache, trust_remote_code)
         got = run_explain(store, corpus, acts, units, contexts, chat, template, kind=kind, source=source,
                           window=window, routing=kind == "expert")
         for unit, text in got.items():

@@ -202,7 +202,7 @@ class CoderTrainer:
             if coder.cfg.activation != "jumprelu":
                 continue
             buf = self.buffers[name]
-            rows = buf.data[: min(buf.fill, 8192), : coder.cfg.d_in]
+            rows = buf.data[: min(buf.fill, 8192, max(self.local_batch, 1024)), : coder.cfg.d_in]
             pre = coder(rows).pre.float()
             share = min(1.0, coder.cfg.k / coder.cfg.latents_per_group)
             q = torch.quantile(pre, 1 - share, dim=0) if share < 1 else pre.min(0).values
@@ -252,7 +252,8 @@ class CoderTrainer:
         logged = self._all_reduce(torch.stack([loss_fvu.detach(), out.l0().detach() / self.world, aux.detach()]))
         l0 = float(logged[1])
         if name in self.log_sparsity:  # every rank sees the same global L0, so the coefficients agree
-            error = math.log((l0 + 1) / (coder.cfg.k + 1))
+            target = coder.cfg.k * coder.cfg.groups  # k per group (a CLT's source layer); l0 counts all groups
+            error = math.log((l0 + 1) / (target + 1))
             self.log_sparsity[name] += SPARSITY_RATE * max(-1.0, min(1.0, error))
         return {"coder": name, "step": self.step, "fvu": float(logged[0]), "auxk": float(logged[2]),
                 "l0": l0, "dead": float(dead.float().mean()), "sparsity_coef": coef}

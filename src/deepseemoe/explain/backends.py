@@ -124,6 +124,9 @@ class LocalChat:
     def _ready(self) -> None:
         if self.model is None:
             model, tokenizer = self._load()
+            if not getattr(tokenizer, "chat_template", None):
+                raise DeepSeeMoEError(f"{self.ident}: its tokenizer has no chat template; use an instruction-tuned "
+                                      "chat model")
             if tokenizer.pad_token_id is None:
                 tokenizer.pad_token = tokenizer.eos_token
             tokenizer.padding_side = "left"
@@ -259,12 +262,16 @@ class Cached:
 
     def __init__(self, backend: ChatBackend, path: Path):
         self.backend, self.ident = backend, backend.ident
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(path), check_same_thread=False)
-        self.db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, text TEXT NOT NULL)")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(str(path), check_same_thread=False)
+            self.db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, text TEXT NOT NULL)")
+            self.db.commit()
+        except (sqlite3.Error, OSError) as e:
+            raise DeepSeeMoEError(f"--cache {path}: cannot use it as the answer cache ({e}); give a file path "
+                                  "(a new file, or one an earlier run wrote)") from None
         if hasattr(backend, "judge"):
             self.judge = self._judge
-        self.db.commit()
         self.hits = self.misses = 0
 
     def key(self, messages: Messages, max_tokens: int, prefix: str = "") -> str:

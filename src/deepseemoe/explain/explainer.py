@@ -94,8 +94,13 @@ def parse_explanation(text: str | None) -> str:
 
 def explain(backend: ChatBackend, prompts: Prompts, units: dict[int, list[Example]], contexts: dict[int, str],
             *, max_tokens: int = 40) -> dict[int, str]:
-    """One explanation per unit (units without examples get none)."""
+    """One explanation per unit. Units without examples get none, and neither do units whose request
+    failed for good (they are asked again next time); when every request failed, one line says why."""
     todo = [u for u, ex in units.items() if ex]
     answers = backend.complete_many([explainer_messages(prompts, units[u], contexts.get(u, "")) for u in todo],
                                     max_tokens=max_tokens, prefix="[EXPLANATION]:")
-    return {u: parse_explanation(a.text) for u, a in zip(todo, answers, strict=True)}
+    failed = [a.error for a in answers if a.text is None]
+    if todo and len(failed) == len(todo):
+        raise DeepSeeMoEError(f"the explainer answered none of {len(todo)} requests ({failed[0]}); check --url, "
+                              "--model and the API key")
+    return {u: parse_explanation(a.text) for u, a in zip(todo, answers, strict=True) if a.text is not None}

@@ -1,6 +1,5 @@
 """Descriptions mapped onto each other through the feature map: per expert, its own description and
-those of the features whose tokens go to it most (ranked by lift, from `deepseemoe map`); per
-feature, its description and its experts'.
+those of the features whose tokens go to it most (ranked by lift, from `deepseemoe map`).
 
 Inputs are files only: the experts' ExplanationStore of a routing run (layer L), a dictionary's
 feature ExplanationStore, and that dictionary's maps/NAME/feature_experts.parquet for layer L.

@@ -64,11 +64,12 @@ def feature_source(run_dir: Path, name: str, *, data: str | None, tokens: int, f
         with torch.no_grad():
             lat = coder.encode(x.float()).cpu()
         keep = packed.keep.reshape(packed.input_ids.shape)
-        for row in range(keep.shape[0]):
-            n = int(keep[row].sum())
-            if n:
-                ids.append(packed.input_ids[row][keep[row]].numpy())
-                lengths.append(n)
+        for row in range(keep.shape[0]):  # one sequence per document piece: windows never join two documents
+            kept_ids, kept_doc = packed.input_ids[row][keep[row]].numpy(), packed.doc[row][keep[row]].numpy()
+            if len(kept_ids):
+                ids.append(kept_ids)
+                cuts = np.flatnonzero(np.diff(kept_doc)) + 1
+                lengths += np.diff(np.concatenate([[0], cuts, [len(kept_ids)]])).tolist()
         lat_parts.append(lat)
     if not ids:
         raise DeepSeeMoEError("no text to explain on; give more --tokens or other --data")
@@ -107,7 +108,8 @@ def _feature_contexts(run_dir: Path, name: str, features: list[int]) -> dict[int
         layer = json.loads(summary.read_text()).get("layer")
     out = {}
     for i, f in enumerate(features):
-        rows = table[(table.feature == f) & (table["count"] >= 3)].sort_values("lift", ascending=False).head(3)
+        rows = table[(table.feature == f) & (table["count"] >= 3) & (table.lift > 1)].sort_values(
+            "lift", ascending=False).head(3)
         if len(rows):
             where = f" of MoE layer {layer}" if layer is not None else ""
             out[i] = "Tokens where it is active are routed most often, relative to all tokens, to experts" + where + \
@@ -179,8 +181,8 @@ def run_explain(store: ExplanationStore, corpus: Corpus, acts: np.ndarray, units
             rex = routing_examples(sampler, i, n=n_routing)
             doc["routing"][str(u)] = {"examples": [asdict(e) for e in rex],
                                       "token_baseline": token_baseline(sampler, i, rex)}
+    store.save_examples(doc)  # clears what an earlier explain wrote here
     store.save_explanations(explanations)
-    store.save_examples(doc)
     return explanations
 
 

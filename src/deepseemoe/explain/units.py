@@ -103,8 +103,9 @@ class Sampler:
                 take = rng.choice(b, size=min(per_bin, len(b)), replace=False)
                 test += [self.example(int(w), unit, q) for w in take]
         silent = np.flatnonzero(~active & self.scoring)
-        not_active = [self.example(int(w), unit, -1)
-                      for w in rng.choice(silent, size=min(n_random, len(silent)), replace=False)]
+        random_picks = rng.choice(silent, size=min(n_random, len(silent)), replace=False)
+        not_active = [self.example(int(w), unit, -1) for w in random_picks]
+        silent = np.setdiff1d(silent, random_picks)  # a window is scored once
         # hard: the unit's most frequent activating token, in scoring windows where the unit is silent
         top = self._top_tokens(unit, explain)
         if top and len(silent):

@@ -256,7 +256,8 @@ def _explanations_context(study: Study) -> list[dict]:
         units = [{"unit": r["unit"], "text": r["explanation"],
                   "scores": [r.get(f"{c}_balanced_accuracy") for c in cols]} for r in rows]
         backend = (summary or {}).get("backend", "")
-        out.append({"module": store.module, "backend": backend, "weak": "SmolLM2" in backend, "scorers": scorers,
+        used = f"{backend} {(summary or {}).get('explained_by', '')} {store.examples().get('backend', '')}"
+        out.append({"module": store.module, "backend": backend, "weak": "SmolLM2" in used, "scorers": scorers,
                     "columns": cols, "units": units, "mapped": _mapped(study, store)})
     return out
 

@@ -65,8 +65,9 @@ class DictionaryRun:
         body, _, last = text.rstrip(b"\n").rpartition(b"\n")
         if not last.startswith(CONFIG_CHECKSUM) or \
                 last[len(CONFIG_CHECKSUM):].decode(errors="replace") != hashlib.sha256(body + b"\n").hexdigest():
-            raise DeepSeeMoEError(f"{path} is damaged or incomplete (its `{CONFIG_CHECKSUM.decode()}` line does not "
-                                  "match the settings above it); train the run again, or copy the folder again")
+            raise DeepSeeMoEError(f"{path} is damaged or incomplete, or was written before DeepSeeMoE checksummed it "
+                                  f"(its last line, `{CONFIG_CHECKSUM.decode()}…`, is missing or does not match the "
+                                  "settings above it); train the run again, or copy the folder again")
         return read_yaml_mapping(path)
 
     def save_config(self, config: dict) -> None:

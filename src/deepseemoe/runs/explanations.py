@@ -57,6 +57,13 @@ class ExplanationStore:
         return out
 
     def save_examples(self, doc: dict) -> None:
+        """A new set of examples: what was explained and scored on the old one goes first."""
+        import shutil
+
+        for sub in ("explanations", "scores"):
+            shutil.rmtree(self.path / sub, ignore_errors=True)
+        for name in ("units.parquet", "summary.json"):
+            (self.path / name).unlink(missing_ok=True)
         atomic_write_json(self.path / "examples.json", doc)
 
     def examples(self) -> dict:
