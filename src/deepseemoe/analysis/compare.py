@@ -280,18 +280,27 @@ def token_classes(tokenizer) -> tuple[list[str], callable]:
 
 
 def split_halves(batches: list) -> tuple[list, list]:
-    """Disjoint (selection, evaluation) halves of the held-out contexts: alternate batches, or the
-    rows of a single batch split in two."""
-    if len(batches) >= 2:
-        return batches[0::2], batches[1::2]
-    if len(batches) == 1 and batches[0].input_ids.shape[0] >= 2:
-        b = batches[0]
-        h = b.input_ids.shape[0] // 2
-        part = [type(b)(b.input_ids[s], b.attention_mask[s], b.doc[s], b.pos[s], b.domains)
-                for s in (slice(0, h), slice(h, None))]
-        return [part[0]], [part[1]]
-    raise DeepSeeMoEError("too few held-out contexts to select units on one half and score them on the other "
-                          "(need at least 2); give more --tokens")
+    """Disjoint (selection, evaluation) halves of the held-out contexts: alternate rows (contexts) of
+    all batches, re-batched at the batches' size, so a short last batch unbalances nothing."""
+    import torch
+
+    rows = [(b, r) for b in batches for r in range(b.input_ids.shape[0])]
+    if len(rows) < 2:
+        raise DeepSeeMoEError("too few held-out contexts to select units on one half and score them on the other "
+                              "(need at least 2); give more --tokens")
+    size = max(b.input_ids.shape[0] for b in batches)
+
+    def rebatch(picked: list) -> list:
+        out = []
+        for i in range(0, len(picked), size):
+            part = picked[i:i + size]
+            stack = [torch.stack([getattr(b, f)[r] for b, r in part]) for f in ("input_ids", "attention_mask", "doc",
+                                                                                "pos")]
+            domains = {k: v for b, _ in part for k, v in b.domains.items()}
+            out.append(type(part[0][0])(*stack, domains))
+        return out
+
+    return rebatch(rows[0::2]), rebatch(rows[1::2])
 
 
 def _merge_selectivity(a: dict, b: dict) -> dict:
