@@ -123,3 +123,19 @@ def test_shuffle_buffer_hands_out_every_row_exactly_once():
     while buf.fill:
         taken.append(buf.take(min(5, buf.fill), g))
     assert sorted(torch.cat(taken)[:, 0].tolist()) == sorted(torch.cat(added)[:, 0].tolist())
+
+
+@pytest.mark.parametrize(("activation", "d_out", "skip"), [("topk", None, False), ("batchtopk", 16, True),
+                                                           ("relu", None, False), ("jumprelu", 16, False)])
+def test_training_starts_no_worse_than_the_mean(activation, d_out, skip):
+    """Data with a large mean offset: the first step's FVU (measured before any update) is at most 1,
+    because b_dec starts at the mean target and the encoder at the least-squares scale. The
+    decoder-transpose init alone over-reconstructed (FVU 4–10 at k/D = 1/4)."""
+    g = torch.Generator().manual_seed(4)
+    x = planted(n=4096, d=32, f=64, active=6, seed=4)[0] * 2 + torch.randn(32, generator=g) * 3
+    y = x @ torch.randn(32, 16, generator=g) if d_out else x
+    torch.manual_seed(0)
+    coder = SparseCoder(CoderConfig(d_in=32, d_out=d_out, n_latents=128, activation=activation, k=8, skip=skip))
+    trainer = CoderTrainer({"c": coder}, TrainConfig(batch_size=1024, buffer_size=2048))
+    trainer.fit(tensor_stream(x, y, name="c") if d_out else tensor_stream(x, name="c"), max_steps=1)
+    assert trainer.metrics[0]["fvu"] <= 1.0, trainer.metrics[0]

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from deepseemoe.dictionaries.checkpoint import load_checkpoint, save_checkpoint
-from deepseemoe.dictionaries.coder import Coder
+from deepseemoe.dictionaries.coder import Coder, SparseCoder
 from deepseemoe.dictionaries.losses import auxk_loss, sparsity_penalty
 from deepseemoe.errors import DeepSeeMoEError, keep
 
@@ -195,6 +195,44 @@ class CoderTrainer:
         self.normalized = True
 
     @torch.no_grad()
+    def _init_from_data(self) -> None:
+        """Before the first step, from the buffer (sums over ranks), so training starts at FVU ≤ 1
+        instead of over-reconstructing from the decoder-transpose init:
+        1. b_dec = the mean target; a transcoder's encoder is centred too (b_enc = −mean(x)·W_enc,
+           as sparsify does; an SAE's encoder input already subtracts b_dec);
+        2. JumpReLU thresholds (`_init_thresholds`);
+        3. the encoder (and thresholds) scaled by the least-squares factor c = ⟨r, a⟩ / ⟨a, a⟩ between
+           the centred target r and the latents' initial reconstruction a — every activation here is
+           positively homogeneous once its threshold scales with it."""
+        for name, coder in self.coders.items():
+            buf = self.buffers[name]
+            rows = buf.data[: min(buf.fill, 8192, max(self.local_batch, 1024))]
+            x, y = rows[:, : coder.cfg.d_in], rows[:, coder.cfg.d_in:]
+            target = y * coder.target_scale
+            sums = self._all_reduce(torch.cat([target.sum(0), (x * coder.input_scale).sum(0),
+                                               target.new_tensor([len(target)])]))
+            n = sums[-1]
+            coder.b_dec.copy_(sums[: target.shape[1]] / n)
+            if coder.cfg.is_transcoder and isinstance(coder, SparseCoder):
+                coder.b_enc.copy_(-(sums[target.shape[1]:-1] / n) @ coder.W_enc)
+        self._init_thresholds()
+        for name, coder in self.coders.items():
+            buf = self.buffers[name]
+            rows = buf.data[: min(buf.fill, 8192, max(self.local_batch, 1024))]
+            x, y = rows[:, : coder.cfg.d_in], rows[:, coder.cfg.d_in:]
+            target = y * coder.target_scale - coder.b_dec
+            recon = coder(x).out * coder.target_scale - coder.b_dec  # the latents' part (W_skip starts at 0)
+            dots = self._all_reduce(torch.stack([(target * recon).sum(), recon.pow(2).sum()]))
+            if float(dots[1]) > 0 and float(dots[0]) > 0:
+                c = float(dots[0] / dots[1])
+                coder.W_enc.mul_(c)
+                coder.b_enc.mul_(c)
+                if coder.log_threshold is not None:
+                    coder.log_threshold.add_(math.log(c))
+                if coder.threshold is not None:
+                    coder.threshold.mul_(c)
+
+    @torch.no_grad()
     def _init_thresholds(self) -> None:
         """JumpReLU: each latent's threshold at the (1 − k/F_group) quantile of its pre-activations on
         the buffer (averaged over ranks), never below the configured initial threshold."""
@@ -296,7 +334,7 @@ class CoderTrainer:
                     if not self.normalized:
                         self._set_scales()
                     if not self.thresholds_set:
-                        self._init_thresholds()
+                        self._init_from_data()
                     step_metrics = [self._train_step(name, buf.take(self.local_batch, self.generators[name]))
                                     for name, buf in self.buffers.items()]
                     self.metrics += step_metrics
