@@ -54,21 +54,23 @@ class Prompts:
         return hashlib.sha256("".join(self.text(f) for f in PROMPT_FILES).encode()).hexdigest()
 
 
-def mark(tokens: list[str], activations: list[float], share: float = MARK_SHARE) -> str:
-    """The text with the tokens above `share` × the maximum marked <<…>> (consecutive ones as one span)."""
-    top = max(activations, default=0.0)
+def marked(tokens: list[str], on: list[bool]) -> str:
+    """The text with the tokens flagged `on` between << and >> (consecutive ones as one span)."""
     out, open_ = [], False
-    for tok, a in zip(tokens, activations, strict=True):
-        on = top > 0 and a > share * top
-        if on and not open_:
+    for tok, flag in zip(tokens, on, strict=True):
+        if flag and not open_:
             out.append("<<")
-        if not on and open_:
+        if not flag and open_:
             out.append(">>")
         out.append(tok)
-        open_ = on
-    if open_:
-        out.append(">>")
-    return "".join(out)
+        open_ = flag
+    return "".join(out) + (">>" if open_ else "")
+
+
+def mark(tokens: list[str], activations: list[float], share: float = MARK_SHARE) -> str:
+    """The text with the tokens above `share` × the maximum marked <<…>>."""
+    top = max(activations, default=0.0)
+    return marked(tokens, [top > 0 and a > share * top for a in activations])
 
 
 def levels(tokens: list[str], activations: list[float], share: float = MARK_SHARE) -> str:

@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass
 
 from deepseemoe.explain.backends import ChatBackend
-from deepseemoe.explain.explainer import MARK_SHARE, Prompts
+from deepseemoe.explain.explainer import MARK_SHARE, Prompts, marked
 from deepseemoe.explain.units import Example, TokenExample, UnitExamples
 
 SCORERS = ("detection", "fuzz", "routing")
@@ -51,10 +51,10 @@ def fuzz_items(ex: UnitExamples, seed: int = 22) -> list[Item]:
     items = []
     for e in ex.test:  # marked where the unit is active: a right marking
         top = max(e.activations)
-        items.append(Item(_marked(e.tokens, [a > MARK_SHARE * top for a in e.activations]), _record(e, True)))
+        items.append(Item(marked(e.tokens, [a > MARK_SHARE * top for a in e.activations]), _record(e, True)))
     for e in ex.not_active:  # as many tokens marked where it is silent: a wrong marking
         picks = set(rng.sample(range(len(e.tokens)), min(n_wrong, len(e.tokens)))) if e.tokens else set()
-        items.append(Item(_marked(e.tokens, [i in picks for i in range(len(e.tokens))]), _record(e, False)))
+        items.append(Item(marked(e.tokens, [i in picks for i in range(len(e.tokens))]), _record(e, False)))
     return items
 
 
@@ -71,18 +71,6 @@ def routing_items(examples: list[TokenExample]) -> list[Item]:
 def _record(e: Example, truth: bool) -> dict:
     return {"str_tokens": e.tokens, "activations": e.activations, "distance": e.quantile, "activating": truth,
             "prediction": None, "probability": None, "correct": None}
-
-
-def _marked(tokens: list[str], on: list[bool]) -> str:
-    out, open_ = [], False
-    for t, m in zip(tokens, on, strict=True):
-        if m and not open_:
-            out.append("<<")
-        if not m and open_:
-            out.append(">>")
-        out.append(t)
-        open_ = m
-    return "".join(out) + (">>" if open_ else "")
 
 
 def parse_answer(text: str | None, n: int) -> list[bool] | None:
