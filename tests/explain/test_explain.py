@@ -82,7 +82,7 @@ def test_an_oracle_explains_planted_features_and_scores_near_one_while_shuffled_
     # explained on one half, scored on the other: no scored window is one the explainer saw
     doc = store.examples()
     for u in doc["units"].values():
-        shown = {e_["text"] if "text" in e_ else "".join(e_["tokens"]) for e_ in u["train"]}
+        shown = {"".join(e_["tokens"]) for e_ in u["train"]}
         scored = {"".join(e_["tokens"]) for e_ in u["test"] + u["not_active"]}
         assert not shown & scored
 

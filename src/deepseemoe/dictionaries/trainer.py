@@ -194,6 +194,14 @@ class CoderTrainer:
                 coder.target_scale.copy_(coder.input_scale)
         self.normalized = True
 
+    def _init_rows(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(source, target) rows of `name`'s buffer the data-dependent start is computed on: at most
+        8192, and no more than one batch (or 1024) so a wide coder's forward stays a batch's size."""
+        buf = self.buffers[name]
+        rows = buf.data[: min(buf.fill, 8192, max(self.local_batch, 1024))]
+        d_in = self.coders[name].cfg.d_in
+        return rows[:, :d_in], rows[:, d_in:]
+
     @torch.no_grad()
     def _init_from_data(self) -> None:
         """Before the first step, from the buffer (sums over ranks), so training starts at FVU ≤ 1
@@ -205,9 +213,7 @@ class CoderTrainer:
            the centred target r and the latents' initial reconstruction a — every activation here is
            positively homogeneous once its threshold scales with it."""
         for name, coder in self.coders.items():
-            buf = self.buffers[name]
-            rows = buf.data[: min(buf.fill, 8192, max(self.local_batch, 1024))]
-            x, y = rows[:, : coder.cfg.d_in], rows[:, coder.cfg.d_in:]
+            x, y = self._init_rows(name)
             target = y * coder.target_scale
             sums = self._all_reduce(torch.cat([target.sum(0), (x * coder.input_scale).sum(0),
                                                target.new_tensor([len(target)])]))
@@ -217,9 +223,7 @@ class CoderTrainer:
                 coder.b_enc.copy_(-(sums[target.shape[1]:-1] / n) @ coder.W_enc)
         self._init_thresholds()
         for name, coder in self.coders.items():
-            buf = self.buffers[name]
-            rows = buf.data[: min(buf.fill, 8192, max(self.local_batch, 1024))]
-            x, y = rows[:, : coder.cfg.d_in], rows[:, coder.cfg.d_in:]
+            x, y = self._init_rows(name)
             target = y * coder.target_scale - coder.b_dec
             recon = coder(x).out * coder.target_scale - coder.b_dec  # the latents' part (W_skip starts at 0)
             dots = self._all_reduce(torch.stack([(target * recon).sum(), recon.pow(2).sum()]))
@@ -239,9 +243,7 @@ class CoderTrainer:
         for name, coder in self.coders.items():
             if coder.cfg.activation != "jumprelu":
                 continue
-            buf = self.buffers[name]
-            rows = buf.data[: min(buf.fill, 8192, max(self.local_batch, 1024)), : coder.cfg.d_in]
-            pre = coder(rows).pre.float()
+            pre = coder(self._init_rows(name)[0]).pre.float()
             share = min(1.0, coder.cfg.k / coder.cfg.latents_per_group)
             q = torch.quantile(pre, 1 - share, dim=0) if share < 1 else pre.min(0).values
             q = self._all_reduce(q.contiguous()) / self.world

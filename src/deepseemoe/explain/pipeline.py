@@ -152,10 +152,6 @@ def expert_source(run_dir: Path, layer: int) -> tuple[Corpus, np.ndarray, list[i
     return corpus, acts, list(range(E)), contexts
 
 
-def example_doc(ex: UnitExamples) -> dict:
-    return asdict(ex)
-
-
 def _examples_from(doc: dict) -> UnitExamples:
     conv = [Example(**e) for e in doc["train"]], [Example(**e) for e in doc["test"]], \
         [Example(**e) for e in doc["not_active"]]
@@ -174,7 +170,7 @@ def run_explain(store: ExplanationStore, corpus: Corpus, acts: np.ndarray, units
     explanations = explain(backend, prompts, {u: ex.train for u, ex in per_unit.items()}, context)
     doc = {"module": store.module, "kind": kind, "source": source, "window": window, "seed": seed,
            "backend": backend.ident, "prompts_sha256": prompts.digest(),
-           "units": {str(u): {**example_doc(ex), "unit": u, "context": context.get(u, "")} for u, ex in per_unit.items()}}
+           "units": {str(u): {**asdict(ex), "unit": u, "context": context.get(u, "")} for u, ex in per_unit.items()}}
     if routing:  # experts: held-out tokens for routing prediction, and the token-identity baseline
         doc["routing"] = {}
         for i, u in enumerate(units):
