@@ -36,8 +36,9 @@ class DemoResult:
 
 def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain: bool = False,
              cache_dir: str | Path | None = None, max_tokens: int = 60_000, seed: int = 0,
-             console: Console | None = None, explainer=None) -> DemoResult:
-    """`explainer`: the chat backend of the descriptions stage (default: the offline SmolLM2)."""
+             console: Console | None = None, explainer=None, separate: bool = False) -> DemoResult:
+    """`explainer`: the chat backend of the descriptions stage (default: the offline SmolLM2);
+    `separate`: also the FlexOlmo-style model (experts trained separately), in the comparison."""
     console = console or Console()
     spec = get_recipe(recipe)  # a bad recipe name fails before anything is written
     out_dir = Path(out_dir)
@@ -68,6 +69,15 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
     zoo = train_zoo(corpus_dir, recipe=spec, cache_dir=cache_dir, retrain=retrain)
     if zoo.cached:
         console.print(f"           reused trained models from {zoo.root}")
+    third = None
+    if separate:
+        from deepseemoe.zoo.flexolmo import train_separate
+
+        console.print("[bold]2/7 models[/] and experts trained separately: a public base, one expert per domain, "
+                      "merged FlexOlmo-style")
+        third = train_separate(corpus_dir, recipe=spec, cache_dir=cache_dir, retrain=retrain)
+        if third.cached:
+            console.print(f"           reused trained models from {third.root}")
     seconds["models"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -105,7 +115,8 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
     with console.status("[bold]5/7 dictionaries and causal checks[/]"):
         analyses = run_demo_analyses(zoo.moe_dir, zoo.dense_dir, corpus_dir, out_dir, ctx_len=spec.seq_len,
                                      train_tokens=max(10_000, min(100_000, 2 * max_tokens)),
-                                     eval_tokens=max(1_000, min(4_000, max_tokens // 4)), layer=spec.layers // 2)
+                                     eval_tokens=max(1_000, min(4_000, max_tokens // 4)), layer=spec.layers // 2,
+                                     separate=third)
     ev = analyses["evaluation"]["coders"]
     console.print("[bold]5/7 dictionaries and causal checks[/] " + ", ".join(
         f"{n}: FVU {r['fvu']:.3f}, ΔCE {r.get('delta_ce', float('nan')):.3f}" for n, r in ev.items()))

@@ -8,17 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from deepseemoe.data.demo_corpus import build_corpus
 from deepseemoe.models.load import load_model
 from deepseemoe.zoo.recipes import dense_config, get_recipe, moe_config
 from deepseemoe.zoo.train import lr_at, train_zoo
-
-
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("zoo")
-    build_corpus(root / "corpus", max_bytes_per_domain=get_recipe("tiny").max_bytes_per_domain)
-    return train_zoo(root / "corpus", recipe="tiny", cache_dir=root / "cache", progress=False), root
 
 
 def test_twin_has_the_same_active_feed_forward_parameters():

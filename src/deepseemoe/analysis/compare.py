@@ -314,12 +314,20 @@ def _merge_selectivity(a: dict, b: dict) -> dict:
 
 
 def compare_models(moe: ModelHandle, dense: ModelHandle, batches_moe: list, batches_dense: list, *,
+                   separate: ModelHandle | None = None, batches_separate: list | None = None,
                    expert_neurons: bool = True, max_units_per_kind: int = 64, progress: bool = False) -> dict:
-    """Selectivity by domain and by token class, and ablation selectivity, for both models."""
+    """Selectivity by domain and by token class, and ablation selectivity, for both models (and a
+    third, `separate`: an MoE whose experts were trained separately); for each MoE also its routing
+    by domain and the removal of each domain's experts (`routing_compare`)."""
     if not moe.is_moe:
         raise DeepSeeMoEError(f"{moe.name} has no MoE layers; pass the MoE model first")
+    if separate is not None and not separate.is_moe:
+        raise DeepSeeMoEError(f"{separate.name} has no MoE layers; the separately trained model must be an MoE")
+    sides = [("moe", moe, batches_moe), ("dense", dense, batches_dense)]
+    if separate is not None:
+        sides.append(("separate", separate, batches_separate))
     result = {}
-    for label, h, batches in (("moe", moe, batches_moe), ("dense", dense, batches_dense)):
+    for label, h, batches in sides:
         domains, by_domain = domain_classes(batches)
         select, evaluate = split_halves(batches)
         shown = {"progress": progress}
@@ -337,4 +345,25 @@ def compare_models(moe: ModelHandle, dense: ModelHandle, batches_moe: list, batc
                                                           description=f"{label}: ablations"),
                          "ablation_split": {"select_tokens": int(sum(b.keep.sum() for b in select)),
                                             "evaluate_tokens": int(sum(b.keep.sum() for b in evaluate))}}
+        if h.is_moe:
+            result[label].update(_routing_by_domain(h, select, evaluate, domains, by_domain))
     return result
+
+
+def _routing_by_domain(h: ModelHandle, select: list, evaluate: list, domains: list[str], by_domain) -> dict:
+    from deepseemoe.analysis.routing_compare import (
+        domain_removal,
+        own_experts,
+        removal_size,
+        routing_counts,
+        routing_summary,
+    )
+    from deepseemoe.models.spec import declared_expert_names
+
+    declared = declared_expert_names(h.model.config)
+    experts = max(m.num_experts for m in h.moe_layers.values())
+    named = [d for d in domains if d != "all"]
+    own = own_experts(routing_counts(h, select, by_domain, len(domains)), removal_size(experts, len(named)))
+    return {"routing": routing_summary(routing_counts(h, evaluate, by_domain, len(domains)), own, domains, declared),
+            "domain_removal": domain_removal(h, evaluate, domains, own, declared=declared),
+            "expert_names": declared}

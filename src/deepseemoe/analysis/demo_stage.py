@@ -11,7 +11,8 @@ from deepseemoe.runs.study import save_ablation, save_comparison
 
 
 def run_demo_analyses(moe_dir: Path, dense_dir: Path, corpus_dir: Path, out_dir: Path, *, ctx_len: int,
-                      train_tokens: int = 100_000, eval_tokens: int = 4_000, layer: int = 2) -> dict:
+                      train_tokens: int = 100_000, eval_tokens: int = 4_000, layer: int = 2, separate=None) -> dict:
+    """`separate`: the zoo's FlexOlmo-style model (`SeparateModels`), compared as the third model."""
     from deepseemoe.analysis.causal import run_causal_checks
     from deepseemoe.analysis.compare import compare_models
     from deepseemoe.analysis.feature_map import compute_map
@@ -64,9 +65,16 @@ def run_demo_analyses(moe_dir: Path, dense_dir: Path, corpus_dir: Path, out_dir:
 
     causal = run_causal_checks(moe, batches(moe, eval_tokens), progress=False)
     save_ablation(out_dir / "ablate", causal, lambda folder: causal_figures(causal, folder))
-    comparison = compare_models(moe, dense, batches(moe, eval_tokens), batches(dense, eval_tokens),
+    third = load_model(str(separate.model_dir)) if separate is not None else None
+    comparison = compare_models(moe, dense, batches(moe, eval_tokens), batches(dense, eval_tokens), separate=third,
+                                batches_separate=batches(third, eval_tokens) if third is not None else None,
                                 max_units_per_kind=16)
-    comparison["sae_frontier"] = sae_frontier({"moe": str(moe_dir), "dense": str(dense_dir)}, train, val,
+    models = {"moe": str(moe_dir), "dense": str(dense_dir)}
+    if separate is not None:
+        models["separate"] = str(separate.model_dir)
+        comparison["val_loss"] = {**separate.report["val_loss"], "unigram": separate.report["unigram_baseline"]}
+        comparison["separate_training"] = {k: separate.report[k] for k in ("steps", "tokens", "plan", "experts")}
+    comparison["sae_frontier"] = sae_frontier(models, train, val,
                                               out_dir / "compare", layer=layer, ks=[8, 16], expansion_factor=8,
                                               tokens=train_tokens, eval_tokens=eval_tokens, ctx_len=ctx_len)
     save_comparison(out_dir / "compare", comparison, comparison_markdown(comparison))

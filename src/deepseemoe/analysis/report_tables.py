@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 
@@ -11,17 +13,31 @@ def _fmt(v) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
-def comparison_rows(result: dict) -> list[tuple[str, str, str]]:
-    """(measure, MoE, dense) rows."""
-    rows = []
+SIDES = {"moe": "MoE (trained together)", "separate": "MoE (experts trained separately)", "dense": "dense"}
+
+
+@dataclass
+class ComparisonTable:
+    """The comparison as rows of formatted values, one column per model (`SIDES` order)."""
+
+    sides: list[str]
+    rows: list[tuple[str, list[str]]]
+
+    @property
+    def columns(self) -> list[str]:
+        return [SIDES[s] for s in self.sides]
+
+
+def comparison_table(result: dict) -> ComparisonTable:
+    sides = [s for s in SIDES if s in result and isinstance(result[s], dict) and "domains" in result[s]]
+    rows: list[tuple[str, list[str]]] = []
     kinds = ["expert", "expert_neuron", "mlp_neuron", "attention_head"]
     for what, key in (("domain", "domain_selectivity"), ("token-class", "token_class_selectivity")):
         for kind in kinds:
-            m, d = result["moe"][key].get(kind), result["dense"][key].get(kind)
-            if m or d:
+            vals = [result[s][key].get(kind) for s in sides]
+            if any(vals):
                 rows.append((f"{what} selectivity of {kind.replace('_', ' ')}s (median; share > 0.5)",
-                             f"{_fmt(m['median'])}; {_fmt(m['share_above_0.5'])}" if m else "—",
-                             f"{_fmt(d['median'])}; {_fmt(d['share_above_0.5'])}" if d else "—"))
+                             [f"{_fmt(v['median'])}; {_fmt(v['share_above_0.5'])}" if v else "—" for v in vals]))
     split = result["moe"].get("ablation_split")
     chosen = " (units and preferred domains chosen on one half of the held-out text, scored on the other)" \
         if split else ""
@@ -29,25 +45,76 @@ def comparison_rows(result: dict) -> list[tuple[str, str, str]]:
               "mlp_neuron_block": "most domain-selective MLP neuron blocks of one expert's size (selected)",
               "attention_head": "attention heads"}
     for kind in ("expert", "mlp_random_block", "mlp_neuron_block", "attention_head"):
-        vals = {}
-        for side in ("moe", "dense"):
-            units = result[side]["ablation"].get(kind, [])
-            gaps = [u["gap"] for u in units if u["gap"] == u["gap"]]
-            vals[side] = (f"{np.mean(gaps):.4f} (n={len(gaps)})" if gaps else "—")
-        if vals["moe"] != "—" or vals["dense"] != "—":
-            rows.append((f"ablation ΔCE gap, preferred − other domains: {labels[kind]}{chosen}",
-                         vals["moe"], vals["dense"]))
+        vals = []
+        for side in sides:
+            gaps = [u["gap"] for u in result[side]["ablation"].get(kind, []) if u["gap"] == u["gap"]]
+            vals.append(f"{np.mean(gaps):.4f} (n={len(gaps)})" if gaps else "—")
+        if any(v != "—" for v in vals):
+            rows.append((f"ablation ΔCE gap, preferred − other domains: {labels[kind]}{chosen}", vals))
+    rows += _routing_rows(result, sides)
+    val = result.get("val_loss")
+    if val:
+        for d in sorted(val.get("moe", {})):
+            rows.append((f"validation loss, {d} (nats/token; unigram {_fmt(val.get('unigram', {}).get(d))})",
+                         [_fmt(val.get(s, {}).get(d)) for s in sides]))
     fr = result.get("sae_frontier")
     if fr:
         for i, row in enumerate(fr["rows"]["moe"]):
-            d = fr["rows"]["dense"][i]
             for m in ("fvu", "dead", "delta_ce", "loss_recovered"):
                 rows.append((f"SAE k={row['k']} (layer {fr['layer']}, ×{fr['expansion_factor']}): {m}",
-                             _fmt(row[m]), _fmt(d[m])))
+                             [_fmt(fr["rows"][s][i][m]) if s in fr["rows"] else "—" for s in sides]))
+    return ComparisonTable(sides, rows)
+
+
+def _routing_rows(result: dict, sides: list[str]) -> list[tuple[str, list[str]]]:
+    """Routing by domain and domain removal (`routing_compare`), for the MoE columns."""
+    if not any("routing" in result[s] for s in sides):
+        return []
+
+    def get(side: str, *path):
+        v = result[side]
+        for key in path:
+            if not isinstance(v, dict) or key not in v:
+                return None
+            v = v[key]
+        return v
+
+    m = {s: get(s, "domain_removal", "experts_removed_per_layer") for s in sides}
+    short = {"moe": "together", "separate": "separately"}
+    own = "its m experts with the most of its tokens, chosen on the selection half; m = " + ", ".join(
+        f"{m[s]} ({short[s]})" for s in sides if m[s])
+    rows = []
+    for label, path in (("NMI(domain; expert), all top-k slots (mean over layers)", ("routing", "mean", "nmi_all_slots")),
+                        ("NMI(domain; expert), first slot", ("routing", "mean", "nmi_top1")),
+                        (f"share of a domain's tokens routed to its own experts ({own})",
+                         ("routing", "mean", "own_share_mean")),
+                        ("share of a domain's tokens routed to the expert trained on it (declared)",
+                         ("routing", "mean", "declared_share_mean")),
+                        ("load entropy (normalised; 1 = even)", ("routing", "mean", "load_entropy")),
+                        ("largest expert load (share of slots)", ("routing", "mean", "max_load")),
+                        ("co-activation: share of tokens on the most common top-k set",
+                         ("routing", "mean", "top_set_share"))):
+        vals = [_fmt(get(s, *path)) for s in sides]
+        if any(v != "—" for v in vals):
+            rows.append((label, vals))
+    for kind, what in (("own", "its own experts"), ("declared", "the expert trained on it"),
+                       ("random", "as many random experts (3 draws)")):
+        for part, text in (("target", "ΔCE on the domain"), ("others", "mean ΔCE on the other domains")):
+            vals = [_fmt(get(s, "domain_removal", "summary", kind, part)) for s in sides]
+            if any(v != "—" for v in vals):
+                rows.append((f"removing a domain's experts — {what}, every layer: {text}", vals))
     return rows
 
 
+def comparison_rows(result: dict) -> list[tuple[str, str, str]]:
+    """(measure, MoE, dense) rows — the two-model view of `comparison_table`."""
+    table = comparison_table(result)
+    i, j = table.sides.index("moe"), table.sides.index("dense")
+    return [(label, vals[i], vals[j]) for label, vals in table.rows]
+
+
 def comparison_markdown(result: dict) -> str:
-    lines = ["| measure | MoE | dense |", "|---|---:|---:|"]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in comparison_rows(result)]
+    table = comparison_table(result)
+    lines = ["| measure | " + " | ".join(table.columns) + " |", "|---|" + "---:|" * len(table.columns)]
+    lines += [f"| {label} | " + " | ".join(vals) + " |" for label, vals in table.rows]
     return "\n".join(lines) + "\n"

@@ -1,4 +1,5 @@
-"""`deepseemoe compare MOE_MODEL DENSE_MODEL --data TEXT --out DIR`: is the MoE more interpretable?"""
+"""`deepseemoe compare MOE_MODEL DENSE_MODEL [--separate MODEL] --data TEXT --out DIR`: is the MoE more
+interpretable — and do experts trained separately (FlexOlmo-style) differ from experts trained together?"""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ def register(app: typer.Typer) -> None:
         dense_model: str = typer.Argument(..., help="Its dense twin (same data, matched active parameters)."),
         data: str = typer.Option(..., "--data", help="Held-out text with a domain field."),
         out: Path = typer.Option(..., "--out", help="Folder for comparison.json / comparison.md."),
+        separate: str = typer.Option(None, "--separate", help="A third model: an MoE whose experts were trained "
+                                     "separately (e.g. `deepseemoe zoo train --separate`, or a FlexOlmo)."),
         train_data: str = typer.Option(None, help="Text to train the SAEs on (default: --data)."),
         tokens: int = typer.Option(20_000, min=1, help="Held-out tokens for selectivity and ablations."),
         ctx_len: int = typer.Option(256, min=1, help="Context length."),
@@ -47,6 +50,9 @@ def register(app: typer.Typer) -> None:
         loading = {"dtype": dtype, "device": device, "device_map": device_map, "trust_remote_code": trust_remote_code}
         moe = load_model(moe_model, **loading)
         dense = load_model(dense_model, **loading)
+        third = load_model(separate, **loading) if separate else None
+        if third is not None and not third.is_moe:  # before the long work
+            raise DeepSeeMoEError(f"--separate {separate} has no MoE layers; give the separately trained MoE")
         source = TextSource(data, domain_field=domain_field)
 
         def batches(h):
@@ -54,16 +60,20 @@ def register(app: typer.Typer) -> None:
                                        max_tokens=tokens))
 
         layer = moe.num_layers // 2 if sae_layer is None else sae_layer
-        if sae_tokens > 0 and layer >= min(moe.num_layers, dense.num_layers):  # checked before the long work
-            raise DeepSeeMoEError(f"--sae-layer {layer} does not exist in both models (they have {moe.num_layers} "
-                                  f"and {dense.num_layers} layers); choose a smaller one")
-        result = compare_models(moe, dense, batches(moe), batches(dense), max_units_per_kind=max_units, progress=True)
+        handles = [h for h in (moe, dense, third) if h is not None]
+        if sae_tokens > 0 and layer >= min(h.num_layers for h in handles):  # checked before the long work
+            raise DeepSeeMoEError(f"--sae-layer {layer} does not exist in every model (they have "
+                                  f"{', '.join(str(h.num_layers) for h in handles)} layers); choose a smaller one")
+        result = compare_models(moe, dense, batches(moe), batches(dense), separate=third,
+                                batches_separate=batches(third) if third is not None else None,
+                                max_units_per_kind=max_units, progress=True)
+        models = {"moe": moe_model, "dense": dense_model, **({"separate": separate} if separate else {})}
         if sae_tokens > 0:
-            result["sae_frontier"] = sae_frontier({"moe": moe_model, "dense": dense_model}, train_data or data, data,
+            result["sae_frontier"] = sae_frontier(models, train_data or data, data,
                                                   out, layer=layer, ks=[int(k) for k in sae_k.split(",")],
                                                   expansion_factor=expansion_factor, tokens=sae_tokens,
                                                   eval_tokens=tokens, ctx_len=ctx_len, **loading)
-        result["models"] = {"moe": moe.name, "dense": dense.name}
+        result["models"] = {label: h.name for label, h in zip(models, handles, strict=True)}
         md = comparison_markdown(result)
         path = save_comparison(out, result, md)
         Console().print(md)

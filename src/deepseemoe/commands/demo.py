@@ -15,6 +15,8 @@ def register(app: typer.Typer) -> None:
         retrain: bool = typer.Option(False, "--retrain", help="Train the models again even if cached."),
         cache_dir: Path = typer.Option(None, help="Model cache (default ~/.cache/deepseemoe or $DEEPSEEMOE_CACHE)."),
         max_tokens: int = typer.Option(60_000, min=1, help="Held-out tokens to route and analyse."),
+        separate: bool = typer.Option(False, "--separate", help="Also train (once, cached) an MoE whose experts are "
+                                      "trained separately, FlexOlmo-style, and compare it (about 5 more minutes)."),
     ) -> None:
         """Build a corpus from text on this machine, train a small MoE and its dense twin (once), and run
         routing capture, routing statistics and the report on them."""
@@ -28,7 +30,7 @@ def register(app: typer.Typer) -> None:
         console = Console()
         start = time.perf_counter()
         result = run_demo(out, recipe=recipe, retrain=retrain, cache_dir=cache_dir, max_tokens=max_tokens,
-                          console=console)
+                          console=console, separate=separate)
         table = Table(title=f"demo done in {time.perf_counter() - start:.0f}s")
         for col in ("layer", "load entropy", "dead", "domain NMI", "top-1 repeat (load-matched)"):
             table.add_column(col)

@@ -13,10 +13,13 @@ zoo_app = typer.Typer(help="The small models the project trains itself.", no_arg
 def train(
     data: Path = typer.Option(Path("runs/corpus"), "--data", help="A folder made by `deepseemoe corpus build`."),
     recipe: str = typer.Option("demo", help="demo (CPU, minutes), tiny (seconds), gpu."),
+    separate: bool = typer.Option(False, "--separate", help="Also train the third kind: experts trained "
+                                  "separately, one per domain beside a frozen public base, merged FlexOlmo-style."),
     cache_dir: Path = typer.Option(None, help="Model cache (default ~/.cache/deepseemoe or $DEEPSEEMOE_CACHE)."),
     retrain: bool = typer.Option(False, "--retrain", help="Train again even if cached."),
 ) -> None:
-    """Train (or reuse) the tokenizer, the OLMoE model and its dense twin; print losses per domain."""
+    """Train (or reuse) the tokenizer, the OLMoE model and its dense twin (and with --separate the
+    FlexOlmo-style model); print losses per domain."""
     from rich.console import Console
     from rich.table import Table
 
@@ -24,14 +27,24 @@ def train(
 
     zoo = train_zoo(data, recipe=recipe, cache_dir=cache_dir, retrain=retrain)
     r = zoo.report
-    table = Table(title=f"validation loss, nats/token ({'cached' if zoo.cached else 'trained'}: {zoo.root})")
-    for col in ("domain", "MoE", "dense twin", "unigram"):
+    columns = {"MoE": r["val_loss"]["moe"], "dense twin": r["val_loss"]["dense"]}
+    where = f"{'cached' if zoo.cached else 'trained'}: {zoo.root}"
+    lines = [f"MoE: {zoo.moe_dir}", f"dense: {zoo.dense_dir}"]
+    if separate:
+        from deepseemoe.zoo.flexolmo import train_separate
+
+        sep = train_separate(data, recipe=recipe, cache_dir=cache_dir, retrain=retrain)
+        columns = {"MoE": columns["MoE"], "experts trained separately": sep.report["val_loss"]["separate"],
+                   "public base": sep.report["val_loss"]["public_base"], "dense twin": columns["dense twin"]}
+        where += f"; {'cached' if sep.cached else 'trained'}: {sep.root}"
+        lines.append(f"separately trained experts (FlexOlmoForCausalLM): {sep.model_dir}")
+    table = Table(title=f"validation loss, nats/token ({where})")
+    for col in ("domain", *columns, "unigram"):
         table.add_column(col)
     for d in sorted(r["val_loss"]["moe"]):
-        table.add_row(d, f"{r['val_loss']['moe'][d]:.3f}", f"{r['val_loss']['dense'][d]:.3f}",
-                      f"{r['unigram_baseline'][d]:.3f}")
+        table.add_row(d, *(f"{v[d]:.3f}" for v in columns.values()), f"{r['unigram_baseline'][d]:.3f}")
     Console().print(table)
-    Console().print(f"MoE: {zoo.moe_dir}\ndense: {zoo.dense_dir}")
+    Console().print("\n".join(lines))
 
 
 def register(app: typer.Typer) -> None:

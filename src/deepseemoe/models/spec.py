@@ -41,6 +41,16 @@ class RoutingEvent:
 
 
 # rewrite(layer, idx[T,K], weights[T,K], logits[T,E] | None) -> (idx, weights)
+# A config attribute some models carry: the domain each expert was trained on, in expert order
+# (the zoo's separately trained experts write it; hub models do not have it).
+EXPERT_NAMES = "expert_names"
+
+
+def declared_expert_names(config) -> list[str] | None:
+    names = getattr(config, EXPERT_NAMES, None)
+    return [str(n) for n in names] if names else None
+
+
 RoutingRewrite = Callable[["MoELayer", "torch.Tensor", "torch.Tensor", "torch.Tensor | None"],
                           tuple["torch.Tensor", "torch.Tensor"]]
 

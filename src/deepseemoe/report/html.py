@@ -174,7 +174,8 @@ def write_report(study: Study, out_path: str | Path, *, title: str, notes: list[
     if extra["causal"]:
         sections.append(("causal", "causal checks"))
     if extra["comparison"]:
-        sections.append(("compare", "MoE vs dense"))
+        sections.append(("compare", "trained separately vs together" if "separate" in extra["comparison"].sides
+                         else "MoE vs dense"))
     if extra["explanations"]:
         sections.append(("descriptions", "descriptions"))
     env = jinja2.Environment(loader=jinja2.PackageLoader("deepseemoe.report", "templates"),
@@ -199,7 +200,7 @@ def _png(path: Path) -> Markup:
 
 def _analyses_context(study: Study) -> dict:
     """Tables of the dictionaries / causal / comparison parts of a study, each None when absent."""
-    from deepseemoe.analysis.report_tables import comparison_rows
+    from deepseemoe.analysis.report_tables import comparison_table
 
     coders, maps = [], []
     for d in study.dictionary_runs:
@@ -231,7 +232,7 @@ def _analyses_context(study: Study) -> dict:
         causal = {"layers": layers, "sweep": c["disable_top_r"], "tokens": c["tokens"],
                   "figures": [_png(p) for p in study.ablation_figures]}
     return {"coders": coders or None, "maps": maps or None, "causal": causal,
-            "comparison": comparison_rows(study.comparison) if study.comparison is not None else None,
+            "comparison": comparison_table(study.comparison) if study.comparison is not None else None,
             "explanations": _explanations_context(study) or None}
 
 

@@ -58,14 +58,68 @@ def make_windows(tokenizer, docs: list[dict], seq_len: int) -> tuple[np.ndarray,
 
 def lr_at(step: int, recipe: Recipe) -> float:
     """Linear warm-up, then cosine decay to 10% of the peak."""
-    if step < recipe.warmup:
-        return recipe.lr * (step + 1) / recipe.warmup
-    progress = (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
-    return recipe.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return schedule_lr(step, recipe.lr, recipe.warmup, recipe.steps)
+
+
+def schedule_lr(step: int, peak: float, warmup: int, steps: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def checkpoint_steps(recipe: Recipe) -> list[int]:
     return sorted({max(1, round(f * recipe.steps)) for f in recipe.checkpoints} - {recipe.steps})
+
+
+def quiet_transformers(threads: int) -> None:
+    """A training process: no Hugging Face chatter, a fixed number of threads."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(threads)
+
+
+def train_steps(model, windows, *, steps: int, lr: float, warmup: int, batch_size: int, seed: int,
+                weight_decay: float, log_path: str, params=None, forward_kwargs: dict | None = None,
+                after_step=None) -> None:
+    """AdamW on `params` (default: all of the model's trainable ones) for `steps` batches of `windows`
+    [N, S] drawn in a seeded order (a new permutation per pass); clipped at norm 1; one JSON line of
+    loss and elapsed seconds per step in `log_path`. `after_step(done)` runs after each update."""
+    import torch
+
+    model.train()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if params is not None:
+        wanted = {id(p) for p in params}
+        named = [(n, p) for n, p in named if id(p) in wanted]
+    decay = [p for _, p in named if p.dim() >= 2]
+    no_decay = [p for _, p in named if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+    order = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        perm, cursor = torch.randperm(len(windows), generator=order), 0
+        for step in range(steps):
+            if cursor + batch_size > len(perm):
+                perm, cursor = torch.randperm(len(windows), generator=order), 0
+            batch = windows[perm[cursor: cursor + batch_size]]
+            cursor += batch_size
+            for group in opt.param_groups:
+                group["lr"] = schedule_lr(step, lr, warmup, steps)
+            loss = model(input_ids=batch, labels=batch, **(forward_kwargs or {})).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
+            opt.step()
+            if after_step is not None:
+                after_step(step + 1)
+            log.write(json.dumps({"step": step + 1, "loss": float(loss.detach()),
+                                  "seconds": time.perf_counter() - start}) + "\n")
+            log.flush()
 
 
 def _train_one(kind: str, recipe: Recipe, tokenizer_dir: str, windows_path: str, out_dir: str, log_path: str,
@@ -73,47 +127,26 @@ def _train_one(kind: str, recipe: Recipe, tokenizer_dir: str, windows_path: str,
     """Entry point of a training process."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    torch.set_num_threads(threads)
+    quiet_transformers(threads)
     torch.manual_seed(recipe.seed)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = moe_config(recipe, tokenizer) if kind == "moe" else dense_config(recipe, tokenizer)
     kwargs = {"experts_implementation": "eager"} if kind == "moe" else {}
     model = AutoModelForCausalLM.from_config(config, **kwargs)
-    model.train()
-    windows = torch.from_numpy(np.load(windows_path))
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.95))
-    order = torch.Generator().manual_seed(recipe.seed)
     ckpts = set(checkpoint_steps(recipe))
     out = Path(out_dir)
-    start = time.perf_counter()
-    with open(log_path, "w") as log:
-        perm, cursor = torch.randperm(len(windows), generator=order), 0
-        for step in range(recipe.steps):
-            if cursor + recipe.batch_size > len(perm):
-                perm, cursor = torch.randperm(len(windows), generator=order), 0
-            batch = windows[perm[cursor: cursor + recipe.batch_size]]
-            cursor += recipe.batch_size
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, recipe)
-            extra = {"output_router_logits": True} if kind == "moe" else {}
-            loss = model(input_ids=batch, labels=batch, **extra).loss  # includes the router aux loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            done = step + 1
-            if done in ckpts:
-                model.save_pretrained(out / "checkpoints" / f"step-{done:06d}")
-                tokenizer.save_pretrained(out / "checkpoints" / f"step-{done:06d}")
-            log.write(json.dumps({"step": done, "loss": float(loss.detach()), "seconds": time.perf_counter() - start}) + "\n")
-            log.flush()
+
+    def save_checkpoint(done: int) -> None:
+        if done in ckpts:
+            model.save_pretrained(out / "checkpoints" / f"step-{done:06d}")
+            tokenizer.save_pretrained(out / "checkpoints" / f"step-{done:06d}")
+
+    train_steps(model, torch.from_numpy(np.load(windows_path)), steps=recipe.steps, lr=recipe.lr,
+                warmup=recipe.warmup, batch_size=recipe.batch_size, seed=recipe.seed,
+                weight_decay=recipe.weight_decay, log_path=log_path,
+                forward_kwargs={"output_router_logits": True} if kind == "moe" else None,  # + the router aux loss
+                after_step=save_checkpoint)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
@@ -179,6 +212,28 @@ def _progress_lines(path: Path) -> dict | None:
         return None
 
 
+def watch_training(runs: dict, tokens_per_step: int, progress: bool = True) -> None:
+    """One bar per training process (name → (process, its JSON-lines log, total steps)), read from
+    the logs until every process has ended."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("[bold]{task.description:>6}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("loss {task.fields[loss]:.3f} · {task.fields[rate]:,.0f} tok/s"), TimeElapsedColumn(),
+                  disable=not progress) as bar:
+        tasks = {k: bar.add_task(k, total=total, loss=float("nan"), rate=0.0) for k, (_, _, total) in runs.items()}
+
+        def refresh() -> None:
+            for kind, task in tasks.items():
+                last = _progress_lines(runs[kind][1])
+                if last:
+                    bar.update(task, completed=last["step"], loss=last["loss"],
+                               rate=last["step"] * tokens_per_step / max(last["seconds"], 1e-9))
+        while any(p.is_alive() for p, _, _ in runs.values()):
+            refresh()
+            time.sleep(0.5)
+        refresh()
+
+
 def train_zoo(corpus_dir: str | Path, *, recipe: str | Recipe = "demo", cache_dir: str | Path | None = None,
               retrain: bool = False, progress: bool = True) -> ZooModels:
     """Tokenizer + MoE + dense twin for `corpus_dir`, trained once and cached by recipe, corpus
@@ -213,23 +268,8 @@ def train_zoo(corpus_dir: str | Path, *, recipe: str | Recipe = "demo", cache_di
                                                             str(root / "train_windows.npy"), str(root / kind),
                                                             str(root / f"{kind}.log.jsonl"), threads))
         procs[kind].start()
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("[bold]{task.description:>6}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("loss {task.fields[loss]:.3f} · {task.fields[rate]:,.0f} tok/s"), TimeElapsedColumn(),
-                  disable=not progress) as bar:
-        tasks = {k: bar.add_task(k, total=recipe.steps, loss=float("nan"), rate=0.0) for k in procs}
-        while any(p.is_alive() for p in procs.values()):
-            for kind, task in tasks.items():
-                last = _progress_lines(root / f"{kind}.log.jsonl")
-                if last:
-                    bar.update(task, completed=last["step"], loss=last["loss"],
-                               rate=last["step"] * recipe.batch_size * recipe.seq_len / max(last["seconds"], 1e-9))
-            time.sleep(0.5)
-        for kind, task in tasks.items():
-            last = _progress_lines(root / f"{kind}.log.jsonl")
-            if last:
-                bar.update(task, completed=last["step"], loss=last["loss"])
+    watch_training({k: (p, root / f"{k}.log.jsonl", recipe.steps) for k, p in procs.items()},
+                   recipe.batch_size * recipe.seq_len, progress)
     failed = [k for k, p in procs.items() if p.exitcode != 0]
     if failed:
         raise DeepSeeMoEError(f"training of the {', '.join(failed)} model failed (see {root}/*.log.jsonl)")
