@@ -65,3 +65,26 @@ def test_reduced_demo(tmp_path):
     assert r.exit_code == 0, r.output
     solo = (alone.parent / "report" / "index.html").read_text()
     assert "Expert load" in solo and "Causal checks" not in solo and "MoE vs dense" not in solo
+
+
+def test_reduced_demo_with_experts_trained_separately(tmp_path):
+    """`demo --separate`: the FlexOlmo-style model is trained (cached), compared as the third model,
+    and the report's comparison becomes "trained separately vs together" with its losses per domain."""
+    from deepseemoe.explain.backends import OpenAIChat
+    from tests.explain.stub_server import Stub
+
+    with Stub() as stub:
+        result = run_demo(tmp_path / "demo", recipe="tiny", cache_dir=tmp_path / "cache", max_tokens=2000,
+                          explainer=OpenAIChat(stub.url, "oracle"), separate=True)
+    page = result.report.read_text()
+    assert "Trained separately vs together, and dense" in page and "MoE vs dense</h2>" not in page
+    assert "<th>MoE (trained together)</th><th>MoE (experts trained separately)</th><th>dense</th>" in page
+    comparison = json.loads((tmp_path / "demo" / "compare" / "comparison.json").read_text())
+    # the per-domain losses are the zoo's own, read here from its report
+    [zoo_report] = (tmp_path / "cache" / "zoo").glob("tiny-separate-*/report.json")
+    losses = json.loads(zoo_report.read_text())["val_loss"]
+    for d, v in losses["separate"].items():
+        assert re.search(rf"validation loss, {d} \(nats/token; unigram [0-9.]+\)</td><td>{losses['moe'][d]:.3f}</td>"
+                         rf"<td>{v:.3f}</td><td>{losses['dense'][d]:.3f}</td>", page), d
+    assert comparison["separate"]["expert_names"][0] == "public"
+    assert "experts — the expert trained on it, every layer: ΔCE on the domain" in page

@@ -125,37 +125,9 @@ def test_ablating_an_expert_no_b_token_uses_leaves_domain_b_exactly_unchanged():
     """Planted: attention writes nothing (o_proj = 0), so each prediction depends on its own token
     only; `a` tokens (ids 10–19) route to expert 0 in every layer and `b` tokens (20–29) and BOS
     never do. Ablating expert 0 must leave ΔCE_b exactly 0 on packed a|b contexts."""
-    from deepseemoe.data.tokens import PackedBatch
-    from deepseemoe.models.load import handle_from_model
-    from deepseemoe.models.tiny import tiny_model
+    from tests.analysis.planted import planted_batch, planted_model
 
-    model = tiny_model("olmoe", vocab_size=32, num_experts=4, num_experts_per_tok=2, bos_token_id=1)
-    with torch.no_grad():
-        v = torch.zeros(model.config.hidden_size)
-        v[0] = 1.0
-        emb = model.model.embed_tokens.weight
-        emb[:, 0] = -3.0  # BOS, b tokens and the rest: away from expert 0
-        emb[10:20, 0] = 3.0  # a tokens: toward expert 0
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.gate.weight[0] = 50.0 * v
-    handle = handle_from_model(model)
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for r in range(4):  # each context: BOS a… BOS b… BOS a…
-        ids, d, p = [], [], []
-        for j, (lo, dom_doc) in enumerate([(10, 2 * r), (20, 2 * r + 1), (10, 100 + r)]):
-            n = 4 + j
-            ids += [1, *torch.randint(lo, lo + 10, (n,), generator=g).tolist()]
-            d += [dom_doc] * (n + 1)
-            p += [-1, *range(n)]
-        rows.append((ids, d, p))
-    width = max(len(r[0]) for r in rows)
-    ids = torch.tensor([r[0] + [0] * (width - len(r[0])) for r in rows])
-    doc = torch.tensor([r[1] + [-1] * (width - len(r[1])) for r in rows])
-    pos = torch.tensor([r[2] + [-1] * (width - len(r[2])) for r in rows], dtype=torch.int32)
-    domains = {dd: ("b" if dd % 2 and dd < 100 else "a") for dd in doc.unique().tolist() if dd >= 0}
-    batch = PackedBatch(ids, (doc >= 0).long(), doc, pos, domains)
+    handle, batch = planted_model(), planted_batch()
     meter = LossMeter(handle, [batch], [token_domains(batch)])
     res = meter.measure(lambda: route_intervention(handle, {la: ablate([0]) for la in handle.moe_layers}))
     assert res["by_domain"]["a"] != 0  # the expert matters to `a`…

@@ -163,3 +163,40 @@ def test_split_halves_of_a_single_batch():
     assert a[0].input_ids.shape[0] == 2 and b[0].input_ids.shape[0] == 2
     with pytest.raises(DeepSeeMoEError, match="too few held-out contexts"):
         split_halves([PackedBatch(z[:1], z[:1], z[:1], z[:1].int(), {})])
+
+
+def test_compare_cli_with_experts_trained_separately(pair, tmp_path_factory, tmp_path, cli):
+    """A third model (an MoE naming each expert's training domain, as the zoo's FlexOlmo-style
+    model does): its column, routing by domain with the declared experts, and domain removal."""
+    from deepseemoe.models.tiny import tiny_model
+
+    moe_dir, dense_dir, data = pair
+    folder = tmp_path_factory.mktemp("tiny_flex")
+    tok = build_tokenizer(folder)
+    names = ["public", "code", "de", "en"]
+    tiny_model("flex_olmo", vocab_size=len(tok), num_experts=4, num_experts_per_tok=2, expert_names=names,
+               bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id,
+               eos_token_id=tok.eos_token_id).save_pretrained(folder)
+    r = CliRunner().invoke(app, ["compare", str(moe_dir), str(dense_dir), "--separate", str(folder), "--data",
+                                 str(data), "--out", str(tmp_path / "cmp"), "--tokens", "400", "--ctx-len", "32",
+                                 "--sae-tokens", "0", "--max-units", "2"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    doc = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert doc["separate"]["expert_names"] == names and doc["moe"]["expert_names"] is None
+    assert "routing" not in doc["dense"]
+    for side in ("moe", "separate"):
+        mean = doc[side]["routing"]["mean"]
+        assert 0 <= mean["nmi_all_slots"] <= 1 and 0 <= mean["own_share_mean"] <= 1
+    # one declared removal per domain, each removing the expert trained on it
+    declared = [row for row in doc["separate"]["domain_removal"]["rows"] if row["removed"] == "declared"]
+    assert sorted(row["domain"] for row in declared) == ["code", "de", "en"]
+    assert "declared_share_mean" in doc["separate"]["routing"]["mean"]
+    md = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "| measure | MoE (trained together) | dense | MoE (experts trained separately) |" not in md
+    assert "| measure | MoE (trained together) | MoE (experts trained separately) | dense |" in md
+    assert "removing a domain's experts — the expert trained on it" in md
+
+    bad = cli("compare", moe_dir, dense_dir, "--separate", dense_dir, "--data", data, "--out", tmp_path / "bad",
+              "--sae-tokens", "0")
+    assert bad.code == 2 and len(bad.error_lines) == 1 and bad.error_lines[0].startswith("error: --separate")
+    assert not (tmp_path / "bad").exists()

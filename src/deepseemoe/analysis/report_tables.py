@@ -25,6 +25,8 @@ class ComparisonTable:
 
     @property
     def columns(self) -> list[str]:
+        if "separate" not in self.sides:
+            return ["MoE" if s == "moe" else SIDES[s] for s in self.sides]
         return [SIDES[s] for s in self.sides]
 
 

@@ -1,0 +1,51 @@
+"""Routing by domain and domain removal (`analysis.routing_compare`) on a planted model: `a`
+tokens go to expert 0 only, `b` tokens to expert 1 only (top-1), attention writes nothing."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from deepseemoe.analysis.compare import domain_classes
+from deepseemoe.analysis.routing_compare import (
+    domain_removal,
+    own_experts,
+    removal_size,
+    routing_counts,
+    routing_summary,
+)
+from tests.analysis.planted import planted_batch, planted_model
+
+
+def test_planted_routing_by_domain_and_removal():
+    handle = planted_model(top_k=1, num_experts=4, b_expert=1)
+    batch = planted_batch()
+    domains, class_of = domain_classes([batch])
+    assert domains == ["a", "b"]
+    counts = routing_counts(handle, [batch], class_of, len(domains))
+    ids = batch.input_ids.reshape(-1)[batch.keep]
+    n_a, n_b = int(((ids >= 10) & (ids < 20)).sum()), int(((ids >= 20) & (ids < 30)).sum())
+    for c in counts.values():  # every kept token by hand: a → 0, b → 1
+        np.testing.assert_array_equal(c["slots"], [[n_a, 0, 0, 0], [0, n_b, 0, 0]])
+        np.testing.assert_array_equal(c["top1"], c["slots"])
+    assert removal_size(4, 2) == 1 and removal_size(16, 6) == 2 and removal_size(7, 6) == 1
+    own = own_experts(counts, 1)
+    assert all(o.tolist() == [[0], [1]] for o in own.values())
+    summary = routing_summary(counts, own, domains, declared=["a", "b", "x", "y"])["mean"]
+    p = np.array([n_a, n_b]) / (n_a + n_b)
+    assert summary["nmi_all_slots"] == summary["nmi_top1"] == 1.0
+    assert summary["own_share_mean"] == summary["declared_share_mean"] == summary["own_is_declared"] == 1.0
+    assert math.isclose(summary["load_entropy"], float(-(p * np.log(p)).sum() / np.log(4)), rel_tol=1e-9)
+    assert math.isclose(summary["top_set_share"], max(n_a, n_b) / (n_a + n_b))
+    assert summary["max_load"] == p.max()
+
+    removal = domain_removal(handle, [batch], domains, own, declared=["a", "b", "x", "y"], draws=2)
+    rows = {(r["domain"], r["removed"]): r for r in removal["rows"] if r["removed"] != "random"}
+    # removing a domain's only expert hits it, and leaves the other domain exactly unchanged
+    for d in ("a", "b"):
+        for kind in ("own", "declared"):
+            assert rows[(d, kind)]["target"] != 0 and rows[(d, kind)]["others"] == 0.0
+    assert removal["experts_removed_per_layer"] == 1
+    assert len([r for r in removal["rows"] if r["removed"] == "random"]) == 4
+    assert removal["summary"]["own"]["n"] == 2
