@@ -29,7 +29,7 @@ def test_planted_routing_by_domain_and_removal():
     for c in counts.values():  # every kept token by hand: a → 0, b → 1
         np.testing.assert_array_equal(c["slots"], [[n_a, 0, 0, 0], [0, n_b, 0, 0]])
         np.testing.assert_array_equal(c["top1"], c["slots"])
-    assert removal_size(4, 2) == 1 and removal_size(16, 6) == 2 and removal_size(7, 6) == 1
+    assert removal_size(4, 1 / 3) == 1 and removal_size(16, 1 / 7) == 2 and removal_size(7, 1 / 7) == 1
     own = own_experts(counts, 1)
     assert all(o.tolist() == [[0], [1]] for o in own.values())
     summary = routing_summary(counts, own, domains, declared=["a", "b", "x", "y"])["mean"]
@@ -49,3 +49,19 @@ def test_planted_routing_by_domain_and_removal():
     assert removal["experts_removed_per_layer"] == 1
     assert len([r for r in removal["rows"] if r["removed"] == "random"]) == 4
     assert removal["summary"]["own"]["n"] == 2
+
+
+def test_own_share_counts_tokens_not_slots():
+    """Top-2: every `a` token has expert 0 among its two, so with two own experts (0 and a second
+    one that some a tokens also hold) the share of a tokens routed to their own experts is exactly 1."""
+    handle = planted_model(top_k=2, num_experts=4, b_expert=1)
+    batch = planted_batch()
+    domains, class_of = domain_classes([batch])
+    counts = routing_counts(handle, [batch], class_of, len(domains))
+    own = own_experts(counts, 2)
+    for layer, o in own.items():
+        assert o[0, 0] == 0 and counts[layer]["slots"][0, o[0, 1]] > 0  # a second own expert some a tokens hold
+    summary = routing_summary(counts, own, domains)
+    for row in summary["per_layer"].values():
+        assert row["own_share"]["a"] == 1.0 and row["own_share"]["b"] == 1.0
+        assert row["top_k"] == 2.0

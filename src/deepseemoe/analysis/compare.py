@@ -324,6 +324,8 @@ def compare_models(moe: ModelHandle, dense: ModelHandle, batches_moe: list, batc
     if separate is not None and not separate.is_moe:
         raise DeepSeeMoEError(f"{separate.name} has no MoE layers; the separately trained model must be an MoE")
     sides = [("moe", moe, batches_moe), ("dense", dense, batches_dense)]
+    # the share of a model's experts that one domain's experts are: one expert of the separate model
+    removed = 1 / max(m.num_experts for m in separate.moe_layers.values()) if separate is not None else None
     if separate is not None:
         sides.append(("separate", separate, batches_separate))
     result = {}
@@ -346,11 +348,12 @@ def compare_models(moe: ModelHandle, dense: ModelHandle, batches_moe: list, batc
                          "ablation_split": {"select_tokens": int(sum(b.keep.sum() for b in select)),
                                             "evaluate_tokens": int(sum(b.keep.sum() for b in evaluate))}}
         if h.is_moe:
-            result[label].update(_routing_by_domain(h, select, evaluate, domains, by_domain))
+            result[label].update(_routing_by_domain(h, select, evaluate, domains, by_domain, removed))
     return result
 
 
-def _routing_by_domain(h: ModelHandle, select: list, evaluate: list, domains: list[str], by_domain) -> dict:
+def _routing_by_domain(h: ModelHandle, select: list, evaluate: list, domains: list[str], by_domain,
+                       removed: float | None) -> dict:
     from deepseemoe.analysis.routing_compare import (
         domain_removal,
         own_experts,
@@ -362,8 +365,8 @@ def _routing_by_domain(h: ModelHandle, select: list, evaluate: list, domains: li
 
     declared = declared_expert_names(h.model.config)
     experts = max(m.num_experts for m in h.moe_layers.values())
-    named = [d for d in domains if d != "all"]
-    own = own_experts(routing_counts(h, select, by_domain, len(domains)), removal_size(experts, len(named)))
+    share = removed or 1 / (1 + len([d for d in domains if d != "all"]))
+    own = own_experts(routing_counts(h, select, by_domain, len(domains)), removal_size(experts, share))
     return {"routing": routing_summary(routing_counts(h, evaluate, by_domain, len(domains)), own, domains, declared),
             "domain_removal": domain_removal(h, evaluate, domains, own, declared=declared),
             "expert_names": declared}

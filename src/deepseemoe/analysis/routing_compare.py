@@ -13,8 +13,9 @@ Per layer, on held-out tokens with a domain label (BOS and padding excluded):
 Removing a domain (FlexOlmo's opt-out, tested): exclude the domain's own m experts in every layer
 (the router re-selects the top-k without them, as if they were absent) and measure ΔCE on that
 domain against the mean ΔCE on the others; beside it, m random experts per layer (3 draws).
-m = round(E / (C + 1)) for E experts and C domains: the share of experts one FlexOlmo domain
-expert is (1 of 1 + C), so both kinds of MoE lose the same share of their experts.
+m = round(E · s): s is the share of its experts one domain expert of the separately trained model
+is (1 of its experts; without one, 1 of 1 + C for C domains, the FlexOlmo layout), so both kinds
+of MoE lose the same share of their experts.
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ from deepseemoe.routing.stats import mutual_information
 
 
 def routing_counts(handle: ModelHandle, batches: list, class_of, n_classes: int) -> dict[int, dict]:
-    """Per MoE layer: 'slots' [C, E] top-k counts, 'top1' [C, E], 'sets' {sorted top-k tuple: count}."""
+    """Per MoE layer: 'slots' [C, E] top-k counts, 'top1' [C, E], 'sets' [C] of {sorted top-k tuple: count}."""
     device = next(handle.model.parameters()).device
     out = {layer: {"slots": np.zeros((n_classes, m.num_experts), np.int64),
-                   "top1": np.zeros((n_classes, m.num_experts), np.int64), "sets": defaultdict(int)}
+                   "top1": np.zeros((n_classes, m.num_experts), np.int64),
+                   "sets": [defaultdict(int) for _ in range(n_classes)]}
            for layer, m in handle.moe_layers.items()}
     for b in batches:
         keep = b.keep.reshape(-1)
@@ -46,8 +48,8 @@ def routing_counts(handle: ModelHandle, batches: list, class_of, n_classes: int)
                 c = out[layer]
                 np.add.at(c["slots"], (np.repeat(classes, idx.shape[1]), idx.ravel()), 1)
                 np.add.at(c["top1"], (classes, idx[:, 0]), 1)
-                for row in np.sort(idx, 1):
-                    c["sets"][tuple(row.tolist())] += 1
+                for cls, row in zip(classes.tolist(), np.sort(idx, 1).tolist(), strict=True):
+                    c["sets"][cls][tuple(row)] += 1
             hooks += moe.adapter.observe(moe, cb)
         try:
             with torch.no_grad():
@@ -75,16 +77,16 @@ def routing_summary(evaluate: dict[int, dict], own: dict[int, np.ndarray], domai
         active = tokens > 0
         share = {}
         for ci, d in enumerate(domains):
-            if active[ci]:
-                # a token has each expert at most once, so slot counts of distinct experts add up
-                share[d] = float(slots[ci, own[layer][ci]].sum() / tokens[ci])
+            if active[ci]:  # tokens with at least one of the domain's own experts in their top-k
+                mine = set(own[layer][ci].tolist())
+                share[d] = sum(n for s, n in c["sets"][ci].items() if mine & set(s)) / float(tokens[ci])
         load = slots.sum(0) / max(slots.sum(), 1)
         with np.errstate(divide="ignore", invalid="ignore"):
             ent = float(-np.nansum(np.where(load > 0, load * np.log(load), 0.0)) / np.log(len(load)))
         row = {"nmi_all_slots": mutual_information(slots[active])[1], "nmi_top1": mutual_information(top1[active])[1],
                "own_share": share, "own_share_mean": float(np.mean(list(share.values()))) if share else None,
                "load_entropy": ent, "max_load": float(load.max()), "top_k": float(k),
-               "top_set_share": max(c["sets"].values()) / max(tokens.sum(), 1) if c["sets"] else None}
+               "top_set_share": _top_set_share(c["sets"], int(tokens.sum()))}
         if declared:
             index = {name: i for i, name in enumerate(declared)}
             dec = {d: float(slots[ci, index[d]] / tokens[ci]) for ci, d in enumerate(domains)
@@ -101,8 +103,17 @@ def routing_summary(evaluate: dict[int, dict], own: dict[int, np.ndarray], domai
     return {"mean": mean, "per_layer": per_layer}
 
 
-def removal_size(num_experts: int, n_domains: int) -> int:
-    return max(1, round(num_experts / (n_domains + 1)))
+def _top_set_share(sets: list[dict], tokens: int) -> float | None:
+    pooled: dict[tuple, int] = defaultdict(int)
+    for per_class in sets:
+        for s, n in per_class.items():
+            pooled[s] += n
+    return max(pooled.values()) / tokens if pooled and tokens else None
+
+
+def removal_size(num_experts: int, share: float) -> int:
+    """How many of `num_experts` make `share` of them (at least one)."""
+    return max(1, round(num_experts * share))
 
 
 def domain_removal(handle: ModelHandle, batches: list, domains: list[str], own: dict[int, np.ndarray],
