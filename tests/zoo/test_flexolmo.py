@@ -111,6 +111,12 @@ def test_budget_and_report(separate, zoo):
     assert len(log) == steps["base"] and log[-1]["loss"] < log[0]["loss"]
     again = train_separate(root / "corpus", recipe="tiny", cache_dir=root / "cache", progress=False)
     assert again.cached and again.root == models.root
+    # an interrupted run resumes after its finished phases: the merge is redone, the base is not
+    base_weights = (models.base_dir / "model.safetensors").stat().st_mtime_ns
+    (models.root / "report.json").unlink()
+    resumed = train_separate(root / "corpus", recipe="tiny", cache_dir=root / "cache", progress=False)
+    assert not resumed.cached and (models.base_dir / "model.safetensors").stat().st_mtime_ns == base_weights
+    assert all((folder / "finished.json").exists() for folder in resumed.expert_dirs.values())
 
 
 def test_domain_embedding_is_the_mean_unit_block_input():

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -265,7 +266,6 @@ def train_separate(corpus_dir: str | Path, *, recipe: str | Recipe = "demo", pla
     plan, corpus and library versions. Uses the joint pair's tokenizer (trained if not cached)."""
     import multiprocessing as mp
 
-    import torch
     from transformers import AutoTokenizer, Olmo2ForCausalLM
 
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
@@ -278,6 +278,10 @@ def train_separate(corpus_dir: str | Path, *, recipe: str | Recipe = "demo", pla
         report = read_json(done, f"delete {root} (or pass --retrain) to train the separate experts again")
         return SeparateModels(root, root / "model", root / "base",
                               {d: root / "experts" / d for d in report["domains"]}, report, cached=True)
+    if retrain and root.exists():  # finished phases are kept between runs; a retrain starts from nothing
+        import shutil
+
+        shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     from deepseemoe.zoo.tokenizer import read_jsonl
@@ -298,7 +302,7 @@ def train_separate(corpus_dir: str | Path, *, recipe: str | Recipe = "demo", pla
     if not _finished(root / "base"):
         proc = ctx.Process(target=_train_base, args=(recipe, steps["base"], str(tokenizer_dir),
                                                      str(root / "public_windows.npy"), str(root / "base"),
-                                                     str(root / "base.log.jsonl"), 2))
+                                                     str(root / "base.log.jsonl"), min(2, os.cpu_count() or 1)))
         proc.start()
         watch_training({"base": (proc, root / "base.log.jsonl", steps["base"])},
                        recipe.batch_size * recipe.seq_len, progress)
@@ -306,7 +310,6 @@ def train_separate(corpus_dir: str | Path, *, recipe: str | Recipe = "demo", pla
             raise DeepSeeMoEError(f"training of the public base failed (see {root}/base.log.jsonl)")
 
     # 2. router rows from domain embeddings, then the experts, two processes of one thread at a time
-    torch.set_num_threads(2)
     base = Olmo2ForCausalLM.from_pretrained(root / "base").eval()
     emb = {PUBLIC: domain_embeddings(base, public[: plan.embedding_windows])}
     for d in domains:

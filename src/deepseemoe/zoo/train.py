@@ -83,18 +83,15 @@ def quiet_transformers(threads: int) -> None:
 
 
 def train_steps(model, windows, *, steps: int, lr: float, warmup: int, batch_size: int, seed: int,
-                weight_decay: float, log_path: str, params=None, forward_kwargs: dict | None = None,
+                weight_decay: float, log_path: str, forward_kwargs: dict | None = None,
                 after_step=None) -> None:
-    """AdamW on `params` (default: all of the model's trainable ones) for `steps` batches of `windows`
+    """AdamW on the model's trainable parameters (requires_grad) for `steps` batches of `windows`
     [N, S] drawn in a seeded order (a new permutation per pass); clipped at norm 1; one JSON line of
     loss and elapsed seconds per step in `log_path`. `after_step(done)` runs after each update."""
     import torch
 
     model.train()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if params is not None:
-        wanted = {id(p) for p in params}
-        named = [(n, p) for n, p in named if id(p) in wanted]
     decay = [p for _, p in named if p.dim() >= 2]
     no_decay = [p for _, p in named if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
