@@ -1,4 +1,5 @@
-"""The MoE-vs-dense comparison as one markdown table (also embedded in the HTML report)."""
+"""The model comparison (MoE vs dense, and experts trained separately) as one table: markdown, and
+the rows the HTML report embeds."""
 
 from __future__ import annotations
 
@@ -106,13 +107,6 @@ def _routing_rows(result: dict, sides: list[str]) -> list[tuple[str, list[str]]]
             if any(v != "—" for v in vals):
                 rows.append((f"removing a domain's experts — {what}, every layer: {text}", vals))
     return rows
-
-
-def comparison_rows(result: dict) -> list[tuple[str, str, str]]:
-    """(measure, MoE, dense) rows — the two-model view of `comparison_table`."""
-    table = comparison_table(result)
-    i, j = table.sides.index("moe"), table.sides.index("dense")
-    return [(label, vals[i], vals[j]) for label, vals in table.rows]
 
 
 def comparison_markdown(result: dict) -> str:
