@@ -87,4 +87,20 @@ def test_reduced_demo_with_experts_trained_separately(tmp_path):
         assert re.search(rf"validation loss, {d} \(nats/token; unigram [0-9.]+\)</td><td>{losses['moe'][d]:.3f}</td>"
                          rf"<td>{v:.3f}</td><td>{losses['dense'][d]:.3f}</td>", page), d
     assert comparison["separate"]["expert_names"][0] == "public"
+    # both MoEs get a block-input SAE and its feature map at the same width and k; the dense twin none
+    assert set(comparison["block_features"]["rows"]) == {"moe", "separate"}
+    assert "block-input SAE (layer 1, ×8, k=16): routing recall@k from features" in page
+    # the separate model's experts are described too, and each MoE's descriptions checked for their domain
+    desc = comparison["descriptions"]
+    from deepseemoe.runs.explanations import ExplanationStore
+
+    def described(run: str) -> set[int]:
+        folder = tmp_path / "demo" / run / "explanations" / "layer1"
+        return set(ExplanationStore(folder, "layer1.experts").explanations())
+
+    sep, joint = described("separate/run"), described("run")
+    assert sep and joint
+    assert desc["separate"]["experts"] == len(sep - {0})  # every described expert but the public one
+    assert desc["moe"]["experts"] == len(joint) and 0 <= desc["moe"]["named"] <= len(joint)
+    assert f"{desc['separate']['named']} of {desc['separate']['experts']}" in page
     assert "experts — the expert trained on it, every layer: ΔCE on the domain" in page

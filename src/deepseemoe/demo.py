@@ -123,7 +123,8 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
     seconds["analyses"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    _describe(run_dir, out_dir, spec.layers // 2, cache_dir, explainer, console)
+    _describe(run_dir, out_dir, spec.layers // 2, cache_dir, explainer, console,
+              separate=(third, source, route_kw) if third is not None else None)
     seconds["descriptions"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -133,9 +134,12 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
     return DemoResult(out_dir, report, seconds, stats.summary)
 
 
-def _describe(run_dir: Path, out_dir: Path, layer: int, cache_dir, explainer, console: Console) -> None:
+def _describe(run_dir: Path, out_dir: Path, layer: int, cache_dir, explainer, console: Console,
+              separate: tuple | None = None) -> None:
     """Stage 6: the experts of one layer and 8 features of the block-input SAE, explained and
-    scored; answers cached, so a warm demo asks the explainer nothing."""
+    scored; answers cached, so a warm demo asks the explainer nothing. With `separate` (the
+    separately trained model, the held-out source, the routing settings): that model's experts of
+    the same layer too, and how often each MoE's expert descriptions name the expert's domain."""
     from deepseemoe.errors import DeepSeeMoEError
     from deepseemoe.explain.backends import Cached, LocalChat
     from deepseemoe.explain.pipeline import demo_explanations
@@ -150,6 +154,8 @@ def _describe(run_dir: Path, out_dir: Path, layer: int, cache_dir, explainer, co
     backend = Cached(chat, root / "explain" / "answers.sqlite")
     with console.status("[bold]6/7 descriptions[/] explaining experts and features"):
         got = demo_explanations(run_dir, out_dir / "dictionaries", f"router_sae_{layer}", layer, backend)
+    if separate is not None:
+        _describe_separate(run_dir, out_dir, layer, backend, *separate)
     e, f = got["experts"]["scorers"], got["features"]["scorers"]
     console.print(f"[bold]6/7 descriptions[/] {got['experts']['units']} experts, {got['features']['units']} features "
                   f"by {chat.ident.split(':', 1)[1]} ({backend.hits} answers cached, {backend.misses} new): routing "
@@ -158,6 +164,38 @@ def _describe(run_dir: Path, out_dir: Path, layer: int, cache_dir, explainer, co
                   f"{e['routing']['token_baseline']['balanced_accuracy']:.2f}); feature detection "
                   f"{f['detection']['explanation']['balanced_accuracy']:.2f} (shuffled "
                   f"{_fmt(f['detection']['shuffled_explanation'])})")
+
+
+def _describe_separate(run_dir: Path, out_dir: Path, layer: int, backend, models, source, route_kw: dict) -> None:
+    """The separately trained model's experts described like the joint MoE's, then for both MoEs
+    the share of expert descriptions that name the expert's domain (the separate model's: the
+    domain it was trained on; the joint MoE's: the domain it takes the largest share of), added to
+    the comparison."""
+    from deepseemoe.analysis.report_tables import comparison_markdown
+    from deepseemoe.analysis.routing_compare import descriptions_naming, preferred_domains
+    from deepseemoe.data.demo_corpus import DOMAIN_WORDS
+    from deepseemoe.explain.pipeline import demo_expert_explanations
+    from deepseemoe.models.spec import declared_expert_names
+    from deepseemoe.runs.explanations import ExplanationStore
+    from deepseemoe.runs.study import COMPARISON, save_comparison
+
+    handle = load_model(str(models.model_dir))
+    sep_run = out_dir / "separate" / "run"
+    route_corpus(handle, source, sep_run, progress=False, overwrite=True, **route_kw)
+    demo_expert_explanations(sep_run, layer, backend)
+    names = declared_expert_names(handle.model.config) or []
+
+    def described(run: Path) -> dict[int, str]:
+        return ExplanationStore(run / "explanations" / f"layer{layer}", f"layer{layer}.experts").explanations()
+
+    folder = out_dir / "compare"
+    comparison = read_json(folder / COMPARISON, f"run `deepseemoe demo --out {out_dir}` again")
+    comparison["descriptions"] = {
+        "layer": layer,
+        "moe": descriptions_naming(described(run_dir), preferred_domains(run_dir, layer), DOMAIN_WORDS),
+        "separate": descriptions_naming(described(sep_run), {e: n for e, n in enumerate(names) if e > 0},
+                                        DOMAIN_WORDS)}
+    save_comparison(folder, comparison, comparison_markdown(comparison))
 
 
 def _fmt(entry: dict | None) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import duckdb
 import numpy as np
 import pytest
 import torch
@@ -99,6 +100,15 @@ def test_compare_cli_on_a_tiny_pair(pair, tmp_path):
     assert [row["k"] for row in doc["sae_frontier"]["rows"]["dense"]] == [4, 8]
     md = (tmp_path / "cmp" / "comparison.md").read_text()
     assert "| measure | MoE | dense |" in md and "SAE k=8" in md
+    # the MoE's block-input SAE at the largest k and its feature map; the dense model has no experts
+    block = doc["block_features"]
+    assert set(block["rows"]) == {"moe"} and block["k"] == 8 and block["site"] == "block_in"
+    pairs = duckdb.sql(f"SELECT feature, max(lift) AS top FROM read_parquet("
+                       f"'{tmp_path}/cmp/block_sae_moe/maps/block_in/feature_experts.parquet') GROUP BY feature"
+                       ).fetchall()
+    assert block["rows"]["moe"]["top_lift_median"] == pytest.approx(float(np.median([t for _, t in pairs])))
+    assert 0 <= block["rows"]["moe"]["routing_prediction"]["features"] <= 1
+    assert "block-input SAE (layer 1, ×2, k=8): routing recall@k from features" in md
 
 
 def test_ablation_gap_by_hand():

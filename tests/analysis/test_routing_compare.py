@@ -65,3 +65,16 @@ def test_own_share_counts_tokens_not_slots():
     for row in summary["per_layer"].values():
         assert row["own_share"]["a"] == 1.0 and row["own_share"]["b"] == 1.0
         assert row["top_k"] == 2.0
+
+
+def test_descriptions_naming_the_domain_by_hand():
+    from deepseemoe.analysis.routing_compare import descriptions_naming
+
+    got = descriptions_naming(
+        {1: "German words and verbs", 2: "Python functions", 3: "ISO codes in JSON", 4: "barcode digits", 5: "x"},
+        {1: "de", 2: "code", 3: "code", 4: "code", 6: "ru"},
+        {"de": ("german",), "code": ("code", "python")})
+    # 1: "german"; 2: "python"; 3: "codes" is not the word "code"; 4: "barcode" neither; 6 has no description
+    assert [(r["expert"], r["named"], r["words"]) for r in got["per_expert"]] == \
+        [(1, True, ["german"]), (2, True, ["python"]), (3, False, []), (4, False, [])]
+    assert got["experts"] == 4 and got["named"] == 2 and got["share"] == 0.5

@@ -18,7 +18,7 @@ def run_demo_analyses(moe_dir: Path, dense_dir: Path, corpus_dir: Path, out_dir:
     from deepseemoe.analysis.feature_map import compute_map
     from deepseemoe.analysis.figures import causal_figures
     from deepseemoe.analysis.report_tables import comparison_markdown
-    from deepseemoe.analysis.sae_frontier import sae_frontier
+    from deepseemoe.analysis.sae_frontier import block_sae_maps, sae_frontier
     from deepseemoe.data.sources import TextSource, iter_documents
     from deepseemoe.data.tokens import pack_documents
     from deepseemoe.dictionaries.evaluate import evaluate_run
@@ -77,5 +77,9 @@ def run_demo_analyses(moe_dir: Path, dense_dir: Path, corpus_dir: Path, out_dir:
     comparison["sae_frontier"] = sae_frontier(models, train, val,
                                               out_dir / "compare", layer=layer, ks=[8, 16], expansion_factor=8,
                                               tokens=train_tokens, eval_tokens=eval_tokens, ctx_len=ctx_len)
+    moes = {label: path for label, path in models.items() if label != "dense"}
+    comparison["block_features"] = block_sae_maps(moes, train, val, out_dir / "compare", layer=layer, k=16,
+                                                  expansion_factor=8, tokens=train_tokens, eval_tokens=eval_tokens,
+                                                  ctx_len=ctx_len)
     save_comparison(out_dir / "compare", comparison, comparison_markdown(comparison))
     return {"evaluation": evaluation, "maps": maps, "causal": causal, "comparison": comparison}

@@ -106,6 +106,10 @@ def compute_map(run_dir: Path, spec: RunSpec, name: str, *, data: str | None, to
                "tokens": tables["tokens"], "live_features": int(live.sum()), "features": F,
                "specificity_median": float(np.nanmedian(tables["specificity"])) if live.any() else float("nan"),
                "expert_specific_share": float(np.nanmean(tables["specificity"][live] > 0.5)) if live.any() else 0.0,
+               # per live feature, its strongest expert association: max_e lift(f, e) and max_e MI(f; e)
+               "top_lift_median": float(np.median(np.nanmax(tables["lift"][live], 1))) if live.any() else float("nan"),
+               "top_mi_bits_median": float(np.median(np.nanmax(tables["mi_bits"][live], 1)))
+               if live.any() else float("nan"),
                "routing_prediction": routing_prediction(got.latents, got.experts, got.tokens, got.prev_tokens,
                                                         moe.num_experts)}
     if comp is not None:

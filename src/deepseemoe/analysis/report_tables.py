@@ -60,6 +60,12 @@ def comparison_table(result: dict) -> ComparisonTable:
         for d in sorted(val.get("moe", {})):
             rows.append((f"validation loss, {d} (nats/token; unigram {_fmt(val.get('unigram', {}).get(d))})",
                          [_fmt(val.get(s, {}).get(d)) for s in sides]))
+    rows += _block_feature_rows(result, sides)
+    desc = result.get("descriptions")
+    if desc:
+        rows.append((f"expert descriptions (layer {desc['layer']}) that name the expert's domain (separately: the "
+                     "domain it was trained on; together: the domain it takes the largest share of)",
+                     [f"{desc[s]['named']} of {desc[s]['experts']}" if s in desc else "—" for s in sides]))
     fr = result.get("sae_frontier")
     if fr:
         for i, row in enumerate(fr["rows"]["moe"]):
@@ -67,6 +73,31 @@ def comparison_table(result: dict) -> ComparisonTable:
                 rows.append((f"SAE k={row['k']} (layer {fr['layer']}, ×{fr['expansion_factor']}): {m}",
                              [_fmt(fr["rows"][s][i][m]) if s in fr["rows"] else "—" for s in sides]))
     return ComparisonTable(sides, rows)
+
+
+def _block_feature_rows(result: dict, sides: list[str]) -> list[tuple[str, list[str]]]:
+    """The MoEs' block-input SAEs and their feature ↔ expert maps (`sae_frontier.block_sae_maps`)."""
+    bf = result.get("block_features")
+    if not bf:
+        return []
+    head = f"block-input SAE (layer {bf['layer']}, ×{bf['expansion_factor']}, k={bf['k']})"
+
+    def cell(side: str, key: str, sub: str | None = None):
+        row = bf["rows"].get(side)
+        v = None if row is None else row.get(key)
+        return _fmt(v.get(sub) if isinstance(v, dict) and sub else v)
+
+    rows = []
+    for label, key, sub in (("FVU", "fvu", None), ("dead latents", "dead", None), ("ΔCE spliced in", "delta_ce", None),
+                            ("feature ↔ expert specificity (median over live features)", "specificity_median", None),
+                            ("share of live features specific to experts (> 0.5)", "expert_specific_share", None),
+                            ("a feature's strongest expert lift (median)", "top_lift_median", None),
+                            ("a feature's strongest expert MI, bits (median)", "top_mi_bits_median", None),
+                            ("routing recall@k from features", "routing_prediction", "features"),
+                            ("routing recall@k from token identity", "routing_prediction", "token"),
+                            ("routing recall@k from bigrams", "routing_prediction", "bigram")):
+        rows.append((f"{head}: {label}", [cell(s, key, sub) for s in sides]))
+    return rows
 
 
 def _routing_rows(result: dict, sides: list[str]) -> list[tuple[str, list[str]]]:

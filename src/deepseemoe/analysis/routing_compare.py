@@ -154,3 +154,34 @@ def _target_vs_rest(by_domain: dict, target: str) -> dict:
     t = by_domain.get(target, float("nan"))
     rest = float(np.mean(others)) if others else float("nan")
     return {"target": t, "others": rest, "gap": t - rest}
+
+
+def preferred_domains(routing_run, layer: int) -> dict[int, str]:
+    """Per expert of `layer`: the domain whose tokens it takes the largest share of, from the
+    routing statistics' domain table (analyses/domain.parquet, `routing.stats`)."""
+    from deepseemoe.runs.routing import RoutingRun
+
+    rows = RoutingRun.open(routing_run).analyses().table("domain").to_dict("records")
+    best: dict[int, tuple[float, str]] = {}
+    for r in rows:
+        if r["layer"] == layer and r["domain"] is not None and r["share"] > best.get(r["expert"], (-1.0, ""))[0]:
+            best[r["expert"]] = (r["share"], r["domain"])
+    return {e: d for e, (_, d) in sorted(best.items())}
+
+
+def descriptions_naming(descriptions: dict[int, str], domain_of: dict[int, str],
+                        words: dict[str, tuple[str, ...]]) -> dict:
+    """How many experts' descriptions name the expert's domain: a word of `words[domain]` (or the
+    domain's own name) appears in the description as a whole word, case-insensitively."""
+    import re
+
+    per = []
+    for e, domain in sorted(domain_of.items()):
+        text = descriptions.get(e)
+        if text is None:
+            continue
+        vocab = {domain.lower(), *words.get(domain, ())}
+        found = sorted(w for w in vocab if re.search(rf"(?<!\w){re.escape(w)}(?!\w)", text.lower()))
+        per.append({"expert": e, "domain": domain, "named": bool(found), "words": found})
+    named = sum(r["named"] for r in per)
+    return {"experts": len(per), "named": named, "share": named / len(per) if per else None, "per_expert": per}

@@ -25,7 +25,9 @@ def register(app: typer.Typer) -> None:
         domain_field: str = typer.Option("domain", help="Field holding each document's domain label."),
         sae_layer: int = typer.Option(None, min=0, help="Residual layer of the SAE frontier (default: the middle)."),
         sae_k: str = typer.Option("8,16,32", help="k values of the SAE frontier."),
-        sae_tokens: int = typer.Option(200_000, min=0, help="Training tokens per SAE (0: skip the frontier)."),
+        sae_tokens: int = typer.Option(200_000, min=0, help="Training tokens per SAE (0: skip the SAEs): the residual "
+                                       "frontier of every model, and for each MoE a block-input SAE (the largest k) "
+                                       "with its feature ↔ expert map."),
         expansion_factor: int = typer.Option(8, min=1, help="SAE width / model width."),
         max_units: int = typer.Option(64, min=1, help="Units ablated per kind (the most active ones)."),
         device: str = typer.Option(None, help="Device for the models and the frontier's SAEs, e.g. cuda:0."),
@@ -38,7 +40,7 @@ def register(app: typer.Typer) -> None:
 
         from deepseemoe.analysis.compare import compare_models
         from deepseemoe.analysis.report_tables import comparison_markdown
-        from deepseemoe.analysis.sae_frontier import sae_frontier
+        from deepseemoe.analysis.sae_frontier import block_sae_maps, sae_frontier
         from deepseemoe.data.sources import TextSource, iter_documents, resolve_files
         from deepseemoe.data.tokens import pack_documents
         from deepseemoe.errors import DeepSeeMoEError
@@ -64,6 +66,10 @@ def register(app: typer.Typer) -> None:
         if sae_tokens > 0 and layer >= min(h.num_layers for h in handles):  # checked before the long work
             raise DeepSeeMoEError(f"--sae-layer {layer} does not exist in every model (they have "
                                   f"{', '.join(str(h.num_layers) for h in handles)} layers); choose a smaller one")
+        not_moe = [h.name for h in handles if h.is_moe and layer not in h.moe_layers]
+        if sae_tokens > 0 and not_moe:
+            raise DeepSeeMoEError(f"--sae-layer {layer} is not an MoE layer of {', '.join(not_moe)} (the block-input "
+                                  "SAE reads an MoE block there); choose an MoE layer of every MoE model")
         result = compare_models(moe, dense, batches(moe), batches(dense), separate=third,
                                 batches_separate=batches(third) if third is not None else None,
                                 max_units_per_kind=max_units, progress=True)
@@ -73,6 +79,11 @@ def register(app: typer.Typer) -> None:
                                                   out, layer=layer, ks=[int(k) for k in sae_k.split(",")],
                                                   expansion_factor=expansion_factor, tokens=sae_tokens,
                                                   eval_tokens=tokens, ctx_len=ctx_len, **loading)
+            moes = {label: name for (label, name), h in zip(models.items(), handles, strict=True) if h.is_moe}
+            result["block_features"] = block_sae_maps(moes, train_data or data, data, out, layer=layer,
+                                                      k=int(sae_k.split(",")[-1]), expansion_factor=expansion_factor,
+                                                      tokens=sae_tokens, eval_tokens=tokens, ctx_len=ctx_len,
+                                                      **loading)
         result["models"] = {label: h.name for label, h in zip(models, handles, strict=True)}
         md = comparison_markdown(result)
         path = save_comparison(out, result, md)

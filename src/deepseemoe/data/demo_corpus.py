@@ -29,6 +29,11 @@ from pathlib import Path
 from deepseemoe.runs.atomic import atomic_write_bytes, atomic_write_json
 
 DOMAINS = ("code", "en", "de", "es", "ru", "data")
+# words a description of text from each domain would use to name it (lower case; matched as words)
+DOMAIN_WORDS = {"code": ("code", "python", "program", "programming", "function", "functions", "software"),
+                "en": ("english",), "de": ("german", "deutsch"), "es": ("spanish", "español", "espanol"),
+                "ru": ("russian", "cyrillic"),
+                "data": ("data", "json", "iso", "unicode", "structured", "table", "codes")}
 DEBIAN_PACKAGES = ("fortunes", "fortunes-de", "fortunes-es", "fortunes-ru", "sword-text-web", "sword-text-sparv",
                    "diatheke", "iso-codes", "unicode-data")
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")

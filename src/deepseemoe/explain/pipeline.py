@@ -240,6 +240,19 @@ def run_score(store: ExplanationStore, backend: ChatBackend, prompts: Prompts, s
 DEMO_SIZES = {"n_top": 6, "n_quantile": 2, "n_test": 5, "n_quantiles": 5, "n_random": 3, "n_hard": 2}
 
 
+def demo_expert_explanations(routing_run: Path, layer: int, backend: ChatBackend, prompts: Prompts | None = None
+                             ) -> dict:
+    """The experts of one layer of a routing run, explained and scored by routing prediction at the
+    demo's sizes (RUN/explanations/layerL/); the scores' summary."""
+    prompts = prompts or Prompts.load()
+    experts = ExplanationStore(Path(routing_run) / "explanations" / f"layer{layer}", f"layer{layer}.experts")
+    corpus, acts, units, contexts = expert_source(Path(routing_run), layer)
+    run_explain(experts, corpus, acts, units, contexts, backend, prompts, kind="expert",
+                source={"run": str(routing_run), "layer": layer}, routing=True, sizes=DEMO_SIZES, n_routing=10,
+                window=16)
+    return run_score(experts, backend, prompts, ["routing"], n_per_prompt=10)
+
+
 def demo_explanations(routing_run: Path, dict_run: Path, dictionary: str, layer: int, backend: ChatBackend, *,
                       features: int = 8, tokens: int = 8_000) -> dict[str, dict]:
     """The demo's stage: the experts of one layer (routing prediction) and `features` features
@@ -247,13 +260,7 @@ def demo_explanations(routing_run: Path, dict_run: Path, dictionary: str, layer:
     windows) — 72 prompts, about 80 s for SmolLM2 on 2 cores cold; answers cached, so a rerun asks
     nothing. Ten examples a unit make coarse scores: the demo shows the pipeline, not a verdict."""
     prompts = Prompts.load()
-    out = {}
-    experts = ExplanationStore(Path(routing_run) / "explanations" / f"layer{layer}", f"layer{layer}.experts")
-    corpus, acts, units, contexts = expert_source(Path(routing_run), layer)
-    run_explain(experts, corpus, acts, units, contexts, backend, prompts, kind="expert",
-                source={"run": str(routing_run), "layer": layer}, routing=True, sizes=DEMO_SIZES, n_routing=10,
-                window=16)
-    out["experts"] = run_score(experts, backend, prompts, ["routing"], n_per_prompt=10)
+    out = {"experts": demo_expert_explanations(routing_run, layer, backend, prompts)}
     feats = ExplanationStore(Path(dict_run) / "explanations" / dictionary, dictionary)
     corpus, acts, units, contexts = feature_source(Path(dict_run), dictionary, data=None, tokens=tokens,
                                                    features=features)
