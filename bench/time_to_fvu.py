@@ -19,8 +19,8 @@ Held-out FVU = Σ‖x − x̂‖² / Σ‖x − mean‖² on the held-out rows, 
 with the clock paused (sparsify's schedule-free optimizer switched to its averaged weights for the
 measurement, as its own checkpointing does), so the curve's seconds are training time only, setup
 included. Reported per size: each peer's curve (seconds, tokens, FVU), its throughput, the target
-FVU (the FVU sparsify ends its budget at, median over repeats), the time each peer first reaches
-it (median), and the ratio to sparsify's.
+FVU (the FVU sparsify reaches within its budget in every repeat), the time each peer first reaches
+it (median over repeats), and the ratio to sparsify's.
 
 Data: `planted` (sparse features of random directions plus a mean offset and noise, the
 residual-stream shape `bench/train_vs_sparsify.py` uses) or `demo:SITE` (SITE resid_out, block_in or
@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 
 HELD = 8192
+TARGETS = (0.5, 0.3, 0.25, 0.2)  # quality levels every table reports beside sparsify's own FVU
 SEQ = 256  # rows per sparsify "sequence"
 
 
@@ -226,6 +227,8 @@ def worker(args) -> None:
     data = load_file(args.acts)
     for module in IMPORTS[args.worker]:  # importing a library is not training: before the clock starts
         importlib.import_module(module)
+    # likewise torch's own lazy imports on a process's first optimizer (about 1 s, whoever builds it)
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
     clock = Clock(args.seconds, data["held"], args.eval_every, args.batch)
     clock.start = time.perf_counter()  # setup inside the peer's entry point counts; loading the file does not
     with contextlib.suppress(OutOfTime):
@@ -293,30 +296,49 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(report, indent=1))
 
 
+def reprint(path: str) -> None:
+    """The tables again from a saved --out file: python -c 'import time_to_fvu as t; t.reprint("r.json")'."""
+    for size in json.loads(Path(path).read_text()):
+        args = argparse.Namespace(batch=size["batch"], seconds=size["seconds"], data=size["data"],
+                                  repeats=len(next(iter(size["runs"].values()))))
+        summarise(size["D"], size["F"], size["k"], args, size["runs"])
+
+
 def summarise(D: int, F: int, k: int, args, runs: dict[str, list[dict]]) -> dict:
     finals = {p: statistics.median(r["points"][-1]["fvu"] for r in rs) for p, rs in runs.items()}
-    target = finals.get("sparsify", min(finals.values()))
+    # the FVU sparsify reaches within its budget in every repeat (its worst final FVU)
+    target = max(r["points"][-1]["fvu"] for r in runs["sparsify"]) if "sparsify" in runs else min(finals.values())
     print(f"\nD={D} F={F} k={k} batch={args.batch}, {args.seconds:.0f} s per run, {args.repeats} repeats, "
           f"{torch.get_num_threads()} threads here / 2 per run; data {args.data}; target FVU {target:.3f} "
-          "(sparsify's at the end of its budget)")
-    print(f"{'peer':>9} {'tok/s':>9} {'final FVU':>10} {'s to target':>12} {'vs sparsify':>12}")
-    reach = {}
-    for p, rs in runs.items():
-        times = [first_reach(r["points"], target) for r in rs]
-        reach[p] = statistics.median(t for t in times if t is not None) if all(t is not None for t in times) \
-            else None
+          "(sparsify's worst final FVU over the repeats)")
+    # and fixed quality levels: sparsify's default lr warm-up (1000 steps) can hold it at its
+    # first-step FVU for a whole short budget, and then "its FVU" is only the time to one step
+    levels = [target, *sorted((t for t in TARGETS if t < target), reverse=True)]
+    print(f"{'peer':>9} {'tok/s':>9} {'final FVU':>10}  " + "  ".join(f"{'s to ' + format(t, '.3f'):>16}"
+                                                                     for t in levels))
+    reach: dict[float, dict[str, float | None]] = {}
+    for t in levels:
+        reach[t] = {}
+        for p, rs in runs.items():
+            times = [first_reach(r["points"], t) for r in rs]
+            reach[t][p] = statistics.median(times) if all(x is not None for x in times) else None
     for p, rs in runs.items():
         tps = statistics.median(r["tokens_per_s"] for r in rs)
-        ratio = (reach["sparsify"] / reach[p]) if reach.get("sparsify") and reach[p] else None
-        print(f"{p:>9} {tps:9,.0f} {finals[p]:10.3f} "
-              f"{(f'{reach[p]:.1f}' if reach[p] is not None else 'not reached'):>12} "
-              f"{(f'{ratio:.2f}x' if ratio else '—'):>12}")
+        cells = []
+        for t in levels:
+            mine, theirs = reach[t][p], reach[t].get("sparsify")
+            ratio = f" ({theirs / mine:.2f}x)" if mine and theirs and p != "sparsify" else ""
+            cells.append(f"{(f'{mine:.1f}' if mine is not None else '—') + ratio:>16}")
+        print(f"{p:>9} {tps:9,.0f} {finals[p]:10.3f}  " + "  ".join(cells))
+    print("  (seconds of training to first reach each FVU, median over repeats; — not reached in every repeat;"
+          " (×) sparsify's time / this peer's)")
     for p, rs in runs.items():  # the curve of the first repeat, a few points
         pts = rs[0]["points"]
         shown = pts[:: max(1, len(pts) // 8)] + ([pts[-1]] if len(pts) > 1 else [])
         print(f"  {p:>8} curve (s: FVU): " + ", ".join(f"{q['seconds']:.0f}: {q['fvu']:.3f}" for q in shown))
     return {"D": D, "F": F, "k": k, "batch": args.batch, "seconds": args.seconds, "data": args.data,
-            "target_fvu": target, "seconds_to_target": reach, "final_fvu": finals, "runs": runs}
+            "target_fvu": target, "seconds_to": {str(t): r for t, r in reach.items()}, "final_fvu": finals,
+            "runs": runs}
 
 
 if __name__ == "__main__":
