@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 TORCH_VERSION="2.13.0"
 testing=""
 [[ "${1:-}" == "--test" ]] && testing=1
-extras="[explain${testing:+,test}]"
+extras="[explain,serve${testing:+,test}]"
 
 VENV="${DEEPSEEMOE_VENV:-.venv}"  # another folder for another environment (scripts/upstream_check.sh)
 if [[ ! -x "$VENV/bin/python" ]]; then
@@ -66,5 +66,12 @@ if [[ "$(id -u)" == "0" ]] && command -v apt-get >/dev/null 2>&1 && [[ -z "${DEE
         { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing; } \
             >/dev/null 2>&1 || echo "note: could not install the demo corpus packages ($missing); the demo will use fewer domains"
     fi
+fi
+# The explorer's browser tests drive a real headless Chromium through Playwright, which cannot
+# download its own browser builds here: the tests use Debian's chromium package.
+if [[ -n "$testing" ]] && ! command -v chromium >/dev/null 2>&1 && [[ "$(id -u)" == "0" ]] \
+        && command -v apt-get >/dev/null 2>&1 && [[ -z "${DEEPSEEMOE_NO_APT:-}" ]]; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } \
+        >/dev/null 2>&1 || echo "note: could not install chromium; the explorer's browser tests need it"
 fi
 echo "deepseemoe installed in $VENV ($($PY -c 'import torch, transformers; print("torch", torch.__version__, "· transformers", transformers.__version__)'))"

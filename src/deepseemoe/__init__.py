@@ -11,6 +11,7 @@ Pipeline, one sub-package per stage, bottom to top:
     analysis      features ↔ experts, causal checks, MoE vs dense
     explain       descriptions of features and experts written by an LLM, and their scores
     report        the static report
+    explore       the explorer: a live web app over run directories (`serve`)
     demo, commands, cli    the verbs
 
 Imports point down this list only (tests/test_import_direction.py fails on a backward import);
@@ -30,5 +31,6 @@ STAGES: tuple[frozenset[str], ...] = (
     frozenset({"analysis"}),
     frozenset({"explain"}),
     frozenset({"report"}),
+    frozenset({"explore"}),
     frozenset({"demo", "commands", "cli"}),
 )

@@ -8,7 +8,6 @@ training report sit beside it.
 from __future__ import annotations
 
 import base64
-import colorsys
 import datetime as dt
 import html
 from pathlib import Path
@@ -16,28 +15,12 @@ from pathlib import Path
 import numpy as np
 from markupsafe import Markup
 
+from deepseemoe.report.components import Strip, expert_colors, show_token
 from deepseemoe.runs.atomic import atomic_write_bytes
 from deepseemoe.runs.study import Study
 
 
-def expert_colors(n: int) -> tuple[list[str], list[str]]:
-    """n distinguishable background colours (golden-ratio hues) and a readable text colour each."""
-    colors, text = [], []
-    for i in range(n):
-        h = (i * 0.618033988749895) % 1.0
-        light = 0.55 if i % 2 else 0.72
-        r, g, b = colorsys.hls_to_rgb(h, light, 0.65)
-        colors.append(f"#{int(r * 255):02x}{int(g * 255):02x}{int(b * 255):02x}")
-        text.append("#000" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "#fff")
-    return colors, text
-
-
-def _show(text: str) -> str:
-    """A token's text with its whitespace visible."""
-    return text.replace(" ", "·").replace("\n", "⏎").replace("\t", "⇥")
-
-
-def routing_samples(run_dir: Path, layers: list[int], tokens_per_sample: int = 40) -> list[dict]:
+def routing_samples(run_dir: Path, layers: list[int], tokens_per_sample: int = 40) -> list[Strip]:
     """The first `tokens_per_sample` tokens of one document per domain with their routing."""
     from deepseemoe.runs.routing import RoutingRun
 
@@ -60,14 +43,11 @@ def routing_samples(run_dir: Path, layers: list[int], tokens_per_sample: int = 4
         if rows.empty:
             continue
         label = domain if isinstance(domain, str) else "(no domain)"
-        sample = {"domain": label, "tokens": [_show(p or "") for p in rows["token"]], "rows": []}
+        routing = {}
         for layer in layers:
-            cells = []
-            for pos in rows["pos"]:
-                e, w = by.get((int(doc), layer, int(pos)), ([0], [0.0]))
-                cells.append({"e": int(e[0]), "title": ", ".join(f"E{x}: {y:.2f}" for x, y in zip(e, w, strict=True))})
-            sample["rows"].append({"layer": layer, "cells": cells})
-        samples.append(sample)
+            cells = [by.get((int(doc), layer, int(pos)), ([0], [0.0])) for pos in rows["pos"]]
+            routing[layer] = ([e for e, _ in cells], [w for _, w in cells])
+        samples.append(Strip.from_arrays([p or "" for p in rows["token"]], routing, label))
     return samples
 
 
@@ -148,7 +128,7 @@ def write_report(study: Study, out_path: str | Path, *, title: str, notes: list[
     top_tokens = []
     for e in range(experts):
         sub = vocab[(vocab["layer"] == top_layer) & (vocab["expert"] == e)].sort_values("rank").head(8)
-        top_tokens.append({"expert": e, "tokens": "  ".join(f"{_show(t)} ({s:.2f})"
+        top_tokens.append({"expert": e, "tokens": "  ".join(f"{show_token(t)} ({s:.2f})"
                                                             for t, s in zip(sub["token"], sub["share"], strict=True))})
     losses = []
     training = ""

@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -232,6 +232,7 @@ class RoutingRun:
     layers: list[int]
     num_experts: dict[int, int]
     top_k: dict[int, int]
+    _verified: set[str] = field(default_factory=set, repr=False)  # files hashed once already
 
     @classmethod
     def open(cls, run_dir: str | Path) -> RoutingRun:
@@ -266,6 +267,50 @@ class RoutingRun:
         for rel in self.manifest.files:
             self.manifest.verify_file(self.run_dir, rel)
         return len(self.manifest.files), sum(e.bytes for e in self.manifest.files.values())
+
+    def verified_path(self, rel: str) -> Path:
+        """The path of one listed file, its sha256 checked the first time this opened run is asked
+        for it: a long-lived reader (the explorer) hashes each file once, then reads slices of it."""
+        if rel not in self._verified:
+            self.manifest.verify_file(self.run_dir, rel)
+            self._verified.add(rel)
+        return self.run_dir / rel
+
+    def read_columns(self, sub: str, part: str, columns: list[str]):
+        """Some columns of one shard file (verified once per opened run), read from disk without
+        loading the rest of the file."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = self.verified_path(f"{sub}/{part}")
+        try:
+            return pq.read_table(path, columns=columns)
+        except (pa.ArrowException, OSError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise DeepSeeMoEError(f"{path} cannot be read as this version's parquet ({first}); "
+                                  "write the run again") from None
+
+    def routing_rows(self, part: str, start: int, stop: int,
+                     layers: list[int] | None = None) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Rows [start, stop) of a shard's routing per MoE layer: (experts [n, K] int16, weights
+        [n, K] float32), sliced from the memory-mapped matrix file (verified once per opened run),
+        so a document's routing costs its own rows, not the shard's."""
+        from safetensors import safe_open
+
+        rel = f"matrix/{part.replace('.parquet', '.safetensors')}"
+        path = self.verified_path(rel)
+        out = {}
+        try:
+            with safe_open(path, framework="numpy") as f:
+                for layer in self.layers if layers is None else layers:
+                    e = f.get_slice(f"experts.{layer}")[start:stop]
+                    w = f.get_slice(f"weights.{layer}")[start:stop]
+                    out[layer] = (np.asarray(e).astype(np.int16), np.asarray(w))
+        except DeepSeeMoEError:
+            raise
+        except Exception as exc:  # a checksummed file can still be a foreign one
+            raise DeepSeeMoEError(f"{path} cannot be read ({exc}); write the run again") from None
+        return out
 
     def read_table(self, sub: str, part: str, columns: list[str] | None = None):
         """One shard file as a pyarrow table, after checking its sha256."""

@@ -1,0 +1,509 @@
+"""What the explorer's pages show, read from run directories through runs/ and nothing else.
+
+Every query is bounded, whatever the run's size: a page reads one analyses table (layers × experts
+rows), one document's rows of one shard (sliced from the memory-mapped routing matrix), the first
+shard of a layer (an expert's contexts), or one unit's rows of a map table (DuckDB, filtered on
+the unit). Files are verified against their manifest once per server process, then read in slices.
+
+Shapes: routing per layer (experts [T, K], weights [T, K]); map tables one row per (feature, expert).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from deepseemoe.errors import DeepSeeMoEError
+from deepseemoe.report.components import Bar, Heatmap, Strip, expert_colors, show_token
+from deepseemoe.runs.dictionary import DictionaryRun
+from deepseemoe.runs.explanations import ExplanationStore
+from deepseemoe.runs.manifest import NAME as MANIFEST
+from deepseemoe.runs.routing import Analyses, RoutingRun
+from deepseemoe.runs.study import Study
+
+DOC_TOKENS = 400  # tokens of a recorded document shown at once
+CONTEXTS = 12  # an expert's top contexts
+WINDOW = (10, 4)  # tokens before / after a context's token
+LIST = 20  # rows of a unit's lists (features of an expert, experts of a feature)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "run"
+
+
+def find_routing_run(path: Path) -> Path:
+    """PATH itself when it is a routing run, else the one routing run directly inside it (a study)."""
+    if (path / MANIFEST).exists() and (path / "routing").is_dir():
+        return path
+    inside = sorted(p for p in path.iterdir() if p.is_dir() and (p / MANIFEST).exists() and (p / "routing").is_dir()) \
+        if path.is_dir() else []
+    if len(inside) == 1:
+        return inside[0]
+    if not inside:
+        raise DeepSeeMoEError(f"{path} is neither a routing run nor a study holding one; pass the --out of "
+                              "`deepseemoe route` or of `deepseemoe demo` (e.g. runs/demo)")
+    raise DeepSeeMoEError(f"{path} holds several routing runs ({', '.join(p.name for p in inside)}); pass the one to serve")
+
+
+# ---- typed page contents -------------------------------------------------------------------------
+
+@dataclass
+class Context:
+    doc: int
+    pos: int
+    domain: str
+    left: str
+    token: str
+    right: str
+    weight: float  # the expert's gate weight on the token
+    rank: int  # the expert's rank among the token's top-k
+    strip: Strip | None = None  # the window's routing at the page's layer
+
+
+@dataclass
+class FeatureLink:
+    dictionary: str  # DictionaryView.key
+    feature: int
+    value: float  # what the list is sorted by (lift, share, logit per unit)
+    detail: str
+    description: str | None
+
+
+@dataclass
+class Example:
+    activation: float
+    text: str  # the context before the token
+    token: str
+    experts: list[int]  # the token's experts at the dictionary's layer
+
+
+@dataclass
+class ExpertPage:
+    layer: int
+    expert: int
+    num_experts: int
+    top_k: int
+    load: dict[str, float]  # load, weighted_load, top1_share
+    top_tokens: list[Bar]
+    contexts: list[Context]
+    contexts_scanned: int
+    domains: list[Bar]
+    coactive: list[Bar]
+    routed_by: list[FeatureLink]  # features whose tokens go to the expert (map lift)
+    router_features: list[FeatureLink]  # features whose decoder raises its router logit
+    writes: list[FeatureLink]  # features of its output (transcoder composition)
+    description: str | None
+    scores: dict[str, float]
+    ablation: dict | None  # the `ablate` row of this expert
+    ablation_domains: list[tuple[str, float, float]]  # (domain, ablation ΔCE, control ΔCE)
+
+
+@dataclass
+class FeaturePage:
+    dictionary: str
+    feature: int
+    features: int
+    layer: int | None
+    stats: dict
+    experts: list[Bar]  # P(e | f)
+    attribution: list[Bar]  # router logit per unit of activation
+    top: list[Example]
+    quantiles: list[list[Example]]
+    description: str | None
+    scores: dict[str, float]
+    steering: list[dict]
+
+
+@dataclass
+class SearchHit:
+    kind: str  # "expert" | "feature"
+    title: str
+    link: str
+    text: str
+
+
+@dataclass
+class DictionaryView:
+    key: str  # URL id: "<run folder>.<coder name>"
+    run: DictionaryRun
+    name: str
+    summary: dict  # maps/NAME/summary.json
+    store: ExplanationStore | None
+    _examples: object = None  # pyarrow table sorted by feature, built on first use
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def layer(self) -> int | None:
+        return self.summary.get("layer")
+
+    @property
+    def features(self) -> int:
+        return int(self.summary.get("features", 0))
+
+    def table(self, name: str) -> Path | None:
+        path = self.run.map_dir(self.name) / f"{name}.parquet"
+        return path if path.exists() else None
+
+    def examples(self):
+        """The map's examples.json as one arrow table (feature, kind, quantile, rank, activation,
+        text, token, experts), sorted by feature; parsed once, then sliced per feature."""
+        with self._lock:
+            if self._examples is None:
+                import pyarrow as pa
+
+                from deepseemoe.runs.atomic import read_json
+
+                doc = read_json(self.run.map_dir(self.name) / "examples.json", "run `deepseemoe map` again")
+                cols: dict[str, list] = {k: [] for k in ("feature", "kind", "quantile", "rank", "activation", "text",
+                                                         "token", "experts")}
+
+                def add(f: int, kind: str, q: int, rows: list[dict]) -> None:
+                    for r, ex in enumerate(rows):
+                        for k, v in (("feature", f), ("kind", kind), ("quantile", q), ("rank", r),
+                                     ("activation", float(ex["activation"])), ("text", str(ex["text"])),
+                                     ("token", str(ex["token"])), ("experts", [int(e) for e in ex.get("experts", [])])):
+                            cols[k].append(v)
+
+                for key in sorted(doc, key=int):
+                    entry = doc[key]
+                    add(int(key), "top", -1, entry.get("top", []))
+                    for q, rows in enumerate(entry.get("quantiles", [])):
+                        add(int(key), "quantile", q, rows)
+                self._examples = pa.table(cols)
+            return self._examples
+
+
+class StudyView:
+    """One served study: its routing run, analyses, dictionaries with maps, descriptions, ablation,
+    comparison. Opened once at start; pages query it."""
+
+    def __init__(self, key: str, path: Path):
+        self.key = key
+        self.path = path
+        self.run_dir = find_routing_run(path)
+        self.study = Study.open(self.run_dir)
+        self.run: RoutingRun = self.study.run
+        self.analyses: Analyses = self.run.analyses()
+        self.layers = list(self.run.layers)
+        self.num_experts = max(self.run.num_experts.values())
+        self.colors, self.text_colors = expert_colors(self.num_experts)
+        self.dictionaries: dict[str, DictionaryView] = {}
+        stores = {(s.path.resolve(), s.module): s for s in self.study.explanations}
+        for files in self.study.dictionary_runs:
+            run = DictionaryRun(files.path)
+            for name, summary in files.maps.items():
+                key = _slug(f"{files.path.name}.{name}")
+                store = next((s for (p, m), s in stores.items() if m == name and p.is_relative_to(files.path.resolve())),
+                             None)
+                self.dictionaries[key] = DictionaryView(key, run, name, summary, store)
+        self.expert_stores: dict[int, ExplanationStore] = {}
+        for s in self.study.explanations:
+            m = re.fullmatch(r"layer(\d+)\.experts", s.module)
+            if m:
+                self.expert_stores[int(m.group(1))] = s
+        self._tables: dict[str, object] = {}
+        self._docs: dict[str, np.ndarray] = {}  # part -> doc column
+        self._shard_tokens: dict[str, object] = {}  # part -> tokens table (doc, pos, token, domain), LRU of 2
+        self._descriptions: dict[int, dict[int, str]] = {}
+        self._lock = threading.Lock()
+
+    # ---- small, verified, cached reads -----------------------------------------------------------
+
+    def table(self, name: str):
+        """An analyses table (layers × experts rows at most), verified and kept."""
+        if name not in self._tables:
+            self._tables[name] = self.analyses.table(name)
+        return self._tables[name]
+
+    def doc_column(self, part: str) -> np.ndarray:
+        with self._lock:
+            if part not in self._docs:
+                self._docs[part] = self.run.read_columns("tokens", part, ["doc"])["doc"].to_numpy()
+            return self._docs[part]
+
+    def shard_tokens(self, part: str):
+        with self._lock:
+            if part not in self._shard_tokens:
+                if len(self._shard_tokens) >= 2:
+                    self._shard_tokens.pop(next(iter(self._shard_tokens)))
+                self._shard_tokens[part] = self.run.read_columns("tokens", part, ["doc", "pos", "token", "domain"])
+            return self._shard_tokens[part]
+
+    def descriptions(self, store: ExplanationStore | None) -> dict[int, str]:
+        if store is None:
+            return {}
+        k = id(store)
+        if k not in self._descriptions:
+            self._descriptions[k] = store.explanations()
+        return self._descriptions[k]
+
+    def unit_scores(self, store: ExplanationStore | None, unit: int) -> dict[str, float]:
+        table = store.units_table() if store is not None else None
+        if table is None:
+            return {}
+        import pyarrow.compute as pc
+
+        row = table.filter(pc.equal(table["unit"], unit)).to_pylist()
+        if not row:
+            return {}
+        return {k.removesuffix("_balanced_accuracy"): float(v) for k, v in row[0].items()
+                if k.endswith("_balanced_accuracy") and v is not None and v == v}
+
+    # ---- links ------------------------------------------------------------------------------------
+
+    def expert_link(self, layer: int, expert: int) -> str:
+        return f"/s/{self.key}/expert/{layer}/{expert}"
+
+    def feature_link(self, dictionary: str, feature: int) -> str:
+        return f"/s/{self.key}/feature/{dictionary}/{feature}"
+
+    # ---- overview --------------------------------------------------------------------------------
+
+    def load_heatmap(self) -> Heatmap:
+        load = self.table("load")
+        values = [[0.0] * self.num_experts for _ in self.layers]
+        for layer, e, v in zip(load["layer"], load["expert"], load["load"], strict=True):
+            values[self.layers.index(int(layer))][int(e)] = float(v)
+        return Heatmap([f"layer {la}" for la in self.layers], [f"E{e}" for e in range(self.num_experts)], values,
+                       caption="share of slots", fmt="%.3f",
+                       links=[[self.expert_link(la, e) for e in range(self.num_experts)] for la in self.layers])
+
+    def domain_heatmap(self, layer: int) -> Heatmap:
+        table = self.table("domain")
+        sub = table[table["layer"] == layer]
+        domains = sorted(set(sub["domain"]))
+        values = [[0.0] * self.num_experts for _ in domains]
+        for d, e, v in zip(sub["domain"], sub["expert"], sub["share"], strict=True):
+            values[domains.index(d)][int(e)] = float(v)
+        return Heatmap(domains, [f"E{e}" for e in range(self.num_experts)], values, caption="domain", fmt="%.2f",
+                       links=[[self.expert_link(layer, e) for e in range(self.num_experts)] for _ in domains])
+
+    def coactivation_heatmap(self, layer: int) -> Heatmap:
+        table = self.table("coactivation")
+        sub = table[table["layer"] == layer]
+        E = self.run.num_experts[layer]
+        values = [[float("nan")] * E for _ in range(E)]
+        for i, j, p in zip(sub["expert_i"], sub["expert_j"], sub["p_j_given_i"], strict=True):
+            values[int(i)][int(j)] = float(p)
+        return Heatmap([f"E{i}" for i in range(E)], [f"E{j}" for j in range(E)], values,
+                       caption="P(j | i)", fmt="%.2f")
+
+    def first_documents(self) -> list[tuple[str, int]]:
+        """(domain, doc) of the first document of each domain in the first shard."""
+        t = self.shard_tokens(self.run.parts[0])
+        docs, domains = t["doc"].to_numpy(), t["domain"].to_pylist()
+        seen: dict[str, int] = {}
+        for d, dom in zip(docs, domains, strict=True):
+            seen.setdefault(dom or "(no domain)", int(d))
+        return sorted(seen.items())
+
+    # ---- a recorded document ---------------------------------------------------------------------
+
+    def document(self, doc: int, start: int = 0) -> Strip:
+        """Tokens [start, start + DOC_TOKENS) of a routed document with their routing in every layer."""
+        for part in self.run.parts:
+            docs = self.doc_column(part)
+            if not len(docs) or docs[0] > doc or docs[-1] < doc:
+                continue
+            lo, hi = int(np.searchsorted(docs, doc, "left")), int(np.searchsorted(docs, doc, "right"))
+            if lo == hi:
+                continue
+            lo = min(lo + max(start, 0), hi)
+            hi = min(hi, lo + DOC_TOKENS)
+            tokens = self.shard_tokens(part)["token"].slice(lo, hi - lo).to_pylist()
+            routing = self.run.routing_rows(part, lo, hi)
+            return Strip.from_arrays([t or "" for t in tokens], routing, label=f"document {doc}")
+        raise DeepSeeMoEError(f"document {doc} is not in this run")
+
+    # ---- an expert -------------------------------------------------------------------------------
+
+    def expert_page(self, layer: int, expert: int) -> ExpertPage:
+        if layer not in self.run.num_experts:
+            raise DeepSeeMoEError(f"layer {layer} is not a MoE layer of this run; MoE layers: {self.layers}")
+        E = self.run.num_experts[layer]
+        if not 0 <= expert < E:
+            raise DeepSeeMoEError(f"expert {expert} does not exist; layer {layer} has experts 0..{E - 1}")
+        load = self.table("load")
+        row = load[(load["layer"] == layer) & (load["expert"] == expert)]
+        loads = {k: float(row[k].iloc[0]) for k in ("load", "weighted_load", "top1_share")} if len(row) else {}
+        vocab = self.table("vocab_top_tokens")
+        sub = vocab[(vocab["layer"] == layer) & (vocab["expert"] == expert)].sort_values("rank")
+        top_tokens = [Bar(show_token(t), float(s), f"{s:.2f} of {c} occurrences")
+                      for t, s, c in zip(sub["token"], sub["share"], sub["count"], strict=True)]
+        dom = self.table("domain")
+        sub = dom[(dom["layer"] == layer) & (dom["expert"] == expert)].sort_values("share", ascending=False)
+        domains = [Bar(d, float(s), f"{s:.3f} of the domain's slots (lift {lift:.2f})")
+                   for d, s, lift in zip(sub["domain"], sub["share"], sub["lift_over_uniform"], strict=True)]
+        co = self.table("coactivation")
+        sub = co[(co["layer"] == layer) & (co["expert_i"] == expert)].sort_values("p_j_given_i", ascending=False).head(8)
+        coactive = [Bar(f"E{j}", float(p), f"P = {p:.2f} (lift {lift:.2f})", self.expert_link(layer, int(j)))
+                    for j, p, lift in zip(sub["expert_j"], sub["p_j_given_i"], sub["lift"], strict=True)]
+        contexts, scanned = self.expert_contexts(layer, expert)
+        routed_by, router_features, writes = [], [], []
+        for view in self.dictionaries.values():
+            if view.layer != layer:
+                continue
+            texts = self.descriptions(view.store)
+            if (path := view.table("feature_experts")) is not None:
+                for f, lift, p, c in _query(
+                        "SELECT feature, lift, p_e_given_f, count FROM read_parquet(?) WHERE expert = ? "
+                        "AND count >= 3 ORDER BY lift DESC LIMIT ?", [str(path), expert, LIST]):
+                    routed_by.append(FeatureLink(view.key, int(f), float(lift),
+                                                 f"lift {lift:.1f}, P(e|f) {p:.2f}, n={c}", texts.get(int(f))))
+            if (path := view.table("router_attribution")) is not None:
+                for f, v, push in _query(
+                        "SELECT feature, logit_per_unit, mean_push_when_active FROM read_parquet(?) WHERE expert = ? "
+                        "ORDER BY mean_push_when_active DESC LIMIT ?", [str(path), expert, LIST]):
+                    router_features.append(FeatureLink(view.key, int(f), float(push),
+                                                       f"+{push:.3f} logit when active ({v:.3f} per unit)",
+                                                       texts.get(int(f))))
+            if (path := view.table("expert_composition")) is not None:
+                for f, share in _query("SELECT feature, share FROM read_parquet(?) WHERE expert = ? "
+                                       "ORDER BY share DESC LIMIT ?", [str(path), expert, LIST]):
+                    writes.append(FeatureLink(view.key, int(f), float(share), f"share {share:.3f}", texts.get(int(f))))
+        store = self.expert_stores.get(layer)
+        ablation, by_domain = None, []
+        if self.study.ablation is not None:
+            mine = [r for r in self.study.ablation["experts"] if r["layer"] == layer and r["expert"] == expert]
+            if mine:
+                ablation = mine[0]
+                ctl = ablation.get("control_by_domain", {})
+                by_domain = [(d, float(v), float(ctl.get(d, float("nan"))))
+                             for d, v in sorted(ablation.get("ablate_by_domain", {}).items())]
+        return ExpertPage(layer, expert, E, self.run.top_k[layer], loads, top_tokens, contexts, scanned, domains,
+                          coactive, routed_by, router_features, writes, self.descriptions(store).get(expert),
+                          self.unit_scores(store, expert), ablation, by_domain)
+
+    def expert_contexts(self, layer: int, expert: int) -> tuple[list[Context], int]:
+        """The tokens of the first shard that give the expert its largest gate weights, each in its
+        window of the document, with the window's routing at `layer`; and how many tokens were scanned."""
+        part = self.run.parts[0]
+        experts, weights = self.run.routing_rows(part, 0, len(self.doc_column(part)), [layer])[layer]
+        hit = experts == expert
+        w = np.where(hit, weights, -1.0).max(1)
+        n = min(CONTEXTS, int((w >= 0).sum()))
+        if n == 0:
+            return [], len(w)
+        best = np.argpartition(-w, n - 1)[:n]
+        best = best[np.argsort(-w[best], kind="stable")]
+        t = self.shard_tokens(part)
+        docs = self.doc_column(part)
+        out = []
+        for i in best.tolist():
+            lo, hi = max(i - WINDOW[0], 0), min(i + WINDOW[1] + 1, len(docs))
+            while docs[lo] != docs[i]:
+                lo += 1
+            while docs[hi - 1] != docs[i]:
+                hi -= 1
+            toks = [x or "" for x in t["token"].slice(lo, hi - lo).to_pylist()]
+            j = i - lo
+            strip = Strip.from_arrays(toks, {layer: (experts[lo:hi], weights[lo:hi])})
+            out.append(Context(int(docs[i]), int(t["pos"][i].as_py()), t["domain"][i].as_py() or "",
+                               "".join(toks[:j]), toks[j], "".join(toks[j + 1:]), float(w[i]),
+                               int(np.nonzero(hit[i])[0][0]), strip))
+        return out, len(w)
+
+    # ---- a feature -------------------------------------------------------------------------------
+
+    def dictionary(self, key: str) -> DictionaryView:
+        if key not in self.dictionaries:
+            raise DeepSeeMoEError(f"no mapped dictionary {key!r} in this study; known: {', '.join(self.dictionaries) or 'none'}")
+        return self.dictionaries[key]
+
+    def feature_page(self, key: str, feature: int) -> FeaturePage:
+        view = self.dictionary(key)
+        if not 0 <= feature < view.features:
+            raise DeepSeeMoEError(f"feature {feature} does not exist; {view.name} has 0..{view.features - 1}")
+        stats = {}
+        if (path := view.table("features")) is not None:
+            rows = _query("SELECT * FROM read_parquet(?) WHERE feature = ?", [str(path), feature], names=True)
+            stats = rows[0] if rows else {}
+        experts, attribution = [], []
+        layer = view.layer
+        link = (lambda e: self.expert_link(layer, e)) if layer in self.run.num_experts else (lambda e: None)
+        if (path := view.table("feature_experts")) is not None:
+            for e, p, lift, c in _query("SELECT expert, p_e_given_f, lift, count FROM read_parquet(?) WHERE feature = ? "
+                                        "ORDER BY p_e_given_f DESC LIMIT ?", [str(path), feature, LIST]):
+                experts.append(Bar(f"E{e}", float(p), f"P(e|f) {p:.2f}, lift {lift:.1f}, n={c}", link(int(e))))
+        if (path := view.table("router_attribution")) is not None:
+            for e, v, push in _query("SELECT expert, logit_per_unit, mean_push_when_active FROM read_parquet(?) "
+                                     "WHERE feature = ? ORDER BY logit_per_unit DESC LIMIT ?", [str(path), feature, LIST]):
+                attribution.append(Bar(f"E{e}", float(v), f"{v:+.3f} logit per unit; {push:+.3f} when active",
+                                       link(int(e))))
+        table = view.examples()
+        feats = table["feature"].to_numpy()
+        lo, hi = int(np.searchsorted(feats, feature, "left")), int(np.searchsorted(feats, feature, "right"))
+        rows = table.slice(lo, hi - lo).to_pylist()
+        top = [Example(r["activation"], r["text"], r["token"], r["experts"]) for r in rows if r["kind"] == "top"]
+        quantiles: dict[int, list[Example]] = {}
+        for r in rows:
+            if r["kind"] == "quantile":
+                quantiles.setdefault(r["quantile"], []).append(Example(r["activation"], r["text"], r["token"],
+                                                                       r["experts"]))
+        steering = []
+        folder = view.run.path / "steering" / view.name
+        for f in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            from deepseemoe.runs.atomic import read_json
+
+            doc = read_json(f, "run `deepseemoe steer` again")
+            if feature in doc.get("features", []):
+                steering.append(doc)
+        return FeaturePage(key, feature, view.features, layer, stats, experts, attribution, top,
+                           [quantiles[q] for q in sorted(quantiles)], self.descriptions(view.store).get(feature),
+                           self.unit_scores(view.store, feature), steering)
+
+    # ---- search ----------------------------------------------------------------------------------
+
+    def search(self, query: str, limit: int = 50) -> list[SearchHit]:
+        """Experts and features whose description holds every word of `query`, then experts whose top
+        tokens and features whose top examples' tokens equal it."""
+        words = [w.lower() for w in query.split()]
+        hits: list[SearchHit] = []
+        if not words:
+            return hits
+        for layer, store in sorted(self.expert_stores.items()):
+            for unit, text in sorted(self.descriptions(store).items()):
+                if all(w in text.lower() for w in words):
+                    hits.append(SearchHit("expert", f"layer {layer} E{unit}", self.expert_link(layer, unit), text))
+        for view in self.dictionaries.values():
+            for unit, text in sorted(self.descriptions(view.store).items()):
+                if all(w in text.lower() for w in words):
+                    hits.append(SearchHit("feature", f"{view.key} #{unit}", self.feature_link(view.key, unit), text))
+        token = query.strip().lower()
+        vocab = self.table("vocab_top_tokens")
+        match = vocab[vocab["token"].str.strip().str.lower() == token]
+        for la, e, s in zip(match["layer"], match["expert"], match["share"], strict=True):
+            hits.append(SearchHit("expert", f"layer {la} E{e}", self.expert_link(int(la), int(e)),
+                                  f"top token {query.strip()!r} ({s:.2f} of its occurrences)"))
+        import pyarrow.compute as pc
+
+        for view in self.dictionaries.values():
+            table = view.examples()
+            sel = table.filter(pc.and_(pc.equal(table["kind"], "top"),
+                                       pc.equal(pc.utf8_lower(pc.utf8_trim_whitespace(table["token"])), token)))
+            for f in sorted(set(sel["feature"].to_pylist()))[:limit]:
+                hits.append(SearchHit("feature", f"{view.key} #{f}", self.feature_link(view.key, f),
+                                      f"top example on {query.strip()!r}"))
+        return hits[:limit]
+
+
+_local = threading.local()
+
+
+def _query(sql: str, params: list, names: bool = False) -> list:
+    """One DuckDB query on this thread's connection (2 threads): rows as tuples, or dicts with `names`."""
+    import duckdb
+
+    con = getattr(_local, "con", None)
+    if con is None:
+        con = _local.con = duckdb.connect(config={"threads": 2})
+    cur = con.execute(sql, params)
+    rows = cur.fetchall()
+    if names:
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, r, strict=True)) for r in rows]
+    return rows

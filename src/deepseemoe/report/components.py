@@ -1,0 +1,115 @@
+"""Components shared by the static report and the explorer; templates/components.html.j2 draws them.
+
+- the token-routing strip: one column per token, one row per MoE layer, each cell coloured by the
+  token's top-1 expert there (hover: the top-k experts and weights, the router's next choices);
+- heatmaps (a matrix as shaded, optionally linked cells) and bars.
+
+Shapes: tokens [T]; per layer, experts [T][K] and weights [T][K] (rank 0 = highest weight).
+"""
+
+from __future__ import annotations
+
+import colorsys
+from dataclasses import dataclass, field
+
+
+def expert_colors(n: int) -> tuple[list[str], list[str]]:
+    """n distinguishable background colours (golden-ratio hues) and a readable text colour each."""
+    colors, text = [], []
+    for i in range(n):
+        h = (i * 0.618033988749895) % 1.0
+        light = 0.55 if i % 2 else 0.72
+        r, g, b = colorsys.hls_to_rgb(h, light, 0.65)
+        colors.append(f"#{int(r * 255):02x}{int(g * 255):02x}{int(b * 255):02x}")
+        text.append("#000" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "#fff")
+    return colors, text
+
+
+def show_token(text: str) -> str:
+    """A token's text with its whitespace visible."""
+    return text.replace(" ", "·").replace("\n", "⏎").replace("\t", "⇥")
+
+
+@dataclass
+class StripCell:
+    experts: list[int]  # [K], rank order
+    weights: list[float]  # [K]
+    alternatives: list[tuple[int, float]] = field(default_factory=list)  # best unchosen (expert, router prob)
+    margin: float | None = None  # router logit of the last chosen expert minus the best unchosen one
+    changed: bool = False  # under an intervention: the expert set differs from the clean run's
+
+    @property
+    def top(self) -> int:
+        return self.experts[0]
+
+    @property
+    def title(self) -> str:
+        text = ", ".join(f"E{e}: {w:.2f}" if w == w else f"E{e}"  # no weight recorded: NaN
+                         for e, w in zip(self.experts, self.weights, strict=True))
+        if self.alternatives:
+            text += " | next: " + ", ".join(f"E{e} p={p:.2f}" for e, p in self.alternatives)
+        if self.margin is not None:
+            text += f" | margin {self.margin:.2f}"
+        return text
+
+
+@dataclass
+class Strip:
+    tokens: list[str]  # shown text of each token (show_token)
+    rows: list[tuple[int, list[StripCell]]]  # (MoE layer, one cell per token)
+    label: str = ""
+
+    @classmethod
+    def from_arrays(cls, tokens: list[str], routing: dict, label: str = "",
+                    alternatives: dict | None = None, margins: dict | None = None,
+                    changed: dict | None = None) -> Strip:
+        """`routing` {layer: (experts [T, K], weights [T, K])}; optional per layer:
+        alternatives [T] lists of (expert, prob), margins [T], changed [T] bools."""
+        rows = []
+        for layer in sorted(routing):
+            e, w = routing[layer]
+            cells = []
+            for t in range(len(tokens)):
+                cells.append(StripCell([int(x) for x in e[t]], [float(x) for x in w[t]],
+                                       list(alternatives[layer][t]) if alternatives else [],
+                                       float(margins[layer][t]) if margins else None,
+                                       bool(changed[layer][t]) if changed else False))
+            rows.append((layer, cells))
+        return cls([show_token(t) for t in tokens], rows, label)
+
+    def experts_at(self, layer: int) -> list[list[int]]:
+        """[T][K] expert ids of one layer's row."""
+        cells = dict(self.rows)[layer]
+        return [c.experts for c in cells]
+
+
+@dataclass
+class Heatmap:
+    """A matrix drawn as a table of shaded cells: values [R][C] in [0, vmax], cells optionally linked."""
+
+    row_labels: list[str]
+    col_labels: list[str]
+    values: list[list[float]]
+    caption: str = ""
+    fmt: str = "%.2f"
+    links: list[list[str | None]] | None = None  # [R][C] URL of each cell's unit
+    vmax: float | None = None
+
+    def shade(self, v: float) -> str:
+        """Background colour of a value: white to deep blue, linear in v / vmax."""
+        top = self.vmax if self.vmax else max((x for row in self.values for x in row if x == x), default=1.0) or 1.0
+        a = 0.0 if v != v else min(max(v / top, 0.0), 1.0)
+        r, g, b = (int(255 - a * (255 - c)) for c in (33, 102, 172))
+        return f"#{r:02x}{g:02x}{b:02x}"
+
+    def ink(self, v: float) -> str:
+        top = self.vmax if self.vmax else max((x for row in self.values for x in row if x == x), default=1.0) or 1.0
+        return "#fff" if v == v and v / top > 0.6 else "#222"
+
+
+@dataclass
+class Bar:
+    label: str
+    value: float
+    text: str = ""
+    link: str | None = None
