@@ -106,6 +106,16 @@ def parse_experts(text: str | None) -> list[int]:
         raise DeepSeeMoEError(f"experts {text!r} are not a comma-separated list of integers") from None
 
 
+def parse_number(text: str | None, kind: type, what: str):
+    """A form field as a number; an empty field is None (forms send every field, filled or not)."""
+    if text is None or not str(text).strip():
+        return None
+    try:
+        return kind(str(text).strip())
+    except ValueError:
+        raise DeepSeeMoEError(f"{what} {text!r} is not a number") from None
+
+
 def create_app(explorer: Explorer):
     """The ASGI app over `explorer`."""
     import jinja2
@@ -235,10 +245,11 @@ def create_app(explorer: Explorer):
                              "experts": {str(k): v for k, v in routed.experts.items()},
                              "seconds": routed.seconds, "tokens_per_second": routed.tokens_per_second})
 
-    def _playground(key: str, text: str, op: str, layer: int | None, experts: str | None, dictionary: str | None,
-                    feature: int | None, scale: float):
+    def _playground(key: str, text: str, op: str, layer: str, experts: str | None, dictionary: str | None,
+                    feature: str, scale: str):
         view = explorer.study(key)
-        intervention = Intervention(op, layer, parse_experts(experts), dictionary, feature, scale)
+        intervention = Intervention(op, parse_number(layer, int, "layer"), parse_experts(experts), dictionary,
+                                    parse_number(feature, int, "feature"), parse_number(scale, float, "scale") or 0.0)
         coder = site = None
         if op == "feature":
             if not dictionary or feature is None:
@@ -248,10 +259,11 @@ def create_app(explorer: Explorer):
 
     @app.get("/s/{key}/playground", response_class=HTMLResponse)
     @guarded
-    async def playground(request: Request, key: str, text: str = "", op: str = "ablate", layer: int | None = None,
-                         experts: str = "", dictionary: str = "", feature: int | None = None, scale: float = 0.0):
+    async def playground(request: Request, key: str, text: str = "", op: str = "ablate", layer: str = "",
+                         experts: str = "", dictionary: str = "", feature: str = "", scale: str = "0"):
         view = explorer.study(key)
-        form = {"text": text, "op": op, "layer": view.layers[0] if layer is None else layer, "experts": experts,
+        chosen = parse_number(layer, int, "layer")
+        form = {"text": text, "op": op, "layer": view.layers[0] if chosen is None else chosen, "experts": experts,
                 "dictionary": dictionary, "feature": feature, "scale": scale}
         if not text:
             return page("playground.html.j2", view=view, form=form, result=None)
@@ -262,8 +274,8 @@ def create_app(explorer: Explorer):
 
     @app.get("/api/s/{key}/playground")
     @guarded
-    async def api_playground(request: Request, key: str, text: str, op: str = "ablate", layer: int | None = None,
-                             experts: str = "", dictionary: str = "", feature: int | None = None, scale: float = 0.0):
+    async def api_playground(request: Request, key: str, text: str, op: str = "ablate", layer: str = "",
+                             experts: str = "", dictionary: str = "", feature: str = "", scale: str = "0"):
         if limited(request):
             return JSONResponse({"error": too_many}, status_code=429)
         r = await _threaded(_playground, key, text, op, layer, experts, dictionary or None, feature, scale)

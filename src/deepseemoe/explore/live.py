@@ -25,7 +25,7 @@ from deepseemoe.data.token_text import token_texts
 from deepseemoe.data.tokens import pack_documents
 from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.models.spec import ModelHandle
-from deepseemoe.report.components import Strip
+from deepseemoe.report.components import Strip, show_token
 
 ALTERNATIVES = 3  # the router's best unchosen experts shown per cell
 NEXT = 10  # next-token candidates shown
@@ -110,6 +110,7 @@ class LiveModel:
 
     def batches(self, text: str) -> list:
         """The text packed as `route` packs a one-document corpus: BOS + tokens, contexts of ctx_len."""
+        text = text.replace("\r\n", "\n")  # a browser submits a textarea's line ends as CRLF
         if not text.strip():
             raise DeepSeeMoEError("the text is empty; type some text")
         if len(text) > self.limits.max_chars:
@@ -227,7 +228,7 @@ class LiveModel:
 
     def _top(self, probs: torch.Tensor) -> list[tuple[str, float]]:
         p, i = probs.topk(min(NEXT, probs.numel()))
-        return list(zip(token_texts(self.handle.tokenizer, i.tolist()), p.tolist(), strict=True))
+        return list(zip(map(show_token, token_texts(self.handle.tokenizer, i.tolist())), p.tolist(), strict=True))
 
 
 def _alternatives(logits: torch.Tensor, chosen: torch.Tensor) -> tuple[list[list[tuple[int, float]]], list[float]]:

@@ -1,0 +1,184 @@
+"""The explorer's pages through the framework's test client, each number against an independent
+reference: the routing parquet read with DuckDB, `deepseemoe route` and `deepseemoe ablate` run on
+the same text, the map tables, a hand check of the limits."""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import shutil
+
+import duckdb
+import pytest
+
+from tests.explore.conftest import TEXT, busiest_expert, strip_cells
+
+
+@pytest.fixture(scope="module")
+def client(study):
+    from fastapi.testclient import TestClient
+
+    from deepseemoe.explore.app import Explorer, RateLimit, create_app
+
+    explorer = Explorer.open([study], rate=RateLimit(rate=1000, burst=1000))
+    return TestClient(create_app(explorer))
+
+
+def _run_meta(study):
+    return json.loads((study / "run" / "run.json").read_text())
+
+
+def test_overview_shows_the_layout_and_the_load_of_the_routing_rows(study, client):
+    r = client.get("/", follow_redirects=True)
+    assert r.status_code == 200 and "MoE layout" in r.text
+    meta = _run_meta(study)
+    for layer, m in meta["moe_layers"].items():
+        assert re.search(rf'<a href="/s/demo\?layer={layer}">{layer}</a></td><td>{m["num_experts"]}</td>'
+                         rf'<td>{m["top_k"]}</td>', r.text)
+    # load heatmap cells: the share of slots, recomputed from the long routing parquet
+    rows = duckdb.sql(f"SELECT layer, expert, count(*) / sum(count(*)) OVER (PARTITION BY layer) FROM "
+                      f"read_parquet('{study}/run/routing/*.parquet') GROUP BY layer, expert").fetchall()
+    load = r.text[r.text.index('id="load"'):]
+    load = load[:load.index("</table>")]
+    for layer, expert, share in rows:
+        assert f'href="/s/demo/expert/{layer}/{expert}">{share:.3f}</a>' in load
+
+
+def test_a_recorded_document_shows_the_routing_route_stored(study, client):
+    doc = duckdb.sql(f"SELECT min(doc) FROM read_parquet('{study}/run/tokens/*.parquet')").fetchall()[0][0]
+    r = client.get(f"/s/demo/doc/{doc}")
+    assert r.status_code == 200
+    shown = strip_cells(r.text, "strip")
+    rows = duckdb.sql(f"SELECT layer, pos, list(expert ORDER BY rank) FROM read_parquet('{study}/run/routing/*.parquet') "
+                      f"WHERE doc = {doc} GROUP BY layer, pos ORDER BY layer, pos").fetchall()
+    expected: dict[int, list[list[int]]] = {}
+    for layer, _pos, experts in rows:
+        expected.setdefault(layer, []).append(list(experts))
+    assert shown == {la: v[:400] for la, v in expected.items()}
+
+
+def test_typed_text_routes_as_route_records_it(study, client, cli, tmp_path):
+    """The text view and its JSON twin show exactly the experts `deepseemoe route` records."""
+    meta = _run_meta(study)
+    (tmp_path / "text.txt").write_text(TEXT)
+    res = cli("route", meta["model"], "--data", str(tmp_path / "text.txt"), "--out", str(tmp_path / "r"),
+              "--ctx-len", str(meta["ctx_len"]))
+    assert res.code == 0, res.err
+    rows = duckdb.sql(f"SELECT layer, pos, list(expert ORDER BY rank) FROM read_parquet('{tmp_path}/r/routing/*.parquet') "
+                      "GROUP BY layer, pos ORDER BY layer, pos").fetchall()
+    recorded: dict[int, list[list[int]]] = {}
+    for layer, _pos, experts in rows:
+        recorded.setdefault(layer, []).append(list(experts))
+    api = client.get("/api/s/demo/route", params={"text": TEXT}).json()
+    assert {int(k): v for k, v in api["experts"].items()} == recorded
+    page = client.get("/s/demo/text", params={"text": TEXT})
+    assert page.status_code == 200 and "tokens/s" in page.text
+    assert strip_cells(page.text, "strip") == recorded
+
+
+def test_playground_ablation_gives_ablates_number(study, client, cli, tmp_path):
+    meta = _run_meta(study)
+    (tmp_path / "text.jsonl").write_text(json.dumps({"text": TEXT, "domain": "typed"}) + "\n")
+    layer = int(next(iter(meta["moe_layers"])))
+    expert = busiest_expert(study, layer)  # its ablation moves the loss
+    res = cli("ablate", meta["model"], "--data", str(tmp_path / "text.jsonl"), "--out", str(tmp_path / "a"),
+              "--ctx-len", str(meta["ctx_len"]), "--layers", str(layer), "--experts", str(expert))
+    assert res.code == 0, res.err
+    row = next(r for r in json.loads((tmp_path / "a" / "ablation.json").read_text())["experts"]
+               if r["layer"] == layer and r["expert"] == expert)
+    api = client.get("/api/s/demo/playground", params={"text": TEXT, "op": "ablate", "layer": layer,
+                                                       "experts": str(expert)}).json()
+    assert abs(row["ablate_delta_ce"]) > 1e-5  # a number worth comparing (the tiny model's experts matter little)
+    assert api["delta_ce"] == pytest.approx(row["ablate_delta_ce"], rel=1e-4, abs=1e-8)
+    excl = client.get("/api/s/demo/playground", params={"text": TEXT, "op": "exclude", "layer": layer,
+                                                        "experts": str(expert)}).json()
+    assert excl["delta_ce"] == pytest.approx(row["exclude_delta_ce"], rel=1e-4, abs=1e-8)
+    # excluding an expert: it appears nowhere in that layer's changed strip, and the cells that lost it are flagged
+    page = client.get("/s/demo/playground", params={"text": TEXT, "op": "exclude", "layer": layer,
+                                                    "experts": str(expert)})
+    clean, edited = strip_cells(page.text, "clean"), strip_cells(page.text, "edited")
+    assert all(expert not in cell for cell in edited[layer])
+    flagged = re.findall(rf'class="cell changed" data-layer="{layer}" data-token="(\d+)"', page.text)
+    assert {int(t) for t in flagged} == {t for t, cell in enumerate(clean[layer]) if expert in cell}
+    # forcing experts: every token of that layer shows exactly them
+    forced = client.get("/s/demo/playground", params={"text": TEXT, "op": "force", "layer": layer, "experts": "2,3"})
+    assert all(sorted(c) == [2, 3] for c in strip_cells(forced.text, "edited")[layer])
+
+
+def test_expert_page_contexts_are_the_largest_gate_weights(study, client):
+    layer, expert = 1, 0
+    r = client.get(f"/s/demo/expert/{layer}/{expert}")
+    assert r.status_code == 200 and "Top contexts" in r.text
+    weights = [w for (w,) in duckdb.sql(
+        f"SELECT weight FROM read_parquet('{study}/run/routing/part-00000.parquet') WHERE layer = {layer} "
+        f"AND expert = {expert} ORDER BY weight DESC LIMIT 12").fetchall()]
+    table = r.text[r.text.index('id="contexts"'):]
+    shown = [float(x) for x in re.findall(r"<tr><td>([0-9.]+)</td><td>\d</td>", table[:table.index("</table>")])]
+    assert shown == pytest.approx([round(w, 3) for w in weights], abs=6e-4)
+    # the ablation section shows `ablate`'s row for this expert
+    ablation = json.loads((study / "ablate" / "ablation.json").read_text())
+    row = next(x for x in ablation["experts"] if x["layer"] == layer and x["expert"] == expert)
+    assert f"<strong>{row['ablate_delta_ce']:.4f}</strong>" in r.text
+
+
+def test_feature_page_shows_the_maps_numbers_and_its_description(study, client):
+    r = client.get("/s/demo")
+    links = re.findall(r'href="/s/demo/feature/([^/"]+)/(\d+)"', r.text)
+    assert links, "the overview links the described features"
+    key, feature = links[0][0], int(links[0][1])
+    name = key.split(".", 1)[1]
+    page = client.get(f"/s/demo/feature/{key}/{feature}")
+    assert page.status_code == 200
+    maps = next(study.glob(f"*/maps/{name}"))
+    rows = duckdb.sql(f"SELECT expert, p_e_given_f FROM read_parquet('{maps}/feature_experts.parquet') "
+                      f"WHERE feature = {feature} ORDER BY p_e_given_f DESC LIMIT 3").fetchall()
+    for e, p in rows:
+        assert f">E{e}</a></td>" in page.text and f"P(e|f) {p:.2f}" in page.text
+    text = json.loads(next(maps.parent.parent.glob(f"explanations/{name}/explanations/{name}_latent{feature}.txt")).read_text())
+    assert html.escape(text) in page.text
+    examples = json.loads((maps / "examples.json").read_text()).get(str(feature), {})
+    for ex in examples.get("top", [])[:3]:
+        assert f"{ex['activation']:.3f}" in page.text
+    # the description is found by a word of it
+    word = max(text.split(), key=len).strip(".,;:'\"()")
+    assert f"/s/demo/feature/{key}/{feature}" in client.get("/s/demo/search", params={"q": word}).text
+
+
+def test_compare_page_links_its_units(client):
+    r = client.get("/s/demo/compare")
+    assert r.status_code == 200 and 'id="comparison"' in r.text
+    assert re.search(r'href="/s/demo/expert/\d+/\d+">layer \d+ E\d+</a>', r.text)
+
+
+def test_safe_by_default(study, client, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from deepseemoe.commands.serve import is_loopback
+    from deepseemoe.explore.app import Explorer, RateLimit, create_app
+    from deepseemoe.explore.live import Limits
+
+    assert client.get("/s/nope").status_code == 404
+    assert client.get("/s/demo/figure/..%2F..%2Frun.json.png").status_code == 404
+    assert client.get("/s/demo/figure/summary.png").status_code == 404  # a file of the run, but no figure
+    bad = client.get("/s/demo/expert/1/999")
+    assert bad.status_code == 400 and "error: expert 999 does not exist" in bad.text
+    assert client.get("/api/s/demo/playground", params={"text": TEXT, "op": "rm", "layer": 1, "experts": "1"}).status_code == 400
+    # bounded text, and a rate limit per client
+    small = TestClient(create_app(Explorer.open([study], limits=Limits(max_chars=10), rate=RateLimit(rate=0.01, burst=2))))
+    long = small.get("/api/s/demo/route", params={"text": "x" * 11})
+    assert long.status_code == 400 and "at most 10" in long.json()["error"]
+    codes = [small.get("/api/s/demo/route", params={"text": "ab"}).status_code for _ in range(3)]
+    assert codes[-1] == 429
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4")
+    # a damaged shard is refused in one line, naming it
+    copy = tmp_path / "copy"
+    shutil.copytree(study / "run", copy / "run")
+    matrix = next((copy / "run" / "matrix").glob("*.safetensors"))
+    data = bytearray(matrix.read_bytes())
+    data[-1] ^= 0xFF
+    matrix.write_bytes(bytes(data))
+    damaged = TestClient(create_app(Explorer.open([copy / "run"])))
+    r = damaged.get("/s/run/expert/1/0")
+    assert r.status_code == 400 and "damaged" in r.text and matrix.name in r.text
