@@ -55,7 +55,7 @@ def test_a_recorded_document_shows_the_routing_route_stored(study, client):
     expected: dict[int, list[list[int]]] = {}
     for layer, _pos, experts in rows:
         expected.setdefault(layer, []).append(list(experts))
-    assert shown == {la: v[:400] for la, v in expected.items()}
+    assert shown == {la: v[:256] for la, v in expected.items()}
 
 
 def test_typed_text_routes_as_route_records_it(study, client, cli, tmp_path):

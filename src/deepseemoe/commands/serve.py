@@ -59,6 +59,9 @@ def register(app: typer.Typer) -> None:
                 except (DeepSeeMoEError, OSError) as exc:
                     console.print(f"[yellow]note:[/] the live views of {key} are off: {exc}")
                     explorer.models = {k: m for k, m in explorer.models.items() if m is not live}
+        import threading
+
+        threading.Thread(target=explorer.warm, name="warm", daemon=True).start()  # examples, descriptions
         if not is_loopback(host):
             console.print(f"[bold yellow]warning:[/] binding {host}: anyone who can reach this address can read "
                           "these runs and run text through the model. Use 127.0.0.1 unless you mean it.")

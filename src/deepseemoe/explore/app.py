@@ -77,6 +77,12 @@ class Explorer:
             models[key] = by_ref[(ref, ctx)]
         return cls(studies, models, rate or RateLimit())
 
+    def warm(self) -> None:
+        """Parse what a first page would otherwise wait for (examples, descriptions); `serve` runs
+        this in a background thread at start."""
+        for view in self.studies.values():
+            view.warm()
+
     def study(self, key: str) -> StudyView:
         if key not in self.studies:
             raise LookupError(f"no study {key!r} is served; served: {', '.join(self.studies)}")
@@ -166,14 +172,16 @@ def create_app(explorer: Explorer):
     @app.get("/s/{key}", response_class=HTMLResponse)
     @guarded
     async def overview(key: str, layer: int | None = None):
-        view = explorer.study(key)
-        layer = view.layers[len(view.layers) // 2] if layer is None else layer
-        if layer not in view.layers:
-            raise DeepSeeMoEError(f"layer {layer} is not a MoE layer; MoE layers: {view.layers}")
-        return page("overview.html.j2", view=view, layer=layer, load=view.load_heatmap(),
-                    domains=view.domain_heatmap(layer), coactivation=view.coactivation_heatmap(layer),
-                    documents=view.first_documents(), summary=view.analyses.summary,
-                    model=explorer.models.get(key))
+        def build(layer):
+            view = explorer.study(key)
+            layer = view.layers[len(view.layers) // 2] if layer is None else layer
+            if layer not in view.layers:
+                raise DeepSeeMoEError(f"layer {layer} is not a MoE layer; MoE layers: {view.layers}")
+            return page("overview.html.j2", view=view, layer=layer, load=view.load_heatmap(),
+                        domains=view.domain_heatmap(layer), coactivation=view.coactivation_heatmap(layer),
+                        documents=view.first_documents(), summary=view.analyses.summary,
+                        model=explorer.models.get(key))
+        return await _threaded(build, layer)
 
     @app.get("/s/{key}/figure/{name}.png")
     @guarded
@@ -187,26 +195,27 @@ def create_app(explorer: Explorer):
     @guarded
     async def document(key: str, doc: int, start: int = 0):
         view = explorer.study(key)
-        return page("document.html.j2", view=view, doc=doc, start=start, strip=view.document(doc, start))
+        return await _threaded(lambda: page("document.html.j2", view=view, doc=doc, start=start,
+                                            strip=view.document(doc, start)))
 
     @app.get("/s/{key}/expert/{layer}/{expert}", response_class=HTMLResponse)
     @guarded
     async def expert(key: str, layer: int, expert: int):
         view = explorer.study(key)
-        return page("expert.html.j2", view=view, p=view.expert_page(layer, expert))
+        return await _threaded(lambda: page("expert.html.j2", view=view, p=view.expert_page(layer, expert)))
 
     @app.get("/s/{key}/feature/{dictionary}/{feature}", response_class=HTMLResponse)
     @guarded
     async def feature(key: str, dictionary: str, feature: int):
         view = explorer.study(key)
-        return page("feature.html.j2", view=view, p=view.feature_page(dictionary, feature))
+        return await _threaded(lambda: page("feature.html.j2", view=view, p=view.feature_page(dictionary, feature)))
 
     @app.get("/s/{key}/search", response_class=HTMLResponse)
     @guarded
     async def search(key: str, q: str = ""):
         view = explorer.study(key)
         q = q[:MAX_QUERY]
-        return page("search.html.j2", view=view, q=q, hits=view.search(q) if q else [])
+        return await _threaded(lambda: page("search.html.j2", view=view, q=q, hits=view.search(q) if q else []))
 
     @app.get("/s/{key}/compare", response_class=HTMLResponse)
     @guarded

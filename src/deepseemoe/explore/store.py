@@ -25,7 +25,7 @@ from deepseemoe.runs.manifest import NAME as MANIFEST
 from deepseemoe.runs.routing import Analyses, RoutingRun
 from deepseemoe.runs.study import Study
 
-DOC_TOKENS = 400  # tokens of a recorded document shown at once
+DOC_TOKENS = 256  # tokens of a recorded document shown at once
 CONTEXTS = 12  # an expert's top contexts
 WINDOW = (10, 4)  # tokens before / after a context's token
 LIST = 20  # rows of a unit's lists (features of an expert, experts of a feature)
@@ -158,21 +158,15 @@ class DictionaryView:
                 from deepseemoe.runs.atomic import read_json
 
                 doc = read_json(self.run.map_dir(self.name) / "examples.json", "run `deepseemoe map` again")
-                cols: dict[str, list] = {k: [] for k in ("feature", "kind", "quantile", "rank", "activation", "text",
-                                                         "token", "experts")}
-
-                def add(f: int, kind: str, q: int, rows: list[dict]) -> None:
-                    for r, ex in enumerate(rows):
-                        for k, v in (("feature", f), ("kind", kind), ("quantile", q), ("rank", r),
-                                     ("activation", float(ex["activation"])), ("text", str(ex["text"])),
-                                     ("token", str(ex["token"])), ("experts", [int(e) for e in ex.get("experts", [])])):
-                            cols[k].append(v)
-
-                for key in sorted(doc, key=int):
-                    entry = doc[key]
-                    add(int(key), "top", -1, entry.get("top", []))
-                    for q, rows in enumerate(entry.get("quantiles", [])):
-                        add(int(key), "quantile", q, rows)
+                rows = [(int(key), kind, q, r, ex) for key, entry in doc.items()
+                        for kind, q, group in [("top", -1, entry.get("top", [])),
+                                               *(("quantile", q, g) for q, g in enumerate(entry.get("quantiles", [])))]
+                        for r, ex in enumerate(group)]
+                rows.sort(key=lambda x: (x[0], x[1] != "top", x[2], x[3]))
+                cols = {"feature": [x[0] for x in rows], "kind": [x[1] for x in rows], "quantile": [x[2] for x in rows],
+                        "rank": [x[3] for x in rows], "activation": [float(x[4]["activation"]) for x in rows],
+                        "text": [str(x[4]["text"]) for x in rows], "token": [str(x[4]["token"]) for x in rows],
+                        "experts": [[int(e) for e in x[4].get("experts", [])] for x in rows]}
                 self._examples = pa.table(cols)
             return self._examples
 
@@ -209,7 +203,17 @@ class StudyView:
         self._docs: dict[str, np.ndarray] = {}  # part -> doc column
         self._shard_tokens: dict[str, object] = {}  # part -> tokens table (doc, pos, token, domain), LRU of 2
         self._descriptions: dict[int, dict[int, str]] = {}
+        self._first_docs: list[tuple[str, int]] | None = None
         self._lock = threading.Lock()
+
+    def warm(self) -> None:
+        """Load the examples tables and descriptions of every dictionary and expert layer now."""
+        for view in self.dictionaries.values():
+            view.examples()
+            self.descriptions(view.store)
+        for store in self.expert_stores.values():
+            self.descriptions(store)
+        self.first_documents()
 
     # ---- small, verified, cached reads -----------------------------------------------------------
 
@@ -294,12 +298,14 @@ class StudyView:
 
     def first_documents(self) -> list[tuple[str, int]]:
         """(domain, doc) of the first document of each domain in the first shard."""
-        t = self.shard_tokens(self.run.parts[0])
-        docs, domains = t["doc"].to_numpy(), t["domain"].to_pylist()
-        seen: dict[str, int] = {}
-        for d, dom in zip(docs, domains, strict=True):
-            seen.setdefault(dom or "(no domain)", int(d))
-        return sorted(seen.items())
+        if self._first_docs is None:
+            import pyarrow.compute as pc
+
+            t = self.shard_tokens(self.run.parts[0])
+            domains = pc.fill_null(t["domain"], "(no domain)")
+            table = t.select(["doc"]).append_column("domain", domains).group_by("domain").aggregate([("doc", "min")])
+            self._first_docs = sorted(zip(table["domain"].to_pylist(), table["doc_min"].to_pylist(), strict=True))
+        return self._first_docs
 
     # ---- a recorded document ---------------------------------------------------------------------
 

@@ -43,6 +43,11 @@ class StripCell:
         return self.experts[0]
 
     @property
+    def ids(self) -> str:
+        """The experts as "3,5" (rank order): the cell's data-experts."""
+        return ",".join(map(str, self.experts))
+
+    @property
     def title(self) -> str:
         text = ", ".join(f"E{e}: {w:.2f}" if w == w else f"E{e}"  # no weight recorded: NaN
                          for e, w in zip(self.experts, self.weights, strict=True))
@@ -95,16 +100,28 @@ class Heatmap:
     links: list[list[str | None]] | None = None  # [R][C] URL of each cell's unit
     vmax: float | None = None
 
+    def __post_init__(self) -> None:
+        if not self.vmax:  # the largest finite value, once (not per cell)
+            self.vmax = max((x for row in self.values for x in row if x == x), default=1.0) or 1.0
+
     def shade(self, v: float) -> str:
         """Background colour of a value: white to deep blue, linear in v / vmax."""
-        top = self.vmax if self.vmax else max((x for row in self.values for x in row if x == x), default=1.0) or 1.0
-        a = 0.0 if v != v else min(max(v / top, 0.0), 1.0)
+        a = 0.0 if v != v else min(max(v / self.vmax, 0.0), 1.0)
         r, g, b = (int(255 - a * (255 - c)) for c in (33, 102, 172))
         return f"#{r:02x}{g:02x}{b:02x}"
 
     def ink(self, v: float) -> str:
-        top = self.vmax if self.vmax else max((x for row in self.values for x in row if x == x), default=1.0) or 1.0
-        return "#fff" if v == v and v / top > 0.6 else "#222"
+        return "#fff" if v == v and v / self.vmax > 0.6 else "#222"
+
+    def cells(self) -> list[tuple[str, list[tuple[str, str, str, str | None]]]]:
+        """Per row: its label and (text, background, ink, link) per cell, formatted once here rather
+        than per cell in the template (a 64 × 64 matrix is 4,096 cells)."""
+        out = []
+        for i, (label, row) in enumerate(zip(self.row_labels, self.values, strict=True)):
+            links = self.links[i] if self.links else [None] * len(row)
+            out.append((label, [(self.fmt % v, self.shade(v), self.ink(v), link)
+                                for v, link in zip(row, links, strict=True)]))
+        return out
 
 
 @dataclass
