@@ -13,8 +13,8 @@ examples.json with 5 top and 4 × 5 quantile examples each, one description per 
 
 Pages are requested through the framework's test client in this process (server time: routing,
 handler, queries and template, without the network), each kind first cold (first request after
-start: files hashed against the manifest, tables read; after the warm-up `serve` runs in the background at
-start, which parses the examples and descriptions, timed apart) and then warm over `--repeats` random units. The peer for the model-backed views is a bare forward of the same model on the same tokens:
+start: analyses tables read; after the warm-up `serve` runs in the background at start, which hashes the
+shards against the manifest and parses the examples and descriptions, timed apart) and then warm over `--repeats` random units. The peer for the model-backed views is a bare forward of the same model on the same tokens:
 the ratio is what the text view and the playground cost beyond it.
 """
 
@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from routing_stats import synthetic_run  # noqa: E402
+from routing_stats import synthetic_run
 
 WORDS = ("code", "German", "numbers", "punctuation", "names", "verbs", "Russian", "brackets", "dates", "Bible")
 
@@ -126,8 +126,8 @@ def time_pages(root: Path, repeats: int, seed: int) -> list[tuple[str, float, fl
         "search (words)": lambda: f"/s/{key}/search?q={rng.choice(WORDS)}",
     }
     rows = []
-    print(f"opened the study in {opened * 1000:.0f} ms; background warm-up (examples and descriptions "
-          f"parsed) {warmed:.1f} s", flush=True)
+    print(f"opened the study in {opened * 1000:.0f} ms; background warm-up (shards hashed, examples and "
+          f"descriptions parsed) {warmed:.1f} s", flush=True)
     for kind, url in kinds.items():
         u = url()
         t = time.perf_counter()

@@ -99,7 +99,7 @@ def test_playground_ablation_gives_ablates_number(study, client, cli, tmp_path):
                                                     "experts": str(expert)})
     clean, edited = strip_cells(page.text, "clean"), strip_cells(page.text, "edited")
     assert all(expert not in cell for cell in edited[layer])
-    flagged = re.findall(rf'class="cell changed" data-layer="{layer}" data-token="(\d+)"', page.text)
+    flagged = re.findall(rf'class="cell e\d+ changed" data-layer="{layer}" data-token="(\d+)"', page.text)
     assert {int(t) for t in flagged} == {t for t, cell in enumerate(clean[layer]) if expert in cell}
     # forcing experts: every token of that layer shows exactly them
     forced = client.get("/s/demo/playground", params={"text": TEXT, "op": "force", "layer": layer, "experts": "2,3"})
@@ -182,3 +182,25 @@ def test_safe_by_default(study, client, tmp_path):
     damaged = TestClient(create_app(Explorer.open([copy / "run"])))
     r = damaged.get("/s/run/expert/1/0")
     assert r.status_code == 400 and "damaged" in r.text and matrix.name in r.text
+
+
+def test_a_routing_run_without_statistics_still_serves_its_routing(study, cli, tmp_path):
+    """Straight after `route` (no `stats` yet): a note says what to run; documents, typed text and
+    expert contexts work; no statistic is shown that was not computed."""
+    from fastapi.testclient import TestClient
+
+    from deepseemoe.explore.app import Explorer, create_app
+
+    meta = _run_meta(study)
+    (tmp_path / "text.txt").write_text(TEXT)
+    assert cli("route", meta["model"], "--data", str(tmp_path / "text.txt"), "--out", str(tmp_path / "bare"),
+               "--ctx-len", str(meta["ctx_len"])).code == 0
+    client = TestClient(create_app(Explorer.open([tmp_path / "bare"])))
+    r = client.get("/s/bare")
+    assert r.status_code == 200 and "deepseemoe stats" in r.text and 'id="load"' not in r.text
+    doc = client.get("/s/bare/doc/0")
+    assert doc.status_code == 200
+    api = client.get("/api/s/bare/route", params={"text": TEXT}).json()
+    assert strip_cells(doc.text, "strip") == {int(k): v for k, v in api["experts"].items()}
+    assert client.get("/s/bare/expert/1/0").status_code == 200
+    assert client.get("/s/bare/doc/0", params={"start": 10_000}).status_code == 400

@@ -179,7 +179,7 @@ def create_app(explorer: Explorer):
                 raise DeepSeeMoEError(f"layer {layer} is not a MoE layer; MoE layers: {view.layers}")
             return page("overview.html.j2", view=view, layer=layer, load=view.load_heatmap(),
                         domains=view.domain_heatmap(layer), coactivation=view.coactivation_heatmap(layer),
-                        documents=view.first_documents(), summary=view.analyses.summary,
+                        documents=view.first_documents(), summary=view.analyses.summary if view.analyses else None,
                         model=explorer.models.get(key))
         return await _threaded(build, layer)
 
@@ -187,7 +187,7 @@ def create_app(explorer: Explorer):
     @guarded
     async def figure(key: str, name: str):
         view = explorer.study(key)
-        if f"{name}.png" not in view.analyses.manifest.files:
+        if view.analyses is None or f"{name}.png" not in view.analyses.manifest.files:
             raise LookupError(f"no figure {name!r} in this run's analyses")
         return Response(view.analyses.figure(name), media_type="image/png")
 

@@ -31,6 +31,14 @@ WINDOW = (10, 4)  # tokens before / after a context's token
 LIST = 20  # rows of a unit's lists (features of an expert, experts of a feature)
 
 
+STATS_COLUMNS = {  # the analyses tables the pages read, and the columns they use
+    "load": ["layer", "expert", "load", "weighted_load", "top1_share"],
+    "domain": ["layer", "domain", "expert", "share", "lift_over_uniform"],
+    "coactivation": ["layer", "expert_i", "expert_j", "p_j_given_i", "lift"],
+    "vocab_top_tokens": ["layer", "expert", "rank", "token", "count", "share"],
+}
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "run"
 
@@ -82,6 +90,13 @@ class Example:
 
 
 @dataclass
+class TokenRow:
+    """One example text with each token's activation (a feature's, or an expert's gate weight)."""
+
+    tokens: list[tuple[str, float, str]]  # (shown text, activation, background)
+
+
+@dataclass
 class ExpertPage:
     layer: int
     expert: int
@@ -100,6 +115,7 @@ class ExpertPage:
     scores: dict[str, float]
     ablation: dict | None  # the `ablate` row of this expert
     ablation_domains: list[tuple[str, float, float]]  # (domain, ablation ΔCE, control ΔCE)
+    explained_on: list[TokenRow]  # the examples its description was written from
 
 
 @dataclass
@@ -116,6 +132,7 @@ class FeaturePage:
     description: str | None
     scores: dict[str, float]
     steering: list[dict]
+    explained_on: list[TokenRow]  # the examples its description was written from
 
 
 @dataclass
@@ -181,7 +198,13 @@ class StudyView:
         self.run_dir = find_routing_run(path)
         self.study = Study.open(self.run_dir)
         self.run: RoutingRun = self.study.run
-        self.analyses: Analyses = self.run.analyses()
+        self.analyses: Analyses | None = None
+        self.stats_note: str | None = None  # why there are no statistics to show
+        try:
+            self.analyses = self.run.analyses()
+        except DeepSeeMoEError as exc:  # none yet, or stale: the routing pages still work
+            self.stats_note = str(exc)
+        self.tokens = sum(self.run.manifest.files[f"tokens/{p}"].rows or 0 for p in self.run.parts)
         self.layers = list(self.run.layers)
         self.num_experts = max(self.run.num_experts.values())
         self.colors, self.text_colors = expert_colors(self.num_experts)
@@ -199,7 +222,7 @@ class StudyView:
             m = re.fullmatch(r"layer(\d+)\.experts", s.module)
             if m:
                 self.expert_stores[int(m.group(1))] = s
-        self._tables: dict[str, object] = {}
+        self._tables: dict[object, object] = {}  # analyses tables by name, explain examples by store
         self._docs: dict[str, np.ndarray] = {}  # part -> doc column
         self._shard_tokens: dict[str, object] = {}  # part -> tokens table (doc, pos, token, domain), LRU of 2
         self._descriptions: dict[int, dict[int, str]] = {}
@@ -207,7 +230,12 @@ class StudyView:
         self._lock = threading.Lock()
 
     def warm(self) -> None:
-        """Load the examples tables and descriptions of every dictionary and expert layer now."""
+        """Everything a first page would otherwise wait for, done now: the sha256 of every file the
+        pages read (tokens and routing matrix shards; a 1M-token shard of 16 layers × top-8 is ~1 GB to
+        hash), and the examples tables and descriptions of every dictionary and expert layer."""
+        for part in self.run.parts:
+            self.run.verified_path(f"tokens/{part}")
+            self.run.verified_path(f"matrix/{part.replace('.parquet', '.safetensors')}")
         for view in self.dictionaries.values():
             view.examples()
             self.descriptions(view.store)
@@ -218,9 +246,14 @@ class StudyView:
     # ---- small, verified, cached reads -----------------------------------------------------------
 
     def table(self, name: str):
-        """An analyses table (layers × experts rows at most), verified and kept."""
+        """An analyses table (layers × experts rows at most), verified and kept; empty without statistics."""
         if name not in self._tables:
-            self._tables[name] = self.analyses.table(name)
+            if self.analyses is None:
+                import pandas as pd
+
+                self._tables[name] = pd.DataFrame(columns=STATS_COLUMNS[name])
+            else:
+                self._tables[name] = self.analyses.table(name)
         return self._tables[name]
 
     def doc_column(self, part: str) -> np.ndarray:
@@ -244,6 +277,20 @@ class StudyView:
         if k not in self._descriptions:
             self._descriptions[k] = store.explanations()
         return self._descriptions[k]
+
+    def explained_on(self, store: ExplanationStore | None, unit: int, limit: int = 10) -> list[TokenRow]:
+        """The token-level examples `explain` showed the explainer for this unit, shaded by activation."""
+        if store is None or not (store.path / "examples.json").exists():
+            return []
+        k = ("examples", id(store))
+        if k not in self._tables:
+            self._tables[k] = store.examples().get("units", {})
+        rows = []
+        for ex in self._tables[k].get(str(unit), {}).get("train", [])[:limit]:
+            acts = [float(a) for a in ex["activations"]]
+            top = max(acts, default=0.0) or 1.0
+            rows.append(TokenRow([(show_token(t), a, _yellow(a / top)) for t, a in zip(ex["tokens"], acts, strict=True)]))
+        return rows
 
     def unit_scores(self, store: ExplanationStore | None, unit: int) -> dict[str, float]:
         table = store.units_table() if store is not None else None
@@ -318,7 +365,9 @@ class StudyView:
             lo, hi = int(np.searchsorted(docs, doc, "left")), int(np.searchsorted(docs, doc, "right"))
             if lo == hi:
                 continue
-            lo = min(lo + max(start, 0), hi)
+            if start >= hi - lo:
+                raise DeepSeeMoEError(f"document {doc} has {hi - lo} routed tokens; start below that")
+            lo += max(start, 0)
             hi = min(hi, lo + DOC_TOKENS)
             tokens = self.shard_tokens(part)["token"].slice(lo, hi - lo).to_pylist()
             routing = self.run.routing_rows(part, lo, hi)
@@ -382,7 +431,7 @@ class StudyView:
                              for d, v in sorted(ablation.get("ablate_by_domain", {}).items())]
         return ExpertPage(layer, expert, E, self.run.top_k[layer], loads, top_tokens, contexts, scanned, domains,
                           coactive, routed_by, router_features, writes, self.descriptions(store).get(expert),
-                          self.unit_scores(store, expert), ablation, by_domain)
+                          self.unit_scores(store, expert), ablation, by_domain, self.explained_on(store, expert))
 
     def expert_contexts(self, layer: int, expert: int) -> tuple[list[Context], int]:
         """The tokens of the first shard that give the expert its largest gate weights, each in its
@@ -460,7 +509,7 @@ class StudyView:
                 steering.append(doc)
         return FeaturePage(key, feature, view.features, layer, stats, experts, attribution, top,
                            [quantiles[q] for q in sorted(quantiles)], self.descriptions(view.store).get(feature),
-                           self.unit_scores(view.store, feature), steering)
+                           self.unit_scores(view.store, feature), steering, self.explained_on(view.store, feature))
 
     # ---- search ----------------------------------------------------------------------------------
 
@@ -495,6 +544,12 @@ class StudyView:
                 hits.append(SearchHit("feature", f"{view.key} #{f}", self.feature_link(view.key, f),
                                       f"top example on {query.strip()!r}"))
         return hits[:limit]
+
+
+def _yellow(a: float) -> str:
+    """White to amber by a share in [0, 1]: the shade of a token's activation."""
+    a = min(max(a, 0.0), 1.0)
+    return f"#ff{int(255 - a * 75):02x}{int(255 - a * 200):02x}" if a > 0 else "transparent"
 
 
 _local = threading.local()
