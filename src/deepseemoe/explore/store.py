@@ -70,6 +70,7 @@ class Context:
     weight: float  # the expert's gate weight on the token
     rank: int  # the expert's rank among the token's top-k
     strip: Strip | None = None  # the window's routing at the page's layer
+    center: int = 0  # the token's index in the strip
 
 
 @dataclass
@@ -406,7 +407,7 @@ class StudyView:
             if (path := view.table("feature_experts")) is not None:
                 for f, lift, p, c in _query(
                         "SELECT feature, lift, p_e_given_f, count FROM read_parquet(?) WHERE expert = ? "
-                        "AND count >= 3 ORDER BY lift DESC LIMIT ?", [str(path), expert, LIST]):
+                        "AND count >= 3 ORDER BY lift DESC, count DESC, feature LIMIT ?", [str(path), expert, LIST]):
                     routed_by.append(FeatureLink(view.key, int(f), float(lift),
                                                  f"lift {lift:.1f}, P(e|f) {p:.2f}, n={c}", texts.get(int(f))))
             if (path := view.table("router_attribution")) is not None:
@@ -459,7 +460,7 @@ class StudyView:
             strip = Strip.from_arrays(toks, {layer: (experts[lo:hi], weights[lo:hi])})
             out.append(Context(int(docs[i]), int(t["pos"][i].as_py()), t["domain"][i].as_py() or "",
                                "".join(toks[:j]), toks[j], "".join(toks[j + 1:]), float(w[i]),
-                               int(np.nonzero(hit[i])[0][0]), strip))
+                               int(np.nonzero(hit[i])[0][0]), strip, j))
         return out, len(w)
 
     # ---- a feature -------------------------------------------------------------------------------
