@@ -23,6 +23,10 @@ from deepseemoe.explore.store import StudyView, _slug
 MAX_QUERY = 200  # characters of a search
 
 
+class NotServed(Exception):
+    """A request names a study, figure or page that this server does not serve (404)."""
+
+
 @dataclass
 class RateLimit:
     """Token bucket per client: `rate` model-backed requests per second, bursts of `burst`."""
@@ -85,7 +89,7 @@ class Explorer:
 
     def study(self, key: str) -> StudyView:
         if key not in self.studies:
-            raise LookupError(f"no study {key!r} is served; served: {', '.join(self.studies)}")
+            raise NotServed(f"no study {key!r} is served; served: {', '.join(self.studies)}")
         return self.studies[key]
 
     def model(self, key: str) -> LiveModel:
@@ -141,7 +145,8 @@ def create_app(explorer: Explorer):
         return page("error.html.j2", status=status, view=view, message=message)
 
     def guarded(fn):
-        """One error line instead of a traceback: unknown ids → 404, bad input → 400."""
+        """One error line instead of a traceback: what is not served → 404, bad input → 400 (anything
+        else is a bug, and FastAPI answers 500)."""
         import functools
 
         api = fn.__name__.startswith("api_")
@@ -150,9 +155,9 @@ def create_app(explorer: Explorer):
         async def wrapper(*args, **kwargs):
             try:
                 return await fn(*args, **kwargs)
-            except (LookupError, DeepSeeMoEError) as exc:
-                status = 404 if isinstance(exc, LookupError) else 400
-                message = str(exc).strip("'\"")
+            except (NotServed, DeepSeeMoEError) as exc:
+                status = 404 if isinstance(exc, NotServed) else 400
+                message = str(exc)
                 if api:
                     return JSONResponse({"error": message}, status_code=status)
                 return error(explorer.studies.get(kwargs.get("key", "")), message, status)
@@ -188,7 +193,7 @@ def create_app(explorer: Explorer):
     async def figure(key: str, name: str):
         view = explorer.study(key)
         if view.analyses is None or f"{name}.png" not in view.analyses.manifest.files:
-            raise LookupError(f"no figure {name!r} in this run's analyses")
+            raise NotServed(f"no figure {name!r} in this run's analyses")
         return Response(view.analyses.figure(name), media_type="image/png")
 
     @app.get("/s/{key}/doc/{doc}", response_class=HTMLResponse)
