@@ -204,3 +204,16 @@ def test_a_routing_run_without_statistics_still_serves_its_routing(study, cli, t
     assert strip_cells(doc.text, "strip") == {int(k): v for k, v in api["experts"].items()}
     assert client.get("/s/bare/expert/1/0").status_code == 200
     assert client.get("/s/bare/doc/0", params={"start": 10_000}).status_code == 400
+
+
+def test_serve_refuses_a_taken_port_and_a_missing_run_in_one_line(study, cli, tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = cli("serve", str(study), "--port", str(port))
+    assert r.code == 2 and len(r.error_lines) == 1 and f"127.0.0.1:{port}" in r.error_lines[0]
+    r = cli("serve", str(tmp_path / "nothing"))
+    assert r.code == 2 and len(r.error_lines) == 1 and "routing run" in r.error_lines[0]

@@ -48,6 +48,7 @@ def register(app: typer.Typer) -> None:
             raise DeepSeeMoEError(f"the explorer needs its extra ({exc.name} is missing); "
                                   "pip install 'deepseemoe[serve]'") from None
         console = Console(stderr=True)
+        _check_port(host, port)  # before the model loads: a taken port is one error line, not a traceback
         with console.status("opening the runs"):
             explorer = Explorer.open(runs, model=model, device=device, dtype=dtype,
                                      trust_remote_code=trust_remote_code, limits=Limits(max_chars=max_chars),
@@ -71,6 +72,25 @@ def register(app: typer.Typer) -> None:
         console.print("open the address below; Ctrl-C stops the server")
         _announce(server, host, console)
         server.run()
+
+
+def _check_port(host: str, port: int) -> None:
+    import socket
+
+    from deepseemoe.errors import DeepSeeMoEError
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        raise DeepSeeMoEError(f"--host {host} is not an address of this machine; use 127.0.0.1") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise DeepSeeMoEError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port "
+                                  "(0 takes a free one)") from None
 
 
 def _announce(server, host: str, console) -> None:
