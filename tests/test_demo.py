@@ -25,7 +25,7 @@ def test_reduced_demo(tmp_path):
                     "Co-activation", "Consecutive tokens", "Router saturation", "losses per domain",
                     "Dictionaries of the MoE block", "Causal checks", "MoE vs dense",
                     "Descriptions of experts and features", "layer1.experts", "router_sae_1",
-                    "features that route to it"):
+                    "features that route to it", "Modules of the feature–expert graph"):
         assert heading in page, heading
     run = tmp_path / "demo" / "run"
     summary = json.loads((run / "analyses" / "summary.json").read_text())
@@ -36,6 +36,12 @@ def test_reduced_demo(tmp_path):
         assert summary["layers"][str(layer)]["max_load"] == pytest.approx(max_load)
         cell = re.search(rf"<td class=\"l\">{layer}</td><td>[0-9.]+</td><td>\d+</td><td>([0-9.]+)</td>", page)
         assert cell and float(cell.group(1)) == pytest.approx(max_load, abs=1e-3)
+    # the graph's edge count and z as its files hold them (edges recounted from the edge table)
+    for g in (tmp_path / "demo" / "dictionaries" / "graphs").glob("*/summary.json"):
+        s = json.loads(g.read_text())
+        edges = duckdb.sql(f"SELECT count(*) FROM read_parquet('{g.parent}/edges.parquet')").fetchall()[0][0]
+        assert s["edges"] == edges
+        assert f"<td>{s['nodes']}</td><td>{s['edges']}</td><td>{s['modules']}</td>" in page
     tokens = duckdb.sql(f"SELECT count(*) FROM read_parquet('{run}/tokens/*.parquet')").fetchall()[0][0]
     assert summary["tokens"] == tokens
     # the causal table shows the numbers of ablation.json

@@ -56,6 +56,8 @@ def run_demo_analyses(moe_dir: Path, dense_dir: Path, corpus_dir: Path, out_dir:
         run.save_map(c.name, m.tables, m.examples, m.summary)
         maps[c.name] = m.summary
 
+    graphs = demo_graphs(run, [c.name for c in spec.coders], out_dir / "run")
+
     moe, dense = load_model(str(moe_dir)), load_model(str(dense_dir))
     source = TextSource(val, domain_field="domain")
 
@@ -82,4 +84,23 @@ def run_demo_analyses(moe_dir: Path, dense_dir: Path, corpus_dir: Path, out_dir:
                                                   expansion_factor=8, tokens=train_tokens, eval_tokens=eval_tokens,
                                                   ctx_len=ctx_len)
     save_comparison(out_dir / "compare", comparison, comparison_markdown(comparison))
-    return {"evaluation": evaluation, "maps": maps, "causal": causal, "comparison": comparison}
+    return {"evaluation": evaluation, "maps": maps, "graphs": graphs, "causal": causal, "comparison": comparison}
+
+
+def demo_graphs(run: DictionaryRun, names: list[str], routing_run: Path) -> dict:
+    """`deepseemoe graph` on each mapped dictionary at its default thresholds (experts labelled with
+    the domains of the routing run's statistics); a map with no edge above them has no graph."""
+    from deepseemoe.analysis.feature_graph import build_graph, graph_modules, graph_tables, layout_png
+    from deepseemoe.runs.routing import RoutingRun
+
+    domains = RoutingRun.open(routing_run).analyses().table("domain")
+    out = {}
+    for name in names:
+        fg = build_graph(run.map_dir(name), domain_table=domains)
+        try:
+            modules, summary = graph_modules(fg)
+        except DeepSeeMoEError:  # nothing above the thresholds
+            continue
+        run.save_graph(name, graph_tables(fg, modules), summary, layout_png(fg, modules))
+        out[name] = summary
+    return out

@@ -211,11 +211,11 @@ class CoderTrainer:
                 coder.target_scale.copy_(coder.input_scale)
         self.normalized = True
 
-    def _init_rows(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _init_rows(self, name: str, limit: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
         """(source, target) rows of `name`'s buffer the data-dependent start is computed on: at most
-        8192, and no more than one batch (or 1024) so a wide coder's forward stays a batch's size."""
+        `limit`, and no more than one batch (or 1024) so a wide coder's forward stays a batch's size."""
         buf = self.buffers[name]
-        rows = buf.data[: min(buf.fill, 8192, max(self.local_batch, 1024))]
+        rows = buf.data[: min(buf.fill, limit, max(self.local_batch, 1024))]
         d_in = self.coders[name].cfg.d_in
         return rows[:, :d_in], rows[:, d_in:]
 
@@ -240,7 +240,9 @@ class CoderTrainer:
                 coder.b_enc.copy_(-(sums[target.shape[1]:-1] / n) @ coder.W_enc)
         self._init_thresholds()
         for name, coder in self.coders.items():
-            x, y = self._init_rows(name)
+            # one scalar to fit: 1024 rows pin it down, and at D=1024, F=32k a 4096-row forward costs
+            # about 1.5 s on 2 CPU cores before the first step (bench/time_to_fvu.py)
+            x, y = self._init_rows(name, limit=1024)
             target = y * coder.target_scale - coder.b_dec
             recon = coder(x).out * coder.target_scale - coder.b_dec  # the latents' part (W_skip starts at 0)
             dots = self._all_reduce(torch.stack([(target * recon).sum(), recon.pow(2).sum()]))

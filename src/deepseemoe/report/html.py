@@ -151,6 +151,8 @@ def write_report(study: Study, out_path: str | Path, *, title: str, notes: list[
     extra = _analyses_context(study)
     if extra["coders"] or extra["maps"]:
         sections.append(("dictionaries", "dictionaries"))
+    if extra["graphs"]:
+        sections.append(("graphs", "modules"))
     if extra["causal"]:
         sections.append(("causal", "causal checks"))
     if extra["comparison"]:
@@ -193,6 +195,12 @@ def _analyses_context(study: Study) -> dict:
             maps.append({"name": name, "layer": m["layer"], "live": m["live_features"], "features": m["features"],
                          "specificity": m["specificity_median"], "specific_share": m["expert_specific_share"],
                          "rp": rp, "attr": m.get("attribution")})
+    graphs = []
+    for d in study.dictionary_runs:
+        for name, g in d.graphs.items():
+            graphs.append({"name": name, "summary": g, "figure": _png(d.path / "graphs" / name / "layout.png"),
+                           "kinds": ", ".join(f"{k['kind']} {k['kept']:,} of {k['candidates']:,} "
+                                              f"({100 * k['mass_share']:.0f}% of the weight)" for k in g["edge_kinds"])})
     causal = None
     if study.ablation is not None:
         c = study.ablation
@@ -211,7 +219,7 @@ def _analyses_context(study: Study) -> dict:
                            "rho_norm": corr.get(r["layer"], {}).get("spearman_output_norm")})
         causal = {"layers": layers, "sweep": c["disable_top_r"], "tokens": c["tokens"],
                   "figures": [_png(p) for p in study.ablation_figures]}
-    return {"coders": coders or None, "maps": maps or None, "causal": causal,
+    return {"coders": coders or None, "maps": maps or None, "graphs": graphs or None, "causal": causal,
             "comparison": comparison_table(study.comparison) if study.comparison is not None else None,
             "explanations": _explanations_context(study) or None}
 

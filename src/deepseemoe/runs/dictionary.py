@@ -11,6 +11,8 @@
     OUT/maps/NAME/                      `map`: parquet tables, examples.json, summary.json (+ inputs)
     OUT/latents/NAME/                   `latents`: delphi's latent cache
     OUT/steering/NAME/F…_xSCALE.json    `steer`: one file per feature set and scale
+    OUT/graphs/NAME/                    `graph`: nodes.parquet, edges.parquet, summary.json (+ inputs),
+                                        layout.png
 
 Derived results (evaluation, maps, steering) record the sha256 of the coders they came from and are
 refused as stale when a coder changed since (a retrained run in the same folder).
@@ -152,6 +154,31 @@ class DictionaryRun:
         for path in sorted((self.path / "maps").glob("*/summary.json")):
             doc = read_json(path, f"run `deepseemoe map {self.path} --dictionary {path.parent.name}` again")
             self._check_inputs(path, doc.get("inputs", {}), f"map {self.path} --dictionary {path.parent.name}")
+            out[path.parent.name] = doc
+        return out
+
+    def graph_dir(self, name: str) -> Path:
+        return self.path / "graphs" / name
+
+    def save_graph(self, name: str, tables: dict[str, Any], summary: dict, figure: bytes | None) -> Path:
+        """graphs/NAME/ written whole: `tables` (file stem -> pyarrow table), summary.json, layout.png."""
+        inputs = self._inputs([name])
+
+        def write(tmp: Path) -> None:
+            for stem, table in tables.items():
+                atomic_write_table(tmp / f"{stem}.parquet", table)
+            atomic_write_json(tmp / "summary.json", {**summary, "inputs": inputs})
+            if figure is not None:
+                atomic_write_bytes(tmp / "layout.png", figure)
+
+        return atomic_dir(self.graph_dir(name), write)
+
+    def graph_summaries(self) -> dict[str, dict]:
+        """summary.json of every graph, checked against the coders they came from."""
+        out = {}
+        for path in sorted((self.path / "graphs").glob("*/summary.json")):
+            doc = read_json(path, f"run `deepseemoe graph {self.path} --dictionary {path.parent.name}` again")
+            self._check_inputs(path, doc.get("inputs", {}), f"graph {self.path} --dictionary {path.parent.name}")
             out[path.parent.name] = doc
         return out
 

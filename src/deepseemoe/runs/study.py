@@ -2,7 +2,7 @@
 
     STUDY/RUN/                      the routing run (runs/routing.py), with its analyses/
     STUDY/checkpoints/*/            routing runs of earlier checkpoints on the same text (saturation)
-    STUDY/*/config.yaml + evaluation.json   dictionary runs (runs/dictionary.py) with their maps
+    STUDY/*/config.yaml + evaluation.json   dictionary runs (runs/dictionary.py) with their maps and graphs
     STUDY/*/ablation.json (+ figures/*.png)  causal checks (`ablate`)
     STUDY/*/comparison.json         the MoE-vs-dense comparison (`compare`)
     run.json's "zoo" folder, report.json    the models' training report, when the zoo trained them
@@ -47,6 +47,7 @@ class DictionaryRunFiles:
     path: Path
     evaluation: dict
     maps: dict[str, dict]  # dictionary name -> maps/NAME/summary.json
+    graphs: dict[str, dict] = field(default_factory=dict)  # dictionary name -> graphs/NAME/summary.json
 
 
 @dataclass
@@ -76,7 +77,8 @@ class Study:
             if (sub / CONFIG).exists() and (sub / EVALUATION).exists():
                 dictionaries = DictionaryRun(sub)
                 study.dictionary_runs.append(DictionaryRunFiles(sub, dictionaries.evaluation(),
-                                                                dictionaries.map_summaries()))
+                                                                dictionaries.map_summaries(),
+                                                                dictionaries.graph_summaries()))
                 study.explanations += list(stores_in(sub).values())
             if (sub / ABLATION).exists() and study.ablation is None:
                 study.ablation = read_json(sub / ABLATION, FIX)

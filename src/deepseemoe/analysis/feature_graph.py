@@ -1,0 +1,183 @@
+"""The sparse graph of a dictionary's features and the experts of the MoE layer it feeds, from the
+exact or measured paths `map` already computed, and its modules (analysis/modules.py).
+
+Nodes: "f{i}" for feature i, "E{j}" for expert j of the mapped layer. Edges, undirected, one kind
+per source table of `map` (each with its own explicit threshold, reported with what it kept):
+- router: feature i → expert j when the feature's mean push on j's router logit while active
+  (router_attribution.mean_push_when_active, exact: decoder row through W_r) is ≥ `router_min`;
+- routing: feature i ↔ expert j when the tokens it fires on go to j at least `lift_min` times as
+  often as all tokens do (feature_experts.lift, with ≥ `count_min` tokens); weight P(e | f);
+- composition: expert j → feature i when the feature carries ≥ `share_min` of the expert's output
+  (expert_composition.share, transcoders).
+Parallel edges of several kinds add their weights. Labels for alignment: each feature's top expert
+(features.top_expert) and, when the routing run's statistics are given, the domain whose slots
+favour that expert most (largest lift over uniform).
+
+Shapes: map tables one row per (feature, expert); the graph N = F_kept + E nodes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from deepseemoe.analysis.modules import Modules, find_modules, nmi
+from deepseemoe.errors import DeepSeeMoEError
+
+
+@dataclass
+class Thresholds:
+    router_min: float = 0.05  # logit units
+    lift_min: float = 2.0
+    count_min: int = 5
+    share_min: float = 0.02
+
+
+@dataclass
+class EdgeKind:
+    kind: str
+    candidates: int  # positive-weight rows of the source table
+    kept: int
+    mass: float  # total weight of the candidates
+    mass_kept: float
+
+    @property
+    def mass_share(self) -> float:
+        return self.mass_kept / self.mass if self.mass > 0 else 0.0
+
+
+@dataclass
+class FeatureGraph:
+    graph: object  # networkx.Graph
+    layer: int
+    edge_kinds: list[EdgeKind]
+    top_expert: dict[str, str]  # feature node -> its top expert's node
+    domain: dict[str, str]  # node -> domain (when statistics were given)
+
+
+def _table(map_dir: Path, name: str):
+    import pyarrow.parquet as pq
+
+    path = map_dir / f"{name}.parquet"
+    return pq.read_table(path).to_pandas() if path.exists() else None
+
+
+def build_graph(map_dir: str | Path, thresholds: Thresholds | None = None, domain_table=None) -> FeatureGraph:
+    """The graph of one map (`DictionaryRun.map_dir(name)`); `domain_table`: the routing run's
+    analyses "domain" table, to label experts (and features, by their top expert) with a domain."""
+    import json
+
+    import networkx as nx
+
+    t = thresholds or Thresholds()
+    map_dir = Path(map_dir)
+    summary = json.loads((map_dir / "summary.json").read_text())
+    layer, E = int(summary["layer"]), int(summary["num_experts"])
+    g = nx.Graph()
+    g.add_nodes_from((f"E{j}", {"kind": "expert"}) for j in range(E))
+    kinds = []
+
+    def add(kind: str, rows, weight_col: str, keep) -> None:
+        if rows is None:
+            return
+        rows = rows[rows[weight_col] > 0]
+        kept = rows[keep(rows)]
+        kinds.append(EdgeKind(kind, len(rows), len(kept), float(rows[weight_col].sum()), float(kept[weight_col].sum())))
+        for f, e, w in zip(kept["feature"], kept["expert"], kept[weight_col], strict=True):
+            u, v = f"f{int(f)}", f"E{int(e)}"
+            g.add_node(u, kind="feature")
+            if g.has_edge(u, v):
+                g[u][v]["weight"] += float(w)
+            else:
+                g.add_edge(u, v, weight=float(w))
+
+    add("router", _table(map_dir, "router_attribution"), "mean_push_when_active",
+        lambda r: r["mean_push_when_active"] >= t.router_min)
+    add("routing", _table(map_dir, "feature_experts"), "p_e_given_f",
+        lambda r: (r["lift"] >= t.lift_min) & (r["count"] >= t.count_min))
+    add("composition", _table(map_dir, "expert_composition"), "share", lambda r: r["share"] >= t.share_min)
+    if not kinds:
+        raise DeepSeeMoEError(f"{map_dir} holds none of router_attribution, feature_experts, expert_composition; "
+                              "run `deepseemoe map` again")
+    features = _table(map_dir, "features")
+    top = {f"f{int(f)}": f"E{int(e)}" for f, e in zip(features["feature"], features["top_expert"], strict=True)
+           if f"f{int(f)}" in g and e == e and e >= 0} if features is not None else {}
+    domain: dict[str, str] = {}
+    if domain_table is not None:
+        sub = domain_table[domain_table["layer"] == layer]
+        for e, rows in sub.groupby("expert"):
+            domain[f"E{int(e)}"] = str(rows.sort_values("lift_over_uniform", ascending=False)["domain"].iloc[0])
+        domain.update({f: domain[e] for f, e in top.items() if e in domain})
+    return FeatureGraph(g, layer, kinds, top, domain)
+
+
+def graph_modules(fg: FeatureGraph, draws: int = 10, seed: int = 0) -> tuple[Modules, dict]:
+    """Modules of the graph (isolated nodes left out) and their summary: modularity against
+    rewiring, NMI with the features' top experts and with domains, edge kinds with what they kept."""
+    g = fg.graph.copy()
+    g.remove_nodes_from([n for n in list(g) if g.degree(n) == 0])
+    modules = find_modules(g, draws=draws, seed=seed)
+    member = modules.membership()
+    feats = {n: m for n, m in member.items() if n.startswith("f")}
+    summary = {
+        "layer": fg.layer, "nodes": modules.nodes, "edges": modules.edges,
+        "features": len(feats), "experts": sum(1 for n in member if n.startswith("E")),
+        "modules": len(modules.communities), "largest_module": len(modules.communities[0]),
+        "modularity": modules.modularity, "rewired_modularity_mean": sum(modules.rewired_modularity) / len(modules.rewired_modularity),
+        "rewired_modularity": modules.rewired_modularity, "z": modules.z, "draws": draws,
+        "nmi_module_top_expert": nmi(feats, fg.top_expert) if feats and fg.top_expert else None,
+        "nmi_module_domain": nmi(feats, fg.domain) if feats and fg.domain else None,
+        "edge_kinds": [{**asdict(k), "mass_share": k.mass_share} for k in fg.edge_kinds],
+    }
+    return modules, summary
+
+
+def graph_tables(fg: FeatureGraph, modules: Modules) -> dict:
+    """nodes (node, kind, module, top_expert, domain) and edges (u, v, weight) as arrow tables."""
+    import pyarrow as pa
+
+    member = modules.membership()
+    nodes = sorted(fg.graph.nodes)
+    node_table = pa.table({"node": nodes, "kind": [fg.graph.nodes[n].get("kind", "") for n in nodes],
+                           "module": pa.array([member.get(n) for n in nodes], pa.int32()),
+                           "top_expert": [fg.top_expert.get(n) for n in nodes],
+                           "domain": [fg.domain.get(n) for n in nodes]})
+    edges = sorted(fg.graph.edges(data="weight"))
+    edge_table = pa.table({"u": [u for u, _, _ in edges], "v": [v for _, v, _ in edges],
+                           "weight": pa.array([w for _, _, w in edges], pa.float64())})
+    return {"nodes": node_table, "edges": edge_table}
+
+
+def layout_png(fg: FeatureGraph, modules: Modules, seed: int = 0, max_iter: int = 100) -> bytes:
+    """ForceAtlas2 layout (networkx) of the graph's connected nodes, coloured by module; experts drawn
+    as labelled squares."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import networkx as nx
+
+    g = fg.graph.subgraph([n for n in fg.graph if fg.graph.degree(n) > 0])
+    pos = nx.forceatlas2_layout(g, max_iter=max_iter, seed=seed, weight="weight", dim=2)
+    member = modules.membership()
+    cmap = plt.get_cmap("tab20")
+    fig, ax = plt.subplots(figsize=(8, 8), dpi=110)
+    for u, v in g.edges():
+        ax.plot([pos[u][0], pos[v][0]], [pos[u][1], pos[v][1]], color="#bbb", lw=0.3, zorder=1)
+    feats = [n for n in g if n.startswith("f")]
+    experts = [n for n in g if n.startswith("E")]
+    ax.scatter([pos[n][0] for n in feats], [pos[n][1] for n in feats], s=6, zorder=2,
+               c=[cmap(member[n] % 20) for n in feats])
+    ax.scatter([pos[n][0] for n in experts], [pos[n][1] for n in experts], s=80, marker="s", zorder=3,
+               c=[cmap(member[n] % 20) for n in experts], edgecolors="black")
+    for n in experts:
+        ax.annotate(n, pos[n], fontsize=7, zorder=4)
+    ax.set_title(f"layer {fg.layer}: {len(feats):,} features, {len(experts)} experts, {len(modules.communities)} "
+                 f"modules (z = {modules.z:.1f})")
+    ax.set_axis_off()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()

@@ -1,0 +1,58 @@
+"""`deepseemoe graph RUN_DIR --dictionary NAME`: the sparse graph of a mapped dictionary's features and
+the experts of its layer, its modules, and how significant and how expert-aligned they are."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def graph(
+        run_dir: Path = typer.Argument(..., help="The --out folder of `deepseemoe train`, after `map`."),
+        dictionary: str = typer.Option(..., "--dictionary", help="Name of a mapped coder."),
+        routing_run: Path = typer.Option(None, help="A routing run with statistics, to label experts with domains."),
+        router_min: float = typer.Option(0.05, min=0.0, help="Router edges: least mean logit push when active."),
+        lift_min: float = typer.Option(2.0, min=0.0, help="Routing edges: least lift of P(e | f) over the load."),
+        count_min: int = typer.Option(5, min=1, help="Routing edges: least tokens behind the lift."),
+        share_min: float = typer.Option(0.02, min=0.0, help="Composition edges: least share of the expert's output."),
+        draws: int = typer.Option(10, min=2, help="Degree-preserving rewirings for the modularity z-score."),
+        seed: int = typer.Option(0, min=0, help="Seed of Louvain, the rewirings and the layout."),
+        figure: bool = typer.Option(True, "--figure/--no-figure", help="Draw the force-directed layout (PNG)."),
+    ) -> None:
+        """Louvain modules of the feature–expert graph, modularity against rewired graphs (z), NMI of
+        modules with the features' top experts and domains; thresholds and what they kept reported."""
+        from rich.console import Console
+
+        from deepseemoe.analysis.feature_graph import (
+            Thresholds,
+            build_graph,
+            graph_modules,
+            graph_tables,
+            layout_png,
+        )
+        from deepseemoe.errors import DeepSeeMoEError
+        from deepseemoe.runs.dictionary import DictionaryRun
+        from deepseemoe.runs.routing import RoutingRun
+
+        run = DictionaryRun.open(run_dir)
+        if dictionary not in run.map_summaries():
+            raise DeepSeeMoEError(f"{dictionary} of {run_dir} has no map yet; run `deepseemoe map {run_dir} "
+                                  f"--dictionary {dictionary}` first")
+        domains = RoutingRun.open(routing_run).analyses().table("domain") if routing_run else None
+        fg = build_graph(run.map_dir(dictionary), Thresholds(router_min, lift_min, count_min, share_min), domains)
+        modules, summary = graph_modules(fg, draws=draws, seed=seed)
+        png = layout_png(fg, modules, seed=seed) if figure else None
+        out = run.save_graph(dictionary, graph_tables(fg, modules), summary, png)
+        c = Console()
+        for k in summary["edge_kinds"]:
+            c.print(f"{k['kind']} edges: kept {k['kept']:,} of {k['candidates']:,} ({100 * k['mass_share']:.1f}% of the weight)")
+        line = (f"{summary['nodes']:,} nodes, {summary['edges']:,} edges → {summary['modules']} modules; modularity "
+                f"{summary['modularity']:.3f} vs {summary['rewired_modularity_mean']:.3f} rewired (z = {summary['z']:.1f})")
+        for key, label in (("nmi_module_top_expert", "top expert"), ("nmi_module_domain", "domain")):
+            if summary[key] is not None:
+                line += f"; NMI(module; {label}) {summary[key]:.3f}"
+        c.print(line)
+        c.print(f"[green]→ {out}[/]")
