@@ -39,6 +39,15 @@ def test_overview_shows_the_layout_and_the_load_of_the_routing_rows(study, clien
     # load heatmap cells: the share of slots, recomputed from the long routing parquet
     rows = duckdb.sql(f"SELECT layer, expert, count(*) / sum(count(*)) OVER (PARTITION BY layer) FROM "
                       f"read_parquet('{study}/run/routing/*.parquet') GROUP BY layer, expert").fetchall()
+    # the graphs `graph` wrote beside the dictionaries, with their layouts
+    assert list(study.glob("*/graphs/*/summary.json")), "the demo writes graphs"
+    for g in study.glob("*/graphs/*/summary.json"):
+        s = json.loads(g.read_text())
+        assert f"<td>{s['nodes']}</td><td>{s['edges']}</td><td>{s['modules']}</td>" in r.text
+        key = f"{g.parent.parent.parent.name}.{g.parent.name}"
+        png = client.get(f"/s/demo/graph/{key}.png")
+        assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
+    assert client.get("/s/demo/graph/nope.png").status_code == 404
     load = r.text[r.text.index('id="load"'):]
     load = load[:load.index("</table>")]
     for layer, expert, share in rows:

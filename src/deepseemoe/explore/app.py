@@ -196,6 +196,16 @@ def create_app(explorer: Explorer):
             raise NotServed(f"no figure {name!r} in this run's analyses")
         return Response(view.analyses.figure(name), media_type="image/png")
 
+    @app.get("/s/{key}/graph/{dictionary}.png")
+    @guarded
+    async def graph_figure(key: str, dictionary: str):
+        view = explorer.study(key)
+        d = view.dictionaries.get(dictionary)
+        path = d.run.graph_dir(d.name) / "layout.png" if d is not None and d.graph is not None else None
+        if path is None or not path.exists():
+            raise NotServed(f"no graph layout for {dictionary!r}")
+        return Response(path.read_bytes(), media_type="image/png")
+
     @app.get("/s/{key}/doc/{doc}", response_class=HTMLResponse)
     @guarded
     async def document(key: str, doc: int, start: int = 0):

@@ -151,6 +151,7 @@ class DictionaryView:
     name: str
     summary: dict  # maps/NAME/summary.json
     store: ExplanationStore | None
+    graph: dict | None = None  # graphs/NAME/summary.json, when `graph` ran
     _examples: object = None  # pyarrow table sorted by feature, built on first use
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -217,7 +218,7 @@ class StudyView:
                 key = _slug(f"{files.path.name}.{name}")
                 store = next((s for (p, m), s in stores.items() if m == name and p.is_relative_to(files.path.resolve())),
                              None)
-                self.dictionaries[key] = DictionaryView(key, run, name, summary, store)
+                self.dictionaries[key] = DictionaryView(key, run, name, summary, store, files.graphs.get(name))
         self.expert_stores: dict[int, ExplanationStore] = {}
         for s in self.study.explanations:
             m = re.fullmatch(r"layer(\d+)\.experts", s.module)
