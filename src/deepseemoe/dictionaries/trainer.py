@@ -333,12 +333,15 @@ class CoderTrainer:
             next(iterator)
         import time
 
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         start, start_tokens = time.perf_counter(), self.tokens
         exhausted = False
-        with Progress(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("{task.fields[tps]:,.0f} tok/s · FVU {task.fields[fvu]:.3f} · L0 {task.fields[l0]:.1f}"),
+        # the bar's FVU is held out: each step's FVU is measured on its batch before the update, and the
+        # shuffle buffer hands out every streamed row once, so no row was trained on before it is scored
+        with Progress(TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      TextColumn("{task.fields[tps]:,.0f} tok/s · held-out FVU {task.fields[fvu]:.3f} · "
+                                 "L0 {task.fields[l0]:.1f}"),
                       disable=not progress) as bar:
             task = bar.add_task("train", total=max_steps, completed=self.step, fvu=float("nan"), l0=0.0, tps=0.0)
             while self.step < max_steps:
