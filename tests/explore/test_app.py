@@ -226,3 +226,26 @@ def test_serve_refuses_a_taken_port_and_a_missing_run_in_one_line(study, cli, tm
     assert r.code == 2 and len(r.error_lines) == 1 and f"127.0.0.1:{port}" in r.error_lines[0]
     r = cli("serve", str(tmp_path / "nothing"))
     assert r.code == 2 and len(r.error_lines) == 1 and "routing run" in r.error_lines[0]
+
+
+def test_playground_feature_edit_gives_steers_number(study, client, cli, tmp_path):
+    """Ablating and doubling a feature of the block-input SAE on typed text: the ΔCE and KL that
+    `deepseemoe steer` measures on the same text (its files: steering/NAME/f…_x….json)."""
+    run = study / "dictionaries"
+    name = next(p.name for p in (run / "maps").iterdir() if p.name.startswith("router_sae"))
+    feature = duckdb.sql(f"SELECT feature FROM read_parquet('{run}/maps/{name}/features.parquet') "
+                         "ORDER BY fires DESC, feature LIMIT 1").fetchall()[0][0]  # the one that fires most
+    (tmp_path / "text.jsonl").write_text(json.dumps({"text": TEXT, "domain": "typed"}) + "\n")
+    for scale in (0.0, 2.0):
+        steer_run = tmp_path / f"copy{scale:g}"  # steer writes into the run: a copy keeps the study as it was
+        shutil.copytree(run, steer_run)
+        res = cli("steer", str(steer_run), "--dictionary", name, "--feature", str(feature), "--scale", str(scale),
+                  "--data", str(tmp_path / "text.jsonl"))
+        assert res.code == 0, res.err
+        (out,) = (steer_run / "steering" / name).glob("*.json")
+        expected = json.loads(out.read_text())["results"][0]
+        assert expected["fired_tokens"] > 0 and abs(expected["delta_ce"]) > 1e-6  # an edit that changes something
+        api = client.get("/api/s/demo/playground", params={"text": TEXT, "op": "feature", "dictionary": f"dictionaries.{name}",
+                                                           "feature": feature, "scale": scale}).json()
+        assert api["delta_ce"] == pytest.approx(expected["delta_ce"], rel=1e-4, abs=1e-9), (scale, api, expected)
+        assert api["kl"] == pytest.approx(expected["kl"], rel=1e-4, abs=1e-9)

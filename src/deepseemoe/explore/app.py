@@ -55,6 +55,7 @@ class Explorer:
     studies: dict[str, StudyView]
     models: dict[str, LiveModel]  # study key -> its model (shared between studies of one model)
     rate: RateLimit
+    _coders: dict = field(default_factory=dict)  # (study, dictionary) -> (coder, site), loaded once
 
     @classmethod
     def open(cls, paths: list[Path], *, model: str | None = None, device: str | None = None, dtype: str | None = None,
@@ -103,8 +104,10 @@ class Explorer:
         from deepseemoe.dictionaries.formats import load_run_dictionary
 
         d = view.dictionary(dictionary)
-        coder, meta = load_run_dictionary(d.run.path, d.name)
-        return coder, Site(*meta["source"][0])
+        if (view.key, dictionary) not in self._coders:  # a wide coder is a GB to read and hash: once
+            coder, meta = load_run_dictionary(d.run.path, d.name)
+            self._coders[(view.key, dictionary)] = (coder, Site(*meta["source"][0]))
+        return self._coders[(view.key, dictionary)]
 
 
 def parse_experts(text: str | None) -> list[int]:
