@@ -65,7 +65,7 @@ class FeatureEdit:
         self.hooks.clear()
 
 
-def _changed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def expert_sets_differ(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """[T] True where the expert sets differ (order ignored)."""
     return ~(a.sort(-1).values == b.sort(-1).values).all(-1)
 
@@ -93,7 +93,7 @@ def edit_feature(handle: ModelHandle, coder: Coder, site: Site, batches: list, f
         fired = edit.fired & keep.cpu()
         fired_total += int(fired.sum())
         for layer, calls in edit.routing.items():
-            ch = _changed(clean_calls[layer][i], calls[-1]).cpu()
+            ch = expert_sets_differ(clean_calls[layer][i], calls[-1]).cpu()
             c = counts.setdefault(layer, [0.0, 0.0, 0.0])
             c[0] += float(ch[keep.cpu()].sum())
             c[1] += float(ch[fired].sum())

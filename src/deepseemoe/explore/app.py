@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from fastapi import Request  # at module level: the routes' annotations are resolved from here
 
 from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.explore.live import Intervention, Limits, LiveModel
-from deepseemoe.explore.store import StudyView, _slug
+from deepseemoe.explore.store import StudyView, url_id
 
 MAX_QUERY = 200  # characters of a search
 
@@ -62,7 +62,7 @@ class Explorer:
              trust_remote_code: bool = False, limits: Limits | None = None, rate: RateLimit | None = None) -> Explorer:
         studies: dict[str, StudyView] = {}
         for path in paths:
-            key = base = _slug(Path(path).resolve().name)
+            key = base = url_id(Path(path).resolve().name)
             n = 1
             while key in studies:
                 n += 1
@@ -76,9 +76,8 @@ class Explorer:
                 continue
             ctx = int(view.run.meta.get("ctx_len") or 256)
             if (ref, ctx) not in by_ref:
-                lim = Limits(**{**asdict(limits or Limits()), "ctx_len": ctx})
-                by_ref[(ref, ctx)] = LiveModel(str(ref), device=device, dtype=dtype,
-                                               trust_remote_code=trust_remote_code, limits=lim)
+                by_ref[(ref, ctx)] = LiveModel(str(ref), device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                                               limits=replace(limits or Limits(), ctx_len=ctx))
             models[key] = by_ref[(ref, ctx)]
         return cls(studies, models, rate or RateLimit())
 

@@ -155,6 +155,7 @@ class LiveModel:
         """ΔCE, KL, next-token distribution and downstream routing of the text under `intervention`
         (`coder` and `site`: the SAE and where it reads, for op == feature)."""
         from deepseemoe.analysis.causal import LossMeter, token_domains
+        from deepseemoe.analysis.steering import expert_sets_differ
         from deepseemoe.interventions.routing import ablate, exclude, force, route_intervention
         from deepseemoe.interventions.sites import watch_routing
 
@@ -196,26 +197,28 @@ class LiveModel:
 
                 def context():
                     return route_intervention(handle, {layer: rewrite})
-            meter = LossMeter(handle, batches, [token_domains(b) for b in batches])
-            measured = meter.measure(context)
-            device = next(handle.model.parameters()).device
-            keep = batch.keep.to(device)
-            ids, am = batch.input_ids.to(device), batch.attention_mask.to(device)
+            keep = batch.keep.to(next(handle.model.parameters()).device)
             last = int(torch.nonzero(keep).max())
+            # the meter's own clean and changed forwards also give the routing (observers) and the
+            # next-token distribution after the text (the LM head's output at its last token)
+            nxt: dict[str, torch.Tensor] = {}
 
-            def forward():
+            def last_token(module, args, out):
+                nxt["p"] = torch.softmax(out.reshape(-1, out.shape[-1])[last].float(), -1)
+
+            head = handle.model.get_output_embeddings().register_forward_hook(last_token)
+            try:
                 with watch_routing(handle, layers) as calls:
-                    logits = handle.model(input_ids=ids, attention_mask=am, use_cache=False).logits
-                flat = logits.reshape(-1, logits.shape[-1])[last].float()
-                return {la: torch.cat(calls[la])[keep] for la in layers}, torch.softmax(flat, -1)
-
-            clean_routing, clean_next = forward()
-            with context():
-                edited_routing, edited_next = forward()
+                    meter = LossMeter(handle, batches, [token_domains(b) for b in batches])
+                clean_routing, clean_next = {la: torch.cat(calls[la])[keep] for la in layers}, nxt["p"]
+                with watch_routing(handle, layers) as calls:
+                    measured = meter.measure(context)
+                edited_routing, edited_next = {la: torch.cat(calls[la])[keep] for la in layers}, nxt["p"]
+            finally:
+                head.remove()
             seconds = time.perf_counter() - start
         tokens = token_texts(handle.tokenizer, batch.input_ids.reshape(-1)[batch.keep].tolist())
-        changed = {la: ~(clean_routing[la].sort(-1).values == edited_routing[la].sort(-1).values).all(-1)
-                   for la in layers}
+        changed = {la: expert_sets_differ(clean_routing[la], edited_routing[la]) for la in layers}
         nan_w = {la: torch.full(clean_routing[la].shape, float("nan")) for la in layers}
         clean = Strip.from_arrays(tokens, {la: (clean_routing[la].cpu().numpy(), nan_w[la].numpy()) for la in layers},
                                   "clean")

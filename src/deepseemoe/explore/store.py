@@ -39,7 +39,7 @@ STATS_COLUMNS = {  # the analyses tables the pages read, and the columns they us
 }
 
 
-def _slug(text: str) -> str:
+def url_id(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "run"
 
 
@@ -215,7 +215,7 @@ class StudyView:
         for files in self.study.dictionary_runs:
             run = DictionaryRun(files.path)
             for name, summary in files.maps.items():
-                key = _slug(f"{files.path.name}.{name}")
+                key = url_id(f"{files.path.name}.{name}")
                 store = next((s for (p, m), s in stores.items() if m == name and p.is_relative_to(files.path.resolve())),
                              None)
                 self.dictionaries[key] = DictionaryView(key, run, name, summary, store, files.graphs.get(name))

@@ -82,11 +82,6 @@ class Strip:
             rows.append((layer, cells))
         return cls([show_token(t) for t in tokens], rows, label)
 
-    def experts_at(self, layer: int) -> list[list[int]]:
-        """[T][K] expert ids of one layer's row."""
-        cells = dict(self.rows)[layer]
-        return [c.experts for c in cells]
-
 
 @dataclass
 class Heatmap:

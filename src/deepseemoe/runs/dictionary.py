@@ -20,6 +20,7 @@ refused as stale when a coder changed since (a retrained run in the same folder)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,47 +139,47 @@ class DictionaryRun:
 
     def save_map(self, name: str, tables: dict[str, Any], examples: dict, summary: dict) -> Path:
         """maps/NAME/ written whole: `tables` (file stem -> pyarrow table), examples.json, summary.json."""
-        inputs = self._inputs([name])
-
-        def write(tmp: Path) -> None:
-            for stem, table in tables.items():
-                atomic_write_table(tmp / f"{stem}.parquet", table)
-            atomic_write_json(tmp / "examples.json", examples)
-            atomic_write_json(tmp / "summary.json", {**summary, "inputs": inputs})
-
-        return atomic_dir(self.map_dir(name), write)
+        return self._save_derived(self.map_dir(name), name, tables, summary,
+                                  lambda tmp: atomic_write_json(tmp / "examples.json", examples))
 
     def map_summaries(self) -> dict[str, dict]:
         """summary.json of every map, checked against the coders they came from."""
-        out = {}
-        for path in sorted((self.path / "maps").glob("*/summary.json")):
-            doc = read_json(path, f"run `deepseemoe map {self.path} --dictionary {path.parent.name}` again")
-            self._check_inputs(path, doc.get("inputs", {}), f"map {self.path} --dictionary {path.parent.name}")
-            out[path.parent.name] = doc
-        return out
+        return self._derived_summaries("maps", "map")
 
     def graph_dir(self, name: str) -> Path:
         return self.path / "graphs" / name
 
     def save_graph(self, name: str, tables: dict[str, Any], summary: dict, figure: bytes | None) -> Path:
         """graphs/NAME/ written whole: `tables` (file stem -> pyarrow table), summary.json, layout.png."""
+        return self._save_derived(self.graph_dir(name), name, tables, summary,
+                                  None if figure is None else lambda tmp: atomic_write_bytes(tmp / "layout.png", figure))
+
+    def graph_summaries(self) -> dict[str, dict]:
+        """summary.json of every graph, checked against the coders they came from."""
+        return self._derived_summaries("graphs", "graph")
+
+    def _save_derived(self, folder: Path, name: str, tables: dict[str, Any], summary: dict,
+                      extra: Callable[[Path], object] | None = None) -> Path:
+        """FOLDER written whole (maps/NAME, graphs/NAME): `tables` as parquet, what `extra(tmp)` writes,
+        and summary.json recording the sha256 of coder `name`."""
         inputs = self._inputs([name])
 
         def write(tmp: Path) -> None:
             for stem, table in tables.items():
                 atomic_write_table(tmp / f"{stem}.parquet", table)
+            if extra is not None:
+                extra(tmp)
             atomic_write_json(tmp / "summary.json", {**summary, "inputs": inputs})
-            if figure is not None:
-                atomic_write_bytes(tmp / "layout.png", figure)
 
-        return atomic_dir(self.graph_dir(name), write)
+        return atomic_dir(folder, write)
 
-    def graph_summaries(self) -> dict[str, dict]:
-        """summary.json of every graph, checked against the coders they came from."""
+    def _derived_summaries(self, sub: str, verb: str) -> dict[str, dict]:
+        """summary.json of every SUB/NAME/, refused as stale when its coder changed since `verb` ran."""
         out = {}
-        for path in sorted((self.path / "graphs").glob("*/summary.json")):
-            doc = read_json(path, f"run `deepseemoe graph {self.path} --dictionary {path.parent.name}` again")
-            self._check_inputs(path, doc.get("inputs", {}), f"graph {self.path} --dictionary {path.parent.name}")
+        for path in sorted((self.path / sub).glob("*/summary.json")):
+            again = f"{verb} {self.path} --dictionary {path.parent.name}"
+            doc = read_json(path, f"run `deepseemoe {again}` again")
+            self._check_inputs(path, doc.get("inputs", {}), again)
             out[path.parent.name] = doc
         return out
 

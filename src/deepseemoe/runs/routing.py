@@ -285,10 +285,8 @@ class RoutingRun:
         path = self.verified_path(f"{sub}/{part}")
         try:
             return pq.read_table(path, columns=columns)
-        except (pa.ArrowException, OSError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise DeepSeeMoEError(f"{path} cannot be read as this version's parquet ({first}); "
-                                  "write the run again") from None
+        except (pa.ArrowException, OSError) as exc:  # a checksummed file can still be a foreign one
+            raise _not_parquet(path, exc) from None
 
     def routing_rows(self, part: str, start: int, stop: int,
                      layers: list[int] | None = None) -> dict[int, tuple[np.ndarray, np.ndarray]]:
@@ -321,9 +319,7 @@ class RoutingRun:
         try:
             return pq.read_table(pa.BufferReader(data), columns=columns)
         except (pa.ArrowException, OSError) as exc:  # a checksummed file can still be a foreign one
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise DeepSeeMoEError(f"{self.run_dir / sub / part} cannot be read as this version's parquet ({first}); "
-                                  "write the run again") from None
+            raise _not_parquet(self.run_dir / sub / part, exc) from None
 
     def tokens(self, columns: list[str] | None = None):
         """The whole token table (verified), shards concatenated in order."""
@@ -399,6 +395,11 @@ class RoutingRun:
             raise DeepSeeMoEError(f"{folder} was computed from other routing data than {self.run_dir} now holds "
                                   f"(stale); run `deepseemoe stats {self.run_dir}` again")
         return Analyses(folder, manifest, summary)
+
+
+def _not_parquet(path: Path, exc: Exception) -> DeepSeeMoEError:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return DeepSeeMoEError(f"{path} cannot be read as this version's parquet ({first}); write the run again")
 
 
 @dataclass
