@@ -48,6 +48,17 @@ def test_reduced_demo(tmp_path):
     causal = json.loads((tmp_path / "demo" / "ablate" / "ablation.json").read_text())
     for r in causal["layers"]:
         assert f"<td class=\"l\">{r['layer']}</td><td>{r['random_routing_delta_ce']:.4f}</td>" in page
+    # and the removal of one domain, from the MoE and from its dense twin, shows removal.json's numbers
+    removal = json.loads((tmp_path / "demo" / "remove" / "removal.json").read_text())
+    assert set(removal["models"]) == {"moe", "dense"} and removal["target"]["domain"]
+    assert {"expert", "expert_neuron"} <= set(removal["models"]["moe"]["kinds"])
+    assert "mlp_neuron" in removal["models"]["dense"]["kinds"]
+    assert f"<h2 id=\"removal\">Removing a behaviour: {removal['target']['label']}</h2>" in page
+    for label, m in removal["models"].items():
+        for kind, k in m["kinds"].items():
+            assert (f"<td class=\"l\">{label}</td><td class=\"l\">{kind.replace('_', ' ')}</td><td>{k['units']} of "
+                    f"{k['of']}</td>") in page
+            assert f"<td>{k['selected']['target']:.4f}</td><td>{k['selected']['off_target']:.4f}</td>" in page
     # `deepseemoe report` rebuilds the same page from the run directories alone
     from typer.testing import CliRunner
 

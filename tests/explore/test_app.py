@@ -154,10 +154,15 @@ def test_feature_page_shows_the_maps_numbers_and_its_description(study, client):
     assert f"/s/demo/feature/{key}/{feature}" in client.get("/s/demo/search", params={"q": word}).text
 
 
-def test_compare_page_links_its_units(client):
+def test_compare_page_links_its_units(study, client):
     r = client.get("/s/demo/compare")
     assert r.status_code == 200 and 'id="comparison"' in r.text
     assert re.search(r'href="/s/demo/expert/\d+/\d+">layer \d+ E\d+</a>', r.text)
+    # the removal of a domain (`ablate --target`): its table, and the removed experts linked
+    removal = json.loads((study / "remove" / "removal.json").read_text())
+    assert 'id="removal"' in r.text and f"Removing a behaviour: {removal['target']['label']}" in r.text
+    for c in removal["models"]["moe"]["kinds"]["expert"]["chosen"]:
+        assert f'<a href="/s/demo/expert/{c["layer"]}/{c["unit"]}">layer {c["layer"]} E{c["unit"]}</a>' in r.text
 
 
 def test_safe_by_default(study, client, tmp_path):

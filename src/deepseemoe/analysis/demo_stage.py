@@ -7,7 +7,10 @@ from pathlib import Path
 
 from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.runs.dictionary import EVALUATION, DictionaryRun
-from deepseemoe.runs.study import save_ablation, save_comparison
+from deepseemoe.runs.study import save_ablation, save_comparison, save_removal
+
+# the domain the demo removes from the MoE and its dense twin (the first of these the corpus has)
+REMOVAL_DOMAINS = ("ru", "code")
 
 
 def run_demo_analyses(moe_dir: Path, dense_dir: Path, corpus_dir: Path, out_dir: Path, *, ctx_len: int,
@@ -84,7 +87,23 @@ def run_demo_analyses(moe_dir: Path, dense_dir: Path, corpus_dir: Path, out_dir:
                                                   expansion_factor=8, tokens=train_tokens, eval_tokens=eval_tokens,
                                                   ctx_len=ctx_len)
     save_comparison(out_dir / "compare", comparison, comparison_markdown(comparison))
-    return {"evaluation": evaluation, "maps": maps, "graphs": graphs, "causal": causal, "comparison": comparison}
+    removal = demo_removal(moe, dense, batches(moe, eval_tokens), batches(dense, eval_tokens), out_dir / "remove")
+    return {"evaluation": evaluation, "maps": maps, "graphs": graphs, "causal": causal, "comparison": comparison,
+            "removal": removal}
+
+
+def demo_removal(moe, dense, batches_moe: list, batches_dense: list, out: Path) -> dict | None:
+    """`ablate --target` on the MoE with its dense twin: one domain removed at one expert's share."""
+    from deepseemoe.analysis.figures import removal_figure
+    from deepseemoe.analysis.removal import removal_study
+
+    present = {d for b in batches_moe for d in b.domains.values()}
+    domain = next((d for d in REMOVAL_DOMAINS if d in present), None) or min(present - {None}, default=None)
+    if domain is None:
+        return None
+    result = removal_study([("moe", moe, batches_moe), ("dense", dense, batches_dense)], f"domain:{domain}")
+    save_removal(out, result, lambda path: removal_figure(result, path))
+    return result
 
 
 def demo_graphs(run: DictionaryRun, names: list[str], routing_run: Path) -> dict:

@@ -50,3 +50,32 @@ def causal_figures(result: dict, out: Path) -> list[Path]:
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
     return paths
+
+
+def removal_figure(result: dict, path: Path) -> Path:
+    """Target vs off-target ΔCE of each model's unit kinds (`ablate --target`): the most specific
+    units beside the same number drawn at random."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(label, kind, r) for label, m in result["models"].items() for kind, r in m["kinds"].items()]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(rows) + 2), 3.4))
+    x = np.arange(len(rows))
+    bars = [("selected", "target", "#c0392b", 0.0), ("selected", "off_target", "#e6a19a", 0.2),
+            ("random", "target", "#2c3e50", 0.4), ("random", "off_target", "#95a5a6", 0.6)]
+    for which, part, color, dx in bars:
+        vals = [(r[which] or {}).get(part, np.nan) for _, _, r in rows]
+        ax.bar(x + dx - 0.3, vals, 0.2, color=color, label=f"{which}: {part.replace('_', '-')}")
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.set_xticks(x, [f"{label}\n{kind.replace('_', ' ')}\n({r['units']} units)" for label, kind, r in rows],
+                  fontsize=7)
+    ax.set_ylabel("ΔCE (nats/token)")
+    ax.set_title(f"Removing {result['target']['label']}: target vs off-target damage", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,5 +1,5 @@
 """The model comparison (MoE vs dense, and experts trained separately) as one table: markdown, and
-the rows the HTML report embeds."""
+the rows the HTML report embeds; and the rows of a behaviour's removal (`ablate --target`)."""
 
 from __future__ import annotations
 
@@ -145,3 +145,36 @@ def comparison_markdown(result: dict) -> str:
     lines = ["| measure | " + " | ".join(table.columns) + " |", "|---|" + "---:|" * len(table.columns)]
     lines += [f"| {label} | " + " | ".join(vals) + " |" for label, vals in table.rows]
     return "\n".join(lines) + "\n"
+
+
+@dataclass
+class RemovalRow:
+    model: str
+    kind: str  # "expert", "expert neuron", "mlp neuron", "attention head"
+    units: int
+    of: int
+    params: float
+    selected: dict  # target, off_target, gap, ratio, kl
+    random: dict | None
+    experts: list[tuple[int, int]]  # (layer, expert) of the selected experts (kind "expert" only)
+
+
+@dataclass
+class RemovalTable:
+    """removal.json as the report and the explorer show it."""
+
+    target: str
+    share: float | None
+    draws: int
+    predictions: dict[str, dict]  # model -> {"target": n, "off_target": n} scored
+    rows: list[RemovalRow]
+
+
+def removal_table(result: dict) -> RemovalTable:
+    rows = [RemovalRow(model=label, kind=kind.replace("_", " "), units=k["units"], of=k["of"],
+                       params=k["params_removed"], selected=k["selected"], random=k["random"],
+                       experts=[(c["layer"], c["unit"]) for c in k["chosen"]] if kind == "expert" else [])
+            for label, m in result["models"].items() for kind, k in m["kinds"].items()]
+    return RemovalTable(target=result["target"]["label"], share=result["budget"]["share"], draws=result["draws"],
+                        predictions={label: m["evaluate_predictions"] for label, m in result["models"].items()},
+                        rows=rows)

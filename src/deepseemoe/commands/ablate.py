@@ -1,4 +1,5 @@
-"""`deepseemoe ablate MODEL --data SOURCE --out DIR`: causal checks of experts and routers."""
+"""`deepseemoe ablate MODEL --data SOURCE --out DIR`: causal checks of experts and routers;
+with `--target`, the removal of one behaviour (`analysis/removal.py`)."""
 
 from __future__ import annotations
 
@@ -25,9 +26,22 @@ def register(app: typer.Typer) -> None:
         dtype: str = dtype_option(),
         device_map: str = device_map_option(),
         seed: int = typer.Option(0, min=0, help="Seed of the random controls and random routing."),
+        target: str = typer.Option(None, "--target", help="Remove one behaviour instead: domain:NAME (or NAME), "
+                                   "tokens:A,B,… or ids:1,2,… — the most specific units of each kind are "
+                                   "ablated and target vs off-target ΔCE reported (writes removal.json)."),
+        twin: str = typer.Option(None, "--twin", help="With --target: a second model (e.g. the dense twin), given "
+                                 "the same budget."),
+        budget: float = typer.Option(None, "--budget", help="With --target: share of each kind's units to remove "
+                                     "(default: one expert's share, 1/E; 1/16 for a dense model)."),
+        units: int = typer.Option(None, "--units", min=1, help="With --target: ablate exactly this many units of "
+                                  "each kind instead of a parameter budget."),
+        kinds: str = typer.Option(",".join(("expert", "expert_neuron", "mlp_neuron", "attention_head")), "--kinds",
+                                  help="With --target: unit kinds to try."),
+        draws: int = typer.Option(3, min=0, help="With --target: random same-size choices per kind."),
         trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
-        """Expert ablation/exclusion vs load-matched controls, top-r sweep, top-1 and random routing per layer."""
+        """Expert ablation/exclusion vs load-matched controls, top-r sweep, top-1 and random routing per layer;
+        or, with --target, remove a domain or token set and measure the side effects."""
         from rich.console import Console
         from rich.table import Table
 
@@ -39,8 +53,25 @@ def register(app: typer.Typer) -> None:
         from deepseemoe.models.load import load_model
         from deepseemoe.runs.study import save_ablation
 
+        if target is None and (twin or budget is not None or units is not None):
+            raise DeepSeeMoEError("--twin, --budget and --units choose what --target removes; add --target")
+        if target is not None and (layers or experts):
+            raise DeepSeeMoEError("--layers and --experts choose the causal checks' units; --target chooses its "
+                                  "own: drop them")
         if not data.startswith("hf:"):
             resolve_files(data)
+        if target is not None:
+            from deepseemoe.analysis.removal import KINDS
+
+            wanted = tuple(k for k in kinds.split(",") if k)
+            bad = [k for k in wanted if k not in KINDS]
+            if bad or not wanted:
+                raise DeepSeeMoEError(f"--kinds {kinds!r}: unknown {bad}; choose from {', '.join(KINDS)}")
+            _remove(model, twin, data, out, tokens=tokens, ctx_len=ctx_len, batch_size=batch_size,
+                    domain_field=domain_field, target=target, budget=budget, units=units, kinds=wanted,
+                    draws=draws, seed=seed, load=dict(dtype=dtype, device=device, device_map=device_map,
+                                                      trust_remote_code=trust_remote_code))
+            return
         handle = load_model(model, dtype=dtype, device=device, device_map=device_map,
                             trust_remote_code=trust_remote_code)
         if not handle.is_moe:
@@ -73,3 +104,44 @@ def register(app: typer.Typer) -> None:
         for s in result["disable_top_r"]:
             console.print(f"  top-{s['disabled_top_r']} experts disabled in every layer: ΔCE {s['delta_ce']:.4f}")
         console.print(f"[green]→ {path}[/] and {len(figures)} figures")
+
+
+def _remove(model: str, twin: str | None, data: str, out: Path, *, tokens: int, ctx_len: int, batch_size: int,
+            domain_field: str, target: str, budget: float | None, units: int | None, kinds: tuple[str, ...],
+            draws: int, seed: int, load: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from deepseemoe.analysis.figures import removal_figure
+    from deepseemoe.analysis.removal import removal_study
+    from deepseemoe.data.sources import TextSource, iter_documents
+    from deepseemoe.data.tokens import pack_documents
+    from deepseemoe.models.load import load_model
+    from deepseemoe.runs.study import save_removal
+
+    sides = []
+    for name in (model, twin):
+        if name is None:
+            continue
+        handle = load_model(name, **load)
+        source = TextSource(data, domain_field=domain_field)
+        batches = list(pack_documents(handle.require_tokenizer(), iter_documents(source),
+                                      ctx_len=handle.check_ctx_len(ctx_len), batch_size=batch_size, max_tokens=tokens))
+        sides.append(("moe" if handle.is_moe else "dense", handle, batches))
+    if twin and sides[0][0] == sides[1][0]:
+        sides = [("model", sides[0][1], sides[0][2]), ("twin", sides[1][1], sides[1][2])]
+    result = removal_study(sides, target, budget=budget, units=units, kinds=kinds, draws=draws, seed=seed,
+                           progress=True)
+    path = save_removal(out, result, lambda p: removal_figure(result, p))
+    table = Table(title=f"Removing {result['target']['label']}: ΔCE (nats/token) on held-out predictions")
+    for c in ("model", "units", "kind", "target", "off-target", "gap", "random: target", "random: off-target"):
+        table.add_column(c, justify="right")
+    for label, m in result["models"].items():
+        for kind, r in m["kinds"].items():
+            rnd = r["random"] or {}
+            table.add_row(label, f"{r['units']}/{r['of']}", kind, f"{r['selected']['target']:.4f}",
+                          f"{r['selected']['off_target']:.4f}", f"{r['selected']['gap']:.4f}",
+                          f"{rnd.get('target', float('nan')):.4f}", f"{rnd.get('off_target', float('nan')):.4f}")
+    console = Console()
+    console.print(table)
+    console.print(f"[green]→ {path}[/]")

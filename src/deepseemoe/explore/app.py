@@ -237,14 +237,16 @@ def create_app(explorer: Explorer):
     @app.get("/s/{key}/compare", response_class=HTMLResponse)
     @guarded
     async def compare(key: str):
-        from deepseemoe.analysis.report_tables import comparison_table
+        from deepseemoe.analysis.report_tables import comparison_table, removal_table
 
         view = explorer.study(key)
-        result = view.study.comparison
-        if result is None:
-            raise DeepSeeMoEError("this study has no comparison; run `deepseemoe compare` (the demo does)")
-        units = sorted(result.get("moe", {}).get("ablation", {}).get("expert", []), key=lambda u: -u["gap"])
-        return page("compare.html.j2", view=view, table=comparison_table(result), units=units[:32])
+        result, removal = view.study.comparison, view.study.removal
+        if result is None and removal is None:
+            raise DeepSeeMoEError("this study has no comparison and no removal; run `deepseemoe compare` or "
+                                  "`deepseemoe ablate --target` (the demo runs both)")
+        units = sorted((result or {}).get("moe", {}).get("ablation", {}).get("expert", []), key=lambda u: -u["gap"])
+        return page("compare.html.j2", view=view, table=comparison_table(result) if result else None,
+                    units=units[:32], removal=removal_table(removal) if removal else None)
 
     def _route(key: str, text: str):
         view = explorer.study(key)

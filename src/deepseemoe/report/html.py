@@ -155,6 +155,8 @@ def write_report(study: Study, out_path: str | Path, *, title: str, notes: list[
         sections.append(("graphs", "modules"))
     if extra["causal"]:
         sections.append(("causal", "causal checks"))
+    if extra["removal"]:
+        sections.append(("removal", "removing a behaviour"))
     if extra["comparison"]:
         sections.append(("compare", "trained separately vs together" if "separate" in extra["comparison"].sides
                          else "MoE vs dense"))
@@ -182,7 +184,7 @@ def _png(path: Path) -> Markup:
 
 def _analyses_context(study: Study) -> dict:
     """Tables of the dictionaries / causal / comparison parts of a study, each None when absent."""
-    from deepseemoe.analysis.report_tables import comparison_table
+    from deepseemoe.analysis.report_tables import comparison_table, removal_table
 
     coders, maps = [], []
     for d in study.dictionary_runs:
@@ -219,7 +221,12 @@ def _analyses_context(study: Study) -> dict:
                            "rho_norm": corr.get(r["layer"], {}).get("spearman_output_norm")})
         causal = {"layers": layers, "sweep": c["disable_top_r"], "tokens": c["tokens"],
                   "figures": [_png(p) for p in study.ablation_figures]}
+    removal = None
+    if study.removal is not None:
+        removal = {"table": removal_table(study.removal),
+                   "figure": _png(study.removal_figure) if study.removal_figure else None}
     return {"coders": coders or None, "maps": maps or None, "graphs": graphs or None, "causal": causal,
+            "removal": removal,
             "comparison": comparison_table(study.comparison) if study.comparison is not None else None,
             "explanations": _explanations_context(study) or None}
 

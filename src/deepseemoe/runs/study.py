@@ -4,6 +4,7 @@
     STUDY/checkpoints/*/            routing runs of earlier checkpoints on the same text (saturation)
     STUDY/*/config.yaml + evaluation.json   dictionary runs (runs/dictionary.py) with their maps and graphs
     STUDY/*/ablation.json (+ figures/*.png)  causal checks (`ablate`)
+    STUDY/*/removal.json (+ removal.png)     a behaviour removed by ablation (`ablate --target`)
     STUDY/*/comparison.json         the MoE-vs-dense comparison (`compare`)
     run.json's "zoo" folder, report.json    the models' training report, when the zoo trained them
 
@@ -22,7 +23,7 @@ from deepseemoe.runs.explanations import ExplanationStore, stores_in
 from deepseemoe.runs.routing import RoutingRun
 
 FIX = "run the verb that wrote it again"
-ABLATION, COMPARISON = "ablation.json", "comparison.json"
+ABLATION, COMPARISON, REMOVAL = "ablation.json", "comparison.json", "removal.json"
 
 
 def save_ablation(folder: str | Path, result: dict, draw: Callable[[Path], object] | None = None) -> Path:
@@ -32,6 +33,15 @@ def save_ablation(folder: str | Path, result: dict, draw: Callable[[Path], objec
     if draw is not None:
         draw(folder / "figures")
     return folder / ABLATION
+
+
+def save_removal(folder: str | Path, result: dict, draw: Callable[[Path], object] | None = None) -> Path:
+    """FOLDER/removal.json (what `ablate --target` computed) and FOLDER/removal.png drawn by `draw(path)`."""
+    folder = Path(folder)
+    atomic_write_json(folder / REMOVAL, result)
+    if draw is not None:
+        draw(folder / "removal.png")
+    return folder / REMOVAL
 
 
 def save_comparison(folder: str | Path, result: dict, markdown: str) -> Path:
@@ -58,6 +68,8 @@ class Study:
     ablation: dict | None = None
     ablation_figures: list[Path] = field(default_factory=list)
     comparison: dict | None = None
+    removal: dict | None = None
+    removal_figure: Path | None = None
     zoo_report: dict | None = None
     explanations: list[ExplanationStore] = field(default_factory=list)  # the run's experts', the dictionaries'
 
@@ -83,6 +95,9 @@ class Study:
             if (sub / ABLATION).exists() and study.ablation is None:
                 study.ablation = read_json(sub / ABLATION, FIX)
                 study.ablation_figures = sorted((sub / "figures").glob("*.png"))
+            if (sub / REMOVAL).exists() and study.removal is None:
+                study.removal = read_json(sub / REMOVAL, FIX)
+                study.removal_figure = sub / "removal.png" if (sub / "removal.png").exists() else None
             if (sub / COMPARISON).exists() and study.comparison is None:
                 study.comparison = read_json(sub / COMPARISON, FIX)
         zoo = run.meta.get("zoo")

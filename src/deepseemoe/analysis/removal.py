@@ -1,0 +1,351 @@
+"""Removing a behaviour by ablation (`deepseemoe ablate --target`), with its side effects measured.
+
+The target is a domain (the predictions made while reading that domain's documents) or a token
+set (the predictions made while reading one of those tokens); every other prediction within one
+document is off-target (packing's cross-document predictions count for neither, `causal`).
+
+Units (one kind at a time, all layers pooled), each with its activity a_u(t) ≥ 0 on token t
+(`compare.UnitActivity`): experts (the routing weight), expert neurons, dense MLP neurons,
+attention heads. Specificity of unit u, on the *selection* half of the held-out contexts:
+
+    s_u = (mean_target a_u − mean_off a_u) / mean_{u' in u's layer} mean_all a_u'
+
+(the difference of means, in units of the layer's typical activity, so that layers of different
+scale compete fairly). The n most specific units of a kind are ablated together — experts by a
+zero routing weight (slot kept, no renormalisation), neurons by a zero down-projection input,
+heads by a zero slice of the o_proj input — and ΔCE is measured on the *evaluation* half, on
+target and off-target predictions separately. Beside it: n units of the same kind drawn at
+random (`draws` times), the same-size choice with no knowledge of the target.
+
+Budget: a share of each kind's units (of all layers): n = round(share · N_kind), at least 1 — so
+4 of 64 experts, the same parameters as 512 of their 8,192 neurons, 64 of a dense twin's 1,024
+MLP neurons and 1 of 16 heads at share 1/16: every kind and model loses the same fraction of
+its capacity (the parameters removed are reported). `units` instead fixes n for every kind.
+
+Selectivity: gap = target ΔCE − off-target ΔCE (nats/token) and ratio = target ΔCE / off-target
+ΔCE; the aim is a large target ΔCE with an off-target ΔCE near 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from deepseemoe.analysis.causal import LossMeter, within_document
+from deepseemoe.analysis.compare import UnitActivity, split_halves
+from deepseemoe.errors import DeepSeeMoEError
+from deepseemoe.interventions.routing import ablate, route_intervention
+from deepseemoe.models.experts import has_fused_layout
+from deepseemoe.models.spec import ModelHandle
+
+KINDS = ("expert", "expert_neuron", "mlp_neuron", "attention_head")
+TARGET, OTHER = "target", "off_target"
+
+
+@dataclass(frozen=True)
+class Target:
+    """What to remove: `domain` (documents whose domain field equals it) or `token_ids`."""
+
+    label: str
+    domain: str | None = None
+    token_ids: frozenset[int] = field(default_factory=frozenset)
+
+    @classmethod
+    def parse(cls, text: str, tokenizer) -> Target:
+        """`domain:NAME` (or a bare NAME), `tokens:A,B,…` (vocabulary entries, else the tokens of the
+        text), or `ids:1,2,…`."""
+        kind, _, rest = text.partition(":")
+        if not rest:
+            kind, rest = "domain", text
+        items = [s for s in rest.split(",") if s]
+        if not items:
+            raise DeepSeeMoEError(f"--target {text!r} names nothing; give domain:NAME, tokens:A,B or ids:1,2")
+        if kind == "domain":
+            return cls(label=f"domain {rest}", domain=rest)
+        if kind == "ids":
+            try:
+                ids = frozenset(int(s) for s in items)
+            except ValueError:
+                raise DeepSeeMoEError(f"--target {text!r}: ids must be integers, e.g. ids:17,42") from None
+            bad = sorted(i for i in ids if not 0 <= i < len(tokenizer))
+            if bad:
+                raise DeepSeeMoEError(f"--target {text!r}: ids {bad} are outside the vocabulary (0..{len(tokenizer) - 1})")
+            return cls(label=f"tokens {sorted(ids)}", token_ids=ids)
+        if kind == "tokens":
+            ids: set[int] = set()
+            vocab = tokenizer.get_vocab()
+            for s in items:
+                ids.update([vocab[s]] if s in vocab else tokenizer.encode(s, add_special_tokens=False))
+            if not ids:
+                raise DeepSeeMoEError(f"--target {text!r} tokenises to nothing")
+            return cls(label=f"tokens {','.join(items)}", token_ids=frozenset(ids))
+        raise DeepSeeMoEError(f"--target {text!r}: unknown kind {kind!r}; give domain:NAME, tokens:A,B or ids:1,2")
+
+    def hits(self, batch) -> torch.Tensor:
+        """[B, S] bool: the tokens that belong to the target (read tokens, BOS and padding never)."""
+        real = batch.attention_mask.bool() & (batch.pos >= 0)
+        if self.domain is not None:
+            docs = [d for d, name in batch.domains.items() if name == self.domain]
+            return real & torch.isin(batch.doc, torch.tensor(docs, dtype=batch.doc.dtype))
+        return real & torch.isin(batch.input_ids, torch.tensor(sorted(self.token_ids), dtype=batch.input_ids.dtype))
+
+    def classes(self, batch) -> torch.Tensor:
+        """[B·S] 1 on target tokens, 0 elsewhere (what `UnitActivity` sums by)."""
+        return self.hits(batch).reshape(-1).long()
+
+    def labels(self, batch) -> list[str]:
+        """[B·(S-1)] the class of each prediction, by the token read; "" when it counts for neither."""
+        hit = self.hits(batch)[:, :-1] & within_document(batch)
+        other = ~self.hits(batch)[:, :-1] & within_document(batch)
+        out = np.where(hit.numpy(), TARGET, np.where(other.numpy(), OTHER, ""))
+        return out.reshape(-1).tolist()
+
+
+@dataclass
+class Units:
+    """All units of one kind in a model: (layer, unit) pairs, each one's parameters, and how to ablate a set."""
+
+    kind: str
+    pairs: list[tuple[int, int]]
+    params_each: float
+    ablate: Callable[[list[tuple[int, int]]], contextlib.AbstractContextManager]
+
+
+def unit_inventory(handle: ModelHandle, kinds: tuple[str, ...] = KINDS) -> dict[str, Units]:
+    """The unit kinds this model has (of `kinds`)."""
+    out: dict[str, Units] = {}
+    moes = handle.moe_layers
+    if "expert" in kinds and moes:
+        per = np.mean([_params(m.experts) / m.num_experts for m in moes.values()])
+        out["expert"] = Units("expert", [(la, e) for la, m in moes.items() for e in range(m.num_experts)], per,
+                              lambda chosen: route_intervention(handle, _by_layer(chosen, ablate)))
+    if "expert_neuron" in kinds and moes and all(has_fused_layout(m.experts) for m in moes.values()):
+        width = {la: _expert_width(m.experts) for la, m in moes.items()}
+        per = np.mean([_params(m.experts) / (m.num_experts * width[la]) for la, m in moes.items()])
+        out["expert_neuron"] = Units("expert_neuron", [(la, u) for la, m in moes.items()
+                                                       for u in range(m.num_experts * width[la])], per,
+                                     lambda chosen: _zero_expert_neurons(handle, chosen, width))
+    if "mlp_neuron" in kinds and handle.dense_mlps:
+        mlps = handle.dense_mlps
+        per = np.mean([_params(m.module) / m.num_neurons for m in mlps.values()])
+        out["mlp_neuron"] = Units("mlp_neuron", [(la, u) for la, m in mlps.items() for u in range(m.num_neurons)], per,
+                                  lambda chosen: _zero_inputs(handle, chosen))
+    if "attention_head" in kinds:
+        heads = {la: found for la in range(handle.num_layers) if (found := handle.attention_output(la)) is not None}
+        if heads:
+            attn = [_params(_attention_module(handle, la)) / h for la, (_, h) in heads.items()]
+            out["attention_head"] = Units("attention_head", [(la, u) for la, (_, h) in heads.items() for u in range(h)],
+                                          float(np.mean(attn)), lambda chosen: _zero_heads(heads, chosen))
+    return out
+
+
+def specificity(mass: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """mass [U, 2] activity summed over off-target (0) and target (1) tokens, counts [2] → s [U]."""
+    mean = mass / np.maximum(counts, 1)[None, :]
+    overall = mass.sum(1) / max(counts.sum(), 1)
+    scale = overall.mean()
+    return (mean[:, 1] - mean[:, 0]) / scale if scale > 0 else np.zeros(len(mass))
+
+
+def remove_target(handle: ModelHandle, batches: list, target: Target, *, share: float | None = None,
+                  units: int | None = None, kinds: tuple[str, ...] = KINDS, draws: int = 3, seed: int = 0,
+                  progress: bool = False, label: str = "model") -> dict:
+    """For each unit kind: the most specific units ablated together vs `draws` random same-size sets,
+    target vs off-target ΔCE on the evaluation half (module docstring). `share` is the budget, a share
+    of each kind's units; `units` fixes the count instead."""
+    if (share is None) == (units is None):
+        raise ValueError("give exactly one of share and units")
+    inventory = unit_inventory(handle, kinds)
+    if not inventory:
+        raise DeepSeeMoEError(f"{handle.name} has none of the unit kinds {', '.join(kinds)}")
+    select, evaluate = split_halves(batches)
+    counts, mass = _activity(handle, select, target, "expert_neuron" in inventory, progress, label)
+    if counts[1] == 0:
+        raise DeepSeeMoEError(f"no token of the selection half belongs to the target ({target.label}); "
+                              "give more --tokens, or a target that occurs in --data")
+    meter = LossMeter(handle, evaluate, [target.labels(b) for b in evaluate])
+    base = {name: int(sum(int(m.sum()) for m in meter_masks(meter, name))) for name in (TARGET, OTHER)}
+    if base[TARGET] == 0:
+        raise DeepSeeMoEError(f"no prediction of the evaluation half reads the target ({target.label}); "
+                              "give more --tokens")
+    g = np.random.default_rng(seed)
+    from deepseemoe.progress import progress_bar
+
+    bar = progress_bar(disable=not progress, unit="ablations")
+    task = bar.add_task(f"{label}: removing {target.label}", total=len(inventory) * (1 + draws))
+    rows = {}
+    with bar:
+        for kind, inv in inventory.items():
+            score = np.concatenate([specificity(mass[kind][la], counts)
+                                    for la in sorted({la for la, _ in inv.pairs})])
+            n = units if units is not None else max(1, round(share * len(inv.pairs)))
+            n = min(n, len(inv.pairs))
+            order = np.argsort(-score, kind="stable")[:n]
+            chosen = [inv.pairs[i] for i in order]
+            res = _split(meter.measure(lambda inv=inv, chosen=chosen: inv.ablate(chosen)))
+            bar.advance(task)
+            rand = []
+            for _ in range(draws):
+                pick = [inv.pairs[i] for i in g.choice(len(inv.pairs), size=n, replace=False)]
+                rand.append(_split(meter.measure(lambda inv=inv, pick=pick: inv.ablate(pick))))
+                bar.advance(task)
+            rows[kind] = {"units": n, "of": len(inv.pairs), "params_removed": float(n * inv.params_each),
+                          "chosen": [{"layer": la, "unit": u, "specificity": float(score[i])}
+                                     for (la, u), i in zip(chosen, order, strict=True)],
+                          "selected": res, "random": _mean_rows(rand), "random_draws": rand}
+    return {"model": handle.name, "kinds": rows, "select_tokens": {TARGET: int(counts[1]), OTHER: int(counts[0])},
+            "evaluate_predictions": base}
+
+
+def meter_masks(meter: LossMeter, name: str) -> Iterator[torch.Tensor]:
+    for masks in meter.domain_masks:
+        if name in masks:
+            yield masks[name]
+
+
+def _activity(handle, batches, target, expert_neurons, progress, label):
+    from deepseemoe.progress import track
+
+    device = next(handle.model.parameters()).device
+    acts = UnitActivity(handle, 2, expert_neurons)
+    counts = np.zeros(2)
+    for b in track(batches, f"{label}: unit activity (selection half)", disable=not progress, unit="batches"):
+        keep = b.keep.to(device)
+        classes = target.classes(b)[b.keep].to(device)
+        counts += np.bincount(classes.cpu().numpy(), minlength=2)
+        acts.run(b.input_ids.to(device), b.attention_mask.to(device), keep, classes)
+    return counts, acts.mass
+
+
+def _split(res: dict) -> dict:
+    by = res["by_domain"]
+    t, o = by.get(TARGET, float("nan")), by.get(OTHER, float("nan"))
+    return {"target": t, "off_target": o, "gap": t - o, "ratio": t / o if o > 0 else None, "kl": res["kl"]}
+
+
+def _mean_rows(rows: list[dict]) -> dict | None:
+    if not rows:
+        return None
+    out = {k: float(np.mean([r[k] for r in rows])) for k in ("target", "off_target", "gap", "kl")}
+    out["ratio"] = out["target"] / out["off_target"] if out["off_target"] > 0 else None
+    return out
+
+
+def _params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _by_layer(chosen: list[tuple[int, int]], make) -> dict:
+    layers: dict[int, list[int]] = {}
+    for la, u in chosen:
+        layers.setdefault(la, []).append(u)
+    return {la: make(us) for la, us in layers.items()}
+
+
+def _expert_width(experts) -> int:
+    """Hidden units per expert of a fused experts module (the down projection's input size)."""
+    down = experts.down_proj  # [E, F, D] when transposed, else [E, D, F]
+    return int(down.shape[1] if experts.is_transposed else down.shape[2])
+
+
+@contextlib.contextmanager
+def _zero_expert_neurons(handle: ModelHandle, chosen: list[tuple[int, int]], width: dict[int, int]):
+    """Zero the down-projection weights of the chosen expert neurons (unit u = expert·F + neuron), so
+    they write nothing; restored on exit."""
+    saved = []
+    try:
+        with torch.no_grad():
+            for la, us in _by_layer(chosen, list).items():
+                experts = handle.moe_layers[la].experts
+                down = experts.down_proj
+                e = torch.tensor([u // width[la] for u in us])
+                i = torch.tensor([u % width[la] for u in us])
+                if experts.is_transposed:
+                    saved.append((down, (e, i), down[e, i, :].clone()))
+                    down[e, i, :] = 0
+                else:
+                    saved.append((down, (e, slice(None), i), down[e, :, i].clone()))
+                    down[e, :, i] = 0
+        yield
+    finally:
+        with torch.no_grad():
+            for down, where, old in reversed(saved):
+                if len(where) == 2:
+                    down[where[0], where[1], :] = old
+                else:
+                    down[where[0], :, where[2]] = old
+
+
+@contextlib.contextmanager
+def _zero_inputs(handle: ModelHandle, chosen: list[tuple[int, int]]):
+    """Zero the chosen dense MLP neurons (their down projection's input)."""
+    hooks = []
+    try:
+        for la, us in _by_layer(chosen, list).items():
+            idx = torch.tensor(us, dtype=torch.long)
+
+            def pre(mod, args, idx=idx):
+                x = args[0].clone()
+                x[..., idx.to(x.device)] = 0
+                return (x, *args[1:])
+            hooks.append(handle.model.get_submodule(handle.dense_mlps[la].neuron_path).register_forward_pre_hook(pre))
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@contextlib.contextmanager
+def _zero_heads(heads: dict[int, tuple[torch.nn.Module, int]], chosen: list[tuple[int, int]]):
+    """Zero the chosen heads' slices of their layer's attention output projection input."""
+    hooks = []
+    try:
+        for la, us in _by_layer(chosen, list).items():
+            proj, n = heads[la]
+
+            def pre(mod, args, us=us, n=n):
+                x = args[0].clone()
+                d = x.shape[-1] // n
+                for hd in us:
+                    x[..., hd * d:(hd + 1) * d] = 0
+                return (x, *args[1:])
+            hooks.append(proj.register_forward_pre_hook(pre))
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _attention_module(handle: ModelHandle, layer: int) -> torch.nn.Module:
+    decoder = handle.layers[layer]
+    return getattr(decoder, "self_attn", None) or decoder.attention
+
+
+def default_budget(handle: ModelHandle) -> float:
+    """One expert's share of an MoE's experts (1/E); 1/16 for a dense model."""
+    return 1 / max((m.num_experts for m in handle.moe_layers.values()), default=16)
+
+
+def removal_study(sides: list[tuple[str, ModelHandle, list]], target: str, *, budget: float | None = None,
+                  units: int | None = None, kinds: tuple[str, ...] = KINDS, draws: int = 3, seed: int = 0,
+                  progress: bool = False) -> dict:
+    """`remove_target` on each (label, model, batches) at one budget: `budget` is the share of each
+    kind's units removed (default `default_budget` of the first model), the same for every model;
+    `units` fixes the count of units per kind instead."""
+    if budget is not None and not 0 < budget <= 1:
+        raise DeepSeeMoEError(f"--budget {budget} must be a share of each kind's units in (0, 1]")
+    first = sides[0][1]
+    share = None if units is not None else (budget if budget is not None else default_budget(first))
+    parsed = Target.parse(target, first.require_tokenizer())
+    models = {}
+    for label, handle, batches in sides:
+        mine = Target.parse(target, handle.require_tokenizer())
+        models[label] = remove_target(handle, batches, mine, share=share, units=units, kinds=kinds, draws=draws,
+                                      seed=seed, progress=progress, label=label)
+    return {"target": {"label": parsed.label, "domain": parsed.domain, "token_ids": sorted(parsed.token_ids)},
+            "budget": {"share": share, "units": units}, "draws": draws, "seed": seed,
+            "models": models}

@@ -1,0 +1,140 @@
+"""`deepseemoe ablate --target`: removing a behaviour, on a hand-built model with a planted answer.
+
+The model (`planted.planted_model`): attention writes nothing, so each prediction is a function of
+the token read alone; `a` tokens (ids 10–19) are the only ones routed to expert 0, in both
+layers, and expert 0's output is scaled up so that it decides what follows an `a` token. The
+text pairs each a_i with the token the clean model predicts after it (s_i). Removing expert 0
+must hit the predictions read from `a` tokens — by exactly the ΔCE a plain Hugging Face forward
+gives with expert 0's weights zeroed — and leave every other prediction exactly as it was.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.analysis.planted import planted_model
+
+A_IDS = list(range(10, 20))
+WORDS = {0: "<pad>", 1: "<s>", 2: "</s>", **{i: f"w{i}" for i in range(3, 10)},
+         **{10 + i: f"a{i}" for i in range(10)}, **{20 + i: f"b{i}" for i in range(10)}, 30: "c0", 31: "c1"}
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(WordLevel({w: i for i, w in WORDS.items()}, unk_token="<pad>"))
+    tok.pre_tokenizer = WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def _ce(model, read: int, nxt: int) -> float:
+    """Cross-entropy of `nxt` after `read` by a plain forward (the prediction depends on `read` alone)."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[1, read]])).logits[0, -1].float()
+    return float(-torch.log_softmax(logits, -1)[nxt])
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """(model folder, corpus, expected target ΔCE of zeroing expert 0 in every layer)."""
+    model = planted_model().model
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.experts.down_proj[0] *= 20.0
+        model.lm_head.weight *= 50.0  # confident predictions, so that what decides them matters
+        succ = {}
+        for a in A_IDS:  # the clean model's favourite word after a (no special token, no a token)
+            logits = model(input_ids=torch.tensor([[1, a]])).logits[0, -1]
+            logits[:3] = logits[10:20] = -float("inf")
+            succ[a] = int(logits.argmax())
+    clean = {a: _ce(model, a, s) for a, s in succ.items()}
+    saved = [layer.mlp.experts.down_proj[0].clone() for layer in model.model.layers]
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.experts.down_proj[0] = 0
+    expected = sum(_ce(model, a, s) - clean[a] for a, s in succ.items()) / len(succ)
+    with torch.no_grad():
+        for layer, w in zip(model.model.layers, saved, strict=True):
+            layer.mlp.experts.down_proj[0] = w
+    folder = tmp_path_factory.mktemp("planted_removal")
+    model.save_pretrained(folder)
+    _tokenizer().save_pretrained(folder)
+    # 20 words + BOS = one context of 21 tokens per document, so no document is split
+    a_doc = " ".join(f"{WORDS[a]} {WORDS[s]}" for a, s in succ.items())
+    b_doc = " ".join(WORDS[20 + i % 10] for i in range(20))
+    corpus = folder / "docs.jsonl"
+    with open(corpus, "w") as f:
+        for _ in range(4):  # a a b b: the alternate-context halves both get each domain
+            for text, domain in [(a_doc, "a"), (a_doc, "a"), (b_doc, "b"), (b_doc, "b")]:
+                f.write(json.dumps({"text": text, "domain": domain}) + "\n")
+    return folder, corpus, expected
+
+
+def test_removing_the_family_expert_hits_the_family_and_nothing_else(planted, cli, tmp_path):
+    folder, corpus, expected = planted
+    assert expected > 0.5  # the construction: expert 0 carries what follows an a token
+    tokens = ",".join(f"a{i}" for i in range(10))
+    r = cli("ablate", folder, "--data", corpus, "--out", tmp_path, "--target", f"tokens:{tokens}",
+            "--units", "2", "--kinds", "expert,expert_neuron", "--ctx-len", "21", "--batch-size", "4",
+            "--draws", "3")
+    assert r.code == 0, r.err
+    result = json.loads((tmp_path / "removal.json").read_text())
+    assert result["target"]["token_ids"] == A_IDS
+    experts = result["models"]["moe"]["kinds"]["expert"]
+    assert {(c["layer"], c["unit"]) for c in experts["chosen"]} == {(0, 0), (1, 0)}
+    assert experts["selected"]["target"] == pytest.approx(expected, rel=1e-4)
+    assert abs(experts["selected"]["off_target"]) < 1e-6
+    # a blind choice of 2 experts changes other predictions, and hurts the family less
+    assert abs(experts["random"]["off_target"]) > 1e-4
+    assert experts["random"]["target"] < experts["selected"]["target"]
+    neurons = result["models"]["moe"]["kinds"]["expert_neuron"]
+    width = neurons["of"] // 8  # 2 layers × 4 experts
+    assert all(c["unit"] // width == 0 for c in neurons["chosen"])  # neurons of expert 0
+    assert abs(neurons["selected"]["off_target"]) < 1e-6
+    assert (tmp_path / "removal.png").stat().st_size > 0
+
+
+def test_a_domain_target_and_zeroing_every_neuron_of_an_expert_equals_ablating_it(planted):
+    """Two independent ways to remove expert 0: its routing weight set to 0, or every one of its
+    neurons' down-projection weights zeroed. They must agree to the last digit that matters."""
+    from deepseemoe.analysis.causal import LossMeter
+    from deepseemoe.analysis.removal import Target, unit_inventory
+    from deepseemoe.data.sources import TextSource, iter_documents
+    from deepseemoe.data.tokens import pack_documents
+    from deepseemoe.models.load import load_model
+
+    folder, corpus, _ = planted
+    handle = load_model(str(folder))
+    batches = list(pack_documents(handle.tokenizer, iter_documents(TextSource(str(corpus), domain_field="domain")), ctx_len=21,
+                                  batch_size=4))
+    target = Target.parse("domain:a", handle.tokenizer)
+    meter = LossMeter(handle, batches, [target.labels(b) for b in batches])
+    inv = unit_inventory(handle, ("expert", "expert_neuron"))
+    by_weight = meter.measure(lambda: inv["expert"].ablate([(0, 0), (1, 0)]))["by_domain"]
+    width = len(inv["expert_neuron"].pairs) // 8
+    every = [(la, u) for la in (0, 1) for u in range(width)]
+    by_neurons = meter.measure(lambda: inv["expert_neuron"].ablate(every))["by_domain"]
+    assert by_weight["target"] > 0.5
+    assert by_neurons["target"] == pytest.approx(by_weight["target"], rel=1e-5)
+    assert by_weight["off_target"] == 0 and by_neurons["off_target"] == 0
+    # and the weights are back
+    assert meter.measure()["delta_ce"] == 0
+
+
+def test_target_errors(planted, cli, tmp_path):
+    folder, corpus, _ = planted
+    for args, words in [(["--target", "domain:nope"], "no token"),
+                        (["--target", "a", "--layers", "0"], "--layers"),
+                        (["--twin", str(folder)], "--target"),
+                        (["--target", "ids:999"], "outside the vocabulary"),
+                        (["--target", "a", "--kinds", "experts"], "--kinds")]:
+        r = cli("ablate", folder, "--data", corpus, "--out", tmp_path / "x", "--ctx-len", "21", *args)
+        assert r.code == 2, (args, r.err)
+        assert len(r.error_lines) == 1 and words in r.error_lines[0], (args, r.err)
+    assert not (tmp_path / "x").exists()
