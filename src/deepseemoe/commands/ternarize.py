@@ -1,0 +1,139 @@
+"""`deepseemoe ternarize MODEL --out DIR`: post-hoc ternary experts / router / MLP (`models/ternary.py`)
+and, with --data, the loss it costs per domain."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from deepseemoe.commands._options import device_map_option, dtype_option, trust_remote_code_option
+
+TERNARY_JSON = "ternary.json"
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def ternarize(
+        model: str = typer.Argument(..., help="Hub id, local folder, or tiny:MODEL_TYPE."),
+        out: Path = typer.Option(..., "--out", help="Folder for the ternary model (a Hugging Face model folder) "
+                                 "and ternary.json."),
+        parts: str = typer.Option("experts,router,mlp", help="What to ternarise: experts, router, mlp (those the "
+                                  "model has)."),
+        per: str = typer.Option("tensor", help="Absmean scale per 'tensor' (per expert matrix) or per output 'row'."),
+        data: str = typer.Option(None, "--data", help="Held-out text: the loss before and after, per domain."),
+        tokens: int = typer.Option(20_000, min=1, help="Held-out tokens."),
+        ctx_len: int = typer.Option(256, min=2, help="Context length."),
+        batch_size: int = typer.Option(8, min=1, help="Contexts per forward pass."),
+        domain_field: str = typer.Option("domain", help="Field holding each document's domain label."),
+        device: str = typer.Option(None, help="Device for the model."),
+        dtype: str = dtype_option(),
+        device_map: str = device_map_option(),
+        trust_remote_code: bool = trust_remote_code_option(),
+    ) -> None:
+        """Ternarise a model's experts and router (or a dense model's MLPs) by BitNet's absmean rule: the share
+        of zero trits per tensor and, with --data, the loss per domain before and after."""
+        from rich.console import Console
+        from rich.table import Table
+
+        from deepseemoe.errors import DeepSeeMoEError
+        from deepseemoe.models.load import load_model
+        from deepseemoe.models.ternary import PARTS, ternarize_model, ternary_targets
+
+        wanted = tuple(p for p in parts.split(",") if p)
+        if per not in ("tensor", "row"):
+            raise DeepSeeMoEError(f"--per {per!r}: give tensor or row")
+        if not wanted or any(p not in PARTS for p in wanted):
+            raise DeepSeeMoEError(f"--parts {parts!r}: choose from {', '.join(PARTS)}")
+        if out.exists() and any(out.iterdir()):
+            raise DeepSeeMoEError(f"{out} is not empty; give a new --out folder")
+        if data and not data.startswith("hf:"):
+            from deepseemoe.data.sources import resolve_files
+
+            resolve_files(data)
+        handle = load_model(model, dtype=dtype, device=device, device_map=device_map,
+                            trust_remote_code=trust_remote_code)
+        # the parts this model has: experts and router in an MoE, mlp where there are dense MLPs
+        present = tuple(p for p in wanted if (handle.is_moe if p != "mlp" else bool(handle.dense_mlps)))
+        if not present:
+            raise DeepSeeMoEError(f"{model} has no tensors of the parts {','.join(wanted)} (experts and router need "
+                                  "an MoE, mlp a dense model); choose other --parts")
+        ternary_targets(handle, present)
+        meter = None
+        if data:
+            from deepseemoe.analysis.causal import LossMeter, token_domains
+            from deepseemoe.data.sources import TextSource, iter_documents
+            from deepseemoe.data.tokens import pack_documents
+
+            batches = list(pack_documents(handle.require_tokenizer(),
+                                          iter_documents(TextSource(data, domain_field=domain_field)),
+                                          ctx_len=handle.check_ctx_len(ctx_len), batch_size=batch_size,
+                                          max_tokens=tokens))
+            meter = LossMeter(handle, batches, [token_domains(b) for b in batches])
+        tensors = ternarize_model(handle, present, per)
+        result = {"model": handle.name, "parts": list(present), "per": per,
+                  "tensors": [t.to_dict() for t in tensors],
+                  "zero_share": sum(t.zero_share * _numel(t.shape) for t in tensors)
+                  / sum(_numel(t.shape) for t in tensors)}
+        if meter is not None:
+            result["loss"] = loss_before_after(meter)
+        save_model_folder(handle, out, result)
+        console = Console()
+        console.print(f"{len(tensors)} tensors ternarised ({', '.join(present)}, scale per {per}); "
+                      f"{100 * result['zero_share']:.1f}% of their trits are 0")
+        if "loss" in result:
+            table = Table(title="held-out loss, nats/token")
+            for c in ("domain", "float", "ternary", "Δ"):
+                table.add_column(c, justify="right")
+            for d, r in result["loss"].items():
+                table.add_row(d, f"{r['float']:.4f}", f"{r['ternary']:.4f}", f"{r['ternary'] - r['float']:+.4f}")
+            console.print(table)
+        console.print(f"[green]→ {out}[/]")
+
+
+def save_model_folder(handle, out: Path, result: dict) -> None:
+    """The model, its tokenizer and ternary.json, written beside `out` and renamed into place at the end,
+    so an interrupted run leaves no half-written model folder."""
+    import os
+    import shutil
+    import tempfile
+
+    from deepseemoe.runs.atomic import atomic_write_json
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        handle.model.save_pretrained(tmp)
+        if handle.tokenizer is not None:
+            handle.tokenizer.save_pretrained(tmp)
+        atomic_write_json(tmp / TERNARY_JSON, result)
+        if out.exists():
+            out.rmdir()  # empty (checked before any work)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def loss_before_after(meter) -> dict[str, dict[str, float]]:
+    """Per domain and over all ('all'): the clean loss `meter` measured and the loss of the model now."""
+    after = meter.measure()
+    out = {}
+    totals = {"float": 0.0, "n": 0}
+    for d in sorted(after["by_domain"]):
+        ce = sum(float(c[m[d]].sum()) for c, m in zip(meter.clean_ce, meter.domain_masks, strict=True) if d in m)
+        n = sum(int(m[d].sum()) for m in meter.domain_masks if d in m)
+        out[d] = {"float": ce / n, "ternary": ce / n + after["by_domain"][d], "predictions": n}
+        totals["float"] += ce
+        totals["n"] += n
+    if out:
+        mean = totals["float"] / totals["n"]
+        out["all"] = {"float": mean, "ternary": mean + after["delta_ce"], "predictions": totals["n"]}
+    return out
