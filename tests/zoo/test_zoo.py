@@ -51,3 +51,39 @@ def test_tiny_training_reloads_and_is_cached(zoo):
     assert set(models.checkpoints) == {1, 3, 12, 30} and all(p.exists() for p in models.checkpoints.values())
     again = train_zoo(root / "corpus", recipe="tiny", cache_dir=root / "cache", progress=False)
     assert again.cached and again.root == models.root
+
+
+def test_ternary_pair_trains_ternary_and_float_caches_keep_their_keys(zoo):
+    """tiny-ternary: the tiny recipe with ternary experts, router and dense MLP (straight-through). The
+    saved weights of those tensors hold three values per matrix (checkpoints too); the rest is float."""
+    import dataclasses
+
+    from deepseemoe.models.ternary import TERNARY_JSON
+    from deepseemoe.zoo.train import cache_key
+
+    models, root = zoo
+    tern = train_zoo(root / "corpus", recipe="tiny-ternary", cache_dir=root / "cache", progress=False)
+    log = [json.loads(x) for x in (tern.root / "moe.log.jsonl").read_text().splitlines()]
+    assert log[-1]["loss"] < log[0]["loss"]
+    moe = AutoModelForCausalLM.from_pretrained(tern.moe_dir)
+    for layer in moe.model.layers:
+        for stack in (layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj):
+            assert all(len(torch.unique(m)) <= 3 for m in stack)
+        assert len(torch.unique(layer.mlp.gate.weight)) <= 3
+        assert len(torch.unique(layer.self_attn.q_proj.weight)) > 3  # attention stays float
+    early = AutoModelForCausalLM.from_pretrained(tern.checkpoints[min(tern.checkpoints)])
+    assert all(len(torch.unique(m)) <= 3 for m in early.model.layers[0].mlp.experts.down_proj)
+    dense = AutoModelForCausalLM.from_pretrained(tern.dense_dir)
+    for layer in dense.model.layers:
+        for proj in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+            assert len(torch.unique(proj.weight)) <= 3
+    shares = tern.report["ternary"]
+    assert set(shares) == {"moe", "dense"} and all(0 < s["zero_share"] < 1 for s in shares.values())
+    assert json.loads((tern.moe_dir / TERNARY_JSON).read_text())["parts"] == ["experts", "router"]
+    assert set(tern.report["val_loss"]["moe"]) == set(models.report["val_loss"]["moe"])
+    # the float recipe's cache key is what it was before recipes could be ternary
+    tiny = get_recipe("tiny")
+    old = dataclasses.asdict(tiny)
+    del old["ternary"]
+    assert cache_key(tiny, root / "corpus") != cache_key(get_recipe("tiny-ternary"), root / "corpus")
+    assert models.root.name == cache_key(tiny, root / "corpus")

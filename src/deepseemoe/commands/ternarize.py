@@ -9,8 +9,6 @@ import typer
 
 from deepseemoe.commands._options import device_map_option, dtype_option, trust_remote_code_option
 
-TERNARY_JSON = "ternary.json"
-
 
 def register(app: typer.Typer) -> None:
     @app.command()
@@ -98,6 +96,7 @@ def save_model_folder(handle, out: Path, result: dict) -> None:
     import shutil
     import tempfile
 
+    from deepseemoe.models.ternary import TERNARY_JSON
     from deepseemoe.runs.atomic import atomic_write_json
 
     out.parent.mkdir(parents=True, exist_ok=True)

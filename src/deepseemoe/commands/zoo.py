@@ -12,7 +12,8 @@ zoo_app = typer.Typer(help="The small models the project trains itself.", no_arg
 @zoo_app.command("train")
 def train(
     data: Path = typer.Option(Path("runs/corpus"), "--data", help="A folder made by `deepseemoe corpus build`."),
-    recipe: str = typer.Option("demo", help="demo (CPU, minutes), tiny (seconds), gpu."),
+    recipe: str = typer.Option("demo", help="demo (CPU, minutes), tiny (seconds), gpu; each also as NAME-ternary "
+                               "(ternary experts, router and dense MLP, trained straight-through)."),
     separate: bool = typer.Option(False, "--separate", help="Also train the third kind: experts trained "
                                   "separately, one per domain beside a frozen public base, merged FlexOlmo-style."),
     cache_dir: Path = typer.Option(None, help="Model cache (default ~/.cache/deepseemoe or $DEEPSEEMOE_CACHE)."),
@@ -44,6 +45,8 @@ def train(
     for d in sorted(r["val_loss"]["moe"]):
         table.add_row(d, *(f"{v[d]:.3f}" for v in columns.values()), f"{r['unigram_baseline'][d]:.3f}")
     Console().print(table)
+    for kind, t in r.get("ternary", {}).items():
+        lines.append(f"{kind}: {', '.join(t['parts'])} ternary, {100 * t['zero_share']:.1f}% of their trits 0")
     Console().print("\n".join(lines))
 
 

@@ -30,6 +30,7 @@ from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.models.spec import ModelHandle
 
 PARTS = ("experts", "router", "mlp")
+TERNARY_JSON = "ternary.json"  # beside a ternary model: which tensors, their zero shares
 EPS = 1e-5  # BitNet's floor on the scale: an all-zero matrix stays zero
 
 
@@ -135,8 +136,10 @@ class _AbsmeanSTE(nn.Module):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         s = absmean_scale(w.detach(), self.in_dim, self.per, self.stacked)
-        q = torch.clamp(torch.round(w / s), -1, 1) * s
-        return w + (q - w).detach()
+        q = (torch.clamp(torch.round(w / s), -1, 1) * s).detach()
+        # value exactly W_q (w − w.detach() is exactly 0), gradient exactly the identity; the usual
+        # w + (W_q − w).detach() would leave rounding noise in the weights that `bake` writes
+        return q + (w - w.detach())
 
 
 def train_ternary(handle: ModelHandle, parts: tuple[str, ...] = PARTS, per: str = "tensor") -> list[TernaryTarget]:
@@ -153,3 +156,15 @@ def bake(targets: list[TernaryTarget], per: str = "tensor") -> list[TernaryTenso
         parametrize.remove_parametrizations(t.module, t.attr, leave_parametrized=True)
     return [describe(t, per) for t in targets]
 
+
+
+
+@torch.no_grad()
+def baked_state_dict(model: nn.Module, targets: list[TernaryTarget]) -> dict[str, torch.Tensor]:
+    """The state dict `bake` would leave, taken mid-training without touching the model (a checkpoint):
+    each parametrized tensor under its plain name, holding W_q. (Baking a deep copy instead would not
+    do: parametrization edits the module's class, which a copy shares.)"""
+    state = {k: v for k, v in model.state_dict().items() if ".parametrizations." not in k}
+    for t in targets:
+        state[t.name] = getattr(t.module, t.attr).detach().clone()
+    return state

@@ -10,7 +10,7 @@ this regime (measured when the demo was planned).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from deepseemoe.errors import DeepSeeMoEError
 
@@ -36,6 +36,9 @@ class Recipe:
     checkpoints: tuple[float, ...] = (0.01, 0.1, 0.4)  # fractions of `steps` kept for router saturation
     max_bytes_per_domain: int = 2_500_000
     tokenizer_bytes_per_domain: int = 1_500_000
+    # "" (float), "ffn" (ternary experts / dense MLP) or "ffn+router": trained through a straight-through
+    # estimator (models/ternary.py), the same data and budget as the float pair
+    ternary: str = ""
 
     @property
     def tokens(self) -> int:
@@ -57,6 +60,22 @@ RECIPES = {
                   seq_len=512, batch_size=64, steps=6000, lr=1e-3, warmup=300, max_bytes_per_domain=40_000_000,
                   tokenizer_bytes_per_domain=5_000_000),
 }
+
+
+# the ternary pairs: the float recipes with ternary experts, router and dense MLP (BitNet b1.58)
+RECIPES.update({f"{name}-ternary": replace(r, name=f"{name}-ternary", ternary="ffn+router")
+                for name, r in list(RECIPES.items())})
+
+
+def ternary_parts(recipe: Recipe, moe: bool) -> tuple[str, ...]:
+    """What a recipe makes ternary in the MoE (experts[, router]) or in the dense twin (mlp)."""
+    if not recipe.ternary:
+        return ()
+    if recipe.ternary not in ("ffn", "ffn+router"):
+        raise DeepSeeMoEError(f"recipe {recipe.name}: ternary={recipe.ternary!r} is not '', 'ffn' or 'ffn+router'")
+    if not moe:
+        return ("mlp",)
+    return ("experts", "router") if recipe.ternary == "ffn+router" else ("experts",)
 
 
 def get_recipe(name: str) -> Recipe:

@@ -23,7 +23,7 @@ import numpy as np
 
 from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.runs.atomic import atomic_write_json, read_json
-from deepseemoe.zoo.recipes import Recipe, dense_config, get_recipe, moe_config
+from deepseemoe.zoo.recipes import Recipe, dense_config, get_recipe, moe_config, ternary_parts
 from deepseemoe.zoo.tokenizer import read_jsonl, train_tokenizer
 
 
@@ -133,19 +133,45 @@ def _train_one(kind: str, recipe: Recipe, tokenizer_dir: str, windows_path: str,
     model = AutoModelForCausalLM.from_config(config, **kwargs)
     ckpts = set(checkpoint_steps(recipe))
     out = Path(out_dir)
+    parts = ternary_parts(recipe, kind == "moe")
+    targets = []
+    if parts:  # ternary in every forward pass from the first step, float weights underneath (STE)
+        from deepseemoe.models.load import handle_from_model
+        from deepseemoe.models.ternary import train_ternary
+
+        targets = train_ternary(handle_from_model(model), parts)
 
     def save_checkpoint(done: int) -> None:
         if done in ckpts:
-            model.save_pretrained(out / "checkpoints" / f"step-{done:06d}")
-            tokenizer.save_pretrained(out / "checkpoints" / f"step-{done:06d}")
+            folder = out / "checkpoints" / f"step-{done:06d}"
+            if targets:  # what the forward pass uses: the ternary weights
+                from deepseemoe.models.ternary import baked_state_dict
+
+                model.save_pretrained(folder, state_dict=baked_state_dict(model, targets))
+            else:
+                model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
 
     train_steps(model, torch.from_numpy(np.load(windows_path)), steps=recipe.steps, lr=recipe.lr,
                 warmup=recipe.warmup, batch_size=recipe.batch_size, seed=recipe.seed,
                 weight_decay=recipe.weight_decay, log_path=log_path,
                 forward_kwargs={"output_router_logits": True} if kind == "moe" else None,  # + the router aux loss
                 after_step=save_checkpoint)
+    if targets:
+        from deepseemoe.models.ternary import TERNARY_JSON, bake
+
+        tensors = bake(targets)
+        atomic_write_json(out / TERNARY_JSON, {"parts": list(parts), "per": "tensor",
+                                               "tensors": [t.to_dict() for t in tensors]})
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def _zero_share(ternary: dict) -> dict:
+    """ternary.json with the share of zero trits over all its tensors added."""
+    sizes = [math.prod(t["shape"]) for t in ternary["tensors"]]
+    zero = sum(t["zero_share"] * n for t, n in zip(ternary["tensors"], sizes, strict=True)) / sum(sizes)
+    return {**ternary, "zero_share": zero}
 
 
 def default_cache_dir() -> Path:
@@ -157,7 +183,10 @@ def cache_key(recipe: Recipe, corpus_dir: Path) -> str:
     import torch
     import transformers
 
-    h = hashlib.sha256(json.dumps(recipe.to_dict(), sort_keys=True).encode())
+    settings = recipe.to_dict()
+    if not settings["ternary"]:  # added later: float recipes keep the keys (and caches) they had
+        del settings["ternary"]
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for name in ("train.jsonl", "val.jsonl"):
         with open(corpus_dir / name, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
@@ -287,6 +316,11 @@ def train_zoo(corpus_dir: str | Path, *, recipe: str | Recipe = "demo", cache_di
         "unigram_baseline": unigram_cross_entropy(train_w, train_dom, val_w, val_dom, recipe.vocab_size),
         "checkpoints": {str(k): str(v) for k, v in checkpoints.items()},
     }
+    if recipe.ternary:
+        from deepseemoe.models.ternary import TERNARY_JSON
+
+        report["ternary"] = {k: _zero_share(read_json(root / k / TERNARY_JSON, "train the models again (--retrain)"))
+                             for k in procs}
     (root / "train_windows.npy").unlink(missing_ok=True)
     atomic_write_json(done, report)
     return ZooModels(root, root / "moe", root / "dense", checkpoints, report)
