@@ -224,3 +224,42 @@ def test_activation_cache_trains_the_same_coder_without_the_model(tmp_path, tiny
     shard.write_bytes(shard.read_bytes()[:-8] + b"\0" * 8)
     result = CliRunner().invoke(app, ["train", cfg("fifth")])
     assert result.exit_code != 0 and "checksum" in str(result.exception)
+
+
+def test_ternary_coder_straight_through_and_saved_ternary(tmp_path, tiny_olmoe_dir, big_corpus):
+    """`--ternary both`: forward and backward see W_q (one absmean scale per latent), the optimizer
+    steps the float weights underneath, and the saved coder holds the ternary weights."""
+    from deepseemoe.dictionaries.coder import CoderConfig, SparseCoder
+
+    torch.manual_seed(0)
+    coder = SparseCoder(CoderConfig(d_in=8, n_latents=16, k=3, ternary="both"))
+    float_enc, float_dec = coder.W_enc.detach().clone(), coder.W_dec.detach().clone()
+    x = torch.randn(32, 8)
+    with coder.ternary_weights():
+        for w, f, over in ((coder.W_enc, float_enc, 0), (coder.W_dec, float_dec, 1)):
+            s = f.abs().mean(over, keepdim=True)  # one scale per latent: W_enc's columns, W_dec's rows
+            torch.testing.assert_close(w, torch.clamp(torch.round(f / s), -1, 1) * s)
+        loss = (coder(x).out - x).pow(2).sum()
+        loss.backward()
+        ternary_state = {k: v.detach().clone() for k, v in coder.state_dict().items()}
+    assert torch.equal(coder.W_enc, float_enc) and torch.equal(coder.W_dec, float_dec)  # float again
+    # the gradient is the one a float coder holding W_q gets (straight through)
+    same = SparseCoder(CoderConfig(d_in=8, n_latents=16, k=3))
+    same.load_state_dict(ternary_state)
+    (same(x).out - x).pow(2).sum().backward()
+    torch.testing.assert_close(coder.W_enc.grad, same.W_enc.grad)
+    torch.testing.assert_close(coder.W_dec.grad, same.W_dec.grad)
+
+    out = tmp_path / "tern"
+    run(["train", "--model", str(tiny_olmoe_dir), "--data", str(big_corpus), "--kind", "sae", "--layers", "1",
+         "--k", "4", "--expansion-factor", "2", "--ternary", "both", "--tokens", "1280", "--ctx-len", "32",
+         "--out", str(out)])
+    saved, _ = load_native(out / "dictionaries" / "sae_1")
+    assert saved.cfg.ternary == "both"
+    assert all(len(torch.unique(col)) <= 3 for col in saved.W_enc.T)
+    assert all(len(torch.unique(row)) <= 3 for row in saved.W_dec)
+    metrics = json.loads((out / "dictionaries" / "sae_1" / "config.json").read_text())["meta"]["final"]
+    assert 0 < metrics["fvu"] < 2
+    result = CliRunner().invoke(app, ["train", "--model", str(tiny_olmoe_dir), "--data", str(big_corpus), "--kind",
+                                      "clt", "--layers", "all", "--ternary", "both", "--out", str(tmp_path / "x")])
+    assert result.exit_code != 0 and "cross-layer" in str(result.exception or result.output)

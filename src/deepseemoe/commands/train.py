@@ -23,6 +23,8 @@ def register(app: typer.Typer) -> None:
         activation: str = typer.Option("topk", help="Without a config: topk, batchtopk, jumprelu or relu."),
         k: int = typer.Option(32, min=1, help="Without a config: active latents per token (TopK / BatchTopK)."),
         expansion_factor: int = typer.Option(16, min=1, help="Without a config: latents per input dimension."),
+        ternary: str = typer.Option("", help="Without a config: ternary weights (BitNet absmean, one scale per "
+                                    "latent, trained straight-through): encoder, decoder or both."),
         tokens: int = typer.Option(None, min=1, help="Training tokens."),
         ctx_len: int = typer.Option(None, "--ctx-len", min=2, help="Context length of the model's forward passes."),
         dtype: str = dtype_option(),
@@ -50,7 +52,7 @@ def register(app: typer.Typer) -> None:
                 raise DeepSeeMoEError("pass a run config, or --layers (with --model, --data, --out) for one coder")
             ls = "all" if layers == "all" else [int(v) for v in layers.split(",")]
             raw = {"coders": [{"kind": kind, "layers": ls, "site": site, "activation": activation, "k": k,
-                               "expansion_factor": expansion_factor}]}
+                               "expansion_factor": expansion_factor, "ternary": ternary}]}
         overrides = {"model": model, "data": data, "out": str(out) if out else None, "tokens": tokens,
                      "model_device": model_device, "coder_device": coder_device, "formats": formats or None,
                      "ctx_len": ctx_len, "dtype": dtype, "device_map": device_map}

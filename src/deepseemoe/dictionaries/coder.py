@@ -15,6 +15,11 @@ Activations: TopK (per token, per source layer for a CLT), BatchTopK (the k·T l
 batch, per source layer; its running threshold makes it a JumpReLU at inference), JumpReLU
 (straight-through threshold gradient), ReLU (+ L1 in the loss).
 
+Ternary coders (`ternary`: encoder, decoder or both; not CLTs): BitNet b1.58's absmean rule with one
+scale per latent — W_enc's column f and W_dec's row f become s_f·{−1, 0, 1}. Trained as in
+BinaryConnect: the forward and backward run on the ternary weights (`ternary_weights()`), the
+optimizer updates float weights kept underneath; `bake_ternary_()` leaves the ternary ones.
+
 Input normalisation: s [D_in] and t [D_out] are per-dimension scales (constant within a site,
 e.g. √D / mean ‖x_site‖), applied before encoding and undone after decoding; `folded()` returns an
 equivalent coder with them absorbed into the weights, which is what the exchange formats store.
@@ -22,6 +27,8 @@ equivalent coder with them absorbed into the weights, which is what the exchange
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -30,6 +37,7 @@ from torch import nn
 from deepseemoe.errors import DeepSeeMoEError
 
 ACTIVATIONS = ("topk", "batchtopk", "jumprelu", "relu")
+TERNARY = ("", "encoder", "decoder", "both")
 
 
 @dataclass
@@ -45,10 +53,15 @@ class CoderConfig:
     cross_layer: bool = False  # CLT: latents of site i write to target sites i..n_sites-1
     jumprelu_init_threshold: float = 1e-3
     jumprelu_bandwidth: float = 1e-3
+    ternary: str = ""  # "", "encoder", "decoder" or "both" (module docstring)
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
             raise DeepSeeMoEError(f"unknown activation {self.activation!r}; choose from {', '.join(ACTIVATIONS)}")
+        if self.ternary not in TERNARY:
+            raise DeepSeeMoEError(f"ternary={self.ternary!r}: choose encoder, decoder or both (or leave it out)")
+        if self.ternary and self.cross_layer:
+            raise DeepSeeMoEError("ternary weights are not available for cross-layer transcoders; drop ternary")
         if self.n_latents == 0:
             self.n_latents = self.expansion_factor * self.d_in
         S = self.n_sites
@@ -196,6 +209,45 @@ class _CoderBase(nn.Module):
         self.register_buffer("threshold", torch.zeros(F, **kw) if cfg.activation == "batchtopk" else None)
         self.register_buffer("input_scale", torch.ones(cfg.d_in, **kw))
         self.register_buffer("target_scale", torch.ones(cfg.out_dim, **kw))
+
+    def _ternary_params(self) -> list[tuple[nn.Parameter, int]]:
+        """(parameter, the dimension its per-latent scale averages over): W_enc [D, F] per column,
+        W_dec [F, D] per row."""
+        which = getattr(self.cfg, "ternary", "")
+        out = []
+        if which in ("encoder", "both"):
+            out.append((self.W_enc, 0))
+        if which in ("decoder", "both"):
+            out.append((self.W_dec, 1))
+        return out
+
+    @contextlib.contextmanager
+    def ternary_weights(self) -> Iterator[None]:
+        """Inside: the ternary parameters hold their ternarisation (forward and backward see W_q, so the
+        gradient is the straight-through one); on exit the float weights are back, for the optimizer."""
+        from deepseemoe.models.ternary import ternarize
+
+        kept = []
+        with torch.no_grad():
+            for p, over in self._ternary_params():
+                kept.append((p, p.detach().clone()))
+                trits, s = ternarize(p, in_dim=over, per="row")
+                p.copy_(trits.to(p.dtype) * s.to(p.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, w in kept:
+                    p.copy_(w)
+
+    @torch.no_grad()
+    def bake_ternary_(self) -> None:
+        """Leave the ternary weights in place (the end of training)."""
+        from deepseemoe.models.ternary import ternarize
+
+        for p, over in self._ternary_params():
+            trits, s = ternarize(p, in_dim=over, per="row")
+            p.copy_(trits.to(p.dtype) * s.to(p.dtype))
 
     @property
     def thresholds(self) -> torch.Tensor | None:

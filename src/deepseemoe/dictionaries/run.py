@@ -376,6 +376,8 @@ def train_run(spec: RunSpec, *, resume: bool = False, progress: bool = True,
                     "hooks_in": [handle.hook_names(s) for s in src], "hooks_out": [handle.hook_names(s) for s in tgt],
                     "tokens": trainer.tokens, "steps": trainer.step, "final": final.get(name, {}),
                     "train": spec.train.to_dict()}
+            if coder.cfg.ternary:  # what was trained: the ternary weights (the float ones were its optimizer's)
+                coder.bake_ternary_()
             save_native(coder.eval(), run.coder_dir(name), meta=meta)
     if split:  # rank 0 exports every coder, read back from the files the ranks wrote
         import torch.distributed as dist

@@ -17,7 +17,7 @@ from dataclasses import field as dc_field
 from pathlib import Path
 
 from deepseemoe.capture.core import Site
-from deepseemoe.dictionaries.coder import ACTIVATIONS, CoderConfig
+from deepseemoe.dictionaries.coder import ACTIVATIONS, TERNARY, CoderConfig
 from deepseemoe.dictionaries.trainer import TrainConfig
 from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.runs.atomic import read_yaml_mapping
@@ -40,12 +40,17 @@ class CoderSpec:
     # ReLU: L1 / JumpReLU: L0 coefficient of this coder; unset: the run's train.sparsity_coef, else
     # steered so that L0 approaches k (for TopK/BatchTopK, k is L0 itself)
     sparsity_coef: float | None = None
+    ternary: str = ""  # "encoder", "decoder" or "both": ternary weights (coder.py), trained straight-through
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise DeepSeeMoEError(f"unknown coder kind {self.kind!r}; choose from {', '.join(KINDS)}")
         if self.activation not in ACTIVATIONS:
             raise DeepSeeMoEError(f"unknown activation {self.activation!r}; choose from {', '.join(ACTIVATIONS)}")
+        if self.ternary not in TERNARY:
+            raise DeepSeeMoEError(f"ternary: {self.ternary!r}; choose encoder, decoder or both (or leave it out)")
+        if self.ternary and self.kind == "clt":
+            raise DeepSeeMoEError("ternary weights are not available for cross-layer transcoders; drop ternary")
         if isinstance(self.layers, int):
             self.layers = [self.layers]
         # automatic names: kind, then the site when an SAE/crosscoder reads another than resid_out (two
@@ -95,7 +100,7 @@ class CoderSpec:
         n_latents = self.n_latents or self.expansion_factor * d_source * S  # a CLT: per layer × layers
         return CoderConfig(d_in=S * d_source, d_out=None if sae_like else S * d_target, n_latents=n_latents,
                            activation=self.activation, k=self.k, skip=self.kind == "skip_transcoder",
-                           n_sites=S, cross_layer=self.kind == "clt")
+                           n_sites=S, cross_layer=self.kind == "clt", ternary=self.ternary)
 
 
 @dataclass

@@ -275,27 +275,29 @@ class CoderTrainer:
         x, y = batch[:, :d_in], batch[:, d_in:]
         variance = self._global_variance(coder, y)
         use_autocast = self.cfg.autocast and x.device.type == "cuda"
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
-            out = coder(x)
-        recon = out.out.float()
-        loss_fvu = self._fvu(coder, y, recon, variance)
-        coef = self.sparsity_coef(name)
-        if coef:
-            loss = loss_fvu + coef * sparsity_penalty(coder, out) / self.world
-        else:
-            loss = loss_fvu
-        fired = out.fired()
-        self._all_reduce(fired, op="max")
-        self.since_fired[name] += self.cfg.batch_size
-        self.since_fired[name][fired.bool()] = 0
-        dead = self.since_fired[name] >= self.cfg.dead_after_tokens
-        aux = torch.zeros((), device=x.device)
-        if coder.cfg.activation in ("topk", "batchtopk") and bool(dead.any()):
-            aux = auxk_loss(coder, y, out, dead, k_aux=min(coder.cfg.n_latents // 2, 2 * coder.cfg.k),
-                            normalized=lambda r, rec: self._fvu(coder, r, rec, self._global_variance(coder, r)))
-            loss = loss + self.cfg.auxk_alpha * aux
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        # a ternary coder runs forward and backward on its ternary weights, steps its float ones
+        with coder.ternary_weights():
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
+                out = coder(x)
+            recon = out.out.float()
+            loss_fvu = self._fvu(coder, y, recon, variance)
+            coef = self.sparsity_coef(name)
+            if coef:
+                loss = loss_fvu + coef * sparsity_penalty(coder, out) / self.world
+            else:
+                loss = loss_fvu
+            fired = out.fired()
+            self._all_reduce(fired, op="max")
+            self.since_fired[name] += self.cfg.batch_size
+            self.since_fired[name][fired.bool()] = 0
+            dead = self.since_fired[name] >= self.cfg.dead_after_tokens
+            aux = torch.zeros((), device=x.device)
+            if coder.cfg.activation in ("topk", "batchtopk") and bool(dead.any()):
+                aux = auxk_loss(coder, y, out, dead, k_aux=min(coder.cfg.n_latents // 2, 2 * coder.cfg.k),
+                                normalized=lambda r, rec: self._fvu(coder, r, rec, self._global_variance(coder, r)))
+                loss = loss + self.cfg.auxk_alpha * aux
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
         if self.world > 1:
             for p in coder.parameters():
                 if p.grad is not None:
