@@ -157,6 +157,8 @@ def write_report(study: Study, out_path: str | Path, *, title: str, notes: list[
         sections.append(("causal", "causal checks"))
     if extra["removal"]:
         sections.append(("removal", "removing a behaviour"))
+    if extra["wiring"]:
+        sections.append(("wiring", "wiring"))
     if extra["comparison"]:
         sections.append(("compare", "trained separately vs together" if "separate" in extra["comparison"].sides
                          else "MoE vs dense"))
@@ -226,7 +228,7 @@ def _analyses_context(study: Study) -> dict:
         removal = {"table": removal_table(study.removal),
                    "figure": _png(study.removal_figure) if study.removal_figure else None}
     return {"coders": coders or None, "maps": maps or None, "graphs": graphs or None, "causal": causal,
-            "removal": removal,
+            "removal": removal, "wiring": study.wiring,
             "comparison": comparison_table(study.comparison) if study.comparison is not None else None,
             "explanations": _explanations_context(study) or None}
 

@@ -5,6 +5,7 @@
     STUDY/*/config.yaml + evaluation.json   dictionary runs (runs/dictionary.py) with their maps and graphs
     STUDY/*/ablation.json (+ figures/*.png)  causal checks (`ablate`)
     STUDY/*/removal.json (+ removal.png)     a behaviour removed by ablation (`ablate --target`)
+    STUDY/*/wiring.json             modules of the feed-forward neurons' weight graph (`wiring`)
     STUDY/*/comparison.json         the MoE-vs-dense comparison (`compare`)
     run.json's "zoo" folder, report.json    the models' training report, when the zoo trained them
 
@@ -23,7 +24,7 @@ from deepseemoe.runs.explanations import ExplanationStore, stores_in
 from deepseemoe.runs.routing import RoutingRun
 
 FIX = "run the verb that wrote it again"
-ABLATION, COMPARISON, REMOVAL = "ablation.json", "comparison.json", "removal.json"
+ABLATION, COMPARISON, REMOVAL, WIRING = "ablation.json", "comparison.json", "removal.json", "wiring.json"
 
 
 def save_ablation(folder: str | Path, result: dict, draw: Callable[[Path], object] | None = None) -> Path:
@@ -70,6 +71,7 @@ class Study:
     comparison: dict | None = None
     removal: dict | None = None
     removal_figure: Path | None = None
+    wiring: dict | None = None
     zoo_report: dict | None = None
     explanations: list[ExplanationStore] = field(default_factory=list)  # the run's experts', the dictionaries'
 
@@ -98,6 +100,8 @@ class Study:
             if (sub / REMOVAL).exists() and study.removal is None:
                 study.removal = read_json(sub / REMOVAL, FIX)
                 study.removal_figure = sub / "removal.png" if (sub / "removal.png").exists() else None
+            if (sub / WIRING).exists() and study.wiring is None:
+                study.wiring = read_json(sub / WIRING, FIX)
             if (sub / COMPARISON).exists() and study.comparison is None:
                 study.comparison = read_json(sub / COMPARISON, FIX)
         zoo = run.meta.get("zoo")
