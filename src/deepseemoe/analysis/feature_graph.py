@@ -148,19 +148,26 @@ def graph_tables(fg: FeatureGraph, modules: Modules) -> dict:
     return {"nodes": node_table, "edges": edge_table}
 
 
-def layout_png(fg: FeatureGraph, modules: Modules, seed: int = 0, max_iter: int = 100) -> bytes:
-    """ForceAtlas2 layout (networkx) of the graph's connected nodes, coloured by module; experts drawn
-    as labelled squares."""
+def layout_png(fg: FeatureGraph, modules: Modules, seed: int = 0, max_iter: int = 200) -> bytes:
+    """ForceAtlas2 layout (`layout.forceatlas2`) of the graph's connected nodes, coloured by module;
+    experts drawn as labelled squares."""
     import io
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import networkx as nx
+    import numpy as np
+
+    from deepseemoe.analysis.layout import forceatlas2
 
     g = fg.graph.subgraph([n for n in fg.graph if fg.graph.degree(n) > 0])
-    pos = nx.forceatlas2_layout(g, max_iter=max_iter, seed=seed, weight="weight", dim=2)
+    nodes = list(g)
+    index = {n: i for i, n in enumerate(nodes)}
+    edges = np.array([(index[u], index[v]) for u, v in g.edges()], dtype=np.int64).reshape(-1, 2)
+    weights = np.array([d.get("weight", 1.0) for _, _, d in g.edges(data=True)])
+    xy = forceatlas2(len(nodes), edges, weights, iterations=max_iter, seed=seed)
+    pos = {n: xy[i] for n, i in index.items()}
     member = modules.membership()
     cmap = plt.get_cmap("tab20")
     fig, ax = plt.subplots(figsize=(8, 8), dpi=110)
