@@ -51,7 +51,7 @@ def test_reduced_demo(tmp_path):
     # and the removal of one domain, from the MoE and from its dense twin, shows removal.json's numbers
     removal = json.loads((tmp_path / "demo" / "remove" / "removal.json").read_text())
     assert set(removal["models"]) == {"moe", "dense"} and removal["target"]["domain"]
-    assert {"expert", "expert_neuron"} <= set(removal["models"]["moe"]["kinds"])
+    assert {"expert", "expert_neuron", "feature"} <= set(removal["models"]["moe"]["kinds"])
     assert "mlp_neuron" in removal["models"]["dense"]["kinds"]
     assert f"<h2 id=\"removal\">Removing a behaviour: {removal['target']['label']}</h2>" in page
     for label, m in removal["models"].items():

@@ -138,3 +138,59 @@ def test_target_errors(planted, cli, tmp_path):
         assert r.code == 2, (args, r.err)
         assert len(r.error_lines) == 1 and words in r.error_lines[0], (args, r.err)
     assert not (tmp_path / "x").exists()
+
+
+def test_feature_units_of_a_hand_built_sae(planted):
+    """An SAE on layer 1's MoE input whose feature 0 reads and writes the residual dimension that marks
+    `a` tokens (dim 0, > 0 only on them), feature 1 the opposite sign: removing feature 0 (the SAE's
+    error kept) zeroes that dimension on `a` tokens and nowhere else — the same as a hook doing just
+    that in a plain forward."""
+    from deepseemoe.analysis.removal import Dictionary, removal_study
+    from deepseemoe.capture.core import Site
+    from deepseemoe.data.sources import TextSource, iter_documents
+    from deepseemoe.data.tokens import pack_documents
+    from deepseemoe.dictionaries.coder import CoderConfig, SparseCoder
+    from deepseemoe.models.load import load_model
+
+    folder, corpus, _ = planted
+    handle = load_model(str(folder))
+    D = handle.model.config.hidden_size
+    coder = SparseCoder(CoderConfig(d_in=D, n_latents=2, k=1))
+    with torch.no_grad():
+        coder.W_enc.zero_()
+        coder.W_dec.zero_()
+        coder.W_enc[0, 0], coder.W_dec[0, 0] = 1.0, 1.0
+        coder.W_enc[0, 1], coder.W_dec[1, 0] = -1.0, -1.0
+    site = Site("block_in", 1)
+    batches = list(pack_documents(handle.tokenizer, iter_documents(TextSource(str(corpus), domain_field="domain")),
+                                  ctx_len=21, batch_size=4))
+    result = removal_study([("moe", handle, batches)], "tokens:" + ",".join(f"a{i}" for i in range(10)), units=1,
+                           kinds=("feature",), draws=0, dictionary=Dictionary("hand", coder, site))
+    row = result["models"]["moe"]["kinds"]["feature"]
+    assert [c["unit"] for c in row["chosen"]] == [0] and result["dictionary"] == "hand"
+    assert row["selected"]["off_target"] == 0
+
+    # the reference: a plain forward whose layer-1 MoE input has dim 0 zeroed where it is positive
+    def cut(mod, args, kwargs):
+        h = (args[0] if args else kwargs["hidden_states"]).clone()
+        h[..., 0] = torch.where(h[..., 0] > 0, torch.zeros_like(h[..., 0]), h[..., 0])
+        return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
+
+    from deepseemoe.analysis.causal import LossMeter
+    from deepseemoe.analysis.compare import split_halves
+    from deepseemoe.analysis.removal import Target
+
+    _, evaluate = split_halves(batches)
+    target = Target.parse("tokens:" + ",".join(f"a{i}" for i in range(10)), handle.tokenizer)
+    meter = LossMeter(handle, evaluate, [target.labels(b) for b in evaluate])
+    module = handle.site_module(site)
+
+    class Hooked:
+        def __enter__(self):
+            self.h = module.register_forward_pre_hook(cut, with_kwargs=True)
+
+        def __exit__(self, *exc):
+            self.h.remove()
+    expected = meter.measure(Hooked)["by_domain"]["target"]
+    assert expected > 0.1
+    assert row["selected"]["target"] == pytest.approx(expected, rel=1e-4)

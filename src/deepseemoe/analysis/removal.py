@@ -6,14 +6,15 @@ document is off-target (packing's cross-document predictions count for neither, 
 
 Units (one kind at a time, all layers pooled), each with its activity a_u(t) ≥ 0 on token t
 (`compare.UnitActivity`): experts (the routing weight), expert neurons, dense MLP neurons,
-attention heads. Specificity of unit u, on the *selection* half of the held-out contexts:
+attention heads; and with a dictionary, its features (the feature's activation at the SAE's site). Specificity of unit u, on the *selection* half of the held-out contexts:
 
     s_u = (mean_target a_u − mean_off a_u) / mean_{u' in u's layer} mean_all a_u'
 
 (the difference of means, in units of the layer's typical activity, so that layers of different
 scale compete fairly). The n most specific units of a kind are ablated together — experts by a
 zero routing weight (slot kept, no renormalisation), neurons by a zero down-projection input,
-heads by a zero slice of the o_proj input — and ΔCE is measured on the *evaluation* half, on
+heads by a zero slice of the o_proj input, features by removing f_i(x)·d_i from the site (the
+SAE's error kept, `steering.FeatureEdit`; at every position of the context) — and ΔCE is measured on the *evaluation* half, on
 target and off-target predictions separately. Beside it: n units of the same kind drawn at
 random (`draws` times), the same-size choice with no knowledge of the target.
 
@@ -42,7 +43,7 @@ from deepseemoe.interventions.routing import ablate, route_intervention
 from deepseemoe.models.experts import has_fused_layout
 from deepseemoe.models.spec import ModelHandle
 
-KINDS = ("expert", "expert_neuron", "mlp_neuron", "attention_head")
+KINDS = ("expert", "expert_neuron", "mlp_neuron", "attention_head", "feature")
 TARGET, OTHER = "target", "off_target"
 
 
@@ -106,6 +107,15 @@ class Target:
 
 
 @dataclass
+class Dictionary:
+    """A single-site SAE of the model, whose features are units too."""
+
+    name: str
+    coder: object  # dictionaries.coder.Coder
+    site: object  # capture.core.Site
+
+
+@dataclass
 class Units:
     """All units of one kind in a model: (layer, unit) pairs, each one's parameters, and how to ablate a set."""
 
@@ -115,8 +125,9 @@ class Units:
     ablate: Callable[[list[tuple[int, int]]], contextlib.AbstractContextManager]
 
 
-def unit_inventory(handle: ModelHandle, kinds: tuple[str, ...] = KINDS) -> dict[str, Units]:
-    """The unit kinds this model has (of `kinds`)."""
+def unit_inventory(handle: ModelHandle, kinds: tuple[str, ...] = KINDS,
+                   dictionary: Dictionary | None = None) -> dict[str, Units]:
+    """The unit kinds this model has (of `kinds`); features only with a `dictionary`."""
     out: dict[str, Units] = {}
     moes = handle.moe_layers
     if "expert" in kinds and moes:
@@ -140,6 +151,14 @@ def unit_inventory(handle: ModelHandle, kinds: tuple[str, ...] = KINDS) -> dict[
             attn = [_params(_attention_module(handle, la)) / h for la, (_, h) in heads.items()]
             out["attention_head"] = Units("attention_head", [(la, u) for la, (_, h) in heads.items() for u in range(h)],
                                           float(np.mean(attn)), lambda chosen: _zero_heads(heads, chosen))
+    if "feature" in kinds and dictionary is not None:
+        from deepseemoe.analysis.steering import FeatureEdit
+
+        d = dictionary
+        FeatureEdit(handle, d.coder, d.site, 0, 0.0)  # refuses what it cannot edit, before any work
+        per = float(2 * d.coder.cfg.d_in + 1)  # its encoder column, decoder row and bias
+        out["feature"] = Units("feature", [(d.site.layer, f) for f in range(d.coder.cfg.n_latents)], per,
+                               lambda chosen: FeatureEdit(handle, d.coder, d.site, [f for _, f in chosen], 0.0))
     return out
 
 
@@ -153,17 +172,19 @@ def specificity(mass: np.ndarray, counts: np.ndarray) -> np.ndarray:
 
 def remove_target(handle: ModelHandle, batches: list, target: Target, *, share: float | None = None,
                   units: int | None = None, kinds: tuple[str, ...] = KINDS, draws: int = 3, seed: int = 0,
-                  progress: bool = False, label: str = "model") -> dict:
+                  progress: bool = False, label: str = "model", dictionary: Dictionary | None = None) -> dict:
     """For each unit kind: the most specific units ablated together vs `draws` random same-size sets,
     target vs off-target ΔCE on the evaluation half (module docstring). `share` is the budget, a share
     of each kind's units; `units` fixes the count instead."""
     if (share is None) == (units is None):
         raise ValueError("give exactly one of share and units")
-    inventory = unit_inventory(handle, kinds)
+    inventory = unit_inventory(handle, kinds, dictionary)
     if not inventory:
         raise DeepSeeMoEError(f"{handle.name} has none of the unit kinds {', '.join(kinds)}")
     select, evaluate = split_halves(batches)
     counts, mass = _activity(handle, select, target, "expert_neuron" in inventory, progress, label)
+    if "feature" in inventory:
+        mass["feature"] = {dictionary.site.layer: _feature_activity(handle, dictionary, select, target)}
     if counts[1] == 0:
         raise DeepSeeMoEError(f"no token of the selection half belongs to the target ({target.label}); "
                               "give more --tokens, or a target that occurs in --data")
@@ -219,6 +240,30 @@ def _activity(handle, batches, target, expert_neurons, progress, label):
         counts += np.bincount(classes.cpu().numpy(), minlength=2)
         acts.run(b.input_ids.to(device), b.attention_mask.to(device), keep, classes)
     return counts, acts.mass
+
+
+@torch.no_grad()
+def _feature_activity(handle: ModelHandle, d: Dictionary, batches: list, target: Target) -> np.ndarray:
+    """[F, 2] the dictionary's feature activations summed over off-target (0) and target (1) tokens."""
+    from deepseemoe.interventions.sites import rewrite_site
+
+    coder = d.coder.folded()
+    device = next(handle.model.parameters()).device
+    mass = torch.zeros(coder.cfg.n_latents, 2, dtype=torch.float64)
+    for b in batches:
+        keep, classes = b.keep, target.classes(b)[b.keep]
+        onehot = torch.nn.functional.one_hot(classes, 2).double()
+
+        def see(h, keep=keep, onehot=onehot):
+            x = h.reshape(-1, h.shape[-1]).to(coder.b_dec.device, torch.float32)[keep.to(coder.b_dec.device)]
+            mass.add_(coder.encode(x).double().cpu().T @ onehot)
+            return h
+        hook = rewrite_site(handle, d.site, see)
+        try:
+            handle.model(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device), use_cache=False)
+        finally:
+            hook.remove()
+    return mass.numpy()
 
 
 def _split(res: dict) -> dict:
@@ -332,10 +377,11 @@ def default_budget(handle: ModelHandle) -> float:
 
 def removal_study(sides: list[tuple[str, ModelHandle, list]], target: str, *, budget: float | None = None,
                   units: int | None = None, kinds: tuple[str, ...] = KINDS, draws: int = 3, seed: int = 0,
-                  progress: bool = False) -> dict:
+                  progress: bool = False, dictionary: Dictionary | None = None) -> dict:
     """`remove_target` on each (label, model, batches) at one budget: `budget` is the share of each
     kind's units removed (default `default_budget` of the first model), the same for every model;
-    `units` fixes the count of units per kind instead."""
+    `units` fixes the count of units per kind instead. `dictionary` (an SAE of the first model) adds
+    its features as a kind."""
     if budget is not None and not 0 < budget <= 1:
         raise DeepSeeMoEError(f"--budget {budget} must be a share of each kind's units in (0, 1]")
     first = sides[0][1]
@@ -345,7 +391,9 @@ def removal_study(sides: list[tuple[str, ModelHandle, list]], target: str, *, bu
     for label, handle, batches in sides:
         mine = Target.parse(target, handle.require_tokenizer())
         models[label] = remove_target(handle, batches, mine, share=share, units=units, kinds=kinds, draws=draws,
-                                      seed=seed, progress=progress, label=label)
+                                      seed=seed, progress=progress, label=label,
+                                      dictionary=dictionary if handle is first else None)
     return {"target": {"label": parsed.label, "domain": parsed.domain, "token_ids": sorted(parsed.token_ids)},
             "budget": {"share": share, "units": units}, "draws": draws, "seed": seed,
+            "dictionary": dictionary.name if dictionary is not None else None,
             "models": models}

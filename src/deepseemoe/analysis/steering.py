@@ -23,17 +23,21 @@ from deepseemoe.models.spec import ModelHandle
 
 
 class FeatureEdit:
-    """Context manager: hooks that apply x' = x + (scale − 1)·f_i(x)·d_i at the site, and record
-    the routing of the MoE layers at or after it and where the feature fired."""
+    """Context manager: hooks that apply x' = x + (scale − 1)·Σ_i f_i(x)·d_i at the site (one feature,
+    or a set of them), and record the routing of the MoE layers at or after it and where a feature fired."""
 
-    def __init__(self, handle: ModelHandle, coder: Coder, site: Site, feature: int, scale: float):
+    def __init__(self, handle: ModelHandle, coder: Coder, site: Site, feature: int | list[int], scale: float):
         if site.kind not in REWRITABLE:
             raise DeepSeeMoEError(f"feature edits need an SAE on {', '.join(REWRITABLE)}; this one reads {site.kind}")
         if coder.cfg.is_transcoder or coder.cfg.n_sites > 1:
             raise DeepSeeMoEError("feature edits take a single-site SAE (its decoder writes the site it reads)")
-        if not 0 <= feature < coder.cfg.n_latents:
-            raise DeepSeeMoEError(f"feature {feature} does not exist; the dictionary has 0..{coder.cfg.n_latents - 1}")
-        self.handle, self.site, self.feature, self.scale = handle, site, feature, scale
+        features = [feature] if isinstance(feature, int) else list(feature)
+        bad = [f for f in features if not 0 <= f < coder.cfg.n_latents]
+        if bad or not features:
+            raise DeepSeeMoEError(f"feature {bad[0] if bad else '(none)'} does not exist; the dictionary has "
+                                  f"0..{coder.cfg.n_latents - 1}")
+        self.handle, self.site, self.scale = handle, site, scale
+        self.features = torch.tensor(features, dtype=torch.long)
         self.coder = coder.folded()
         self.hooks: list = []
         self.keep: torch.Tensor | None = None
@@ -44,11 +48,12 @@ class FeatureEdit:
         flat = h.reshape(-1, h.shape[-1])
         c = self.coder
         x = flat.to(c.b_dec.device, torch.float32)
-        f = c.encode(x)[:, self.feature]  # [T]
+        idx = self.features.to(x.device)
+        f = c.encode(x)[:, idx]  # [T, n]
         if self.keep is not None:
-            f = f * self.keep.to(f.device)
-        self.fired = (f > 0).cpu()
-        delta = (self.scale - 1.0) * f[:, None] * c.W_dec[self.feature][None, :]
+            f = f * self.keep.to(f.device)[:, None]
+        self.fired = (f > 0).any(1).cpu()
+        delta = (self.scale - 1.0) * f @ c.W_dec[idx]
         return (x + delta).to(flat.dtype).view_as(h)
 
     def __enter__(self):

@@ -35,9 +35,11 @@ def register(app: typer.Typer) -> None:
                                      "(default: one expert's share, 1/E; 1/16 for a dense model)."),
         units: int = typer.Option(None, "--units", min=1, help="With --target: ablate exactly this many units of "
                                   "each kind instead of a parameter budget."),
-        kinds: str = typer.Option(",".join(("expert", "expert_neuron", "mlp_neuron", "attention_head")), "--kinds",
-                                  help="With --target: unit kinds to try."),
+        kinds: str = typer.Option("expert,expert_neuron,mlp_neuron,attention_head,feature", "--kinds",
+                                  help="With --target: unit kinds to try (feature: with --dictionary)."),
         draws: int = typer.Option(3, min=0, help="With --target: random same-size choices per kind."),
+        dictionary: str = typer.Option(None, "--dictionary", help="With --target: RUN_DIR:NAME, a single-site SAE "
+                                       "of MODEL (from `deepseemoe train`) whose features are a unit kind too."),
         trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
         """Expert ablation/exclusion vs load-matched controls, top-r sweep, top-1 and random routing per layer;
@@ -53,8 +55,9 @@ def register(app: typer.Typer) -> None:
         from deepseemoe.models.load import load_model
         from deepseemoe.runs.study import save_ablation
 
-        if target is None and (twin or budget is not None or units is not None):
-            raise DeepSeeMoEError("--twin, --budget and --units choose what --target removes; add --target")
+        if target is None and (twin or budget is not None or units is not None or dictionary):
+            raise DeepSeeMoEError("--twin, --budget, --units and --dictionary choose what --target removes; "
+                                  "add --target")
         if target is not None and (layers or experts):
             raise DeepSeeMoEError("--layers and --experts choose the causal checks' units; --target chooses its "
                                   "own: drop them")
@@ -69,8 +72,8 @@ def register(app: typer.Typer) -> None:
                 raise DeepSeeMoEError(f"--kinds {kinds!r}: unknown {bad}; choose from {', '.join(KINDS)}")
             _remove(model, twin, data, out, tokens=tokens, ctx_len=ctx_len, batch_size=batch_size,
                     domain_field=domain_field, target=target, budget=budget, units=units, kinds=wanted,
-                    draws=draws, seed=seed, load=dict(dtype=dtype, device=device, device_map=device_map,
-                                                      trust_remote_code=trust_remote_code))
+                    draws=draws, seed=seed, dictionary=dictionary,
+                    load=dict(dtype=dtype, device=device, device_map=device_map, trust_remote_code=trust_remote_code))
             return
         handle = load_model(model, dtype=dtype, device=device, device_map=device_map,
                             trust_remote_code=trust_remote_code)
@@ -108,7 +111,7 @@ def register(app: typer.Typer) -> None:
 
 def _remove(model: str, twin: str | None, data: str, out: Path, *, tokens: int, ctx_len: int, batch_size: int,
             domain_field: str, target: str, budget: float | None, units: int | None, kinds: tuple[str, ...],
-            draws: int, seed: int, load: dict) -> None:
+            draws: int, seed: int, load: dict, dictionary: str | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -119,6 +122,18 @@ def _remove(model: str, twin: str | None, data: str, out: Path, *, tokens: int, 
     from deepseemoe.models.load import load_model
     from deepseemoe.runs.study import save_removal
 
+    coder = None
+    if dictionary is not None:
+        from deepseemoe.analysis.removal import Dictionary
+        from deepseemoe.capture.core import Site
+        from deepseemoe.dictionaries.formats import load_run_dictionary
+        from deepseemoe.errors import DeepSeeMoEError
+
+        run_dir, _, name = dictionary.rpartition(":")
+        if not run_dir or not name:
+            raise DeepSeeMoEError(f"--dictionary {dictionary!r}: give RUN_DIR:NAME, e.g. runs/dicts:sae_block_in_7")
+        loaded, meta = load_run_dictionary(run_dir, name)
+        coder = Dictionary(name, loaded, Site(*meta["source"][0]))
     sides = []
     for name in (model, twin):
         if name is None:
@@ -131,7 +146,7 @@ def _remove(model: str, twin: str | None, data: str, out: Path, *, tokens: int, 
     if twin and sides[0][0] == sides[1][0]:
         sides = [("model", sides[0][1], sides[0][2]), ("twin", sides[1][1], sides[1][2])]
     result = removal_study(sides, target, budget=budget, units=units, kinds=kinds, draws=draws, seed=seed,
-                           progress=True)
+                           progress=True, dictionary=coder)
     path = save_removal(out, result, lambda p: removal_figure(result, p))
     table = Table(title=f"Removing {result['target']['label']}: ΔCE (nats/token) on held-out predictions")
     for c in ("model", "units", "kind", "target", "off-target", "gap", "random: target", "random: off-target"):
