@@ -48,6 +48,8 @@ def test_overview_shows_the_layout_and_the_load_of_the_routing_rows(study, clien
         png = client.get(f"/s/demo/graph/{key}.png")
         assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
     assert client.get("/s/demo/graph/nope.png").status_code == 404
+    assert client.get("/s/demo/graph/nope").status_code == 404
+    assert client.get("/api/s/demo/graph/nope").json()["error"]
     load = r.text[r.text.index('id="load"'):]
     load = load[:load.index("</table>")]
     for layer, expert, share in rows:
@@ -254,3 +256,28 @@ def test_playground_feature_edit_gives_steers_number(study, client, cli, tmp_pat
                                                            "feature": feature, "scale": scale}).json()
         assert api["delta_ce"] == pytest.approx(expected["delta_ce"], rel=1e-4, abs=1e-9), (scale, api, expected)
         assert api["kl"] == pytest.approx(expected["kl"], rel=1e-4, abs=1e-9)
+
+
+def test_graph_json_is_the_graph_files(study, client):
+    """What the WebGL view draws is graphs/NAME/{nodes,edges}.parquet: every laid-out node at its stored
+    position with its module and link, every edge between two of them."""
+    import pyarrow.parquet as pq
+
+    for g in study.glob("*/graphs/*/summary.json"):
+        key = f"{g.parent.parent.parent.name}.{g.parent.name}"
+        page = client.get(f"/s/demo/graph/{key}")
+        assert page.status_code == 200 and '<canvas id="graph"' in page.text
+        data = client.get(f"/api/s/demo/graph/{key}").json()
+        nodes = pq.read_table(g.parent / "nodes.parquet").to_pylist()
+        placed = [n for n in nodes if n["x"] is not None]
+        assert placed and data["node"] == [n["node"] for n in placed]
+        assert data["x"] == [n["x"] for n in placed] and data["module"] == [n["module"] for n in placed]
+        layer = json.loads(g.read_text()).get("layer", data["layer"])
+        for name, kind, link in zip(data["node"], data["kind"], data["link"], strict=True):
+            want = f"/s/demo/expert/{layer}/{name[1:]}" if kind == "expert" else f"/s/demo/feature/{key}/{name[1:]}"
+            assert link == want
+        edges = {(e["u"], e["v"]) for e in pq.read_table(g.parent / "edges.parquet").to_pylist()}
+        drawn = {(data["node"][a], data["node"][b]) for a, b in data["edges"]}
+        index = set(data["node"])
+        assert drawn == {(u, v) for u, v in edges if u in index and v in index}
+        assert sorted(i for m in data["modules"] for i in m["nodes"]) == list(range(len(placed)))

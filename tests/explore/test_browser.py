@@ -48,7 +48,9 @@ def page(server):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=_browser_or_fail(), args=["--no-sandbox"])
+        # WebGL in headless Chromium runs on SwiftShader, which it only enables when asked
+        browser = p.chromium.launch(executable_path=_browser_or_fail(),
+                                    args=["--no-sandbox", "--enable-unsafe-swiftshader"])
         tab = browser.new_page(viewport={"width": 1280, "height": 900})
         yield tab
         browser.close()
@@ -136,3 +138,32 @@ def test_playground_ablation_matches_ablate(study, server, page, shots, tmp_path
     assert float(page.inner_text("#delta-ce")) == pytest.approx(row["ablate_delta_ce"], rel=1e-4)
     assert page.locator("#edited td.cell").count() == page.locator("#clean td.cell").count() > 0
     page.screenshot(path=str(shots / "playground.png"), full_page=True)
+
+
+def test_webgl_graph_draws_and_a_click_opens_the_node(study, server, page, shots):
+    g = next(study.glob("*/graphs/*/summary.json"))
+    key = f"{g.parent.parent.parent.name}.{g.parent.name}"
+    page.goto(server + "/s/demo")
+    page.locator(f'#graphs a[href="/s/demo/graph/{key}"]').click()
+    page.wait_for_function("window.graphReady === true", timeout=30_000)
+    # the canvas holds a drawing: many pixels that are not the white background
+    painted = page.evaluate("""() => {
+        const src = document.getElementById("graph"), c = document.createElement("canvas");
+        c.width = src.width; c.height = src.height;
+        const ctx = c.getContext("2d"); ctx.drawImage(src, 0, 0);
+        const px = ctx.getImageData(0, 0, c.width, c.height).data;
+        let n = 0; for (let i = 0; i < px.length; i += 4) if (px[i] < 240 || px[i + 1] < 240 || px[i + 2] < 240) n++;
+        return n; }""")
+    assert painted > 2000, painted
+    page.screenshot(path=str(shots / "graph.png"), full_page=True)
+    # a module lists its nodes
+    page.locator("#modules a").first.click()
+    assert page.locator("#members a").count() > 0
+    # clicking an expert's point opens the expert's page
+    data = page.evaluate(f"fetch('/api/s/demo/graph/{key}').then(r => r.json())")
+    i = data["kind"].index("expert")
+    x, y = page.evaluate(f"window.graphNodeScreen({i})")
+    box = page.locator("#graph").bounding_box()
+    page.mouse.click(box["x"] + x, box["y"] + y)
+    page.wait_for_url(re.compile(r".*/expert/\d+/\d+$"))
+    assert page.url.endswith(data["link"][i])

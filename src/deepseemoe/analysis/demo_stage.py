@@ -119,7 +119,13 @@ def demo_removal(moe, dense, batches_moe: list, batches_dense: list, out: Path,
 def demo_graphs(run: DictionaryRun, names: list[str], routing_run: Path) -> dict:
     """`deepseemoe graph` on each mapped dictionary at its default thresholds (experts labelled with
     the domains of the routing run's statistics); a map with no edge above them has no graph."""
-    from deepseemoe.analysis.feature_graph import build_graph, graph_modules, graph_tables, layout_png
+    from deepseemoe.analysis.feature_graph import (
+        build_graph,
+        graph_modules,
+        graph_tables,
+        layout_png,
+        layout_positions,
+    )
     from deepseemoe.runs.routing import RoutingRun
 
     domains = RoutingRun.open(routing_run).analyses().table("domain")
@@ -130,6 +136,7 @@ def demo_graphs(run: DictionaryRun, names: list[str], routing_run: Path) -> dict
             modules, summary = graph_modules(fg)
         except DeepSeeMoEError:  # nothing above the thresholds
             continue
-        run.save_graph(name, graph_tables(fg, modules), summary, layout_png(fg, modules))
+        positions = layout_positions(fg)
+        run.save_graph(name, graph_tables(fg, modules, positions), summary, layout_png(fg, modules, positions))
         out[name] = summary
     return out

@@ -132,31 +132,8 @@ def graph_modules(fg: FeatureGraph, draws: int = 10, seed: int = 0) -> tuple[Mod
     return modules, summary
 
 
-def graph_tables(fg: FeatureGraph, modules: Modules) -> dict:
-    """nodes (node, kind, module, top_expert, domain) and edges (u, v, weight) as arrow tables."""
-    import pyarrow as pa
-
-    member = modules.membership()
-    nodes = sorted(fg.graph.nodes)
-    node_table = pa.table({"node": nodes, "kind": [fg.graph.nodes[n].get("kind", "") for n in nodes],
-                           "module": pa.array([member.get(n) for n in nodes], pa.int32()),
-                           "top_expert": [fg.top_expert.get(n) for n in nodes],
-                           "domain": [fg.domain.get(n) for n in nodes]})
-    edges = sorted(fg.graph.edges(data="weight"))
-    edge_table = pa.table({"u": [u for u, _, _ in edges], "v": [v for _, v, _ in edges],
-                           "weight": pa.array([w for _, _, w in edges], pa.float64())})
-    return {"nodes": node_table, "edges": edge_table}
-
-
-def layout_png(fg: FeatureGraph, modules: Modules, seed: int = 0, max_iter: int = 200) -> bytes:
-    """ForceAtlas2 layout (`layout.forceatlas2`) of the graph's connected nodes, coloured by module;
-    experts drawn as labelled squares."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def layout_positions(fg: FeatureGraph, seed: int = 0, iterations: int = 200) -> dict[str, tuple[float, float]]:
+    """ForceAtlas2 positions (`layout.forceatlas2`) of the graph's connected nodes, on edge weights."""
     import numpy as np
 
     from deepseemoe.analysis.layout import forceatlas2
@@ -166,8 +143,41 @@ def layout_png(fg: FeatureGraph, modules: Modules, seed: int = 0, max_iter: int 
     index = {n: i for i, n in enumerate(nodes)}
     edges = np.array([(index[u], index[v]) for u, v in g.edges()], dtype=np.int64).reshape(-1, 2)
     weights = np.array([d.get("weight", 1.0) for _, _, d in g.edges(data=True)])
-    xy = forceatlas2(len(nodes), edges, weights, iterations=max_iter, seed=seed)
-    pos = {n: xy[i] for n, i in index.items()}
+    xy = forceatlas2(len(nodes), edges, weights, iterations=iterations, seed=seed)
+    return {n: (float(xy[i, 0]), float(xy[i, 1])) for n, i in index.items()}
+
+
+def graph_tables(fg: FeatureGraph, modules: Modules, positions: dict[str, tuple[float, float]] | None = None) -> dict:
+    """nodes (node, kind, module, top_expert, domain, x, y) and edges (u, v, weight) as arrow tables
+    (x, y: `layout_positions`, null for a node without edges or without a layout)."""
+    import pyarrow as pa
+
+    member = modules.membership()
+    nodes = sorted(fg.graph.nodes)
+    where = positions or {}
+    node_table = pa.table({"node": nodes, "kind": [fg.graph.nodes[n].get("kind", "") for n in nodes],
+                           "module": pa.array([member.get(n) for n in nodes], pa.int32()),
+                           "top_expert": [fg.top_expert.get(n) for n in nodes],
+                           "domain": [fg.domain.get(n) for n in nodes],
+                           "x": pa.array([where[n][0] if n in where else None for n in nodes], pa.float64()),
+                           "y": pa.array([where[n][1] if n in where else None for n in nodes], pa.float64())})
+    edges = sorted(fg.graph.edges(data="weight"))
+    edge_table = pa.table({"u": [u for u, _, _ in edges], "v": [v for _, v, _ in edges],
+                           "weight": pa.array([w for _, _, w in edges], pa.float64())})
+    return {"nodes": node_table, "edges": edge_table}
+
+
+def layout_png(fg: FeatureGraph, modules: Modules, positions: dict[str, tuple[float, float]]) -> bytes:
+    """The laid-out graph (`layout_positions`), nodes coloured by module; experts drawn as labelled squares."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    g = fg.graph.subgraph([n for n in fg.graph if n in positions])
+    pos = positions
     member = modules.membership()
     cmap = plt.get_cmap("tab20")
     fig, ax = plt.subplots(figsize=(8, 8), dpi=110)

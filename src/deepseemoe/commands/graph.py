@@ -32,6 +32,7 @@ def register(app: typer.Typer) -> None:
             graph_modules,
             graph_tables,
             layout_png,
+            layout_positions,
         )
         from deepseemoe.errors import DeepSeeMoEError
         from deepseemoe.runs.dictionary import DictionaryRun
@@ -44,8 +45,9 @@ def register(app: typer.Typer) -> None:
         domains = RoutingRun.open(routing_run).analyses().table("domain") if routing_run else None
         fg = build_graph(run.map_dir(dictionary), Thresholds(router_min, lift_min, count_min, share_min), domains)
         modules, summary = graph_modules(fg, draws=draws, seed=seed)
-        png = layout_png(fg, modules, seed=seed) if figure else None
-        out = run.save_graph(dictionary, graph_tables(fg, modules), summary, png)
+        positions = layout_positions(fg, seed=seed)  # stored with the nodes: the explorer draws the same layout
+        png = layout_png(fg, modules, positions) if figure else None
+        out = run.save_graph(dictionary, graph_tables(fg, modules, positions), summary, png)
         c = Console()
         for k in summary["edge_kinds"]:
             c.print(f"{k['kind']} edges: kept {k['kept']:,} of {k['candidates']:,} ({100 * k['mass_share']:.1f}% of the weight)")

@@ -18,13 +18,9 @@ from fastapi import Request  # at module level: the routes' annotations are reso
 
 from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.explore.live import Intervention, Limits, LiveModel
-from deepseemoe.explore.store import StudyView, url_id
+from deepseemoe.explore.store import NotServed, StudyView, url_id
 
 MAX_QUERY = 200  # characters of a search
-
-
-class NotServed(Exception):
-    """A request names a study, figure or page that this server does not serve (404)."""
 
 
 @dataclass
@@ -207,6 +203,24 @@ def create_app(explorer: Explorer):
         if path is None or not path.exists():
             raise NotServed(f"no graph layout for {dictionary!r}")
         return Response(path.read_bytes(), media_type="image/png")
+
+    @app.get("/s/{key}/graph/{dictionary}", response_class=HTMLResponse)
+    @guarded
+    async def graph_page(key: str, dictionary: str):
+        view = explorer.study(key)
+        d = view.dictionaries.get(dictionary)
+        if d is None or d.graph is None:
+            raise NotServed(f"no graph for {dictionary!r}")
+        return page("graph.html.j2", view=view, d=d)
+
+    @app.get("/api/s/{key}/graph/{dictionary}")
+    @guarded
+    async def api_graph(key: str, dictionary: str):
+        view = explorer.study(key)
+        d = view.dictionaries.get(dictionary)
+        if d is None:
+            raise NotServed(f"no dictionary {dictionary!r}")
+        return await _threaded(lambda: d.graph_data(view.key))
 
     @app.get("/s/{key}/doc/{doc}", response_class=HTMLResponse)
     @guarded

@@ -144,6 +144,10 @@ class SearchHit:
     text: str
 
 
+class NotServed(Exception):
+    """A request names a study, figure or page that this server does not serve (404)."""
+
+
 @dataclass
 class DictionaryView:
     key: str  # URL id: "<run folder>.<coder name>"
@@ -166,6 +170,41 @@ class DictionaryView:
     def table(self, name: str) -> Path | None:
         path = self.run.map_dir(self.name) / f"{name}.parquet"
         return path if path.exists() else None
+
+    def graph_data(self, study_key: str) -> dict:
+        """graphs/NAME/ for the browser: nodes (id, kind, module, top expert, domain, x, y, link) as
+        columns, edges as index pairs and weights, and each module's nodes. Nodes without a stored
+        position (a graph written before positions were stored, or a node without edges) are left out."""
+        import pyarrow.parquet as pq
+
+        folder = self.run.graph_dir(self.name)
+        if self.graph is None or not (folder / "nodes.parquet").exists():
+            raise NotServed(f"{self.key} has no graph; run `deepseemoe graph {self.run.path} --dictionary {self.name}`")
+        nodes = pq.read_table(folder / "nodes.parquet").to_pydict()
+        if "x" not in nodes:
+            raise DeepSeeMoEError(f"the graph of {self.key} was written without positions; run `deepseemoe graph "
+                                  f"{self.run.path} --dictionary {self.name}` again")
+        keep = [i for i, x in enumerate(nodes["x"]) if x is not None]
+        index = {nodes["node"][i]: j for j, i in enumerate(keep)}
+        edges = pq.read_table(folder / "edges.parquet").to_pydict()
+        pairs = [(index[u], index[v], w) for u, v, w in zip(edges["u"], edges["v"], edges["weight"], strict=True)
+                 if u in index and v in index]
+
+        def link(node: str, kind: str) -> str:
+            if kind == "expert":
+                return f"/s/{study_key}/expert/{self.layer}/{node[1:]}"
+            return f"/s/{study_key}/feature/{self.key}/{node[1:]}"
+
+        col = {k: [nodes[k][i] for i in keep] for k in ("node", "kind", "module", "top_expert", "domain", "x", "y")}
+        modules: dict[int, list[int]] = {}
+        for j, m in enumerate(col["module"]):
+            if m is not None:
+                modules.setdefault(int(m), []).append(j)
+        return {"dictionary": self.key, "layer": self.layer, **col,
+                "link": [link(n, k) for n, k in zip(col["node"], col["kind"], strict=True)],
+                "edges": [[a, b] for a, b, _ in pairs], "weights": [w for _, _, w in pairs],
+                "modules": [{"module": m, "nodes": members} for m, members in sorted(modules.items())],
+                "summary": {k: self.graph.get(k) for k in ("nodes", "edges", "modules", "modularity", "z")}}
 
     def examples(self):
         """The map's examples.json as one arrow table (feature, kind, quantile, rank, activation,
