@@ -260,8 +260,11 @@ def test_debug_shows_the_traceback(cli, tmp_path):
 
 def _start(args: list[str]) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # Ctrl-C as a terminal delivers it: a test run started in the background (`pytest &`, nohup) has
+    # SIGINT ignored, which its children inherit and Python then keeps (it never sees the signal)
     return subprocess.Popen([sys.executable, "-m", "deepseemoe.cli", *map(str, args)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for(proc: subprocess.Popen, path: Path, timeout: float = 120) -> None:
