@@ -10,6 +10,7 @@ gives with expert 0's weights zeroed — and leave every other prediction exactl
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -140,42 +141,29 @@ def test_target_errors(planted, cli, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_feature_units_of_a_hand_built_sae(planted):
-    """An SAE on layer 1's MoE input whose feature 0 reads and writes the residual dimension that marks
-    `a` tokens (dim 0, > 0 only on them), feature 1 the opposite sign: removing feature 0 (the SAE's
-    error kept) zeroes that dimension on `a` tokens and nowhere else — the same as a hook doing just
-    that in a plain forward."""
-    from deepseemoe.analysis.removal import Dictionary, removal_study
-    from deepseemoe.capture.core import Site
-    from deepseemoe.data.sources import TextSource, iter_documents
-    from deepseemoe.data.tokens import pack_documents
+def _hand_sae(D: int):
+    """Feature 0 reads and writes residual dim 0 (the `a` marker, > 0 only on `a` tokens); feature 1 the
+    opposite sign."""
     from deepseemoe.dictionaries.coder import CoderConfig, SparseCoder
-    from deepseemoe.models.load import load_model
 
-    folder, corpus, _ = planted
-    handle = load_model(str(folder))
-    D = handle.model.config.hidden_size
     coder = SparseCoder(CoderConfig(d_in=D, n_latents=2, k=1))
     with torch.no_grad():
         coder.W_enc.zero_()
         coder.W_dec.zero_()
         coder.W_enc[0, 0], coder.W_dec[0, 0] = 1.0, 1.0
         coder.W_enc[0, 1], coder.W_dec[1, 0] = -1.0, -1.0
-    site = Site("block_in", 1)
-    batches = list(pack_documents(handle.tokenizer, iter_documents(TextSource(str(corpus), domain_field="domain")),
-                                  ctx_len=21, batch_size=4))
-    result = removal_study([("moe", handle, batches)], "tokens:" + ",".join(f"a{i}" for i in range(10)), units=1,
-                           kinds=("feature",), draws=0, dictionary=Dictionary("hand", coder, site))
-    row = result["models"]["moe"]["kinds"]["feature"]
-    assert [c["unit"] for c in row["chosen"]] == [0] and result["dictionary"] == "hand"
-    assert row["selected"]["off_target"] == 0
+    return coder
 
-    # the reference: a plain forward whose layer-1 MoE input has dim 0 zeroed where it is positive
-    def cut(mod, args, kwargs):
-        h = (args[0] if args else kwargs["hidden_states"]).clone()
-        h[..., 0] = torch.where(h[..., 0] > 0, torch.zeros_like(h[..., 0]), h[..., 0])
-        return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
 
+def _cut_marker(mod, args, kwargs):
+    """A plain pre-hook: dim 0 of the MoE input zeroed where it is positive (what removing feature 0 does)."""
+    h = (args[0] if args else kwargs["hidden_states"]).clone()
+    h[..., 0] = torch.where(h[..., 0] > 0, torch.zeros_like(h[..., 0]), h[..., 0])
+    return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
+
+
+def _reference_target_dce(handle, batches, edit) -> float:
+    """Target ΔCE of `edit` (a context manager factory) on the evaluation half, measured plainly."""
     from deepseemoe.analysis.causal import LossMeter
     from deepseemoe.analysis.compare import split_halves
     from deepseemoe.analysis.removal import Target
@@ -183,14 +171,89 @@ def test_feature_units_of_a_hand_built_sae(planted):
     _, evaluate = split_halves(batches)
     target = Target.parse("tokens:" + ",".join(f"a{i}" for i in range(10)), handle.tokenizer)
     meter = LossMeter(handle, evaluate, [target.labels(b) for b in evaluate])
+    return meter.measure(edit)["by_domain"]["target"]
+
+
+def _planted_handle_and_batches(planted):
+    from deepseemoe.data.sources import TextSource, iter_documents
+    from deepseemoe.data.tokens import pack_documents
+    from deepseemoe.models.load import load_model
+
+    folder, corpus, _ = planted
+    handle = load_model(str(folder))
+    batches = list(pack_documents(handle.tokenizer, iter_documents(TextSource(str(corpus), domain_field="domain")),
+                                  ctx_len=21, batch_size=4))
+    return handle, batches
+
+
+def test_feature_units_of_a_hand_built_sae(planted):
+    """An SAE on layer 1's MoE input whose feature 0 reads and writes the residual dimension that marks
+    `a` tokens: removing feature 0 (the SAE's error kept) zeroes that dimension on `a` tokens and
+    nowhere else — the same as a hook doing just that in a plain forward."""
+    from deepseemoe.analysis.removal import Dictionary, removal_study
+    from deepseemoe.capture.core import Site
+
+    handle, batches = _planted_handle_and_batches(planted)
+    site = Site("block_in", 1)
+    result = removal_study([("moe", handle, batches)], "tokens:" + ",".join(f"a{i}" for i in range(10)), units=1,
+                           kinds=("feature",), draws=0,
+                           dictionary=Dictionary("hand", _hand_sae(handle.model.config.hidden_size), site))
+    row = result["models"]["moe"]["kinds"]["feature"]
+    assert [c["unit"] for c in row["chosen"]] == [0] and result["dictionary"] == "hand"
+    assert row["selected"]["off_target"] == 0
     module = handle.site_module(site)
 
-    class Hooked:
-        def __enter__(self):
-            self.h = module.register_forward_pre_hook(cut, with_kwargs=True)
-
-        def __exit__(self, *exc):
-            self.h.remove()
-    expected = meter.measure(Hooked)["by_domain"]["target"]
+    @contextlib.contextmanager
+    def hooked():
+        h = module.register_forward_pre_hook(_cut_marker, with_kwargs=True)
+        try:
+            yield
+        finally:
+            h.remove()
+    expected = _reference_target_dce(handle, batches, hooked)
     assert expected > 0.1
     assert row["selected"]["target"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_module_units_remove_their_features_and_experts_together(planted):
+    """Two planted modules: {feature 0, expert 0} (the `a` family's) and {feature 1, expert 2}, the SAE on
+    layer 0's MoE input and the experts of layer 1 (so each half of the removal has its own effect: the
+    cut changes layer 0's routing only, layer 1 still sends `a` to expert 0). The family's module is
+    the one chosen, and removing it equals, in a plain forward, the marker cut at layer 0's MoE input
+    plus expert 0's weights zeroed in layer 1; nothing else moves."""
+    from deepseemoe.analysis.removal import Dictionary, removal_study
+    from deepseemoe.capture.core import Site
+
+    handle, batches = _planted_handle_and_batches(planted)
+    site = Site("block_in", 0)
+    d = Dictionary("hand", _hand_sae(handle.model.config.hidden_size), site, modules={0: ["f1", "E2"], 1: ["f0", "E0"]},
+                   graph_layer=1)
+    result = removal_study([("moe", handle, batches)], "tokens:" + ",".join(f"a{i}" for i in range(10)), units=1,
+                           kinds=("module",), draws=1, dictionary=d)
+    row = result["models"]["moe"]["kinds"]["module"]
+    assert [c["unit"] for c in row["chosen"]] == [1]
+    assert row["selected"]["off_target"] == 0
+    experts = handle.model.model.layers[1].mlp.experts
+    module = handle.site_module(site)
+
+    @contextlib.contextmanager
+    def both():
+        saved = experts.down_proj[0].detach().clone()
+        h = module.register_forward_pre_hook(_cut_marker, with_kwargs=True)
+        with torch.no_grad():
+            experts.down_proj[0] = 0
+        try:
+            yield
+        finally:
+            h.remove()
+            with torch.no_grad():
+                experts.down_proj[0] = saved
+    expected = _reference_target_dce(handle, batches, both)
+    assert row["selected"]["target"] == pytest.approx(expected, rel=1e-4)
+    # and both halves count: neither alone gives it
+    from deepseemoe.analysis.removal import unit_inventory
+
+    inv = unit_inventory(handle, ("feature", "expert"), d)
+    alone = [_reference_target_dce(handle, batches, lambda: inv["feature"].ablate([(0, 0)])),
+             _reference_target_dce(handle, batches, lambda: inv["expert"].ablate([(1, 0)]))]
+    assert all(abs(a - expected) > 0.05 for a in alone), (alone, expected)

@@ -96,20 +96,16 @@ def run_demo_analyses(moe_dir: Path, dense_dir: Path, corpus_dir: Path, out_dir:
 def demo_removal(moe, dense, batches_moe: list, batches_dense: list, out: Path,
                  dictionary: tuple[Path, str] | None = None) -> dict | None:
     """`ablate --target` on the MoE with its dense twin: one domain removed at one expert's share
-    (the features of `dictionary`, a (run folder, name) SAE of the MoE, a unit kind too)."""
+    (the features of `dictionary`, a (run folder, name) SAE of the MoE, and its graph's modules, unit
+    kinds too)."""
     from deepseemoe.analysis.figures import removal_figure
-    from deepseemoe.analysis.removal import Dictionary, removal_study
-    from deepseemoe.capture.core import Site
-    from deepseemoe.dictionaries.formats import load_run_dictionary
+    from deepseemoe.analysis.removal import load_dictionary, removal_study
 
     present = {d for b in batches_moe for d in b.domains.values()}
     domain = next((d for d in REMOVAL_DOMAINS if d in present), None) or min(present - {None}, default=None)
     if domain is None:
         return None
-    sae = None
-    if dictionary is not None:
-        coder, meta = load_run_dictionary(*dictionary)
-        sae = Dictionary(dictionary[1], coder, Site(*meta["source"][0]))
+    sae = load_dictionary(*dictionary) if dictionary is not None else None
     result = removal_study([("moe", moe, batches_moe), ("dense", dense, batches_dense)], f"domain:{domain}",
                            dictionary=sae)
     save_removal(out, result, lambda path: removal_figure(result, path))

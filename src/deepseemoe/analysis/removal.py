@@ -6,7 +6,10 @@ document is off-target (packing's cross-document predictions count for neither, 
 
 Units (one kind at a time, all layers pooled), each with its activity a_u(t) ≥ 0 on token t
 (`compare.UnitActivity`): experts (the routing weight), expert neurons, dense MLP neurons,
-attention heads; and with a dictionary, its features (the feature's activation at the SAE's site). Specificity of unit u, on the *selection* half of the held-out contexts:
+attention heads; and with a dictionary, its features (the feature's activation at the SAE's site)
+and, when `graph` ran on it, the modules of its feature–expert graph (a module's specificity is the
+mean of its members' — features and experts, each in its own kind's units; removing a module
+removes its features and ablates its experts together). Specificity of unit u, on the *selection* half of the held-out contexts:
 
     s_u = (mean_target a_u − mean_off a_u) / mean_{u' in u's layer} mean_all a_u'
 
@@ -43,7 +46,7 @@ from deepseemoe.interventions.routing import ablate, route_intervention
 from deepseemoe.models.experts import has_fused_layout
 from deepseemoe.models.spec import ModelHandle
 
-KINDS = ("expert", "expert_neuron", "mlp_neuron", "attention_head", "feature")
+KINDS = ("expert", "expert_neuron", "mlp_neuron", "attention_head", "feature", "module")
 TARGET, OTHER = "target", "off_target"
 
 
@@ -113,6 +116,8 @@ class Dictionary:
     name: str
     coder: object  # dictionaries.coder.Coder
     site: object  # capture.core.Site
+    modules: dict[int, list[str]] | None = None  # graphs/NAME: module -> its nodes ("f12", "E3")
+    graph_layer: int | None = None  # the MoE layer of the graph's experts
 
 
 @dataclass
@@ -121,7 +126,7 @@ class Units:
 
     kind: str
     pairs: list[tuple[int, int]]
-    params_each: float
+    params_each: float  # modules: the mean over modules
     ablate: Callable[[list[tuple[int, int]]], contextlib.AbstractContextManager]
 
 
@@ -159,7 +164,40 @@ def unit_inventory(handle: ModelHandle, kinds: tuple[str, ...] = KINDS,
         per = float(2 * d.coder.cfg.d_in + 1)  # its encoder column, decoder row and bias
         out["feature"] = Units("feature", [(d.site.layer, f) for f in range(d.coder.cfg.n_latents)], per,
                                lambda chosen: FeatureEdit(handle, d.coder, d.site, [f for _, f in chosen], 0.0))
+    if "module" in kinds and dictionary is not None and dictionary.modules and handle.is_moe:
+        d = dictionary
+        moe = handle.moe_layers[d.graph_layer]
+        expert_params = _params(moe.experts) / moe.num_experts
+        sizes = [sum(expert_params if n.startswith("E") else 2 * d.coder.cfg.d_in + 1 for n in nodes)
+                 for nodes in d.modules.values()]
+        out["module"] = Units("module", [(d.graph_layer, m) for m in sorted(d.modules)], float(np.mean(sizes)),
+                              lambda chosen: _remove_modules(handle, d, [m for _, m in chosen]))
     return out
+
+
+@contextlib.contextmanager
+def _remove_modules(handle: ModelHandle, d: Dictionary, modules: list[int]):
+    """Remove the modules' features (FeatureEdit, scale 0) and ablate their experts, together."""
+    from deepseemoe.analysis.steering import FeatureEdit
+
+    nodes = [n for m in modules for n in d.modules[m]]
+    features = [int(n[1:]) for n in nodes if n.startswith("f")]
+    experts = [int(n[1:]) for n in nodes if n.startswith("E")]
+    with contextlib.ExitStack() as stack:
+        if features:
+            stack.enter_context(FeatureEdit(handle, d.coder, d.site, features, 0.0))
+        if experts:
+            stack.enter_context(route_intervention(handle, {d.graph_layer: ablate(experts)}))
+        yield
+
+
+def module_specificity(d: Dictionary, feature_score: np.ndarray, expert_score: np.ndarray) -> np.ndarray:
+    """Per module (sorted ids): the mean specificity of its members."""
+    out = []
+    for m in sorted(d.modules):
+        vals = [expert_score[int(n[1:])] if n.startswith("E") else feature_score[int(n[1:])] for n in d.modules[m]]
+        out.append(float(np.mean(vals)) if vals else 0.0)
+    return np.array(out)
 
 
 def specificity(mass: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -183,7 +221,7 @@ def remove_target(handle: ModelHandle, batches: list, target: Target, *, share: 
         raise DeepSeeMoEError(f"{handle.name} has none of the unit kinds {', '.join(kinds)}")
     select, evaluate = split_halves(batches)
     counts, mass = _activity(handle, select, target, "expert_neuron" in inventory, progress, label)
-    if "feature" in inventory:
+    if "feature" in inventory or "module" in inventory:
         mass["feature"] = {dictionary.site.layer: _feature_activity(handle, dictionary, select, target)}
     if counts[1] == 0:
         raise DeepSeeMoEError(f"no token of the selection half belongs to the target ({target.label}); "
@@ -201,8 +239,12 @@ def remove_target(handle: ModelHandle, batches: list, target: Target, *, share: 
     rows = {}
     with bar:
         for kind, inv in inventory.items():
-            score = np.concatenate([specificity(mass[kind][la], counts)
-                                    for la in sorted({la for la, _ in inv.pairs})])
+            if kind == "module":
+                score = module_specificity(dictionary, specificity(mass["feature"][dictionary.site.layer], counts),
+                                           specificity(mass["expert"][dictionary.graph_layer], counts))
+            else:
+                score = np.concatenate([specificity(mass[kind][la], counts)
+                                        for la in sorted({la for la, _ in inv.pairs})])
             n = units if units is not None else max(1, round(share * len(inv.pairs)))
             n = min(n, len(inv.pairs))
             order = np.argsort(-score, kind="stable")[:n]
@@ -397,3 +439,25 @@ def removal_study(sides: list[tuple[str, ModelHandle, list]], target: str, *, bu
             "budget": {"share": share, "units": units}, "draws": draws, "seed": seed,
             "dictionary": dictionary.name if dictionary is not None else None,
             "models": models}
+
+
+def load_dictionary(run_dir, name: str) -> Dictionary:
+    """Coder `name` of a dictionary run, its site, and the modules of its graph when `graph` ran on it."""
+    import pyarrow.parquet as pq
+
+    from deepseemoe.capture.core import Site
+    from deepseemoe.dictionaries.formats import load_run_dictionary
+    from deepseemoe.runs.dictionary import DictionaryRun
+
+    coder, meta = load_run_dictionary(run_dir, name)
+    run = DictionaryRun.open(run_dir)
+    modules = layer = None
+    if name in run.graph_summaries():
+        summary = run.graph_summaries()[name]
+        nodes = pq.read_table(run.graph_dir(name) / "nodes.parquet", columns=["node", "module"]).to_pylist()
+        modules = {}
+        for row in nodes:
+            if row["module"] is not None:
+                modules.setdefault(int(row["module"]), []).append(row["node"])
+        layer = int(summary["layer"])
+    return Dictionary(name, coder, Site(*meta["source"][0]), modules, layer)

@@ -35,11 +35,13 @@ def register(app: typer.Typer) -> None:
                                      "(default: one expert's share, 1/E; 1/16 for a dense model)."),
         units: int = typer.Option(None, "--units", min=1, help="With --target: ablate exactly this many units of "
                                   "each kind instead of a parameter budget."),
-        kinds: str = typer.Option("expert,expert_neuron,mlp_neuron,attention_head,feature", "--kinds",
-                                  help="With --target: unit kinds to try (feature: with --dictionary)."),
+        kinds: str = typer.Option("expert,expert_neuron,mlp_neuron,attention_head,feature,module", "--kinds",
+                                  help="With --target: unit kinds to try (feature: with --dictionary; module: when "
+                                  "`deepseemoe graph` ran on that dictionary)."),
         draws: int = typer.Option(3, min=0, help="With --target: random same-size choices per kind."),
         dictionary: str = typer.Option(None, "--dictionary", help="With --target: RUN_DIR:NAME, a single-site SAE "
-                                       "of MODEL (from `deepseemoe train`) whose features are a unit kind too."),
+                                       "of MODEL (from `deepseemoe train`) whose features, and the modules of its "
+                                       "`graph`, are unit kinds too."),
         trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
         """Expert ablation/exclusion vs load-matched controls, top-r sweep, top-1 and random routing per layer;
@@ -124,16 +126,13 @@ def _remove(model: str, twin: str | None, data: str, out: Path, *, tokens: int, 
 
     coder = None
     if dictionary is not None:
-        from deepseemoe.analysis.removal import Dictionary
-        from deepseemoe.capture.core import Site
-        from deepseemoe.dictionaries.formats import load_run_dictionary
+        from deepseemoe.analysis.removal import load_dictionary
         from deepseemoe.errors import DeepSeeMoEError
 
         run_dir, _, name = dictionary.rpartition(":")
         if not run_dir or not name:
             raise DeepSeeMoEError(f"--dictionary {dictionary!r}: give RUN_DIR:NAME, e.g. runs/dicts:sae_block_in_7")
-        loaded, meta = load_run_dictionary(run_dir, name)
-        coder = Dictionary(name, loaded, Site(*meta["source"][0]))
+        coder = load_dictionary(run_dir, name)
     sides = []
     for name in (model, twin):
         if name is None:
