@@ -118,7 +118,7 @@ def test_every_readme_example_runs_as_written(stand_ins, cli, monkeypatch, tmp_p
     assert r.code == 0, r.err
     trained = sorted(p.name for p in Path(settings["out"], "dictionaries").iterdir())
     assert trained == sorted(["sae_7", "sae_block_in_7", "skip_transcoder_7", "router_transcoder_7",
-                              "crosscoder_3_7_11", "clt_all", "sae_11"])
+                              "crosscoder_3_7_11", "clt_all", "sae_3"])
     # every --dictionary the README names is one of them
     named = set(re.findall(r"--dictionary (?:[\w/.-]+:)?(\w+)", README.read_text())) - {"NAME"}
     assert named and named <= set(trained), named

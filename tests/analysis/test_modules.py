@@ -105,7 +105,8 @@ def test_graph_cli_on_a_mapped_dictionary(tmp_path, cli, tiny_olmoe_dir, corpus_
     run, name = tmp_path / "run", "router_sae"
     config = {"model": str(tiny_olmoe_dir), "corpus": str(corpus), "out": str(run), "ctx_len": 32, "tokens": 1024,
               "coders": [{"kind": "sae", "site": "block_in", "layers": [1], "k": 4, "expansion_factor": 2,
-                          "name": name}],
+                          "name": name},
+                         {"kind": "sae", "layers": [0], "k": 4, "expansion_factor": 2, "name": "resid_sae_0"}],
               "train": {"batch_size": 128, "buffer_size": 256}}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
     assert cli("train", str(tmp_path / "run.yaml")).code == 0
@@ -122,3 +123,46 @@ def test_graph_cli_on_a_mapped_dictionary(tmp_path, cli, tiny_olmoe_dir, corpus_
     assert len(summary["rewired_modularity"]) == 3 and summary["modules"] >= 1
     missing = cli("graph", str(run), "--dictionary", "nope")
     assert missing.code == 2 and "deepseemoe map" in missing.error_lines[0]
+    # with the features of an upstream SAE (layer 0's residual): feature edges, weighed by hand
+    from deepseemoe.dictionaries.formats import load_run_dictionary
+
+    r = cli("graph", str(run), "--dictionary", name, "--lift-min", "1.5", "--draws", "3", "--upstream", "resid_sae_0",
+            "--fan-in", "2", "--link-min", "0")
+    assert r.code == 0, r.err
+    summary = json.loads((folder / "summary.json").read_text())
+    edges = pq.read_table(folder / "edges.parquet").to_pandas()
+    links = edges[edges["u"].str.startswith("u") | edges["v"].str.startswith("u")]
+    kind = next(k for k in summary["edge_kinds"] if k["kind"] == "feature")
+    assert summary["upstream"] == "resid_sae_0" and kind["kept"] == len(links) > 0
+    up, down = load_run_dictionary(run, "resid_sae_0")[0].folded(), load_run_dictionary(run, name)[0].folded()
+    w = (up.W_dec.double() @ down.W_enc.double()).abs()
+    for u, v, weight in links.itertuples(index=False):
+        i, j = (int(u[1:]), int(v[1:])) if u.startswith("u") else (int(v[1:]), int(u[1:]))
+        assert weight == pytest.approx(float(w[i, j]), rel=1e-6)
+        assert float(w[i, j]) >= float(w[:, j].topk(2).values[-1]) - 1e-12  # among its 2 strongest inputs
+    refused = cli("graph", str(run), "--dictionary", name, "--upstream", name)
+    assert refused.code == 2 and len(refused.error_lines) == 1 and "itself" in refused.error_lines[0]
+
+
+def test_feature_links_by_hand():
+    """Upstream feature i writes d_i, downstream feature j reads e_j: w_ij = |d_i · e_j|, the fan_in
+    strongest per downstream feature kept when ≥ link_min; sites that cannot be linked are refused."""
+    import torch
+
+    from deepseemoe.analysis.feature_graph import Thresholds, feature_links
+    from deepseemoe.capture.core import Site
+    from deepseemoe.dictionaries.coder import CoderConfig, SparseCoder
+    from deepseemoe.errors import DeepSeeMoEError
+
+    up, down = SparseCoder(CoderConfig(d_in=4, n_latents=3, k=1)), SparseCoder(CoderConfig(d_in=4, n_latents=2, k=1))
+    with torch.no_grad():
+        up.W_dec.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0.6, 0, 0.8, 0]]))
+        down.W_enc.copy_(torch.tensor([[2.0, 0], [0, -1.0], [0, 0.05], [0, 0]]))
+    rows, kind = feature_links(up, Site("resid_out", 0), down, Site("block_in", 1), Thresholds(link_min=0.1, fan_in=2))
+    # w = |W_dec_up @ W_enc_down| = [[2, 0], [0, 1], [1.2, 0.04]]
+    assert sorted(rows) == [(0, 0, pytest.approx(2.0)), (1, 1, pytest.approx(1.0)), (2, 0, pytest.approx(1.2))]
+    assert kind.candidates == 4 and kind.kept == 3 and kind.mass == pytest.approx(4.24)
+    with pytest.raises(DeepSeeMoEError, match="must write before"):
+        feature_links(up, Site("resid_out", 1), down, Site("block_in", 1))
+    with pytest.raises(DeepSeeMoEError, match="reads it"):
+        feature_links(up, Site("block_in", 0), down, Site("block_in", 1))

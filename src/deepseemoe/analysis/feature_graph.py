@@ -9,6 +9,10 @@ per source table of `map` (each with its own explicit threshold, reported with w
   often as all tokens do (feature_experts.lift, with ≥ `count_min` tokens); weight P(e | f);
 - composition: expert j → feature i when the feature carries ≥ `share_min` of the expert's output
   (expert_composition.share, transcoders).
+- feature (with an upstream dictionary of the same run at an earlier layer): upstream feature "u{i}"
+  → feature j with the virtual weight of the direct residual path, |d_i · e_j| (the upstream
+  decoder row, the downstream encoder column, scales folded, norms in between ignored): for each
+  downstream feature its `fan_in` strongest upstream features with |w| ≥ `link_min` (`feature_links`).
 Parallel edges of several kinds add their weights. Labels for alignment: each feature's top expert
 (features.top_expert) and, when the routing run's statistics are given, the domain whose slots
 favour that expert most (largest lift over uniform).
@@ -31,6 +35,8 @@ class Thresholds:
     lift_min: float = 2.0
     count_min: int = 5
     share_min: float = 0.02
+    link_min: float = 0.1  # feature edges: least |d_i · e_j| (coder units, scales folded)
+    fan_in: int = 3  # feature edges: strongest upstream features kept per downstream feature
 
 
 @dataclass
@@ -62,9 +68,40 @@ def _table(map_dir: Path, name: str):
     return pq.read_table(path).to_pandas() if path.exists() else None
 
 
-def build_graph(map_dir: str | Path, thresholds: Thresholds | None = None, domain_table=None) -> FeatureGraph:
+# where a dictionary writes into the residual stream (its decoder adds there) and where it reads from it
+WRITES = {"resid_in": 0, "resid_out": 1, "block_out": 1}  # site -> position after the layer's start
+READS = {"resid_in": 0, "block_in": 0.5, "resid_out": 1}
+
+
+def feature_links(upstream, up_site, downstream, down_site, thresholds: Thresholds | None = None):
+    """Virtual weights of the direct residual path from an upstream dictionary's features to a
+    downstream one's, as rows (up_feature, feature, weight ≥ 0) kept by `thresholds` (fan_in, link_min),
+    and (candidates, kept, mass, mass kept) for the report."""
+    import numpy as np
+
+    t = thresholds or Thresholds()
+    if up_site.kind not in WRITES or down_site.kind not in READS:
+        raise DeepSeeMoEError(f"feature edges link a dictionary that writes the residual stream ({', '.join(WRITES)}) "
+                              f"to one that reads it ({', '.join(READS)}); got {up_site.kind} → {down_site.kind}")
+    if up_site.layer + WRITES[up_site.kind] > down_site.layer + READS[down_site.kind]:
+        raise DeepSeeMoEError(f"the upstream dictionary ({up_site.kind} of layer {up_site.layer}) must write before "
+                              f"the downstream one reads ({down_site.kind} of layer {down_site.layer})")
+    up, down = upstream.folded(), downstream.folded()
+    if up.cfg.out_dim != down.cfg.d_in:
+        raise DeepSeeMoEError("the two dictionaries' sites have different widths")
+    w = (up.W_dec.detach().double() @ down.W_enc.detach().double()).abs().numpy()  # [F_up, F_down]
+    k = min(t.fan_in, w.shape[0])
+    top = np.argpartition(-w, k - 1, axis=0)[:k]  # per downstream feature, its k strongest inputs
+    rows = [(int(i), int(j), float(w[i, j])) for j in range(w.shape[1]) for i in top[:, j] if w[i, j] >= t.link_min]
+    kept = sum(r[2] for r in rows)
+    return rows, EdgeKind("feature", int((w > 0).sum()), len(rows), float(w.sum()), kept)
+
+
+def build_graph(map_dir: str | Path, thresholds: Thresholds | None = None, domain_table=None,
+                links: tuple[list, EdgeKind] | None = None) -> FeatureGraph:
     """The graph of one map (`DictionaryRun.map_dir(name)`); `domain_table`: the routing run's
-    analyses "domain" table, to label experts (and features, by their top expert) with a domain."""
+    analyses "domain" table, to label experts (and features, by their top expert) with a domain;
+    `links`: `feature_links` from an upstream dictionary."""
     import json
 
     import networkx as nx
@@ -96,6 +133,14 @@ def build_graph(map_dir: str | Path, thresholds: Thresholds | None = None, domai
     add("routing", _table(map_dir, "feature_experts"), "p_e_given_f",
         lambda r: (r["lift"] >= t.lift_min) & (r["count"] >= t.count_min))
     add("composition", _table(map_dir, "expert_composition"), "share", lambda r: r["share"] >= t.share_min)
+    if links is not None:
+        rows, kind = links
+        kinds.append(kind)
+        for i, j, w in rows:
+            u, v = f"u{i}", f"f{j}"
+            g.add_node(u, kind="upstream_feature")
+            g.add_node(v, kind="feature")
+            g.add_edge(u, v, weight=g[u][v]["weight"] + w if g.has_edge(u, v) else w)
     if not kinds:
         raise DeepSeeMoEError(f"{map_dir} holds none of router_attribution, feature_experts, expert_composition; "
                               "run `deepseemoe map` again")
@@ -183,7 +228,7 @@ def layout_png(fg: FeatureGraph, modules: Modules, positions: dict[str, tuple[fl
     fig, ax = plt.subplots(figsize=(8, 8), dpi=110)
     for u, v in g.edges():
         ax.plot([pos[u][0], pos[v][0]], [pos[u][1], pos[v][1]], color="#bbb", lw=0.3, zorder=1)
-    feats = [n for n in g if n.startswith("f")]
+    feats = [n for n in g if not n.startswith("E")]  # this dictionary's features and any upstream ones
     experts = [n for n in g if n.startswith("E")]
     ax.scatter([pos[n][0] for n in feats], [pos[n][1] for n in feats], s=6, zorder=2,
                c=[cmap(member[n] % 20) for n in feats])

@@ -18,6 +18,11 @@ def register(app: typer.Typer) -> None:
         lift_min: float = typer.Option(2.0, min=0.0, help="Routing edges: least lift of P(e | f) over the load."),
         count_min: int = typer.Option(5, min=1, help="Routing edges: least tokens behind the lift."),
         share_min: float = typer.Option(0.02, min=0.0, help="Composition edges: least share of the expert's output."),
+        upstream: str = typer.Option(None, "--upstream", help="Another dictionary of the run at an earlier layer: "
+                                     "its features join the graph, linked to this one's by the virtual weights "
+                                     "of the direct residual path (decoder row · encoder column)."),
+        link_min: float = typer.Option(0.1, min=0.0, help="Feature edges: least |decoder · encoder| weight."),
+        fan_in: int = typer.Option(3, min=1, help="Feature edges: strongest upstream features per feature."),
         draws: int = typer.Option(10, min=2, help="Degree-preserving rewirings for the modularity z-score."),
         seed: int = typer.Option(0, min=0, help="Seed of Louvain, the rewirings and the layout."),
         figure: bool = typer.Option(True, "--figure/--no-figure", help="Draw the force-directed layout (PNG)."),
@@ -43,8 +48,23 @@ def register(app: typer.Typer) -> None:
             raise DeepSeeMoEError(f"{dictionary} of {run_dir} has no map yet; run `deepseemoe map {run_dir} "
                                   f"--dictionary {dictionary}` first")
         domains = RoutingRun.open(routing_run).analyses().table("domain") if routing_run else None
-        fg = build_graph(run.map_dir(dictionary), Thresholds(router_min, lift_min, count_min, share_min), domains)
+        thresholds = Thresholds(router_min, lift_min, count_min, share_min, link_min, fan_in)
+        links = None
+        if upstream is not None:
+            from deepseemoe.analysis.feature_graph import feature_links
+            from deepseemoe.capture.core import Site
+            from deepseemoe.dictionaries.formats import load_run_dictionary
+
+            if upstream == dictionary:
+                raise DeepSeeMoEError("--upstream names the dictionary itself; give one of an earlier layer")
+            up, up_meta = load_run_dictionary(run_dir, upstream)
+            down, down_meta = load_run_dictionary(run_dir, dictionary)
+            if len(up_meta["target"]) != 1 or len(down_meta["source"]) != 1:
+                raise DeepSeeMoEError("feature edges link single-site dictionaries (no crosscoders or CLTs)")
+            links = feature_links(up, Site(*up_meta["target"][0]), down, Site(*down_meta["source"][0]), thresholds)
+        fg = build_graph(run.map_dir(dictionary), thresholds, domains, links)
         modules, summary = graph_modules(fg, draws=draws, seed=seed)
+        summary["upstream"] = upstream
         positions = layout_positions(fg, seed=seed)  # stored with the nodes: the explorer draws the same layout
         png = layout_png(fg, modules, positions) if figure else None
         out = run.save_graph(dictionary, graph_tables(fg, modules, positions), summary, png)

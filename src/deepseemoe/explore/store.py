@@ -190,9 +190,14 @@ class DictionaryView:
         pairs = [(index[u], index[v], w) for u, v, w in zip(edges["u"], edges["v"], edges["weight"], strict=True)
                  if u in index and v in index]
 
+        upstream = self.graph.get("upstream")  # `graph --upstream`: that dictionary's features are "u{i}"
+        upstream_key = url_id(f"{self.run.path.name}.{upstream}") if upstream else None
+
         def link(node: str, kind: str) -> str:
             if kind == "expert":
                 return f"/s/{study_key}/expert/{self.layer}/{node[1:]}"
+            if node.startswith("u") and upstream_key:
+                return f"/s/{study_key}/feature/{upstream_key}/{node[1:]}"
             return f"/s/{study_key}/feature/{self.key}/{node[1:]}"
 
         col = {k: [nodes[k][i] for i in keep] for k in ("node", "kind", "module", "top_expert", "domain", "x", "y")}
