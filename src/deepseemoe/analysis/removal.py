@@ -9,7 +9,8 @@ Units (one kind at a time, all layers pooled), each with its activity a_u(t) ≥
 attention heads; and with a dictionary, its features (the feature's activation at the SAE's site)
 and, when `graph` ran on it, the modules of its feature–expert graph (a module's specificity is the
 mean of its members' — features and experts, each in its own kind's units; removing a module
-removes its features and ablates its experts together). Specificity of unit u, on the *selection* half of the held-out contexts:
+removes its features and ablates its experts together). Specificity of unit u, on the *selection*
+half of the held-out contexts:
 
     s_u = (mean_target a_u − mean_off a_u) / mean_{u' in u's layer} mean_all a_u'
 
@@ -17,8 +18,8 @@ removes its features and ablates its experts together). Specificity of unit u, o
 scale compete fairly). The n most specific units of a kind are ablated together — experts by a
 zero routing weight (slot kept, no renormalisation), neurons by a zero down-projection input,
 heads by a zero slice of the o_proj input, features by removing f_i(x)·d_i from the site (the
-SAE's error kept, `steering.FeatureEdit`; at every position of the context) — and ΔCE is measured on the *evaluation* half, on
-target and off-target predictions separately. Beside it: n units of the same kind drawn at
+SAE's error kept, `steering.FeatureEdit`; at every position of the context) — and ΔCE is measured
+on the *evaluation* half, on target and off-target predictions separately. Beside it: n units of the same kind drawn at
 random (`draws` times), the same-size choice with no knowledge of the target.
 
 Budget: a share of each kind's units (of all layers): n = round(share · N_kind), at least 1 — so

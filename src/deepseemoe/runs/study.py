@@ -29,20 +29,19 @@ ABLATION, COMPARISON, REMOVAL, WIRING = "ablation.json", "comparison.json", "rem
 
 def save_ablation(folder: str | Path, result: dict, draw: Callable[[Path], object] | None = None) -> Path:
     """FOLDER/ablation.json (what `ablate` computed) and FOLDER/figures/ drawn by `draw(figures)`."""
-    folder = Path(folder)
-    atomic_write_json(folder / ABLATION, result)
-    if draw is not None:
-        draw(folder / "figures")
-    return folder / ABLATION
+    return _save_result(Path(folder), ABLATION, result, draw, "figures")
 
 
 def save_removal(folder: str | Path, result: dict, draw: Callable[[Path], object] | None = None) -> Path:
     """FOLDER/removal.json (what `ablate --target` computed) and FOLDER/removal.png drawn by `draw(path)`."""
-    folder = Path(folder)
-    atomic_write_json(folder / REMOVAL, result)
+    return _save_result(Path(folder), REMOVAL, result, draw, "removal.png")
+
+
+def _save_result(folder: Path, name: str, result: dict, draw: Callable[[Path], object] | None, figures: str) -> Path:
+    atomic_write_json(folder / name, result)
     if draw is not None:
-        draw(folder / "removal.png")
-    return folder / REMOVAL
+        draw(folder / figures)
+    return folder / name
 
 
 def save_comparison(folder: str | Path, result: dict, markdown: str) -> Path:
