@@ -134,7 +134,10 @@ def test_target_errors(planted, cli, tmp_path):
                         (["--target", "a", "--layers", "0"], "--layers"),
                         (["--twin", str(folder)], "--target"),
                         (["--target", "ids:999"], "outside the vocabulary"),
-                        (["--target", "a", "--kinds", "experts"], "--kinds")]:
+                        (["--target", "a", "--kinds", "experts"], "--kinds"),
+                        (["--target", "tokens:"], "names nothing"),
+                        (["--target", "words:a0"], "unknown kind 'words'"),
+                        (["--target", "a", "--budget", "2"], "--budget")]:
         r = cli("ablate", folder, "--data", corpus, "--out", tmp_path / "x", "--ctx-len", "21", *args)
         assert r.code == 2, (args, r.err)
         assert len(r.error_lines) == 1 and words in r.error_lines[0], (args, r.err)

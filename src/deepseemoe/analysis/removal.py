@@ -59,16 +59,25 @@ class Target:
     domain: str | None = None
     token_ids: frozenset[int] = field(default_factory=frozenset)
 
+    @staticmethod
+    def check(text: str) -> tuple[str, str, list[str]]:
+        """(kind, rest, items) of a --target, refused when it names nothing or an unknown kind (no model
+        needed: the command checks this before loading one)."""
+        kind, sep, rest = text.partition(":")
+        if not sep:
+            kind, rest = "domain", text
+        items = [s for s in rest.split(",") if s]
+        if kind not in ("domain", "tokens", "ids"):
+            raise DeepSeeMoEError(f"--target {text!r}: unknown kind {kind!r}; give domain:NAME, tokens:A,B or ids:1,2")
+        if not items:
+            raise DeepSeeMoEError(f"--target {text!r} names nothing; give domain:NAME, tokens:A,B or ids:1,2")
+        return kind, rest, items
+
     @classmethod
     def parse(cls, text: str, tokenizer) -> Target:
         """`domain:NAME` (or a bare NAME), `tokens:A,B,…` (vocabulary entries, else the tokens of the
         text), or `ids:1,2,…`."""
-        kind, _, rest = text.partition(":")
-        if not rest:
-            kind, rest = "domain", text
-        items = [s for s in rest.split(",") if s]
-        if not items:
-            raise DeepSeeMoEError(f"--target {text!r} names nothing; give domain:NAME, tokens:A,B or ids:1,2")
+        kind, rest, items = cls.check(text)
         if kind == "domain":
             return cls(label=f"domain {rest}", domain=rest)
         if kind == "ids":
@@ -88,7 +97,7 @@ class Target:
             if not ids:
                 raise DeepSeeMoEError(f"--target {text!r} tokenises to nothing")
             return cls(label=f"tokens {','.join(items)}", token_ids=frozenset(ids))
-        raise DeepSeeMoEError(f"--target {text!r}: unknown kind {kind!r}; give domain:NAME, tokens:A,B or ids:1,2")
+        raise AssertionError(kind)  # `check` admits no other kind
 
     def hits(self, batch) -> torch.Tensor:
         """[B, S] bool: the tokens that belong to the target (read tokens, BOS and padding never)."""
