@@ -35,7 +35,8 @@ def main() -> None:
         from playwright.sync_api import sync_playwright
 
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+            # WebGL (the graph view) runs on SwiftShader in headless Chromium, which must be asked for
+            browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--enable-unsafe-swiftshader"])
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.goto(base + "/")
             key = page.url.rstrip("/").rsplit("/", 1)[1]
@@ -52,8 +53,13 @@ def main() -> None:
             if page.locator("#nav a:has-text('MoE vs dense')").count():
                 shots["compare"] = f"{base}/s/{key}/compare"
             shots["search"] = f"{base}/s/{key}/search?q=code"
+            graph = page.locator("#graphs a").first
+            if graph.count():
+                shots["graph"] = base + graph.get_attribute("href")
             for name, url in shots.items():
                 page.goto(url)
+                if name == "graph":
+                    page.wait_for_function("window.graphReady === true", timeout=60_000)
                 page.screenshot(path=str(out / f"{name}.png"), full_page=True)
                 print(f"{out / f'{name}.png'}  ← {url}")
             browser.close()
