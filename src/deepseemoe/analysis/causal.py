@@ -122,6 +122,20 @@ class LossMeter:
         valid = am[:, 1:].bool() & am[:, :-1].bool()
         return logp, ce, valid
 
+    def clean_loss(self) -> dict:
+        """The clean model's CE (nats/token) over the counted predictions and per domain, with each
+        domain's number of predictions."""
+        sums, counts = defaultdict(float), defaultdict(int)
+        for ce, valid, masks in zip(self.clean_ce, self.valid, self.domain_masks, strict=True):
+            sums[""] += float(ce[valid].sum())
+            counts[""] += int(valid.sum())
+            for d, m in masks.items():
+                sums[d] += float(ce[m].sum())
+                counts[d] += int(m.sum())
+        return {"ce": sums[""] / max(counts[""], 1),
+                "by_domain": {d: sums[d] / counts[d] for d in sorted(sums) if d and counts[d]},
+                "predictions": {d: counts[d] for d in sorted(counts) if d}}
+
     def measure(self, context: Callable[[], object] | None = None, only: list[int] | None = None) -> dict:
         """ΔCE overall and per domain, and KL, for the forwards run inside `context()` (on the
         batches `only`, default all)."""

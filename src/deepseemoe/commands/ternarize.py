@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
 
         from deepseemoe.errors import DeepSeeMoEError
         from deepseemoe.models.load import load_model
-        from deepseemoe.models.ternary import PARTS, ternarize_model, ternary_targets
+        from deepseemoe.models.ternary import PARTS, ternarize_model, ternary_record, ternary_targets
 
         wanted = tuple(p for p in parts.split(",") if p)
         if per not in ("tensor", "row"):
@@ -69,10 +69,7 @@ def register(app: typer.Typer) -> None:
                                           max_tokens=tokens))
             meter = LossMeter(handle, batches, [token_domains(b) for b in batches])
         tensors = ternarize_model(handle, present, per)
-        result = {"model": handle.name, "parts": list(present), "per": per,
-                  "tensors": [t.to_dict() for t in tensors],
-                  "zero_share": sum(t.zero_share * _numel(t.shape) for t in tensors)
-                  / sum(_numel(t.shape) for t in tensors)}
+        result = {"model": handle.name, **ternary_record(present, per, tensors)}
         if meter is not None:
             result["loss"] = loss_before_after(meter)
         save_model_folder(handle, out, result)
@@ -90,49 +87,28 @@ def register(app: typer.Typer) -> None:
 
 
 def save_model_folder(handle, out: Path, result: dict) -> None:
-    """The model, its tokenizer and ternary.json, written beside `out` and renamed into place at the end,
-    so an interrupted run leaves no half-written model folder."""
-    import os
-    import shutil
-    import tempfile
-
+    """The model, its tokenizer and ternary.json, built beside `out` and swapped in whole, so an
+    interrupted run leaves no half-written model folder."""
     from deepseemoe.models.ternary import TERNARY_JSON
     from deepseemoe.runs.atomic import atomic_write_json
+    from deepseemoe.runs.lock import atomic_dir
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    def write(tmp: Path) -> None:
         handle.model.save_pretrained(tmp)
         if handle.tokenizer is not None:
             handle.tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / TERNARY_JSON, result)
-        if out.exists():
-            out.rmdir()  # empty (checked before any work)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+    atomic_dir(out, write)
 
 
 def loss_before_after(meter) -> dict[str, dict[str, float]]:
     """Per domain and over all ('all'): the clean loss `meter` measured and the loss of the model now."""
     after = meter.measure()
-    out = {}
-    totals = {"float": 0.0, "n": 0}
-    for d in sorted(after["by_domain"]):
-        ce = sum(float(c[m[d]].sum()) for c, m in zip(meter.clean_ce, meter.domain_masks, strict=True) if d in m)
-        n = sum(int(m[d].sum()) for m in meter.domain_masks if d in m)
-        out[d] = {"float": ce / n, "ternary": ce / n + after["by_domain"][d], "predictions": n}
-        totals["float"] += ce
-        totals["n"] += n
+    clean = meter.clean_loss()
+    out = {d: {"float": clean["by_domain"][d], "ternary": clean["by_domain"][d] + after["by_domain"][d],
+               "predictions": clean["predictions"][d]} for d in sorted(after["by_domain"])}
     if out:
-        mean = totals["float"] / totals["n"]
-        out["all"] = {"float": mean, "ternary": mean + after["delta_ce"], "predictions": totals["n"]}
+        out["all"] = {"float": clean["ce"], "ternary": clean["ce"] + after["delta_ce"],
+                      "predictions": sum(v["predictions"] for v in out.values())}
     return out

@@ -40,6 +40,14 @@ ACTIVATIONS = ("topk", "batchtopk", "jumprelu", "relu")
 TERNARY = ("", "encoder", "decoder", "both")
 
 
+def check_ternary(ternary: str, cross_layer: bool) -> None:
+    """Refuse a ternary setting a coder cannot take (a run config checks it before any model loads)."""
+    if ternary not in TERNARY:
+        raise DeepSeeMoEError(f"ternary: {ternary!r}; choose encoder, decoder or both (or leave it out)")
+    if ternary and cross_layer:
+        raise DeepSeeMoEError("ternary weights are not available for cross-layer transcoders; drop ternary")
+
+
 @dataclass
 class CoderConfig:
     d_in: int
@@ -58,10 +66,7 @@ class CoderConfig:
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
             raise DeepSeeMoEError(f"unknown activation {self.activation!r}; choose from {', '.join(ACTIVATIONS)}")
-        if self.ternary not in TERNARY:
-            raise DeepSeeMoEError(f"ternary={self.ternary!r}: choose encoder, decoder or both (or leave it out)")
-        if self.ternary and self.cross_layer:
-            raise DeepSeeMoEError("ternary weights are not available for cross-layer transcoders; drop ternary")
+        check_ternary(self.ternary, self.cross_layer)
         if self.n_latents == 0:
             self.n_latents = self.expansion_factor * self.d_in
         S = self.n_sites
@@ -213,7 +218,7 @@ class _CoderBase(nn.Module):
     def _ternary_params(self) -> list[tuple[nn.Parameter, int]]:
         """(parameter, the dimension its per-latent scale averages over): W_enc [D, F] per column,
         W_dec [F, D] per row."""
-        which = getattr(self.cfg, "ternary", "")
+        which = self.cfg.ternary
         out = []
         if which in ("encoder", "both"):
             out.append((self.W_enc, 0))
@@ -225,14 +230,7 @@ class _CoderBase(nn.Module):
     def ternary_weights(self) -> Iterator[None]:
         """Inside: the ternary parameters hold their ternarisation (forward and backward see W_q, so the
         gradient is the straight-through one); on exit the float weights are back, for the optimizer."""
-        from deepseemoe.models.ternary import ternarize
-
-        kept = []
-        with torch.no_grad():
-            for p, over in self._ternary_params():
-                kept.append((p, p.detach().clone()))
-                trits, s = ternarize(p, in_dim=over, per="row")
-                p.copy_(trits.to(p.dtype) * s.to(p.dtype))
+        kept = self.bake_ternary_()
         try:
             yield
         finally:
@@ -241,13 +239,17 @@ class _CoderBase(nn.Module):
                     p.copy_(w)
 
     @torch.no_grad()
-    def bake_ternary_(self) -> None:
-        """Leave the ternary weights in place (the end of training)."""
+    def bake_ternary_(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """Write the ternary weights in place (at the end of training, they stay); returns each parameter
+        with the float weights it held."""
         from deepseemoe.models.ternary import ternarize
 
+        kept = []
         for p, over in self._ternary_params():
+            kept.append((p, p.detach().clone()))
             trits, s = ternarize(p, in_dim=over, per="row")
             p.copy_(trits.to(p.dtype) * s.to(p.dtype))
+        return kept
 
     @property
     def thresholds(self) -> torch.Tensor | None:

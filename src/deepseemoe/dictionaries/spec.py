@@ -17,7 +17,7 @@ from dataclasses import field as dc_field
 from pathlib import Path
 
 from deepseemoe.capture.core import Site
-from deepseemoe.dictionaries.coder import ACTIVATIONS, TERNARY, CoderConfig
+from deepseemoe.dictionaries.coder import ACTIVATIONS, CoderConfig, check_ternary
 from deepseemoe.dictionaries.trainer import TrainConfig
 from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.runs.atomic import read_yaml_mapping
@@ -47,10 +47,7 @@ class CoderSpec:
             raise DeepSeeMoEError(f"unknown coder kind {self.kind!r}; choose from {', '.join(KINDS)}")
         if self.activation not in ACTIVATIONS:
             raise DeepSeeMoEError(f"unknown activation {self.activation!r}; choose from {', '.join(ACTIVATIONS)}")
-        if self.ternary not in TERNARY:
-            raise DeepSeeMoEError(f"ternary: {self.ternary!r}; choose encoder, decoder or both (or leave it out)")
-        if self.ternary and self.kind == "clt":
-            raise DeepSeeMoEError("ternary weights are not available for cross-layer transcoders; drop ternary")
+        check_ternary(self.ternary, cross_layer=self.kind == "clt")
         if isinstance(self.layers, int):
             self.layers = [self.layers]
         # automatic names: kind, then the site when an SAE/crosscoder reads another than resid_out (two

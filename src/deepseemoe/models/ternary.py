@@ -20,6 +20,7 @@ three values each, up to the scale).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -109,10 +110,19 @@ def _join(sub: str, attr: str) -> str:
     return f"{sub}.{attr}" if sub else attr
 
 
+def _tensor(target: TernaryTarget, trits: torch.Tensor, s: torch.Tensor) -> TernaryTensor:
+    return TernaryTensor(target.name, tuple(trits.shape), float((trits == 0).float().mean()), float(s.mean()))
+
+
 def describe(target: TernaryTarget, per: str) -> TernaryTensor:
-    w = getattr(target.module, target.attr)
-    trits, s = ternarize(w, target.in_dim, per, target.stacked)
-    return TernaryTensor(target.name, tuple(w.shape), float((trits == 0).float().mean()), float(s.mean()))
+    return _tensor(target, *ternarize(getattr(target.module, target.attr), target.in_dim, per, target.stacked))
+
+
+def ternary_record(parts: tuple[str, ...], per: str, tensors: list[TernaryTensor]) -> dict:
+    """What ternary.json holds: the parts, the scale rule, each tensor and the share of zero trits over all."""
+    sizes = [math.prod(t.shape) for t in tensors]
+    zero = sum(t.zero_share * n for t, n in zip(tensors, sizes, strict=True)) / sum(sizes)
+    return {"parts": list(parts), "per": per, "zero_share": zero, "tensors": [t.to_dict() for t in tensors]}
 
 
 @torch.no_grad()
@@ -121,8 +131,8 @@ def ternarize_model(handle: ModelHandle, parts: tuple[str, ...] = PARTS, per: st
     report = []
     for t in ternary_targets(handle, parts):
         w = getattr(t.module, t.attr)
-        report.append(describe(t, per))
         trits, s = ternarize(w, t.in_dim, per, t.stacked)
+        report.append(_tensor(t, trits, s))
         w.copy_((trits.float() * s).to(w.dtype))
     return report
 
@@ -135,8 +145,8 @@ class _AbsmeanSTE(nn.Module):
         self.in_dim, self.per, self.stacked = in_dim, per, stacked
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        s = absmean_scale(w.detach(), self.in_dim, self.per, self.stacked)
-        q = (torch.clamp(torch.round(w / s), -1, 1) * s).detach()
+        trits, s = ternarize(w, self.in_dim, self.per, self.stacked)
+        q = (trits.to(w.dtype) * s.to(w.dtype)).detach()
         # value exactly W_q (w − w.detach() is exactly 0), gradient exactly the identity; the usual
         # w + (W_q − w).detach() would leave rounding noise in the weights that `bake` writes
         return q + (w - w.detach())
@@ -155,8 +165,6 @@ def bake(targets: list[TernaryTarget], per: str = "tensor") -> list[TernaryTenso
     for t in targets:
         parametrize.remove_parametrizations(t.module, t.attr, leave_parametrized=True)
     return [describe(t, per) for t in targets]
-
-
 
 
 @torch.no_grad()

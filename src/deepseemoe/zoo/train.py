@@ -158,20 +158,11 @@ def _train_one(kind: str, recipe: Recipe, tokenizer_dir: str, windows_path: str,
                 forward_kwargs={"output_router_logits": True} if kind == "moe" else None,  # + the router aux loss
                 after_step=save_checkpoint)
     if targets:
-        from deepseemoe.models.ternary import TERNARY_JSON, bake
+        from deepseemoe.models.ternary import TERNARY_JSON, bake, ternary_record
 
-        tensors = bake(targets)
-        atomic_write_json(out / TERNARY_JSON, {"parts": list(parts), "per": "tensor",
-                                               "tensors": [t.to_dict() for t in tensors]})
+        atomic_write_json(out / TERNARY_JSON, ternary_record(parts, "tensor", bake(targets)))
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-
-
-def _zero_share(ternary: dict) -> dict:
-    """ternary.json with the share of zero trits over all its tensors added."""
-    sizes = [math.prod(t["shape"]) for t in ternary["tensors"]]
-    zero = sum(t["zero_share"] * n for t, n in zip(ternary["tensors"], sizes, strict=True)) / sum(sizes)
-    return {**ternary, "zero_share": zero}
 
 
 def default_cache_dir() -> Path:
@@ -319,7 +310,7 @@ def train_zoo(corpus_dir: str | Path, *, recipe: str | Recipe = "demo", cache_di
     if recipe.ternary:
         from deepseemoe.models.ternary import TERNARY_JSON
 
-        report["ternary"] = {k: _zero_share(read_json(root / k / TERNARY_JSON, "train the models again (--retrain)"))
+        report["ternary"] = {k: read_json(root / k / TERNARY_JSON, "train the models again (--retrain)")
                              for k in procs}
     (root / "train_windows.npy").unlink(missing_ok=True)
     atomic_write_json(done, report)
