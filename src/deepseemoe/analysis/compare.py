@@ -197,7 +197,7 @@ def _ablate_units(handle, units, domains, counts, sel, most_active, measure, out
         for layer, hd in most_active(units["attention_head"]["mass"]):
             pref = domains[_preferred(units["attention_head"]["mass"][layer][hd], counts)]
             proj, heads = handle.attention_output(layer)
-            res = measure(lambda proj=proj, hd=hd, heads=heads: _zero_slice(proj, hd, heads))
+            res = measure(lambda proj=proj, hd=hd, heads=heads: zero_heads(proj, [hd], heads))
             out["attention_head"].append({"layer": layer, "unit": hd, **_gap(res, pref)})
     if "mlp_neuron" in units:
         for layer, mass in units["mlp_neuron"]["mass"].items():
@@ -209,7 +209,7 @@ def _ablate_units(handle, units, domains, counts, sel, most_active, measure, out
                     continue
                 chosen = np.argsort(-(p[:, c] * mean[:, c]))[:block]
                 module = handle.model.get_submodule(handle.dense_mlps[layer].neuron_path)
-                res = measure(lambda module=module, chosen=chosen: _zero_neurons(module, chosen))
+                res = measure(lambda module=module, chosen=chosen: zero_neurons(module, chosen))
                 out["mlp_neuron_block"].append({"layer": layer, "unit": dom, "neurons": int(block), **_gap(res, dom)})
             # the unselected analogue of an expert: a random block of the same size, its preferred
             # domain read off its activity like an expert's (no selection on the evaluation data)
@@ -218,7 +218,7 @@ def _ablate_units(handle, units, domains, counts, sel, most_active, measure, out
                 chosen = g.choice(mass.shape[0], size=block, replace=False)
                 pref = domains[_preferred(mass[chosen].sum(0), counts)]
                 module = handle.model.get_submodule(handle.dense_mlps[layer].neuron_path)
-                res = measure(lambda module=module, chosen=chosen: _zero_neurons(module, chosen))
+                res = measure(lambda module=module, chosen=chosen: zero_neurons(module, chosen))
                 out["mlp_random_block"].append({"layer": layer, "unit": r, "neurons": int(block), **_gap(res, pref)})
 
 
@@ -233,16 +233,21 @@ class _Hook:
         self.handle.remove()
 
 
-def _zero_slice(proj, head: int, heads: int) -> _Hook:
+def zero_heads(proj, chosen, heads: int) -> _Hook:
+    """While entered: the slices of heads `chosen` of the `heads` concatenated in `proj`'s input are 0."""
+    chosen = list(chosen)
+
     def fn(mod, args):
         x = args[0].clone()
         d = x.shape[-1] // heads
-        x[..., head * d:(head + 1) * d] = 0
+        for head in chosen:
+            x[..., head * d:(head + 1) * d] = 0
         return (x, *args[1:])
     return _Hook(proj, fn)
 
 
-def _zero_neurons(module, neurons: np.ndarray) -> _Hook:
+def zero_neurons(module, neurons) -> _Hook:
+    """While entered: the inputs `neurons` of `module` (a down projection: its hidden units) are 0."""
     idx = torch.as_tensor(neurons, dtype=torch.long)
 
     def fn(mod, args):

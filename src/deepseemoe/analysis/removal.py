@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from deepseemoe.analysis.causal import LossMeter, within_document
-from deepseemoe.analysis.compare import UnitActivity, split_halves
+from deepseemoe.analysis.compare import UnitActivity, split_halves, zero_heads, zero_neurons
 from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.interventions.routing import ablate, route_intervention
 from deepseemoe.models.experts import has_fused_layout
@@ -113,8 +113,8 @@ class Target:
 
     def labels(self, batch) -> list[str]:
         """[B·(S-1)] the class of each prediction, by the token read; "" when it counts for neither."""
-        hit = self.hits(batch)[:, :-1] & within_document(batch)
-        other = ~self.hits(batch)[:, :-1] & within_document(batch)
+        read, within = self.hits(batch)[:, :-1], within_document(batch)
+        hit, other = read & within, ~read & within
         out = np.where(hit.numpy(), TARGET, np.where(other.numpy(), OTHER, ""))
         return out.reshape(-1).tolist()
 
@@ -163,7 +163,7 @@ def unit_inventory(handle: ModelHandle, kinds: tuple[str, ...] = KINDS,
     if "attention_head" in kinds:
         heads = {la: found for la in range(handle.num_layers) if (found := handle.attention_output(la)) is not None}
         if heads:
-            attn = [_params(_attention_module(handle, la)) / h for la, (_, h) in heads.items()]
+            attn = [_params(handle.attention_module(la)) / h for la, (_, h) in heads.items()]
             out["attention_head"] = Units("attention_head", [(la, u) for la, (_, h) in heads.items() for u in range(h)],
                                           float(np.mean(attn)), lambda chosen: _zero_heads(heads, chosen))
     if "feature" in kinds and dictionary is not None:
@@ -171,18 +171,23 @@ def unit_inventory(handle: ModelHandle, kinds: tuple[str, ...] = KINDS,
 
         d = dictionary
         FeatureEdit(handle, d.coder, d.site, 0, 0.0)  # refuses what it cannot edit, before any work
-        per = float(2 * d.coder.cfg.d_in + 1)  # its encoder column, decoder row and bias
+        per = _feature_params(d)
         out["feature"] = Units("feature", [(d.site.layer, f) for f in range(d.coder.cfg.n_latents)], per,
                                lambda chosen: FeatureEdit(handle, d.coder, d.site, [f for _, f in chosen], 0.0))
     if "module" in kinds and dictionary is not None and dictionary.modules and handle.is_moe:
         d = dictionary
         moe = handle.moe_layers[d.graph_layer]
         expert_params = _params(moe.experts) / moe.num_experts
-        sizes = [sum(expert_params if n.startswith("E") else 2 * d.coder.cfg.d_in + 1 for n in nodes)
+        sizes = [sum(expert_params if n.startswith("E") else _feature_params(d) for n in nodes)
                  for nodes in d.modules.values()]
         out["module"] = Units("module", [(d.graph_layer, m) for m in sorted(d.modules)], float(np.mean(sizes)),
                               lambda chosen: _remove_modules(handle, d, [m for _, m in chosen]))
     return out
+
+
+def _feature_params(d: Dictionary) -> float:
+    """One feature's parameters: its encoder column, decoder row and bias."""
+    return float(2 * d.coder.cfg.d_in + 1)
 
 
 @contextlib.contextmanager
@@ -379,47 +384,26 @@ def _zero_expert_neurons(handle: ModelHandle, chosen: list[tuple[int, int]], wid
 
 @contextlib.contextmanager
 def _zero_inputs(handle: ModelHandle, chosen: list[tuple[int, int]]):
-    """Zero the chosen dense MLP neurons (their down projection's input)."""
-    hooks = []
-    try:
+    """Zero the chosen dense MLP neurons (their down projection's input), every layer at once."""
+    with contextlib.ExitStack() as stack:
         for la, us in _by_layer(chosen, list).items():
-            idx = torch.tensor(us, dtype=torch.long)
-
-            def pre(mod, args, idx=idx):
-                x = args[0].clone()
-                x[..., idx.to(x.device)] = 0
-                return (x, *args[1:])
-            hooks.append(handle.model.get_submodule(handle.dense_mlps[la].neuron_path).register_forward_pre_hook(pre))
+            stack.enter_context(zero_neurons(handle.model.get_submodule(handle.dense_mlps[la].neuron_path), us))
         yield
-    finally:
-        for h in hooks:
-            h.remove()
 
 
 @contextlib.contextmanager
 def _zero_heads(heads: dict[int, tuple[torch.nn.Module, int]], chosen: list[tuple[int, int]]):
     """Zero the chosen heads' slices of their layer's attention output projection input."""
-    hooks = []
-    try:
+    with contextlib.ExitStack() as stack:
         for la, us in _by_layer(chosen, list).items():
-            proj, n = heads[la]
-
-            def pre(mod, args, us=us, n=n):
-                x = args[0].clone()
-                d = x.shape[-1] // n
-                for hd in us:
-                    x[..., hd * d:(hd + 1) * d] = 0
-                return (x, *args[1:])
-            hooks.append(proj.register_forward_pre_hook(pre))
+            stack.enter_context(zero_heads(heads[la][0], us, heads[la][1]))
         yield
-    finally:
-        for h in hooks:
-            h.remove()
 
 
-def _attention_module(handle: ModelHandle, layer: int) -> torch.nn.Module:
-    decoder = handle.layers[layer]
-    return getattr(decoder, "self_attn", None) or decoder.attention
+def check_budget(budget: float | None) -> None:
+    """Refuse a budget that is not a share in (0, 1] (the command checks it before loading a model)."""
+    if budget is not None and not 0 < budget <= 1:
+        raise DeepSeeMoEError(f"--budget {budget} must be a share of each kind's units in (0, 1]")
 
 
 def default_budget(handle: ModelHandle) -> float:
@@ -434,8 +418,7 @@ def removal_study(sides: list[tuple[str, ModelHandle, list]], target: str, *, bu
     kind's units removed (default `default_budget` of the first model), the same for every model;
     `units` fixes the count of units per kind instead. `dictionary` (an SAE of the first model) adds
     its features as a kind."""
-    if budget is not None and not 0 < budget <= 1:
-        raise DeepSeeMoEError(f"--budget {budget} must be a share of each kind's units in (0, 1]")
+    check_budget(budget)
     first = sides[0][1]
     share = None if units is not None else (budget if budget is not None else default_budget(first))
     parsed = Target.parse(target, first.require_tokenizer())
@@ -462,8 +445,8 @@ def load_dictionary(run_dir, name: str) -> Dictionary:
     coder, meta = load_run_dictionary(run_dir, name)
     run = DictionaryRun.open(run_dir)
     modules = layer = None
-    if name in run.graph_summaries():
-        summary = run.graph_summaries()[name]
+    summary = run.graph_summaries().get(name)
+    if summary is not None:
         nodes = pq.read_table(run.graph_dir(name) / "nodes.parquet", columns=["node", "module"]).to_pylist()
         modules = {}
         for row in nodes:

@@ -66,11 +66,10 @@ def register(app: typer.Typer) -> None:
         if not data.startswith("hf:"):
             resolve_files(data)
         if target is not None:
-            from deepseemoe.analysis.removal import KINDS, Target
+            from deepseemoe.analysis.removal import KINDS, Target, check_budget
 
             Target.check(target)  # before any model is loaded
-            if budget is not None and not 0 < budget <= 1:
-                raise DeepSeeMoEError(f"--budget {budget} must be a share of each kind's units in (0, 1]")
+            check_budget(budget)
             wanted = tuple(k for k in kinds.split(",") if k)
             bad = [k for k in wanted if k not in KINDS]
             if bad or not wanted:

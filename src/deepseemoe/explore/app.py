@@ -194,32 +194,33 @@ def create_app(explorer: Explorer):
             raise NotServed(f"no figure {name!r} in this run's analyses")
         return Response(view.analyses.figure(name), media_type="image/png")
 
+    def graphed(key: str, dictionary: str):
+        """(study, dictionary view) of a dictionary whose graph `graph` wrote; NotServed otherwise."""
+        view = explorer.study(key)
+        d = view.dictionaries.get(dictionary)
+        if d is None or d.graph is None:
+            raise NotServed(f"no graph for {dictionary!r}")
+        return view, d
+
     @app.get("/s/{key}/graph/{dictionary}.png")
     @guarded
     async def graph_figure(key: str, dictionary: str):
-        view = explorer.study(key)
-        d = view.dictionaries.get(dictionary)
-        path = d.run.graph_dir(d.name) / "layout.png" if d is not None and d.graph is not None else None
-        if path is None or not path.exists():
+        _, d = graphed(key, dictionary)
+        path = d.run.graph_dir(d.name) / "layout.png"
+        if not path.exists():
             raise NotServed(f"no graph layout for {dictionary!r}")
         return Response(path.read_bytes(), media_type="image/png")
 
     @app.get("/s/{key}/graph/{dictionary}", response_class=HTMLResponse)
     @guarded
     async def graph_page(key: str, dictionary: str):
-        view = explorer.study(key)
-        d = view.dictionaries.get(dictionary)
-        if d is None or d.graph is None:
-            raise NotServed(f"no graph for {dictionary!r}")
+        view, d = graphed(key, dictionary)
         return page("graph.html.j2", view=view, d=d)
 
     @app.get("/api/s/{key}/graph/{dictionary}")
     @guarded
     async def api_graph(key: str, dictionary: str):
-        view = explorer.study(key)
-        d = view.dictionaries.get(dictionary)
-        if d is None:
-            raise NotServed(f"no dictionary {dictionary!r}")
+        view, d = graphed(key, dictionary)
         return await _threaded(lambda: d.graph_data(view.key))
 
     @app.get("/s/{key}/doc/{doc}", response_class=HTMLResponse)

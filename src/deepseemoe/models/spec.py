@@ -225,12 +225,16 @@ class ModelHandle:
         return {"hf": hf, "sparsify": hf.removeprefix(prefix) if hf else None,
                 "block": block.removeprefix(prefix) if block else None, "tl": tl}
 
+    def attention_module(self, layer: int) -> nn.Module | None:
+        """A decoder layer's attention module (self_attn / attention), None when it has neither."""
+        decoder = self.layers[layer]
+        return getattr(decoder, "self_attn", None) or getattr(decoder, "attention", None)
+
     def attention_output(self, layer: int) -> tuple[nn.Module, int] | None:
         """The attention output projection of a decoder layer and the number of heads whose outputs it
         reads, concatenated ([.., heads·head_dim]): head h is slice h of its input. None when the layer
         has no projection DeepSeeMoE knows (o_proj / dense)."""
-        decoder = self.layers[layer]
-        attn = getattr(decoder, "self_attn", None) or getattr(decoder, "attention", None)
+        attn = self.attention_module(layer)
         proj = None if attn is None else getattr(attn, "o_proj", None) or getattr(attn, "dense", None)
         if proj is None:
             return None
