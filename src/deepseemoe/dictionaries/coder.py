@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from deepseemoe.dictionaries.topk import certified_topk, native_bf16
 from deepseemoe.errors import DeepSeeMoEError
 
 ACTIVATIONS = ("topk", "batchtopk", "jumprelu", "relu")
@@ -122,7 +123,8 @@ class CoderOutput:
     @property
     def latents(self) -> torch.Tensor:
         if self._latents is None:
-            self._latents = torch.zeros_like(self.pre).scatter(-1, self.idx, self.vals)
+            self._latents = torch.zeros(self.pre.shape, dtype=self.vals.dtype, device=self.vals.device) \
+                .scatter(-1, self.idx, self.vals)
         return self._latents
 
     def fired(self) -> torch.Tensor:
@@ -143,14 +145,15 @@ def _csr_backward(device: torch.device) -> bool:
 
 
 class _SparseGather(torch.autograd.Function):
-    """vals = pre.gather(1, idx) for pre = xin @ W_enc + b_enc computed without autograd, with a
-    sparse backward: only the k chosen pre-activations per token carry gradient, so W_enc's
-    gradient is CSR(g)ᵀ @ xin (CPU) or an index_add (elsewhere) — never a dense [T, F] product."""
+    """vals = pre[t, idx[t, j]] for pre = xin @ W_enc + b_enc, the values computed without autograd
+    by the caller, with a sparse backward: only the k chosen pre-activations per token carry
+    gradient, so W_enc's gradient is CSR(g)ᵀ @ xin (CPU) or an index_add (elsewhere) — never a
+    dense [T, F] product."""
 
     @staticmethod
-    def forward(ctx, xin, W_enc, b_enc, idx, pre):
+    def forward(ctx, xin, W_enc, b_enc, idx, vals):
         ctx.save_for_backward(xin, W_enc, idx)
-        return pre.gather(1, idx)
+        return vals.clone()
 
     @staticmethod
     def backward(ctx, g):
@@ -360,17 +363,29 @@ class SparseCoder(_CoderBase):
     def forward(self, x: torch.Tensor) -> CoderOutput:
         if self.cfg.activation != "topk":
             return super().forward(x)
-        # TopK fast path: one dense matmul (the encoder), everything after it sparse in k
+        # TopK fast path: one dense matmul (the encoder), everything after it sparse in k; the top-k
+        # is of pre, which equals the top-k of relu(pre) up to ties at 0
         xin = self.encoder_input(x)
         with torch.no_grad():
-            pre = torch.addmm(self.b_enc, xin, self.W_enc)
-            idx = pre.topk(self.cfg.k, dim=-1, sorted=False).indices  # = top-k of relu(pre) up to ties at 0
-        vals = torch.relu(self.gather_pre(xin, idx, pre))
+            if xin.dtype == torch.float32 and self.W_enc.dtype == torch.float32 and native_bf16(xin.device):
+                pre, idx, picked, _ = certified_topk(xin, self.W_enc, self.b_enc, self.cfg.k)
+            else:
+                pre = torch.addmm(self.b_enc, xin, self.W_enc)
+                picked, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
+        vals = torch.relu(_SparseGather.apply(xin, self.W_enc, self.b_enc, idx, picked))
         return CoderOutput(self.decode_sparse(idx, vals, x), pre, idx=idx, vals=vals, encoder_input=xin)
 
-    def gather_pre(self, xin: torch.Tensor, idx: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
-        """pre[t, idx[t, j]] with gradient to the encoder (sparse backward)."""
-        return _SparseGather.apply(xin, self.W_enc, self.b_enc, idx, pre)
+    def topk_among(self, output: CoderOutput, allowed: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(idx, relu'd values) [T, k] of the k largest pre-activations among the `allowed` latents [F]
+        (AuxK's dead ones), the values with gradient to the encoder (sparse backward). A forward on the
+        certified path chooses by its certificate too, so both paths choose alike."""
+        xin, pre = output.encoder_input, output.pre
+        with torch.no_grad():
+            if pre.dtype == torch.bfloat16 and xin.dtype == torch.float32:
+                _, idx, picked, _ = certified_topk(xin, self.W_enc, self.b_enc, k, pre=pre, allowed=allowed)
+            else:
+                picked, idx = pre.masked_fill(~allowed, float("-inf")).topk(k, dim=-1)
+        return idx, torch.relu(_SparseGather.apply(xin, self.W_enc, self.b_enc, idx, picked))
 
     def decode_sparse(self, idx: torch.Tensor, vals: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         """decode() for latents given as (idx, vals) [T, k]: an embedding bag over W_dec's rows."""

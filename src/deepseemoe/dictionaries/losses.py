@@ -56,9 +56,7 @@ def auxk_loss(coder: Coder, target: torch.Tensor, output: CoderOutput, dead: tor
         return target.new_zeros(())
     residual = (target - output.out).detach() * coder.target_scale
     if output.idx is not None:  # TopK fast path: pick among dead latents without autograd, gather sparsely
-        with torch.no_grad():
-            idx = output.pre.masked_fill(~dead, float("-inf")).topk(min(k_aux, n_dead), dim=-1).indices
-        vals = torch.relu(coder.gather_pre(output.encoder_input, idx, output.pre))
+        idx, vals = coder.topk_among(output, dead, min(k_aux, n_dead))
         recon = torch.nn.functional.embedding_bag(idx, coder.W_dec, per_sample_weights=vals, mode="sum")
         return normalized(residual, recon)
     pre = torch.relu(output.pre).masked_fill(~dead, 0.0)
