@@ -240,6 +240,11 @@ def worker(args) -> None:
 
 # ---- the parent: data, interleaved runs, the table -------------------------------------------------
 
+def fvu_at_tokens(points: list[dict], tokens: float) -> float:
+    """The FVU of the last evaluation made after at most `tokens` training tokens."""
+    return [p for p in points if p["tokens"] <= tokens][-1]["fvu"]
+
+
 def first_reach(points: list[dict], target: float) -> float | None:
     return next((p["seconds"] for p in points if p["fvu"] <= target), None)
 
@@ -332,12 +337,19 @@ def summarise(D: int, F: int, k: int, args, runs: dict[str, list[dict]]) -> dict
         print(f"{p:>9} {tps:9,.0f} {finals[p]:10.3f}  " + "  ".join(cells))
     print("  (seconds of training to first reach each FVU, median over repeats; — not reached in every repeat;"
           " (×) sparsify's time / this peer's)")
+    # quality per token: each peer's FVU at the last evaluation within the tokens sparsify trained on
+    if "sparsify" in runs:
+        budget = statistics.median(r["points"][-1]["tokens"] for r in runs["sparsify"])
+        at_tokens = {p: statistics.median(fvu_at_tokens(r["points"], budget) for r in rs) for p, rs in runs.items()}
+        print(f"  FVU at {budget:,.0f} tokens (sparsify's budget): "
+              + ", ".join(f"{p} {v:.3f}" for p, v in at_tokens.items()))
     for p, rs in runs.items():  # the curve of the first repeat, a few points
         pts = rs[0]["points"]
         shown = pts[:: max(1, len(pts) // 8)] + ([pts[-1]] if len(pts) > 1 else [])
         print(f"  {p:>8} curve (s: FVU): " + ", ".join(f"{q['seconds']:.0f}: {q['fvu']:.3f}" for q in shown))
     return {"D": D, "F": F, "k": k, "batch": args.batch, "seconds": args.seconds, "data": args.data,
             "target_fvu": target, "seconds_to": {str(t): r for t, r in reach.items()}, "final_fvu": finals,
+            "fvu_at_sparsify_tokens": at_tokens if "sparsify" in runs else None,
             "runs": runs}
 
 

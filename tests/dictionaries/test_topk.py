@@ -103,3 +103,40 @@ def test_topk_coder_on_the_certified_path_equals_the_plain_path(monkeypatch, d_o
     torch.testing.assert_close(fast_loss, plain_loss, rtol=1e-4, atol=1e-6)
     for g, r in zip(fast_grads, plain_grads, strict=True):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("certified", [False, True])
+def test_batchtopk_sparse_path_equals_the_dense_batch_choice(monkeypatch, certified):
+    """BatchTopK in training keeps the k·T largest relu'd pre-activations of the batch. The sparse path
+    finds them among each token's largest (doubling when a token might have more); the reference is
+    the dense selection over all T·F entries (`_CoderBase.forward`, checked by hand in test_coder).
+    A few loud tokens take far more than 2k latents, so the candidates must widen."""
+    from deepseemoe.dictionaries.coder import _CoderBase
+
+    monkeypatch.setattr(coder_module, "native_bf16", lambda device: certified)
+    torch.manual_seed(1)
+    coder = SparseCoder(CoderConfig(d_in=24, n_latents=400, activation="batchtopk", k=5)).train()
+    x = torch.randn(64, 24)
+    x[:3] *= 12.0
+    widths = []
+    top = coder.top_per_token
+    monkeypatch.setattr(coder, "top_per_token", lambda xin, k, pre=None, allowed=None:
+                        widths.append(k) or top(xin, k, pre, allowed))
+    fast = coder(x)
+    assert widths[0] == 10 and len(widths) > 1  # it widened
+    ref = _CoderBase.forward(coder, x)
+    assert torch.equal(fast.latents > 0, ref.latents > 0)
+    torch.testing.assert_close(fast.latents, ref.latents, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast.out, ref.out, rtol=1e-5, atol=1e-5)
+    assert float(fast.l0()) == pytest.approx(float(ref.l0()))
+    params = [coder.W_enc, coder.b_enc, coder.W_dec, coder.b_dec]
+    for g, r in zip(torch.autograd.grad(fvu(x, fast.out), params), torch.autograd.grad(fvu(x, ref.out), params),
+                    strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+    # the inference threshold reads the same smallest kept value from either form
+    coder.threshold.zero_()
+    coder.update_batchtopk_threshold(fast, momentum=0.0)
+    sparse_threshold = coder.threshold.clone()
+    coder.threshold.zero_()
+    coder.update_batchtopk_threshold(ref.latents, momentum=0.0)
+    torch.testing.assert_close(sparse_threshold, coder.threshold)

@@ -59,7 +59,7 @@ def test_relu_and_jumprelu_reach_their_target_l0_by_default(activation):
     assert fvu < 0.2  # the dense one reconstructs; the sparse one is checked by its L0
 
 
-@pytest.mark.parametrize("activation", ["topk", "jumprelu"])
+@pytest.mark.parametrize("activation", ["topk", "batchtopk", "jumprelu"])
 def test_kill_and_resume_gives_the_same_weights(tmp_path, activation):
     x, _ = planted(n=8000)
     y = x @ torch.randn(32, 16, generator=torch.Generator().manual_seed(2))

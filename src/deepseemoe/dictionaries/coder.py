@@ -28,13 +28,14 @@ equivalent coder with them absorbed into the weights, which is what the exchange
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-from deepseemoe.dictionaries.topk import certified_topk, native_bf16
+from deepseemoe.dictionaries.topk import bf16_pre, certified_topk, native_bf16
 from deepseemoe.errors import DeepSeeMoEError
 
 ACTIVATIONS = ("topk", "batchtopk", "jumprelu", "relu")
@@ -300,7 +301,7 @@ class _CoderBase(nn.Module):
         return [slice(i * width, (i + 1) * width) for i in range(self.cfg.n_sites)]
 
     @torch.no_grad()
-    def update_batchtopk_threshold(self, latents: torch.Tensor, momentum: float = 0.9) -> None:
+    def update_batchtopk_threshold(self, latents: torch.Tensor | CoderOutput, momentum: float = 0.9) -> None:
         """Running mean of the smallest activation BatchTopK kept in the batch, one threshold per
         latent group (the whole dictionary; a CLT's source layer) — Bussmann et al.'s inference
         rule, which keeps L0 ≈ k. (A per-latent minimum is biased high for rare latents and drops
@@ -308,9 +309,13 @@ class _CoderBase(nn.Module):
         if self.threshold is None:
             return
         G = self.cfg.groups
-        grouped = latents.view(latents.shape[0], G, -1)
-        positive = grouped > 0
-        mins = torch.where(positive, grouped, torch.full_like(grouped, float("inf"))).amin(dim=(0, 2))  # [G]
+        if isinstance(latents, CoderOutput) and latents.idx is not None and G == 1:  # sparse: its kept values
+            vals = latents.vals.detach()
+            mins = torch.where(vals > 0, vals, torch.full_like(vals, float("inf"))).amin().reshape(1)
+        else:
+            dense = latents.latents.detach() if isinstance(latents, CoderOutput) else latents
+            grouped = dense.view(dense.shape[0], G, -1)
+            mins = torch.where(grouped > 0, grouped, torch.full_like(grouped, float("inf"))).amin(dim=(0, 2))  # [G]
         current = self.threshold.view(G, -1)[:, 0]
         new = torch.where(current == 0, mins, momentum * current + (1 - momentum) * mins)
         new = torch.where(torch.isinf(mins), current, new)  # a group that kept nothing keeps its value
@@ -337,6 +342,7 @@ class SparseCoder(_CoderBase):
         self.W_dec = nn.Parameter(torch.empty(F, D_out, **kw))
         self.b_dec = nn.Parameter(torch.zeros(D_out, **kw))
         self.W_skip = nn.Parameter(torch.zeros(D_out, D, **kw)) if cfg.skip else None
+        self.batch_width = 0  # BatchTopK's candidates per token to try first (`_batch_top`); the trainer checkpoints it
         self._init_common(cfg, kw)
         self.reset_parameters()
 
@@ -361,31 +367,72 @@ class SparseCoder(_CoderBase):
         return latents @ self.W_dec
 
     def forward(self, x: torch.Tensor) -> CoderOutput:
-        if self.cfg.activation != "topk":
+        act = self.cfg.activation
+        if not (act == "topk" or (act == "batchtopk" and self.training)):
             return super().forward(x)
-        # TopK fast path: one dense matmul (the encoder), everything after it sparse in k; the top-k
-        # is of pre, which equals the top-k of relu(pre) up to ties at 0
+        # TopK / BatchTopK fast path: one dense product (the encoder), everything after it sparse
         xin = self.encoder_input(x)
         with torch.no_grad():
-            if xin.dtype == torch.float32 and self.W_enc.dtype == torch.float32 and native_bf16(xin.device):
-                pre, idx, picked, _ = certified_topk(xin, self.W_enc, self.b_enc, self.cfg.k)
+            if act == "topk":
+                pre, idx, picked = self.top_per_token(xin, self.cfg.k)
+                kept = None
             else:
-                pre = torch.addmm(self.b_enc, xin, self.W_enc)
-                picked, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
+                pre, idx, picked, kept = self._batch_top(xin)
         vals = torch.relu(_SparseGather.apply(xin, self.W_enc, self.b_enc, idx, picked))
+        if kept is not None:
+            vals = vals * kept
         return CoderOutput(self.decode_sparse(idx, vals, x), pre, idx=idx, vals=vals, encoder_input=xin)
+
+    @torch.no_grad()
+    def top_per_token(self, xin: torch.Tensor, k: int, pre: torch.Tensor | None = None,
+                      allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(pre, idx, values) of the k largest pre-activations of each token (among the `allowed`
+        latents [F]), values in the encoder's precision. On a CPU with native bf16 the product is
+        bf16 and the choice certified (dictionaries/topk.py), so `pre` is bf16 there and serves only
+        later choices; `pre` given: a product this forward already made. The top-k of pre equals the
+        top-k of relu(pre) up to ties at 0."""
+        if pre is None and xin.dtype == torch.float32 and self.W_enc.dtype == torch.float32 \
+                and native_bf16(xin.device):
+            pre = bf16_pre(xin, self.W_enc, self.b_enc)
+        if pre is not None and pre.dtype == torch.bfloat16 and xin.dtype == torch.float32 and native_bf16(xin.device):
+            pre, idx, picked, _ = certified_topk(xin, self.W_enc, self.b_enc, k, pre=pre, allowed=allowed)
+            return pre, idx, picked
+        pre = torch.addmm(self.b_enc, xin, self.W_enc) if pre is None else pre
+        picked, idx = (pre if allowed is None else pre.masked_fill(~allowed, float("-inf"))).topk(k, dim=-1,
+                                                                                                 sorted=False)
+        return pre, idx, picked
+
+    def _batch_top(self, xin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """BatchTopK's k·T largest relu'd pre-activations of the batch, as per-token candidates
+        (pre, idx, values [T, W]) and which of them are kept [T, W]. The candidates are each token's
+        W largest (W = `batch_width`, at least 2k): when a token keeps all W and its W-th is positive,
+        a latent outside its candidates might belong too, and W doubles; otherwise every latent outside
+        is at most its token's W-th candidate, which was not kept, so the choice is the dense one (up to
+        ties)."""
+        T, F, k = xin.shape[0], self.cfg.n_latents, self.cfg.k
+        width, pre = min(max(2 * k, self.batch_width), F), None
+        while True:
+            pre, idx, picked = self.top_per_token(xin, width, pre)
+            flat = picked.clamp_min(0).flatten()
+            kept = torch.zeros_like(flat, dtype=torch.bool)
+            kept[flat.topk(min(k * T, flat.numel()), sorted=False).indices] = True
+            kept = kept.view(T, width)
+            full = kept.all(dim=1) & (picked.min(dim=1).values > 0)
+            if width == F or not bool(full.any()):
+                break
+            width = min(2 * width, F)
+        # the next batch starts where this one would have needed no doubling (a power of two above
+        # its busiest token's count, with room), so a step usually takes one round
+        busiest = int(kept.sum(dim=1).max()) if T else 0
+        self.batch_width = max(2 * k, 1 << math.ceil(math.log2(busiest * 5 / 4 + 1)))
+        return pre, idx, picked, kept
 
     def topk_among(self, output: CoderOutput, allowed: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(idx, relu'd values) [T, k] of the k largest pre-activations among the `allowed` latents [F]
-        (AuxK's dead ones), the values with gradient to the encoder (sparse backward). A forward on the
-        certified path chooses by its certificate too, so both paths choose alike."""
-        xin, pre = output.encoder_input, output.pre
-        with torch.no_grad():
-            if pre.dtype == torch.bfloat16 and xin.dtype == torch.float32:
-                _, idx, picked, _ = certified_topk(xin, self.W_enc, self.b_enc, k, pre=pre, allowed=allowed)
-            else:
-                picked, idx = pre.masked_fill(~allowed, float("-inf")).topk(k, dim=-1)
-        return idx, torch.relu(_SparseGather.apply(xin, self.W_enc, self.b_enc, idx, picked))
+        (AuxK's dead ones), the values with gradient to the encoder (sparse backward), chosen the way
+        the forward chose (certified where it was)."""
+        _, idx, picked = self.top_per_token(output.encoder_input, k, pre=output.pre, allowed=allowed)
+        return idx, torch.relu(_SparseGather.apply(output.encoder_input, self.W_enc, self.b_enc, idx, picked))
 
     def decode_sparse(self, idx: torch.Tensor, vals: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
         """decode() for latents given as (idx, vals) [T, k]: an embedding bag over W_dec's rows."""

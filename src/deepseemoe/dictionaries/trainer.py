@@ -312,7 +312,7 @@ class CoderTrainer:
         if unit_decoder:
             coder.normalize_decoder_()
         if coder.cfg.activation == "batchtopk":
-            coder.update_batchtopk_threshold(out.latents.detach())
+            coder.update_batchtopk_threshold(out)
         logged = self._all_reduce(torch.stack([loss_fvu.detach(), out.l0().detach() / self.world, aux.detach()]))
         l0 = float(logged[1])
         if name in self.log_sparsity:  # every rank sees the same global L0, so the coefficients agree
@@ -396,6 +396,8 @@ class CoderTrainer:
                 "normalized": self.normalized, "thresholds_set": self.thresholds_set, "rank": self.file_rank, "world": self.file_world,
                 "step": self.step, "tokens": self.tokens, "items_consumed": self.items_consumed,
                 "log_sparsity": {n: torch.tensor(v, dtype=torch.float64) for n, v in self.log_sparsity.items()},
+                # BatchTopK's first candidate width: the same width sums the same terms in the same order
+                "batch_width": {n: torch.tensor(getattr(c, "batch_width", 0)) for n, c in self.coders.items()},
                 "config": self.cfg.to_dict()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -408,6 +410,9 @@ class CoderTrainer:
             g.set_state(state["generators"][n])
         self.normalized = state["normalized"]
         self.thresholds_set = state.get("thresholds_set", True)
+        for n, v in state.get("batch_width", {}).items():
+            if n in self.coders and hasattr(self.coders[n], "batch_width"):
+                self.coders[n].batch_width = int(v)
         for n, v in state.get("log_sparsity", {}).items():
             if n in self.log_sparsity:
                 self.log_sparsity[n] = float(v)
