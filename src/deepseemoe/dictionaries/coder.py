@@ -391,16 +391,19 @@ class SparseCoder(_CoderBase):
         bf16 and the choice certified (dictionaries/topk.py), so `pre` is bf16 there and serves only
         later choices; `pre` given: a product this forward already made. The top-k of pre equals the
         top-k of relu(pre) up to ties at 0."""
-        if pre is None and xin.dtype == torch.float32 and self.W_enc.dtype == torch.float32 \
-                and native_bf16(xin.device):
-            pre = bf16_pre(xin, self.W_enc, self.b_enc)
-        if pre is not None and pre.dtype == torch.bfloat16 and xin.dtype == torch.float32 and native_bf16(xin.device):
-            pre, idx, picked, _ = certified_topk(xin, self.W_enc, self.b_enc, k, pre=pre, allowed=allowed)
-            return pre, idx, picked
-        pre = torch.addmm(self.b_enc, xin, self.W_enc) if pre is None else pre
-        picked, idx = (pre if allowed is None else pre.masked_fill(~allowed, float("-inf"))).topk(k, dim=-1,
-                                                                                                 sorted=False)
-        return pre, idx, picked
+        certify = xin.dtype == torch.float32 and self.W_enc.dtype == torch.float32 and native_bf16(xin.device)
+        if pre is None:
+            pre = bf16_pre(xin, self.W_enc, self.b_enc) if certify else torch.addmm(self.b_enc, xin, self.W_enc)
+        certify = certify and pre.dtype == torch.bfloat16
+        # among some latents only (AuxK's dead ones): choose within their columns, then name them
+        cols = None if allowed is None else allowed.nonzero().squeeze(1)
+        sub = pre if cols is None else pre.index_select(1, cols)
+        if certify:
+            W, b = (self.W_enc, self.b_enc) if cols is None else (self.W_enc.index_select(1, cols), self.b_enc[cols])
+            _, idx, picked, _ = certified_topk(xin, W, b, k, pre=sub)
+        else:
+            picked, idx = sub.topk(k, dim=-1, sorted=False)
+        return pre, (idx if cols is None else cols[idx]), picked
 
     def _batch_top(self, xin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """BatchTopK's k·T largest relu'd pre-activations of the batch, as per-token candidates

@@ -63,22 +63,19 @@ def bf16_pre(xin: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor) -> tor
 
 @torch.no_grad()
 def certified_topk(xin: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int, *,
-                   pre: torch.Tensor | None = None, allowed: torch.Tensor | None = None, margin: int | None = None
+                   pre: torch.Tensor | None = None, margin: int | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """(pre_bf16 [T, F], idx [T, k], vals [T, k] fp32, rows recomputed in fp32): per row, the top-k of
-    the fp32 pre-activations (among the `allowed` latents [F], if given), found from a bf16 product
-    (module docstring). `pre` reuses a bf16 product already made (`bf16_pre`); values read from it
-    are bf16-rounded, which is why `vals` comes back."""
+    the fp32 pre-activations, found from a bf16 product (module docstring). `pre` reuses a bf16
+    product already made (`bf16_pre`); values read from it are bf16-rounded, which is why `vals`
+    comes back."""
     T, D = xin.shape
     pre = bf16_pre(xin, W_enc, b_enc) if pre is None else pre
-    choosable = pre if allowed is None else pre.masked_fill(~allowed, float("-inf"))
-    n = pre.shape[1] if allowed is None else int(allowed.sum())
-    m = min(k if margin is None else margin, n - k)
-    if m <= 0 or T == 0:  # every allowed latent is a candidate: fp32 throughout
-        exact = torch.addmm(b_enc, xin, W_enc)
-        vals, idx = (exact if allowed is None else exact.masked_fill(~allowed, float("-inf"))).topk(k, dim=-1)
+    m = min(k if margin is None else margin, pre.shape[1] - k)
+    if m <= 0 or T == 0:  # every latent is a candidate: fp32 throughout
+        vals, idx = torch.addmm(b_enc, xin, W_enc).topk(k, dim=-1, sorted=False)
         return pre, idx, vals, T
-    cand_vals, cand = choosable.topk(k + m, dim=-1, sorted=False)
+    cand_vals, cand = pre.topk(k + m, dim=-1, sorted=False)
     top = sampled_pre(xin, W_enc, b_enc, cand).topk(k, dim=-1, sorted=False)
     idx, vals = cand.gather(1, top.indices), top.values
     x_lo = (xin - xin.to(torch.bfloat16).float()).norm(dim=1)
@@ -89,7 +86,6 @@ def certified_topk(xin: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, 
     proven = vals.min(dim=1).values >= v_b + 2 * BF16_UNIT * v_b.abs() + bound
     bad = (~proven).nonzero().squeeze(1)
     if len(bad):
-        exact = torch.addmm(b_enc, xin[bad], W_enc)
-        redo = (exact if allowed is None else exact.masked_fill(~allowed, float("-inf"))).topk(k, dim=-1, sorted=False)
+        redo = torch.addmm(b_enc, xin[bad], W_enc).topk(k, dim=-1, sorted=False)
         idx[bad], vals[bad] = redo.indices, redo.values
     return pre, idx, vals, len(bad)
