@@ -10,7 +10,8 @@ encoder bias only for transcoders — an SAE's encode already subtracts b_dec), 
 config defaults to (`signum`: schedule-free SignSGD, momentum 0.95, lr 5e-3 / √(F / 2¹⁴); or
 `adam` at 2e-4 / √(F / 2¹⁴)), forward → FVU → backward → remove the decoder-parallel gradient →
 step → renormalise. Ours runs `CoderTrainer.fit` at its `TrainConfig` defaults but for the batch
-(Adam at 2e-4 / √(F / 2¹⁴), AuxK on, its own shuffle buffer). Activations: planted sparse features
+(fused Adam at 1.6e-3 / √(F / 2¹⁴), AuxK on, its own shuffle buffer; on a CPU with native bf16 the
+certified bf16 encoder of dictionaries/topk.py). Activations: planted sparse features
 plus a mean offset and noise (a residual stream's shape), so FVU has a meaningful floor.
 
 Prints tokens/s of each, the ratio, and both FVUs on the same held-out tokens.

@@ -55,7 +55,7 @@ def auxk_loss(coder: Coder, target: torch.Tensor, output: CoderOutput, dead: tor
     if n_dead == 0:
         return target.new_zeros(())
     residual = (target - output.out).detach() * coder.target_scale
-    if output.idx is not None:  # TopK fast path: pick among dead latents without autograd, gather sparsely
+    if output.idx is not None:  # sparse path (TopK, BatchTopK): pick among dead latents, gather sparsely
         idx, vals = coder.topk_among(output, dead, min(k_aux, n_dead))
         recon = torch.nn.functional.embedding_bag(idx, coder.W_dec, per_sample_weights=vals, mode="sum")
         return normalized(residual, recon)
