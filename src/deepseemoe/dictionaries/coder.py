@@ -112,8 +112,10 @@ class CoderConfig:
 
 
 class CoderOutput:
-    """A coder's forward: the reconstruction, and the latents either dense [T, F] or, on the TopK
-    fast path, as (idx, vals) [T, k] with `latents` built only when asked for."""
+    """A coder's forward: the reconstruction, and the latents either dense [T, F] or, on the sparse
+    path (TopK; BatchTopK in training), as (idx, vals) [T, W] — W = k for TopK, BatchTopK's candidates
+    with 0 where not kept — with `latents` built only when asked for. `pre` [T, F] is bf16 on the
+    certified path (dictionaries/topk.py): good for choosing, not for values."""
 
     def __init__(self, out: torch.Tensor, pre: torch.Tensor, latents: torch.Tensor | None = None,
                  idx: torch.Tensor | None = None, vals: torch.Tensor | None = None,
