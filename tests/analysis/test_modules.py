@@ -50,6 +50,59 @@ def test_a_random_graph_has_no_significant_modules():
     assert abs(modules.z) < 3
 
 
+def _random_feature_expert_graph(seed: int, features: int = 300, experts: int = 16):
+    import random
+
+    rng, g = random.Random(seed), nx.Graph()
+    for f in range(features):
+        for e in rng.sample(range(experts), 3):
+            g.add_edge(f"f{f}", f"E{e}", weight=rng.random())
+    return g
+
+
+def test_bipartite_rewiring_keeps_the_graph_bipartite():
+    """A feature–expert graph rewired with parts (the node's kind) stays bipartite, every node keeps
+    its degree, and each edge's weight stays with its expert (whose strength is kept)."""
+    from deepseemoe.analysis.modules import rewired
+
+    g = _random_feature_expert_graph(0)
+    r = rewired(g, seed=1, part=lambda n: n[0])
+    assert all(u[0] != v[0] for u, v in r.edges())
+    assert dict(r.degree()) == dict(g.degree())
+    strength = {n: pytest.approx(s) for n, s in g.degree(weight="weight") if n.startswith("E")}
+    assert {n: s for n, s in r.degree(weight="weight") if n.startswith("E")} == strength
+    assert sum(1 for e in r.edges() if g.has_edge(*e)) < 0.5 * g.number_of_edges()
+    # the unconstrained swap joins features to features and experts to experts
+    free = rewired(g, seed=1)
+    assert any(u[0] == v[0] for u, v in free.edges())
+
+
+def test_a_random_feature_expert_graph_has_no_significant_modules():
+    g = _random_feature_expert_graph(3)
+    modules = find_modules(g, draws=8, seed=0, part=lambda n: n[0])
+    assert abs(modules.z) < 3
+
+
+def test_label_alignment_against_a_stratified_shuffle():
+    """NMI with labels that carry their stratum (an expert label names its layer): modules that are
+    the strata score NMI > 0 for the labels, all of it explained by the within-stratum shuffle; modules
+    that are the labels score far above it."""
+    import random
+
+    from deepseemoe.analysis.modules import aligned
+
+    rng = random.Random(0)
+    nodes = [(layer, i) for layer in range(6) for i in range(64)]
+    expert = {n: (n[0], rng.randrange(8)) for n in nodes}
+    bands = {n: n[0] // 2 for n in nodes}  # modules that are bands of layers
+    depth = aligned(bands, expert, stratum=lambda n: n[0], draws=50)
+    assert depth.nmi > 0.2 and abs(depth.excess) < 0.01 and abs(depth.z) < 3
+    unstratified = aligned(bands, expert, draws=50)  # shuffled across layers, the depth counts as "expert"
+    assert unstratified.excess > 0.2
+    along = aligned(expert, expert, stratum=lambda n: n[0], draws=50)
+    assert along.nmi == pytest.approx(1.0) and along.excess > 0.3 and along.z > 10  # the null keeps the depth share
+
+
 def test_nmi_by_hand():
     a = {0: "x", 1: "x", 2: "y", 3: "y"}
     assert nmi(a, {0: 1, 1: 1, 2: 2, 3: 2}) == pytest.approx(1.0)

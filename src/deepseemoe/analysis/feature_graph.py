@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from deepseemoe.analysis.modules import Modules, find_modules, nmi
+from deepseemoe.analysis.modules import Modules, aligned, find_modules
 from deepseemoe.errors import DeepSeeMoEError
 
 
@@ -156,24 +156,35 @@ def build_graph(map_dir: str | Path, thresholds: Thresholds | None = None, domai
     return FeatureGraph(g, layer, kinds, top, domain)
 
 
-def graph_modules(fg: FeatureGraph, draws: int = 10, seed: int = 0) -> tuple[Modules, dict]:
+NULL = "rewired within each kind of edge (feature–expert, upstream–feature), degrees per kind kept"
+
+
+def _kind(node: str) -> str:
+    return node[0]  # "f" feature, "E" expert, "u" upstream feature
+
+
+def graph_modules(fg: FeatureGraph, draws: int = 10, seed: int = 0, label_draws: int = 200) -> tuple[Modules, dict]:
     """Modules of the graph (isolated nodes left out) and their summary: modularity against
-    rewiring, NMI with the features' top experts and with domains, edge kinds with what they kept."""
+    rewirings that keep the graph bipartite (features ↔ experts; upstream ↔ features), NMI with the
+    features' top experts and with domains against `label_draws` shuffles of those labels among the
+    features, edge kinds with what they kept."""
     g = fg.graph.copy()
     g.remove_nodes_from([n for n in list(g) if g.degree(n) == 0])
-    modules = find_modules(g, draws=draws, seed=seed)
+    modules = find_modules(g, draws=draws, seed=seed, part=_kind, null=NULL)
     member = modules.membership()
     feats = {n: m for n, m in member.items() if n.startswith("f")}
     summary = {
         "layer": fg.layer, "nodes": modules.nodes, "edges": modules.edges,
         "features": len(feats), "experts": sum(1 for n in member if n.startswith("E")),
         "modules": len(modules.communities), "largest_module": len(modules.communities[0]),
-        "modularity": modules.modularity, "rewired_modularity_mean": sum(modules.rewired_modularity) / len(modules.rewired_modularity),
-        "rewired_modularity": modules.rewired_modularity, "z": modules.z, "draws": draws,
-        "nmi_module_top_expert": nmi(feats, fg.top_expert) if feats and fg.top_expert else None,
-        "nmi_module_domain": nmi(feats, fg.domain) if feats and fg.domain else None,
+        "modularity": modules.modularity, "rewired_modularity_mean": modules.rewired_mean,
+        "rewired_modularity": modules.rewired_modularity, "z": modules.z, "draws": draws, "null": NULL,
+        "nmi_module_top_expert": None, "nmi_module_domain": None,
         "edge_kinds": [{**asdict(k), "mass_share": k.mass_share} for k in fg.edge_kinds],
     }
+    for key, labels in (("nmi_module_top_expert", fg.top_expert), ("nmi_module_domain", fg.domain)):
+        if feats and any(f in labels for f in feats):
+            summary.update(aligned(feats, labels, draws=label_draws, seed=seed).as_dict(key))
     return modules, summary
 
 

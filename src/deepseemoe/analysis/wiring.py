@@ -11,8 +11,13 @@ virtual weights are sums of trit products. Sparsification is explicit: an edge i
 among the `fan_in` strongest |w_ij| into its reader or out of its writer, so no neuron is left
 without edges (the share of the total |w| mass kept is reported).
 
-Modules: `modules.find_modules` (Louvain, and z against degree-preserving rewirings) on |w|; for an
-MoE, NMI(module; expert) says whether the modules are the experts.
+Modules: `modules.find_modules` (Louvain) on |w|, with z against rewirings *within each pair of
+consecutive layers* (degrees per layer pair kept): edges only ever join consecutive layers, and a
+rewiring across layers would make any layered graph, random weights included, look modular. For an
+MoE, NMI(module; expert) against the same NMI with the expert labels shuffled within each layer
+(the label includes its layer, so a module that is merely a band of layers scores NMI > 0 whatever
+the experts are: the excess over the shuffles is what the experts add), and NMI(module; layer)
+beside it, which is depth.
 
 Shapes: read R_l [N_l, D], write W_l [N_l, D] per layer; virtual weights R_{l+1} @ W_lᵀ [N_{l+1}, N_l].
 """
@@ -25,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from deepseemoe.analysis.modules import find_modules, nmi
+from deepseemoe.analysis.modules import aligned, find_modules, nmi
 from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.models.spec import ModelHandle
 
@@ -99,22 +104,32 @@ def wiring_graph(layers: list[LayerNeurons], fan_in: int = 8):
     return g, {"fan_in": fan_in, "mass_kept": kept_mass / total_mass if total_mass else None}
 
 
-def wiring_modules(handle: ModelHandle, *, fan_in: int = 8, draws: int = 5, seed: int = 0) -> dict:
+NULL = "rewired within each pair of consecutive layers (degrees per layer pair kept)"
+
+
+def _layer(node: tuple[int, int]) -> int:
+    return node[0]
+
+
+def wiring_modules(handle: ModelHandle, *, fan_in: int = 8, draws: int = 5, seed: int = 0,
+                   label_draws: int = 200) -> dict:
+    """Modules of the neuron graph with their significance against the layered null, and for an MoE
+    their alignment with experts against a within-layer label shuffle (`label_draws` shuffles)."""
     if fan_in < 1:
         raise DeepSeeMoEError(f"--fan-in {fan_in}: keep at least 1 incoming edge per neuron")
-    """Modules of the neuron graph with their significance, and for an MoE their alignment with experts."""
     layers = feed_forward_neurons(handle)
     if len(layers) < 2:
         raise DeepSeeMoEError(f"{handle.name} has one feed-forward layer; the wiring links consecutive layers")
     g, kept = wiring_graph(layers, fan_in)
-    mods = find_modules(g, draws=draws, seed=seed)
+    mods = find_modules(g, draws=draws, seed=seed, part=_layer, null=NULL)
+    member = mods.membership()
     out = {"model": handle.name, "kind": "moe" if handle.is_moe else "dense", "layers": len(layers),
            "neurons": g.number_of_nodes(), "edges": g.number_of_edges(), **kept,
            "modules": len(mods.communities), "modularity": mods.modularity,
-           "rewired_modularity": float(np.mean(mods.rewired_modularity)),
-           "excess_modularity": mods.modularity - float(np.mean(mods.rewired_modularity)), "z": mods.z,
-           "largest_module_share": len(mods.communities[0]) / g.number_of_nodes()}
+           "rewired_modularity": mods.rewired_mean, "excess_modularity": mods.modularity - mods.rewired_mean,
+           "z": mods.z, "null": NULL, "largest_module_share": len(mods.communities[0]) / g.number_of_nodes(),
+           "nmi_layer": nmi(member, {n: n[0] for n in g.nodes})}
     if layers[0].expert is not None:
         expert = {(la.layer, i): (la.layer, int(e)) for la in layers for i, e in enumerate(la.expert)}
-        out["nmi_expert"] = nmi(mods.membership(), expert)
+        out.update(aligned(member, expert, stratum=_layer, draws=label_draws, seed=seed).as_dict("nmi_expert"))
     return out

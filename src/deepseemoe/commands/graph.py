@@ -23,7 +23,8 @@ def register(app: typer.Typer) -> None:
                                      "of the direct residual path (decoder row · encoder column)."),
         link_min: float = typer.Option(0.1, min=0.0, help="Feature edges: least |decoder · encoder| weight."),
         fan_in: int = typer.Option(3, min=1, help="Feature edges: strongest upstream features per feature."),
-        draws: int = typer.Option(10, min=2, help="Degree-preserving rewirings for the modularity z-score."),
+        draws: int = typer.Option(10, min=2, help="Rewirings that keep the graph bipartite (degrees per edge kind kept) for the "
+                                  "modularity z-score."),
         seed: int = typer.Option(0, min=0, help="Seed of Louvain, the rewirings and the layout."),
         figure: bool = typer.Option(True, "--figure/--no-figure", help="Draw the force-directed layout (PNG)."),
     ) -> None:
@@ -72,9 +73,11 @@ def register(app: typer.Typer) -> None:
         for k in summary["edge_kinds"]:
             c.print(f"{k['kind']} edges: kept {k['kept']:,} of {k['candidates']:,} ({100 * k['mass_share']:.1f}% of the weight)")
         line = (f"{summary['nodes']:,} nodes, {summary['edges']:,} edges → {summary['modules']} modules; modularity "
-                f"{summary['modularity']:.3f} vs {summary['rewired_modularity_mean']:.3f} rewired (z = {summary['z']:.1f})")
+                f"{summary['modularity']:.3f} vs {summary['rewired_modularity_mean']:.3f} rewired, bipartite kept "
+                f"(z = {summary['z']:.1f})")
         for key, label in (("nmi_module_top_expert", "top expert"), ("nmi_module_domain", "domain")):
             if summary[key] is not None:
-                line += f"; NMI(module; {label}) {summary[key]:.3f}"
+                line += (f"; NMI(module; {label}) {summary[key]:.3f} vs {summary[key + '_null']:.3f} with labels "
+                         f"shuffled (excess {summary[key + '_excess']:+.3f}, z = {summary[key + '_z']:.1f})")
         c.print(line)
         c.print(f"[green]→ {out}[/]")

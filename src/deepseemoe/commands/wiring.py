@@ -16,12 +16,14 @@ def register(app: typer.Typer) -> None:
                                            "its dense twin and their ternary versions."),
         out: Path = typer.Option(..., "--out", help="Folder for wiring.json."),
         fan_in: int = typer.Option(8, "--fan-in", min=1, help="Edges kept per neuron: the strongest |w| into each reader and out of each writer."),
-        draws: int = typer.Option(5, min=1, help="Degree-preserving rewirings for the modularity z-score."),
+        draws: int = typer.Option(5, min=2, help="Rewirings within each pair of consecutive layers (degrees kept) "
+                                  "for the modularity z-score."),
         seed: int = typer.Option(0, min=0, help="Seed of Louvain and of the rewirings."),
         trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
         """Louvain modules of the neuron graph (virtual weights between consecutive feed-forward layers), their
-        modularity against degree-preserving rewirings (z), and for an MoE their NMI with the experts."""
+        modularity against rewirings within each pair of consecutive layers (z), NMI with the layers, and for an
+        MoE their NMI with the experts against expert labels shuffled within each layer (excess, z)."""
         from rich.console import Console
         from rich.table import Table
 
@@ -37,12 +39,17 @@ def register(app: typer.Typer) -> None:
                                        draws=draws, seed=seed))
         result = {"fan_in": fan_in, "draws": draws, "seed": seed, "models": rows}
         atomic_write_json(out / WIRING_JSON, result)
-        table = Table(title=f"Modules of the feed-forward wiring ({fan_in} strongest edges in and out of each neuron)")
-        for c in ("model", "kind", "neurons", "edges", "modules", "Q", "Q rewired", "z", "NMI(expert)"):
+        table = Table(title=f"Modules of the feed-forward wiring ({fan_in} strongest edges in and out of each neuron; "
+                      "null: rewired within each pair of consecutive layers)")
+        for c in ("model", "kind", "neurons", "edges", "modules", "Q", "Q null", "z", "NMI(layer)", "NMI(expert)",
+                  "shuffled", "excess", "z(NMI)"):
             table.add_column(c, justify="right")
         for r in rows:
+            moe = "nmi_expert" in r
             table.add_row(r["model"][-40:], r["kind"], f"{r['neurons']:,}", f"{r['edges']:,}", str(r["modules"]),
                           f"{r['modularity']:.3f}", f"{r['rewired_modularity']:.3f}", f"{r['z']:.1f}",
-                          f"{r['nmi_expert']:.3f}" if "nmi_expert" in r else "—")
+                          f"{r['nmi_layer']:.3f}",
+                          *((f"{r['nmi_expert']:.3f}", f"{r['nmi_expert_null']:.3f}", f"{r['nmi_expert_excess']:+.3f}",
+                             f"{r['nmi_expert_z']:.1f}") if moe else ("–",) * 4))
         Console().print(table)
         Console().print(f"[green]→ {out / WIRING_JSON}[/]")
