@@ -3,8 +3,10 @@
 Its "model" is an oracle that reads the prompts DeepSeeMoE sends:
 - explainer prompts (the system message asks for `[EXPLANATION]:`): answers with the distinct
   marked words (<<…>>) of the examples, most frequent first: "[EXPLANATION]: cat dog horse";
-- scorer prompts: for each "Example i: …" line, 1 when the example (detection) or the marked text
-  (fuzz, routing) holds a word of the explanation, else 0 — or always 1 with `always_yes`.
+- scorer prompts (one "Text: …" each): 1 when the text (detection) or its marked part (fuzz,
+  routing) holds a word of the explanation, else 0 — or always 1 with `always_yes`. Asked for
+  log-probabilities, it gives the top two candidates, "1" and "0", with P = 0.9 / 0.1 for its
+  answer (`ignore_input`: P(1) = 0.7 whatever the prompt), unless `logprobs=False`.
 `fail_first` answers each distinct prompt's first request with that HTTP status (429, 500) before
 answering it properly. Counts requests and the most that were in flight at once.
 """
@@ -12,6 +14,7 @@ answering it properly. Counts requests and the most that were in flight at once.
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 import time
@@ -21,8 +24,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 class Stub:
     def __init__(self, *, fail_first: int | None = None, always_yes: bool = False, delay: float = 0.0,
-                 always_status: int | None = None):
+                 always_status: int | None = None, ignore_input: bool = False, logprobs: bool = True):
         self.fail_first, self.always_yes, self.delay = fail_first, always_yes, delay
+        self.ignore_input, self.logprobs = ignore_input, logprobs
         self.always_status = always_status  # answer every request with this HTTP status (a client error)
         self.requests = 0
         self.answered = 0
@@ -59,7 +63,12 @@ class Stub:
                     text = stub.answer(body["messages"])
                     with stub.lock:
                         stub.answered += 1
-                    self._send(200, {"choices": [{"message": {"role": "assistant", "content": text}}]})
+                    choice = {"message": {"role": "assistant", "content": text}}
+                    if body.get("logprobs") and stub.logprobs:
+                        p1 = 0.7 if stub.ignore_input else (0.9 if text == "1" else 0.1)
+                        choice["logprobs"] = {"content": [{"token": text, "logprob": 0.0, "top_logprobs": [
+                            {"token": "1", "logprob": math.log(p1)}, {"token": "0", "logprob": math.log(1 - p1)}]}]}
+                    self._send(200, {"choices": [choice]})
                 finally:
                     with stub.lock:
                         stub.in_flight -= 1
@@ -91,12 +100,8 @@ class Stub:
             return "[EXPLANATION]: " + " ".join(w for w, _ in words.most_common(5))
         m = re.search(r"(?:Explanation|Expert description): (.*)", user)
         vocab = set(m.group(1).lower().split()) if m else set()
-        examples = re.findall(r"^Example \d+: (.*)$", user, re.M)
-        answers = []
-        for ex in examples:
-            if self.always_yes:
-                answers.append(1)
-                continue
-            looked_at = " ".join(re.findall(r"<<(.*?)>>", ex)) if "<<" in ex else ex
-            answers.append(int(bool(vocab & set(looked_at.lower().split()))))
-        return json.dumps(answers)
+        ex = re.search(r"^Text: (.*)$", user, re.M).group(1)
+        if self.always_yes or self.ignore_input:
+            return "1"
+        looked_at = " ".join(re.findall(r"<<(.*?)>>", ex)) if "<<" in ex else ex
+        return str(int(bool(vocab & set(looked_at.lower().split()))))

@@ -4,13 +4,15 @@ at 0.5; retries, concurrency and the cache; delphi's own analysis reading our sc
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
-from deepseemoe.explain.backends import Cached, OpenAIChat
+from deepseemoe.explain.backends import Cached, OpenAIChat, parse_digit
 from deepseemoe.explain.explainer import Prompts, mark, parse_explanation
 from deepseemoe.explain.pipeline import run_explain, run_score
-from deepseemoe.explain.scorers import metrics, parse_answer
+from deepseemoe.explain.scorers import metrics
 from deepseemoe.explain.units import Corpus
 from deepseemoe.runs.explanations import ExplanationStore
 from tests.explain.stub_server import Stub
@@ -40,10 +42,9 @@ def test_marking_and_parsing_by_hand():
     assert parse_explanation("no line") == "Explanation could not be parsed."
     assert parse_explanation("[EXPLANATION]: animal words\nThe dog said...") == "animal words"
     assert parse_explanation("[EXPLANATION]:\n\n  animal words\nmore") == "animal words"
-    assert parse_answer("sure: [1, 0, 1]", 3) == [True, False, True]
-    assert parse_answer("[1,0,1,1,1,1,", 3) == [True, False, True]  # cut off / running on: its first n
-    assert parse_answer("[1, 0]", 3) is None and parse_answer("1 0 1", 3) is None
-    assert parse_answer("[1, yes, 0]", 3) is None
+    assert parse_digit("1") is True and parse_digit(" 0.") is False and parse_digit("[1]") is True
+    assert parse_digit("Answer: 0") is False and parse_digit("yes") is None and parse_digit(None) is None
+    assert parse_digit("10 of them") is None and parse_digit("0.5") is None  # numbers are not answers
 
 
 def test_metrics_by_hand_and_an_always_yes_scorer_is_at_half():
@@ -87,10 +88,56 @@ def test_an_oracle_explains_planted_features_and_scores_near_one_while_shuffled_
         assert not shown & scored
 
 
+def test_verdict_from_top_logprobs_by_hand():
+    import math
+
+    from deepseemoe.explain.backends import Completion, _verdict
+
+    top = [{"token": " 1", "logprob": math.log(0.6)}, {"token": "0", "logprob": math.log(0.2)},
+           {"token": "1", "logprob": math.log(0.1)}, {"token": "The", "logprob": math.log(0.1)}]
+    v = _verdict(Completion("1", top_logprobs=top))  # " 1" and "1" are one answer: P(1) = 0.7 / 0.9
+    assert v["p1"] == pytest.approx(0.7 / 0.9) and v["answer"] is True
+    assert _verdict(Completion("0", top_logprobs=[{"token": "0", "logprob": -0.1}])) == {"p1": 0.0, "answer": False}
+    assert _verdict(Completion("1")) == {"p1": None, "answer": True}  # no log-probabilities: the digit
+    assert _verdict(Completion(None, "HTTP 500")) == {"p1": None, "answer": None}
+
+
+def test_each_example_is_judged_on_its_own_prompt_with_probabilities(tmp_path):
+    """One prompt per example (no list, no example answer to copy), P(1) from the endpoint's
+    log-probabilities: the oracle's AUROC is 1, the shuffled explanations' near chance, and the
+    judge's answers are reported beside the scores without a flag."""
+    with Stub() as stub:
+        _, summary, store, _ = _explain_and_score(tmp_path, stub, scorers=("detection",))
+        n = sum(len(u["test"]) + len(u["not_active"]) for u in store.examples()["units"].values())
+        assert stub.answered == 3 + 2 * n  # 3 explanations, then each example once per explanation
+    own, base = summary["scorers"]["detection"]["explanation"], summary["scorers"]["detection"]["shuffled_explanation"]
+    assert own["auroc"] == pytest.approx(1.0) and abs(base["auroc"] - 0.5) < 0.2
+    assert own["judge"]["flag"] is None and own["judge"]["answered_1"] > 0 and own["judge"]["answered_0"] > 0
+    for records in store.scores("detection").values():
+        assert all(r["probability"] in (pytest.approx(0.9), pytest.approx(0.1)) for r in records)
+
+
+def test_a_judge_that_ignores_its_input_is_flagged(tmp_path, cli):
+    with Stub(ignore_input=True) as stub:
+        _, summary, _, _ = _explain_and_score(tmp_path, stub, scorers=("detection",))
+    own = summary["scorers"]["detection"]["explanation"]
+    assert own["judge"]["flag"] == "ignores its input" and own["judge"]["p1_spread"] < 1e-6
+    assert own["balanced_accuracy"] == 0.5 and own["auroc"] == 0.5
+
+
+def test_a_judge_without_logprobs_is_scored_by_its_digits(tmp_path):
+    with Stub(logprobs=False) as stub:
+        _, summary, store, _ = _explain_and_score(tmp_path, stub, scorers=("detection",))
+    own = summary["scorers"]["detection"]["explanation"]
+    assert own["balanced_accuracy"] > 0.95 and own["failed"] == 0 and own["auroc"] is None
+    assert all(r["probability"] is None for recs in store.scores("detection").values() for r in recs)
+
+
 def test_an_always_yes_scorer_gets_balanced_accuracy_one_half(tmp_path):
     with Stub(always_yes=True) as stub:
         _, summary, _, _ = _explain_and_score(tmp_path, stub, scorers=("detection",))
     assert summary["scorers"]["detection"]["explanation"]["balanced_accuracy"] == 0.5
+    assert summary["scorers"]["detection"]["explanation"]["judge"]["flag"] in ("ignores its input", "answers one class")
 
 
 @pytest.mark.parametrize("status", [429, 500])
@@ -224,3 +271,59 @@ def test_bad_input_and_failing_endpoints_get_one_line_and_leave_no_false_explana
     store.save_explanations({99: "stale"})
     store.save_examples({"module": store.module, "units": {}})
     assert not store.explanations() and store.scores("routing") == {} and store.summary() is None
+
+
+def test_a_rescore_with_fewer_scorers_replaces_the_scores_as_a_whole(tmp_path):
+    with Stub() as stub:
+        _, _, store, chat = _explain_and_score(tmp_path, stub, scorers=("detection", "fuzz"))
+        assert store.scores("fuzz")
+        summary = run_score(store, chat, Prompts.load(), ["detection"])
+    assert set(summary["scorers"]) == {"detection"}
+    assert not store.scores("fuzz") and not store.scores("fuzz_shuffled") and store.scores("detection")
+
+
+def test_junk_explanations_are_retried_then_marked_undescribed_and_not_scored(tmp_path):
+    """An explainer that echoes the prompt, repeats a token run or rambles is asked again with the
+    examples reordered; a unit that never gets a usable answer is marked, not shown as a description,
+    and not scored."""
+    from deepseemoe.explain.backends import Completion
+    from deepseemoe.explain.explainer import NO_DESCRIPTION, explain
+
+    class Junk:
+        """Junk to every first request; on a retry, a good answer for the animal unit only."""
+
+        ident = "junk"
+
+        def __init__(self):
+            self.batches = []
+
+        def complete_many(self, prompts, *, max_tokens, prefix=""):
+            self.batches.append(len(prompts))
+            out = []
+            for m in prompts:
+                marked = " ".join(re.findall(r"<<(.*?)>>", m[-1]["content"])).split()
+                animal = any(w in marked for w in FAMILIES[0])
+                if len(self.batches) > 1 and animal:
+                    out.append(Completion(prefix + " animal words"))
+                elif animal:
+                    out.append(Completion(prefix + " <<<<<<<<"))
+                else:
+                    out.append(Completion(prefix + " The last line of your answer must be the explanation"))
+            return out
+
+    from deepseemoe.explain.units import Sampler
+
+    corpus, acts = planted()
+    sampler = Sampler(corpus, acts, window=8, seed=0)
+    junk = Junk()
+    got = explain(junk, Prompts.load(), {u: sampler.unit_examples(u).train for u in (0, 1)}, {}, retries=2)
+    assert got == {0: "animal words", 1: NO_DESCRIPTION}
+    assert junk.batches == [2, 2, 1]  # both retried once, the colour unit twice
+    store = ExplanationStore(tmp_path / "store", "planted")
+    with Stub() as stub:
+        chat = Cached(OpenAIChat(stub.url, "oracle", concurrency=2, backoff=0.01), tmp_path / "a.sqlite")
+        run_explain(store, corpus, acts, [0, 1], {}, chat, Prompts.load(), kind="feature", source={}, window=8)
+        store.save_explanations({0: "cat dog", 1: NO_DESCRIPTION})
+        summary = run_score(store, chat, Prompts.load(), ["detection"])
+    assert summary["units"] == 1 and summary["undescribed"] == 1
+    assert set(store.scores("detection")) == {0}

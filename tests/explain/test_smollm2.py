@@ -34,7 +34,7 @@ def test_smollm2_explains_and_scores_offline(tmp_path_factory):
                       window=8, sizes={"n_top": 6, "n_quantile": 2, "n_test": 6, "n_random": 3, "n_hard": 3})
     assert set(got) == {0, 1} and all(isinstance(t, str) and t for t in got.values())
     assert any(t != UNPARSED for t in got.values()), got
-    summary = run_score(store, backend, Prompts.load(), ["detection"], n_per_prompt=6)
+    summary = run_score(store, backend, Prompts.load(), ["detection"])
     own = summary["scorers"]["detection"]["explanation"]
     units = store.examples()["units"].values()
     assert own["examples"] == sum(len(u["test"]) + len(u["not_active"]) for u in units) > 0

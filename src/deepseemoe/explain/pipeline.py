@@ -16,7 +16,7 @@ import numpy as np
 
 from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.explain.backends import ChatBackend
-from deepseemoe.explain.explainer import Prompts, explain
+from deepseemoe.explain.explainer import NO_DESCRIPTION, UNPARSED, Prompts, explain
 from deepseemoe.explain.scorers import (
     detection_items,
     fuzz_items,
@@ -182,22 +182,25 @@ def run_explain(store: ExplanationStore, corpus: Corpus, acts: np.ndarray, units
     return explanations
 
 
-def run_score(store: ExplanationStore, backend: ChatBackend, prompts: Prompts, scorers: list[str], *,
-              n_per_prompt: int = 5) -> dict:
+def run_score(store: ExplanationStore, backend: ChatBackend, prompts: Prompts, scorers: list[str]) -> dict:
     """Score every explained unit with each scorer and with the shuffled-explanation baseline."""
     import pyarrow as pa
 
     doc = store.examples()
     explanations = store.explanations()
-    units = sorted(int(u) for u in doc["units"] if int(u) in explanations)
-    if not units:
+    explained = sorted(int(u) for u in doc["units"] if int(u) in explanations)
+    if not explained:
         raise DeepSeeMoEError(f"{store.path} holds no explanations to score; run `deepseemoe explain` first")
+    # a unit the explainer gave no usable description is not scored: its score would be the junk's
+    units = [u for u in explained if explanations[u] not in (NO_DESCRIPTION, UNPARSED)]
     examples = {u: _examples_from(doc["units"][str(u)]) for u in units}
     other = shuffled({u: explanations[u] for u in units})
     summary = {"module": store.module, "kind": doc["kind"], "backend": backend.ident,
-               "explained_by": doc["backend"], "prompts_sha256": prompts.digest(), "units": len(units), "scorers": {}}
-    rows = {"unit": units, "explanation": [explanations[u] for u in units]}
-    for scorer in scorers:
+               "explained_by": doc["backend"], "prompts_sha256": prompts.digest(), "units": len(units),
+               "undescribed": len(explained) - len(units), "scorers": {}}
+    rows = {"unit": explained, "explanation": [explanations[u] for u in explained]}
+    store.clear_scores()
+    for scorer in scorers if units else []:
         if scorer == "routing":
             if "routing" not in doc:
                 raise DeepSeeMoEError("the routing scorer is for experts: explain the experts of a routing run")
@@ -207,7 +210,7 @@ def run_score(store: ExplanationStore, backend: ChatBackend, prompts: Prompts, s
             items = {u: build(examples[u]) for u in units}
         jobs = [(explanations[u], items[u]) for u in units]
         jobs += [(other[u], items[u]) for u in units if u in other]
-        got = score_items(backend, prompts, scorer, jobs, n_per_prompt=n_per_prompt)
+        got = score_items(backend, prompts, scorer, jobs)
         own, base = got[:len(units)], got[len(units):]
         pooled_own, pooled_base = [], []
         for u, recs in zip(units, own, strict=True):
@@ -216,14 +219,13 @@ def run_score(store: ExplanationStore, backend: ChatBackend, prompts: Prompts, s
         for u, recs in zip([u for u in units if u in other], base, strict=True):
             store.save_scores(f"{scorer}_shuffled", u, recs)
             pooled_base += recs
-        per_own = [metrics(r) for r in own]
-        rows[f"{scorer}_balanced_accuracy"] = [m["balanced_accuracy"] for m in per_own]
-        rows[f"{scorer}_f1"] = [m["f1"] for m in per_own]
-        rows[f"{scorer}_examples"] = [m["examples"] for m in per_own]
-        rows[f"{scorer}_failed"] = [m["failed"] for m in per_own]
+        nan = {"balanced_accuracy": float("nan"), "f1": float("nan"), "examples": 0, "failed": 0}
+        own_by_unit = dict(zip(units, [metrics(r) for r in own], strict=True))
+        for col in ("balanced_accuracy", "f1", "examples", "failed"):  # undescribed units: not scored
+            rows[f"{scorer}_{col}"] = [own_by_unit.get(u, nan)[col] for u in explained]
         base_by_unit = dict(zip([u for u in units if u in other], [metrics(r) for r in base], strict=True))
-        rows[f"{scorer}_shuffled_balanced_accuracy"] = [base_by_unit.get(u, {}).get("balanced_accuracy", float("nan"))
-                                                        for u in units]
+        rows[f"{scorer}_shuffled_balanced_accuracy"] = [base_by_unit.get(u, nan)["balanced_accuracy"]
+                                                        for u in explained]
         entry = {"explanation": metrics(pooled_own), "shuffled_explanation": metrics(pooled_base) if base else None}
         if scorer == "routing":
             truth, pred = [], []
@@ -250,7 +252,7 @@ def demo_expert_explanations(routing_run: Path, layer: int, backend: ChatBackend
     run_explain(experts, corpus, acts, units, contexts, backend, prompts, kind="expert",
                 source={"run": str(routing_run), "layer": layer}, routing=True, sizes=DEMO_SIZES, n_routing=10,
                 window=16)
-    return run_score(experts, backend, prompts, ["routing"], n_per_prompt=10)
+    return run_score(experts, backend, prompts, ["routing"])
 
 
 def demo_explanations(routing_run: Path, dict_run: Path, dictionary: str, layer: int, backend: ChatBackend, *,
@@ -267,5 +269,5 @@ def demo_explanations(routing_run: Path, dict_run: Path, dictionary: str, layer:
     run_explain(feats, corpus, acts, units, contexts, backend, prompts, kind="feature",
                 source={"run": str(dict_run), "dictionary": dictionary, "tokens": tokens}, sizes=DEMO_SIZES,
                 window=16)
-    out["features"] = run_score(feats, backend, prompts, ["detection"], n_per_prompt=10)
+    out["features"] = run_score(feats, backend, prompts, ["detection"])
     return out

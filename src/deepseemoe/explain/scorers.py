@@ -8,11 +8,16 @@
 - routing: held-out tokens, half routed to the expert, half not; the scorer says whether the marked
   (last) token goes to the expert. Token identity fitted on the explaining half is its baseline.
 
-Examples go `n_per_prompt` to a prompt, in a seeded shuffled order; the answer is a list of 0/1
-(the first [...] in it); an answer that is not such a list leaves its examples without prediction
-(counted as failed, never guessed). Every score comes with the number of examples behind it and
-the same scorer run with another unit's explanation (the shuffled baseline, which must sit at
-chance for the score to mean anything).
+Each example is judged on its own prompt, by the judge's probability of "1" against "0" as its
+first answer token (`backends.judge_many`: a local model's logits, an endpoint's log-probabilities;
+an endpoint without them gives its digit, and no probability). Several examples to one prompt
+with a list for an answer ("for instance [1,0,0,1,1]") measured the prompt, not the description:
+SmolLM2-135M answered the example list itself to every prompt. An answer without a 0/1 leaves its
+example without prediction (counted as failed, never guessed). Every score comes with the number of
+examples behind it, the same scorer run with another unit's explanation (the shuffled baseline,
+which must sit at chance for the score to mean anything), and the judge's answer distribution:
+a judge whose P(1) does not move with its input, or that answers one class only, is flagged
+(`judge_check`), since its balanced accuracy is 0.5 or its AUROC noise whatever the description.
 
 Records are delphi's `ClassifierOutput` fields: str_tokens, activations, distance, activating,
 prediction, probability, correct.
@@ -22,10 +27,9 @@ from __future__ import annotations
 
 import math
 import random
-import re
 from dataclasses import dataclass
 
-from deepseemoe.explain.backends import ChatBackend
+from deepseemoe.explain.backends import ChatBackend, parse_digit
 from deepseemoe.explain.explainer import MARK_SHARE, Prompts, marked
 from deepseemoe.explain.units import Example, TokenExample, UnitExamples
 
@@ -73,62 +77,39 @@ def _record(e: Example, truth: bool) -> dict:
             "prediction": None, "probability": None, "correct": None}
 
 
-def parse_answer(text: str | None, n: int) -> list[bool] | None:
-    """The answer's first list of 0/1 as n booleans, or None. A list cut off by the token limit, or
-    running on past n entries (small models copy the pattern), counts by its first n entries; a
-    shorter one, or one holding anything but 0/1, is no answer."""
-    if not text:
-        return None
-    m = re.search(r"\[([^\[\]]*)\]?", text)
-    if not m:
-        return None
-    values = [v.strip() for v in m.group(1).split(",") if v.strip()]
-    if len(values) < n or any(v not in ("0", "1") for v in values[:n]):
-        return None
-    return [v == "1" for v in values[:n]]
-
-
-def score_items(backend: ChatBackend, prompts: Prompts, scorer: str, jobs: list[tuple[str, list[Item]]], *,
-                n_per_prompt: int = 5, seed: int = 42, max_tokens: int | None = None) -> list[list[dict]]:
-    """For each (explanation, items) job, the items' records with predictions (prompts of all jobs go
-    to the backend together, so it can batch and run them concurrently)."""
+def score_items(backend: ChatBackend, prompts: Prompts, scorer: str, jobs: list[tuple[str, list[Item]]]
+                ) -> list[list[dict]]:
+    """For each (explanation, items) job, the items' records with predictions: one prompt per item
+    (prompts of all jobs go to the backend together, so it can batch and run them concurrently)."""
     name = {"detection": "detection", "fuzz": "fuzz", "routing": "routing"}[scorer]
     system = prompts.text(f"{name}_system.txt")
-    batches: list[tuple[int, list[Item]]] = []
-    for j, (_, items) in enumerate(jobs):
-        order = list(items)
-        random.Random(seed).shuffle(order)
-        batches += [(j, order[i:i + n_per_prompt]) for i in range(0, len(order), n_per_prompt)]
+    flat = [(j, it) for j, (_, items) in enumerate(jobs) for it in items]
     messages = [[{"role": "system", "content": system},
-                 {"role": "user", "content": prompts.render(f"{name}_user.j2", explanation=jobs[j][0],
-                                                            examples=[it.shown for it in batch])}]
-                for j, batch in batches]
+                 {"role": "user", "content": prompts.render(f"{name}_user.j2", explanation=jobs[j][0], example=it.shown)}]
+                for j, it in flat]
     out: list[list[dict]] = [[] for _ in jobs]
-    judge = getattr(backend, "judge", None)
-    if judge is not None:  # a local model: a well-formed list by construction, with P(1) per entry
-        probs = judge(messages, [len(b) for _, b in batches])
-        for (j, batch), ps in zip(batches, probs, strict=True):
-            for it, p in zip(batch, ps, strict=True):
-                rec = dict(it.record)
-                rec["prediction"], rec["probability"] = p > 0.5, p
-                rec["correct"] = rec["prediction"] == rec["activating"]
-                out[j].append(rec)
-        return out
-    # "[1,0,…]": about two tokens per example, and a few to spare
-    answers = backend.complete_many(messages, max_tokens=max_tokens or 2 * n_per_prompt + 4, prefix="[")
-    for (j, batch), answer in zip(batches, answers, strict=True):
-        got = parse_answer(answer.text, len(batch))
-        for k, it in enumerate(batch):
-            rec = dict(it.record)
-            if got is not None:
-                rec["prediction"] = got[k]
-                rec["correct"] = got[k] == rec["activating"]
-            out[j].append(rec)
+    for (j, it), verdict in zip(flat, judge_many(backend, messages), strict=True):
+        rec = dict(it.record)
+        rec["prediction"], rec["probability"] = verdict["answer"], verdict["p1"]
+        if rec["prediction"] is not None:
+            rec["correct"] = rec["prediction"] == rec["activating"]
+        out[j].append(rec)
     return out
 
 
+def judge_many(backend: ChatBackend, messages: list) -> list[dict]:
+    """{"p1": P(1) or None, "answer": bool or None} per prompt: the backend's `judge` where it has
+    one, else its generated answer's digit."""
+    judge = getattr(backend, "judge", None)
+    if judge is not None:
+        return judge(messages)
+    answers = backend.complete_many(messages, max_tokens=4)
+    return [{"p1": None, "answer": parse_digit(a.text)} for a in answers]
+
+
 def metrics(records: list[dict]) -> dict:
-    """Balanced accuracy, precision, recall, F1 over the records with a prediction; counts of all."""
+    """Balanced accuracy, precision, recall, F1 over the records with a prediction; counts of all;
+    the judge's answers (`judge_check`)."""
     done = [r for r in records if r["prediction"] is not None]
     tp = sum(r["prediction"] and r["activating"] for r in done)
     tn = sum(not r["prediction"] and not r["activating"] for r in done)
@@ -141,7 +122,30 @@ def metrics(records: list[dict]) -> dict:
     f1 = 2 * precision * tpr / (precision + tpr) if tp else (0.0 if pos else float("nan"))
     return {"balanced_accuracy": (tpr + tnr) / 2 if pos and neg else float("nan"), "precision": precision,
             "recall": tpr, "f1": f1, "auroc": auroc(done), "examples": len(records), "scored": len(done),
-            "failed": len(records) - len(done)}
+            "failed": len(records) - len(done), "judge": judge_check(records)}
+
+
+# a judge's P(1) that moves less than this over all its examples does not depend on them
+FLAT_P1 = 1e-3
+
+
+def judge_check(records: list[dict]) -> dict:
+    """How the judge answered: counts of 1, 0 and no answer, the spread of P(1), and a flag —
+    "ignores its input" when P(1) is the same for every example (or, without probabilities, the
+    answer is), "answers one class" when every answer is the same though P(1) moves (balanced
+    accuracy is then 0.5 by construction; the AUROC may still mean something; a judge without
+    probabilities that answers one class may or may not read its input: it gets this flag too)."""
+    answers = [r["prediction"] for r in records]
+    ones, zeros = sum(a is True for a in answers), sum(a is False for a in answers)
+    probs = [r["probability"] for r in records if r.get("probability") is not None]
+    spread = (max(probs) - min(probs)) if probs else None
+    flag = None
+    if len(probs) >= 4 and spread < FLAT_P1:
+        flag = "ignores its input"
+    elif ones + zeros >= 4 and min(ones, zeros) == 0:
+        flag = "answers one class"
+    return {"answered_1": ones, "answered_0": zeros, "unanswered": len(answers) - ones - zeros,
+            "p1_mean": sum(probs) / len(probs) if probs else None, "p1_spread": spread, "flag": flag}
 
 
 def auroc(records: list[dict]) -> float | None:

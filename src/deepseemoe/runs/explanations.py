@@ -49,6 +49,14 @@ class ExplanationStore:
     def save_scores(self, scorer: str, unit: int, records: list[dict]) -> None:
         atomic_write_bytes(self._unit_file(f"scores/{scorer}", unit), json.dumps(records, ensure_ascii=False).encode())
 
+    def clear_scores(self) -> None:
+        """A new scoring replaces the old one as a whole: score files of scorers it does not run again
+        would otherwise sit beside a summary that no longer lists them (and delphi's loader reads them)."""
+        import shutil
+
+        (self.path / "summary.json").unlink(missing_ok=True)  # first: no summary names a half-cleared folder
+        shutil.rmtree(self.path / "scores", ignore_errors=True)
+
     def scores(self, scorer: str) -> dict[int, list[dict]]:
         folder = self.path / "scores" / scorer
         out = {}
