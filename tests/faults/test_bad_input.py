@@ -148,6 +148,30 @@ def test_damaged_training_run_files(cli, run_copy, rel):
     assert_refused(cli(*verb), path.name)
 
 
+@pytest.mark.parametrize("foreign", ["pickle", "other tensors"])
+def test_a_foreign_file_posing_as_the_coder_weights(cli, run_copy, foreign):
+    """A pickle saved under coder.safetensors (its checksum updated, as a careless copy would leave
+    it), or a safetensors file of other tensors: one error line naming the file, exit 2, and the
+    pickle never loaded."""
+    import hashlib
+    import json
+    import pickle
+
+    (path,) = run_copy.glob("dictionaries/*/coder.safetensors")
+    if foreign == "pickle":
+        path.write_bytes(pickle.dumps({"W_enc": [1.0, 2.0]}))
+    else:
+        import torch
+        from safetensors.torch import save_file
+
+        save_file({"something": torch.zeros(3)}, str(path))
+    config = path.parent / "config.json"
+    doc = json.loads(config.read_text())
+    doc["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    config.write_text(json.dumps(doc))
+    assert_refused(cli("evaluate", run_copy, "--tokens", "64"), path.name)
+
+
 @pytest.mark.parametrize("keep_lines", [5, 20])
 def test_a_run_config_cut_at_a_line_end_is_refused(cli, run_copy, keep_lines):
     """Cut YAML at a line end still parses — to a config missing settings, which would silently run

@@ -18,11 +18,11 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from deepseemoe.dictionaries.coder import Coder, CoderConfig, SparseCoder, build_coder
 from deepseemoe.errors import DeepSeeMoEError
-from deepseemoe.runs.atomic import read_json
+from deepseemoe.runs.atomic import read_json, read_safetensors
 from deepseemoe.runs.dictionary import CODER_CONFIG, CODER_WEIGHTS, DictionaryRun
 from deepseemoe.runs.lock import atomic_dir
 
@@ -67,11 +67,18 @@ def load_native(path: str | Path, device: str | torch.device = "cpu") -> tuple[C
     if not isinstance(doc, dict) or "sha256" not in doc or "coder" not in doc:
         raise DeepSeeMoEError(f"{path / NATIVE_CONFIG} is damaged (not a DeepSeeMoE coder config); train or copy "
                               "the dictionary again")
+    if not (path / NATIVE_WEIGHTS).is_file():
+        raise DeepSeeMoEError(f"{path / NATIVE_WEIGHTS} is missing; train or copy the dictionary again")
     if _sha256(path / NATIVE_WEIGHTS) != doc["sha256"]:
         raise DeepSeeMoEError(f"{path / NATIVE_WEIGHTS} does not match its checksum; the file is damaged, "
                               "train or copy it again")
     coder = build_coder(CoderConfig(**doc["coder"]), device=device)
-    coder.load_state_dict(load_file(path / NATIVE_WEIGHTS, device=str(device)))
+    fix = "train or copy the dictionary again"
+    try:
+        coder.load_state_dict(read_safetensors(path / NATIVE_WEIGHTS, fix, str(device)))
+    except RuntimeError as exc:  # tensors of other names or shapes than its config says
+        raise DeepSeeMoEError(f"{path / NATIVE_WEIGHTS} does not hold the coder its config describes "
+                              f"({str(exc).splitlines()[0]}); {fix}") from None
     return coder.eval(), doc["meta"]
 
 
@@ -268,7 +275,7 @@ def load_saelens(path: str | Path) -> SparseCoder:
     if doc.get("normalize_activations", "none") != "none" or doc.get("rescale_acts_by_decoder_norm"):
         raise DeepSeeMoEError(f"{path}: activation normalisation / decoder-norm rescaling is not supported; "
                               "fold it into the weights with SAELens first")
-    t = load_file(path / "sae_weights.safetensors")
+    t = read_safetensors(path / "sae_weights.safetensors", "give a folder written by SAELens, with its weights whole")
     transcoder = "transcoder" in arch
     cfg = CoderConfig(d_in=doc["d_in"], d_out=doc.get("d_out", doc["d_in"]) if transcoder else None,
                       n_latents=doc["d_sae"], activation=act, k=doc.get("k", 1), skip="skip" in arch)
@@ -289,7 +296,7 @@ def load_sparsify(path: str | Path) -> SparseCoder:
     doc = read_json(path / "cfg.json", "give a folder written by that tool, with its cfg.json whole")
     if doc.get("activation", "topk") != "topk":
         raise DeepSeeMoEError(f"{path}: sparsify activation {doc['activation']!r} is not supported; only topk")
-    t = load_file(path / "sae.safetensors")
+    t = read_safetensors(path / "sae.safetensors", "give a folder written by sparsify, with its weights whole")
     M, D = t["encoder.weight"].shape
     cfg = CoderConfig(d_in=D, d_out=D if doc.get("transcode") else None, n_latents=M, activation="topk",
                       k=doc["k"], skip=bool(doc.get("skip_connection")))

@@ -70,6 +70,25 @@ def read_json(path: str | Path, fix: str) -> Any:
         raise DeepSeeMoEError(f"{path} is damaged (not valid JSON: {exc}); {fix}") from None
 
 
+def read_safetensors(path: str | Path, fix: str, device: str = "cpu") -> dict:
+    """A safetensors file's tensors (never a pickle: safetensors parses no code); a missing,
+    truncated, foreign (a pickle under a .safetensors name) or corrupt file is one DeepSeeMoEError
+    that names the file and says `fix`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from deepseemoe.errors import DeepSeeMoEError
+
+    path = Path(path)
+    try:
+        return load_file(str(path), device=device)
+    except FileNotFoundError:
+        raise DeepSeeMoEError(f"{path} is missing; {fix}") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DeepSeeMoEError(f"{path} is not a readable safetensors file ({why}); {fix}") from None
+
+
 def read_yaml_mapping(path: str | Path) -> dict:
     """A YAML settings file as a dict ({} when empty); one-line refusals for bad YAML or a non-mapping."""
     import yaml
