@@ -191,6 +191,8 @@ def test_cli_explains_and_scores_features_and_experts_of_tiny_runs(tmp_path, cli
     word = next(iter(store.explanations().values())).split()[0]
     r = cli("explain", tmp_path / "route", "--find", word)
     assert r.code == 0 and word in r.out
+    r = cli("explain", tmp_path / "route", "--find", "zebra-words-nobody-wrote")
+    assert r.code == 0 and "no description" in r.out and "zebra-words-nobody-wrote" in r.out
     # nothing explained yet: one line, before any model loads
     r = cli("score", tmp_path / "dicts", "--dictionary", "nope", "--backend", "openai", "--url", "http://x", "--model", "m")
     assert r.code == 2 and r.error_lines and "deepseemoe explain" in r.error_lines[0]

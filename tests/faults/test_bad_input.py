@@ -96,6 +96,18 @@ def test_a_logger_that_cannot_start_leaves_nothing(cli, tiny_olmoe_dir, corpus_j
     assert not out.exists()
 
 
+def test_a_logger_that_is_not_installed_is_refused_before_the_model_loads(cli, corpus_jsonl, tmp_path):
+    import importlib.util
+
+    missing = next(n for n in ("trackio", "tensorboard") if importlib.util.find_spec(n) is None)
+    out = tmp_path / "run"
+    # a model folder that does not exist: the logger is refused first, so no model load is ever paid for
+    config = _config(tmp_path / "no-model-here", corpus_jsonl, out, log=[missing])
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert_refused(cli("train", tmp_path / "c.yaml"), missing, f"deepseemoe[{missing}]")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(("flag", "value", "key"), [
     ("seed", 7, "train.seed"), ("buffer_size", 512, "train.buffer_size"), ("expansion_factor", 4, "coders[0].expansion_factor"),
 ])

@@ -110,11 +110,20 @@ def register(app: typer.Typer) -> None:
 
         console = Console()
         if find is not None:
+            from deepseemoe.explain.explainer import NO_DESCRIPTION, UNPARSED
+
             words = find.lower().split()
-            for name, store in stores_in(run_dir).items():
+            stores = stores_in(run_dir)
+            found = searched = 0
+            for name, store in stores.items():
                 for unit, text in store.explanations().items():
-                    if all(w in text.lower() for w in words):
-                        console.print(f"{name} {unit}: {text}")
+                    searched += text not in (NO_DESCRIPTION, UNPARSED)
+                    if text not in (NO_DESCRIPTION, UNPARSED) and all(w in text.lower() for w in words):
+                        console.print(f"{name} {unit}: {text}", soft_wrap=True)
+                        found += 1
+            if not found:
+                console.print(f"no description in {run_dir} holds {find!r} ({searched} descriptions of "
+                              f"{len(stores)} explained module(s) searched)", soft_wrap=True)
             return
         store = _target(run_dir, dictionary, layer)
         template = Prompts.load(prompts)

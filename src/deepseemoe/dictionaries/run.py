@@ -119,8 +119,6 @@ class _Sinks:
                     trackio.init(project="deepseemoe", config=spec.to_dict())
                     self.others.append(lambda m: trackio.log({f"{m['coder']}/{k}": v for k, v in m.items()
                                                               if k != "coder"}))
-                else:
-                    raise DeepSeeMoEError(f"unknown logger {name!r}; choose wandb, tensorboard or trackio")
             except ImportError:
                 self.close()
                 raise DeepSeeMoEError(f"log: {name} is not installed; pip install {name} or drop it from `log`") from None

@@ -139,6 +139,7 @@ class RunSpec:
             raise DeepSeeMoEError("the config lists no coders; add at least one under `coders:`")
         if self.distribute not in ("data", "coders"):
             raise DeepSeeMoEError(f"distribute must be 'data' or 'coders', not {self.distribute!r}")
+        check_loggers(self.log)
 
     @property
     def max_steps(self) -> int:
@@ -213,3 +214,21 @@ def load_yaml_mapping(path: str | Path) -> dict:
     if not path.is_file():
         raise DeepSeeMoEError(f"config {path} does not exist; pass a YAML run config (see README: Dictionaries)")
     return read_yaml_mapping(path)
+
+
+# logger -> (the module it needs, the extra that installs it)
+LOGGERS = {"wandb": ("wandb", "wandb"), "tensorboard": ("tensorboard", "tensorboard"), "trackio": ("trackio", "trackio")}
+
+
+def check_loggers(names: list[str]) -> None:
+    """Every logger in `log` is known and installed: refused when the config is read, before a model
+    loads (finding out at the first step costs the whole model load)."""
+    import importlib.util
+
+    for name in names:
+        if name not in LOGGERS:
+            raise DeepSeeMoEError(f"unknown logger {name!r} in `log`; choose from {', '.join(LOGGERS)}")
+        module, extra = LOGGERS[name]
+        if importlib.util.find_spec(module) is None:
+            raise DeepSeeMoEError(f"log: {name} is not installed; pip install \"deepseemoe[{extra}]\" (or pip install "
+                                  f"{module}), or drop it from `log`")

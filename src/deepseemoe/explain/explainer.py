@@ -81,6 +81,24 @@ def levels(tokens: list[str], activations: list[float], share: float = MARK_SHAR
     return ", ".join(f"({t!r}, {v})" for t, v in pairs)
 
 
+def evidence(unit_doc: dict, n_tokens: int = 5) -> dict:
+    """What a unit's stored examples show without any LLM (beside its description, so the section
+    says something even when the explainer is weak): the tokens it is most active on, with how often
+    (tokens above MARK_SHARE × their example's maximum, over the explaining and held-out activating
+    examples), and its strongest example's text with those tokens marked."""
+    from collections import Counter
+
+    examples = [e for e in (*unit_doc.get("train", []), *unit_doc.get("test", []))
+                if max(e["activations"], default=0.0) > 0]
+    counts: Counter = Counter()
+    for e in examples:
+        top = max(e["activations"])
+        counts.update(t for t, a in zip(e["tokens"], e["activations"], strict=True) if a > MARK_SHARE * top)
+    best = max(examples, key=lambda e: max(e["activations"]), default=None)
+    return {"tokens": counts.most_common(n_tokens), "examples": len(examples),
+            "context": mark(best["tokens"], best["activations"]) if best else ""}
+
+
 def explainer_messages(prompts: Prompts, examples: list[Example], context: str = "") -> Messages:
     shown = [{"marked": mark(e.tokens, e.activations), "levels": levels(e.tokens, e.activations)} for e in examples]
     return [{"role": "system", "content": prompts.text("explainer_system.txt")},

@@ -178,3 +178,4 @@ def token_baseline(sampler: Sampler, unit: int, examples: list[TokenExample]) ->
     share = np.divide(hits, seen, out=np.zeros_like(hits), where=seen > 0)
     return [bool(share[e.token_id] > base) if e.token_id < len(share) and seen[e.token_id] else False
             for e in examples]
+

@@ -234,7 +234,10 @@ def _analyses_context(study: Study) -> dict:
 
 
 def _explanations_context(study: Study) -> list[dict]:
-    """Per explained module: pooled scores beside their baselines, and each unit's description."""
+    """Per explained module: pooled scores beside their baselines and the judge's answers, and each
+    unit's description beside what its examples show (`evidence`) and, for experts, its domains."""
+    from deepseemoe.explain.explainer import NO_DESCRIPTION, UNPARSED, evidence
+
     out = []
     for store in study.explanations:
         summary = store.summary()
@@ -247,17 +250,42 @@ def _explanations_context(study: Study) -> list[dict]:
             own, base = entry["explanation"], entry.get("shuffled_explanation")
             scorers.append({"name": name, "own": own["balanced_accuracy"], "f1": own["f1"],
                             "shuffled": base["balanced_accuracy"] if base else None,
+                            "auroc": own.get("auroc"), "shuffled_auroc": base.get("auroc") if base else None,
                             "token": entry.get("token_baseline", {}).get("balanced_accuracy"),
-                            "examples": own["examples"], "failed": own["failed"]})
+                            "examples": own["examples"], "failed": own["failed"], "judge": own.get("judge")})
         rows = table.to_pylist() if table is not None else [{"unit": u, "explanation": t} for u, t in sorted(texts.items())]
         cols = [s["name"] for s in scorers]
-        units = [{"unit": r["unit"], "text": r["explanation"],
+        doc = store.examples()
+        domains = _expert_domains(study, store.module)
+        units = [{"unit": r["unit"], "text": r["explanation"], "described": r["explanation"] not in (NO_DESCRIPTION, UNPARSED),
+                  "evidence": _shown(evidence(doc["units"].get(str(r["unit"]), {}))), "domains": domains.get(r["unit"], []),
                   "scores": [r.get(f"{c}_balanced_accuracy") for c in cols]} for r in rows]
         backend = (summary or {}).get("backend", "")
         used = f"{backend} {(summary or {}).get('explained_by', '')} {store.examples().get('backend', '')}"
         out.append({"module": store.module, "backend": backend, "weak": "SmolLM2" in used, "scorers": scorers,
-                    "columns": cols, "units": units, "mapped": _mapped(study, store)})
+                    "columns": cols, "units": units, "mapped": _mapped(study, store),
+                    "undescribed": sum(not u["described"] for u in units)})
     return out
+
+
+def _shown(ev: dict) -> dict:
+    return {**ev, "tokens": [(show_token(t), n) for t, n in ev["tokens"]]}
+
+
+def _expert_domains(study: Study, module: str, n: int = 2) -> dict[int, list[tuple[str, float]]]:
+    """For a store of layer L's experts: each expert's domains with the largest lift over uniform
+    (the routing run's domain table), else nothing."""
+    if not module.endswith(".experts"):
+        return {}
+    layer = int(module.split(".")[0].removeprefix("layer"))
+    if not (study.run.run_dir / "analyses").is_dir():
+        return {}
+    table = study.run.analyses().table("domain")
+    if table.empty:  # a corpus without domains
+        return {}
+    sub = table[table["layer"] == layer].sort_values("lift_over_uniform", ascending=False)
+    return {int(e): [(str(d), float(x)) for d, x in zip(rows["domain"][:n], rows["lift_over_uniform"][:n], strict=True)]
+            for e, rows in sub.groupby("expert")}
 
 
 def _mapped(study: Study, experts) -> list | None:
