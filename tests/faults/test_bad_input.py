@@ -41,6 +41,29 @@ def test_out_of_range_layers_experts_and_context(cli, tiny_olmoe_dir, corpus_jso
     assert not (tmp_path / "a").exists() and not (tmp_path / "r").exists()
 
 
+def test_without_ctx_len_the_verbs_fit_the_models_positions(cli, corpus_jsonl, tmp_path):
+    """A model with 48 positions (the demo's have 128): route, ablate and train without --ctx-len
+    use its limit instead of a fixed 256 that fails after the model has loaded."""
+    import json
+
+    from deepseemoe.models.tiny import tiny_model
+    from tests.conftest import build_tokenizer
+
+    folder = tmp_path / "short"
+    tok = build_tokenizer(folder)
+    tiny_model("olmoe", vocab_size=len(tok), bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id,
+               eos_token_id=tok.eos_token_id, max_position_embeddings=48).save_pretrained(folder)
+    r = cli("route", folder, "--data", corpus_jsonl, "--out", tmp_path / "r", "--max-tokens", "300")
+    assert r.code == 0, r.err
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["ctx_len"] == 48
+    r = cli("ablate", folder, "--data", corpus_jsonl, "--out", tmp_path / "a", "--tokens", "96", "--layers", "1",
+            "--experts", "0")
+    assert r.code == 0, r.err
+    r = cli("train", "--model", folder, "--data", corpus_jsonl, "--kind", "sae", "--layers", "1", "--out",
+            tmp_path / "d", "--tokens", "256", "--k", "4")
+    assert r.code == 0, r.err
+
+
 def test_features_and_layers_a_dictionary_lacks(cli, run_copy):
     name = next((run_copy / "dictionaries").iterdir()).name
     assert_refused(cli("steer", run_copy, "--dictionary", name, "--feature", "99999", "--tokens", "64"), "99999")

@@ -17,7 +17,7 @@ def register(app: typer.Typer) -> None:
         data: str = typer.Option(..., "--data", help="Held-out text: file/folder/glob or hf:DATASET."),
         out: Path = typer.Option(..., "--out", help="Folder for ablation.json and figures."),
         tokens: int = typer.Option(20_000, min=1, help="Held-out tokens."),
-        ctx_len: int = typer.Option(256, min=1, help="Context length."),
+        ctx_len: int = typer.Option(None, min=1, help="Context length (default: 256, or the model's position limit when smaller)."),
         batch_size: int = typer.Option(8, min=1, help="Contexts per forward pass."),
         layers: str = typer.Option(None, help="MoE layers to ablate in, e.g. 0,3 (default: all)."),
         experts: str = typer.Option(None, help="Experts to ablate, e.g. 0,1,2 (default: all)."),

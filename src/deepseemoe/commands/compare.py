@@ -21,7 +21,7 @@ def register(app: typer.Typer) -> None:
                                      "separately (e.g. `deepseemoe zoo train --separate`, or a FlexOlmo)."),
         train_data: str = typer.Option(None, help="Text to train the SAEs on (default: --data)."),
         tokens: int = typer.Option(20_000, min=1, help="Held-out tokens for selectivity and ablations."),
-        ctx_len: int = typer.Option(256, min=1, help="Context length."),
+        ctx_len: int = typer.Option(None, min=1, help="Context length (default: 256, or the model's position limit when smaller)."),
         domain_field: str = typer.Option("domain", help="Field holding each document's domain label."),
         sae_layer: int = typer.Option(None, min=0, help="Residual layer of the SAE frontier (default: the middle)."),
         sae_k: str = typer.Option("8,16,32", help="k values of the SAE frontier."),

@@ -26,7 +26,8 @@ def register(app: typer.Typer) -> None:
         max_chars: int = typer.Option(None, min=1, help="Skip documents longer than this."),
         max_docs: int = typer.Option(None, min=1, help="Stop after this many documents."),
         max_tokens: int = typer.Option(None, min=1, help="Stop after this many tokens (BOS included)."),
-        ctx_len: int = typer.Option(256, min=1, help="Context length of the packed sequences."),
+        ctx_len: int = typer.Option(None, min=1, help="Context length of the packed sequences (default: 256, or the "
+                                     "model's position limit when smaller)."),
         batch_size: int = typer.Option(8, min=1, help="Contexts per forward pass."),
         device: str = typer.Option(None, help="Device for the model, e.g. cuda:0 (default: CPU)."),
         device_map: str = typer.Option(None, help="device_map for models larger than one device, e.g. auto."),

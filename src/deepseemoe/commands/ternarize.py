@@ -21,7 +21,7 @@ def register(app: typer.Typer) -> None:
         per: str = typer.Option("tensor", help="Absmean scale per 'tensor' (per expert matrix) or per output 'row'."),
         data: str = typer.Option(None, "--data", help="Held-out text: the loss before and after, per domain."),
         tokens: int = typer.Option(20_000, min=1, help="Held-out tokens."),
-        ctx_len: int = typer.Option(256, min=2, help="Context length."),
+        ctx_len: int = typer.Option(None, min=2, help="Context length (default: 256, or the model's position limit when smaller)."),
         batch_size: int = typer.Option(8, min=1, help="Contexts per forward pass."),
         domain_field: str = typer.Option("domain", help="Field holding each document's domain label."),
         device: str = typer.Option(None, help="Device for the model."),

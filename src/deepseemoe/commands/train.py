@@ -26,7 +26,8 @@ def register(app: typer.Typer) -> None:
         ternary: str = typer.Option("", help="Without a config: ternary weights (BitNet absmean, one scale per "
                                     "latent, trained straight-through): encoder, decoder or both."),
         tokens: int = typer.Option(None, min=1, help="Training tokens."),
-        ctx_len: int = typer.Option(None, "--ctx-len", min=2, help="Context length of the model's forward passes."),
+        ctx_len: int = typer.Option(None, "--ctx-len", min=2, help="Context length of the model's forward passes (default: 256, or the "
+                                     "model's position limit when smaller)."),
         dtype: str = dtype_option(),
         device_map: str = device_map_option(),
         model_device: str = typer.Option(None, help="Device of the model, e.g. cuda:0."),

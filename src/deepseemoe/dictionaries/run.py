@@ -219,7 +219,7 @@ def _export(spec: RunSpec, handle: ModelHandle, coders: dict[str, Coder], specs:
                 tc = coder.cfg.is_transcoder
                 save_saelens(coder, DictionaryRun(out).exports("saelens") / name, hf_hook_name=hin["hf"], hook_name=hin["tl"],
                              hf_hook_name_out=hout["hf"] if tc else "", hook_name_out=hout["tl"] if tc else "",
-                             model_name=model_name, context_size=spec.ctx_len)
+                             model_name=model_name, context_size=handle.check_ctx_len(spec.ctx_len))
             elif fmt == "sparsify":
                 save_sparsify(coder, DictionaryRun(out).exports("sparsify"), sparsify_hookpoint(handle, cs, coder.cfg))
             elif cs.kind == "clt":

@@ -107,7 +107,7 @@ class RunSpec:
     out: str
     coders: list[CoderSpec]
     tokens: int = 1_000_000  # training tokens per coder
-    ctx_len: int = 256
+    ctx_len: int | None = None  # None: 256, or the model's position limit when smaller
     batch_size: int = 8  # contexts per model forward
     model_device: str | None = None
     coder_device: str | None = None

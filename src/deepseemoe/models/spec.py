@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
 
 
+DEFAULT_CTX_LEN = 256  # tokens per packed sequence when the command line names none
+
 @dataclass
 class RoutingEvent:
     """One MoE layer's routing for one forward call, as the experts actually received it.
@@ -242,9 +244,13 @@ class ModelHandle:
         config = getattr(config, "get_text_config", lambda: config)()
         return proj, int(config.num_attention_heads)
 
-    def check_ctx_len(self, ctx_len: int) -> int:
-        """`ctx_len` when the model can attend that far; one-line refusal beyond its position limit."""
+    def check_ctx_len(self, ctx_len: int | None) -> int:
+        """`ctx_len` when the model can attend that far; one-line refusal beyond its position limit.
+        None: DEFAULT_CTX_LEN, or the model's limit when that is smaller (the demo's models have 128
+        positions: a fixed default of 256 failed on them after the model had loaded)."""
         limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        if ctx_len is None:
+            return min(DEFAULT_CTX_LEN, limit) if isinstance(limit, int) and limit > 0 else DEFAULT_CTX_LEN
         if isinstance(limit, int) and ctx_len > limit:
             raise DeepSeeMoEError(f"--ctx-len {ctx_len} is beyond {self.name}'s {limit} positions "
                                   f"(max_position_embeddings); use --ctx-len {limit} or less")

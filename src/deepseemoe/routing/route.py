@@ -50,7 +50,7 @@ def moe_layout(handle: ModelHandle) -> dict:
                            for i, m in sorted(handle.moe_layers.items())}}
 
 
-def route_corpus(handle: ModelHandle, source: TextSource, run_dir: str | Path, *, ctx_len: int = 256,
+def route_corpus(handle: ModelHandle, source: TextSource, run_dir: str | Path, *, ctx_len: int | None = None,
                  batch_size: int = 8, max_tokens: int | None = None, logits: bool = False,
                  exclude_bos: bool = True, shard_tokens: int = 1_000_000, progress: bool = True,
                  extra: dict | None = None, overwrite: bool = False) -> RouteResult:
@@ -64,10 +64,11 @@ def route_corpus(handle: ModelHandle, source: TextSource, run_dir: str | Path, *
     if handle.tokenizer is None:
         raise DeepSeeMoEError(f"{handle.name} has no tokenizer; save one next to the model (tokenizer.json)")
     run_dir = Path(run_dir)
+    ctx_len = handle.check_ctx_len(ctx_len)
     layers = sorted(handle.moe_layers)
     recorder = RoutingRecorder(layers, logits=logits)
     tokenizer = handle.tokenizer
-    batches = pack_documents(tokenizer, iter_documents(source), ctx_len=handle.check_ctx_len(ctx_len), batch_size=batch_size,
+    batches = pack_documents(tokenizer, iter_documents(source), ctx_len=ctx_len, batch_size=batch_size,
                              max_tokens=max_tokens)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
