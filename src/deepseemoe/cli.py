@@ -7,11 +7,17 @@ Library imports happen inside the verbs so that `deepseemoe --help` stays fast.
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 
 import typer
 
 from deepseemoe import __version__
+
+# Our bars are the only bars: transformers' "Loading weights" (on every verb that loads a model), the
+# hub's and datasets' read these before their first import, which happens inside the verbs.
+for _var in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+    os.environ.setdefault(_var, "1")
 
 app = typer.Typer(
     name="deepseemoe",
@@ -49,6 +55,35 @@ def _register_commands() -> None:
 _register_commands()
 
 
+def _plain_help(command) -> None:
+    """Help in the words of the usage line, not of Python's types: typer ≥ 0.2x writes `{model}` for
+    a required argument, `<bool>` beside every flag and `<list[Path]>` for a repeated argument. Here:
+    MODEL, nothing beside a flag, PATH... (set on each parameter of the built command tree)."""
+    for param in getattr(command, "params", []):
+        if getattr(param, "is_flag", False) or getattr(param, "is_bool_flag", False):
+            param.display_type_rich = lambda ctx: None
+        elif getattr(param, "param_type_name", "") == "argument":
+            label = param.name.upper() + ("..." if param.nargs != 1 else "")
+            param.metavar = label
+            param._usage_display_name = lambda label=label: label
+            param.display_type_rich = lambda ctx: None
+        elif param.nargs != 1 or getattr(param, "multiple", False):
+            bare = param.display_type_rich(None) if hasattr(param, "display_type_rich") else None
+            if bare and bare.startswith("<list["):
+                param.display_type_rich = lambda ctx, t=bare[6:-2]: f"<{t}>..."
+    help_option = command.get_help_option
+
+    def plain_help_option(ctx, help_option=help_option):
+        option = help_option(ctx)
+        if option is not None:
+            option.display_type_rich = lambda ctx: None
+        return option
+
+    command.get_help_option = plain_help_option
+    for sub in getattr(command, "commands", {}).values():
+        _plain_help(sub)
+
+
 def _fail(message: str, code: int, debug: bool) -> None:
     if debug:
         import traceback
@@ -77,7 +112,9 @@ def run() -> None:
     debug = "--debug" in args or os.environ.get("DEEPSEEMOE_DEBUG", "") not in ("", "0")
     args = [a for a in args if a != "--debug"]
     try:
-        code = app(args=args, prog_name="deepseemoe", standalone_mode=False)
+        command = typer.main.get_command(app)
+        _plain_help(command)
+        code = command.main(args=args, prog_name="deepseemoe", standalone_mode=False)
     except DeepSeeMoEError as exc:
         _fail(str(exc), 2, debug)
     except (KeyboardInterrupt, *[getattr(click_exceptions, "Abort", KeyboardInterrupt)]):

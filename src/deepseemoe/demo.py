@@ -18,6 +18,7 @@ from rich.console import Console
 from deepseemoe.data.demo_corpus import build_corpus
 from deepseemoe.data.sources import TextSource
 from deepseemoe.models.load import load_model
+from deepseemoe.progress import out_console
 from deepseemoe.report.html import build_report
 from deepseemoe.routing.route import route_corpus
 from deepseemoe.routing.stats import compute_routing_stats, save_routing_stats
@@ -39,7 +40,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
              console: Console | None = None, explainer=None, separate: bool = False) -> DemoResult:
     """`explainer`: the chat backend of the descriptions stage (default: the offline SmolLM2);
     `separate`: also the FlexOlmo-style model (experts trained separately), in the comparison."""
-    console = console or Console()
+    console = console or out_console()
     spec = get_recipe(recipe)  # a bad recipe name fails before anything is written
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

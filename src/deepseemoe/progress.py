@@ -12,6 +12,27 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
+def out_console():
+    """The console a verb prints its results on: the terminal's width in a terminal; piped or
+    redirected, wide enough that no table is cut or wrapped at rich's default of 80 columns."""
+    import sys
+
+    from rich.console import Console
+
+    if sys.stdout.isatty():
+        return Console()
+    return Console(width=1_000, soft_wrap=True)
+
+
+def num(value, spec: str = ".3f") -> str:
+    """A number as a table cell: "–" for a missing or undefined (NaN) value, as the report writes it."""
+    import math
+
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return format(value, spec)
+
+
 def progress_bar(*, disable: bool = False, unit: str = "it"):
     """A rich Progress with rate and ETA; add tasks with `bar.add_task(description, total=N)`."""
     from rich.console import Console

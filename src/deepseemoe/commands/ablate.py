@@ -46,7 +46,6 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Expert ablation/exclusion vs load-matched controls, top-r sweep, top-1 and random routing per layer;
         or, with --target, remove a domain or token set and measure the side effects."""
-        from rich.console import Console
         from rich.table import Table
 
         from deepseemoe.analysis.causal import run_causal_checks
@@ -55,6 +54,7 @@ def register(app: typer.Typer) -> None:
         from deepseemoe.data.tokens import pack_documents
         from deepseemoe.errors import DeepSeeMoEError
         from deepseemoe.models.load import load_model
+        from deepseemoe.progress import out_console
         from deepseemoe.runs.study import save_ablation
 
         if target is None and (twin or budget is not None or units is not None or dictionary):
@@ -106,7 +106,7 @@ def register(app: typer.Typer) -> None:
                           f"{worst['ablate_delta_ce']:.4f} (E{worst['expert']})" if worst else "—",
                           f"{worst['control_delta_ce']:.4f}" if worst else "—",
                           f"{corr[r['layer']]['spearman_load']:.2f}" if r["layer"] in corr else "—")
-        console = Console()
+        console = out_console()
         console.print(table)
         for s in result["disable_top_r"]:
             console.print(f"  top-{s['disabled_top_r']} experts disabled in every layer: ΔCE {s['delta_ce']:.4f}")
@@ -116,7 +116,6 @@ def register(app: typer.Typer) -> None:
 def _remove(model: str, twin: str | None, data: str, out: Path, *, tokens: int, ctx_len: int, batch_size: int,
             domain_field: str, target: str, budget: float | None, units: int | None, kinds: tuple[str, ...],
             draws: int, seed: int, load: dict, dictionary: str | None = None) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     from deepseemoe.analysis.figures import removal_figure
@@ -124,6 +123,7 @@ def _remove(model: str, twin: str | None, data: str, out: Path, *, tokens: int, 
     from deepseemoe.data.sources import TextSource, iter_documents
     from deepseemoe.data.tokens import pack_documents
     from deepseemoe.models.load import load_model
+    from deepseemoe.progress import out_console
     from deepseemoe.runs.study import save_removal
 
     coder = None
@@ -158,6 +158,6 @@ def _remove(model: str, twin: str | None, data: str, out: Path, *, tokens: int, 
             table.add_row(label, f"{r['units']}/{r['of']}", kind, f"{r['selected']['target']:.4f}",
                           f"{r['selected']['off_target']:.4f}", f"{r['selected']['gap']:.4f}",
                           f"{rnd.get('target', float('nan')):.4f}", f"{rnd.get('off_target', float('nan')):.4f}")
-    console = Console()
+    console = out_console()
     console.print(table)
     console.print(f"[green]→ {path}[/]")

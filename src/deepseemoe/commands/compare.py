@@ -36,8 +36,6 @@ def register(app: typer.Typer) -> None:
         trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
         """Selectivity of experts, neurons and heads; ablation selectivity; the SAE frontier — one table."""
-        from rich.console import Console
-
         from deepseemoe.analysis.compare import compare_models
         from deepseemoe.analysis.report_tables import comparison_markdown
         from deepseemoe.analysis.sae_frontier import block_sae_maps, sae_frontier
@@ -45,6 +43,7 @@ def register(app: typer.Typer) -> None:
         from deepseemoe.data.tokens import pack_documents
         from deepseemoe.errors import DeepSeeMoEError
         from deepseemoe.models.load import load_model
+        from deepseemoe.progress import out_console
         from deepseemoe.runs.study import save_comparison
 
         if not data.startswith("hf:"):
@@ -87,5 +86,5 @@ def register(app: typer.Typer) -> None:
         result["models"] = {label: h.name for label, h in zip(models, handles, strict=True)}
         md = comparison_markdown(result)
         path = save_comparison(out, result, md)
-        Console().print(md)
-        Console().print(f"[green]→ {path}[/]")
+        out_console().print(md, soft_wrap=True)  # a markdown table: its rows unbroken
+        out_console().print(f"[green]→ {path}[/]")

@@ -16,10 +16,10 @@ def build(
     max_mb_per_domain: float = typer.Option(2.5, help="Text per domain, in MB."),
 ) -> None:
     """Collect labelled documents (code, en, de, es, ru, data) from text present on this machine."""
-    from rich.console import Console
     from rich.table import Table
 
     from deepseemoe.data.demo_corpus import build_corpus
+    from deepseemoe.progress import out_console
 
     report = build_corpus(out, seed=seed, max_bytes_per_domain=int(max_mb_per_domain * 1e6), progress=True)
     table = Table(title=f"corpus → {out}")
@@ -28,7 +28,7 @@ def build(
     for domain, d in report.domains.items():
         table.add_row(domain, str(d["train_docs"]), str(d["val_docs"]), f"{d['bytes'] / 1e6:.2f}",
                       ", ".join(d["sources"]))
-    console = Console()
+    console = out_console()
     console.print(table)
     for note in report.notes:
         console.print(f"[yellow]{note}[/]")

@@ -22,12 +22,12 @@ def register(app: typer.Typer) -> None:
         routing capture, routing statistics and the report on them."""
         import time
 
-        from rich.console import Console
         from rich.table import Table
 
         from deepseemoe.demo import run_demo
+        from deepseemoe.progress import out_console
 
-        console = Console()
+        console = out_console()
         start = time.perf_counter()
         result = run_demo(out, recipe=recipe, retrain=retrain, cache_dir=cache_dir, max_tokens=max_tokens,
                           console=console, separate=separate)

@@ -21,10 +21,10 @@ def register(app: typer.Typer) -> None:
         trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
         """FVU, L0, dead/dense latents, spliced ΔCE / KL / loss recovered, routing preserved."""
-        from rich.console import Console
         from rich.table import Table
 
         from deepseemoe.dictionaries.evaluate import evaluate_run
+        from deepseemoe.progress import out_console
         from deepseemoe.runs.dictionary import DictionaryRun
 
         run = DictionaryRun.open(run_dir)
@@ -35,7 +35,7 @@ def register(app: typer.Typer) -> None:
         rows = [[name, *[(f"{r[c]:.1f}" if c == "l0" else f"{r[c]:.3f}") if r.get(c) is not None else "—"
                          for c in cols]] for name, r in doc["coders"].items()]
         title = f"{doc['tokens']:,} tokens of {doc['data']}"
-        console = Console()
+        console = out_console()
         if console.is_terminal:
             table = Table(title=title)
             table.add_column("coder", no_wrap=True)

@@ -102,13 +102,12 @@ def register(app: typer.Typer) -> None:
         trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
         """Describe features or experts with an LLM (delphi-style prompts with MoE context)."""
-        from rich.console import Console
-
         from deepseemoe.explain.explainer import Prompts
         from deepseemoe.explain.pipeline import expert_source, feature_source, run_explain
+        from deepseemoe.progress import out_console
         from deepseemoe.runs.explanations import stores_in
 
-        console = Console()
+        console = out_console()
         if find is not None:
             from deepseemoe.explain.explainer import NO_DESCRIPTION, UNPARSED
 
@@ -164,12 +163,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Detection, fuzzing and routing prediction of the explanations, beside shuffled-explanation
         and token-identity baselines."""
-        from rich.console import Console
-
         from deepseemoe.errors import DeepSeeMoEError
         from deepseemoe.explain.explainer import Prompts
         from deepseemoe.explain.pipeline import run_score
         from deepseemoe.explain.scorers import SCORERS
+        from deepseemoe.progress import out_console
 
         if per_prompt is not None:
             typer.echo("warning: --per-prompt is ignored: each example is now judged on its own prompt "
@@ -183,7 +181,7 @@ def register(app: typer.Typer) -> None:
         store.examples()  # refuses before loading a model when nothing was explained
         chat = make_backend(backend, url, model, api_key_env, concurrency, rate_limit, cache, trust_remote_code)
         summary = run_score(store, chat, template, names)
-        console = Console()
+        console = out_console()
         for name, entry in summary["scorers"].items():
             own, base = entry["explanation"], entry["shuffled_explanation"]
             line = (f"{name}: balanced accuracy {own['balanced_accuracy']:.3f} (F1 {own['f1']:.3f}; "

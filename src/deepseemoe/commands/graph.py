@@ -30,8 +30,6 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Louvain modules of the feature–expert graph, modularity against rewired graphs (z), NMI of
         modules with the features' top experts and domains; thresholds and what they kept reported."""
-        from rich.console import Console
-
         from deepseemoe.analysis.feature_graph import (
             Thresholds,
             build_graph,
@@ -41,6 +39,7 @@ def register(app: typer.Typer) -> None:
             layout_positions,
         )
         from deepseemoe.errors import DeepSeeMoEError
+        from deepseemoe.progress import out_console
         from deepseemoe.runs.dictionary import DictionaryRun
         from deepseemoe.runs.routing import RoutingRun
 
@@ -69,7 +68,7 @@ def register(app: typer.Typer) -> None:
         positions = layout_positions(fg, seed=seed)  # stored with the nodes: the explorer draws the same layout
         png = layout_png(fg, modules, positions) if figure else None
         out = run.save_graph(dictionary, graph_tables(fg, modules, positions), summary, png)
-        c = Console()
+        c = out_console()
         for k in summary["edge_kinds"]:
             c.print(f"{k['kind']} edges: kept {k['kept']:,} of {k['candidates']:,} ({100 * k['mass_share']:.1f}% of the weight)")
         line = (f"{summary['nodes']:,} nodes, {summary['edges']:,} edges → {summary['modules']} modules; modularity "

@@ -15,10 +15,10 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Print layers, experts, top-k, router family, shared experts and dense layers (from the config
         alone: no weights are read)."""
-        from rich.console import Console
         from rich.table import Table
 
         from deepseemoe.models.load import load_model
+        from deepseemoe.progress import out_console
 
         # the structure only: built from the config on the meta device, no weight is read
         handle = load_model(model, trust_remote_code=trust_remote_code, load_tokenizer=False, weights=False)
@@ -35,4 +35,4 @@ def register(app: typer.Typer) -> None:
                 table.add_row(str(i), "dense MLP", f"{handle.dense_mlps[i].num_neurons} neurons", "-", "-", "-", "-", "")
             else:
                 table.add_row(str(i), "other", "-", "-", "-", "-", "-", "")
-        Console().print(table)
+        out_console().print(table)

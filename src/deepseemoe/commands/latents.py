@@ -23,13 +23,12 @@ def register(app: typer.Typer) -> None:
         trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
         """Cache where every latent fires (delphi format: RUN_DIR/latents/NAME/)."""
-        from rich.console import Console
-
         from deepseemoe.capture.core import Site
         from deepseemoe.dictionaries.formats import load_run_dictionary
         from deepseemoe.dictionaries.latent_cache import collect_latents, save_delphi_cache
         from deepseemoe.dictionaries.run import load_for_run, run_batches
         from deepseemoe.dictionaries.spec import RunSpec
+        from deepseemoe.progress import out_console
         from deepseemoe.runs.dictionary import DictionaryRun
 
         spec = RunSpec.from_run_dir(run_dir)
@@ -41,7 +40,7 @@ def register(app: typer.Typer) -> None:
         names = dictionary or run.coder_names()
         handle = load_for_run(spec, spec.model_device, trust_remote_code=trust_remote_code)
         batches = list(run_batches(spec, handle, data=data, batch_size=batch_size, max_tokens=tokens))
-        console = Console()
+        console = out_console()
         for name in names:
             coder, meta = load_run_dictionary(run_dir, name, device=spec.coder_device or "cpu")
             got = collect_latents(handle, coder, [Site(k, la) for k, la in meta["source"]], batches, progress=True,

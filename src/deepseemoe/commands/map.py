@@ -25,10 +25,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Expert distribution, lift and MI per feature; routing prediction vs token/bigram baselines;
         exact router-logit attribution for SAEs on the block input; top examples with their routing."""
-        from rich.console import Console
-
         from deepseemoe.analysis.feature_map import compute_map
         from deepseemoe.dictionaries.spec import RunSpec
+        from deepseemoe.progress import out_console
         from deepseemoe.runs.dictionary import DictionaryRun
 
         run = DictionaryRun.open(run_dir)
@@ -42,7 +41,7 @@ def register(app: typer.Typer) -> None:
                              progress=True)
         out = run.save_map(dictionary, result.tables, result.examples, result.summary)
         summary = result.summary
-        c = Console()
+        c = out_console()
         rp = summary["routing_prediction"]
         c.print(f"layer {summary['layer']}: {summary['live_features']:,} live features · median specificity "
                 f"{summary['specificity_median']:.2f} · routing recall@{summary['top_k']}: features {rp['features']:.3f}"

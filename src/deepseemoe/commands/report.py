@@ -18,9 +18,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """One HTML page from run directories alone: the routing statistics of RUN_DIR and whatever
         dictionaries, maps, ablations and comparisons sit beside it (its parent is the study)."""
-        from rich.console import Console
-
+        from deepseemoe.progress import out_console
         from deepseemoe.report.html import build_report
 
         path = build_report(run_dir, out, checkpoint_runs=checkpoint_runs or None, title=title)
-        Console().print(f"[green]→ {path}[/]")
+        out_console().print(f"[green]→ {path}[/]")

@@ -42,10 +42,9 @@ def register(app: typer.Typer) -> None:
         trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
         """Record which experts every token is routed to, in every MoE layer."""
-        from rich.console import Console
-
         from deepseemoe.data.sources import TextSource, resolve_files
         from deepseemoe.models.load import load_model
+        from deepseemoe.progress import out_console
         from deepseemoe.routing.route import route_corpus
 
         if not data.startswith("hf:"):
@@ -58,5 +57,5 @@ def register(app: typer.Typer) -> None:
         result = route_corpus(handle, source, out, ctx_len=ctx_len, batch_size=batch_size, max_tokens=max_tokens,
                               logits=logits, exclude_bos=not keep_bos, extra={"seed": seed},
                               overwrite=overwrite, shard_tokens=shard_tokens)
-        Console().print(f"[green]routed {result.tokens:,} tokens[/] through {len(result.layers)} MoE layers in "
+        out_console().print(f"[green]routed {result.tokens:,} tokens[/] through {len(result.layers)} MoE layers in "
                         f"{result.seconds:.1f}s ({result.tokens_per_second:,.0f} tok/s) → {result.run_dir}")

@@ -23,6 +23,7 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
+        from deepseemoe.progress import num, out_console
         from deepseemoe.routing.stats import compute_routing_stats, save_routing_stats
 
         start = time.perf_counter()
@@ -35,11 +36,11 @@ def register(app: typer.Typer) -> None:
             table.add_column(col)
         for layer, s in result.summary["layers"].items():
             rep = s["repetition"]
-            table.add_row(layer, f"{s['load_entropy']:.3f}", f"{s['load_cv']:.2f}", str(s["dead_experts"]),
-                          f"{rep['top1_same']:.3f} ({rep['top1_same_load_matched']:.3f})",
-                          f"{s['vocab_specialization_input'] or 0:.3f}", f"{s['domain_nmi']:.3f}",
-                          f"{s.get('transition_to_next', {}).get('nmi', float('nan')):.3f}")
-        console = Console()
+            table.add_row(layer, num(s["load_entropy"]), num(s["load_cv"], ".2f"), str(s["dead_experts"]),
+                          f"{num(rep['top1_same'])} ({num(rep['top1_same_load_matched'])})",
+                          num(s["vocab_specialization_input"]), num(s["domain_nmi"]),
+                          num(s.get("transition_to_next", {}).get("nmi")))
+        console = out_console()
         console.print(table)
         if "saturation" in result.summary:
             console.print("router saturation against " + str(checkpoint) + ": " + ", ".join(

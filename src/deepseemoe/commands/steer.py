@@ -24,14 +24,13 @@ def register(app: typer.Typer) -> None:
         trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
         """ΔCE, KL and how often the chosen experts change when a feature is ablated or steered."""
-        from rich.console import Console
-
         from deepseemoe.analysis.steering import edit_feature
         from deepseemoe.capture.core import Site
         from deepseemoe.dictionaries.formats import load_run_dictionary
         from deepseemoe.dictionaries.run import load_for_run, run_batches
         from deepseemoe.dictionaries.spec import RunSpec
         from deepseemoe.errors import DeepSeeMoEError
+        from deepseemoe.progress import out_console
         from deepseemoe.runs.dictionary import DictionaryRun
 
         spec = RunSpec.from_run_dir(run_dir)
@@ -48,7 +47,7 @@ def register(app: typer.Typer) -> None:
         batches = list(run_batches(spec, handle, data=data, batch_size=batch_size, max_tokens=tokens))
         site = Site(*meta["source"][0])
         results = [edit_feature(handle, coder, site, batches, f, scale, progress=True) for f in feature]
-        console = Console()
+        console = out_console()
         for r in results:
             routing = ", ".join(f"L{la} {v['all_tokens']:.3f} ({v['where_fired']:.3f} where fired)"
                                 for la, v in r["routing_changed"].items())

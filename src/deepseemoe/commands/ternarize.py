@@ -31,12 +31,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Ternarise a model's experts and router (or a dense model's MLPs) by BitNet's absmean rule: the share
         of zero trits per tensor and, with --data, the loss per domain before and after."""
-        from rich.console import Console
         from rich.table import Table
 
         from deepseemoe.errors import DeepSeeMoEError
         from deepseemoe.models.load import load_model
         from deepseemoe.models.ternary import PARTS, ternarize_model, ternary_record, ternary_targets
+        from deepseemoe.progress import out_console
 
         wanted = tuple(p for p in parts.split(",") if p)
         if per not in ("tensor", "row"):
@@ -73,7 +73,7 @@ def register(app: typer.Typer) -> None:
         if meter is not None:
             result["loss"] = loss_before_after(meter)
         save_model_folder(handle, out, result)
-        console = Console()
+        console = out_console()
         console.print(f"{len(tensors)} tensors ternarised ({', '.join(present)}, scale per {per}); "
                       f"{100 * result['zero_share']:.1f}% of their trits are 0")
         if "loss" in result:

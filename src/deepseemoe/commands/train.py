@@ -40,11 +40,10 @@ def register(app: typer.Typer) -> None:
         """Train sparse dictionaries (SAEs, transcoders, router transcoders, crosscoders, CLTs)."""
         import os
 
-        from rich.console import Console
-
         from deepseemoe.dictionaries.run import train_run
         from deepseemoe.dictionaries.spec import RunSpec, load_yaml_mapping
         from deepseemoe.errors import DeepSeeMoEError
+        from deepseemoe.progress import out_console
 
         if config is not None:
             raw = load_yaml_mapping(config)
@@ -64,7 +63,7 @@ def register(app: typer.Typer) -> None:
         result = train_run(spec, resume=resume, trust_remote_code=trust_remote_code)
         if int(os.environ.get("RANK", "0")) != 0:  # under torchrun the summary is printed once, by rank 0
             return
-        console = Console()
+        console = out_console()
         for name, m in result.final.items():
             console.print(f"  {name}: FVU {m['fvu']:.3f} · L0 {m['l0']:.1f} · dead {m['dead']:.1%}")
         if result.exhausted:

@@ -15,8 +15,7 @@ def register(app: typer.Typer) -> None:
         """Check the sha256 of every file the run's manifest lists (and of its analyses)."""
         import time
 
-        from rich.console import Console
-
+        from deepseemoe.progress import out_console
         from deepseemoe.runs.routing import RoutingRun
 
         start = time.perf_counter()
@@ -26,5 +25,5 @@ def register(app: typer.Typer) -> None:
         if (run.run_dir / "analyses").is_dir():
             run.analyses()
             extra = " and its analyses"
-        Console().print(f"[green]{run.run_dir}: {n} files ({size / 1e6:,.1f} MB){extra} match the manifest[/] "
+        out_console().print(f"[green]{run.run_dir}: {n} files ({size / 1e6:,.1f} MB){extra} match the manifest[/] "
                         f"({time.perf_counter() - start:.1f}s)")

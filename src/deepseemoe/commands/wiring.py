@@ -24,12 +24,11 @@ def register(app: typer.Typer) -> None:
         """Louvain modules of the neuron graph (virtual weights between consecutive feed-forward layers), their
         modularity against rewirings within each pair of consecutive layers (z), NMI with the layers, and for an
         MoE their NMI with the experts against expert labels shuffled within each layer (excess, z)."""
-        from rich.console import Console
         from rich.table import Table
 
         from deepseemoe.analysis.wiring import wiring_modules
         from deepseemoe.models.load import load_model
-        from deepseemoe.progress import track
+        from deepseemoe.progress import out_console, track
         from deepseemoe.runs.atomic import atomic_write_json
         from deepseemoe.runs.study import WIRING as WIRING_JSON
 
@@ -51,5 +50,5 @@ def register(app: typer.Typer) -> None:
                           f"{r['nmi_layer']:.3f}",
                           *((f"{r['nmi_expert']:.3f}", f"{r['nmi_expert_null']:.3f}", f"{r['nmi_expert_excess']:+.3f}",
                              f"{r['nmi_expert_z']:.1f}") if moe else ("–",) * 4))
-        Console().print(table)
-        Console().print(f"[green]→ {out / WIRING_JSON}[/]")
+        out_console().print(table)
+        out_console().print(f"[green]→ {out / WIRING_JSON}[/]")

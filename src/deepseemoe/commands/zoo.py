@@ -21,9 +21,9 @@ def train(
 ) -> None:
     """Train (or reuse) the tokenizer, the OLMoE model and its dense twin (and with --separate the
     FlexOlmo-style model); print losses per domain."""
-    from rich.console import Console
     from rich.table import Table
 
+    from deepseemoe.progress import out_console
     from deepseemoe.zoo.train import train_zoo
 
     zoo = train_zoo(data, recipe=recipe, cache_dir=cache_dir, retrain=retrain)
@@ -44,10 +44,10 @@ def train(
         table.add_column(col)
     for d in sorted(r["val_loss"]["moe"]):
         table.add_row(d, *(f"{v[d]:.3f}" for v in columns.values()), f"{r['unigram_baseline'][d]:.3f}")
-    Console().print(table)
+    out_console().print(table)
     for kind, t in r.get("ternary", {}).items():
         lines.append(f"{kind}: {', '.join(t['parts'])} ternary, {100 * t['zero_share']:.1f}% of their trits 0")
-    Console().print("\n".join(lines))
+    out_console().print("\n".join(lines))
 
 
 def register(app: typer.Typer) -> None:
