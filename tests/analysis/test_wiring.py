@@ -172,9 +172,12 @@ def test_wiring_cli(tmp_path, cli, tiny_olmoe_dir, corpus_jsonl):
     assert cli("route", tiny_olmoe_dir, "--data", corpus_jsonl, "--out", tmp_path / "study" / "run",
                "--max-tokens", "500", "--ctx-len", "32").code == 0
     assert cli("stats", tmp_path / "study" / "run").code == 0
-    assert cli("report", tmp_path / "study" / "run").code == 0
+    # a second wiring folder in the study: the report shows both, each named, none dropped
+    assert cli("wiring", dense, "--out", tmp_path / "study" / "wiring-dense", "--draws", "2", "--fan-in", "4").code == 0
+    assert cli("report", tmp_path / "study").code == 0  # the study folder, as `serve` takes it
     page = next((tmp_path / "study").rglob("index.html")).read_text()
-    assert '<h2 id="wiring">' in page
+    assert '<h2 id="wiring">' in page and '<h2 id="wiring-2">' in page
+    assert "<code>wiring</code>" in page and "<code>wiring-dense</code>" in page
     for r in result["models"]:
         assert (f"<td>{r['modules']}</td><td>{r['modularity']:.3f}</td><td>{r['rewired_modularity']:.3f}</td>"
                 in page)

@@ -23,6 +23,7 @@ class ComparisonTable:
 
     sides: list[str]
     rows: list[tuple[str, list[str]]]
+    folder: str = ""  # where the comparison was read from, relative to the study (the report names it)
 
     @property
     def columns(self) -> list[str]:
@@ -31,7 +32,7 @@ class ComparisonTable:
         return [SIDES[s] for s in self.sides]
 
 
-def comparison_table(result: dict) -> ComparisonTable:
+def comparison_table(result: dict, folder: str = "") -> ComparisonTable:
     sides = [s for s in SIDES if s in result and isinstance(result[s], dict) and "domains" in result[s]]
     rows: list[tuple[str, list[str]]] = []
     kinds = ["expert", "expert_neuron", "mlp_neuron", "attention_head"]
@@ -72,7 +73,7 @@ def comparison_table(result: dict) -> ComparisonTable:
             for m in ("fvu", "dead", "delta_ce", "loss_recovered"):
                 rows.append((f"SAE k={row['k']} (layer {fr['layer']}, ×{fr['expansion_factor']}): {m}",
                              [_fmt(fr["rows"][s][i][m]) if s in fr["rows"] else "—" for s in sides]))
-    return ComparisonTable(sides, rows)
+    return ComparisonTable(sides, rows, folder)
 
 
 def _block_feature_rows(result: dict, sides: list[str]) -> list[tuple[str, list[str]]]:

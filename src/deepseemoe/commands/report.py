@@ -10,7 +10,8 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command()
     def report(
-        run_dir: Path = typer.Argument(..., help="A routing run (after `deepseemoe stats`)."),
+        run_dir: Path = typer.Argument(..., help="A study folder (e.g. runs/demo) or the routing run in it (after "
+                                     "`deepseemoe stats`)."),
         checkpoint_runs: list[Path] = typer.Argument(None, help="Routing runs of earlier checkpoints on the same "
                                                                  "text (default: STUDY/checkpoints/*)."),
         out: Path = typer.Option(None, "--out", help="The HTML file (default: STUDY/report/index.html)."),

@@ -21,9 +21,8 @@ from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.report.components import Bar, Heatmap, Strip, expert_colors, show_token
 from deepseemoe.runs.dictionary import DictionaryRun
 from deepseemoe.runs.explanations import ExplanationStore
-from deepseemoe.runs.manifest import NAME as MANIFEST
 from deepseemoe.runs.routing import Analyses, RoutingRun
-from deepseemoe.runs.study import Study
+from deepseemoe.runs.study import Study, find_routing_run
 
 DOC_TOKENS = 256  # tokens of a recorded document shown at once
 CONTEXTS = 12  # an expert's top contexts
@@ -41,20 +40,6 @@ STATS_COLUMNS = {  # the analyses tables the pages read, and the columns they us
 
 def url_id(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "run"
-
-
-def find_routing_run(path: Path) -> Path:
-    """PATH itself when it is a routing run, else the one routing run directly inside it (a study)."""
-    if (path / MANIFEST).exists() and (path / "routing").is_dir():
-        return path
-    inside = sorted(p for p in path.iterdir() if p.is_dir() and (p / MANIFEST).exists() and (p / "routing").is_dir()) \
-        if path.is_dir() else []
-    if len(inside) == 1:
-        return inside[0]
-    if not inside:
-        raise DeepSeeMoEError(f"{path} is neither a routing run nor a study holding one; pass the --out of "
-                              "`deepseemoe route` or of `deepseemoe demo` (e.g. runs/demo)")
-    raise DeepSeeMoEError(f"{path} holds several routing runs ({', '.join(p.name for p in inside)}); pass the one to serve")
 
 
 # ---- typed page contents -------------------------------------------------------------------------

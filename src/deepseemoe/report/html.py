@@ -153,15 +153,14 @@ def write_report(study: Study, out_path: str | Path, *, title: str, notes: list[
         sections.append(("dictionaries", "dictionaries"))
     if extra["graphs"]:
         sections.append(("graphs", "modules"))
-    if extra["causal"]:
-        sections.append(("causal", "causal checks"))
-    if extra["removal"]:
-        sections.append(("removal", "removing a behaviour"))
-    if extra["wiring"]:
-        sections.append(("wiring", "wiring"))
-    if extra["comparison"]:
-        sections.append(("compare", "trained separately vs together" if "separate" in extra["comparison"].sides
-                         else "MoE vs dense"))
+    for key, anchor, label in (("causal_all", "causal", "causal checks"), ("removal_all", "removal", "removing a behaviour"),
+                               ("wiring_all", "wiring", "wiring"), ("comparison_all", "compare", "")):
+        for i, item in enumerate(extra[key]):  # every result folder of the study, each its own section
+            if key == "comparison_all":
+                label = "trained separately vs together" if "separate" in item.sides else "MoE vs dense"
+            folder = item["folder"] if isinstance(item, dict) else item.folder
+            more = len(extra[key]) > 1
+            sections.append((anchor if i == 0 else f"{anchor}-{i + 1}", f"{label} ({folder})" if more else label))
     if extra["explanations"]:
         sections.append(("descriptions", "descriptions"))
     env = jinja2.Environment(loader=jinja2.PackageLoader("deepseemoe.report", "templates"),
@@ -205,32 +204,39 @@ def _analyses_context(study: Study) -> dict:
             graphs.append({"name": name, "summary": g, "figure": _png(d.path / "graphs" / name / "layout.png"),
                            "kinds": ", ".join(f"{k['kind']} {k['kept']:,} of {k['candidates']:,} "
                                               f"({100 * k['mass_share']:.0f}% of the weight)" for k in g["edge_kinds"])})
-    causal = None
-    if study.ablation is not None:
-        c = study.ablation
-        corr = {r["layer"]: r for r in c["observational_vs_causal"]}
-        layers = []
-        for r in c["layers"]:
-            mine = [e for e in c["experts"] if e["layer"] == r["layer"]]
-            worst = max(mine, key=lambda e: e["ablate_delta_ce"])
-            layers.append({"layer": r["layer"], "random": r["random_routing_delta_ce"],
-                           "top1": r["top1_only_delta_ce"],
-                           "worst": worst["ablate_delta_ce"], "worst_expert": worst["expert"],
-                           "control": worst["control_delta_ce"],
-                           "mean_ablate": sum(e["ablate_delta_ce"] for e in mine) / len(mine),
-                           "mean_control": sum(e["control_delta_ce"] for e in mine) / len(mine),
-                           "rho_load": corr.get(r["layer"], {}).get("spearman_load"),
-                           "rho_norm": corr.get(r["layer"], {}).get("spearman_output_norm")})
-        causal = {"layers": layers, "sweep": c["disable_top_r"], "tokens": c["tokens"],
-                  "figures": [_png(p) for p in study.ablation_figures]}
-    removal = None
-    if study.removal is not None:
-        removal = {"table": removal_table(study.removal),
-                   "figure": _png(study.removal_figure) if study.removal_figure else None}
-    return {"coders": coders or None, "maps": maps or None, "graphs": graphs or None, "causal": causal,
-            "removal": removal, "wiring": study.wiring,
-            "comparison": comparison_table(study.comparison) if study.comparison is not None else None,
+    results = study.results
+    return {"coders": coders or None, "maps": maps or None, "graphs": graphs or None,
+            "causal_all": [_causal(r, _where(study, r)) for r in results.get("ablation", [])],
+            "removal_all": [{"folder": _where(study, r), "table": removal_table(r.doc),
+                             "figure": _png(r.figures[0]) if r.figures else None} for r in results.get("removal", [])],
+            "wiring_all": [{**r.doc, "folder": _where(study, r)} for r in results.get("wiring", [])],
+            "comparison_all": [comparison_table(r.doc, folder=_where(study, r)) for r in results.get("comparison", [])],
             "explanations": _explanations_context(study) or None}
+
+
+def _where(study: Study, result) -> str:
+    """A result folder as the reader finds it: relative to the study folder."""
+    return str(result.folder.relative_to(study.run.run_dir.parent))
+
+
+def _causal(result, folder: str) -> dict:
+    """The causal-checks section of one ablation folder."""
+    c = result.doc
+    corr = {r["layer"]: r for r in c["observational_vs_causal"]}
+    layers = []
+    for r in c["layers"]:
+        mine = [e for e in c["experts"] if e["layer"] == r["layer"]]
+        worst = max(mine, key=lambda e: e["ablate_delta_ce"])
+        layers.append({"layer": r["layer"], "random": r["random_routing_delta_ce"],
+                       "top1": r["top1_only_delta_ce"],
+                       "worst": worst["ablate_delta_ce"], "worst_expert": worst["expert"],
+                       "control": worst["control_delta_ce"],
+                       "mean_ablate": sum(e["ablate_delta_ce"] for e in mine) / len(mine),
+                       "mean_control": sum(e["control_delta_ce"] for e in mine) / len(mine),
+                       "rho_load": corr.get(r["layer"], {}).get("spearman_load"),
+                       "rho_norm": corr.get(r["layer"], {}).get("spearman_output_norm")})
+    return {"folder": folder, "layers": layers, "sweep": c["disable_top_r"], "tokens": c["tokens"],
+            "figures": [_png(p) for p in result.figures]}
 
 
 def _explanations_context(study: Study) -> list[dict]:

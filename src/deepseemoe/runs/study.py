@@ -18,9 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.runs.atomic import atomic_write_bytes, atomic_write_json, read_json
 from deepseemoe.runs.dictionary import CONFIG, EVALUATION, DictionaryRun
 from deepseemoe.runs.explanations import ExplanationStore, stores_in
+from deepseemoe.runs.manifest import NAME as MANIFEST
 from deepseemoe.runs.routing import RoutingRun
 
 FIX = "run the verb that wrote it again"
@@ -60,6 +62,29 @@ class DictionaryRunFiles:
     graphs: dict[str, dict] = field(default_factory=dict)  # dictionary name -> graphs/NAME/summary.json
 
 
+def find_routing_run(path: Path) -> Path:
+    """PATH itself when it is a routing run, else the one routing run directly inside it (a study)."""
+    if (path / MANIFEST).exists() and (path / "routing").is_dir():
+        return path
+    inside = sorted(p for p in path.iterdir() if p.is_dir() and (p / MANIFEST).exists() and (p / "routing").is_dir()) \
+        if path.is_dir() else []
+    if len(inside) == 1:
+        return inside[0]
+    if not inside:
+        raise DeepSeeMoEError(f"{path} is neither a routing run nor a study holding one; pass the --out of "
+                              "`deepseemoe route` or of `deepseemoe demo` (e.g. runs/demo)")
+    raise DeepSeeMoEError(f"{path} holds several routing runs ({', '.join(p.name for p in inside)}); pass the one you mean")
+
+
+@dataclass
+class Result:
+    """One result folder beside the routing run (an ablation, a removal, a wiring, a comparison)."""
+
+    folder: Path
+    doc: dict
+    figures: list[Path] = field(default_factory=list)
+
+
 @dataclass
 class Study:
     run: RoutingRun
@@ -73,12 +98,14 @@ class Study:
     wiring: dict | None = None
     zoo_report: dict | None = None
     explanations: list[ExplanationStore] = field(default_factory=list)  # the run's experts', the dictionaries'
+    # every result folder beside the run, by kind, in name order (the singular fields above: the first)
+    results: dict[str, list[Result]] = field(default_factory=dict)
 
     @classmethod
     def open(cls, run_dir: str | Path, checkpoint_runs: list[str | Path] | None = None) -> Study:
-        """The routing run at `run_dir` and what sits beside it; `checkpoint_runs` (else the routing
+        """The routing run at `run_dir` (or the one inside the study folder `run_dir`) and what sits beside it; `checkpoint_runs` (else the routing
         runs under STUDY/checkpoints/) are earlier checkpoints routed on the same text."""
-        run = RoutingRun.open(run_dir)
+        run = RoutingRun.open(find_routing_run(Path(run_dir)))  # a study folder names its one routing run
         root = run.run_dir.parent
         if checkpoint_runs is None:
             folder = root / "checkpoints"
@@ -93,16 +120,22 @@ class Study:
                                                                 dictionaries.map_summaries(),
                                                                 dictionaries.graph_summaries()))
                 study.explanations += list(stores_in(sub).values())
-            if (sub / ABLATION).exists() and study.ablation is None:
-                study.ablation = read_json(sub / ABLATION, FIX)
-                study.ablation_figures = sorted((sub / "figures").glob("*.png"))
-            if (sub / REMOVAL).exists() and study.removal is None:
-                study.removal = read_json(sub / REMOVAL, FIX)
-                study.removal_figure = sub / "removal.png" if (sub / "removal.png").exists() else None
-            if (sub / WIRING).exists() and study.wiring is None:
-                study.wiring = read_json(sub / WIRING, FIX)
-            if (sub / COMPARISON).exists() and study.comparison is None:
-                study.comparison = read_json(sub / COMPARISON, FIX)
+            for kind, name in (("ablation", ABLATION), ("removal", REMOVAL), ("wiring", WIRING),
+                               ("comparison", COMPARISON)):
+                if (sub / name).exists():
+                    figures = sorted((sub / "figures").glob("*.png")) if kind == "ablation" else \
+                        [sub / "removal.png"] if kind == "removal" and (sub / "removal.png").exists() else []
+                    study.results.setdefault(kind, []).append(Result(sub, read_json(sub / name, FIX), figures))
+        first = {kind: found[0] for kind, found in study.results.items()}
+        if "ablation" in first:
+            study.ablation, study.ablation_figures = first["ablation"].doc, first["ablation"].figures
+        if "removal" in first:
+            study.removal = first["removal"].doc
+            study.removal_figure = (first["removal"].figures or [None])[0]
+        if "wiring" in first:
+            study.wiring = first["wiring"].doc
+        if "comparison" in first:
+            study.comparison = first["comparison"].doc
         zoo = run.meta.get("zoo")
         if zoo and (Path(zoo) / "report.json").exists():
             study.zoo_report = read_json(Path(zoo) / "report.json", "train the zoo models again (--retrain)")
