@@ -15,8 +15,9 @@ import typer
 from deepseemoe import __version__
 
 # Our bars are the only bars: transformers' "Loading weights" (on every verb that loads a model), the
-# hub's and datasets' read these before their first import, which happens inside the verbs.
-for _var in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+# hub's and datasets' read these before their first import, which happens inside the verbs; plain tqdm
+# (transformers' GGUF conversion of the offline explainer) reads TQDM_DISABLE.
+for _var in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS", "TQDM_DISABLE"):
     os.environ.setdefault(_var, "1")
 
 app = typer.Typer(

@@ -68,8 +68,8 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
     console.print(f"[bold]2/7 models[/] recipe '{recipe}': OLMoE {spec.experts} experts top-{spec.top_k} and its "
                   f"dense twin, {spec.steps} steps each")
     zoo = train_zoo(corpus_dir, recipe=spec, cache_dir=cache_dir, retrain=retrain)
-    if zoo.cached:
-        console.print(f"           reused trained models from {zoo.root}")
+    console.print(f"           {'reused' if zoo.cached else 'trained'}: MoE {zoo.moe_dir}", soft_wrap=True)
+    console.print(f"           dense twin {zoo.dense_dir}", soft_wrap=True)
     third = None
     if separate:
         from deepseemoe.zoo.flexolmo import train_separate

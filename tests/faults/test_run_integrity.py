@@ -66,9 +66,22 @@ def test_a_bit_flip_is_refused_naming_the_file(cli, run_dir, rel, at):
     flip_bit(run_dir / rel, at)
     name = rel.split("/")[-1]
     assert_refused(cli("verify", run_dir), name, "damaged")
-    if not rel.startswith(("routing/", "logits/")):  # the files the statistics read
-        assert_refused(cli("stats", run_dir, "--no-figures"), name, "damaged")
-        assert not (run_dir / "analyses").exists()
+    # statistics check the whole run, not only the files they read (the matrix, not routing/ or logits/)
+    assert_refused(cli("stats", run_dir, "--no-figures"), name, "damaged")
+    assert not (run_dir / "analyses").exists()
+
+
+@pytest.mark.parametrize("rel", ["routing/part-00000.parquet", "logits/part-00001.parquet"])
+def test_derived_results_refuse_a_damaged_shard_they_do_not_read(cli, run_dir, rel):
+    """A bit flip in a shard that neither `stats` nor `report` reads: both refuse it, naming it;
+    `--trust` skips the whole-run check for a run one knows to be whole."""
+    assert cli("stats", run_dir, "--no-figures").code == 0
+    flip_bit(run_dir / rel, 0.5)
+    name = rel.split("/")[-1]
+    assert_refused(cli("report", run_dir), name, "damaged")
+    assert_refused(cli("stats", run_dir, "--no-figures"), name, "damaged")
+    assert cli("stats", run_dir, "--no-figures", "--trust").code == 0
+    assert cli("report", run_dir, "--trust").code == 0
 
 
 def test_verify_passes_on_a_whole_run(cli, run_dir):

@@ -87,3 +87,18 @@ def test_ternary_pair_trains_ternary_and_float_caches_keep_their_keys(zoo):
     del old["ternary"]
     assert cache_key(tiny, root / "corpus") != cache_key(get_recipe("tiny-ternary"), root / "corpus")
     assert models.root.name == cache_key(tiny, root / "corpus")
+
+
+def test_zoo_list_shows_cached_models_with_their_folders(cli, tmp_path):
+    entry = tmp_path / "zoo" / "demo-0123"
+    for kind in ("moe", "dense"):
+        (entry / kind).mkdir(parents=True)
+        (entry / kind / "config.json").write_text("{}")
+    (entry / "report.json").write_text("{}")
+    (tmp_path / "zoo" / "tiny-4567" / "moe").mkdir(parents=True)  # interrupted: no report.json
+    r = cli("zoo", "list", "--cache-dir", tmp_path)
+    assert r.code == 0, r.err
+    assert str(entry / "moe") in r.out and str(entry / "dense") in r.out
+    assert "complete" in r.out and "incomplete" in r.out
+    empty = cli("zoo", "list", "--cache-dir", tmp_path / "nothing")
+    assert empty.code == 0 and "no models" in empty.out

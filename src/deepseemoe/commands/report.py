@@ -16,11 +16,13 @@ def register(app: typer.Typer) -> None:
                                                                  "text (default: STUDY/checkpoints/*)."),
         out: Path = typer.Option(None, "--out", help="The HTML file (default: STUDY/report/index.html)."),
         title: str = typer.Option(None, help="The report's title (default: the model)."),
+        trust: bool = typer.Option(False, "--trust", help="Skip checking every file of the run against its manifest "
+                                   "first (the files read are checked all the same)."),
     ) -> None:
         """One HTML page from run directories alone: the routing statistics of RUN_DIR and whatever
         dictionaries, maps, ablations and comparisons sit beside it (its parent is the study)."""
         from deepseemoe.progress import out_console
         from deepseemoe.report.html import build_report
 
-        path = build_report(run_dir, out, checkpoint_runs=checkpoint_runs or None, title=title)
+        path = build_report(run_dir, out, checkpoint_runs=checkpoint_runs or None, title=title, trust=trust)
         out_console().print(f"[green]→ {path}[/]")

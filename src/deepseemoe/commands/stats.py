@@ -15,6 +15,8 @@ def register(app: typer.Typer) -> None:
                                                    "(router saturation)."),
         min_count: int = typer.Option(5, min=1, help="Minimum occurrences of a token for vocabulary specialization."),
         no_figures: bool = typer.Option(False, "--no-figures", help="Skip the PNG figures."),
+        trust: bool = typer.Option(False, "--trust", help="Skip checking every file of the run against its manifest "
+                                   "first (the files read are checked all the same)."),
     ) -> None:
         """Routing statistics: load, entropy, co-activation, repetition, vocabulary and domain
         specialization, cross-layer paths, router saturation. Written to RUN_DIR/analyses/."""
@@ -27,7 +29,8 @@ def register(app: typer.Typer) -> None:
         from deepseemoe.routing.stats import compute_routing_stats, save_routing_stats
 
         start = time.perf_counter()
-        result = compute_routing_stats(run_dir, checkpoint=checkpoint, min_count=min_count, progress=True)
+        result = compute_routing_stats(run_dir, checkpoint=checkpoint, min_count=min_count, progress=True,
+                                       trust=trust)
         with Console(stderr=True).status("writing tables and figures"):
             out = save_routing_stats(result, figures=not no_figures)
         table = Table(title=f"{result.summary['tokens']:,} tokens · {time.perf_counter() - start:.1f}s")

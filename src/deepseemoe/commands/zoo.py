@@ -50,5 +50,33 @@ def train(
     out_console().print("\n".join(lines))
 
 
+@zoo_app.command("list")
+def list_models(
+    cache_dir: Path = typer.Option(None, help="Model cache (default ~/.cache/deepseemoe or $DEEPSEEMOE_CACHE)."),
+) -> None:
+    """The models in the cache, with the folders to pass to any verb (route, ablate, wiring, ...)."""
+    from rich.table import Table
+
+    from deepseemoe.progress import out_console
+    from deepseemoe.zoo.train import default_cache_dir
+
+    root = Path(cache_dir or default_cache_dir()) / "zoo"
+    entries = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    console = out_console()
+    if not entries:
+        console.print(f"no models in {root} yet; `deepseemoe demo` or `deepseemoe zoo train` makes them", soft_wrap=True)
+        return
+    table = Table(title=f"models in {root}")
+    for col in ("entry", "state", "model", "folder"):
+        table.add_column(col)
+    for entry in entries:
+        state = "complete" if (entry / "report.json").exists() else "incomplete (interrupted training)"
+        folders = [p for p in sorted(entry.iterdir()) if (p / "config.json").exists()]
+        for i, folder in enumerate(folders or [entry]):
+            table.add_row(entry.name if i == 0 else "", state if i == 0 else "", folder.name if folders else "–",
+                          str(folder))
+    console.print(table)
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(zoo_app, name="zoo")

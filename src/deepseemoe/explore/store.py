@@ -236,15 +236,23 @@ class StudyView:
         except DeepSeeMoEError as exc:  # none yet, or stale: the routing pages still work
             self.stats_note = str(exc)
         self.tokens = sum(self.run.manifest.files[f"tokens/{p}"].rows or 0 for p in self.run.parts)
+        meta = self.run.meta
+        model = str(meta.get("model", ""))
+        # the model by name (a zoo model's folder is a cache path: its recipe and type say more)
+        self.model_label = (f"the demo's {meta.get('model_type', 'MoE')} (recipe '{meta['recipe']}')"
+                            if meta.get("recipe") else model)
+        self.model_path = model
         self.layers = list(self.run.layers)
         self.num_experts = max(self.run.num_experts.values())
         self.colors, self.text_colors = expert_colors(self.num_experts)
         self.dictionaries: dict[str, DictionaryView] = {}
         stores = {(s.path.resolve(), s.module): s for s in self.study.explanations}
+        names = [name for files in self.study.dictionary_runs for name in files.maps]
         for files in self.study.dictionary_runs:
             run = DictionaryRun(files.path)
             for name, summary in files.maps.items():
-                key = url_id(f"{files.path.name}.{name}")
+                # the name `map`, `explain` and `steer` take; with its run folder only when two runs share it
+                key = name if names.count(name) == 1 else url_id(f"{files.path.name}.{name}")
                 store = next((s for (p, m), s in stores.items() if m == name and p.is_relative_to(files.path.resolve())),
                              None)
                 self.dictionaries[key] = DictionaryView(key, run, name, summary, store, files.graphs.get(name))

@@ -75,11 +75,14 @@ def saturation_rows(study: Study) -> list[dict]:
 
 def build_report(run_dir: str | Path, out_path: str | Path | None = None, *,
                  checkpoint_runs: list[str | Path] | None = None, title: str | None = None,
-                 notes: list[str] | None = None) -> Path:
+                 notes: list[str] | None = None, trust: bool = False) -> Path:
     """The report of a study, from its run directories alone (runs/study.py): the routing run's
     statistics, and whatever dictionaries, maps, ablations, comparisons and checkpoints sit beside it.
-    Default output: STUDY/report/index.html."""
+    Default output: STUDY/report/index.html. Every file of the routing run is checked against its
+    manifest first unless `trust`."""
     study = Study.open(run_dir, checkpoint_runs)
+    if not trust:
+        study.run.verify_all()
     meta = study.run.meta
     if title is None:
         recipe = meta.get("recipe")

@@ -236,11 +236,14 @@ def _vocab_and_domains(run: RoutingRun) -> tuple[int, dict[int, str], dict[int, 
 
 
 def compute_routing_stats(run_dir: str | Path, *, checkpoint: str | Path | None = None, min_count: int = 5,
-                          top_tokens: int = 10, progress: bool = False) -> RoutingStats:
-    """Compute every routing statistic of a run (nothing is written: see `save_routing_stats`)."""
+                          top_tokens: int = 10, progress: bool = False, trust: bool = False) -> RoutingStats:
+    """Compute every routing statistic of a run (nothing is written: see `save_routing_stats`);
+    every file of the run is checked against its manifest first unless `trust`."""
     import pandas as pd
 
     run = RoutingRun.open(run_dir)
+    if not trust:
+        run.verify_all()
     V, texts, pieces, domain_names = _vocab_and_domains(run)
     cls_of = np.full(V, TOKEN_CLASSES.index("other"), np.int64)
     for t, p in pieces.items():

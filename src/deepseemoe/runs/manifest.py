@@ -25,6 +25,10 @@ NAME = "manifest.json"
 _CHUNK = 1 << 22
 
 
+# (resolved path, bytes, mtime_ns) -> sha256 of the files this process has hashed
+_HASHED: dict[tuple[str, int, int], str] = {}
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -103,12 +107,20 @@ class Manifest:
         return data
 
     def verify_file(self, root: Path, rel: str) -> Path:
-        """Check one listed file's sha256 without keeping its bytes; returns its path."""
+        """Check one listed file's sha256 without keeping its bytes; returns its path. A file this
+        process hashed already, unchanged since (same size and modification time), is not hashed again."""
         entry = self.files.get(rel)
         path = root / rel
         if entry is None:
             raise DeepSeeMoEError(f"{path} is not listed in {root / NAME}; it does not belong to the run")
-        if path.stat().st_size != entry.bytes or sha256_file(path) != entry.sha256:
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        if _HASHED.get(key) == entry.sha256:
+            return path
+        digest = sha256_file(path) if st.st_size == entry.bytes else None
+        if digest is not None:
+            _HASHED[key] = digest
+        if digest != entry.sha256:
             raise DeepSeeMoEError(f"{path} is damaged: its checksum does not match the run's manifest; "
                                   "write the run again")
         return path
