@@ -87,3 +87,22 @@ def test_the_store_holds_texts_and_symbols_and_the_report_shows_texts(tmp_path, 
     shown = set(re.findall(r"[\u0400-\u04ff]", page))  # Cyrillic letters in the routing view
     whole = {ch for t in ru["token"] if "\\x" not in t for ch in t if "\u0400" <= ch <= "\u04ff"}
     assert whole and whole <= shown and "Ð" not in page and "Ã" not in page
+    # characters cut across tokens (CJK, emoji: 3–4 bytes) are shown whole, never as \xNN escapes
+    assert any("\\x" in t for t in tokens["token"])  # the tokenizer does cut some
+    for text in TEXTS:
+        assert all(ch in page for ch in text if not ch.isspace()), text
+    assert not re.search(r"\\x[89a-f][0-9a-f]", page)
+
+
+def test_joined_texts_by_hand():
+    from deepseemoe.data.token_text import joined_texts
+
+    # "Ы" = d0 ab, "Ш" = d0 a8, "‴" = e2 80 b4: each shown once, in the token holding its last byte
+    texts = [" В", "\\xd0", "\\xab\\xd0", "\\xa8", " ok", "\\xe2\\x80", "\\xb4"]
+    assert joined_texts(texts) == [" В", "", "Ы", "Ш", " ok", "", "‴"]
+    # a framed token (a context's centre) shows every character it holds a byte of
+    assert joined_texts(texts, frame=1) == [" В", "Ы", "", "Ш", " ok", "", "‴"]
+    assert joined_texts(texts, frame=3) == [" В", "", "Ы", "Ш", " ok", "", "‴"]
+    # bytes that complete no character stay escaped; literal backslashes in code are text
+    assert joined_texts(["a\\xd0"]) == ["a\\xd0"] and joined_texts(["'\\x41'"]) == ["'\\x41'"]
+    assert joined_texts(["plain", " text"]) == ["plain", " text"]

@@ -257,6 +257,22 @@ def test_playground_feature_edit_gives_steers_number(study, client, cli, tmp_pat
                                                            "feature": feature, "scale": scale}).json()
         assert api["delta_ce"] == pytest.approx(expected["delta_ce"], rel=1e-4, abs=1e-9), (scale, api, expected)
         assert api["kl"] == pytest.approx(expected["kl"], rel=1e-4, abs=1e-9)
+        assert api["fired"] == expected["fired_tokens"]
+
+
+def test_playground_says_when_a_feature_never_fired(study, client):
+    """On a two-token text a TopK SAE fires at most 2k of its features: editing one that stays silent
+    changes nothing, and the page says so instead of a bare ΔCE of 0."""
+    run = study / "dictionaries"
+    name = next(p.name for p in (run / "maps").iterdir() if p.name.startswith("router_sae"))
+    params = {"text": "Hello there", "op": "feature", "dictionary": name, "scale": 0}
+    for feature in range(64):
+        api = client.get("/api/s/demo/playground", params={**params, "feature": feature}).json()
+        if api["fired"] == 0:
+            break
+    assert api["fired"] == 0 and api["delta_ce"] == 0 and api["kl"] == 0
+    page = client.get("/s/demo/playground", params={**params, "feature": feature})
+    assert 'id="never-fired"' in page.text and f"Feature {feature} never fired" in page.text
 
 
 def test_graph_json_is_the_graph_files(study, client):

@@ -98,7 +98,7 @@ def compute_map(run_dir: Path, spec: RunSpec, name: str, *, data: str | None, to
         "feature": f_idx, "expert": e_idx, "count": tables["counts"][f_idx, e_idx].astype(np.int64),
         "p_e_given_f": tables["p_e_given_f"][f_idx, e_idx], "lift": tables["lift"][f_idx, e_idx],
         "mi_bits": tables["mi_bits"][f_idx, e_idx]}))
-    order = np.argsort(-tables["fires"])[: min(100, int(live.sum()))]
+    order = np.argsort(-tables["fires"])[: int(live.sum())]  # every live feature, the most active first
     ex = top_examples(got.latents, got.where, got.contexts, got.experts, handle.tokenizer, n=n_examples,
                       features=[int(f) for f in order])
     examples = {str(k): v for k, v in ex.items()}

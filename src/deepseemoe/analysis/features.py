@@ -277,23 +277,32 @@ def top_examples(latents: torch.Tensor, where: torch.Tensor, contexts: torch.Ten
                  tokenizer, n: int = 5, window: int = 8, features: list[int] | None = None,
                  quantile_bins: int = 4) -> dict[int, dict[str, list]]:
     """Per feature, the n strongest activations and n per activation-quantile bin, each with a
-    token window and the token's experts."""
-    def show(col: torch.Tensor, t: int) -> dict:
-        c, p = where[t].tolist()
-        ids = contexts[c, max(0, p - window):p + 1].tolist()
-        return {"activation": float(col[t]), "experts": idx[t].tolist(),
-                "text": tokenizer.decode(ids[:-1]) if tokenizer else str(ids[:-1]),
-                "token": tokenizer.decode(ids[-1:]) if tokenizer else str(ids[-1])}
-
-    result = {}
+    token window and the token's experts. The windows of all features are decoded in one batch
+    (every live feature keeps examples: a described or searched feature must have some)."""
+    picks: list[tuple[int, str, int, float]] = []  # feature, "top" or its quantile bin, token, activation
     feats = features if features is not None else range(latents.shape[1])
     for f in feats:
         col = latents[:, f]
-        if not bool((col > 0).any()):
+        active = int((col > 0).sum())
+        if not active:
             continue
-        top = col.topk(min(n, int((col > 0).sum()))).indices
-        result[f] = {"top": [show(col, t) for t in top.tolist()],
-                     "quantiles": [[show(col, t) for t in b] for b in quantile_picks(col, quantile_bins, n, seed=f)]}
+        picks += [(f, "top", t, float(col[t])) for t in col.topk(min(n, active)).indices.tolist()]
+        for b, ts in enumerate(quantile_picks(col, quantile_bins, n, seed=f)):
+            picks += [(f, str(b), t, float(col[t])) for t in ts]
+    windows = []
+    for _, _, t, _ in picks:
+        c, p = where[t].tolist()
+        windows.append(contexts[c, max(0, p - window):p + 1].tolist())
+    if tokenizer is not None:
+        texts = tokenizer.batch_decode([w[:-1] for w in windows])
+        tokens = tokenizer.batch_decode([w[-1:] for w in windows])
+    else:
+        texts, tokens = [str(w[:-1]) for w in windows], [str(w[-1]) for w in windows]
+    result: dict[int, dict[str, list]] = {}
+    for (f, kind, t, a), text, token in zip(picks, texts, tokens, strict=True):
+        entry = result.setdefault(f, {"top": [], "quantiles": [[] for _ in range(quantile_bins)]})
+        shown = {"activation": a, "experts": idx[t].tolist(), "text": text, "token": token}
+        (entry["top"] if kind == "top" else entry["quantiles"][int(kind)]).append(shown)
     return result
 
 

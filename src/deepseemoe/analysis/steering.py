@@ -42,6 +42,7 @@ class FeatureEdit:
         self.hooks: list = []
         self.keep: torch.Tensor | None = None
         self.fired: torch.Tensor | None = None
+        self.fired_count = 0  # tokens where a feature fired, over every forward while entered
         self.routing: dict[int, list[torch.Tensor]] = {}
 
     def _edit(self, h: torch.Tensor) -> torch.Tensor:
@@ -53,6 +54,7 @@ class FeatureEdit:
         if self.keep is not None:
             f = f * self.keep.to(f.device)[:, None]
         self.fired = (f > 0).any(1).cpu()
+        self.fired_count += int(self.fired.sum())
         delta = (self.scale - 1.0) * f @ c.W_dec[idx]
         return (x + delta).to(flat.dtype).view_as(h)
 

@@ -66,3 +66,44 @@ def token_texts(tokenizer, ids: Iterable[int]) -> list[str]:
         piece = tokenizer.convert_ids_to_tokens(int(i))
         cache[i] = piece if i in special else piece_text(piece, byte_level)
     return [cache[i] for i in ids]
+
+
+# only bytes ≥ 0x80: backslashreplace escapes nothing else, and a literal "\x41" in code stays text
+_ESCAPE = re.compile(r"\\x([89a-f][0-9a-f])")
+
+
+def _bytes_of(text: str) -> bytes:
+    """A token text back to its bytes: its \\xNN escapes (the cut bytes of a character) and UTF-8 of the rest."""
+    out, last = bytearray(), 0
+    for m in _ESCAPE.finditer(text):
+        out += text[last:m.start()].encode("utf-8")
+        out.append(int(m.group(1), 16))
+        last = m.end()
+    return bytes(out + text[last:].encode("utf-8"))
+
+
+def joined_texts(texts: list[str], frame: int | None = None) -> list[str]:
+    """Token texts for display in sequence: a character cut across neighbouring tokens (byte-level
+    BPE splits "Ы" into \\xd0 | \\xab) is shown whole, once, in the token holding its last byte, and
+    the tokens holding only its first bytes show nothing; the `frame`d token (a context's centre)
+    shows every character it holds a byte of. Bytes that complete no character stay escaped."""
+    if "\\x" not in "".join(texts):
+        return list(texts)
+    data = [_bytes_of(t) for t in texts]
+    stream = b"".join(data)
+    owner = [i for i, d in enumerate(data) for _ in d]  # the token of every byte
+    out = [""] * len(texts)
+    pos = 0
+    while pos < len(stream):
+        for size in (1, 2, 3, 4):  # the shortest decodable sequence from here: one character
+            try:
+                char = stream[pos:pos + size].decode("utf-8")
+                break
+            except UnicodeDecodeError:
+                continue
+        else:
+            char, size = f"\\x{stream[pos]:02x}", 1
+        holders = set(owner[pos:pos + size])
+        out[frame if frame in holders else owner[pos + size - 1]] += char
+        pos += size
+    return out

@@ -197,7 +197,7 @@ def create_app(explorer: Explorer):
     def graphed(key: str, dictionary: str):
         """(study, dictionary view) of a dictionary whose graph `graph` wrote; NotServed otherwise."""
         view = explorer.study(key)
-        d = view.dictionaries.get(dictionary)
+        d = view.dictionaries.get(view.dictionary_aliases.get(dictionary, dictionary))
         if d is None or d.graph is None:
             raise NotServed(f"no graph for {dictionary!r}")
         return view, d
@@ -324,7 +324,8 @@ def create_app(explorer: Explorer):
         r = await _threaded(_playground, key, text, op, layer, experts, dictionary or None, feature, scale)
         return JSONResponse({"intervention": r.intervention.describe(), "delta_ce": r.delta_ce, "kl": r.kl,
                              "predictions": r.predictions, "changed_share": {str(k): v for k, v in r.changed_share.items()},
-                             "next_clean": r.next_clean, "next_edited": r.next_edited, "seconds": r.seconds})
+                             "next_clean": r.next_clean, "next_edited": r.next_edited, "seconds": r.seconds,
+                             "fired": r.fired})
 
     return app
 

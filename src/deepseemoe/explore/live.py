@@ -82,6 +82,7 @@ class PlaygroundResult:
     next_clean: list[tuple[str, float]]  # the next token after the text: (token, probability)
     next_edited: list[tuple[str, float]]
     seconds: float
+    fired: int | None = None  # a feature edit: the tokens of the text where the feature fired (0: the edit is a no-op)
 
 
 class LiveModel:
@@ -227,7 +228,8 @@ class LiveModel:
         return PlaygroundResult(intervention, clean, edited, measured["delta_ce"], measured["kl"],
                                 int(sum(int(v.sum()) for v in meter.valid)),
                                 {la: float(changed[la].float().mean()) for la in layers},
-                                self._top(clean_next), self._top(edited_next), seconds)
+                                self._top(clean_next), self._top(edited_next), seconds,
+                                edit.fired_count if intervention.op == "feature" else None)
 
     def _top(self, probs: torch.Tensor) -> list[tuple[str, float]]:
         p, i = probs.topk(min(NEXT, probs.numel()))

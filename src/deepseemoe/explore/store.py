@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from deepseemoe.data.token_text import joined_texts
 from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.report.components import Bar, Heatmap, Strip, expert_colors, show_token
 from deepseemoe.runs.dictionary import DictionaryRun
@@ -246,6 +247,7 @@ class StudyView:
         self.num_experts = max(self.run.num_experts.values())
         self.colors, self.text_colors = expert_colors(self.num_experts)
         self.dictionaries: dict[str, DictionaryView] = {}
+        self.dictionary_aliases: dict[str, str] = {}  # "FOLDER.NAME", the key of earlier versions -> key
         stores = {(s.path.resolve(), s.module): s for s in self.study.explanations}
         names = [name for files in self.study.dictionary_runs for name in files.maps]
         for files in self.study.dictionary_runs:
@@ -256,6 +258,7 @@ class StudyView:
                 store = next((s for (p, m), s in stores.items() if m == name and p.is_relative_to(files.path.resolve())),
                              None)
                 self.dictionaries[key] = DictionaryView(key, run, name, summary, store, files.graphs.get(name))
+                self.dictionary_aliases[url_id(f"{files.path.name}.{name}")] = key
         self.expert_stores: dict[int, ExplanationStore] = {}
         for s in self.study.explanations:
             m = re.fullmatch(r"layer(\d+)\.experts", s.module)
@@ -493,8 +496,8 @@ class StudyView:
                 lo += 1
             while docs[hi - 1] != docs[i]:
                 hi -= 1
-            toks = [x or "" for x in t["token"].slice(lo, hi - lo).to_pylist()]
             j = i - lo
+            toks = joined_texts([x or "" for x in t["token"].slice(lo, hi - lo).to_pylist()], frame=j)
             strip = Strip.from_arrays(toks, {layer: (experts[lo:hi], weights[lo:hi])})
             out.append(Context(int(docs[i]), int(t["pos"][i].as_py()), t["domain"][i].as_py() or "",
                                "".join(toks[:j]), toks[j], "".join(toks[j + 1:]), float(w[i]),
@@ -504,6 +507,7 @@ class StudyView:
     # ---- a feature -------------------------------------------------------------------------------
 
     def dictionary(self, key: str) -> DictionaryView:
+        key = self.dictionary_aliases.get(key, key)  # links and scripts written against the old keys still work
         if key not in self.dictionaries:
             raise DeepSeeMoEError(f"no mapped dictionary {key!r} in this study; known: {', '.join(self.dictionaries) or 'none'}")
         return self.dictionaries[key]

@@ -67,9 +67,13 @@ class Strip:
     @classmethod
     def from_arrays(cls, tokens: list[str], routing: dict, label: str = "",
                     alternatives: dict | None = None, margins: dict | None = None,
-                    changed: dict | None = None) -> Strip:
+                    changed: dict | None = None, frame: int | None = None) -> Strip:
         """`routing` {layer: (experts [T, K], weights [T, K])}; optional per layer:
-        alternatives [T] lists of (expert, prob), margins [T], changed [T] bools."""
+        alternatives [T] lists of (expert, prob), margins [T], changed [T] bools. Characters cut across
+        tokens are shown whole (`token_text.joined_texts`; `frame`: the token a context centres on)."""
+        from deepseemoe.data.token_text import joined_texts
+
+        tokens = joined_texts(tokens, frame)
         rows = []
         for layer in sorted(routing):
             e, w = routing[layer]
