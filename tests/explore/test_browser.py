@@ -167,3 +167,42 @@ def test_webgl_graph_draws_and_a_click_opens_the_node(study, server, page, shots
     page.mouse.click(box["x"] + x, box["y"] + y)
     page.wait_for_url(re.compile(r".*/expert/\d+/\d+$"))
     assert page.url.endswith(data["link"][i])
+
+
+def _raw(server: str, request: bytes, pieces: int = 1) -> bytes:
+    import socket
+    import time
+
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=20) as s:
+        step = -(-len(request) // pieces)
+        try:
+            for i in range(0, len(request), step):
+                s.sendall(request[i:i + step])
+                if pieces > 1:
+                    time.sleep(0.002)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered and closed before the whole head arrived
+        out = b""
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+                if out.startswith(b"HTTP/1.1 200") and b"</html>" in out:
+                    break
+        except (ConnectionResetError, TimeoutError):
+            pass
+    return out
+
+
+@pytest.mark.parametrize("pieces", [1, 64])
+@pytest.mark.parametrize("kind", ["one 100 kB header", "10,000 headers"])
+def test_oversized_request_heads_get_431_whatever_the_timing(server, kind, pieces):
+    head = b"GET / HTTP/1.1\r\nHost: x\r\n"
+    if kind == "one 100 kB header":
+        head += b"X-Big: " + b"a" * 100_000 + b"\r\n"
+    else:
+        head += b"".join(b"X-%d: 1\r\n" % i for i in range(10_000))
+    answer = _raw(server, head + b"\r\n", pieces)
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:80]
+    normal = _raw(server, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert normal.startswith(b"HTTP/1.1 200"), normal[:80]

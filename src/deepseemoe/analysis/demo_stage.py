@@ -133,6 +133,6 @@ def demo_graphs(run: DictionaryRun, names: list[str], routing_run: Path) -> dict
         except DeepSeeMoEError:  # nothing above the thresholds
             continue
         positions = layout_positions(fg)
-        run.save_graph(name, graph_tables(fg, modules, positions), summary, layout_png(fg, modules, positions))
+        run.save_graph(name, graph_tables(fg, modules, positions), summary, layout_png(fg, modules, positions, name))
         out[name] = summary
     return out

@@ -223,14 +223,16 @@ def graph_tables(fg: FeatureGraph, modules: Modules, positions: dict[str, tuple[
     return {"nodes": node_table, "edges": edge_table}
 
 
-def layout_png(fg: FeatureGraph, modules: Modules, positions: dict[str, tuple[float, float]]) -> bytes:
-    """The laid-out graph (`layout_positions`), nodes coloured by module; experts drawn as labelled squares."""
+def layout_png(fg: FeatureGraph, modules: Modules, positions: dict[str, tuple[float, float]], name: str = "") -> bytes:
+    """The laid-out graph (`layout_positions`) of dictionary `name`, nodes coloured by module (a legend
+    names the largest modules), experts drawn as squares labelled beside them."""
     import io
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     g = fg.graph.subgraph([n for n in fg.graph if n in positions])
     pos = positions
@@ -245,10 +247,19 @@ def layout_png(fg: FeatureGraph, modules: Modules, positions: dict[str, tuple[fl
                c=[cmap(member[n] % 20) for n in feats])
     ax.scatter([pos[n][0] for n in experts], [pos[n][1] for n in experts], s=80, marker="s", zorder=3,
                c=[cmap(member[n] % 20) for n in experts], edgecolors="black")
-    for n in experts:
-        ax.annotate(n, pos[n], fontsize=7, zorder=4)
-    ax.set_title(f"layer {fg.layer}: {len(feats):,} features, {len(experts)} experts, {len(modules.communities)} "
-                 f"modules (z = {modules.z:.1f})")
+    for n in experts:  # beside the marker, on a white box: never hidden under it or under the features
+        ax.annotate(n, pos[n], xytext=(6, 6), textcoords="offset points", fontsize=7, zorder=5,
+                    bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8})
+    shown = list(enumerate(modules.communities))[:12]
+    handles = [Line2D([], [], marker="o", ls="", color=cmap(i % 20),
+                      label=f"module {i}: {sum(not n.startswith('E') for n in c):,} features, "
+                            f"{sum(n.startswith('E') for n in c)} experts") for i, c in shown]
+    more = len(modules.communities) - len(shown)
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7, frameon=False,
+              title=f"modules (largest first{f'; {more} more' if more > 0 else ''})", title_fontsize=7)
+    what = f"{name}, " if name else ""
+    ax.set_title(f"{what}layer {fg.layer}: {len(feats):,} features, {len(experts)} experts, "
+                 f"{len(modules.communities)} modules (z = {modules.z:.1f} against bipartite rewirings)", fontsize=9)
     ax.set_axis_off()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", bbox_inches="tight")

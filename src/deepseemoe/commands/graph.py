@@ -66,7 +66,7 @@ def register(app: typer.Typer) -> None:
         modules, summary = graph_modules(fg, draws=draws, seed=seed)
         summary["upstream"] = upstream
         positions = layout_positions(fg, seed=seed)  # stored with the nodes: the explorer draws the same layout
-        png = layout_png(fg, modules, positions) if figure else None
+        png = layout_png(fg, modules, positions, dictionary) if figure else None
         out = run.save_graph(dictionary, graph_tables(fg, modules, positions), summary, png)
         c = out_console()
         for k in summary["edge_kinds"]:

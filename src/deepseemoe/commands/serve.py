@@ -43,6 +43,7 @@ def register(app: typer.Typer) -> None:
             import uvicorn
 
             from deepseemoe.explore.app import Explorer, RateLimit, create_app
+            from deepseemoe.explore.http import H11_BUFFER, GuardedH11Protocol
             from deepseemoe.explore.live import Limits
         except ImportError as exc:
             raise DeepSeeMoEError(f"the explorer needs its extra ({exc.name} is missing); "
@@ -66,7 +67,8 @@ def register(app: typer.Typer) -> None:
         if not is_loopback(host):
             console.print(f"[bold yellow]warning:[/] binding {host}: anyone who can reach this address can read "
                           "these runs and run text through the model. Use 127.0.0.1 unless you mean it.")
-        server = uvicorn.Server(uvicorn.Config(create_app(explorer), host=host, port=port, log_level="warning"))
+        server = uvicorn.Server(uvicorn.Config(create_app(explorer), host=host, port=port, log_level="warning",
+                                               http=GuardedH11Protocol, h11_max_incomplete_event_size=H11_BUFFER))
         for key in explorer.studies:
             console.print(f"[green]serving[/] {key}")
         console.print("open the address below; Ctrl-C stops the server")

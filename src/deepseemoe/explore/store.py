@@ -428,7 +428,8 @@ class StudyView:
         row = load[(load["layer"] == layer) & (load["expert"] == expert)]
         loads = {k: float(row[k].iloc[0]) for k in ("load", "weighted_load", "top1_share")} if len(row) else {}
         vocab = self.table("vocab_top_tokens")
-        sub = vocab[(vocab["layer"] == layer) & (vocab["expert"] == expert)].sort_values("rank")
+        # share 0: never routed to the expert (statistics of earlier versions listed such tokens)
+        sub = vocab[(vocab["layer"] == layer) & (vocab["expert"] == expert) & (vocab["share"] > 0)].sort_values("rank")
         top_tokens = [Bar(show_token(t), float(s), f"{s:.2f} of {c} occurrences")
                       for t, s, c in zip(sub["token"], sub["share"], sub["count"], strict=True)]
         dom = self.table("domain")
@@ -573,7 +574,7 @@ class StudyView:
                     hits.append(SearchHit("feature", f"{view.key} #{unit}", self.feature_link(view.key, unit), text))
         token = query.strip().lower()
         vocab = self.table("vocab_top_tokens")
-        match = vocab[vocab["token"].str.strip().str.lower() == token]
+        match = vocab[(vocab["token"].str.strip().str.lower() == token) & (vocab["share"] > 0)]
         for la, e, s in zip(match["layer"], match["expert"], match["share"], strict=True):
             hits.append(SearchHit("expert", f"layer {la} E{e}", self.expert_link(int(la), int(e)),
                                   f"top token {query.strip()!r} ({s:.2f} of its occurrences)"))

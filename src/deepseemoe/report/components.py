@@ -12,15 +12,23 @@ from __future__ import annotations
 import colorsys
 from dataclasses import dataclass, field
 
+# Twenty colours chosen to be told apart (Sasha Trubetskoy's list): the first 16 are ≥ 29 ΔE (CIE76)
+# from each other. Golden-ratio hues, which this replaced, put E0/E8, E6/E14 … within 11–17 ΔE.
+DISTINCT = ("#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c",
+            "#fabebe", "#008080", "#e6beff", "#9a6324", "#fffac8", "#800000", "#aaffc3", "#808000", "#ffd8b1",
+            "#000075", "#808080")
+
 
 def expert_colors(n: int) -> tuple[list[str], list[str]]:
-    """n distinguishable background colours (golden-ratio hues) and a readable text colour each."""
+    """n background colours (DISTINCT, then golden-ratio hues at three lightnesses beyond 20) and a
+    readable text colour each."""
     colors, text = [], []
     for i in range(n):
-        h = (i * 0.618033988749895) % 1.0
-        light = 0.55 if i % 2 else 0.72
-        r, g, b = colorsys.hls_to_rgb(h, light, 0.65)
-        colors.append(f"#{int(r * 255):02x}{int(g * 255):02x}{int(b * 255):02x}")
+        if i < len(DISTINCT):
+            r, g, b = (int(DISTINCT[i][j:j + 2], 16) / 255 for j in (1, 3, 5))
+        else:
+            r, g, b = colorsys.hls_to_rgb((i * 0.618033988749895) % 1.0, (0.45, 0.6, 0.75)[i % 3], 0.65)
+        colors.append(f"#{round(r * 255):02x}{round(g * 255):02x}{round(b * 255):02x}")
         text.append("#000" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "#fff")
     return colors, text
 

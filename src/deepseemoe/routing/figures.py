@@ -81,7 +81,8 @@ def routing_figures(tables: dict, summary: dict, out: Path) -> dict[str, Path]:
     if mi:
         fig, ax = plt.subplots(figsize=(5, 3))
         ax.plot([m[0] for m in mi], [m[1] for m in mi], marker="o")
-        ax.set(xlabel="layer l", ylabel="NMI(top-1 at l; top-1 at next)", title="Cross-layer expert paths")
+        ax.set(xlabel="layer l", ylabel="NMI(top-1 at l; top-1 at next)", title="Cross-layer expert paths",
+               xticks=[m[0] for m in mi])  # layers are integers: no 0.5 ticks between them
         figs["transitions"] = _save(fig, out / "transitions.png")
     return figs
 

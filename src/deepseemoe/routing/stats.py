@@ -311,6 +311,7 @@ def compute_routing_stats(run_dir: str | Path, *, checkpoint: str | Path | None 
         for e in range(E):
             # highest share first, ties broken by frequency
             order = np.lexsort((-c.vocab_n[ids_seen], -share[:, e]))[:top_tokens] if len(ids_seen) else []
+            order = [o for o in order if share[o, e] > 0]  # a token never routed to the expert is none of its tokens
             for rank, o in enumerate(order):
                 t = int(ids_seen[o])
                 rows_vocab.append((layer, e, rank, t, texts.get(t, ""), int(c.vocab_n[t]), float(share[o, e])))
