@@ -329,3 +329,35 @@ def test_junk_explanations_are_retried_then_marked_undescribed_and_not_scored(tm
         summary = run_score(store, chat, Prompts.load(), ["detection"])
     assert summary["units"] == 1 and summary["undescribed"] == 1
     assert set(store.scores("detection")) == {0}
+
+
+def test_local_judge_shares_prefixes_and_gives_the_plain_forwards_probabilities(tmp_path):
+    """The local judge runs each batch's common prefix once and the rest of every prompt on its
+    cache; P(1) must be what a plain forward of each whole prompt gives (softmax over the logits
+    of "1" and "0" after the generation prompt), computed here one prompt at a time."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from deepseemoe.explain.backends import LocalChat
+    from tests.conftest import build_tokenizer
+
+    tok = build_tokenizer(tmp_path / "tok")
+    tok.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+                         "{% if add_generation_prompt %}<s>assistant: {% endif %}")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, pad_token_id=tok.pad_token_id))
+    chat = LocalChat(lambda: (model, tok), "local:tiny", batch_size=3)
+    system = "You judge whether the unit is active in the text. Answer 1 or 0." * 3
+    prompts = [[{"role": "system", "content": system}, {"role": "user", "content": f"Explanation: {e}\n\nText: {t}"}]
+               for e in ("the quick fox", "a lazy dog jumps") for t in ("one", "two words here", "and a much longer text "
+                                                                         "than the others, to pad", "x")]
+    got = chat.judge(prompts)
+    one, zero = tok.convert_tokens_to_ids("1"), tok.convert_tokens_to_ids("0")
+    for m, verdict in zip(prompts, got, strict=True):
+        ids = tok(tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False), add_special_tokens=False,
+                  return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            last = model(input_ids=ids).logits[0, -1]
+        p1 = float(torch.softmax(last[[zero, one]].float(), 0)[1])
+        assert verdict["p1"] == pytest.approx(p1, abs=1e-5) and verdict["answer"] == (p1 > 0.5)

@@ -216,7 +216,10 @@ class LocalChat:
 
     def judge(self, prompts: Sequence[Messages]) -> list[dict]:
         """{"p1", "answer"} per prompt: the next-token logits of "1" and "0" after the chat template's
-        generation prompt (module docstring)."""
+        generation prompt (module docstring). Prompts of one unit share everything up to the example
+        (system prompt, explanation): they are judged in batches sorted by text, the batch's common
+        token prefix run once and its cache shared by every row, then only the rest of each prompt
+        (right-padded: a real token never attends to a pad) — the same logits, about a third of the work."""
         import torch
 
         self._ready()
@@ -225,16 +228,61 @@ class LocalChat:
         if any(v is None or v == tok.unk_token_id for v in ids):
             raise DeepSeeMoEError(f"{self.ident}: its tokenizer has no single tokens for 0 and 1; "
                                   "score with the generated answers (an OpenAI-compatible backend)")
-        out: list[dict] = []
-        for i in range(0, len(prompts), self.batch_size):
-            texts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
-                     for m in prompts[i:i + self.batch_size]]
-            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)  # left-padded
+        texts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in prompts]
+        encoded = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        out: list[dict | None] = [None] * len(texts)
+        for rows in _prefix_batches(encoded, sorted(range(len(texts)), key=lambda i: texts[i]), 2 * self.batch_size):
             with torch.no_grad():
-                logits = self.model(**enc).logits[:, -1, ids].float()
-            for p1 in torch.softmax(logits, dim=-1)[:, 1].tolist():
-                out.append({"p1": p1, "answer": p1 > 0.5})
+                logits = self._last_logits([encoded[i] for i in rows])[:, ids].float()
+            for i, p1 in zip(rows, torch.softmax(logits, dim=-1)[:, 1].tolist(), strict=True):
+                out[i] = {"p1": p1, "answer": p1 > 0.5}
         return out
+
+    def _last_logits(self, seqs: list[list[int]]):
+        """The logits after the last token of each sequence [B, V], their common prefix computed once."""
+        import torch
+
+        shared = min(min(_common(seqs[0], s) for s in seqs), min(map(len, seqs)) - 1)  # ≥ 1 token of its own
+        pad = self.tokenizer.pad_token_id
+        cache = None
+        if shared >= 8:
+            cache = self.model(input_ids=torch.tensor([seqs[0][:shared]]), use_cache=True).past_key_values
+            cache.batch_repeat_interleave(len(seqs))
+        else:
+            shared = 0
+        rest = [s[shared:] for s in seqs]
+        width = max(map(len, rest))
+        input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rest])
+        mask = torch.tensor([[1] * (shared + len(r)) + [0] * (width - len(r)) for r in rest])
+        logits = self.model(input_ids=input_ids, attention_mask=mask, cache=cache, use_cache=cache is not None).logits
+        return logits[torch.arange(len(seqs)), torch.tensor([len(r) - 1 for r in rest])]
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    """The length of the common prefix of two token sequences."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _prefix_batches(seqs: list[list[int]], order: list[int], size: int):
+    """Batches of up to `size` indices, in `order` (sorted by text), cut where the next sequence would
+    share less with the batch than its first two share with each other (a new explanation): each
+    batch keeps one long common prefix."""
+    batch: list[int] = []
+    shared = 0
+    for i in order:
+        if batch and (len(batch) == size or (len(batch) > 1 and _common(seqs[batch[0]], seqs[i]) < shared)):
+            yield batch
+            batch = []
+        if len(batch) == 1:
+            shared = _common(seqs[batch[0]], seqs[i])
+        batch.append(i)
+    if batch:
+        yield batch
 
 
 def smollm2_gguf() -> tuple[Path, str]:

@@ -115,21 +115,30 @@ def parse_explanation(text: str | None) -> str:
 
 
 def unusable(explanation: str, instructions: str) -> str | None:
-    """Why an explanation is junk, or None: empty or unparsed, longer than MAX_CHARS, a run of one
-    token or character ("<<<<<<", "the the the"), the prompt's delimiters, mostly not letters, or an
-    echo of the instructions (six words in a row taken from them)."""
+    """Why an explanation is junk, or None: empty or unparsed, longer than MAX_CHARS (or cut off by
+    the token limit mid-sentence), a run of one character or word ("<<<<<<", "the the the"), a phrase
+    said over and over ("the domain of the domain of the domain"), the prompt's delimiters or its
+    example numbering ("[1] …", "[Example 1]"), mostly not letters, or an echo of the instructions
+    (six words in a row taken from them)."""
     text = explanation.strip()
     if not text or text == UNPARSED:
         return "empty"
     if len(text) > MAX_CHARS:
         return "too long"
+    if len(text) >= 0.75 * MAX_CHARS and text[-1] not in ".!?)\"'":
+        return "cut off"
     if re.search(r"(\S)\1{3,}", text) or re.search(r"\b(\w+)(\W+\1\b){2,}", text, re.I):
         return "a token run"
+    words = re.findall(r"\w+", text.lower())
+    trigrams = [" ".join(words[i:i + 3]) for i in range(len(words) - 2)]
+    if trigrams and max(trigrams.count(t) for t in set(trigrams)) >= 3:
+        return "a repeated phrase"
     if "<<" in text or ">>" in text:
         return "the delimiters"
+    if re.match(r"\[\s*(\d+|example)", text, re.I) or re.search(r"\bexample \d+\b", text, re.I):
+        return "the prompt's example numbering"
     if sum(c.isalpha() for c in text) < 0.6 * len(text.replace(" ", "")):
         return "not words"
-    words = re.findall(r"\w+", text.lower())
     said = " ".join(re.findall(r"\w+", instructions.lower()))
     if any(" ".join(words[i:i + 6]) in said for i in range(len(words) - 5)):
         return "an echo of the prompt"
