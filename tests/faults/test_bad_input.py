@@ -294,6 +294,31 @@ def test_a_full_disk_leaves_nothing_half_written(cli, tiny_olmoe_dir, corpus_jso
     assert_refused(cli("route", tiny_olmoe_dir, "--data", corpus_jsonl, "--out", out, "--ctx-len", "16"),
                    "no space left")
     assert not out.exists() and not any(p.name.startswith(".run.") and p.is_dir() for p in tmp_path.iterdir())
+    assert not list(tmp_path.iterdir())  # nor the writer's lock file beside it
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_train_that_fails_before_its_first_checkpoint_leaves_nothing(cli, tiny_olmoe_dir, corpus_jsonl, tmp_path,
+                                                                       monkeypatch, existing):
+    """The disk fills during the first steps: no config.yaml or metrics.jsonl of a run that never
+    started stays behind (in a folder of the user's, what else it held stays)."""
+    import errno
+
+    from deepseemoe.dictionaries.trainer import CoderTrainer
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(CoderTrainer, "fit", full)
+    out = tmp_path / "run"
+    if existing:
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(_config(tiny_olmoe_dir, corpus_jsonl, out)))
+    assert_refused(cli("train", tmp_path / "c.yaml"), "no space left")
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["c.yaml", "run"] if existing else ["c.yaml"])
+    if existing:
+        assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
 def test_hostile_paths_are_taken_literally(cli, tiny_olmoe_dir, corpus_jsonl, tmp_path):

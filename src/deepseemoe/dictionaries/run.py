@@ -338,7 +338,7 @@ def train_run(spec: RunSpec, *, resume: bool = False, progress: bool = True,
     if rank == 0:
         run.save_config(spec.to_dict())
     if not resume:
-        keep("train", f"{out} holds no checkpoint yet: the same command starts it again")
+        keep("train", f"nothing of the run in {out} was kept (no checkpoint yet): the same command starts it again")
     start = time.perf_counter()
     writer = None
     try:
@@ -358,6 +358,11 @@ def train_run(spec: RunSpec, *, resume: bool = False, progress: bool = True,
                     progress=progress and rank == 0, on_step=sinks)
         if writer is not None:
             writer.close()
+    except BaseException:
+        sinks.close()
+        if not resume and not ckpt.exists():  # failed before its first checkpoint: nothing half-written stays
+            run.discard_unstarted(created)
+        raise
     finally:
         sinks.close()
     seconds = time.perf_counter() - start

@@ -86,6 +86,20 @@ class DictionaryRun:
     def checkpoint(self, rank: int = 0) -> Path:
         return self.path / (CHECKPOINT if rank == 0 else CHECKPOINT.replace(".safetensors", f".rank{rank}.safetensors"))
 
+    def discard_unstarted(self, created: bool) -> None:
+        """Remove what a training run that never reached a checkpoint wrote: the folder when the run
+        made it, else its config, metrics and logger files (whatever else the folder held stays)."""
+        import shutil
+
+        if created:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
+        for path in [self.path / CONFIG, *self.path.glob("metrics*.jsonl"), self.path / "tensorboard"]:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
     def metrics(self, rank: int = 0) -> Path:
         return self.path / (METRICS if rank == 0 else f"metrics.rank{rank}.jsonl")
 

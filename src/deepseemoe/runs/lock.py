@@ -10,6 +10,7 @@ by the next writer if a process died between the two).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -27,26 +28,39 @@ def sidecar(run_dir: Path, what: str) -> Path:
 
 @contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
-    """Hold the write lock of `run_dir`; a second writer is refused in one line."""
+    """Hold the write lock of `run_dir` (a sidecar file, removed on release: a finished or refused
+    writer leaves nothing beside the run); a second writer is refused in one line."""
     import fcntl
 
     run_dir = Path(run_dir)
-    try:
-        run_dir.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(sidecar(run_dir, "lock"), os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as exc:
-        raise DeepSeeMoEError(f"cannot write beside {run_dir} ({exc.strerror}); choose a writable --out") from None
-    try:
+    path = sidecar(run_dir, "lock")
+    while True:
+        try:
+            run_dir.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise DeepSeeMoEError(f"cannot write beside {run_dir} ({exc.strerror}); choose a writable --out") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
             raise DeepSeeMoEError(f"{run_dir} is being written by {holder}; wait for it to finish or choose "
                                   "another --out") from None
+        try:  # the file we locked must still be the one at the path (its last holder removes it on release)
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"process {os.getpid()}".encode(), 0)
         yield
     finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # still holding the lock: a writer that opened it meanwhile sees another inode
         os.close(fd)  # releases the lock
 
 
