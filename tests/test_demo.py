@@ -19,6 +19,14 @@ def test_reduced_demo(tmp_path):
     with Stub() as stub:  # the descriptions stage through an oracle (tests/explain/test_smollm2.py runs SmolLM2)
         result = run_demo(tmp_path / "demo", recipe="tiny", cache_dir=tmp_path / "cache", max_tokens=4000,
                           explainer=OpenAIChat(stub.url, "oracle"))
+        # warm: nothing whose inputs did not change is computed again — no file of the study is rewritten
+        written = {p: p.stat().st_mtime_ns for p in (tmp_path / "demo").rglob("*") if p.is_file()}
+        asked = stub.requests
+        again = run_demo(tmp_path / "demo", recipe="tiny", cache_dir=tmp_path / "cache", max_tokens=4000,
+                         explainer=OpenAIChat(stub.url, "oracle"))
+        assert stub.requests == asked
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "demo").rglob("*") if p.is_file()} == written
+    assert again.report == result.report and again.summary == result.summary
     page = result.report.read_text()
     assert page.count("data:image/png;base64,") >= 4  # load, domain, co-activation, repetition
     for heading in ("Which expert is active when and where", "Expert load", "Experts × domains", "top tokens",

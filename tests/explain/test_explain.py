@@ -121,7 +121,7 @@ def test_a_judge_that_ignores_its_input_is_flagged(tmp_path, cli):
     with Stub(ignore_input=True) as stub:
         _, summary, _, _ = _explain_and_score(tmp_path, stub, scorers=("detection",))
     own = summary["scorers"]["detection"]["explanation"]
-    assert own["judge"]["flag"] == "ignores its input" and own["judge"]["p1_spread"] < 1e-6
+    assert own["judge"]["flag"] == "gives every example the same P(1)" and own["judge"]["p1_spread"] < 1e-6
     assert own["balanced_accuracy"] == 0.5 and own["auroc"] == 0.5
 
 
@@ -137,7 +137,7 @@ def test_an_always_yes_scorer_gets_balanced_accuracy_one_half(tmp_path):
     with Stub(always_yes=True) as stub:
         _, summary, _, _ = _explain_and_score(tmp_path, stub, scorers=("detection",))
     assert summary["scorers"]["detection"]["explanation"]["balanced_accuracy"] == 0.5
-    assert summary["scorers"]["detection"]["explanation"]["judge"]["flag"] in ("ignores its input", "answers one class")
+    assert summary["scorers"]["detection"]["explanation"]["judge"]["flag"] in ("gives every example the same P(1)", "answers one class")
 
 
 @pytest.mark.parametrize("status", [429, 500])

@@ -118,3 +118,40 @@ def test_inspect_reads_no_weights(tiny_olmoe_dir, tmp_path, cli):
         return [line for line in out.splitlines() if line[:1] in "┏┃┡│└"]
 
     assert rows(result.out) == rows(whole.out) and len(rows(whole.out)) == 6
+
+
+def test_mla_model_with_fewer_kv_heads_than_heads_routes_padded_batches(tmp_path, cli, corpus_jsonl):
+    """A DeepSeek-V3 config with num_key_value_heads < num_attention_heads made transformers repeat
+    MLA's per-head keys ("size of tensor a (4) must match … (8)") on every padded batch. Loaded,
+    the model computes what its weights define: the same logits as with as many KV heads as heads."""
+    import copy
+
+    import torch
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    from deepseemoe.models.load import load_model
+    from tests.conftest import build_tokenizer
+
+    tok = build_tokenizer(tmp_path / "m")
+    config = DeepseekV3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, n_routed_experts=8,
+                              num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1, q_lora_rank=32,
+                              kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, head_dim=8,
+                              pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    DeepseekV3ForCausalLM(config).save_pretrained(tmp_path / "m")
+    r = cli("route", tmp_path / "m", "--data", corpus_jsonl, "--out", tmp_path / "r", "--max-tokens", "400",
+            "--ctx-len", "24", "--batch-size", "4")
+    assert r.code == 0, r.err
+    handle = load_model(str(tmp_path / "m"))
+    reference_config = copy.deepcopy(config)
+    reference_config.num_key_value_heads = 4
+    reference = DeepseekV3ForCausalLM(reference_config)
+    reference.load_state_dict(DeepseekV3ForCausalLM.from_pretrained(tmp_path / "m").state_dict())
+    ids = torch.randint(3, len(tok), (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        got = handle.model(input_ids=ids, attention_mask=mask).logits
+        want = reference.eval()(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(got[mask.bool()], want[mask.bool()])

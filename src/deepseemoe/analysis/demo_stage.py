@@ -7,7 +7,7 @@ from pathlib import Path
 
 from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.runs.dictionary import EVALUATION, DictionaryRun
-from deepseemoe.runs.study import save_ablation, save_comparison, save_removal
+from deepseemoe.runs.study import ABLATION, COMPARISON, REMOVAL, save_ablation, save_comparison, save_removal
 
 # the domain the demo removes from the MoE and its dense twin (the first of these the corpus has)
 REMOVAL_DOMAINS = ("ru", "code")
@@ -91,6 +91,26 @@ def run_demo_analyses(moe_dir: Path, dense_dir: Path, corpus_dir: Path, out_dir:
                            dictionary=(dict_dir, f"router_sae_{layer}"))
     return {"evaluation": evaluation, "maps": maps, "graphs": graphs, "causal": causal, "comparison": comparison,
             "removal": removal}
+
+
+def demo_analyses_outputs(layer: int) -> list[str]:
+    """The files `run_demo_analyses` leaves in the demo folder (relative to it): what a warm demo
+    needs present to reuse the stage."""
+    return [f"dictionaries/{EVALUATION}", f"dictionaries/maps/router_sae_{layer}/summary.json",
+            f"ablate/{ABLATION}", f"compare/{COMPARISON}"]
+
+
+def read_demo_analyses(out_dir: Path) -> dict:
+    """What `run_demo_analyses` returned, read back from its files (a warm demo's stage 5)."""
+    from deepseemoe.runs.atomic import read_json
+
+    fix = f"run `deepseemoe demo --out {out_dir}` again"
+    run = DictionaryRun(out_dir / "dictionaries")
+    removal = out_dir / "remove" / REMOVAL
+    return {"evaluation": run.evaluation(), "maps": run.map_summaries(), "graphs": run.graph_summaries(),
+            "causal": read_json(out_dir / "ablate" / ABLATION, fix),
+            "comparison": read_json(out_dir / "compare" / COMPARISON, fix),
+            "removal": read_json(removal, fix) if removal.exists() else None}
 
 
 def demo_removal(moe, dense, batches_moe: list, batches_dense: list, out: Path,

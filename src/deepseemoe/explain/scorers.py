@@ -127,23 +127,25 @@ def metrics(records: list[dict]) -> dict:
 
 # a judge's P(1) that moves less than this over all its examples does not depend on them
 FLAT_P1 = 1e-3
+SAME_P1 = "gives every example the same P(1)"  # it ignores its input, or cannot tell these examples apart
+ONE_CLASS = "answers one class"
 
 
 def judge_check(records: list[dict]) -> dict:
     """How the judge answered: counts of 1, 0 and no answer, the spread of P(1), and a flag —
-    "ignores its input" when P(1) is the same for every example (or, without probabilities, the
-    answer is), "answers one class" when every answer is the same though P(1) moves (balanced
-    accuracy is then 0.5 by construction; the AUROC may still mean something; a judge without
-    probabilities that answers one class may or may not read its input: it gets this flag too)."""
+    SAME_P1 when P(1) is the same for every example (a judge that ignores its input; its balanced
+    accuracy and AUROC are 0.5 whatever the description), ONE_CLASS when every answer is the same
+    though P(1) moves (balanced accuracy is 0.5 by construction; the AUROC may still mean something;
+    a judge without probabilities that answers one class gets this flag too)."""
     answers = [r["prediction"] for r in records]
     ones, zeros = sum(a is True for a in answers), sum(a is False for a in answers)
     probs = [r["probability"] for r in records if r.get("probability") is not None]
     spread = (max(probs) - min(probs)) if probs else None
     flag = None
     if len(probs) >= 4 and spread < FLAT_P1:
-        flag = "ignores its input"
+        flag = SAME_P1
     elif ones + zeros >= 4 and min(ones, zeros) == 0:
-        flag = "answers one class"
+        flag = ONE_CLASS
     return {"answered_1": ones, "answered_0": zeros, "unanswered": len(answers) - ones - zeros,
             "p1_mean": sum(probs) / len(probs) if probs else None, "p1_spread": spread, "flag": flag}
 

@@ -83,6 +83,7 @@ def load_model(name_or_path: str, *, dtype: Any = None, device: str | None = Non
         raise DeepSeeMoEError(f"{name_or_path}: {str(exc).splitlines()[0]} (pass --trust-remote-code only if you "
                               "trust this model's code)") from None
 
+    mla_heads(config)
     if not weights:
         import torch
 
@@ -122,6 +123,21 @@ def load_model(name_or_path: str, *, dtype: Any = None, device: str | None = Non
         except (OSError, ValueError):
             tokenizer = None
     return handle_from_model(model, tokenizer, name=name_or_path)
+
+
+def mla_heads(config) -> bool:
+    """Multi-head latent attention (DeepSeek-V2/V3 and their kin) projects a key and a value for every
+    head from its latent, so `num_key_value_heads` has no meaning there — but transformers still
+    repeats the keys and values num_heads / num_key_value_heads times, which fails ("size of tensor a
+    (4) must match … (8)") when a config gives fewer KV heads than heads. Set it to the head count:
+    exactly the computation the weights define (no weight depends on it). True when it changed."""
+    text = getattr(config, "get_text_config", lambda: config)()
+    heads, kv = getattr(text, "num_attention_heads", None), getattr(text, "num_key_value_heads", None)
+    if getattr(text, "qk_rope_head_dim", None) and getattr(text, "kv_lora_rank", None) \
+            and getattr(text, "model_type", "") != "mistral4" and kv not in (None, heads):
+        text.num_key_value_heads = heads
+        return True
+    return False
 
 
 def handle_from_model(model, tokenizer=None, *, name: str | None = None) -> ModelHandle:

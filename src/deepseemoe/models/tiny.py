@@ -122,9 +122,10 @@ def tiny_config(model_type: str, **overrides: Any):
     if getattr(config, "qk_rope_head_dim", None) and "head_dim" not in kwargs \
             and getattr(config, "head_dim", None) != config.qk_rope_head_dim:
         fixes["head_dim"] = config.qk_rope_head_dim
-    if getattr(config, "qk_rope_head_dim", None) and model_type != "mistral4" and \
-            getattr(config, "num_key_value_heads", None) not in (None, config.num_attention_heads):
-        fixes["num_key_value_heads"] = config.num_attention_heads
+    from deepseemoe.models.load import mla_heads
+
+    if mla_heads(config):  # the rule load_model applies to real configs (see there)
+        fixes["num_key_value_heads"] = config.num_key_value_heads
     layer_types = getattr(config, "layer_types", None)
     if isinstance(layer_types, list) and layer_types and all(t == "linear_attention" for t in layer_types):
         fixes["layer_types"] = ["linear_attention", "full_attention"]
