@@ -243,10 +243,14 @@ class LocalChat:
         import torch
 
         shared = min(min(_common(seqs[0], s) for s in seqs), min(map(len, seqs)) - 1)  # ≥ 1 token of its own
+        import inspect
+
         pad = self.tokenizer.pad_token_id
+        # transformers ≥ 5.2x names the cache `cache` (`past_key_values` before, deprecated now)
+        name = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         cache = None
         if shared >= 8:
-            cache = self.model(input_ids=torch.tensor([seqs[0][:shared]]), use_cache=True).past_key_values
+            cache = getattr(self.model(input_ids=torch.tensor([seqs[0][:shared]]), use_cache=True), name)
             cache.batch_repeat_interleave(len(seqs))
         else:
             shared = 0
@@ -254,7 +258,8 @@ class LocalChat:
         width = max(map(len, rest))
         input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rest])
         mask = torch.tensor([[1] * (shared + len(r)) + [0] * (width - len(r)) for r in rest])
-        logits = self.model(input_ids=input_ids, attention_mask=mask, cache=cache, use_cache=cache is not None).logits
+        logits = self.model(input_ids=input_ids, attention_mask=mask, use_cache=cache is not None,
+                            **{name: cache}).logits
         return logits[torch.arange(len(seqs)), torch.tensor([len(r) - 1 for r in rest])]
 
 

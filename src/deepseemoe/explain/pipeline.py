@@ -199,11 +199,11 @@ def run_score(store: ExplanationStore, backend: ChatBackend, prompts: Prompts, s
                "explained_by": doc["backend"], "prompts_sha256": prompts.digest(), "units": len(units),
                "undescribed": len(explained) - len(units), "scorers": {}}
     rows = {"unit": explained, "explanation": [explanations[u] for u in explained]}
+    if "routing" in scorers and "routing" not in doc:  # refused before the old scores are cleared
+        raise DeepSeeMoEError("the routing scorer is for experts: explain the experts of a routing run")
     store.clear_scores()
     for scorer in scorers if units else []:
         if scorer == "routing":
-            if "routing" not in doc:
-                raise DeepSeeMoEError("the routing scorer is for experts: explain the experts of a routing run")
             items = {u: routing_items([TokenExample(**e) for e in doc["routing"][str(u)]["examples"]]) for u in units}
         else:
             build = detection_items if scorer == "detection" else fuzz_items
