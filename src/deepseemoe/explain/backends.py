@@ -200,17 +200,19 @@ class LocalChat:
         import torch
 
         self._ready()
-        out: list[Completion] = []
-        for i in range(0, len(prompts), self.batch_size):
-            chunk = prompts[i:i + self.batch_size]
-            texts = [self.tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) + prefix
-                     for m in chunk]
-            enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        texts = [self.tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) + prefix
+                 for m in prompts]
+        # batches of similar length: left-padding a short prompt to a long one is work for nothing
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out: list[Completion | None] = [None] * len(texts)
+        for i in range(0, len(order), self.batch_size):
+            rows = order[i:i + self.batch_size]
+            enc = self.tokenizer([texts[r] for r in rows], return_tensors="pt", padding=True, add_special_tokens=False)
             with torch.no_grad():
                 gen = self.model.generate(**enc, max_new_tokens=max_tokens, do_sample=False,
                                           pad_token_id=self.tokenizer.pad_token_id)
-            for row in gen[:, enc["input_ids"].shape[1]:]:
-                out.append(Completion(prefix + self.tokenizer.decode(row, skip_special_tokens=True)))
+            for r, row in zip(rows, gen[:, enc["input_ids"].shape[1]:], strict=True):
+                out[r] = Completion(prefix + self.tokenizer.decode(row, skip_special_tokens=True))
         return out
 
 

@@ -75,10 +75,17 @@ def mark(tokens: list[str], activations: list[float], share: float = MARK_SHARE)
     return marked(tokens, [top > 0 and a > share * top for a in activations])
 
 
-def levels(tokens: list[str], activations: list[float], share: float = MARK_SHARE) -> str:
+# the strongest marked tokens an example's "Activations" line lists (in text order): an expert marks
+# most of a window, and listing every token doubled the prompt without telling a small model more
+MAX_LEVELS = 6
+
+
+def levels(tokens: list[str], activations: list[float], share: float = MARK_SHARE, most: int = MAX_LEVELS) -> str:
+    """The marked tokens' activations scaled to 0–10, the `most` strongest, in text order."""
     top = max(activations, default=0.0)
-    pairs = [(t, math.ceil(a * 10 / top)) for t, a in zip(tokens, activations, strict=True) if top > 0 and a > share * top]
-    return ", ".join(f"({t!r}, {v})" for t, v in pairs)
+    marked_at = [i for i, a in enumerate(activations) if top > 0 and a > share * top]
+    keep = sorted(sorted(marked_at, key=lambda i: -activations[i])[:most])
+    return ", ".join(f"({tokens[i]!r}, {math.ceil(activations[i] * 10 / top)})" for i in keep)
 
 
 def evidence(unit_doc: dict, n_tokens: int = 5) -> dict:
@@ -146,15 +153,15 @@ def unusable(explanation: str, instructions: str) -> str | None:
 
 
 def _reordered(examples: list[Example], attempt: int) -> list[Example]:
-    """The examples as shown on a retry: another seeded order (greedy decoding answers the same
-    prompt the same way)."""
+    """The examples as shown on a retry: half of them (at least 3), in another seeded order — greedy
+    decoding answers the same prompt the same way, and a shorter prompt costs less to ask again."""
     import random
 
     if attempt == 0:
         return examples
     order = list(examples)
     random.Random(attempt).shuffle(order)
-    return order
+    return order[:max(3, len(order) // 2)]
 
 
 def explain(backend: ChatBackend, prompts: Prompts, units: dict[int, list[Example]], contexts: dict[int, str],

@@ -160,14 +160,14 @@ def _examples_from(doc: dict) -> UnitExamples:
 
 def run_explain(store: ExplanationStore, corpus: Corpus, acts: np.ndarray, units: list[int], contexts: dict[int, str],
                 backend: ChatBackend, prompts: Prompts, *, kind: str, source: dict, window: int = 24,
-                seed: int = 0, routing: bool = False, sizes: dict | None = None, n_routing: int = 40
-                ) -> dict[int, str]:
+                seed: int = 0, routing: bool = False, sizes: dict | None = None, n_routing: int = 40,
+                retries: int = 2) -> dict[int, str]:
     """Sample each unit's examples, explain it, save explanations and the examples (for `score`).
     `sizes`: Sampler.unit_examples' counts (n_top, n_quantile, n_test, n_quantiles, n_random, n_hard)."""
     sampler = Sampler(corpus, acts, window=window, seed=seed)
     per_unit = {u: sampler.unit_examples(i, **(sizes or {})) for i, u in enumerate(units)}
     context = {u: contexts[i] for i, u in enumerate(units) if i in contexts}
-    explanations = explain(backend, prompts, {u: ex.train for u, ex in per_unit.items()}, context)
+    explanations = explain(backend, prompts, {u: ex.train for u, ex in per_unit.items()}, context, retries=retries)
     doc = {"module": store.module, "kind": kind, "source": source, "window": window, "seed": seed,
            "backend": backend.ident, "prompts_sha256": prompts.digest(),
            "units": {str(u): {**asdict(ex), "unit": u, "context": context.get(u, "")} for u, ex in per_unit.items()}}
@@ -239,6 +239,7 @@ def run_score(store: ExplanationStore, backend: ChatBackend, prompts: Prompts, s
     return summary
 
 
+DEMO_RETRIES = 1  # SmolLM2 on 2 cores reads ~450 prompt tokens/s: one retry (of half the examples) fits the budget
 DEMO_SIZES = {"n_top": 6, "n_quantile": 2, "n_test": 5, "n_quantiles": 5, "n_random": 3, "n_hard": 2}
 
 
@@ -251,16 +252,17 @@ def demo_expert_explanations(routing_run: Path, layer: int, backend: ChatBackend
     corpus, acts, units, contexts = expert_source(Path(routing_run), layer)
     run_explain(experts, corpus, acts, units, contexts, backend, prompts, kind="expert",
                 source={"run": str(routing_run), "layer": layer}, routing=True, sizes=DEMO_SIZES, n_routing=10,
-                window=16)
+                window=16, retries=DEMO_RETRIES)
     return run_score(experts, backend, prompts, ["routing"])
 
 
 def demo_explanations(routing_run: Path, dict_run: Path, dictionary: str, layer: int, backend: ChatBackend, *,
                       features: int = 8, tokens: int = 8_000) -> dict[str, dict]:
     """The demo's stage: the experts of one layer (routing prediction) and `features` features
-    (detection), explained and scored on small example sets (10 per unit, one prompt; 16-token
-    windows) — 72 prompts, about 80 s for SmolLM2 on 2 cores cold; answers cached, so a rerun asks
-    nothing. Ten examples a unit make coarse scores: the demo shows the pipeline, not a verdict."""
+    (detection), explained (one retry for junk) and scored on small example sets (10 per unit, each
+    judged on its own prompt, beside another unit's description; 16-token windows) — about 40
+    explanations and 250 judged examples, 120 s for SmolLM2 on 2 cores cold; answers cached, so a
+    rerun asks nothing. Ten examples a unit make coarse scores: the demo shows the pipeline, not a verdict."""
     prompts = Prompts.load()
     out = {"experts": demo_expert_explanations(routing_run, layer, backend, prompts)}
     feats = ExplanationStore(Path(dict_run) / "explanations" / dictionary, dictionary)
@@ -268,6 +270,6 @@ def demo_explanations(routing_run: Path, dict_run: Path, dictionary: str, layer:
                                                    features=features)
     run_explain(feats, corpus, acts, units, contexts, backend, prompts, kind="feature",
                 source={"run": str(dict_run), "dictionary": dictionary, "tokens": tokens}, sizes=DEMO_SIZES,
-                window=16)
+                window=16, retries=DEMO_RETRIES)
     out["features"] = run_score(feats, backend, prompts, ["detection"])
     return out
