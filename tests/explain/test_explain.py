@@ -361,3 +361,36 @@ def test_local_judge_shares_prefixes_and_gives_the_plain_forwards_probabilities(
             last = model(input_ids=ids).logits[0, -1]
         p1 = float(torch.softmax(last[[zero, one]].float(), 0)[1])
         assert verdict["p1"] == pytest.approx(p1, abs=1e-5) and verdict["answer"] == (p1 > 0.5)
+
+
+def test_junk_rules_by_hand():
+    """The answers SmolLM2 gave in the demo, each refused for what it is; plain descriptions pass."""
+    from deepseemoe.explain.explainer import unusable
+
+    rules = Prompts.load().text("explainer_system.txt")
+    junk = {
+        "The last line of your answer must be the explanation, written as:": "cut off",
+        "The last line of your answer must be the explanation.": "an echo of the prompt",
+        "<<<<<<": "a token run",
+        "[1] 1B1E6<<;>>NUSHU CHARACTER-1": "the delimiters",
+        "[1] The unit is a part of the Mixture-of-Experts layer.": "the prompt's example numbering",
+        "the word the the the": "a token run",
+        "in the context of the domain of the domain of the domain": "a repeated phrase",
+        "[Example 1]": "the prompt's example numbering",
+        "It marks the activation of the": "cut off",
+        "": "empty",
+        "x" * 250: "too long",
+        "1 2 3 4 5 6 7 8": "not words",
+    }
+    for text, why in junk.items():
+        assert unusable(text, rules) == why, text
+    for text in ("Spanish function words (de, la, que)", "German nouns after articles", "dates and numbers",
+                 "Python keywords such as def and return.", "Русский текст: предлоги"):
+        assert unusable(text, rules) is None, text
+
+
+def test_a_cut_off_last_sentence_is_trimmed():
+    from deepseemoe.explain.explainer import trimmed
+
+    assert trimmed("Spanish prose. The unit is active in the") == "Spanish prose."
+    assert trimmed("Spanish prose.") == "Spanish prose." and trimmed("one fragment of") == "one fragment of"

@@ -121,6 +121,19 @@ def parse_explanation(text: str | None) -> str:
     return m.group(1).strip() if m and m.group(1).strip() else UNPARSED
 
 
+_DANGLING = {"a", "an", "the", "of", "in", "on", "to", "is", "are", "and", "or", "which", "that", "with", "for", "as",
+             "by", "from", "at", "its", "their", "it", "be", "was", "were"}
+
+
+def trimmed(explanation: str) -> str:
+    """The explanation without a last sentence the token limit cut off: "X is Y. The unit is" →
+    "X is Y." (kept whole when it is one sentence: `unusable` judges that)."""
+    text = explanation.strip()
+    if text and text[-1] not in ".!?)\"'" and ". " in text:
+        return text[:text.rindex(". ") + 1]
+    return text
+
+
 def unusable(explanation: str, instructions: str) -> str | None:
     """Why an explanation is junk, or None: empty or unparsed, longer than MAX_CHARS (or cut off by
     the token limit mid-sentence), a run of one character or word ("<<<<<<", "the the the"), a phrase
@@ -132,11 +145,9 @@ def unusable(explanation: str, instructions: str) -> str | None:
         return "empty"
     if len(text) > MAX_CHARS:
         return "too long"
-    if len(text) >= 0.75 * MAX_CHARS and text[-1] not in ".!?)\"'":
-        return "cut off"
+    words = re.findall(r"\w+", text.lower())
     if re.search(r"(\S)\1{3,}", text) or re.search(r"\b(\w+)(\W+\1\b){2,}", text, re.I):
         return "a token run"
-    words = re.findall(r"\w+", text.lower())
     trigrams = [" ".join(words[i:i + 3]) for i in range(len(words) - 2)]
     if trigrams and max(trigrams.count(t) for t in set(trigrams)) >= 3:
         return "a repeated phrase"
@@ -146,6 +157,8 @@ def unusable(explanation: str, instructions: str) -> str | None:
         return "the prompt's example numbering"
     if sum(c.isalpha() for c in text) < 0.6 * len(text.replace(" ", "")):
         return "not words"
+    if text[-1] not in ".!?)\"'" and (len(text) >= 0.75 * MAX_CHARS or (len(words) > 3 and words[-1] in _DANGLING)):
+        return "cut off"
     said = " ".join(re.findall(r"\w+", instructions.lower()))
     if any(" ".join(words[i:i + 6]) in said for i in range(len(words) - 5)):
         return "an echo of the prompt"
@@ -187,7 +200,7 @@ def explain(backend: ChatBackend, prompts: Prompts, units: dict[int, list[Exampl
         for u, a in zip(todo, answers, strict=True):
             if a.text is None:
                 continue
-            text = parse_explanation(a.text)
+            text = trimmed(parse_explanation(a.text))
             if unusable(text, instructions) is None:
                 out[u] = text
             elif attempt == retries:
