@@ -8,7 +8,7 @@ import math
 import pytest
 
 from deepseemoe.explain.backends import Cached, LocalChat
-from deepseemoe.explain.explainer import UNPARSED, Prompts
+from deepseemoe.explain.explainer import NO_DESCRIPTION, UNPARSED, Prompts
 from deepseemoe.explain.pipeline import run_explain, run_score
 from deepseemoe.runs.explanations import ExplanationStore
 from tests.explain.test_explain import planted
@@ -33,12 +33,14 @@ def test_smollm2_explains_and_scores_offline(tmp_path_factory):
     got = run_explain(store, corpus, acts, [0, 1], {}, backend, Prompts.load(), kind="feature", source={},
                       window=8, sizes={"n_top": 6, "n_quantile": 2, "n_test": 6, "n_random": 3, "n_hard": 3})
     assert set(got) == {0, 1} and all(isinstance(t, str) and t for t in got.values())
-    assert any(t != UNPARSED for t in got.values()), got
+    assert any(t not in (UNPARSED, NO_DESCRIPTION) for t in got.values()), got
     summary = run_score(store, backend, Prompts.load(), ["detection"])
     own = summary["scorers"]["detection"]["explanation"]
-    units = store.examples()["units"].values()
+    described = {str(u) for u, t in store.explanations().items() if t not in (UNPARSED, NO_DESCRIPTION)}
+    units = [u for k, u in store.examples()["units"].items() if k in described]
+    assert summary["undescribed"] == 2 - len(described)  # junk is marked, not scored
     assert own["examples"] == sum(len(u["test"]) + len(u["not_active"]) for u in units) > 0
-    # a local model answers under the list constraint: every example gets a prediction and P(1)
+    # a local model judges from its logits: every example gets a prediction and P(1)
     assert own["failed"] == 0 and own["auroc"] is not None and 0 <= own["auroc"] <= 1
     assert math.isnan(own["balanced_accuracy"]) or 0 <= own["balanced_accuracy"] <= 1
     for records in store.scores("detection").values():
