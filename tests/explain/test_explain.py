@@ -241,8 +241,10 @@ def test_a_killed_explain_resumes_without_asking_again(tmp_path, cli, corpus_jso
         assert 3 <= answered < 8  # killed half-way through the 8 experts
         done = subprocess.run(args, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
-        asked_again = stub.requests - answered - 1  # minus the request cut off by the kill, if any
-        assert asked_again <= 8 - answered, (answered, stub.requests)
+        # no prompt answered before the kill is asked again (the one the kill cut off may be); the
+        # rerun asks the experts not reached yet, and the retries of junk answers, once each
+        assert stub.requests - len(stub.seen) <= 1, (answered, stub.requests, len(stub.seen))
+        assert stub.requests > answered
     store = ExplanationStore(tmp_path / "route" / "explanations" / "layer1", "layer1.experts")
     assert len(store.explanations()) == 8
 

@@ -44,7 +44,7 @@ def test_overview_shows_the_layout_and_the_load_of_the_routing_rows(study, clien
     for g in study.glob("*/graphs/*/summary.json"):
         s = json.loads(g.read_text())
         assert f"<td>{s['nodes']}</td><td>{s['edges']}</td><td>{s['modules']}</td>" in r.text
-        key = f"{g.parent.parent.parent.name}.{g.parent.name}"
+        key = g.parent.name  # one dictionary run in the study: the name `map` and `graph` take
         png = client.get(f"/s/demo/graph/{key}.png")
         assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
     assert client.get("/s/demo/graph/nope.png").status_code == 404
@@ -281,9 +281,11 @@ def test_graph_json_is_the_graph_files(study, client):
     import pyarrow.parquet as pq
 
     for g in study.glob("*/graphs/*/summary.json"):
-        key = f"{g.parent.parent.parent.name}.{g.parent.name}"
+        key = g.parent.name  # one dictionary run in the study: the name `map` and `graph` take
         page = client.get(f"/s/demo/graph/{key}")
         assert page.status_code == 200 and '<canvas id="graph"' in page.text
+        old_key = f"{g.parent.parent.parent.name}.{key}"  # the key of earlier versions: still served
+        assert client.get(f"/s/demo/graph/{old_key}").status_code == 200
         data = client.get(f"/api/s/demo/graph/{key}").json()
         nodes = pq.read_table(g.parent / "nodes.parquet").to_pylist()
         placed = [n for n in nodes if n["x"] is not None]
