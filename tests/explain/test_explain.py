@@ -375,7 +375,7 @@ def test_junk_rules_by_hand():
         "The last line of your answer must be the explanation.": "an echo of the prompt",
         "<<<<<<": "a token run",
         "[1] 1B1E6<<;>>NUSHU CHARACTER-1": "the delimiters",
-        "[1] The unit is a part of the Mixture-of-Experts layer.": "the prompt's example numbering",
+        "[1] Spanish function words.": "the prompt's example numbering",
         "the word the the the": "a token run",
         "in the context of the domain of the domain of the domain": "a repeated phrase",
         "[Example 1]": "the prompt's example numbering",
@@ -383,6 +383,10 @@ def test_junk_rules_by_hand():
         "": "empty",
         "x" * 250: "too long",
         "1 2 3 4 5 6 7 8": "not words",
+        "The unit is a part of the Mixture-of-Experts layer. It is a part of the Mixture-of-Experts layer.":
+            "a repeated phrase",
+        "The unit is active in the MoE layer 2, and it is the expert of the layer.": "the model's structure, not the data",
+        'The unit is active in the domain of "I" and has 36 tokens routed to it.': "the model's structure, not the data",
     }
     for text, why in junk.items():
         assert unusable(text, rules) == why, text

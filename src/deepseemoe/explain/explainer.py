@@ -125,6 +125,10 @@ _DANGLING = {"a", "an", "the", "of", "in", "on", "to", "is", "are", "and", "or",
              "by", "from", "at", "its", "their", "it", "be", "was", "were"}
 
 
+# what the prompt's context says about the unit's place in the model, repeated back as a description
+_ABOUT_THE_MODEL = (r"\b(moe|mixture-of-experts|expert) layer\b", r"\blayer \d+\b", r"\btokens routed to it\b")
+
+
 def trimmed(explanation: str) -> str:
     """The explanation without a last sentence the token limit cut off: "X is Y. The unit is" →
     "X is Y." (kept whole when it is one sentence: `unusable` judges that)."""
@@ -137,7 +141,8 @@ def trimmed(explanation: str) -> str:
 def unusable(explanation: str, instructions: str) -> str | None:
     """Why an explanation is junk, or None: empty or unparsed, longer than MAX_CHARS (or cut off by
     the token limit mid-sentence), a run of one character or word ("<<<<<<", "the the the"), a phrase
-    said over and over ("the domain of the domain of the domain"), the prompt's delimiters or its
+    said over and over ("the domain of the domain of the domain"; five words twice), the unit's place
+    in the model instead of what it reads ("active in the MoE layer 2"), the prompt's delimiters or its
     example numbering ("[1] …", "[Example 1]"), mostly not letters, or an echo of the instructions
     (six words in a row taken from them)."""
     text = explanation.strip()
@@ -149,8 +154,11 @@ def unusable(explanation: str, instructions: str) -> str | None:
     if re.search(r"(\S)\1{3,}", text) or re.search(r"\b(\w+)(\W+\1\b){2,}", text, re.I):
         return "a token run"
     trigrams = [" ".join(words[i:i + 3]) for i in range(len(words) - 2)]
-    if trigrams and max(trigrams.count(t) for t in set(trigrams)) >= 3:
+    fivegrams = [" ".join(words[i:i + 5]) for i in range(len(words) - 4)]
+    if (trigrams and max(trigrams.count(t) for t in set(trigrams)) >= 3) or len(set(fivegrams)) < len(fivegrams):
         return "a repeated phrase"
+    if any(re.search(p, text, re.I) for p in _ABOUT_THE_MODEL):
+        return "the model's structure, not the data"
     if "<<" in text or ">>" in text:
         return "the delimiters"
     if re.match(r"\[\s*(\d+|example)", text, re.I) or re.search(r"\bexample \d+\b", text, re.I):
