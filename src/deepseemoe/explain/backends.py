@@ -169,6 +169,10 @@ class LocalChat:
                 tokenizer.pad_token = tokenizer.eos_token
             tokenizer.padding_side = "left"
             self.model, self.tokenizer = model.eval(), tokenizer
+            import inspect
+
+            # transformers ≥ 5.2x names the cache `cache` (`past_key_values` before, deprecated now)
+            self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     @classmethod
     def from_pretrained(cls, path: str, *, batch_size: int = 8, trust_remote_code: bool = False) -> LocalChat:
@@ -245,11 +249,8 @@ class LocalChat:
         import torch
 
         shared = min(min(_common(seqs[0], s) for s in seqs), min(map(len, seqs)) - 1)  # ≥ 1 token of its own
-        import inspect
-
         pad = self.tokenizer.pad_token_id
-        # transformers ≥ 5.2x names the cache `cache` (`past_key_values` before, deprecated now)
-        name = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        name = self._cache_arg
         cache = None
         if shared >= 8:
             cache = getattr(self.model(input_ids=torch.tensor([seqs[0][:shared]]), use_cache=True), name)

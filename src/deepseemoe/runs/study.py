@@ -90,21 +90,44 @@ class Study:
     run: RoutingRun
     checkpoints: list[RoutingRun] = field(default_factory=list)
     dictionary_runs: list[DictionaryRunFiles] = field(default_factory=list)
-    ablation: dict | None = None
-    ablation_figures: list[Path] = field(default_factory=list)
-    comparison: dict | None = None
-    removal: dict | None = None
-    removal_figure: Path | None = None
-    wiring: dict | None = None
     zoo_report: dict | None = None
     explanations: list[ExplanationStore] = field(default_factory=list)  # the run's experts', the dictionaries'
-    # every result folder beside the run, by kind, in name order (the singular fields above: the first)
+    # every result folder beside the run, by kind ("ablation", "removal", "wiring", "comparison"), in name order
     results: dict[str, list[Result]] = field(default_factory=dict)
+
+    # the first folder of each kind: what the explorer's single-result pages show
+    def _first(self, kind: str) -> Result | None:
+        return (self.results.get(kind) or [None])[0]
+
+    @property
+    def ablation(self) -> dict | None:
+        return r.doc if (r := self._first("ablation")) else None
+
+    @property
+    def ablation_figures(self) -> list[Path]:
+        return r.figures if (r := self._first("ablation")) else []
+
+    @property
+    def removal(self) -> dict | None:
+        return r.doc if (r := self._first("removal")) else None
+
+    @property
+    def removal_figure(self) -> Path | None:
+        return r.figures[0] if (r := self._first("removal")) and r.figures else None
+
+    @property
+    def wiring(self) -> dict | None:
+        return r.doc if (r := self._first("wiring")) else None
+
+    @property
+    def comparison(self) -> dict | None:
+        return r.doc if (r := self._first("comparison")) else None
 
     @classmethod
     def open(cls, run_dir: str | Path, checkpoint_runs: list[str | Path] | None = None) -> Study:
-        """The routing run at `run_dir` (or the one inside the study folder `run_dir`) and what sits beside it; `checkpoint_runs` (else the routing
-        runs under STUDY/checkpoints/) are earlier checkpoints routed on the same text."""
+        """The routing run at `run_dir` (or the one inside the study folder `run_dir`) and what sits
+        beside it; `checkpoint_runs` (else the routing runs under STUDY/checkpoints/) are earlier
+        checkpoints routed on the same text."""
         run = RoutingRun.open(find_routing_run(Path(run_dir)))  # a study folder names its one routing run
         root = run.run_dir.parent
         if checkpoint_runs is None:
@@ -123,19 +146,9 @@ class Study:
             for kind, name in (("ablation", ABLATION), ("removal", REMOVAL), ("wiring", WIRING),
                                ("comparison", COMPARISON)):
                 if (sub / name).exists():
-                    figures = sorted((sub / "figures").glob("*.png")) if kind == "ablation" else \
-                        [sub / "removal.png"] if kind == "removal" and (sub / "removal.png").exists() else []
+                    figures = {"ablation": sorted((sub / "figures").glob("*.png")),
+                               "removal": [p for p in [sub / "removal.png"] if p.exists()]}.get(kind, [])
                     study.results.setdefault(kind, []).append(Result(sub, read_json(sub / name, FIX), figures))
-        first = {kind: found[0] for kind, found in study.results.items()}
-        if "ablation" in first:
-            study.ablation, study.ablation_figures = first["ablation"].doc, first["ablation"].figures
-        if "removal" in first:
-            study.removal = first["removal"].doc
-            study.removal_figure = (first["removal"].figures or [None])[0]
-        if "wiring" in first:
-            study.wiring = first["wiring"].doc
-        if "comparison" in first:
-            study.comparison = first["comparison"].doc
         zoo = run.meta.get("zoo")
         if zoo and (Path(zoo) / "report.json").exists():
             study.zoo_report = read_json(Path(zoo) / "report.json", "train the zoo models again (--retrain)")
