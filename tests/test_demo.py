@@ -32,7 +32,7 @@ def test_reduced_demo(tmp_path):
     for heading in ("Which expert is active when and where", "Expert load", "Experts × domains", "top tokens",
                     "Co-activation", "Consecutive tokens", "Router saturation", "losses per domain",
                     "Dictionaries of the MoE block", "Causal checks", "MoE vs dense",
-                    "Descriptions of experts and features", "layer1.experts", "router_sae_1",
+                    "Descriptions of experts and features", "layer1.experts", "sae_block_in_1",
                     "features that route to it", "Modules of the feature–expert graph"):
         assert heading in page, heading
     run = tmp_path / "demo" / "run"

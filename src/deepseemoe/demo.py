@@ -199,7 +199,7 @@ def _describe(run_dir: Path, out_dir: Path, layer: int, cache_dir, explainer, co
         return stamp.digest(stage="descriptions", analyses=key, explainer=None)
     key = stamp.digest(stage="descriptions", analyses=key, explainer=chat.ident)
     stores = {"experts": (run_dir / "explanations" / f"layer{layer}", f"layer{layer}.experts"),
-              "features": (out_dir / "dictionaries" / "explanations" / f"router_sae_{layer}", f"router_sae_{layer}")}
+              "features": (out_dir / "dictionaries" / "explanations" / f"sae_block_in_{layer}", f"sae_block_in_{layer}")}
     cached = ""
     if stamp.fresh(out_dir, "descriptions", key, [str(p.relative_to(out_dir) / "summary.json") for p, _ in stores.values()]):
         got = {k: ExplanationStore(p, m).summary() for k, (p, m) in stores.items()}
@@ -207,7 +207,7 @@ def _describe(run_dir: Path, out_dir: Path, layer: int, cache_dir, explainer, co
     else:
         backend = Cached(chat, root / "explain" / "answers.sqlite")
         with console.status("[bold]6/7 descriptions[/] explaining experts and features"):
-            got = demo_explanations(run_dir, out_dir / "dictionaries", f"router_sae_{layer}", layer, backend)
+            got = demo_explanations(run_dir, out_dir / "dictionaries", f"sae_block_in_{layer}", layer, backend)
         if separate is not None:
             _describe_separate(run_dir, out_dir, layer, backend, *separate)
         stamp.write(out_dir, "descriptions", key)

@@ -240,7 +240,7 @@ def test_playground_feature_edit_gives_steers_number(study, client, cli, tmp_pat
     """Ablating and doubling a feature of the block-input SAE on typed text: the ΔCE and KL that
     `deepseemoe steer` measures on the same text (its files: steering/NAME/f…_x….json)."""
     run = study / "dictionaries"
-    name = next(p.name for p in (run / "maps").iterdir() if p.name.startswith("router_sae"))
+    name = next(p.name for p in (run / "maps").iterdir() if p.name.startswith("sae_block_in"))
     feature = duckdb.sql(f"SELECT feature FROM read_parquet('{run}/maps/{name}/features.parquet') "
                          "ORDER BY fires DESC, feature LIMIT 1").fetchall()[0][0]  # the one that fires most
     (tmp_path / "text.jsonl").write_text(json.dumps({"text": TEXT, "domain": "typed"}) + "\n")
@@ -264,7 +264,7 @@ def test_playground_says_when_a_feature_never_fired(study, client):
     """On a two-token text a TopK SAE fires at most 2k of its features: editing one that stays silent
     changes nothing, and the page says so instead of a bare ΔCE of 0."""
     run = study / "dictionaries"
-    name = next(p.name for p in (run / "maps").iterdir() if p.name.startswith("router_sae"))
+    name = next(p.name for p in (run / "maps").iterdir() if p.name.startswith("sae_block_in"))
     params = {"text": "Hello there", "op": "feature", "dictionary": name, "scale": 0}
     for feature in range(64):
         api = client.get("/api/s/demo/playground", params={**params, "feature": feature}).json()
@@ -300,3 +300,28 @@ def test_graph_json_is_the_graph_files(study, client):
         index = set(data["node"])
         assert drawn == {(u, v) for u, v in edges if u in index and v in index}
         assert sorted(i for m in data["modules"] for i in m["nodes"]) == list(range(len(placed)))
+
+
+def test_demo_dictionaries_have_the_readmes_automatic_names_and_the_old_ones_still_work(study, client, cli, tmp_path):
+    """The demo's dictionaries are named as `train` names them (sae_block_in_L, skip_transcoder_L), the
+    names the README's commands use; the names of earlier demos (router_sae_L, block_transcoder_L) are
+    hidden aliases: verbs take them with a warning, the explorer serves them."""
+    import shutil
+
+    names = sorted(p.name for p in (study / "dictionaries" / "dictionaries").iterdir())
+    layer = int(names[0].rsplit("_", 1)[1])
+    assert names == [f"sae_block_in_{layer}", f"skip_transcoder_{layer}"]
+    run = tmp_path / "dictionaries"  # a copy: the session's study stays as the other tests read it
+    shutil.copytree(study / "dictionaries", run)
+    r = cli("map", run, "--dictionary", f"router_sae_{layer}", "--tokens", "64")
+    assert r.code == 0, r.err
+    assert f"'router_sae_{layer}' is now called 'sae_block_in_{layer}'" in r.err
+    assert not (run / "maps" / f"router_sae_{layer}").exists()  # the map went where the coder is
+    assert (run / "maps" / f"sae_block_in_{layer}" / "summary.json").stat().st_mtime > \
+        (study / "dictionaries" / "maps" / f"sae_block_in_{layer}" / "summary.json").stat().st_mtime
+    r = cli("map", run, "--dictionary", "router_sae_99", "--tokens", "64")  # no such dictionary, old name or not
+    assert r.code == 2 and "warning" not in r.err and "router_sae_99" in r.err
+    for old, new in ((f"router_sae_{layer}", f"sae_block_in_{layer}"),
+                     (f"block_transcoder_{layer}", f"skip_transcoder_{layer}")):
+        page, want = client.get(f"/s/demo/feature/{old}/0"), client.get(f"/s/demo/feature/{new}/0")
+        assert page.status_code == 200 and page.text == want.text

@@ -34,10 +34,9 @@ def run_demo_analyses(moe_dir: Path, dense_dir: Path, corpus_dir: Path, out_dir:
     dict_dir = out_dir / "dictionaries"
     spec = RunSpec(model=str(moe_dir), data=train, out=str(dict_dir), tokens=train_tokens, ctx_len=ctx_len,
                    domain_field="domain", checkpoint_every=10**9,
-                   coders=[CoderSpec(kind="sae", site="block_in", layers=[layer], k=16, expansion_factor=8,
-                                     name=f"router_sae_{layer}"),
+                   coders=[CoderSpec(kind="sae", site="block_in", layers=[layer], k=16, expansion_factor=8),
                            CoderSpec(kind="skip_transcoder", layers=[layer], activation="batchtopk", k=16,
-                                     expansion_factor=8, name=f"block_transcoder_{layer}")],
+                                     expansion_factor=8)],
                    train=TrainConfig(batch_size=1024, buffer_size=8192, lr=1e-3, dead_after_tokens=50_000))
     run = DictionaryRun(dict_dir)
     if dict_dir.exists():
@@ -88,7 +87,7 @@ def run_demo_analyses(moe_dir: Path, dense_dir: Path, corpus_dir: Path, out_dir:
                                                   ctx_len=ctx_len)
     save_comparison(out_dir / "compare", comparison, comparison_markdown(comparison))
     removal = demo_removal(moe, dense, batches(moe, eval_tokens), batches(dense, eval_tokens), out_dir / "remove",
-                           dictionary=(dict_dir, f"router_sae_{layer}"))
+                           dictionary=(dict_dir, f"sae_block_in_{layer}"))
     return {"evaluation": evaluation, "maps": maps, "graphs": graphs, "causal": causal, "comparison": comparison,
             "removal": removal}
 
@@ -96,7 +95,7 @@ def run_demo_analyses(moe_dir: Path, dense_dir: Path, corpus_dir: Path, out_dir:
 def demo_analyses_outputs(layer: int) -> list[str]:
     """The files `run_demo_analyses` leaves in the demo folder (relative to it): what a warm demo
     needs present to reuse the stage."""
-    return [f"dictionaries/{EVALUATION}", f"dictionaries/maps/router_sae_{layer}/summary.json",
+    return [f"dictionaries/{EVALUATION}", f"dictionaries/maps/sae_block_in_{layer}/summary.json",
             f"ablate/{ABLATION}", f"compare/{COMPARISON}"]
 
 

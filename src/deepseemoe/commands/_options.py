@@ -19,3 +19,16 @@ def device_map_option():
 
 def dtype_option():
     return typer.Option(None, "--dtype", help="The model's dtype: float32, bfloat16 or float16 (default: as saved).")
+
+
+def dictionary_name(run_dir, name: str) -> str:
+    """NAME of a dictionary of RUN_DIR, or its current name (with a warning) when NAME is one it had in
+    an earlier version."""
+    from deepseemoe.runs.dictionary import DictionaryRun
+
+    current = DictionaryRun(run_dir).renamed(name) if name else None
+    if current is None:
+        return name
+    typer.echo(f"warning: dictionary {name!r} is now called {current!r}; the old name will stop working in a "
+               "later release (CHANGELOG.md)", err=True)
+    return current

@@ -7,7 +7,12 @@ from pathlib import Path
 
 import typer
 
-from deepseemoe.commands._options import device_map_option, dtype_option, trust_remote_code_option
+from deepseemoe.commands._options import (
+    device_map_option,
+    dictionary_name,
+    dtype_option,
+    trust_remote_code_option,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -134,7 +139,7 @@ def _remove(model: str, twin: str | None, data: str, out: Path, *, tokens: int, 
         run_dir, _, name = dictionary.rpartition(":")
         if not run_dir or not name:
             raise DeepSeeMoEError(f"--dictionary {dictionary!r}: give RUN_DIR:NAME, e.g. runs/dicts:sae_block_in_7")
-        coder = load_dictionary(run_dir, name)
+        coder = load_dictionary(run_dir, dictionary_name(run_dir, name))
     sides = []
     for name in (model, twin):
         if name is None:

@@ -56,6 +56,9 @@ def _target(run_dir: Path, dictionary: str | None, layer: int | None):
         raise DeepSeeMoEError("say what to explain: --dictionary NAME (features of a training run) or --layer L "
                               "(the experts of one layer of a routing run)")
     if dictionary is not None:
+        from deepseemoe.commands._options import dictionary_name
+
+        dictionary = dictionary_name(run_dir, dictionary)
         return ExplanationStore(run_dir / "explanations" / dictionary, dictionary)
     return ExplanationStore(run_dir / "explanations" / f"layer{layer}", f"layer{layer}.experts")
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from deepseemoe.commands._options import dictionary_name
+
 
 def register(app: typer.Typer) -> None:
     @app.command()
@@ -44,6 +46,8 @@ def register(app: typer.Typer) -> None:
         from deepseemoe.runs.routing import RoutingRun
 
         run = DictionaryRun.open(run_dir)
+        dictionary = dictionary_name(run_dir, dictionary)
+        upstream = dictionary_name(run_dir, upstream) if upstream else upstream
         if dictionary not in run.map_summaries():
             raise DeepSeeMoEError(f"{dictionary} of {run_dir} has no map yet; run `deepseemoe map {run_dir} "
                                   f"--dictionary {dictionary}` first")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from deepseemoe.commands._options import device_map_option, trust_remote_code_option
+from deepseemoe.commands._options import device_map_option, dictionary_name, trust_remote_code_option
 
 
 def register(app: typer.Typer) -> None:
@@ -37,7 +37,7 @@ def register(app: typer.Typer) -> None:
         if device_map:
             spec.device_map = device_map
         run = DictionaryRun.open(run_dir)
-        names = dictionary or run.coder_names()
+        names = [dictionary_name(run_dir, n) for n in dictionary] if dictionary else run.coder_names()
         handle = load_for_run(spec, spec.model_device, trust_remote_code=trust_remote_code)
         batches = list(run_batches(spec, handle, data=data, batch_size=batch_size, max_tokens=tokens))
         console = out_console()

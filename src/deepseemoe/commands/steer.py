@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from deepseemoe.commands._options import device_map_option, trust_remote_code_option
+from deepseemoe.commands._options import device_map_option, dictionary_name, trust_remote_code_option
 
 
 def register(app: typer.Typer) -> None:
@@ -34,6 +34,7 @@ def register(app: typer.Typer) -> None:
         from deepseemoe.runs.dictionary import DictionaryRun
 
         spec = RunSpec.from_run_dir(run_dir)
+        dictionary = dictionary_name(run_dir, dictionary)
         if device:  # this command's device; the saved config is left as it is
             spec.model_device = spec.coder_device = device
         if device_map:

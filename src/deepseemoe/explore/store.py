@@ -20,7 +20,7 @@ import numpy as np
 from deepseemoe.data.token_text import joined_texts
 from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.report.components import Bar, Heatmap, Strip, expert_colors, show_token
-from deepseemoe.runs.dictionary import DictionaryRun
+from deepseemoe.runs.dictionary import DictionaryRun, earlier_names
 from deepseemoe.runs.explanations import ExplanationStore
 from deepseemoe.runs.routing import Analyses, RoutingRun
 from deepseemoe.runs.study import Study, find_routing_run
@@ -258,7 +258,8 @@ class StudyView:
                 store = next((s for (p, m), s in stores.items() if m == name and p.is_relative_to(files.path.resolve())),
                              None)
                 self.dictionaries[key] = DictionaryView(key, run, name, summary, store, files.graphs.get(name))
-                self.dictionary_aliases[url_id(f"{files.path.name}.{name}")] = key
+                for alias in (url_id(f"{files.path.name}.{name}"), *earlier_names(name)):
+                    self.dictionary_aliases.setdefault(alias, key)
         self.expert_stores: dict[int, ExplanationStore] = {}
         for s in self.study.explanations:
             m = re.fullmatch(r"layer(\d+)\.experts", s.module)
@@ -551,7 +552,7 @@ class StudyView:
             doc = read_json(f, "run `deepseemoe steer` again")
             if feature in doc.get("features", []):
                 steering.append(doc)
-        return FeaturePage(key, feature, view.features, layer, stats, experts, attribution, top,
+        return FeaturePage(view.key, feature, view.features, layer, stats, experts, attribution, top,
                            [quantiles[q] for q in sorted(quantiles)], self.descriptions(view.store).get(feature),
                            self.unit_scores(view.store, feature), steering, self.explained_on(view.store, feature))
 

@@ -20,6 +20,7 @@ refused as stale when a coder changed since (a retrained run in the same folder)
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,9 @@ CODER_CONFIG = "config.json"
 CODER_WEIGHTS = "coder.safetensors"
 EVALUATION = "evaluation.json"
 CONFIG_CHECKSUM = b"# sha256: "
+# Names the demo gave its dictionaries before it used the automatic ones (0.9): still accepted, with a warning.
+# old prefix -> new prefix, before the layer number.
+RENAMED = (("router_sae_", "sae_block_in_"), ("block_transcoder_", "skip_transcoder_"))
 
 
 @dataclass
@@ -109,6 +113,19 @@ class DictionaryRun:
     def coder_names(self) -> list[str]:
         folder = self.path / DICTIONARIES
         return sorted(p.name for p in folder.iterdir() if (p / CODER_CONFIG).exists()) if folder.is_dir() else []
+
+    def renamed(self, name: str) -> str | None:
+        """The current name of dictionary NAME when NAME is one it had in an earlier version and only the
+        current one exists here (`router_sae_2` -> `sae_block_in_2`); else None."""
+        if (self.coder_dir(name) / CODER_CONFIG).exists() or self.map_dir(name).is_dir():
+            return None
+        for old, new in RENAMED:
+            if re.fullmatch(re.escape(old) + r"\d+", name):
+                current = new + name.removeprefix(old)
+                if (self.coder_dir(current) / CODER_CONFIG).exists():
+                    return current
+        return None
+
 
     def existing_coder(self, name: str) -> Path:
         folder = self.coder_dir(name)
@@ -207,3 +224,8 @@ class DictionaryRun:
         atomic_write_json(path, {"dictionary": name, "features": features, "scale": scale, "results": results,
                                  "inputs": self._inputs([name])})
         return path
+
+
+def earlier_names(name: str) -> list[str]:
+    """The names dictionary NAME had in earlier versions (`sae_block_in_2` -> [`router_sae_2`])."""
+    return [old + name.removeprefix(new) for old, new in RENAMED if re.fullmatch(re.escape(new) + r"\d+", name)]
