@@ -42,7 +42,11 @@ def run_demo_analyses(moe_dir: Path, dense_dir: Path, corpus_dir: Path, out_dir:
     if dict_dir.exists():
         try:
             run.config()
+            # an older demo's dictionaries, under other names: trained again under these
+            stale = run.coder_names() and set(run.coder_names()) != {c.name for c in spec.coders}
         except DeepSeeMoEError:  # written by an older version (or damaged): train it again
+            stale = True
+        if stale:
             import shutil
 
             shutil.rmtree(dict_dir)
