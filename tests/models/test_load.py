@@ -155,3 +155,41 @@ def test_mla_model_with_fewer_kv_heads_than_heads_routes_padded_batches(tmp_path
         got = handle.model(input_ids=ids, attention_mask=mask).logits
         want = reference.eval()(input_ids=ids, attention_mask=mask).logits
     assert torch.equal(got[mask.bool()], want[mask.bool()])
+
+
+def test_inspect_answers_from_its_cache_without_importing_torch(tiny_olmoe_dir, tmp_path, cli, monkeypatch):
+    """The second `inspect` of a folder reads the structure the first one found (keyed by the config's
+    sha256 and the versions) and imports neither torch nor transformers; a changed config or a damaged
+    cache entry is computed again."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("DEEPSEEMOE_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_olmoe_dir, folder)
+
+    def rows(out):
+        return [line for line in out.splitlines() if line[:1] in "┃│"]
+
+    first = cli("inspect", folder)
+    assert first.code == 0 and len(list((tmp_path / "cache" / "structure").glob("*.json"))) == 1
+    probe = ("import sys\nfrom deepseemoe.cli import run\nsys.argv = ['deepseemoe', 'inspect', sys.argv[1]]\n"
+             "try:\n    run()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n"
+             "print('imported:', sorted({'torch', 'transformers'} & set(sys.modules)))\n")
+    env = {**__import__("os").environ, "DEEPSEEMOE_CACHE": str(tmp_path / "cache"), "COLUMNS": "200"}
+    out = subprocess.run([sys.executable, "-c", probe, str(folder)], capture_output=True, text=True, env=env,
+                         check=True).stdout
+    assert "imported: []" in out and rows(out) == rows(first.out)
+
+    config = json.loads((folder / "config.json").read_text())
+    config["num_experts_per_tok"] = 3  # another model: its top-k is read again
+    (folder / "config.json").write_text(json.dumps(config))
+    changed = cli("inspect", folder)
+    assert changed.code == 0
+    assert [r.split("│")[4].strip() for r in rows(changed.out)[1:]] == ["3"] * (len(rows(changed.out)) - 1)
+    for entry in (tmp_path / "cache" / "structure").glob("*.json"):
+        entry.write_text('{"key": "x", "structure": {"rows": 5}}')  # damaged: never trusted
+    again = cli("inspect", folder)
+    assert again.code == 0 and rows(again.out) == rows(changed.out)

@@ -17,22 +17,28 @@ def register(app: typer.Typer) -> None:
         alone: no weights are read)."""
         from rich.table import Table
 
-        from deepseemoe.models.load import load_model
+        from deepseemoe.models.structure import (
+            COLUMNS,
+            cache_key,
+            cached_structure,
+            save_structure,
+            structure_of,
+        )
         from deepseemoe.progress import out_console
 
-        # the structure only: built from the config on the meta device, no weight is read
-        handle = load_model(model, trust_remote_code=trust_remote_code, load_tokenizer=False, weights=False)
-        table = Table(title=f"{handle.name} ({handle.model_type}): {handle.num_layers} layers, "
-                            f"{'MoE' if handle.is_moe else 'dense'}")
-        for col in ("layer", "kind", "experts", "top-k", "router family", "combine", "shared", "notes"):
+        key = cache_key(model, trust_remote_code)
+        structure = cached_structure(model, key) if key else None
+        if structure is None:
+            from deepseemoe.models.load import load_model
+
+            # the structure only: built from the config on the meta device, no weight is read
+            handle = load_model(model, trust_remote_code=trust_remote_code, load_tokenizer=False, weights=False)
+            structure = structure_of(handle)
+            if key:
+                save_structure(key, structure)
+        table = Table(title=structure.title)
+        for col in COLUMNS:
             table.add_column(col)
-        for i in range(handle.num_layers):
-            moe = handle.moe_layers.get(i)
-            if moe is not None:
-                table.add_row(str(i), "MoE", str(moe.num_experts), str(moe.top_k), moe.router_family, moe.combine,
-                              ", ".join(moe.shared_paths) or "-", "; ".join(moe.notes) or "")
-            elif i in handle.dense_mlps:
-                table.add_row(str(i), "dense MLP", f"{handle.dense_mlps[i].num_neurons} neurons", "-", "-", "-", "-", "")
-            else:
-                table.add_row(str(i), "other", "-", "-", "-", "-", "-", "")
+        for row in structure.rows:
+            table.add_row(*row)
         out_console().print(table)
