@@ -67,6 +67,9 @@ def test_a_recorded_document_shows_the_routing_route_stored(study, client):
     for layer, _pos, experts in rows:
         expected.setdefault(layer, []).append(list(experts))
     assert shown == {la: v[:256] for la, v in expected.items()}
+    # the next page starts where asked and shows the rows from there (a 4-layer model: 256 tokens a page)
+    later = strip_cells(client.get(f"/s/demo/doc/{doc}", params={"start": 3}).text, "strip")
+    assert later == {la: v[3:3 + 256] for la, v in expected.items()}
 
 
 def test_typed_text_routes_as_route_records_it(study, client, cli, tmp_path):

@@ -25,7 +25,10 @@ from deepseemoe.runs.explanations import ExplanationStore
 from deepseemoe.runs.routing import Analyses, RoutingRun
 from deepseemoe.runs.study import Study, find_routing_run
 
-DOC_TOKENS = 256  # tokens of a recorded document shown at once
+DOC_TOKENS = 256  # tokens of a recorded document shown at once, at most
+# routing cells (tokens × MoE layers) of one document page: each cell carries its experts and weights
+# (~230 bytes of HTML), so a 16-layer model shows 128 tokens a page (~0.5 MB), a 4-layer one 256
+DOC_CELLS = 2048
 CONTEXTS = 12  # an expert's top contexts
 WINDOW = (10, 4)  # tokens before / after a context's token
 LIST = 20  # rows of a unit's lists (features of an expert, experts of a feature)
@@ -246,6 +249,7 @@ class StudyView:
         self.layers = list(self.run.layers)
         self.num_experts = max(self.run.num_experts.values())
         self.colors, self.text_colors = expert_colors(self.num_experts)
+        self.doc_tokens = max(32, min(DOC_TOKENS, DOC_CELLS // max(len(self.layers), 1)))
         self.dictionaries: dict[str, DictionaryView] = {}
         self.dictionary_aliases: dict[str, str] = {}  # "FOLDER.NAME", the key of earlier versions -> key
         stores = {(s.path.resolve(), s.module): s for s in self.study.explanations}
@@ -400,7 +404,7 @@ class StudyView:
     # ---- a recorded document ---------------------------------------------------------------------
 
     def document(self, doc: int, start: int = 0) -> Strip:
-        """Tokens [start, start + DOC_TOKENS) of a routed document with their routing in every layer."""
+        """Tokens [start, start + self.doc_tokens) of a routed document with their routing in every layer."""
         for part in self.run.parts:
             docs = self.doc_column(part)
             if not len(docs) or docs[0] > doc or docs[-1] < doc:
@@ -411,7 +415,7 @@ class StudyView:
             if start >= hi - lo:
                 raise DeepSeeMoEError(f"document {doc} has {hi - lo} routed tokens; start below that")
             lo += max(start, 0)
-            hi = min(hi, lo + DOC_TOKENS)
+            hi = min(hi, lo + self.doc_tokens)
             tokens = self.shard_tokens(part)["token"].slice(lo, hi - lo).to_pylist()
             routing = self.run.routing_rows(part, lo, hi)
             return Strip.from_arrays([t or "" for t in tokens], routing, label=f"document {doc}")
