@@ -30,7 +30,7 @@ Shapes: x [N, D] block inputs, h [N, F] neuron activations, groups: shared [S·w
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +39,7 @@ from deepseemoe.errors import DeepSeeMoEError
 
 ROUTER_SPREAD = 1e-3  # std of the fitted router's logits over calibration tokens (see the docstring)
 MIN_CALIBRATION_TOKENS = 256
+DOC_CHARS = 1200  # characters of each calibration / held-out document used
 SPLITS = ("clustered", "random")
 
 
@@ -453,9 +454,11 @@ def carve_zoo(corpus_dir: str | Path, *, model: str | Path | None = None, spec: 
     swiglu_mlps(dense)  # refused before any text is read
 
     def batches(name: str, tokens: int) -> list:
+        # each document's first DOC_CHARS characters: a few thousand tokens then span every domain,
+        # not the first few long documents
         source = TextSource(str(corpus_dir / name), domain_field="domain")
-        return list(pack_documents(tok, iter_documents(source), ctx_len=handle.check_ctx_len(ctx_len), batch_size=8,
-                                   max_tokens=tokens))
+        docs = (replace(d, text=d.text[:DOC_CHARS]) for d in iter_documents(source))
+        return list(pack_documents(tok, docs, ctx_len=handle.check_ctx_len(ctx_len), batch_size=8, max_tokens=tokens))
 
     calibration, heldout = batches("train.jsonl", calibration_tokens), batches("val.jsonl", eval_tokens)
     torch.manual_seed(spec.seed)
