@@ -44,8 +44,8 @@ CODER_CONFIG = "config.json"
 CODER_WEIGHTS = "coder.safetensors"
 EVALUATION = "evaluation.json"
 CONFIG_CHECKSUM = b"# sha256: "
-# Names the demo gave its dictionaries before it used the automatic ones (0.9): still accepted, with a warning.
-# old prefix -> new prefix, before the layer number.
+# Names the demo gave its dictionaries before it used train's automatic ones (CHANGELOG, Unreleased): still
+# accepted, with a warning, for one release. Old prefix -> new prefix, before the layer number.
 RENAMED = (("router_sae_", "sae_block_in_"), ("block_transcoder_", "skip_transcoder_"))
 
 
@@ -125,7 +125,6 @@ class DictionaryRun:
                 if (self.coder_dir(current) / CODER_CONFIG).exists():
                     return current
         return None
-
 
     def existing_coder(self, name: str) -> Path:
         folder = self.coder_dir(name)
