@@ -34,6 +34,11 @@ SUBSTITUTIONS = [  # (pattern, replacement); {moe}, {train}, … are filled in p
     # stands in for the remote endpoint and for the offline SmolLM2 (tests/explain/test_smollm2.py)
     (r"http://127\.0\.0\.1:8000/v1", "{llm}"),
     (r"(deepseemoe (?:explain|score) (?:(?!--backend|--find)[^\n])*?)$", r"\1 --backend openai --url {llm} --model oracle"),
+    # carving: the 2-layer Llama stand-in instead of SmolLM2 (minutes on 2 cores), its layers, a corpus folder
+    (r"(deepseemoe zoo carve [^\n]*?)$", r"\1 --model {small_dense} --calibration-tokens 600 --eval-tokens 300 "
+                                           r"--ctx-len 64"),
+    (r"--layers 10-19", "--layers 0-1"),
+    (r"runs/demo/corpus", "{corpus_dir}"),
 ]
 YAML_SIZES = {"tokens": 2048, "ctx_len": 64, "train": {"batch_size": 256, "buffer_size": 1024}}
 
@@ -87,6 +92,9 @@ def stand_ins(tmp_path_factory):
                        for i in range(n) for d, t in texts.items())
     (root / "train.jsonl").write_text(docs(60))
     (root / "heldout.jsonl").write_text(docs(12))
+    (root / "demo_corpus").mkdir()  # what `deepseemoe corpus build` writes: train.jsonl and val.jsonl
+    (root / "demo_corpus" / "train.jsonl").write_text(docs(60))
+    (root / "demo_corpus" / "val.jsonl").write_text(docs(12))
     (root / "corpus").mkdir()
     for domain in ("en", "ru"):
         lines = "".join(json.dumps({"text": texts[domain].format(i=i)}) + "\n" for i in range(20))
@@ -101,7 +109,8 @@ def test_every_readme_example_runs_as_written(stand_ins, cli, monkeypatch, tmp_p
     monkeypatch.setenv("OPENAI_API_KEY", "not-a-real-key")
     monkeypatch.setenv("DEEPSEEMOE_CACHE", str(tmp_path / "cache"))
     paths = {"moe": str(stand_ins / "moe"), "small_moe": str(stand_ins / "small_moe"),
-             "small_dense": str(stand_ins / "small_dense"), "train": "train.jsonl", "llm": ""}
+             "small_dense": str(stand_ins / "small_dense"), "train": "train.jsonl", "llm": "",
+             "corpus_dir": str(stand_ins / "demo_corpus")}
     # what the examples assume exists already: an earlier checkpoint's routing run and a study folder
     for out in ("runs/olmoe-step5000-dclm", "runs/study/run"):
         assert cli("route", paths["moe"], "--data", "train.jsonl", "--max-tokens", "3000", "--ctx-len", "64",

@@ -33,6 +33,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from deepseemoe.data.tokens import token_domains, within_document
 from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.interventions.routing import ablate, exclude, random_routing, route_intervention
 from deepseemoe.models.spec import ModelHandle, MoELayer, RoutingRewrite
@@ -158,20 +159,6 @@ class LossMeter:
                 counts[d] += int(m.sum())
         return {"delta_ce": delta_sum / max(n, 1), "kl": kl_sum / max(n, 1),
                 "by_domain": {d: sums[d] / counts[d] for d in sorted(sums) if counts[d]}}
-
-
-def within_document(batch) -> torch.Tensor:
-    """[B, S-1] bool: the predictions whose read token and predicted token are one document's."""
-    read, target = batch.doc[:, :-1], batch.doc[:, 1:]
-    return (read >= 0) & (read == target)
-
-
-def token_domains(batch) -> list[str]:
-    """The domain of each prediction position [B·(S-1)]: the domain of the document of the token
-    *read*; "" for padding and for predictions that cross into the next document."""
-    doc = batch.doc[:, :-1].reshape(-1).tolist()
-    within = within_document(batch).reshape(-1).tolist()
-    return [(batch.domains.get(d) or "all") if ok else "" for d, ok in zip(doc, within, strict=True)]
 
 
 @torch.no_grad()

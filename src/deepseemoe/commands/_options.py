@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 TRUST_REMOTE_CODE_HELP = ("Run the model repository's own Python code (only if you trust it). Only this flag "
@@ -26,7 +28,7 @@ def dictionary_name(run_dir, name: str) -> str:
     an earlier version."""
     from deepseemoe.runs.dictionary import DictionaryRun
 
-    current = DictionaryRun(run_dir).renamed(name) if name else None
+    current = DictionaryRun(Path(run_dir)).renamed(name) if name else None
     if current is None:
         return name
     typer.echo(f"warning: dictionary {name!r} is now called {current!r}; the old name will stop working in a "

