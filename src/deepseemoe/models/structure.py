@@ -3,8 +3,9 @@
 Finding the structure means importing torch, transformers and the model's modeling code and building
 the model on the meta device: 4 s or more on a small machine, where reading a table takes
 milliseconds. So the structure of a local folder is kept under `$DEEPSEEMOE_CACHE/structure/`,
-keyed by the sha256 of its config.json, the transformers and DeepSeeMoE versions (discovery may
-change with either) and whether the model's own code ran; any change of those computes it again.
+keyed by the sha256 of its config.json, the transformers version and DeepSeeMoE's own code (discovery
+may change with either); any change of those computes it again. A model built by its own code
+(`--trust-remote-code`) is never cached: its code, not its config, decides the structure.
 This module imports neither torch nor transformers: a cached `inspect` stays under half a second.
 """
 
@@ -58,12 +59,16 @@ def _version(package: str) -> str:
 
 
 def cache_key(model: str, trust_remote_code: bool) -> str | None:
-    """The key of a local model folder's structure; None for anything else (a hub id, a tiny: model)."""
+    """The key of a local model folder's structure; None for anything else (a hub id, a tiny: model)
+    and for a model whose own code builds it (`--trust-remote-code`: that code, not the config, says
+    what the structure is, and the user asked for it to run)."""
+    from deepseemoe.runs.stamp import code_digest
+
     config = Path(model).expanduser() / "config.json"
-    if not config.is_file():
+    if trust_remote_code or not config.is_file():
         return None
     h = hashlib.sha256(config.read_bytes())
-    h.update(json.dumps([_version("transformers"), _version("deepseemoe"), trust_remote_code]).encode())
+    h.update(json.dumps([_version("transformers"), code_digest()]).encode())  # discovery changes with either
     return h.hexdigest()
 
 
