@@ -92,8 +92,8 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
                if step != final_step}
     # warm means nothing recomputed whose inputs did not change: each stage below is stamped with the
     # digest of its inputs (model weights, text, settings, the code, the stage before) and reused when equal
-    key = stamp.digest(stage="routing", moe=_weights(zoo.moe_dir), val=stamp.file_digest(corpus_dir / "val.jsonl"),
-                       checkpoints={str(p): _weights(m) for p, m in earlier.items()}, recipe=recipe, **route_kw)
+    key = stamp.digest(stage="routing", moe=stamp.model_digest(zoo.moe_dir), val=stamp.file_digest(corpus_dir / "val.jsonl"),
+                       checkpoints={str(p): stamp.model_digest(m) for p, m in earlier.items()}, recipe=recipe, **route_kw)
     if stamp.fresh(out_dir, "routing", key, ["run/manifest.json", *(str(p.relative_to(out_dir) / "manifest.json")
                                                                   for p in earlier)]):
         console.print(f"[bold]3/7 routing[/] reused {run_dir}")
@@ -130,9 +130,9 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
     t = time.perf_counter()
     from deepseemoe.analysis.demo_stage import demo_analyses_outputs, read_demo_analyses, run_demo_analyses
 
-    key = stamp.digest(stage="analyses", stats=key, dense=_weights(zoo.dense_dir),
+    key = stamp.digest(stage="analyses", stats=key, dense=stamp.model_digest(zoo.dense_dir),
                        train=stamp.file_digest(corpus_dir / "train.jsonl"),
-                       separate=_weights(third.model_dir) if third is not None else None)
+                       separate=stamp.model_digest(third.model_dir) if third is not None else None)
     if stamp.fresh(out_dir, "analyses", key, demo_analyses_outputs(spec.layers // 2)):
         analyses = read_demo_analyses(out_dir)
         console.print("[bold]5/7 dictionaries and causal checks[/] reused")
@@ -169,12 +169,6 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
         console.print(f"[bold]7/7 report[/] {report}")
     seconds["report"] = time.perf_counter() - t
     return DemoResult(out_dir, report, seconds, summary)
-
-
-def _weights(model_dir: Path) -> str:
-    """A model folder's identity: the checksums of its config and weights."""
-    model_dir = Path(model_dir)
-    return ",".join(stamp.file_digest(p) for p in [*sorted(model_dir.glob("*.safetensors")), model_dir / "config.json"])
 
 
 def _describe(run_dir: Path, out_dir: Path, layer: int, cache_dir, explainer, console: Console, key: str,
@@ -270,6 +264,3 @@ def _describe_separate(run_dir: Path, out_dir: Path, layer: int, backend, models
         "separate": descriptions_naming(described(sep_run), {e: n for e, n in enumerate(names) if e > 0},
                                         DOMAIN_WORDS)}
     save_comparison(folder, comparison, comparison_markdown(comparison))
-
-
-

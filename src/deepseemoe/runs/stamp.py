@@ -58,3 +58,9 @@ def file_digest(path: Path) -> str:
     from deepseemoe.runs.manifest import sha256_file
 
     return sha256_file(Path(path))
+
+
+def model_digest(model_dir: Path) -> str:
+    """A model folder's identity: the checksums of its weights and config."""
+    model_dir = Path(model_dir)
+    return ",".join(file_digest(p) for p in [*sorted(model_dir.glob("*.safetensors")), model_dir / "config.json"])

@@ -30,7 +30,9 @@ Shapes: x [N, D] block inputs, h [N, F] neuron activations, groups: shared [S·w
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -57,10 +59,12 @@ class CarveSpec:
     def routed(self) -> int:
         return self.experts - self.shared
 
-    def check(self, num_layers: int, neurons: int) -> None:
+    def check(self, num_layers: int | None = None, neurons: int | None = None) -> None:
+        """The choices among themselves; with the model's layer count and feed-forward width, against
+        the model too."""
         if self.split not in SPLITS:
             raise DeepSeeMoEError(f"unknown split {self.split!r}; choose from {', '.join(SPLITS)}")
-        if self.experts < 2 or neurons % self.experts:
+        if neurons is not None and (self.experts < 2 or neurons % self.experts):
             raise DeepSeeMoEError(f"the feed-forward width {neurons} is not divisible into {self.experts} equal experts; "
                                   f"choose --experts among {[d for d in range(2, 129) if neurons % d == 0]}")
         if not 0 <= self.shared < self.experts - 1:
@@ -68,6 +72,8 @@ class CarveSpec:
                                   f"choose 0..{self.experts - 2}")
         if not 1 <= self.top_k <= self.routed:
             raise DeepSeeMoEError(f"--top-k {self.top_k} must be between 1 and the {self.routed} routed experts")
+        if num_layers is None:
+            return
         bad = [la for la in self.layers or [] if not 0 <= la < num_layers]
         if bad:
             raise DeepSeeMoEError(f"layers {bad} do not exist; the model has layers 0..{num_layers - 1}")
@@ -86,8 +92,6 @@ class Carve:
     spec: CarveSpec
     layers: dict[int, LayerCarve]
     calibration_tokens: int
-    seconds: float
-    notes: list[str] = field(default_factory=list)
 
 
 def swiglu_mlps(model) -> list:
@@ -113,30 +117,38 @@ def swiglu_mlps(model) -> list:
     return mlps
 
 
-def block_inputs(model, batches, layers: list[int]) -> dict:
-    """The feed-forward blocks' inputs x [N, D] on the batches' real (unpadded) tokens, per layer."""
+@contextmanager
+def block_inputs(model, layers: list[int], batches) -> Iterator[dict]:
+    """While open, the forwards of `model` on `batches` (run by the caller, in order, each once) record
+    the feed-forward blocks' inputs; on close the dict holds, per layer, x [N, D] on the batches'
+    real (unpadded) tokens. The caller's pass can be one it needs anyway (the dense model's CE)."""
     import torch
 
     mlps = swiglu_mlps(model)
     got: dict[int, list] = {la: [] for la in layers}
-    mask: list = []
 
     def hook(layer):
         def fn(module, args):
             got[layer].append(args[0].detach().reshape(-1, args[0].shape[-1]))
         return fn
 
+    xs: dict = {}
     handles = [mlps[la].register_forward_pre_hook(hook(la)) for la in layers]
     try:
-        with torch.no_grad():
-            for b in batches:
-                model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
-                mask.append(b.attention_mask.reshape(-1).bool())
+        yield xs
     finally:
         for h in handles:
             h.remove()
-    keep = torch.cat(mask)
-    return {la: torch.cat(xs)[keep].float() for la, xs in got.items()}
+    keep = torch.cat([b.attention_mask.reshape(-1).bool() for b in batches])
+    xs.update({la: torch.cat(chunks)[keep].float() for la, chunks in got.items()})
+
+
+def forward_all(model, batches) -> None:
+    import torch
+
+    with torch.no_grad():
+        for b in batches:
+            model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
 
 
 def neuron_acts(mlp, x):
@@ -180,17 +192,17 @@ def balanced_kmeans(features: np.ndarray, k: int, size: int, rng: np.random.Gene
         for j in range(k):
             m = features[assign == j].mean(0)
             c[j] = m / (np.linalg.norm(m) or 1.0)
-    groups = np.stack([np.sort(np.nonzero(assign == j)[0]) for j in range(k)])
-    return groups[np.argsort(groups[:, 0])]  # experts in order of their first neuron: deterministic labels
+    return np.stack([np.sort(np.nonzero(assign == j)[0]) for j in range(k)])
 
 
-def expert_norms(mlp, h, groups: np.ndarray):
-    """‖down_e · h_e‖ [N, E]: the output norm each routed expert gives each token."""
+def expert_outputs(mlp, h, groups: np.ndarray):
+    """down_e · h_e [N, E, D]: what each routed expert (its neurons `groups[e]`) adds to each token's
+    block output; their norms are what the router learns to rank."""
     import torch
 
     down = mlp.down_proj.weight.float()
     with torch.no_grad():
-        return torch.stack([(h[:, g] @ down[:, g].T).norm(dim=-1) for g in torch.as_tensor(groups)], 1)
+        return torch.stack([h[:, g] @ down[:, g].T for g in torch.as_tensor(groups)], 1)
 
 
 def fit_router(x, target, ridge: float = 1e-3):
@@ -218,12 +230,12 @@ def carve_layers(model, batches, spec: CarveSpec, progress: bool = False) -> Car
     """The split and router of every carved layer, from calibration batches."""
     import torch
 
-    start = time.perf_counter()
     mlps = swiglu_mlps(model)
     F = mlps[0].down_proj.weight.shape[1]
     spec.check(len(mlps), F)
     layers = sorted(spec.layers) if spec.layers else list(range(len(mlps)))
-    xs = block_inputs(model, batches, layers)
+    with block_inputs(model, layers, batches) as xs:
+        forward_all(model, batches)
     n = len(next(iter(xs.values())))
     if n < MIN_CALIBRATION_TOKENS:
         raise DeepSeeMoEError(f"{n} calibration tokens are too few to carve (at least {MIN_CALIBRATION_TOKENS}); "
@@ -244,18 +256,18 @@ def carve_layers(model, batches, spec: CarveSpec, progress: bool = False) -> Car
         rest = np.sort(order[spec.shared * w:])
         if spec.split == "random":
             routed = np.sort(rng.permutation(rest).reshape(spec.routed, w), axis=1)
-            routed = routed[np.argsort(routed[:, 0])]
         else:
             profile = h[:, rest].abs().T.numpy().astype(np.float64)  # [neurons, N]
             profile /= np.clip(np.linalg.norm(profile, axis=1, keepdims=True), 1e-12, None)
             routed = rest[balanced_kmeans(profile, spec.routed, w, rng, spec.kmeans_iters)]
-        norms = expert_norms(mlp, h, routed)
+        routed = routed[np.argsort(routed[:, 0])]  # experts in order of their first neuron: deterministic labels
+        norms = expert_outputs(mlp, h, routed).norm(dim=-1)
         router = fit_router(x.double(), norms.double()).float()
         logits = x @ router.T
         spread = float(logits.std()) or 1.0  # tempered: selected experts weigh 1 ± ~0.3 % (docstring)
         out[layer] = LayerCarve(shared, routed, (router * (ROUTER_SPREAD / spread)).numpy(),
                                 recall_at_k(logits, norms, spec.top_k))
-    return Carve(spec, out, n, time.perf_counter() - start)
+    return Carve(spec, out, n)
 
 
 def moe_config(dense_config, spec: CarveSpec, carved: list[int]):
@@ -328,7 +340,6 @@ def build_moe(dense, carve: Carve):
 
 def carve_summary(carve: Carve) -> dict:
     return {"spec": asdict(carve.spec), "calibration_tokens": carve.calibration_tokens,
-            "seconds": round(carve.seconds, 1), "notes": carve.notes,
             "layers": {str(la): {"shared": lc.shared.tolist(), "routed": lc.routed.tolist(),
                                  "router_recall_calibration": lc.recall} for la, lc in carve.layers.items()}}
 
@@ -355,14 +366,13 @@ def domain_ce(model, batches) -> dict[str, float]:
     return {d: sums[d] / counts[d] for d in sorted(sums)}
 
 
-def heldout_router_quality(dense, carve: Carve, batches, ks: list[int]) -> dict[str, dict]:
-    """Per carved layer, on held-out text and the dense model's own block inputs (so each layer is
-    judged alone): the router's recall of each token's true top-k experts (by output norm) and the
+def heldout_router_quality(dense, carve: Carve, xs: dict, ks: list[int]) -> dict[str, dict]:
+    """Per carved layer, on held-out text and the dense model's own block inputs `xs` (so each layer
+    is judged alone): the router's recall of each token's true top-k experts (by output norm) and the
     relative error ‖y_dense − y_carved‖ / ‖y_dense‖ of the block output at each k."""
     import torch
 
     mlps = swiglu_mlps(dense)
-    xs = block_inputs(dense, batches, sorted(carve.layers))
     out = {}
     for layer, lc in carve.layers.items():
         mlp, x = mlps[layer], xs[layer]
@@ -370,7 +380,7 @@ def heldout_router_quality(dense, carve: Carve, batches, ks: list[int]) -> dict[
         down = mlp.down_proj.weight.float()
         with torch.no_grad():
             full = h @ down.T
-            parts = torch.stack([h[:, g] @ down[:, g].T for g in torch.as_tensor(lc.routed)], 1)  # [N, E, D]
+            parts = expert_outputs(mlp, h, lc.routed)  # [N, E, D]
             shared = h[:, lc.shared] @ down[:, lc.shared].T if len(lc.shared) else torch.zeros_like(full)
             norms = parts.norm(dim=-1)
             logits = x @ torch.as_tensor(lc.router).T
@@ -414,6 +424,12 @@ def carve_zoo(corpus_dir: str | Path, *, model: str | Path | None = None, spec: 
     from deepseemoe.zoo.train import default_cache_dir
 
     spec = spec or CarveSpec()
+    spec.check()  # what needs no model: refused before anything is loaded
+    ks = sorted(set(eval_ks or [spec.top_k, max(1, spec.routed // 4), spec.routed // 2, (3 * spec.routed) // 4,
+                                  spec.routed]))
+    bad = [k for k in ks if not 1 <= k <= spec.routed]
+    if bad:
+        raise DeepSeeMoEError(f"--eval-k {bad}: each k must be between 1 and the {spec.routed} routed experts")
     corpus_dir = Path(corpus_dir)
     for name in ("train.jsonl", "val.jsonl"):
         if not (corpus_dir / name).is_file():
@@ -423,9 +439,8 @@ def carve_zoo(corpus_dir: str | Path, *, model: str | Path | None = None, spec: 
     if not (dense_dir / "config.json").is_file():
         raise DeepSeeMoEError(f"{dense_dir} is not a model folder (no config.json); give a dense Llama-shaped model "
                               "saved with save_pretrained")
-    weights = sorted(dense_dir.glob("*.safetensors"))
-    key = stamp.digest(stage="carve", spec=asdict(spec), config=stamp.file_digest(dense_dir / "config.json"),
-                       weights=[stamp.file_digest(w) for w in weights], train=stamp.file_digest(corpus_dir / "train.jsonl"),
+    key = stamp.digest(stage="carve", spec=asdict(spec), model=stamp.model_digest(dense_dir),
+                       train=stamp.file_digest(corpus_dir / "train.jsonl"),
                        val=stamp.file_digest(corpus_dir / "val.jsonl"), calibration_tokens=calibration_tokens,
                        eval_tokens=eval_tokens, ctx_len=ctx_len, eval_ks=eval_ks)
     root = Path(out) if out else Path(cache_dir or default_cache_dir()) / "zoo" / f"carved-{key[:16]}"
@@ -453,13 +468,9 @@ def carve_zoo(corpus_dir: str | Path, *, model: str | Path | None = None, spec: 
     carve = carve_layers(dense, calibration, spec, progress=progress)
     moe = build_moe(dense, carve)
     carve_seconds = time.perf_counter() - start
-    ks = sorted(set(eval_ks or [spec.top_k, max(1, spec.routed // 4), spec.routed // 2, (3 * spec.routed) // 4,
-                                  spec.routed]))
-    bad = [k for k in ks if not 1 <= k <= spec.routed]
-    if bad:
-        raise DeepSeeMoEError(f"--eval-k {bad}: each k must be between 1 and the {spec.routed} routed experts")
     gates = [layer.mlp.gate for layer in moe.model.layers if hasattr(layer.mlp, "gate")]
-    dense_ce = domain_ce(dense, heldout)
+    with block_inputs(dense, sorted(carve.layers), heldout) as heldout_x:  # one dense pass: its CE and block inputs
+        dense_ce = domain_ce(dense, heldout)
     carved_ce = {}
     for k in ks:
         for g in gates:
@@ -467,7 +478,7 @@ def carve_zoo(corpus_dir: str | Path, *, model: str | Path | None = None, spec: 
         carved_ce[str(k)] = domain_ce(moe, heldout)
     for g in gates:
         g.top_k = spec.top_k
-    quality = heldout_router_quality(dense, carve, heldout, ks)
+    quality = heldout_router_quality(dense, carve, heldout_x, ks)
     report = {"key": key, "dense": str(dense_dir), "class": "Qwen2MoeForCausalLM", **carve_summary(carve),
               "carve_seconds": round(carve_seconds, 1), "heldout_tokens": sum(b.num_tokens for b in heldout),
               "ce": {"dense": dense_ce, "carved": carved_ce}, "router": quality,
