@@ -4,6 +4,7 @@ the routing tables (recomputed here with DuckDB straight from the routing parque
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import duckdb
@@ -33,7 +34,7 @@ def test_reduced_demo(tmp_path):
                     "Co-activation", "Consecutive tokens", "Router saturation", "losses per domain",
                     "Dictionaries of the MoE block", "Causal checks", "MoE vs dense",
                     "Descriptions of experts and features", "layer1.experts", "sae_block_in_1",
-                    "features that route to it", "Modules of the feature–expert graph"):
+                    "Modules of the feature–expert graph", "An MoE carved from a dense model"):
         assert heading in page, heading
     run = tmp_path / "demo" / "run"
     summary = json.loads((run / "analyses" / "summary.json").read_text())
@@ -67,6 +68,35 @@ def test_reduced_demo(tmp_path):
             assert (f"<td class=\"l\">{label}</td><td class=\"l\">{kind.replace('_', ' ')}</td><td>{k['units']} of "
                     f"{k['of']}</td>") in page
             assert f"<td>{k['selected']['target']:.4f}</td><td>{k['selected']['off_target']:.4f}</td>" in page
+    # the carved MoE (the tiny recipe carves its own dense twin) and its random-split null, each routed; the
+    # specialists table's NMI recomputed here from the raw routing rows (top-1 = rank 0) and the token domains
+    carved = tmp_path / "demo" / "carved"
+    spec = json.loads((carved / "specialists.json").read_text())
+    assert set(spec["models"]) == {"trained", "carved", "carved, random split"}
+    for label, folder in (("trained", run), ("carved", carved / "clustered"), ("carved, random split", carved / "random")):
+        joint = duckdb.sql(f"SELECT r.layer, t.domain, r.expert, count(*) FROM read_parquet('{folder}/routing/*.parquet') r "
+                           f"JOIN read_parquet('{folder}/tokens/*.parquet') t USING (doc, pos) WHERE r.rank = 0 "
+                           "GROUP BY ALL").fetchall()
+        for layer in {row[0] for row in joint}:
+            cells = [(d, e, n) for la, d, e, n in joint if la == layer]
+            doms, exps = sorted({d for d, _, _ in cells}), sorted({e for _, e, _ in cells})
+            p = [[0.0] * len(exps) for _ in doms]
+            for d, e, n in cells:
+                p[doms.index(d)][exps.index(e)] = n
+            total = sum(map(sum, p))
+            pd_ = [sum(r) / total for r in p]
+            pe = [sum(r[j] for r in p) / total for j in range(len(exps))]
+            mi = sum(p[i][j] / total * math.log(p[i][j] / total / (pd_[i] * pe[j]))
+                     for i in range(len(doms)) for j in range(len(exps)) if p[i][j])
+            h = -sum(x * math.log(x) for x in pd_ if x) - sum(x * math.log(x) for x in pe if x)
+            assert spec["models"][label]["layers"][str(layer)]["nmi"] == pytest.approx(2 * mi / h, abs=1e-9)
+        mean = spec["models"][label]["mean"]
+        assert f"<td class=\"l\">{label}</td>" in page and f"<td>{mean['nmi']:.3f}</td><td>{mean['nmi_null_mean']:.3f}</td>" in page
+    carve = json.loads((carved / "carve.json").read_text())["carves"]
+    assert set(carve) == {"clustered", "random"}
+    for split, c in carve.items():  # the held-out CE differences shown are carve.json's
+        assert f"<th>{split} k=4</th>" in page
+        assert f"<td>{c['ce']['carved']['4']['all'] - c['ce']['dense']['all']:+.3f}</td>" in page
     # `deepseemoe report` rebuilds the same page from the run directories alone
     from typer.testing import CliRunner
 
@@ -129,3 +159,5 @@ def test_reduced_demo_with_experts_trained_separately(tmp_path):
     assert desc["moe"]["experts"] == len(joint) and 0 <= desc["moe"]["named"] <= len(joint)
     assert f"{desc['separate']['named']} of {desc['separate']['experts']}" in page
     assert "experts — the expert trained on it, every layer: ΔCE on the domain" in page
+    # the trained MoE's experts are described here too, beside the features of its SAE that route to them
+    assert "features that route to it" in page

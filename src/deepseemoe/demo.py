@@ -55,19 +55,19 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
     fix = f"delete {corpus_dir} to build the corpus again"
     if built_path.exists() and read_json(built_path, fix) == built and (corpus_dir / "val.jsonl").exists():
         corpus = read_json(corpus_dir / "report.json", fix)
-        console.print(f"[bold]1/7 corpus[/] reused {corpus_dir}")
+        console.print(f"[bold]1/8 corpus[/] reused {corpus_dir}")
     else:
-        with console.status("[bold]1/7 corpus[/] collecting text found on this machine"):
+        with console.status("[bold]1/8 corpus[/] collecting text found on this machine"):
             corpus = build_corpus(corpus_dir, seed=seed, max_bytes_per_domain=spec.max_bytes_per_domain).to_json()
         atomic_write_json(built_path, built)
-        console.print(f"[bold]1/7 corpus[/] {len(corpus['domains'])} domains: "
+        console.print(f"[bold]1/8 corpus[/] {len(corpus['domains'])} domains: "
                       + ", ".join(f"{d} {v['bytes'] / 1e6:.1f} MB" for d, v in corpus["domains"].items()))
     for note in corpus.get("notes", []):
         console.print(f"[yellow]{note}[/]")
     seconds["corpus"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    console.print(f"[bold]2/7 models[/] recipe '{recipe}': OLMoE {spec.experts} experts top-{spec.top_k} and its "
+    console.print(f"[bold]2/8 models[/] recipe '{recipe}': OLMoE {spec.experts} experts top-{spec.top_k} and its "
                   f"dense twin, {spec.steps} steps each")
     zoo = train_zoo(corpus_dir, recipe=spec, cache_dir=cache_dir, retrain=retrain)
     console.print(f"           {'reused' if zoo.cached else 'trained'}: MoE {zoo.moe_dir}", soft_wrap=True)
@@ -76,7 +76,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
     if separate:
         from deepseemoe.zoo.flexolmo import train_separate
 
-        console.print("[bold]2/7 models[/] and experts trained separately: a public base, one expert per domain, "
+        console.print("[bold]2/8 models[/] and experts trained separately: a public base, one expert per domain, "
                       "merged FlexOlmo-style")
         third = train_separate(corpus_dir, recipe=spec, cache_dir=cache_dir, retrain=retrain)
         if third.cached:
@@ -96,9 +96,9 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
                        checkpoints={str(p): stamp.model_digest(m) for p, m in earlier.items()}, recipe=recipe, **route_kw)
     if stamp.fresh(out_dir, "routing", key, ["run/manifest.json", *(str(p.relative_to(out_dir) / "manifest.json")
                                                                   for p in earlier)]):
-        console.print(f"[bold]3/7 routing[/] reused {run_dir}")
+        console.print(f"[bold]3/8 routing[/] reused {run_dir}")
     else:
-        console.print("[bold]3/7 routing[/] held-out text through the MoE (loaded from its folder like a hub model)")
+        console.print("[bold]3/8 routing[/] held-out text through the MoE (loaded from its folder like a hub model)")
         handle = load_model(str(zoo.moe_dir))
         route_corpus(handle, source, run_dir, extra={"recipe": recipe, "zoo": str(zoo.root)}, overwrite=True,
                      **route_kw)
@@ -118,14 +118,18 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
     key = stamp.digest(stage="stats", routing=key)
     if stamp.fresh(out_dir, "stats", key, ["run/analyses/manifest.json"]):
         summary = RoutingRun.open(run_dir).analyses().summary
-        console.print(f"[bold]4/7 statistics[/] reused {run_dir / 'analyses'}")
+        console.print(f"[bold]4/8 statistics[/] reused {run_dir / 'analyses'}")
     else:
-        with console.status("[bold]4/7 statistics[/]"):
+        with console.status("[bold]4/8 statistics[/]"):
             save_routing_stats(compute_routing_stats(run_dir))
         summary = RoutingRun.open(run_dir).analyses().summary  # as saved (with its inputs): what a warm run reads
         stamp.write(out_dir, "stats", key)
-        console.print(f"[bold]4/7 statistics[/] {summary['tokens']:,} tokens → {run_dir / 'analyses'}")
+        console.print(f"[bold]4/8 statistics[/] {summary['tokens']:,} tokens → {run_dir / 'analyses'}")
     seconds["stats"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    carved_key, carved_experts = _carved(corpus_dir, out_dir, run_dir, key, recipe, zoo.dense_dir, cache_dir, console)
+    seconds["carved"] = time.perf_counter() - t
 
     t = time.perf_counter()
     from deepseemoe.analysis.demo_stage import demo_analyses_outputs, read_demo_analyses, run_demo_analyses
@@ -135,16 +139,16 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
                        separate=stamp.model_digest(third.model_dir) if third is not None else None)
     if stamp.fresh(out_dir, "analyses", key, demo_analyses_outputs(spec.layers // 2)):
         analyses = read_demo_analyses(out_dir)
-        console.print("[bold]5/7 dictionaries and causal checks[/] reused")
+        console.print("[bold]6/8 dictionaries and causal checks[/] reused")
     else:
-        with console.status("[bold]5/7 dictionaries and causal checks[/]"):
+        with console.status("[bold]6/8 dictionaries and causal checks[/]"):
             analyses = run_demo_analyses(zoo.moe_dir, zoo.dense_dir, corpus_dir, out_dir, ctx_len=spec.seq_len,
                                          train_tokens=max(10_000, min(100_000, 2 * max_tokens)),
                                          eval_tokens=max(1_000, min(4_000, max_tokens // 4)), layer=spec.layers // 2,
                                          separate=third)
         stamp.write(out_dir, "analyses", key)
     ev = analyses["evaluation"]["coders"]
-    console.print("[bold]5/7 dictionaries and causal checks[/] " + ", ".join(
+    console.print("[bold]6/8 dictionaries and causal checks[/] " + ", ".join(
         f"{n}: FVU {r['fvu']:.3f}, ΔCE {r.get('delta_ce', float('nan')):.3f}" for n, r in ev.items()))
     if analyses["removal"] is not None:
         rm = analyses["removal"]
@@ -154,7 +158,9 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
     seconds["analyses"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    key = _describe(run_dir, out_dir, spec.layers // 2, cache_dir, explainer, console, key,
+    # the experts described: the carved MoE's (a model that knows language), else the trained MoE's
+    key = _describe(run_dir, out_dir, spec.layers // 2, carved_experts or (run_dir, spec.layers // 2), cache_dir,
+                    explainer, console, stamp.digest(analyses=key, carved=carved_key),
                     separate=(third, source, route_kw) if third is not None else None)
     seconds["descriptions"] = time.perf_counter() - t
 
@@ -162,19 +168,107 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
     key = stamp.digest(stage="report", descriptions=key)
     report = out_dir / "report" / "index.html"
     if stamp.fresh(out_dir, "report", key, ["report/index.html"]):
-        console.print(f"[bold]7/7 report[/] reused {report}")
+        console.print(f"[bold]8/8 report[/] reused {report}")
     else:
         report = build_report(run_dir)  # what `deepseemoe report runs/demo/run` writes, from the files alone
         stamp.write(out_dir, "report", key)
-        console.print(f"[bold]7/7 report[/] {report}")
+        console.print(f"[bold]8/8 report[/] {report}")
     seconds["report"] = time.perf_counter() - t
     return DemoResult(out_dir, report, seconds, summary)
 
 
-def _describe(run_dir: Path, out_dir: Path, layer: int, cache_dir, explainer, console: Console, key: str,
-              separate: tuple | None = None) -> str:
-    """Stage 6: the experts of one layer and 8 features of the block-input SAE, explained and
-    scored; answers cached, so a warm demo asks the explainer nothing, and the whole stage is
+@dataclass(frozen=True)
+class DemoCarve:
+    """What the demo carves (`zoo carve`), both with co-activation clusters and, as the null, with a
+    random split of the same neurons, and how much held-out text it routes through each."""
+
+    model: str  # "smollm2" (the default dense model) or "dense-twin" (the recipe's own dense model: tests)
+    layers: tuple[int, ...]
+    experts: int = 16
+    shared: int = 1
+    top_k: int = 8
+    calibration_tokens: int = 2048
+    eval_tokens: int = 2048
+    eval_ks: tuple[int, ...] = (4, 8, 15)
+    ctx_len: int = 256
+    route_tokens: int = 10_000
+
+
+# SmolLM2-135M: 30 layers, 1,536 SiLU neurons each. A band of 4 middle layers at 8 of 15 routed experts
+# (+1 shared) keeps the carved model near its dense twin (held-out CE in the report) and costs two
+# carves of ~40 s and two routing passes of ~20 s on 2 cores; all 30 layers would cost ~+2 nats at top-8
+# (../shared/reference/carving-an-moe.md) and minutes more
+DEMO_CARVES = {"demo": DemoCarve("smollm2", (12, 13, 14, 15)),
+               "tiny": DemoCarve("dense-twin", (0, 1), experts=8, top_k=4, calibration_tokens=512, eval_tokens=512,
+                                 eval_ks=(2, 4, 7), ctx_len=64, route_tokens=2000)}
+
+
+def _carved(corpus_dir: Path, out_dir: Path, run_dir: Path, stats_key: str, recipe: str, dense_dir: Path,
+            cache_dir, console: Console) -> tuple[str, tuple[Path, int] | None]:
+    """Stage 5: the dense model carved into an MoE twice (co-activation clusters; a random split, the
+    null), each routed on held-out text with its statistics, and every MoE's experts measured as
+    specialists against the domain-permutation null (STUDY/carved/). Returns the stage's key and the
+    experts to describe (the clustered carve's routing run and its middle carved layer; None when skipped)."""
+    from deepseemoe.analysis.specialists import expert_specialists, specialists_markdown
+    from deepseemoe.errors import DeepSeeMoEError
+    from deepseemoe.runs.study import save_carve, save_specialists
+    from deepseemoe.zoo.carve import CarveSpec, carve_zoo
+
+    plan = DEMO_CARVES.get(recipe.removesuffix("-ternary"), DEMO_CARVES["demo"])
+    model = dense_dir if plan.model == "dense-twin" else None
+    folder = out_dir / "carved"
+    carves = {}
+    try:
+        for split in ("clustered", "random"):
+            spec = CarveSpec(experts=plan.experts, shared=plan.shared, top_k=plan.top_k, layers=list(plan.layers),
+                             split=split)
+            with console.status(f"[bold]5/8 carved MoE[/] carving {'SmolLM2-135M' if model is None else dense_dir.name} "
+                                f"({split} split)"):
+                carves[split] = carve_zoo(corpus_dir, model=model, spec=spec, cache_dir=cache_dir,
+                                          calibration_tokens=plan.calibration_tokens, eval_tokens=plan.eval_tokens,
+                                          ctx_len=plan.ctx_len, eval_ks=list(plan.eval_ks), progress=False)
+    except DeepSeeMoEError as e:  # SmolLM2 is not installed: the rest of the demo stands
+        console.print(f"[bold]5/8 carved MoE[/] [yellow]skipped: {e}[/]")
+        return stamp.digest(stage="carved", stats=stats_key, carved=None), None
+    route_kw = dict(ctx_len=plan.ctx_len, batch_size=8, max_tokens=plan.route_tokens)
+    key = stamp.digest(stage="carved", stats=stats_key, carves={s: c.report["key"] for s, c in carves.items()},
+                       **route_kw)
+    runs = {s: folder / s for s in carves}
+    if stamp.fresh(out_dir, "carved", key, ["carved/specialists.json", "carved/carve.json"]):
+        result = read_json(folder / "specialists.json", f"run `deepseemoe demo --out {out_dir}` again")
+        how = "reused"
+    else:
+        source = TextSource(str(corpus_dir / "val.jsonl"), domain_field="domain", interleave_domains=True)
+        for split, c in carves.items():
+            with console.status(f"[bold]5/8 carved MoE[/] routing held-out text ({split} split)"):
+                route_corpus(load_model(str(c.moe_dir)), source, runs[split], progress=False, overwrite=True,
+                             extra={"carved": str(c.root), "split": split}, **route_kw)
+                save_routing_stats(compute_routing_stats(runs[split]))
+        result = expert_specialists({"trained": run_dir, "carved": runs["clustered"],
+                                     "carved, random split": runs["random"]}).to_json()
+        save_carve(folder, {s: {**c.report, "routing_run": s} for s, c in carves.items()})
+        save_specialists(folder, result, specialists_markdown(result))
+        stamp.write(out_dir, "carved", key)
+        how = ", ".join(f"{s} " + ("cached" if c.cached else f"carved in {c.report['seconds']} s")
+                        for s, c in carves.items())
+    ce = carves["clustered"].report["ce"]
+    k = str(plan.top_k)
+    mean = {label: m["mean"] for label, m in result["models"].items()}
+    console.print(f"[bold]5/8 carved MoE[/] ({how}) layers {plan.layers[0]}-{plan.layers[-1]}, top-{k} of "
+                  f"{plan.experts - plan.shared} + {plan.shared} shared: held-out CE +"
+                  f"{_mean(ce['carved'][k]) - _mean(ce['dense']):.3f} nats over the dense twin; domain NMI of top-1 "
+                  "(null): " + ", ".join(f"{label} {m['nmi']:.3f} ({m['nmi_null_mean']:.3f})" for label, m in mean.items()))
+    return key, (runs["clustered"], plan.layers[len(plan.layers) // 2])
+
+
+def _mean(by_domain: dict[str, float]) -> float:
+    return sum(by_domain.values()) / len(by_domain)
+
+
+def _describe(run_dir: Path, out_dir: Path, layer: int, experts: tuple[Path, int], cache_dir, explainer,
+              console: Console, key: str, separate: tuple | None = None) -> str:
+    """Stage 7: the experts of one layer (`experts`: a routing run and the layer) and 8 features of
+    the trained MoE's block-input SAE at `layer`, explained and scored; answers cached, so a warm demo asks the explainer nothing, and the whole stage is
     reused when its inputs (`key`: the analyses before it; the explainer) did not change. With
     `separate` (the separately trained model, the held-out source, the routing settings): that
     model's experts of the same layer too, and how often each MoE's expert descriptions name the
@@ -189,10 +283,11 @@ def _describe(run_dir: Path, out_dir: Path, layer: int, cache_dir, explainer, co
     try:
         chat = explainer or LocalChat.smollm2(root / "explain")
     except DeepSeeMoEError as e:  # the offline explainer is not installed: the rest of the demo stands
-        console.print(f"[bold]6/7 descriptions[/] [yellow]skipped: {e}[/]")
+        console.print(f"[bold]7/8 descriptions[/] [yellow]skipped: {e}[/]")
         return stamp.digest(stage="descriptions", analyses=key, explainer=None)
     key = stamp.digest(stage="descriptions", analyses=key, explainer=chat.ident)
-    stores = {"experts": (run_dir / "explanations" / f"layer{layer}", f"layer{layer}.experts"),
+    expert_run, expert_layer = experts
+    stores = {"experts": (expert_run / "explanations" / f"layer{expert_layer}", f"layer{expert_layer}.experts"),
               "features": (out_dir / "dictionaries" / "explanations" / f"sae_block_in_{layer}", f"sae_block_in_{layer}")}
     cached = ""
     if stamp.fresh(out_dir, "descriptions", key, [str(p.relative_to(out_dir) / "summary.json") for p, _ in stores.values()]):
@@ -200,14 +295,15 @@ def _describe(run_dir: Path, out_dir: Path, layer: int, cache_dir, explainer, co
         cached = "reused: "
     else:
         backend = Cached(chat, root / "explain" / "answers.sqlite")
-        with console.status("[bold]6/7 descriptions[/] explaining experts and features"):
-            got = demo_explanations(run_dir, out_dir / "dictionaries", f"sae_block_in_{layer}", layer, backend)
+        with console.status("[bold]7/8 descriptions[/] explaining experts and features"):
+            got = demo_explanations(expert_run, expert_layer, out_dir / "dictionaries", f"sae_block_in_{layer}",
+                                    backend)
         if separate is not None:
             _describe_separate(run_dir, out_dir, layer, backend, *separate)
         stamp.write(out_dir, "descriptions", key)
         cached = f"({backend.hits} answers cached, {backend.misses} new) "
     e, f = got["experts"]["scorers"], got["features"]["scorers"]
-    console.print(f"[bold]6/7 descriptions[/] {cached}{got['experts']['units']} experts, {got['features']['units']} "
+    console.print(f"[bold]7/8 descriptions[/] {cached}{got['experts']['units']} experts, {got['features']['units']} "
                   f"features by {chat.ident.split(':', 1)[1]}: routing prediction "
                   f"{_score(e.get('routing'))} (shuffled {_score((e.get('routing') or {}).get('shuffled_explanation'))}, "
                   f"token identity {_score((e.get('routing') or {}).get('token_baseline'))}); feature detection "
@@ -251,6 +347,8 @@ def _describe_separate(run_dir: Path, out_dir: Path, layer: int, backend, models
     sep_run = out_dir / "separate" / "run"
     route_corpus(handle, source, sep_run, progress=False, overwrite=True, **route_kw)
     demo_expert_explanations(sep_run, layer, backend)
+    if not (run_dir / "explanations" / f"layer{layer}" / "summary.json").exists():  # the carved MoE's were described
+        demo_expert_explanations(run_dir, layer, backend)
     names = declared_expert_names(handle.model.config) or []
 
     def described(run: Path) -> dict[int, str]:

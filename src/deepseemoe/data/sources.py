@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import glob
 import io
+import itertools
 import json
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from deepseemoe.errors import DeepSeeMoEError
@@ -46,6 +47,9 @@ class TextSource:
     max_docs: int | None = None
     shuffle: bool = False  # local sources only: shuffle file order and documents with `seed`
     seed: int = 0
+    # documents taken in turn from each domain (within windows of INTERLEAVE_WINDOW documents), so
+    # that the first few thousand tokens already span every domain; doc_id counts in that order
+    interleave_domains: bool = False
 
     def describe(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v not in (None, False)}
@@ -133,8 +137,32 @@ def _hf_records(source: TextSource) -> Iterator[dict]:
     yield from ds
 
 
+INTERLEAVE_WINDOW = 20_000
+
+
 def iter_documents(source: TextSource) -> Iterator[Document]:
-    """The source's documents after the length filters, up to `max_docs`."""
+    """The source's documents after the length filters, up to `max_docs` (interleaved by domain
+    when the source asks for it)."""
+    docs = _filtered_documents(source)
+    if not source.interleave_domains:
+        yield from docs
+        return
+    kept = 0
+    while True:
+        window = list(itertools.islice(docs, INTERLEAVE_WINDOW))
+        if not window:
+            return
+        buckets: dict[str | None, list[Document]] = {}
+        for d in window:
+            buckets.setdefault(d.domain, []).append(d)
+        for group in itertools.zip_longest(*buckets.values()):
+            for d in group:
+                if d is not None:
+                    yield replace(d, doc_id=kept)
+                    kept += 1
+
+
+def _filtered_documents(source: TextSource) -> Iterator[Document]:
     if source.spec.startswith("hf:"):
         streams = [(source.spec.removeprefix("hf:"), _hf_records(source))]
     else:

@@ -256,9 +256,9 @@ def demo_expert_explanations(routing_run: Path, layer: int, backend: ChatBackend
     return run_score(experts, backend, prompts, ["routing"])
 
 
-def demo_explanations(routing_run: Path, dict_run: Path, dictionary: str, layer: int, backend: ChatBackend, *,
+def demo_explanations(routing_run: Path, layer: int, dict_run: Path, dictionary: str, backend: ChatBackend, *,
                       features: int = 8, tokens: int = 8_000) -> dict[str, dict]:
-    """The demo's stage: the experts of one layer (routing prediction) and `features` features
+    """The demo's stage: the experts of one layer of a routing run (routing prediction) and `features` features
     (detection), explained (one retry for junk) and scored on small example sets (10 per unit, each
     judged on its own prompt, beside another unit's description; 16-token windows) — about 40
     explanations and 250 judged examples, 120 s for SmolLM2 on 2 cores cold; answers cached, so a

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from markupsafe import Markup
 
+from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.report.components import Strip, expert_colors, show_token
 from deepseemoe.runs.atomic import atomic_write_bytes
 from deepseemoe.runs.study import Study
@@ -157,7 +158,8 @@ def write_report(study: Study, out_path: str | Path, *, title: str, notes: list[
     if extra["graphs"]:
         sections.append(("graphs", "modules"))
     for key, anchor, label in (("causal_all", "causal", "causal checks"), ("removal_all", "removal", "removing a behaviour"),
-                               ("wiring_all", "wiring", "wiring"), ("comparison_all", "compare", "")):
+                               ("wiring_all", "wiring", "wiring"), ("comparison_all", "compare", ""),
+                               ("carved_all", "carved", "carved MoE")):
         for i, item in enumerate(extra[key]):  # every result folder of the study, each its own section
             if key == "comparison_all":
                 label = "trained separately vs together" if "separate" in item.sides else "MoE vs dense"
@@ -214,7 +216,36 @@ def _analyses_context(study: Study) -> dict:
                              "figure": _png(r.figures[0]) if r.figures else None} for r in results.get("removal", [])],
             "wiring_all": [{**r.doc, "folder": _where(study, r)} for r in results.get("wiring", [])],
             "comparison_all": [comparison_table(r.doc, folder=_where(study, r)) for r in results.get("comparison", [])],
+            "carved_all": [_carved(r, study, _where(study, r)) for r in results.get("carve", [])],
             "explanations": _explanations_context(study) or None}
+
+
+def _carved(result, study: Study, folder: str) -> dict:
+    """The section of a folder of carved MoEs (carve.json, and specialists.json beside it): held-out
+    CE of each carve against the dense model at every measured k, router recall, and the
+    specialisation of every routing run compared there against its domain-permutation null."""
+    from deepseemoe.runs.atomic import read_json
+    from deepseemoe.runs.study import FIX, SPECIALISTS
+
+    carves = result.doc["carves"]
+    first = next(iter(carves.values()))
+    ks = list(first["ce"]["carved"])
+    domains = list(first["ce"]["dense"])
+    ce = [{"domain": d, "dense": first["ce"]["dense"][d],
+           "delta": [c["ce"]["carved"][k][d] - c["ce"]["dense"][d] for c in carves.values() for k in ks]}
+          for d in domains]
+    recall = [sum(la[k]["recall"] for la in c["router"].values()) / len(c["router"]) for c in carves.values() for k in ks]
+    spec = read_json(result.folder / SPECIALISTS, FIX) if (result.folder / SPECIALISTS).exists() else None
+    profiles = []
+    if spec:
+        for label, m in spec["models"].items():
+            layers = list(m["layers"])
+            layer = m["layers"][layers[len(layers) // 2]]
+            profiles.append({"label": label, "layer": layer["layer"],
+                             "experts": [{**p, "tokens": "  ".join(show_token(t) for t, _ in p["top_tokens"])}
+                                         for p in sorted(layer["profiles"], key=lambda p: -p["lift"])]})
+    return {"folder": folder, "splits": list(carves), "ks": ks, "ce": ce, "recall": recall, "first": first,
+            "specialists": spec, "profiles": profiles}
 
 
 def _where(study: Study, result) -> str:
@@ -265,14 +296,17 @@ def _explanations_context(study: Study) -> list[dict]:
         rows = table.to_pylist() if table is not None else [{"unit": u, "explanation": t} for u, t in sorted(texts.items())]
         cols = [s["name"] for s in scorers]
         doc = store.examples()
-        domains = _expert_domains(study, store.module)
+        run = _store_run(study, store)
+        domains = _expert_domains(run, store.module) if run is not None else {}
         units = [{"unit": r["unit"], "text": r["explanation"], "described": r["explanation"] not in (NO_DESCRIPTION, UNPARSED),
                   "evidence": _shown(evidence(doc["units"].get(str(r["unit"]), {}))), "domains": domains.get(r["unit"], []),
                   "scores": [r.get(f"{c}_balanced_accuracy") for c in cols]} for r in rows]
         backend = (summary or {}).get("backend", "")
         used = f"{backend} {(summary or {}).get('explained_by', '')} {store.examples().get('backend', '')}"
+        elsewhere = run is not None and run.run_dir != study.run.run_dir  # e.g. a carved model's experts
         out.append({"module": store.module, "backend": backend, "weak": "SmolLM2" in used, "scorers": scorers,
-                    "columns": cols, "units": units, "mapped": _mapped(study, store),
+                    "folder": str(run.run_dir.relative_to(study.run.run_dir.parent)) if elsewhere else None,
+                    "columns": cols, "units": units, "mapped": None if elsewhere else _mapped(study, store),
                     "undescribed": sum(not u["described"] for u in units)})
     return out
 
@@ -281,13 +315,32 @@ def _shown(ev: dict) -> dict:
     return {**ev, "tokens": [(show_token(t), n) for t, n in ev["tokens"]]}
 
 
-def _expert_domains(study: Study, module: str, n: int = 2) -> dict[int, list[tuple[str, float]]]:
-    """For a store of layer L's experts: each expert's domains with the largest lift over uniform
-    (the routing run's domain table), else nothing."""
+def _store_run(study: Study, store):
+    """The routing run whose experts an experts' store describes (RUN/explanations/layerL/): the
+    study's own run or one beside it (a carved model's); None for a dictionary's store."""
+    from deepseemoe.runs.routing import RoutingRun
+
+    if not store.module.endswith(".experts"):
+        return None
+    folder = store.path.parent.parent
+    if folder == study.run.run_dir:
+        return study.run
+    try:
+        return RoutingRun.open(folder)
+    except DeepSeeMoEError:
+        return None
+
+
+def _expert_domains(run, module: str, n: int = 2) -> dict[int, list[tuple[str, float]]]:
+    """For a store of layer L's experts of routing run `run`: each expert's domains with the largest
+    lift over uniform (the run's domain table), else nothing."""
     if not module.endswith(".experts"):
         return {}
     layer = int(module.split(".")[0].removeprefix("layer"))
-    table = study.run.analyses().table("domain")  # the report is built from the statistics: they exist
+    try:
+        table = run.analyses().table("domain")
+    except DeepSeeMoEError:  # a run beside the study without statistics
+        return {}
     if table.empty:  # a corpus without domains
         return {}
     sub = table[table["layer"] == layer].sort_values("lift_over_uniform", ascending=False)

@@ -7,6 +7,8 @@
     STUDY/*/removal.json (+ removal.png)     a behaviour removed by ablation (`ablate --target`)
     STUDY/*/wiring.json             modules of the feed-forward neurons' weight graph (`wiring`)
     STUDY/*/comparison.json         the MoE-vs-dense comparison (`compare`)
+    STUDY/*/specialists.json        domain specialisation of routing runs against a null (analysis/specialists.py)
+    STUDY/*/carve.json              the reports of MoEs carved from a dense model (`zoo carve`)
     run.json's "zoo" folder, report.json    the models' training report, when the zoo trained them
 
 `deepseemoe report` renders whatever of this exists; nothing here is recomputed.
@@ -27,6 +29,7 @@ from deepseemoe.runs.routing import RoutingRun
 
 FIX = "run the verb that wrote it again"
 ABLATION, COMPARISON, REMOVAL, WIRING = "ablation.json", "comparison.json", "removal.json", "wiring.json"
+SPECIALISTS, CARVE = "specialists.json", "carve.json"
 
 
 def save_ablation(folder: str | Path, result: dict, draw: Callable[[Path], object] | None = None) -> Path:
@@ -52,6 +55,20 @@ def save_comparison(folder: str | Path, result: dict, markdown: str) -> Path:
     atomic_write_json(folder / COMPARISON, result)
     atomic_write_bytes(folder / "comparison.md", markdown.encode())
     return folder / COMPARISON
+
+
+def save_specialists(folder: str | Path, result: dict, markdown: str) -> Path:
+    """FOLDER/specialists.json (`Specialists.to_json()`) and the same table as specialists.md."""
+    folder = Path(folder)
+    atomic_write_json(folder / SPECIALISTS, result)
+    atomic_write_bytes(folder / "specialists.md", markdown.encode())
+    return folder / SPECIALISTS
+
+
+def save_carve(folder: str | Path, reports: dict[str, dict]) -> Path:
+    """FOLDER/carve.json: the report.json of each carved model (by label: split, settings), as `zoo carve`
+    wrote it, and where its routing run is."""
+    return _save_result(Path(folder), CARVE, {"carves": reports}, None, "")
 
 
 @dataclass
@@ -92,7 +109,8 @@ class Study:
     dictionary_runs: list[DictionaryRunFiles] = field(default_factory=list)
     zoo_report: dict | None = None
     explanations: list[ExplanationStore] = field(default_factory=list)  # the run's experts', the dictionaries'
-    # every result folder beside the run, by kind ("ablation", "removal", "wiring", "comparison"), in name order
+    # every result folder beside the run, by kind ("ablation", "removal", "wiring", "comparison", "specialists",
+    # "carve"), in name order
     results: dict[str, list[Result]] = field(default_factory=dict)
 
     # the first folder of each kind: what the explorer's single-result pages show
@@ -123,6 +141,14 @@ class Study:
     def comparison(self) -> dict | None:
         return r.doc if (r := self._first("comparison")) else None
 
+    @property
+    def specialists(self) -> dict | None:
+        return r.doc if (r := self._first("specialists")) else None
+
+    @property
+    def carve(self) -> dict | None:
+        return r.doc if (r := self._first("carve")) else None
+
     @classmethod
     def open(cls, run_dir: str | Path, checkpoint_runs: list[str | Path] | None = None) -> Study:
         """The routing run at `run_dir` (or the one inside the study folder `run_dir`) and what sits
@@ -144,11 +170,14 @@ class Study:
                                                                 dictionaries.graph_summaries()))
                 study.explanations += list(stores_in(sub).values())
             for kind, name in (("ablation", ABLATION), ("removal", REMOVAL), ("wiring", WIRING),
-                               ("comparison", COMPARISON)):
+                               ("comparison", COMPARISON), ("specialists", SPECIALISTS), ("carve", CARVE)):
                 if (sub / name).exists():
                     figures = {"ablation": sorted((sub / "figures").glob("*.png")),
                                "removal": [p for p in [sub / "removal.png"] if p.exists()]}.get(kind, [])
                     study.results.setdefault(kind, []).append(Result(sub, read_json(sub / name, FIX), figures))
+            if (sub / CARVE).exists():  # the carved models' routing runs, and the experts described in them
+                for split in sorted(p for p in sub.iterdir() if (p / MANIFEST).exists() and (p / "routing").is_dir()):
+                    study.explanations += list(stores_in(split).values())
         zoo = run.meta.get("zoo")
         if zoo and (Path(zoo) / "report.json").exists():
             study.zoo_report = read_json(Path(zoo) / "report.json", "train the zoo models again (--retrain)")

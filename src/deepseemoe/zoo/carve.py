@@ -457,9 +457,9 @@ def carve_zoo(corpus_dir: str | Path, *, model: str | Path | None = None, spec: 
     swiglu_mlps(dense)  # refused before any text is read
 
     def batches(name: str, tokens: int) -> list:
-        # each document's first DOC_CHARS characters: a few thousand tokens then span every domain,
-        # not the first few long documents
-        source = TextSource(str(corpus_dir / name), domain_field="domain")
+        # documents in turn from each domain, and each one's first DOC_CHARS characters: a few thousand
+        # tokens then span every domain about equally, not the first few long documents
+        source = TextSource(str(corpus_dir / name), domain_field="domain", interleave_domains=True)
         docs = (replace(d, text=d.text[:DOC_CHARS]) for d in iter_documents(source))
         return list(pack_documents(tok, docs, ctx_len=handle.check_ctx_len(ctx_len), batch_size=8, max_tokens=tokens))
 
