@@ -114,3 +114,19 @@ def test_no_batch_grows_past_batch_size_when_a_context_closes_for_lack_of_room(t
     batches = list(pack_documents(tok, docs, ctx_len=ctx, batch_size=3))
     assert all(b.input_ids.shape[0] <= 3 for b in batches)
     assert sum(int((b.pos >= 0).sum()) for b in batches) == 40 * n  # nothing lost
+
+
+def test_interleave_domains_takes_documents_in_turn(tmp_path, monkeypatch):
+    import deepseemoe.data.sources as sources
+
+    path = tmp_path / "d.jsonl"
+    rows = [("a", 1), ("a", 2), ("a", 3), ("b", 1), ("c", 1), ("c", 2)]
+    path.write_text("".join(json.dumps({"text": f"{d}{i}", "domain": d}) + "\n" for d, i in rows))
+    got = list(iter_documents(TextSource(str(path), domain_field="domain", interleave_domains=True)))
+    assert [d.text for d in got] == ["a1", "b1", "c1", "a2", "c2", "a3"]
+    assert [d.doc_id for d in got] == list(range(6))  # numbered in the order they come
+    # windows bound the memory: each window is interleaved on its own, in order
+    monkeypatch.setattr(sources, "INTERLEAVE_WINDOW", 4)
+    got = list(iter_documents(TextSource(str(path), domain_field="domain", interleave_domains=True)))
+    assert [d.text for d in got] == ["a1", "b1", "a2", "a3", "c1", "c2"]
+    assert [d.text for d in iter_documents(TextSource(str(path), domain_field="domain"))] == [f"{d}{i}" for d, i in rows]
