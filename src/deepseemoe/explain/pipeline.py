@@ -243,33 +243,34 @@ DEMO_RETRIES = 1  # SmolLM2 on 2 cores reads ~450 prompt tokens/s: one retry (of
 DEMO_SIZES = {"n_top": 6, "n_quantile": 2, "n_test": 5, "n_quantiles": 5, "n_random": 3, "n_hard": 2}
 
 
-def demo_expert_explanations(routing_run: Path, layer: int, backend: ChatBackend, prompts: Prompts | None = None
-                             ) -> dict:
-    """The experts of one layer of a routing run, explained and scored by routing prediction at the
-    demo's sizes (RUN/explanations/layerL/); the scores' summary."""
+def demo_expert_explanations(routing_run: Path, layer: int, backend: ChatBackend, prompts: Prompts | None = None,
+                             judge=None) -> dict:
+    """The experts of one layer of a routing run, explained by `backend` and scored by routing
+    prediction (by `judge`, default the backend) at the demo's sizes (RUN/explanations/layerL/);
+    the scores' summary."""
     prompts = prompts or Prompts.load()
     experts = ExplanationStore(Path(routing_run) / "explanations" / f"layer{layer}", f"layer{layer}.experts")
     corpus, acts, units, contexts = expert_source(Path(routing_run), layer)
     run_explain(experts, corpus, acts, units, contexts, backend, prompts, kind="expert",
                 source={"run": str(routing_run), "layer": layer}, routing=True, sizes=DEMO_SIZES, n_routing=10,
                 window=16, retries=DEMO_RETRIES)
-    return run_score(experts, backend, prompts, ["routing"])
+    return run_score(experts, judge or backend, prompts, ["routing"])
 
 
 def demo_explanations(routing_run: Path, layer: int, dict_run: Path, dictionary: str, backend: ChatBackend, *,
-                      features: int = 8, tokens: int = 8_000) -> dict[str, dict]:
+                      features: int = 8, tokens: int = 8_000, judge=None) -> dict[str, dict]:
     """The demo's stage: the experts of one layer of a routing run (routing prediction) and `features` features
     (detection), explained (one retry for junk) and scored on small example sets (10 per unit, each
     judged on its own prompt, beside another unit's description; 16-token windows) — about 40
     explanations and 250 judged examples, 120 s for SmolLM2 on 2 cores cold; answers cached, so a
     rerun asks nothing. Ten examples a unit make coarse scores: the demo shows the pipeline, not a verdict."""
     prompts = Prompts.load()
-    out = {"experts": demo_expert_explanations(routing_run, layer, backend, prompts)}
+    out = {"experts": demo_expert_explanations(routing_run, layer, backend, prompts, judge)}
     feats = ExplanationStore(Path(dict_run) / "explanations" / dictionary, dictionary)
     corpus, acts, units, contexts = feature_source(Path(dict_run), dictionary, data=None, tokens=tokens,
                                                    features=features)
     run_explain(feats, corpus, acts, units, contexts, backend, prompts, kind="feature",
                 source={"run": str(dict_run), "dictionary": dictionary, "tokens": tokens}, sizes=DEMO_SIZES,
                 window=16, retries=DEMO_RETRIES)
-    out["features"] = run_score(feats, backend, prompts, ["detection"])
+    out["features"] = run_score(feats, judge or backend, prompts, ["detection"])
     return out

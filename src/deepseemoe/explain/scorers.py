@@ -80,15 +80,21 @@ def _record(e: Example, truth: bool) -> dict:
 def score_items(backend: ChatBackend, prompts: Prompts, scorer: str, jobs: list[tuple[str, list[Item]]]
                 ) -> list[list[dict]]:
     """For each (explanation, items) job, the items' records with predictions: one prompt per item
-    (prompts of all jobs go to the backend together, so it can batch and run them concurrently)."""
+    (prompts of all jobs go to the backend together, so it can batch and run them concurrently),
+    or, for an embedding judge, the explanation's similarity to each item's text."""
     name = {"detection": "detection", "fuzz": "fuzz", "routing": "routing"}[scorer]
-    system = prompts.text(f"{name}_system.txt")
     flat = [(j, it) for j, (_, items) in enumerate(jobs) for it in items]
-    messages = [[{"role": "system", "content": system},
-                 {"role": "user", "content": prompts.render(f"{name}_user.j2", explanation=jobs[j][0], example=it.shown)}]
-                for j, it in flat]
+    pairs = getattr(backend, "judge_pairs", None)
+    if pairs is not None:  # an embedding judge (explain/embedding.py): the description beside each example's text
+        verdicts = [v for job in pairs([(text, [it.shown for it in items]) for text, items in jobs]) for v in job]
+    else:
+        system = prompts.text(f"{name}_system.txt")
+        verdicts = judge_many(backend, [
+            [{"role": "system", "content": system},
+             {"role": "user", "content": prompts.render(f"{name}_user.j2", explanation=jobs[j][0], example=it.shown)}]
+            for j, it in flat])
     out: list[list[dict]] = [[] for _ in jobs]
-    for (j, it), verdict in zip(flat, judge_many(backend, messages), strict=True):
+    for (j, it), verdict in zip(flat, verdicts, strict=True):
         rec = dict(it.record)
         rec["prediction"], rec["probability"] = verdict["answer"], verdict["p1"]
         if rec["prediction"] is not None:
