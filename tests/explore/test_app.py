@@ -328,3 +328,15 @@ def test_demo_dictionaries_have_the_readmes_automatic_names_and_the_old_ones_sti
                      (f"block_transcoder_{layer}", f"skip_transcoder_{layer}")):
         page, want = client.get(f"/s/demo/feature/{old}/0"), client.get(f"/s/demo/feature/{new}/0")
         assert page.status_code == 200 and page.text == want.text
+
+
+def test_expert_pages_describe_only_the_studys_own_experts(study):
+    """The demo describes the carved MoE's experts (study/carved/clustered/explanations/layer1): the
+    tiny recipe's carve and trained MoE both have a layer 1, and the trained MoE's expert pages must not
+    show the carved model's descriptions."""
+    from deepseemoe.explore.store import StudyView
+
+    carved = study / "carved" / "clustered" / "explanations" / "layer1"
+    assert (carved / "examples.json").exists()
+    view = StudyView("demo", study)
+    assert all(s.path.resolve().is_relative_to((study / "run").resolve()) for s in view.expert_stores.values())

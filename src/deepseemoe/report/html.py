@@ -224,9 +224,6 @@ def _carved(result, study: Study, folder: str) -> dict:
     """The section of a folder of carved MoEs (carve.json, and specialists.json beside it): held-out
     CE of each carve against the dense model at every measured k, router recall, and the
     specialisation of every routing run compared there against its domain-permutation null."""
-    from deepseemoe.runs.atomic import read_json
-    from deepseemoe.runs.study import FIX, SPECIALISTS
-
     carves = result.doc["carves"]
     first = next(iter(carves.values()))
     ks = list(first["ce"]["carved"])
@@ -235,7 +232,7 @@ def _carved(result, study: Study, folder: str) -> dict:
            "delta": [c["ce"]["carved"][k][d] - c["ce"]["dense"][d] for c in carves.values() for k in ks]}
           for d in domains]
     recall = [sum(la[k]["recall"] for la in c["router"].values()) / len(c["router"]) for c in carves.values() for k in ks]
-    spec = read_json(result.folder / SPECIALISTS, FIX) if (result.folder / SPECIALISTS).exists() else None
+    spec = next((r.doc for r in study.results.get("specialists", []) if r.folder == result.folder), None)
     profiles = []
     if spec:
         for label, m in spec["models"].items():
@@ -279,7 +276,7 @@ def _explanations_context(study: Study) -> list[dict]:
     from deepseemoe.explain.explainer import NO_DESCRIPTION, UNPARSED, evidence
 
     out = []
-    for store in study.explanations:
+    for store in [*study.explanations, *study.other_explanations]:
         summary = store.summary()
         table = store.units_table()
         texts = store.explanations()
@@ -298,14 +295,14 @@ def _explanations_context(study: Study) -> list[dict]:
         doc = store.examples()
         run = _store_run(study, store)
         domains = _expert_domains(run, store.module) if run is not None else {}
+        elsewhere = store in study.other_explanations  # another model's experts (a carved MoE's)
         units = [{"unit": r["unit"], "text": r["explanation"], "described": r["explanation"] not in (NO_DESCRIPTION, UNPARSED),
                   "evidence": _shown(evidence(doc["units"].get(str(r["unit"]), {}))), "domains": domains.get(r["unit"], []),
                   "scores": [r.get(f"{c}_balanced_accuracy") for c in cols]} for r in rows]
         backend = (summary or {}).get("backend", "")
         used = f"{backend} {(summary or {}).get('explained_by', '')} {store.examples().get('backend', '')}"
-        elsewhere = run is not None and run.run_dir != study.run.run_dir  # e.g. a carved model's experts
         out.append({"module": store.module, "backend": backend, "weak": "SmolLM2" in used, "scorers": scorers,
-                    "folder": str(run.run_dir.relative_to(study.run.run_dir.parent)) if elsewhere else None,
+                    "folder": str(store.path.parent.parent.relative_to(study.run.run_dir.parent)) if elsewhere else None,
                     "columns": cols, "units": units, "mapped": None if elsewhere else _mapped(study, store),
                     "undescribed": sum(not u["described"] for u in units)})
     return out
@@ -316,17 +313,17 @@ def _shown(ev: dict) -> dict:
 
 
 def _store_run(study: Study, store):
-    """The routing run whose experts an experts' store describes (RUN/explanations/layerL/): the
-    study's own run or one beside it (a carved model's); None for a dictionary's store."""
+    """The routing run whose experts an experts' store describes: the study's own, or for another
+    model's (`Study.other_explanations`, RUN/explanations/layerL/) that run; None for a dictionary's
+    store."""
     from deepseemoe.runs.routing import RoutingRun
 
     if not store.module.endswith(".experts"):
         return None
-    folder = store.path.parent.parent
-    if folder == study.run.run_dir:
+    if store not in study.other_explanations:
         return study.run
     try:
-        return RoutingRun.open(folder)
+        return RoutingRun.open(store.path.parent.parent)
     except DeepSeeMoEError:
         return None
 

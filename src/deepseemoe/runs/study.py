@@ -51,18 +51,18 @@ def _save_result(folder: Path, name: str, result: dict, draw: Callable[[Path], o
 
 def save_comparison(folder: str | Path, result: dict, markdown: str) -> Path:
     """FOLDER/comparison.json (what `compare` computed) and the same table as comparison.md."""
-    folder = Path(folder)
-    atomic_write_json(folder / COMPARISON, result)
-    atomic_write_bytes(folder / "comparison.md", markdown.encode())
-    return folder / COMPARISON
+    return _save_with_markdown(Path(folder), COMPARISON, result, markdown)
 
 
 def save_specialists(folder: str | Path, result: dict, markdown: str) -> Path:
     """FOLDER/specialists.json (`Specialists.to_json()`) and the same table as specialists.md."""
-    folder = Path(folder)
-    atomic_write_json(folder / SPECIALISTS, result)
-    atomic_write_bytes(folder / "specialists.md", markdown.encode())
-    return folder / SPECIALISTS
+    return _save_with_markdown(Path(folder), SPECIALISTS, result, markdown)
+
+
+def _save_with_markdown(folder: Path, name: str, result: dict, markdown: str) -> Path:
+    atomic_write_json(folder / name, result)
+    atomic_write_bytes(folder / name.replace(".json", ".md"), markdown.encode())
+    return folder / name
 
 
 def save_carve(folder: str | Path, reports: dict[str, dict]) -> Path:
@@ -79,12 +79,15 @@ class DictionaryRunFiles:
     graphs: dict[str, dict] = field(default_factory=dict)  # dictionary name -> graphs/NAME/summary.json
 
 
+def _is_routing_run(path: Path) -> bool:
+    return (path / MANIFEST).exists() and (path / "routing").is_dir()
+
+
 def find_routing_run(path: Path) -> Path:
     """PATH itself when it is a routing run, else the one routing run directly inside it (a study)."""
-    if (path / MANIFEST).exists() and (path / "routing").is_dir():
+    if _is_routing_run(path):
         return path
-    inside = sorted(p for p in path.iterdir() if p.is_dir() and (p / MANIFEST).exists() and (p / "routing").is_dir()) \
-        if path.is_dir() else []
+    inside = sorted(p for p in path.iterdir() if _is_routing_run(p)) if path.is_dir() else []
     if len(inside) == 1:
         return inside[0]
     if not inside:
@@ -109,6 +112,9 @@ class Study:
     dictionary_runs: list[DictionaryRunFiles] = field(default_factory=list)
     zoo_report: dict | None = None
     explanations: list[ExplanationStore] = field(default_factory=list)  # the run's experts', the dictionaries'
+    # the experts described in other models' routing runs inside result folders (a carved MoE's): not
+    # the study's run, so never shown as its experts
+    other_explanations: list[ExplanationStore] = field(default_factory=list)
     # every result folder beside the run, by kind ("ablation", "removal", "wiring", "comparison", "specialists",
     # "carve"), in name order
     results: dict[str, list[Result]] = field(default_factory=dict)
@@ -141,14 +147,6 @@ class Study:
     def comparison(self) -> dict | None:
         return r.doc if (r := self._first("comparison")) else None
 
-    @property
-    def specialists(self) -> dict | None:
-        return r.doc if (r := self._first("specialists")) else None
-
-    @property
-    def carve(self) -> dict | None:
-        return r.doc if (r := self._first("carve")) else None
-
     @classmethod
     def open(cls, run_dir: str | Path, checkpoint_runs: list[str | Path] | None = None) -> Study:
         """The routing run at `run_dir` (or the one inside the study folder `run_dir`) and what sits
@@ -176,8 +174,8 @@ class Study:
                                "removal": [p for p in [sub / "removal.png"] if p.exists()]}.get(kind, [])
                     study.results.setdefault(kind, []).append(Result(sub, read_json(sub / name, FIX), figures))
             if (sub / CARVE).exists():  # the carved models' routing runs, and the experts described in them
-                for split in sorted(p for p in sub.iterdir() if (p / MANIFEST).exists() and (p / "routing").is_dir()):
-                    study.explanations += list(stores_in(split).values())
+                for split in sorted(p for p in sub.iterdir() if _is_routing_run(p)):
+                    study.other_explanations += list(stores_in(split).values())
         zoo = run.meta.get("zoo")
         if zoo and (Path(zoo) / "report.json").exists():
             study.zoo_report = read_json(Path(zoo) / "report.json", "train the zoo models again (--retrain)")
