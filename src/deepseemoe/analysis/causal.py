@@ -33,7 +33,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from deepseemoe.data.tokens import token_domains, within_document
+from deepseemoe.data.tokens import counted_predictions, token_domains
 from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.interventions.routing import ablate, exclude, random_routing, route_intervention
 from deepseemoe.models.spec import ModelHandle, MoELayer, RoutingRewrite
@@ -105,8 +105,8 @@ class LossMeter:
         self.clean_ce: list[torch.Tensor] = []
         self.domain_masks: list[dict[str, torch.Tensor]] = []
         for b, dom in zip(batches, domains, strict=True):
-            logp, ce, valid = self._run(b)
-            valid = valid & within_document(b).to(valid.device)
+            logp, ce = self._run(b)
+            valid = counted_predictions(b).to(ce.device)
             self.clean_logp.append(logp)
             self.clean_ce.append(ce)
             self.valid.append(valid)
@@ -120,8 +120,7 @@ class LossMeter:
         logits = self.handle.model(input_ids=ids, attention_mask=am, use_cache=False).logits
         logp = torch.log_softmax(logits[:, :-1].float(), -1)
         ce = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
-        valid = am[:, 1:].bool() & am[:, :-1].bool()
-        return logp, ce, valid
+        return logp, ce
 
     def clean_loss(self) -> dict:
         """The clean model's CE (nats/token) over the counted predictions and per domain, with each
@@ -147,7 +146,7 @@ class LossMeter:
             if only is not None and i not in only:
                 continue
             with (context() if context else _nothing()):
-                logp, ce, _ = self._run(b)
+                logp, ce = self._run(b)
             valid = self.valid[i]
             delta = (ce - self.clean_ce[i])
             kl = (self.clean_logp[i].exp() * (self.clean_logp[i] - logp)).sum(-1)

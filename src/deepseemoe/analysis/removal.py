@@ -40,8 +40,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from deepseemoe.analysis.causal import LossMeter, within_document
+from deepseemoe.analysis.causal import LossMeter
 from deepseemoe.analysis.compare import UnitActivity, split_halves, zero_heads, zero_neurons
+from deepseemoe.data.tokens import within_document
 from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.interventions.routing import ablate, route_intervention
 from deepseemoe.models.experts import has_fused_layout

@@ -124,6 +124,13 @@ def within_document(batch) -> torch.Tensor:
     return (read >= 0) & (read == target)
 
 
+def counted_predictions(batch) -> torch.Tensor:
+    """[B, S-1] bool: the next-token predictions a loss counts — read and predicted token both real
+    (not padding) and of one document."""
+    am = batch.attention_mask.bool()
+    return am[:, 1:] & am[:, :-1] & within_document(batch)
+
+
 def token_domains(batch) -> list[str]:
     """The domain of each prediction position [B·(S-1)]: the domain of the document of the token
     *read*; "" for padding and for predictions that cross into the next document."""

@@ -346,10 +346,10 @@ def carve_summary(carve: Carve) -> dict:
 
 def domain_ce(model, batches) -> dict[str, float]:
     """Next-token CE (nats/token) per domain and overall ("all"), over predictions within a
-    document (the same counting as `analysis.causal.LossMeter`, without keeping the log-probs)."""
+    document (`data.tokens.counted_predictions`, as `analysis.causal.LossMeter` counts them)."""
     import torch
 
-    from deepseemoe.data.tokens import token_domains, within_document
+    from deepseemoe.data.tokens import counted_predictions, token_domains
 
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
@@ -358,7 +358,7 @@ def domain_ce(model, batches) -> dict[str, float]:
             logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
             ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b.input_ids[:, 1:].flatten(),
                                                    reduction="none")
-            valid = (within_document(b) & b.attention_mask[:, 1:].bool() & b.attention_mask[:, :-1].bool()).flatten()
+            valid = counted_predictions(b).flatten()
             for d, c, ok in zip(token_domains(b), ce.tolist(), valid.tolist(), strict=True):
                 for key in {d or "all", "all"} if ok else ():
                     sums[key] = sums.get(key, 0.0) + c
