@@ -60,6 +60,7 @@ def main() -> None:
     from deepseemoe.explain.explainer import Prompts, explain
     from deepseemoe.explain.scorers import detection_items, metrics, score_items, shuffled
     from deepseemoe.explain.units import UnitExamples
+    from deepseemoe.models.smollm2 import smollm2_folder
     from deepseemoe.zoo.train import default_cache_dir
 
     corpus = ROOT / "runs" / "demo" / "corpus" / "val.jsonl"
@@ -67,7 +68,7 @@ def main() -> None:
         sys.exit(f"error: {corpus} is missing; run `deepseemoe demo` (or `deepseemoe corpus build --out runs/demo/corpus`) first")
     texts = [json.loads(line)["text"][:1200] for line in corpus.open()][:300]
     chat = LocalChat.smollm2(default_cache_dir() / "explain")
-    tokenizer = AutoTokenizer.from_pretrained(default_cache_dir() / "explain" / "SmolLM2-135M-Instruct")
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder(default_cache_dir()))
     rng = random.Random(0)
     units = {}
     for u, (_, active, _) in UNITS.items():

