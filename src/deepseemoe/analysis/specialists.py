@@ -90,16 +90,18 @@ def _doc_counts(run: RoutingRun, max_docs: int) -> tuple[dict[int, np.ndarray], 
     for part in run.parts:
         t = run.read_table("tokens", part, ["doc", "domain"])
         doc = t["doc"].to_numpy()
-        dom = t["domain"].to_pylist()
-        keep = np.zeros(len(doc), bool)
-        idx = np.empty(len(doc), np.int64)
-        for i, d in enumerate(doc.tolist()):
-            r = rows.get(d)
+        uniq, first, inverse = np.unique(doc, return_index=True, return_inverse=True)
+        first_domain = t["domain"].take(first).to_pylist()
+        row_of = np.full(len(uniq), -1, np.int64)
+        for j in np.argsort(first):  # this shard's documents in run order
+            r = rows.get(int(uniq[j]))
             if r is None and len(rows) < max_docs:
-                r = rows[d] = len(rows)
-                domains.append(dom[i])
+                r = rows[int(uniq[j])] = len(rows)
+                domains.append(first_domain[j])
             if r is not None:
-                keep[i], idx[i] = True, r
+                row_of[j] = r
+        idx = row_of[inverse]
+        keep = idx >= 0
         layers = run.routing_layers(part, len(doc), columns=("expert",))
         for layer, (experts,) in layers.items():
             E = run.num_experts[layer]
