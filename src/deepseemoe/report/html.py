@@ -300,8 +300,9 @@ def _explanations_context(study: Study) -> list[dict]:
                   "evidence": _shown(evidence(doc["units"].get(str(r["unit"]), {}))), "domains": domains.get(r["unit"], []),
                   "scores": [r.get(f"{c}_balanced_accuracy") for c in cols]} for r in rows]
         backend = (summary or {}).get("backend", "")
-        used = f"{backend} {(summary or {}).get('explained_by', '')} {store.examples().get('backend', '')}"
-        out.append({"module": store.module, "backend": backend, "weak": "SmolLM2" in used, "scorers": scorers,
+        explained_by = (summary or {}).get("explained_by") or store.examples().get("backend", "")
+        out.append({"module": store.module, "backend": backend, "explained_by": explained_by,
+                    "weak": "SmolLM2" in f"{backend} {explained_by}", "scorers": scorers,
                     "folder": str(store.path.parent.parent.relative_to(study.run.run_dir.parent)) if elsewhere else None,
                     "columns": cols, "units": units, "mapped": None if elsewhere else _mapped(study, store),
                     "undescribed": sum(not u["described"] for u in units)})
