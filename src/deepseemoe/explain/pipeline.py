@@ -25,6 +25,7 @@ from deepseemoe.explain.scorers import (
     routing_items,
     score_items,
     shuffled,
+    versus_shuffled,
 )
 from deepseemoe.explain.units import (
     Corpus,
@@ -226,7 +227,9 @@ def run_score(store: ExplanationStore, backend: ChatBackend, prompts: Prompts, s
         base_by_unit = dict(zip([u for u in units if u in other], [metrics(r) for r in base], strict=True))
         rows[f"{scorer}_shuffled_balanced_accuracy"] = [base_by_unit.get(u, nan)["balanced_accuracy"]
                                                         for u in explained]
-        entry = {"explanation": metrics(pooled_own), "shuffled_explanation": metrics(pooled_base) if base else None}
+        entry = {"explanation": metrics(pooled_own), "shuffled_explanation": metrics(pooled_base) if base else None,
+                 "versus_shuffled": versus_shuffled(dict(zip(units, own, strict=True)),
+                                                    dict(zip([u for u in units if u in other], base, strict=True)))}
         if scorer == "routing":
             truth, pred = [], []
             for u in units:

@@ -168,6 +168,28 @@ def auroc(records: list[dict]) -> float | None:
     return wins / (len(pos) * len(neg))
 
 
+def versus_shuffled(own: dict[int, list[dict]], base: dict[int, list[dict]]) -> dict:
+    """Whether the descriptions beat the shuffled baseline by more than the spread over units: per
+    unit scored both ways (`own`: with its description; `base`: with another unit's), the paired
+    difference of AUROC — of balanced accuracy when some unit has no AUROC (a judge without
+    probabilities) — then `gain`, their mean, and `spread`, their standard deviation over units
+    (n − 1). `beats` is gain > spread; None with fewer than two units (no spread to compare to).
+    A pooled score can beat its baseline on the strength of one or two units; this asks whether the
+    descriptions do so as a set."""
+    import statistics
+
+    units = sorted(set(own) & set(base))
+    pairs = {u: (metrics(own[u]), metrics(base[u])) for u in units}
+    measure = "auroc" if all(o["auroc"] is not None and b["auroc"] is not None for o, b in pairs.values()) \
+        else "balanced_accuracy"
+    diffs = [o[measure] - b[measure] for o, b in pairs.values()
+             if o[measure] is not None and b[measure] is not None and o[measure] == o[measure] and b[measure] == b[measure]]
+    gain = sum(diffs) / len(diffs) if diffs else None
+    spread = statistics.stdev(diffs) if len(diffs) >= 2 else None
+    return {"measure": measure, "units": len(diffs), "gain": gain, "spread": spread,
+            "beats": None if spread is None else bool(gain > spread)}
+
+
 def predictions_metrics(truth: list[bool], predicted: list[bool]) -> dict:
     """The same metrics for a baseline's predictions."""
     return metrics([{"activating": t, "prediction": p} for t, p in zip(truth, predicted, strict=True)])

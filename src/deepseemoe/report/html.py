@@ -274,6 +274,7 @@ def _explanations_context(study: Study) -> list[dict]:
     """Per explained module: pooled scores beside their baselines and the judge's answers, and each
     unit's description beside what its examples show (`evidence`) and, for experts, its domains."""
     from deepseemoe.explain.explainer import NO_DESCRIPTION, UNPARSED, evidence
+    from deepseemoe.explain.scorers import versus_shuffled
 
     out = []
     for store in [*study.explanations, *study.other_explanations]:
@@ -289,7 +290,9 @@ def _explanations_context(study: Study) -> list[dict]:
                             "shuffled": base["balanced_accuracy"] if base else None,
                             "auroc": own.get("auroc"), "shuffled_auroc": base.get("auroc") if base else None,
                             "token": entry.get("token_baseline", {}).get("balanced_accuracy"),
-                            "examples": own["examples"], "failed": own["failed"], "judge": own.get("judge")})
+                            "examples": own["examples"], "failed": own["failed"], "judge": own.get("judge"),
+                            "versus": entry.get("versus_shuffled")
+                            or versus_shuffled(store.scores(name), store.scores(f"{name}_shuffled"))})
         rows = table.to_pylist() if table is not None else [{"unit": u, "explanation": t} for u, t in sorted(texts.items())]
         cols = [s["name"] for s in scorers]
         doc = store.examples()
