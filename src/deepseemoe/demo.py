@@ -143,7 +143,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
     else:
         with console.status("[bold]6/8 dictionaries and causal checks[/]"):
             analyses = run_demo_analyses(zoo.moe_dir, zoo.dense_dir, corpus_dir, out_dir, ctx_len=spec.seq_len,
-                                         train_tokens=max(10_000, min(100_000, 2 * max_tokens)),
+                                         train_tokens=max(10_000, min(60_000, max_tokens)),
                                          eval_tokens=max(1_000, min(4_000, max_tokens // 4)), layer=spec.layers // 2,
                                          separate=third)
         stamp.write(out_dir, "analyses", key)
@@ -191,12 +191,12 @@ class DemoCarve:
     eval_tokens: int = 2048
     eval_ks: tuple[int, ...] = (4, 8, 15)
     ctx_len: int = 256
-    route_tokens: int = 10_000
+    route_tokens: int = 6_000
 
 
 # SmolLM2-135M: 30 layers, 1,536 SiLU neurons each. A band of 4 middle layers at 8 of 15 routed experts
 # (+1 shared) keeps the carved model near its dense twin (held-out CE in the report) and costs two
-# carves of ~40 s and two routing passes of ~20 s on 2 cores; all 30 layers would cost ~+2 nats at top-8
+# carves of ~40 s and two routing passes of 6,000 tokens, ~12 s each, on 2 cores; all 30 layers would cost ~+2 nats at top-8
 # (../shared/reference/carving-an-moe.md) and minutes more
 DEMO_CARVES = {"demo": DemoCarve("smollm2", (12, 13, 14, 15)),
                "tiny": DemoCarve("dense-twin", (0, 1), experts=8, top_k=4, calibration_tokens=512, eval_tokens=512,
@@ -316,6 +316,8 @@ def _describe(run_dir: Path, out_dir: Path, layer: int, experts: tuple[Path, int
                   f"token identity {_score((e.get('routing') or {}).get('token_baseline'))}); feature detection "
                   f"{_score(f.get('detection'))} (shuffled {_score((f.get('detection') or {}).get('shuffled_explanation'))})"
                   + _judge_note(got))
+    console.print("           beat the shuffled baseline by more than the spread over units: "
+                  f"experts {_verdict(e.get('routing'))}, features {_verdict(f.get('detection'))}")
     return key
 
 
@@ -327,6 +329,15 @@ def _score(entry: dict | None) -> str:
     ba, auc = m.get("balanced_accuracy"), m.get("auroc")
     text = "–" if ba is None or ba != ba else f"{ba:.2f}"
     return text + (f", AUROC {auc:.2f}" if auc is not None else "")
+
+
+def _verdict(entry: dict | None) -> str:
+    """Whether a scorer's descriptions beat the shuffled baseline (explain.scorers.versus_shuffled)."""
+    v = (entry or {}).get("versus_shuffled")
+    if not v or v["beats"] is None:
+        return "cannot tell (fewer than two units scored)"
+    return (("yes" if v["beats"] else "no") + f" ({'AUROC' if v['measure'] == 'auroc' else 'balanced accuracy'} "
+            f"{v['gain']:+.3f} ± {v['spread']:.3f} over {v['units']} units)")
 
 
 def _judge_note(got: dict) -> str:
