@@ -68,3 +68,25 @@ def test_route_cli_bad_input_is_one_line(tiny_olmoe_dir, tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "does not exist" in lines[0]
     assert not (tmp_path / "run" / "run.json").exists()
+
+
+def test_statistics_of_a_run_do_not_depend_on_its_shards(tiny_olmoe_dir, corpus_jsonl, tmp_path):
+    """The same routing in one shard and in shards of ~40 tokens (boundaries inside documents):
+    identical statistics; the consecutive pairs equal DuckDB's self-join of the tokens on (doc, pos + 1)."""
+    from deepseemoe.routing.stats import compute_routing_stats
+
+    stats = {}
+    for name, extra in (("whole", []), ("cut", ["--shard-tokens", "40"])):
+        cmd = [sys.executable, "-m", "deepseemoe.cli", "route", str(tiny_olmoe_dir), "--data", str(corpus_jsonl),
+               "--out", str(tmp_path / name), "--domain-field", "domain", "--ctx-len", "16", "--batch-size", "2",
+               *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        stats[name] = compute_routing_stats(tmp_path / name)
+    assert len(list((tmp_path / "cut" / "tokens").glob("*.parquet"))) > 2
+    pairs = duckdb.sql(f"SELECT count(*) FROM read_parquet('{tmp_path / 'cut' / 'tokens'}/*.parquet') a "
+                       f"JOIN read_parquet('{tmp_path / 'cut' / 'tokens'}/*.parquet') b "
+                       "ON a.doc = b.doc AND b.pos = a.pos + 1").fetchall()[0][0]
+    for layer in ("0", "1"):
+        assert stats["cut"].summary["layers"][layer]["repetition"]["pairs"] == pairs
+    assert stats["cut"].summary["layers"] == stats["whole"].summary["layers"]

@@ -179,3 +179,34 @@ def test_olmoe_adjacent_rank_coactivation(tmp_path):
     assert co.loc[(0, 1), "p_j_given_i_adjacent"] == co.loc[(1, 0), "p_j_given_i_adjacent"] == 1.0
     assert co.loc[(1, 2), "p_j_given_i_adjacent"] == co.loc[(0, 2), "p_j_given_i_adjacent"] == 0.5
     assert co.loc[(2, 0), "p_j_given_i_adjacent"] == 0.5
+
+
+def _written(path, cuts, order=None):
+    """The module's 4 tokens written in batches cut at `cuts` (one shard per batch), the batches in
+    `order` (default: as read)."""
+    bounds = list(zip([0, *cuts], [*cuts, 4], strict=True))
+    with RoutingRunWriter(path, shard_tokens=1) as writer:
+        for i in order or range(len(bounds)):
+            sl = slice(*bounds[i])
+            writer.add(DOC[sl], POS[sl], IDS[sl], PIECES[sl], DOMAINS[sl], {0: L0[sl], 1: L1[sl]},
+                       {0: W0[sl], 1: W1[sl]})
+        writer.commit({"moe_layers": {"0": {"num_experts": 4, "top_k": 2}, "1": {"num_experts": 4, "top_k": 2}}})
+    return path
+
+
+@pytest.mark.parametrize(("cuts", "order"), [([1, 3], None), ([1, 2, 3], None), ([1, 2, 3], [3, 1, 2, 0])])
+def test_statistics_do_not_depend_on_the_sharding(tmp_path, stats, cuts, order):
+    """Shard boundaries inside a document (and shards in another order, as ranks write them) keep
+    every consecutive pair: the statistics equal those of the run whose shards hold whole documents."""
+    other = compute_routing_stats(_written(tmp_path / "cut", cuts, order), min_count=1)
+    assert other.summary["layers"]["0"]["repetition"]["pairs"] == 2  # by hand, as in the whole-document run
+    assert other.summary["layers"]["0"]["repetition"]["top1_same"] == 0.5
+    assert other.summary["layers"] == stats.summary["layers"]
+    for name, table in stats.tables.items():
+        mine = other.tables[name]
+        keys = [c for c in table.columns if table[c].dtype == object or c in ("layer", "expert", "token_id")]
+        a = table.sort_values(keys).reset_index(drop=True) if keys else table
+        b = mine.sort_values(keys).reset_index(drop=True) if keys else mine
+        import pandas as pd
+
+        pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-12)

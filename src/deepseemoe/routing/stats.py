@@ -143,7 +143,7 @@ def _expert_sets(experts: np.ndarray, E: int) -> np.ndarray:
 
 
 def _accumulate(c: _Counts, experts: np.ndarray, weights: np.ndarray, token_ids: np.ndarray, cls: np.ndarray,
-                domain: np.ndarray, next_ids: np.ndarray, consecutive: np.ndarray) -> None:
+                domain: np.ndarray, consecutive: np.ndarray) -> None:
     """Add one shard of one layer: experts/weights [T, K], the rest [T]; consecutive [T-1] bool.
     Every count is an integer bincount, so shards (and layers, in threads) add up exactly."""
     T, K = experts.shape
@@ -171,19 +171,26 @@ def _accumulate(c: _Counts, experts: np.ndarray, weights: np.ndarray, token_ids:
     c.cls += by_group.sum(0)
     c.vocab += np.bincount((token_ids[:, None] * E + experts).reshape(-1), minlength=c.V * E).reshape(c.V, E)
     c.vocab_n += np.bincount(token_ids, minlength=c.V)
-    # tokens without a next token (-1) go to a spare row V, dropped after counting
-    nxt = np.where(next_ids >= 0, next_ids, c.V)
-    c.next_vocab += np.bincount((nxt[:, None] * E + experts).reshape(-1),
-                                minlength=(c.V + 1) * E).reshape(c.V + 1, E)[: c.V]
-    c.next_n += np.bincount(nxt, minlength=c.V + 1)[: c.V]
     if T > 1:
-        top1 = cols[0]
         sets = _expert_sets(experts, E)
-        overlap = np.bitwise_count(sets[:-1] & sets[1:]).sum(1, dtype=np.int64)
-        c.consecutive += int(consecutive.sum())
-        c.rep_top1 += int(((top1[:-1] == top1[1:]) & consecutive).sum())
-        c.rep_any += int(((overlap > 0) & consecutive).sum())
-        c.rep_overlap += int(overlap[consecutive].sum())
+        _add_pairs(c, experts[:-1][consecutive], experts[1:][consecutive], token_ids[1:][consecutive],
+                   sets[:-1][consecutive], sets[1:][consecutive])
+
+
+def _add_pairs(c: _Counts, first: np.ndarray, second: np.ndarray, next_ids: np.ndarray, first_sets: np.ndarray,
+               second_sets: np.ndarray) -> None:
+    """Add n pairs of consecutive tokens of a document: the experts [n, K] of the earlier and of the
+    later token, the later token's id [n] (the earlier one's next token), and both tokens' expert
+    sets (`_expert_sets`)."""
+    E = c.E
+    c.next_vocab += np.bincount((next_ids[:, None] * E + first).reshape(-1).astype(np.int64),
+                                minlength=c.V * E).reshape(c.V, E)
+    c.next_n += np.bincount(next_ids, minlength=c.V)
+    overlap = np.bitwise_count(first_sets & second_sets).sum(1, dtype=np.int64)
+    c.consecutive += len(next_ids)
+    c.rep_top1 += int((first[:, 0] == second[:, 0]).sum())
+    c.rep_any += int((overlap > 0).sum())
+    c.rep_overlap += int(overlap.sum())
 
 
 def _shard_arrays(run: RoutingRun, part: str, domain_codes: dict[str | None, int], vocab_size: int):
@@ -202,10 +209,8 @@ def _shard_arrays(run: RoutingRun, part: str, domain_codes: dict[str | None, int
     indices = dictionary.indices.to_numpy(zero_copy_only=False)
     domain = codes[np.where(np.isnan(indices.astype(float)), len(codes) - 1, np.nan_to_num(indices).astype(np.int64))]
     consecutive = (doc[1:] == doc[:-1]) & (pos[1:] == pos[:-1] + 1)
-    next_ids = np.full(len(doc), -1, np.int64)
-    next_ids[:-1][consecutive] = token_ids[1:][consecutive]
     per_layer = run.routing_layers(part, len(doc))
-    return token_ids, domain, next_ids, consecutive, per_layer
+    return doc, pos, token_ids, domain, consecutive, per_layer
 
 
 @dataclass
@@ -257,11 +262,19 @@ def compute_routing_stats(run_dir: str | Path, *, checkpoint: str | Path | None 
     pool = ThreadPoolExecutor(max_workers=max(1, min(len(run.layers), os.cpu_count() or 1)))
     from deepseemoe.progress import track
 
-    for part in track(run.parts, "routing statistics", disable=not progress, unit="shards"):
-        token_ids, domain, next_ids, consecutive, per_layer = _shard_arrays(run, part, domain_codes, V)
+    # a document can run on from one shard into another (route cuts shards between batches, and ranks
+    # write shards of their own): each shard's first and last token are kept, and those that are
+    # consecutive tokens of one document are paired after the pass — any sharding, the same statistics
+    firsts: dict[tuple[int, int], tuple[int, int, dict]] = {}  # (doc, pos) -> (shard, token id, experts per layer)
+    lasts: dict[tuple[int, int], tuple[int, dict]] = {}  # (doc, pos + 1) -> (shard, experts per layer)
+    for index, part in enumerate(track(run.parts, "routing statistics", disable=not progress, unit="shards")):
+        doc, pos, token_ids, domain, consecutive, per_layer = _shard_arrays(run, part, domain_codes, V)
+        if len(doc):
+            firsts[int(doc[0]), int(pos[0])] = (index, int(token_ids[0]), {la: e[:1] for la, (e, _) in per_layer.items()})
+            lasts[int(doc[-1]), int(pos[-1]) + 1] = (index, {la: e[-1:] for la, (e, _) in per_layer.items()})
         cls = cls_of[token_ids]
         # numpy releases the GIL in bincount and friends: one thread per core over the layers
-        shared = (token_ids, cls, domain, next_ids, consecutive)
+        shared = (token_ids, cls, domain, consecutive)
         list(pool.map(lambda item, shared=shared: _accumulate(counts[item[0]], *item[1], *shared),
                       per_layer.items()))
         for (a, b), table in transitions.items():
@@ -269,6 +282,13 @@ def compute_routing_stats(run_dir: str | Path, *, checkpoint: str | Path | None 
                                 table.shape)
 
     pool.shutdown()
+    for key, (shard, earlier) in lasts.items():
+        later = firsts.get(key)
+        if later is not None and later[0] != shard:
+            for layer in run.layers:
+                a, b = earlier[layer], later[2][layer]
+                _add_pairs(counts[layer], a, b, np.array([later[1]], np.int64), _expert_sets(a, counts[layer].E),
+                           _expert_sets(b, counts[layer].E))
     names = {code: name for name, code in domain_codes.items()}
     summary: dict = {"tokens": counts[run.layers[0]].tokens, "layers": {}, "notes": [],
                      "definitions": "see deepseemoe/routing/stats.py docstring"}
