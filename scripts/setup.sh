@@ -38,7 +38,7 @@ fi
 # clone gets. PIP_CONSTRAINT (not -c) so that pip's isolated build environments obey it too.
 # DEEPSEEMOE_UNPINNED=1 takes the newest releases instead (scripts/upstream_check.sh).
 constraints=$(mktemp)
-$PY -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$constraints"
+$PY -c "from importlib.metadata import version; print('torch==' + version('torch').split('+')[0])" > "$constraints"
 if [[ -z "${DEEPSEEMOE_UNPINNED:-}" ]]; then
     cat constraints/ci.txt >> "$constraints"
 fi
