@@ -181,11 +181,11 @@ def test_olmoe_adjacent_rank_coactivation(tmp_path):
     assert co.loc[(2, 0), "p_j_given_i_adjacent"] == 0.5
 
 
-def _written(path, cuts, order=None):
+def _written(path, cuts, order=None, **writer):
     """The module's 4 tokens written in batches cut at `cuts` (one shard per batch), the batches in
     `order` (default: as read)."""
     bounds = list(zip([0, *cuts], [*cuts, 4], strict=True))
-    with RoutingRunWriter(path, shard_tokens=1) as writer:
+    with RoutingRunWriter(path, **(writer or {"shard_tokens": 1})) as writer:
         for i in order or range(len(bounds)):
             sl = slice(*bounds[i])
             writer.add(DOC[sl], POS[sl], IDS[sl], PIECES[sl], DOMAINS[sl], {0: L0[sl], 1: L1[sl]},
@@ -210,3 +210,15 @@ def test_statistics_do_not_depend_on_the_sharding(tmp_path, stats, cuts, order):
         import pandas as pd
 
         pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-12)
+
+
+def test_a_full_buffer_closes_the_shard_early(tmp_path, stats):
+    """--buffer-gb: the writer closes a shard when its buffer is full, before --shard-tokens, and the
+    statistics are those of the whole-document shards."""
+    from deepseemoe.runs.routing import RoutingRun
+
+    path = _written(tmp_path / "small", [1, 3], shard_tokens=10**6, buffer_gb=1e-9)
+    assert len(RoutingRun.open(path).parts) == 3  # one shard per batch: each batch fills the buffer
+    assert compute_routing_stats(path, min_count=1).summary["layers"] == stats.summary["layers"]
+    one = _written(tmp_path / "one", [1, 3], shard_tokens=10**6)
+    assert len(RoutingRun.open(one).parts) == 1

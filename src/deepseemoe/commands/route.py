@@ -37,6 +37,8 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, min=0, help="Seed for --shuffle."),
         shuffle: bool = typer.Option(False, help="Shuffle the order of the source files with --seed."),
         shard_tokens: int = typer.Option(1_000_000, min=1, help="Tokens per parquet shard."),
+        buffer_gb: float = typer.Option(2.0, min=0.01, help="Memory the writer may hold for one shard (GB): a shard "
+                                        "closes at --shard-tokens or at this, whichever comes first."),
         overwrite: bool = typer.Option(False, help="Replace the routing run in --out (kept until the new one is "
                                                    "complete)."),
         trust_remote_code: bool = trust_remote_code_option(),
@@ -56,6 +58,6 @@ def register(app: typer.Typer) -> None:
                             max_chars=max_chars, max_docs=max_docs, shuffle=shuffle, seed=seed)
         result = route_corpus(handle, source, out, ctx_len=ctx_len, batch_size=batch_size, max_tokens=max_tokens,
                               logits=logits, exclude_bos=not keep_bos, extra={"seed": seed},
-                              overwrite=overwrite, shard_tokens=shard_tokens)
+                              overwrite=overwrite, shard_tokens=shard_tokens, buffer_gb=buffer_gb)
         out_console().print(f"[green]routed {result.tokens:,} tokens[/] through {len(result.layers)} MoE layers in "
                         f"{result.seconds:.1f}s ({result.tokens_per_second:,.0f} tok/s) → {result.run_dir}")

@@ -53,7 +53,7 @@ def moe_layout(handle: ModelHandle) -> dict:
 def route_corpus(handle: ModelHandle, source: TextSource, run_dir: str | Path, *, ctx_len: int | None = None,
                  batch_size: int = 8, max_tokens: int | None = None, logits: bool = False,
                  exclude_bos: bool = True, shard_tokens: int = 1_000_000, progress: bool = True,
-                 extra: dict | None = None, overwrite: bool = False) -> RouteResult:
+                 extra: dict | None = None, overwrite: bool = False, buffer_gb: float = 2.0) -> RouteResult:
     """Capture the routing of every kept token of `source` in every MoE layer into `run_dir`.
 
     The run appears whole or not at all; an existing routing run there is replaced (only with
@@ -74,7 +74,8 @@ def route_corpus(handle: ModelHandle, source: TextSource, run_dir: str | Path, *
 
     columns = [TextColumn("[bold]routing"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
                TextColumn("{task.fields[rate]:>8.0f} tok/s"), TimeElapsedColumn()]
-    with RoutingRunWriter(run_dir, overwrite=overwrite, shard_tokens=shard_tokens, logits=logits) as writer, \
+    with RoutingRunWriter(run_dir, overwrite=overwrite, shard_tokens=shard_tokens, logits=logits,
+                          buffer_gb=buffer_gb) as writer, \
             Progress(*columns, disable=not progress, transient=False) as bar:
         start = time.perf_counter()
         task = bar.add_task("route", total=max_tokens, rate=0.0)

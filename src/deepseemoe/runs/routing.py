@@ -58,12 +58,15 @@ def arrow_schema(fields: dict[str, str]):
 class ShardWriter:
     """Buffers routing rows and flushes them to numbered parquet shards in `folder`."""
 
-    def __init__(self, folder: Path, shard_tokens: int = 1_000_000, logits: bool = False):
+    def __init__(self, folder: Path, shard_tokens: int = 1_000_000, logits: bool = False, buffer_gb: float = 2.0):
         self.folder = folder
         self.shard_tokens = shard_tokens
         self.logits = logits
+        # a shard also closes early when its buffer would pass this: memory does not grow with
+        # --shard-tokens (statistics do not depend on where shards end: routing/stats.py)
+        self.buffer_bytes = buffer_gb * 1e9
+        self._bytes = 0
         self._tokens: list[dict[str, np.ndarray]] = []
-        self._routing: dict[int, list[dict[str, np.ndarray]]] = {}  # layer -> chunks
         self._matrix: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}  # layer -> [(experts, weights)]
         self._logits: list[dict[str, np.ndarray]] = []
         self._buffered = 0
@@ -84,21 +87,23 @@ class ShardWriter:
         for layer in sorted(idx):
             w = weights[layer].astype(np.float32)
             order = np.argsort(-w, axis=1, kind="stable")  # rank 0 = highest weight
-            e = np.take_along_axis(idx[layer], order, axis=1)
+            # kept as [T, K] (6 bytes a slot) until the shard is written: the long routing table
+            # (21 bytes a slot, and copies) is built one layer at a time at `flush`
+            e = np.take_along_axis(idx[layer], order, axis=1).astype(np.int16)
             w = np.take_along_axis(w, order, axis=1)
-            K = e.shape[1]
             self._matrix.setdefault(layer, []).append((e, w))
-            self._routing.setdefault(layer, []).append({
-                "doc": np.repeat(doc.astype(np.int64), K), "pos": np.repeat(pos.astype(np.int32), K),
-                "layer": np.full(T * K, layer, dtype=np.int16), "rank": np.tile(np.arange(K, dtype=np.int8), T),
-                "expert": e.reshape(-1).astype(np.int16), "weight": w.reshape(-1)})
             if self.logits and logits is not None:
                 self._logits.append({"doc": doc.astype(np.int64), "pos": pos.astype(np.int32),
                                      "layer": np.full(T, layer, dtype=np.int16),
                                      "logits": logits[layer].astype(np.float32)})
         self._buffered += T
         self.total_tokens += T
-        if self._buffered >= self.shard_tokens:
+        # what writing the shard holds at once: the [T, K] arrays twice (joined per layer, and the
+        # bytes safetensors serialises), the token rows, the logits; measured 1.6 GB per 1M tokens at
+        # 16 layers × top-8 (bench/route_writer_memory.py)
+        self._bytes += 2 * sum(e.nbytes + w.nbytes for e, w in (chunks[-1] for chunks in self._matrix.values())) \
+            + 100 * T + (2 * sum(v.nbytes for v in logits.values()) if self.logits and logits is not None else 0)
+        if self._buffered >= self.shard_tokens or self._bytes >= self.buffer_bytes:
             self.flush()
 
     def flush(self) -> None:
@@ -107,34 +112,51 @@ class ShardWriter:
         if not self._buffered:
             return
         name = f"part-{self.shard:05d}.parquet"
-        tables = {
-            "tokens": pa.Table.from_pydict(_concat(self._tokens), schema=arrow_schema(TOKENS_SCHEMA)),
-            # layer-major inside a shard: each layer is one contiguous, token-ordered range of rows
-            "routing": pa.Table.from_pydict(_concat([c for layer in sorted(self._routing)
-                                                     for c in self._routing[layer]]),
-                                            schema=arrow_schema(ROUTING_SCHEMA)),
-        }
+        tables = {"tokens": pa.Table.from_pydict(_concat(self._tokens), schema=arrow_schema(TOKENS_SCHEMA))}
+        self._write_routing(self.folder / "routing" / name)
         if self._logits:
             parts = _concat([{k: v for k, v in p.items() if k != "logits"} for p in self._logits])
-            matrix = np.concatenate([p["logits"] for p in self._logits])
-            parts["logits"] = pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
+            values = np.concatenate([p["logits"] for p in self._logits])
+            parts["logits"] = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
             tables["logits"] = pa.table(parts)
         for sub, table in tables.items():
             atomic_write_table(self.folder / sub / name, table)
             self.rows[f"{sub}/{name}"] = table.num_rows
-        matrix = {}
-        for layer, chunks in sorted(self._matrix.items()):
+        arrays = {}
+        for layer in sorted(self._matrix):  # each layer's batches joined, then let go: one copy at a time
+            chunks = self._matrix.pop(layer)
             e = np.concatenate([c[0] for c in chunks])
-            matrix[f"experts.{layer}"] = e.astype(np.uint8 if e.size == 0 or e.max() < 256 else np.int16)
-            matrix[f"weights.{layer}"] = np.ascontiguousarray(np.concatenate([c[1] for c in chunks]), np.float32)
+            arrays[f"experts.{layer}"] = e.astype(np.uint8) if e.size == 0 or e.max() < 256 else e
+            arrays[f"weights.{layer}"] = np.concatenate([c[1] for c in chunks])
+            del chunks, e
         mname = name.replace(".parquet", ".safetensors")
         with atomic_path(self.folder / "matrix" / mname) as tmp:
             from safetensors.numpy import save_file
 
-            save_file(matrix, str(tmp))
+            save_file(arrays, str(tmp))
         self.rows[f"matrix/{mname}"] = tables["tokens"].num_rows
-        self._tokens, self._routing, self._matrix, self._logits, self._buffered = [], {}, {}, [], 0
+        self._tokens, self._logits, self._buffered, self._bytes = [], [], 0, 0
         self.shard += 1
+
+    def _write_routing(self, path: Path) -> None:
+        """The shard's long routing table, layer-major (each layer one contiguous, token-ordered range
+        of rows), written batch by batch: the expanded rows of one batch of one layer are in memory
+        at once, beside the compact [T, K] arrays."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        schema = arrow_schema(ROUTING_SCHEMA)
+        rows = 0
+        with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+            for layer, chunks in sorted(self._matrix.items()):
+                for tokens, (e, w) in zip(self._tokens, chunks, strict=True):  # batch i of the tokens, of the layer
+                    T, K = e.shape
+                    writer.write_table(pa.Table.from_pydict({
+                        "doc": np.repeat(tokens["doc"], K), "pos": np.repeat(tokens["pos"], K),
+                        "layer": np.full(T * K, layer, np.int16), "rank": np.tile(np.arange(K, dtype=np.int8), T),
+                        "expert": e.reshape(-1), "weight": w.reshape(-1)}, schema=schema))
+                    rows += T * K
+        self.rows[f"routing/{path.name}"] = rows
 
 
 def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -158,9 +180,9 @@ class RoutingRunWriter:
     Ctrl-C) removes the staging folder and leaves any old run untouched."""
 
     def __init__(self, run_dir: str | Path, *, overwrite: bool = False, shard_tokens: int = 1_000_000,
-                 logits: bool = False):
+                 logits: bool = False, buffer_gb: float = 2.0):
         self.run_dir = Path(run_dir)
-        self.overwrite, self.shard_tokens, self.logits = overwrite, shard_tokens, logits
+        self.overwrite, self.shard_tokens, self.logits, self.buffer_gb = overwrite, shard_tokens, logits, buffer_gb
         self.staging = sidecar(self.run_dir, "staging")
         self.shards: ShardWriter | None = None
         self._lock = None
@@ -180,7 +202,7 @@ class RoutingRunWriter:
                     raise DeepSeeMoEError(f"{self.run_dir} already holds a routing run; pass --overwrite to replace "
                                           "it (the old run stays until the new one is complete) or choose another --out")
             self.staging.mkdir(parents=True)
-            self.shards = ShardWriter(self.staging, self.shard_tokens, self.logits)
+            self.shards = ShardWriter(self.staging, self.shard_tokens, self.logits, self.buffer_gb)
             old = "the routing run already in it is unchanged" if self.run_dir.exists() else "it holds nothing"
             keep("route", f"nothing of the new run in {self.run_dir} is kept; {old}")
         except BaseException:
