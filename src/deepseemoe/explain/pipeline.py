@@ -242,7 +242,9 @@ def run_score(store: ExplanationStore, backend: ChatBackend, prompts: Prompts, s
     return summary
 
 
-DEMO_RETRIES = 1  # SmolLM2 on 2 cores reads ~450 prompt tokens/s: one retry (of half the examples) fits the budget
+# no second try in the demo: on its cold run (2026-12-07) SmolLM2's retries of 20 junk answers cost
+# ~40 s of the 10-minute budget and gave 5 usable descriptions
+DEMO_RETRIES = 0
 DEMO_SIZES = {"n_top": 6, "n_quantile": 2, "n_test": 5, "n_quantiles": 5, "n_random": 3, "n_hard": 2}
 
 
@@ -263,7 +265,7 @@ def demo_expert_explanations(routing_run: Path, layer: int, backend: ChatBackend
 def demo_explanations(routing_run: Path, layer: int, dict_run: Path, dictionary: str, backend: ChatBackend, *,
                       features: int = 8, tokens: int = 8_000, judge=None) -> dict[str, dict]:
     """The demo's stage: the experts of one layer of a routing run (routing prediction) and `features` features
-    (detection), explained (one retry for junk) and scored on small example sets (10 per unit, each
+    (detection), explained (junk is not asked again: DEMO_RETRIES) and scored on small example sets (10 per unit, each
     judged on its own prompt, beside another unit's description; 16-token windows) — about 40
     explanations and 250 judged examples, 120 s for SmolLM2 on 2 cores cold; answers cached, so a
     rerun asks nothing. Ten examples a unit make coarse scores: the demo shows the pipeline, not a verdict."""
