@@ -14,12 +14,17 @@ from deepseemoe.demo import run_demo
 
 
 def test_reduced_demo(tmp_path):
+    import io
+
+    from rich.console import Console
+
     from deepseemoe.explain.backends import OpenAIChat
     from tests.explain.stub_server import Stub
 
+    printed = io.StringIO()
     with Stub() as stub:  # the descriptions stage through an oracle (tests/explain/test_smollm2.py runs SmolLM2)
         result = run_demo(tmp_path / "demo", recipe="tiny", cache_dir=tmp_path / "cache", max_tokens=4000,
-                          explainer=OpenAIChat(stub.url, "oracle"))
+                          explainer=OpenAIChat(stub.url, "oracle"), console=Console(file=printed, width=400))
         # warm: nothing whose inputs did not change is computed again — no file of the study is rewritten
         written = {p: p.stat().st_mtime_ns for p in (tmp_path / "demo").rglob("*") if p.is_file()}
         asked = stub.requests
@@ -97,6 +102,10 @@ def test_reduced_demo(tmp_path):
     for split, c in carve.items():  # the held-out CE differences shown are carve.json's
         assert f"<th>{split} k=4</th>" in page
         assert f"<td>{c['ce']['carved']['4']['all'] - c['ce']['dense']['all']:+.3f}</td>" in page
+    # the console's line says the same: the overall held-out CE (all tokens) at the carve's top-k, 4 of 7
+    ce = carve["clustered"]["ce"]
+    assert f"held-out CE +{ce['carved']['4']['all'] - ce['dense']['all']:.3f} nats over the dense twin" \
+        in printed.getvalue()
     # `deepseemoe report` rebuilds the same page from the run directories alone
     from typer.testing import CliRunner
 
