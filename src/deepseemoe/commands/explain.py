@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from deepseemoe.commands._options import trust_remote_code_option
+from deepseemoe.commands._options import dictionary_name, trust_remote_code_option
 
 BACKENDS = ("smollm2", "openai", "local", "embedding")
 
@@ -61,8 +61,6 @@ def _target(run_dir: Path, dictionary: str | None, layer: int | None):
         raise DeepSeeMoEError("say what to explain: --dictionary NAME (features of a training run) or --layer L "
                               "(the experts of one layer of a routing run)")
     if dictionary is not None:
-        from deepseemoe.commands._options import dictionary_name
-
         dictionary = dictionary_name(run_dir, dictionary)
         return ExplanationStore(run_dir / "explanations" / dictionary, dictionary)
     return ExplanationStore(run_dir / "explanations" / f"layer{layer}", f"layer{layer}.experts")

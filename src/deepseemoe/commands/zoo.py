@@ -110,7 +110,7 @@ def carve(
 
     from deepseemoe.errors import DeepSeeMoEError
     from deepseemoe.progress import out_console
-    from deepseemoe.zoo.carve import CarveSpec, carve_zoo
+    from deepseemoe.zoo.carve import CarveSpec, carve_zoo, router_mean
 
     def ints(text: str, flag: str) -> list[int]:
         try:
@@ -140,8 +140,7 @@ def carve(
         table.add_row(d, f"{ce['dense'][d]:.3f}", *(f"{v[d] - ce['dense'][d]:+.3f}" for v in ce["carved"].values()))
     console = out_console()
     console.print(table)
-    recall = {k: sum(layer[k]["recall"] for layer in r["router"].values()) / len(r["router"]) for k in ce["carved"]}
-    err = {k: sum(layer[k]["relative_error"] for layer in r["router"].values()) / len(r["router"]) for k in ce["carved"]}
+    recall, err = router_mean(r, "recall"), router_mean(r, "relative_error")
     console.print("router recall of the true top-k (mean over carved layers): "
                   + ", ".join(f"k={k} {v:.2f}" for k, v in recall.items()))
     console.print("block output relative error: " + ", ".join(f"k={k} {v:.2f}" for k, v in err.items()))

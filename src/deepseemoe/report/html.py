@@ -224,6 +224,8 @@ def _carved(result, study: Study, folder: str) -> dict:
     """The section of a folder of carved MoEs (carve.json, and specialists.json beside it): held-out
     CE of each carve against the dense model at every measured k, router recall, and the
     specialisation of every routing run compared there against its domain-permutation null."""
+    from deepseemoe.zoo.carve import router_mean
+
     carves = result.doc["carves"]
     first = next(iter(carves.values()))
     ks = list(first["ce"]["carved"])
@@ -231,7 +233,7 @@ def _carved(result, study: Study, folder: str) -> dict:
     ce = [{"domain": d, "dense": first["ce"]["dense"][d],
            "delta": [c["ce"]["carved"][k][d] - c["ce"]["dense"][d] for c in carves.values() for k in ks]}
           for d in domains]
-    recall = [sum(la[k]["recall"] for la in c["router"].values()) / len(c["router"]) for c in carves.values() for k in ks]
+    recall = [router_mean(c, "recall")[k] for c in carves.values() for k in ks]
     spec = next((r.doc for r in study.results.get("specialists", []) if r.folder == result.folder), None)
     profiles = []
     if spec:

@@ -394,6 +394,13 @@ def heldout_router_quality(dense, carve: Carve, xs: dict, ks: list[int]) -> dict
     return out
 
 
+def router_mean(report: dict, measure: str) -> dict[str, float]:
+    """Per measured k, a carve report's `heldout_router_quality` measure ("recall" or
+    "relative_error") averaged over its carved layers."""
+    layers = list(report["router"].values())
+    return {k: sum(layer[k][measure] for layer in layers) / len(layers) for k in layers[0]}
+
+
 @dataclass
 class CarvedModel:
     root: Path  # the cache entry (or --out): moe/ and report.json
