@@ -147,8 +147,15 @@ def _kill_route_after(args: list[str], out: Path, shards: int) -> int:
     proc = subprocess.Popen([sys.executable, "-m", "deepseemoe.cli", "route", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     staging = out.parent / f".{out.name}.staging" / "routing"
+
+    def written() -> int:
+        try:
+            return len(list(staging.glob("part-*.parquet")))
+        except FileNotFoundError:  # removed while listed: the new route clearing the staging folder an earlier
+            return 0  # killed one left (or swapping it in as the run)
+
     deadline = time.monotonic() + 120
-    while proc.poll() is None and len(list(staging.glob("part-*.parquet"))) < shards:
+    while proc.poll() is None and written() < shards:
         assert time.monotonic() < deadline
         time.sleep(0.01)
     if proc.poll() is None:
