@@ -9,6 +9,7 @@ Pipeline, one sub-package per stage, bottom to top:
     routing, interventions routing records and their statistics; rewriting routing
     dictionaries  sparse coders, their trainer, formats, evaluation
     analysis      features ↔ experts, causal checks, MoE vs dense
+    attribution   attribution graphs of one prompt, through the router and the experts
     explain       descriptions of features and experts written by an LLM, and their scores
     report        the static report
     explore       the explorer: a live web app over run directories (`serve`)
@@ -29,6 +30,7 @@ STAGES: tuple[frozenset[str], ...] = (
     frozenset({"routing", "interventions"}),
     frozenset({"dictionaries"}),
     frozenset({"analysis"}),
+    frozenset({"attribution"}),
     frozenset({"explain"}),
     frozenset({"report"}),
     frozenset({"explore"}),

@@ -53,7 +53,7 @@ def topk_softmax(router: nn.Module, logits: torch.Tensor,
     return idx, torch.softmax(top, dim=-1).to(logits.dtype)
 
 
-def _group_mask(choice: torch.Tensor, n_group: int, topk_group: int, group_score: str) -> torch.Tensor:
+def group_mask(choice: torch.Tensor, n_group: int, topk_group: int, group_score: str) -> torch.Tensor:
     T, E = choice.shape
     grouped = choice.view(T, n_group, E // n_group)
     if group_score == "max":
@@ -73,7 +73,7 @@ def sigmoid_bias_group(router: nn.Module, logits: torch.Tensor,
     choice = scores + router.e_score_correction_bias.float()
     choice = _masked(choice, banned)
     n_group, topk_group = int(router.num_group), int(router.topk_group)
-    choice = choice.masked_fill(~_group_mask(choice, n_group, topk_group, "sum2"), NEG_INF)
+    choice = choice.masked_fill(~group_mask(choice, n_group, topk_group, "sum2"), NEG_INF)
     idx = torch.topk(choice, k, dim=-1, sorted=False)[1]
     w = scores.gather(1, idx)
     if router.norm_topk_prob:
@@ -88,7 +88,7 @@ def softmax_group_v2(router: nn.Module, logits: torch.Tensor,
     k = int(router.top_k)
     scores = _masked(logits.float().softmax(dim=-1), banned, 0.0)
     if router.topk_method == "group_limited_greedy":
-        scores = scores.masked_fill(~_group_mask(scores, int(router.num_group), int(router.topk_group), "max"), 0.0)
+        scores = scores.masked_fill(~group_mask(scores, int(router.num_group), int(router.topk_group), "max"), 0.0)
     w, idx = torch.topk(scores, k, dim=-1, sorted=False)
     return idx, w * router.routed_scaling_factor
 

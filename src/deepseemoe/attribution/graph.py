@@ -1,0 +1,455 @@
+"""An attribution graph of one prompt through an MoE model and its dictionaries.
+
+Nodes (kind): `token` (each input position), `feature` (an active latent of an SAE on a block's input,
+or of a transcoder replacing a block), `error` (what that dictionary misses, per position), `router`
+(layer, position, chosen expert: the router logit of that choice), `expert` (what the chosen expert
+wrote, weight applied; value = its norm), `shared` (a shared expert's output), `mlp` (a block taken as
+given: a dense MLP without a transcoder), `logit` (the demeaned logit of a candidate next token at the
+last position: logit − mean logit, circuit-tracer's target).
+
+Edges: `adjacency[t, s]` is the direct effect of node s on node t in the linear replacement forward
+(frozen.py): a source's output vector dotted with the gradient of t at the place it writes. Exact:
+Σ_s adjacency[t, s] + bias[t] = value[t], where bias[t] gathers the model's and the dictionary's bias
+terms (zero for a router logit of a bias-free model without an SAE in front, or for a logit of a
+bias-free model). A feature's incoming edges add up to its pre-activation (= its activation when it
+fires). Besides these, `gates` link each router node to its expert node, weighted by the expert node's
+value: undo the routing decision and the expert writes nothing. They are not additive inputs (they are
+left out of completeness) but carry influence in pruning.
+
+Each router node also records the expert's routing weight, the margin of its logit over the best
+expert not chosen (how far a push must go to flip the choice, in logit units of this router) and the
+Jacobian of the chosen weights with respect to the chosen logits (the softmax / renormalisation,
+linearised at the prompt).
+
+Influence and pruning follow circuit-tracer: rows of |adjacency| normalised to sum 1, influence on the
+logits (weighted by their probabilities) summed over all path lengths; nodes kept up to a cumulative
+share of influence (tokens and logits always), then edges likewise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from deepseemoe.attribution.frozen import (
+    CleanPass,
+    LayerPlan,
+    LinearReplacement,
+    check_experts,
+    clean_pass,
+    expert_vectors,
+    frozen_mlp,
+    shared_mlp,
+)
+from deepseemoe.errors import DeepSeeMoEError
+from deepseemoe.models.spec import ModelHandle
+
+KINDS = ("token", "feature", "error", "router", "expert", "shared", "mlp", "logit")
+
+
+@dataclass
+class Node:
+    kind: str
+    layer: int  # -1 for tokens, num_layers for logits
+    pos: int
+    index: int  # token id, feature, expert or vocabulary id; -1 where none
+    value: float
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class AttributionGraph:
+    prompt_ids: list[int]
+    tokens: list[str]
+    nodes: list[Node]
+    adjacency: torch.Tensor  # [N, N] float32, target row, source column
+    bias: torch.Tensor  # [N]: value − Σ incoming edges (0 for nodes without incoming edges)
+    gates: list[tuple[int, int, float]]  # (expert node, router node, weight)
+    logit_probabilities: dict[int, float]  # logit node -> its probability
+    target: int  # the logit node of the target token
+    dictionaries: dict[int, str]  # layer -> the dictionary explaining it
+    seconds: float = 0.0
+    influence: torch.Tensor | None = None  # [N], after `prune`
+    node_mask: torch.Tensor | None = None
+    edge_mask: torch.Tensor | None = None
+    summary: dict = field(default_factory=dict)
+
+    def of_kind(self, kind: str) -> list[int]:
+        return [i for i, n in enumerate(self.nodes) if n.kind == kind]
+
+    def influence_matrix(self) -> torch.Tensor:
+        """The adjacency with the gate links added (what influence flows through)."""
+        A = self.adjacency.clone()
+        for t, s, w in self.gates:
+            A[t, s] = w
+        return A
+
+
+def _router_linear(handle: ModelHandle, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    moe = handle.moe_layers[layer]
+    E = moe.num_experts
+    weights = [p for _, p in moe.router.named_parameters() if p.ndim == 2 and p.shape[0] == E]
+    biases = [p for n, p in moe.router.named_parameters() if p.ndim == 1 and p.shape[0] == E and "bias" in n]
+    if len(weights) != 1:
+        raise DeepSeeMoEError(f"layer {layer}: the router has no single [E, D] weight; attribution needs a linear router")
+    return weights[0].detach().float(), (biases[0].detach().float() if biases else None)
+
+
+def _margins(handle: ModelHandle, layer: int, z: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """[S, K] for each chosen expert, its logit minus the logit it would need to lose its place to the
+    best expert not chosen (logit units). Sigmoid routers with a correction bias choose on
+    sigmoid(z) + bias: the threshold is mapped back to a logit."""
+    moe = handle.moe_layers[layer]
+    chosen = torch.zeros_like(z, dtype=torch.bool).scatter_(1, idx, True)
+    if moe.router_family == "sigmoid_bias_group":
+        from deepseemoe.models.routers import group_mask
+
+        router = moe.router
+        bias = router.e_score_correction_bias.detach().float()
+        choice = z.sigmoid() + bias
+        # the competitors are the experts of the groups the token may use (the group limit is kept)
+        allowed = group_mask(choice, int(router.num_group), int(router.topk_group), "sum2")
+        best_out = choice.masked_fill(chosen | ~allowed, float("-inf")).max(1).values  # [S]
+        need = (best_out[:, None] - bias[idx]).clamp(1e-6, 1 - 1e-6)
+        return z.gather(1, idx) - torch.logit(need)
+    best_out = z.masked_fill(chosen, float("-inf")).max(1).values
+    return z.gather(1, idx) - best_out[:, None]
+
+
+def _weight_jacobian(handle: ModelHandle, layer: int, z: torch.Tensor, idx: torch.Tensor) -> torch.Tensor | None:
+    """[S, K, K] ∂w_k/∂z_{idx_j} of the router's own selection rule at the prompt's logits, the
+    chosen set held; None when DeepSeeMoE has no selector for this router."""
+    moe = handle.moe_layers[layer]
+    zz = z.clone().requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            sel_idx, w = moe.adapter.select(moe, zz)
+    except NotImplementedError:
+        return None
+    if not torch.equal(sel_idx.sort(1).values, idx.sort(1).values):
+        return None
+    order = [(sel_idx[s][:, None] == idx[s][None, :]).float().argmax(0) for s in range(len(idx))]
+    w = torch.stack([w[s, order[s]] for s in range(len(idx))])  # [S, K] in idx's order
+    rows = []
+    for k in range(idx.shape[1]):
+        (g,) = torch.autograd.grad(w[:, k].sum(), zz, retain_graph=True)
+        rows.append(g.gather(1, idx))
+    return torch.stack(rows, 1)
+
+
+def _plans(handle: ModelHandle, dictionaries: dict[str, tuple]) -> tuple[dict[int, LayerPlan], list[str]]:
+    """A plan per layer from the dictionaries {name: (coder, meta)}; notes on what was not used."""
+    plans: dict[int, LayerPlan] = {}
+    notes: list[str] = []
+    for layer in range(handle.num_layers):
+        plans[layer] = LayerPlan(layer, "experts" if layer in handle.moe_layers else "frozen")
+    for name, (coder, meta) in dictionaries.items():
+        kind = meta.get("kind", coder.cfg.kind)
+        sources, targets = [tuple(s) for s in meta["source"]], [tuple(s) for s in meta["target"]]
+        if kind in ("clt", "crosscoder"):
+            raise DeepSeeMoEError(f"{name} is a {kind}; attribute reads SAEs on a block input and (skip-)transcoders "
+                                  "from a block input to its output")
+        (skind, layer), (tkind, tlayer) = sources[0], targets[0]
+        plan = plans[layer]
+        if plan.sae is not None or plan.transcoder is not None:
+            raise DeepSeeMoEError(f"two dictionaries explain layer {layer} ({plan.sae_name or plan.transcoder_name} "
+                                  f"and {name}); pass one per layer")
+        if kind == "sae":
+            if skind != "block_in":
+                notes.append(f"{name} reads {skind} of layer {layer}, not a block input: router edges need the "
+                             "router's own input, so the graph is built without it")
+                continue
+            if layer not in handle.moe_layers:
+                notes.append(f"{name} reads the input of layer {layer}, which is not an MoE layer; the graph is "
+                             "built without it")
+                continue
+            plan.sae, plan.sae_name = coder.folded().float().eval(), name
+        elif kind in ("transcoder", "skip_transcoder"):
+            if (skind, tkind) != ("block_in", "block_out") or layer != tlayer:
+                notes.append(f"{name} maps {skind} to {tkind}, not a block's input to its output; the graph is "
+                             "built without it")
+                continue
+            plan.mode, plan.transcoder, plan.transcoder_name = "transcoder", coder.folded().float().eval(), name
+            if layer in handle.moe_layers:
+                notes.append(f"layer {layer}: {name} replaces the MoE block, so the graph has no routing nodes there")
+        else:
+            raise DeepSeeMoEError(f"{name} is a {kind}; attribute reads SAEs on a block input and transcoders")
+    return plans, notes
+
+
+def _inventory(handle: ModelHandle, clean: CleanPass, plans: dict[int, LayerPlan], logit_ids: list[int],
+               tokens: list[str]) -> tuple[LinearReplacement, list[Node], list[tuple[int, int, float]]]:
+    rep = LinearReplacement(handle, clean, plans)
+    nodes: list[Node] = []
+    gates: list[tuple[int, int, float]] = []
+    S = len(clean.ids)
+
+    def add(node: Node) -> int:
+        nodes.append(node)
+        return len(nodes) - 1
+
+    embed = rep.source("embed")
+    for p in range(S):
+        embed.node.append(add(Node("token", -1, p, int(clean.ids[p]), 1.0, {"token": tokens[p]})))
+        embed.pos.append(p)
+        embed.vec.append(clean.embeddings[p])
+
+    for layer in range(handle.num_layers):
+        plan = plans[layer]
+        if layer not in clean.block_out:
+            continue
+        out = rep.source(f"out{layer}")
+        x = clean.block_in[layer]
+        if plan.mode == "frozen":
+            for p in range(S):
+                v = clean.block_out[layer][p]
+                out.node.append(add(Node("mlp", layer, p, -1, float(v.norm()))))
+                out.pos.append(p)
+                out.vec.append(v)
+            continue
+        coder = plan.sae if plan.mode == "experts" else plan.transcoder
+        if coder is not None:
+            with torch.no_grad():
+                lat = coder.encode(x)
+                recon = coder.decode(lat, x)
+            real = x if plan.mode == "experts" else clean.block_out[layer]
+            err = real - recon
+            where = out if plan.mode == "transcoder" else rep.source(f"in{layer}")
+            ps, fs = lat.nonzero(as_tuple=True)
+            ids = []
+            name = plan.sae_name or plan.transcoder_name
+            for p, f in zip(ps.tolist(), fs.tolist(), strict=True):
+                a = float(lat[p, f])
+                i = add(Node("feature", layer, p, f, a, {"dictionary": name,
+                                                         "site": "block_in" if plan.mode == "experts" else "block_out"}))
+                ids.append(i)
+                where.node.append(i)
+                where.pos.append(p)
+                where.vec.append(a * coder.W_dec[f].detach())
+            rep.targets.append((f"feat{layer}", ids, {"pos": ps, "feature": fs}))
+            for p in range(S):
+                where.node.append(add(Node("error", layer, p, -1, float(err[p].norm()), {"dictionary": name})))
+                where.pos.append(p)
+                where.vec.append(err[p])
+        if plan.mode != "experts":
+            continue
+        moe = handle.moe_layers[layer]
+        check_experts(moe)
+        W_r, b_r = _router_linear(handle, layer)
+        idx, w = clean.idx[layer], clean.weights[layer]
+        z = x @ W_r.T + (b_r if b_r is not None else 0)
+        if layer in clean.router_logits and not torch.allclose(z, clean.router_logits[layer], atol=1e-4, rtol=1e-4):
+            raise DeepSeeMoEError(f"layer {layer}: the router's logits are not W_r·x + b; attribution needs a linear router")
+        margins = _margins(handle, layer, z, idx)
+        jac = _weight_jacobian(handle, layer, z, idx)
+        vectors = expert_vectors(handle, clean, layer)  # [S, K, D]
+        K = idx.shape[1]
+        router_ids, expert_ids, units = [], [], []
+        for p in range(S):
+            for k in range(K):
+                e = int(idx[p, k])
+                extra = {"weight": float(w[p, k]), "logit": float(z[p, e]), "margin": float(margins[p, k]),
+                         "rank": k}
+                if jac is not None:
+                    extra["dweight_dlogit"] = {int(idx[p, j]): float(jac[p, k, j]) for j in range(K)}
+                r = add(Node("router", layer, p, e, float(z[p, e]), extra))
+                v = vectors[p, k]
+                norm = float(v.norm())
+                x_node = add(Node("expert", layer, p, e, norm, {"weight": float(w[p, k])}))
+                gates.append((x_node, r, norm))
+                router_ids.append(r)
+                expert_ids.append(x_node)
+                units.append(v / norm if norm > 0 else torch.zeros_like(v))
+                out.node.append(x_node)
+                out.pos.append(p)
+                out.vec.append(v)
+        pos = torch.arange(S).repeat_interleave(K)
+        rep.targets.append((f"router{layer}", router_ids,
+                            {"pos": pos, "expert": idx.reshape(-1), "W_r": W_r, "b_r": b_r}))
+        rep.targets.append((f"expert{layer}", expert_ids,
+                            {"pos": pos, "expert": idx.reshape(-1), "weight": w.reshape(-1),
+                             "clean_vectors": vectors.reshape(S * K, -1)}))
+        rep.unit[layer] = torch.stack(units)
+        shared = clean.block_out[layer] - vectors.sum(1)
+        if moe.shared_paths:
+            mlp = shared_mlp(handle, layer)
+            linear = False
+            if mlp is not None:
+                with torch.no_grad():
+                    m = frozen_mlp(mlp, x.to(next(mlp.parameters()).dtype)).float()
+                gate = (shared * m).sum(-1) / (m * m).sum(-1).clamp_min(1e-30)
+                linear = bool(torch.allclose(gate[:, None] * m, shared, atol=1e-4, rtol=1e-3))
+            shared_ids, shared_units = [], []
+            for p in range(S):
+                v = shared[p]
+                norm = float(v.norm())
+                i = add(Node("shared", layer, p, -1, norm, {"linearised": linear}))
+                shared_ids.append(i)
+                shared_units.append(v / norm if norm > 0 else torch.zeros_like(v))
+                out.node.append(i)
+                out.pos.append(p)
+                out.vec.append(v)
+            if linear:
+                rep.shared_linear[layer] = (mlp, gate)
+                rep.shared_unit[layer] = torch.stack(shared_units)
+                rep.targets.append((f"shared{layer}", shared_ids, {}))
+        elif float(shared.abs().max()) > 1e-4 * max(1.0, float(clean.block_out[layer].abs().max())):
+            raise DeepSeeMoEError(f"layer {layer}: the block's output is not the sum of its chosen experts' outputs "
+                                  f"({moe.combine}); attribution does not support this block yet")
+
+    last = S - 1
+    logit_nodes = []
+    for v in logit_ids:
+        logit_nodes.append(add(Node("logit", handle.num_layers, last, v, 0.0)))
+    rep.targets.append(("logit", logit_nodes, {}))
+    rep.logit_ids = list(logit_ids)
+    return rep, nodes, gates
+
+
+def _logit_candidates(logits: torch.Tensor, target: int | None, max_logits: int, coverage: float) -> list[int]:
+    """The most probable next tokens until `coverage` probability or `max_logits` of them; the target
+    first when given."""
+    probs = torch.softmax(logits.float(), -1)
+    order = probs.argsort(descending=True).tolist()
+    chosen = [] if target is None else [target]
+    total = 0.0 if target is None else float(probs[target])
+    for v in order:
+        if len(chosen) >= max_logits or total >= coverage:
+            break
+        if v not in chosen:
+            chosen.append(v)
+            total += float(probs[v])
+    return chosen
+
+
+def build_graph(handle: ModelHandle, ids: torch.Tensor, dictionaries: dict[str, tuple], *, target: int | None = None,
+                max_logits: int = 5, logit_coverage: float = 0.95, batch_size: int = 64,
+                progress: bool = False) -> AttributionGraph:
+    """The full (unpruned) graph of prompt ids [S] through `handle` and `dictionaries` {name: (coder, meta)}."""
+    import time
+
+    from deepseemoe.progress import progress_bar
+
+    start = time.perf_counter()
+    ids = ids.reshape(-1).long()
+    plans, notes = _plans(handle, dictionaries)
+    clean = clean_pass(handle, ids)
+    tok = handle.tokenizer
+    tokens = [tok.decode([t]) if tok is not None else str(t) for t in ids.tolist()]
+    logit_ids = _logit_candidates(clean.logits[-1], target, max_logits, logit_coverage)
+    rep, nodes, gates = _inventory(handle, clean, plans, logit_ids, tokens)
+    N = len(nodes)
+    order = rep.target_order()
+    sources = {name: (torch.tensor(s.node, dtype=torch.long), torch.tensor(s.pos, dtype=torch.long),
+                      torch.stack(s.vec).float() if s.vec else None) for name, s in rep.sources.items()}
+    A = torch.zeros(N, N)
+    values = torch.zeros(N)
+    bar = progress_bar(disable=not progress, unit="node")
+    task = bar.add_task("attribution", total=len(order))
+    bar.start()
+    for start_j in range(0, len(order), batch_size):
+        chunk = order[start_j:start_j + batch_size]
+        B = len(chunk)
+        leaves, vals, rec = rep.run(B)
+        if start_j == 0:
+            rep.check(rec)
+            values[order] = vals[0].detach()
+        rows = torch.arange(B)
+        (vals[rows, torch.arange(start_j, start_j + B)]).sum().backward()
+        with torch.no_grad():
+            for name, (node_ids, pos, vec) in sources.items():
+                grad = leaves[name].grad
+                if vec is None or grad is None:
+                    continue
+                A[torch.tensor(chunk)[:, None], node_ids[None, :]] = torch.einsum("bnd,nd->bn", grad[:, pos, :], vec)
+        bar.advance(task, B)
+    bar.stop()
+    for i in order:
+        nodes[i].value = float(values[i])
+    bias = torch.zeros(N)
+    bias[order] = values[order] - A[order].sum(1)
+    probs = torch.softmax(clean.logits[-1], -1)
+    logit_nodes = [i for i in range(N) if nodes[i].kind == "logit"]
+    logit_probs = {i: float(probs[nodes[i].index]) for i in logit_nodes}
+    for i in logit_nodes:
+        nodes[i].extra.update({"probability": logit_probs[i], "token": tok.decode([nodes[i].index]) if tok else ""})
+    used = {la: p.sae_name or p.transcoder_name for la, p in plans.items() if p.sae_name or p.transcoder_name}
+    graph = AttributionGraph(ids.tolist(), tokens, nodes, A, bias, gates, logit_probs, logit_nodes[0], used)
+    graph.seconds = time.perf_counter() - start
+    graph.summary["notes"] = notes
+    return graph
+
+
+# ---- influence and pruning ------------------------------------------------------------------------
+
+def _normalised(A: torch.Tensor) -> torch.Tensor:
+    a = A.abs()
+    return a / a.sum(1, keepdim=True).clamp_min(1e-10)
+
+
+def _influence(A: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ_{n≥1} weights·Aⁿ for a nilpotent A (the graph is acyclic)."""
+    current = weights @ A
+    total = current.clone()
+    for _ in range(A.shape[0] + 1):
+        if not bool(current.any()):
+            return total
+        current = current @ A
+        total += current
+    raise DeepSeeMoEError("the attribution graph has a cycle; this is a bug in DeepSeeMoE")
+
+
+def _threshold(scores: torch.Tensor, share: float) -> float:
+    ordered = scores.sort(descending=True).values
+    cumulative = ordered.cumsum(0) / ordered.sum().clamp_min(1e-30)
+    i = min(int(torch.searchsorted(cumulative, torch.tensor(share))), len(ordered) - 1)
+    return float(ordered[i])
+
+
+def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> AttributionGraph:
+    """Keep the nodes carrying `node_threshold` of the influence on the logits (tokens and logits
+    always), then the edges carrying `edge_threshold` of it among those; a kept node must still reach
+    the logits (and a node that has inputs must keep one)."""
+    for name, t in (("node threshold", node_threshold), ("edge threshold", edge_threshold)):
+        if not 0.0 <= t <= 1.0:
+            raise DeepSeeMoEError(f"the {name} is a share of influence, between 0 and 1; got {t}")
+    A = graph.influence_matrix()
+    N = A.shape[0]
+    w = torch.zeros(N)
+    for i, p in graph.logit_probabilities.items():
+        w[i] = p
+    influence = _influence(_normalised(A), w)
+    kinds = [n.kind for n in graph.nodes]
+    always = torch.tensor([k in ("token", "logit") for k in kinds])
+    has_inputs = torch.tensor([k in ("feature", "router", "expert") or (k == "shared" and n.extra.get("linearised"))
+                               for k, n in zip(kinds, graph.nodes, strict=True)])
+    node_mask = (influence >= _threshold(influence[~always], node_threshold)) | always
+    pruned = A.clone()
+    pruned[~node_mask] = 0
+    pruned[:, ~node_mask] = 0
+    norm = _normalised(pruned)
+    reach = _influence(norm, w) + w
+    scores = norm * reach[:, None]
+    edge_mask = (scores >= _threshold(scores[scores > 0], edge_threshold)) & (scores > 0)
+    while True:
+        before = node_mask.clone()
+        edge_mask[~node_mask] = False
+        edge_mask[:, ~node_mask] = False
+        node_mask &= always | edge_mask.any(0)  # it reaches something kept
+        node_mask &= always | ~has_inputs | edge_mask.any(1)  # and, if it has inputs, keeps one
+        if torch.equal(before, node_mask):
+            break
+    graph.influence, graph.node_mask, graph.edge_mask = influence, node_mask, edge_mask
+    total = float(influence[~always].sum())
+    errors = torch.tensor([k == "error" for k in kinds])
+    frozen = torch.tensor([k == "mlp" for k in kinds])
+    graph.summary.update({
+        "node_threshold": node_threshold, "edge_threshold": edge_threshold,
+        "nodes": N, "kept_nodes": int(node_mask.sum()), "edges": int((A != 0).sum()), "kept_edges": int(edge_mask.sum()),
+        "kept_influence": float(influence[node_mask & ~always].sum()) / total if total > 0 else 0.0,
+        # circuit-tracer's replacement view: how much of the influence reaching the logits starts at an error node
+        "error_influence": float(influence[errors].sum()) / total if total > 0 else 0.0,
+        "frozen_block_influence": float(influence[frozen].sum()) / total if total > 0 else 0.0,
+    })
+    return graph

@@ -1,0 +1,86 @@
+"""`deepseemoe attribute RUN_DIR --dictionary NAME --prompt TEXT [--target TOKEN] --out GRAPH.json`: the
+attribution graph of one prompt through the router and the experts (deepseemoe.attribution)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from deepseemoe.commands._options import dictionary_name, trust_remote_code_option
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def attribute(
+        run_dir: Path = typer.Argument(..., help="The --out folder of `deepseemoe train`."),
+        dictionary: list[str] = typer.Option(..., "--dictionary",
+                                             help="An SAE on an MoE block's input (router edges) or a transcoder of "
+                                                  "a block, from the run (repeatable, one per layer)."),
+        prompt: str = typer.Option(..., "--prompt", help="The text to explain (a BOS token is put in front)."),
+        target: str = typer.Option(None, "--target", help="The next token to explain (one token, leading space "
+                                                          "included); default: the model's top prediction."),
+        out: Path = typer.Option(..., "--out", help="Where to write the graph (circuit-tracer's graph JSON)."),
+        node_threshold: float = typer.Option(0.8, min=0.0, max=1.0,
+                                             help="Keep the nodes carrying this share of the influence on the logits."),
+        edge_threshold: float = typer.Option(0.98, min=0.0, max=1.0, help="Keep the edges carrying this share of it."),
+        max_logits: int = typer.Option(5, min=1, help="Candidate next tokens explained (until 95 % probability)."),
+        batch_size: int = typer.Option(64, min=1, help="Target nodes per backward pass."),
+        device: str = typer.Option(None, help="Device for the model and the coders (default: the run's)."),
+        trust_remote_code: bool = trust_remote_code_option(),
+    ) -> None:
+        """Which features decided each routing decision, what the chosen experts wrote, and how it reached the
+        predicted token: a pruned graph whose edges are exact direct effects."""
+        import torch
+
+        from deepseemoe.attribution.export import graph_json, route_sentence, strongest_route
+        from deepseemoe.attribution.graph import build_graph, prune
+        from deepseemoe.dictionaries.formats import load_run_dictionary
+        from deepseemoe.dictionaries.run import load_for_run
+        from deepseemoe.dictionaries.spec import RunSpec
+        from deepseemoe.errors import DeepSeeMoEError
+        from deepseemoe.progress import num, out_console
+        from deepseemoe.runs.atomic import atomic_write_json
+
+        if out.suffix != ".json":
+            raise DeepSeeMoEError(f"--out {out} should name a .json file (the graph is circuit-tracer's graph JSON)")
+        if not prompt.strip():
+            raise DeepSeeMoEError("--prompt is empty; give the text whose next token the graph explains")
+        spec = RunSpec.from_run_dir(run_dir)
+        names = [dictionary_name(run_dir, d) for d in dictionary]
+        coder_device = device or spec.coder_device or "cpu"
+        dictionaries = {name: load_run_dictionary(run_dir, name, device=coder_device) for name in names}
+        spec.dtype = "float32"  # the edges are sums of many small products: bf16 would blur them
+        handle = load_for_run(spec, device or spec.model_device, trust_remote_code=trust_remote_code)
+        if not handle.is_moe:
+            raise DeepSeeMoEError(f"{handle.name} has no MoE layer; attribute explains routing decisions")
+        tok = handle.require_tokenizer()
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        if tok.bos_token_id is not None:
+            ids = [tok.bos_token_id, *ids]
+        handle.check_ctx_len(len(ids))
+        target_id = None
+        if target is not None:
+            pieces = tok(target, add_special_tokens=False)["input_ids"]
+            if len(pieces) != 1:
+                raise DeepSeeMoEError(f"--target {target!r} is {len(pieces)} tokens "
+                                      f"({[tok.decode([p]) for p in pieces]}); give one token of the vocabulary, "
+                                      "with its leading space if it has one")
+            target_id = pieces[0]
+        graph = build_graph(handle, torch.tensor(ids), dictionaries, target=target_id, max_logits=max_logits,
+                            batch_size=batch_size, progress=True)
+        prune(graph, node_threshold, edge_threshold)
+        doc = graph_json(graph, slug=out.stem, scan=str(spec.model), prompt=prompt, num_layers=handle.num_layers)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out, doc)
+        console = out_console()
+        for note in graph.summary.get("notes", []):
+            console.print(f"[yellow]note:[/] {note}")
+        s = graph.summary
+        t = graph.nodes[graph.target]
+        console.print(f"{len(ids)} tokens · target {t.extra.get('token', t.index)!r} (p={num(t.extra['probability'])}) · "
+                      f"{s['nodes']} nodes, {s['edges']} edges → kept {s['kept_nodes']} nodes, {s['kept_edges']} edges, "
+                      f"{s['kept_influence']:.0%} of the influence · error nodes carry {s['error_influence']:.0%} · "
+                      f"{graph.seconds:.1f} s")
+        console.print(route_sentence(strongest_route(graph), graph.tokens))
+        console.print(f"[green]→ {out}[/]")
