@@ -122,7 +122,7 @@ def test_with_an_sae_on_the_router_input_features_and_routers_add_up():
         sources = graph.adjacency[i].nonzero().squeeze(1).tolist()
         assert {graph.nodes[j].kind for j in sources} <= {"feature", "error"}  # the SAE is the router's only input
         assert all(graph.nodes[j].layer == 1 and graph.nodes[j].pos == n.pos for j in sources)
-        assert float(s + W_r[n.index] @ folded.b_dec) == pytest.approx(float(ref["router"][1][n.pos, n.index]), abs=1e-4)
+        assert float(s + W_r[n.index] @ folded.b_dec.detach()) == pytest.approx(float(ref["router"][1][n.pos, n.index]), abs=1e-4)
 
 
 def test_zeroing_a_feature_in_a_plain_forward_moves_the_router_logit_by_the_edge():

@@ -23,7 +23,8 @@ linearised at the prompt).
 
 Influence and pruning follow circuit-tracer: rows of |adjacency| normalised to sum 1, influence on the
 logits (weighted by their probabilities) summed over all path lengths; nodes kept up to a cumulative
-share of influence (tokens and logits always), then edges likewise.
+share of influence (tokens and logits always, and the router node of every kept expert), then edges
+likewise (gate links of kept pairs always).
 """
 
 from __future__ import annotations
@@ -425,6 +426,13 @@ def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: 
     has_inputs = torch.tensor([k in ("feature", "router", "expert") or (k == "shared" and n.extra.get("linearised"))
                                for k, n in zip(kinds, graph.nodes, strict=True)])
     node_mask = (influence >= _threshold(influence[~always], node_threshold)) | always
+    # a kept expert keeps the routing decision that let it write (the question this graph answers): the
+    # gate and the expert's input split its influence, so on a small graph the router alone can fall
+    # under the threshold that its expert passes
+    gate_t = torch.tensor([t for t, _, _ in graph.gates], dtype=torch.long)
+    gate_s = torch.tensor([s for _, s, _ in graph.gates], dtype=torch.long)
+    if len(graph.gates):
+        node_mask[gate_s] |= node_mask[gate_t]
     pruned = A.clone()
     pruned[~node_mask] = 0
     pruned[:, ~node_mask] = 0
@@ -432,6 +440,8 @@ def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: 
     reach = _influence(norm, w) + w
     scores = norm * reach[:, None]
     edge_mask = (scores >= _threshold(scores[scores > 0], edge_threshold)) & (scores > 0)
+    if len(graph.gates):
+        edge_mask[gate_t, gate_s] = True  # cleared below where either end is dropped
     while True:
         before = node_mask.clone()
         edge_mask[~node_mask] = False
