@@ -58,7 +58,10 @@ def register(app: typer.Typer) -> None:
         ids = tok(prompt, add_special_tokens=False)["input_ids"]
         if tok.bos_token_id is not None:
             ids = [tok.bos_token_id, *ids]
-        handle.check_ctx_len(len(ids))
+        limit = getattr(handle.model.config, "max_position_embeddings", None)
+        if isinstance(limit, int) and len(ids) > limit:
+            raise DeepSeeMoEError(f"--prompt is {len(ids)} tokens with BOS, beyond {handle.name}'s {limit} positions "
+                                  "(max_position_embeddings); shorten it")
         target_id = None
         if target is not None:
             pieces = tok(target, add_special_tokens=False)["input_ids"]
