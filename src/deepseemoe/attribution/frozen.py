@@ -272,8 +272,9 @@ class LinearReplacement:
                 tc = plan.transcoder
                 self._feature_targets(f"feat{layer}", tc, h, values)
                 if tc.W_skip is not None:  # the skip path is linear: it stays in the gradient
-                    skip_clean = clean.block_in[layer] @ tc.W_skip.T
-                    out = out - skip_clean + h @ tc.W_skip.T
+                    # (h − h.detach()) is zero with h's gradient: the value stays the model's own, where
+                    # adding skip(h) and subtracting skip at the prompt cancels two large terms in float32
+                    out = out + (h - h.detach()) @ tc.W_skip.T
             out = (out + leaves[f"out{layer}"]).to(hidden_states.dtype)
             return (out, None) if clean.tuple_out.get(layer) else out
         return forward
