@@ -6,33 +6,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-import yaml
 
 from deepseemoe.attribution.graph import build_graph
-from deepseemoe.dictionaries.formats import save_circuit_tracer
-from deepseemoe.models.load import load_model
-from tests.dictionaries.test_circuit_tracer_e2e import _transcoder
+from tests.dictionaries.test_circuit_tracer_e2e import replacement_model
 
 
 @pytest.mark.parametrize("skip", [False, True])
 def test_edges_equal_circuit_tracers_adjacency(tmp_path, tiny_olmoe_dir, monkeypatch, skip):
-    from circuit_tracer import ReplacementModel, attribute
-    from circuit_tracer.transcoder import load_transcoder_set
-    from transformer_lens import loading_from_pretrained
+    from circuit_tracer import attribute
 
-    handle = load_model(str(tiny_olmoe_dir))
-    D = handle.model.config.hidden_size
-    coders = {layer: _transcoder(D, layer, skip) for layer in range(handle.num_layers)}
-    folder = save_circuit_tracer(coders, tmp_path / "set", model_name="")
-    config = yaml.safe_load((folder / "config.yaml").read_text())
-    transcoders = load_transcoder_set({i: str(folder / name) for i, name in enumerate(config["transcoders"])},
-                                      scan="tiny-olmoe", feature_input_hook=config["feature_input_hook"],
-                                      feature_output_hook=config["feature_output_hook"],
-                                      device=torch.device("cpu"), lazy_encoder=False, lazy_decoder=False)
-    monkeypatch.setattr(loading_from_pretrained, "get_official_model_name", lambda name: name)
-    rm = ReplacementModel.from_pretrained_and_transcoders(str(tiny_olmoe_dir), transcoders,
-                                                          backend="transformerlens", hf_model=handle.model,
-                                                          tokenizer=handle.tokenizer, device=torch.device("cpu"))
+    handle, coders, rm = replacement_model(tiny_olmoe_dir, tmp_path, monkeypatch, skip)
     ids = handle.tokenizer("def add(a, b): return a + b", return_tensors="pt")["input_ids"][0]
     ids = torch.cat([torch.tensor([handle.tokenizer.bos_token_id]), ids])
     theirs = attribute(ids, rm, max_n_logits=3, desired_logit_prob=0.99, batch_size=64, max_feature_nodes=None)

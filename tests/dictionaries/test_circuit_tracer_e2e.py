@@ -27,9 +27,10 @@ def _transcoder(d: int, layer: int, skip: bool):
     return coder.eval()
 
 
-@pytest.mark.parametrize("skip", [False, True])
-def test_replacement_model_and_attribution_on_our_transcoders(tmp_path, tiny_olmoe_dir, monkeypatch, skip):
-    from circuit_tracer import ReplacementModel, attribute
+def replacement_model(tiny_olmoe_dir, tmp_path, monkeypatch, skip: bool):
+    """The tiny OLMoE with one random (skip-)transcoder per layer, exported in circuit-tracer's layout and
+    loaded by its own code into its ReplacementModel: (our handle, our coders by layer, theirs)."""
+    from circuit_tracer import ReplacementModel
     from circuit_tracer.transcoder import load_transcoder_set
     from transformer_lens import loading_from_pretrained
 
@@ -47,6 +48,14 @@ def test_replacement_model_and_attribution_on_our_transcoders(tmp_path, tiny_olm
     rm = ReplacementModel.from_pretrained_and_transcoders(str(tiny_olmoe_dir), transcoders,
                                                           backend="transformerlens", hf_model=handle.model,
                                                           tokenizer=handle.tokenizer, device=torch.device("cpu"))
+    return handle, coders, rm
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_replacement_model_and_attribution_on_our_transcoders(tmp_path, tiny_olmoe_dir, monkeypatch, skip):
+    from circuit_tracer import attribute
+
+    handle, coders, rm = replacement_model(tiny_olmoe_dir, tmp_path, monkeypatch, skip)
     ids = handle.tokenizer("def add(a, b): return a + b  # the sum", return_tensors="pt")["input_ids"]
     ids = torch.cat([torch.tensor([[handle.tokenizer.bos_token_id]]), ids], 1)
 

@@ -69,12 +69,12 @@ def graph_json(graph: AttributionGraph, *, slug: str, scan: str, prompt: str, nu
     links = []
     A = graph.adjacency
     mask = graph.edge_mask if graph.edge_mask is not None else A != 0
-    gates = {(t, s) for t, s, _ in graph.gates}
+    gates = {(t, s): w for t, s, w in graph.gates}
     for t, s in mask.nonzero().tolist():
         if keep[t] and keep[s]:
-            kind = "gate" if (t, s) in gates else "direct"
-            weight = next(w for tt, ss, w in graph.gates if (tt, ss) == (t, s)) if kind == "gate" else float(A[t, s])
-            links.append({"source": ids[s], "target": ids[t], "weight": weight, "kind": kind})
+            gate = gates.get((t, s))
+            links.append({"source": ids[s], "target": ids[t], "weight": float(A[t, s]) if gate is None else gate,
+                          "kind": "direct" if gate is None else "gate"})
     metadata = {"slug": slug, "scan": scan, "transcoder_list": sorted(set(graph.dictionaries.values())),
                 "prompt_tokens": graph.tokens, "prompt": prompt, "node_threshold": graph.summary.get("node_threshold"),
                 "schema_version": 1, "deepseemoe": graph.summary}

@@ -34,7 +34,12 @@ import torch
 
 from deepseemoe.dictionaries.coder import SparseCoder
 from deepseemoe.errors import DeepSeeMoEError
-from deepseemoe.models.experts import has_fused_layout, recall_expert_outputs
+from deepseemoe.models.experts import (
+    fused_expert_output_from_neurons,
+    fused_linear,
+    has_fused_layout,
+    recall_expert_outputs,
+)
 from deepseemoe.models.spec import ModelHandle, MoELayer
 
 FROZEN_ATTENTION = "deepseemoe_frozen"
@@ -132,11 +137,6 @@ def _standard_gate(experts) -> bool:
     return default is not None and getattr(type(experts), "_apply_gate", None) is default
 
 
-def _proj(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
-    out = x @ weight if transposed else x @ weight.T
-    return out + bias if bias is not None else out
-
-
 def check_experts(moe: MoELayer) -> None:
     """Refuse experts whose frozen-gate linearisation DeepSeeMoE cannot write."""
     ex = moe.experts
@@ -157,15 +157,14 @@ def frozen_expert(experts, x: torch.Tensor, expert: int) -> torch.Tensor:
     t = bool(experts.is_transposed)
     if experts.has_gate:
         bias = experts.gate_up_proj_bias[expert] if experts.has_bias else None
-        gate, up = _proj(x, experts.gate_up_proj[expert], bias, t).chunk(2, dim=-1)
+        gate, up = fused_linear(x, experts.gate_up_proj[expert], bias, t).chunk(2, dim=-1)
         h = experts.act_fn(gate).detach() * up
     else:
         bias = experts.up_proj_bias[expert] if experts.has_bias else None
-        u = _proj(x, experts.up_proj[expert], bias, t)
+        u = fused_linear(x, experts.up_proj[expert], bias, t)
         ratio = torch.where(u != 0, experts.act_fn(u) / u, torch.zeros_like(u))
         h = ratio.detach() * u
-    bias = experts.down_proj_bias[expert] if experts.has_bias else None
-    return _proj(h, experts.down_proj[expert], bias, t)
+    return fused_expert_output_from_neurons(experts, h, expert)
 
 
 def _gated_mlp(module) -> bool:
@@ -211,8 +210,8 @@ class LinearReplacement:
         self.handle, self.clean, self.plans = handle, clean, plans
         self.S = len(clean.ids)
         self.sources: dict[str, Sources] = {}
-        # target groups, in the order their values are concatenated: (group key, node ids, spec)
-        self.targets: list[tuple[str, list[int], dict]] = []
+        # target groups by key, in the order their values are concatenated: key -> (node ids, spec)
+        self.targets: dict[str, tuple[list[int], dict]] = {}
         self.unit: dict[int, torch.Tensor] = {}  # expert layer -> [n, D] unit output directions (constant)
         self.shared_unit: dict[int, torch.Tensor] = {}
         self.shared_linear: dict[int, tuple[torch.nn.Module, torch.Tensor]] = {}  # layer -> (mlp, gate [S])
@@ -222,7 +221,7 @@ class LinearReplacement:
         return self.sources.setdefault(leaf, Sources(leaf))
 
     def target_order(self) -> list[int]:
-        return [n for _, nodes, _ in self.targets for n in nodes]
+        return [n for nodes, _ in self.targets.values() for n in nodes]
 
     # ---- the forward ------------------------------------------------------------------------------
 
@@ -280,8 +279,7 @@ class LinearReplacement:
         return forward
 
     def _feature_targets(self, key: str, coder: SparseCoder, h: torch.Tensor, values: dict) -> None:
-        spec = next(s for k, _, s in self.targets if k == key)
-        pos, feat = spec["pos"], spec["feature"]
+        pos, feat = self.targets[key][1]["pos"], self.targets[key][1]["feature"]
         xin = h if coder.cfg.is_transcoder else h - coder.b_dec
         values[key] = torch.einsum("bnd,dn->bn", xin[:, pos, :], coder.W_enc[:, feat]) + coder.b_enc[feat]
 
@@ -293,12 +291,12 @@ class LinearReplacement:
             x = clean.block_in[layer].to(h.device) + leaves[f"in{layer}"]  # the block now reads the SAE's nodes
         else:
             x = h
-        spec = next(s for k, _, s in self.targets if k == f"router{layer}")
+        spec = self.targets[f"router{layer}"][1]
         W_r, b_r = spec["W_r"], spec["b_r"]
         z = x[:, spec["pos"], :] @ W_r.T  # [B, n, E]
         z = z.gather(2, spec["expert"][None, :, None].expand(z.shape[0], -1, 1)).squeeze(2)
         values[f"router{layer}"] = z + (b_r[spec["expert"]] if b_r is not None else 0)
-        spec = next(s for k, _, s in self.targets if k == f"expert{layer}")
+        spec = self.targets[f"expert{layer}"][1]
         outs = torch.zeros(h.shape[0], len(spec["pos"]), h.shape[-1], device=h.device)
         for e in spec["expert"].unique().tolist():
             rows = (spec["expert"] == e).nonzero().squeeze(1)
@@ -325,7 +323,7 @@ class LinearReplacement:
         values["logits_last"] = logits[0].detach()
         ids = torch.tensor(self.logit_ids, dtype=torch.long)
         values["logit"] = logits[:, ids] - logits.mean(-1, keepdim=True)
-        order = torch.cat([values[key] for key, _, _ in self.targets], dim=1)
+        order = torch.cat([values[key] for key in self.targets], dim=1)
         return leaves, order, values
 
     def check(self, values: dict[str, torch.Tensor]) -> None:
@@ -337,7 +335,7 @@ class LinearReplacement:
             raise DeepSeeMoEError(f"{self.handle.name}: the frozen forward does not reproduce the model's logits (max "
                                   f"difference {float((got - ref).abs().max()):.2e}); attribution does not support "
                                   f"{self.handle.model_type} models yet")
-        for key, _, spec in self.targets:
+        for key, (_, spec) in self.targets.items():
             if key.startswith("expert") and "clean_vectors" in spec:
                 diff = float((values[f"expert_vectors{key[6:]}"] - spec["clean_vectors"]).abs().max())
                 if diff > 1e-3 * max(1.0, float(spec["clean_vectors"].abs().max())):
@@ -364,11 +362,6 @@ def expert_vectors(handle: ModelHandle, clean: CleanPass, layer: int) -> torch.T
     dtype = next(moe.experts.parameters()).dtype
     y = recall_expert_outputs(moe.experts, x.to(dtype), clean.idx[layer]).float()
     return y * (clean.weights[layer] * moe.routed_scale)[..., None]
-
-
-def shared_part(handle: ModelHandle, clean: CleanPass, layer: int, routed: torch.Tensor) -> torch.Tensor:
-    """[S, D] the block output minus the routed experts' sum: what the shared expert(s) wrote."""
-    return clean.block_out[layer] - routed.sum(1)
 
 
 def shared_mlp(handle: ModelHandle, layer: int) -> torch.nn.Module | None:

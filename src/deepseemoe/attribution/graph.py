@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from deepseemoe.analysis.features import router_linear
 from deepseemoe.attribution.frozen import (
     CleanPass,
     LayerPlan,
@@ -85,16 +86,6 @@ class AttributionGraph:
         for t, s, w in self.gates:
             A[t, s] = w
         return A
-
-
-def _router_linear(handle: ModelHandle, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    moe = handle.moe_layers[layer]
-    E = moe.num_experts
-    weights = [p for _, p in moe.router.named_parameters() if p.ndim == 2 and p.shape[0] == E]
-    biases = [p for n, p in moe.router.named_parameters() if p.ndim == 1 and p.shape[0] == E and "bias" in n]
-    if len(weights) != 1:
-        raise DeepSeeMoEError(f"layer {layer}: the router has no single [E, D] weight; attribution needs a linear router")
-    return weights[0].detach().float(), (biases[0].detach().float() if biases else None)
 
 
 def _margins(handle: ModelHandle, layer: int, z: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -228,7 +219,7 @@ def _inventory(handle: ModelHandle, clean: CleanPass, plans: dict[int, LayerPlan
                 where.node.append(i)
                 where.pos.append(p)
                 where.vec.append(a * coder.W_dec[f].detach())
-            rep.targets.append((f"feat{layer}", ids, {"pos": ps, "feature": fs}))
+            rep.targets[f"feat{layer}"] = (ids, {"pos": ps, "feature": fs})
             for p in range(S):
                 where.node.append(add(Node("error", layer, p, -1, float(err[p].norm()), {"dictionary": name})))
                 where.pos.append(p)
@@ -237,7 +228,8 @@ def _inventory(handle: ModelHandle, clean: CleanPass, plans: dict[int, LayerPlan
             continue
         moe = handle.moe_layers[layer]
         check_experts(moe)
-        W_r, b_r = _router_linear(handle, layer)
+        W_r, b_r = router_linear(handle, layer)
+        W_r, b_r = W_r.float(), (b_r.float() if b_r is not None else None)
         idx, w = clean.idx[layer], clean.weights[layer]
         z = x @ W_r.T + (b_r if b_r is not None else 0)
         if layer in clean.router_logits and not torch.allclose(z, clean.router_logits[layer], atol=1e-4, rtol=1e-4):
@@ -266,11 +258,9 @@ def _inventory(handle: ModelHandle, clean: CleanPass, plans: dict[int, LayerPlan
                 out.pos.append(p)
                 out.vec.append(v)
         pos = torch.arange(S).repeat_interleave(K)
-        rep.targets.append((f"router{layer}", router_ids,
-                            {"pos": pos, "expert": idx.reshape(-1), "W_r": W_r, "b_r": b_r}))
-        rep.targets.append((f"expert{layer}", expert_ids,
-                            {"pos": pos, "expert": idx.reshape(-1), "weight": w.reshape(-1),
-                             "clean_vectors": vectors.reshape(S * K, -1)}))
+        rep.targets[f"router{layer}"] = (router_ids, {"pos": pos, "expert": idx.reshape(-1), "W_r": W_r, "b_r": b_r})
+        rep.targets[f"expert{layer}"] = (expert_ids, {"pos": pos, "expert": idx.reshape(-1), "weight": w.reshape(-1),
+                                                      "clean_vectors": vectors.reshape(S * K, -1)})
         rep.unit[layer] = torch.stack(units)
         shared = clean.block_out[layer] - vectors.sum(1)
         if moe.shared_paths:
@@ -294,7 +284,7 @@ def _inventory(handle: ModelHandle, clean: CleanPass, plans: dict[int, LayerPlan
             if linear:
                 rep.shared_linear[layer] = (mlp, gate)
                 rep.shared_unit[layer] = torch.stack(shared_units)
-                rep.targets.append((f"shared{layer}", shared_ids, {}))
+                rep.targets[f"shared{layer}"] = (shared_ids, {})
         elif float(shared.abs().max()) > 1e-4 * max(1.0, float(clean.block_out[layer].abs().max())):
             raise DeepSeeMoEError(f"layer {layer}: the block's output is not the sum of its chosen experts' outputs "
                                   f"({moe.combine}); attribution does not support this block yet")
@@ -303,7 +293,7 @@ def _inventory(handle: ModelHandle, clean: CleanPass, plans: dict[int, LayerPlan
     logit_nodes = []
     for v in logit_ids:
         logit_nodes.append(add(Node("logit", handle.num_layers, last, v, 0.0)))
-    rep.targets.append(("logit", logit_nodes, {}))
+    rep.targets["logit"] = (logit_nodes, {})
     rep.logit_ids = list(logit_ids)
     return rep, nodes, gates
 

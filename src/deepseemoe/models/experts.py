@@ -88,7 +88,8 @@ def has_fused_layout(experts: nn.Module) -> bool:
     return all(hasattr(experts, a) for a in ("has_gate", "has_bias", "is_transposed", "down_proj"))
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+    """One expert's projection in the fused layout ([in, out] when transposed, else [out, in])."""
     out = x @ weight if transposed else x @ weight.T
     return out + bias if bias is not None else out
 
@@ -102,16 +103,16 @@ def fused_expert_neurons(experts: nn.Module, x: torch.Tensor, expert: int) -> to
         if not getattr(experts, "is_concatenated", True):
             raise NotImplementedError(f"{type(experts).__name__}: separate gate/up projections are not supported")
         bias = experts.gate_up_proj_bias[expert] if experts.has_bias else None
-        h = _linear(x, experts.gate_up_proj[expert], bias, transposed)
+        h = fused_linear(x, experts.gate_up_proj[expert], bias, transposed)
         return experts._apply_gate(h)
     bias = experts.up_proj_bias[expert] if experts.has_bias else None
-    return experts.act_fn(_linear(x, experts.up_proj[expert], bias, transposed))
+    return experts.act_fn(fused_linear(x, experts.up_proj[expert], bias, transposed))
 
 
 def fused_expert_output_from_neurons(experts: nn.Module, h: torch.Tensor, expert: int) -> torch.Tensor:
     """The expert's output from its hidden activations: [T, F] -> [T, D]."""
     bias = experts.down_proj_bias[expert] if experts.has_bias else None
-    out = _linear(h, experts.down_proj[expert], bias, bool(experts.is_transposed))
+    out = fused_linear(h, experts.down_proj[expert], bias, bool(experts.is_transposed))
     if getattr(experts, "has_post_expert_norm", False):
         out = experts.post_expert_norm(out)
     return out
