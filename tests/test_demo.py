@@ -3,17 +3,19 @@ the routing tables (recomputed here with DuckDB straight from the routing parque
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
 
 import duckdb
 import pytest
+from markupsafe import escape
 
 from deepseemoe.demo import run_demo
 
 
-def test_reduced_demo(tmp_path):
+def test_reduced_demo(tmp_path, cli):
     import io
 
     from rich.console import Console
@@ -106,6 +108,23 @@ def test_reduced_demo(tmp_path):
     ce = carve["clustered"]["ce"]
     assert f"held-out CE +{ce['carved']['4']['all'] - ce['dense']['all']:.3f} nats over the dense twin" \
         in printed.getvalue()
+    # attribution graphs: one held-out prompt per domain of the corpus, each graph's file checksummed, its
+    # sentence and sizes shown; every routing decision the sentence names is a kept node of the file
+    attribution = json.loads((tmp_path / "demo" / "attribution" / "attribution.json").read_text())
+    domains = {json.loads(line)["domain"] for line in (tmp_path / "demo" / "corpus" / "val.jsonl").open()}
+    assert {g["label"] for g in attribution["graphs"]} == domains
+    assert '<h2 id="attribution">Attribution graphs through the router</h2>' in page
+    assert page.count('<svg class="attribution-graph"') == len(domains)
+    for g in attribution["graphs"]:
+        doc = json.loads((tmp_path / "demo" / "attribution" / g["file"]).read_text())
+        assert hashlib.sha256((tmp_path / "demo" / "attribution" / g["file"]).read_bytes()).hexdigest() == g["sha256"]
+        assert str(escape(g["sentence"])) in page  # as jinja escapes it
+        assert f"<td>{g['summary']['kept_nodes']}</td><td>{g['summary']['kept_edges']}</td>" in page
+        if g["route"] is not None:
+            r = g["route"]
+            node = next(n for n in doc["nodes"] if n["node_id"] == f"R{r['layer']}_{r['expert']}_{r['pos']}")
+            assert node["margin"] == pytest.approx(r["margin"]) and node["weight"] == pytest.approx(r["weight"])
+        assert sum(n["feature_type"] == "embedding" for n in doc["nodes"]) == g["tokens"]  # tokens always kept
     # `deepseemoe report` rebuilds the same page from the run directories alone
     from typer.testing import CliRunner
 
@@ -129,6 +148,12 @@ def test_reduced_demo(tmp_path):
     assert r.exit_code == 0, r.output
     solo = (alone.parent / "report" / "index.html").read_text()
     assert "Expert load" in solo and "Causal checks" not in solo and "MoE vs dense" not in solo
+    # a damaged graph file is named, not drawn
+    damaged = tmp_path / "demo" / "attribution" / attribution["graphs"][0]["file"]
+    damaged.write_text(damaged.read_text().replace('"links"', '"links" ', 1))
+    r = cli("report", run, "--out", tmp_path / "damaged.html")
+    assert r.code == 2 and r.err.startswith("error:") and damaged.name in r.err
+    assert not (tmp_path / "damaged.html").exists()
 
 
 def test_reduced_demo_with_experts_trained_separately(tmp_path):

@@ -4,7 +4,8 @@ Stages: corpus (text on this machine) → tokenizer + MoE + dense twin (trained 
 load the MoE from its folder exactly like a hub model → route the held-out split → route the
 same text through the intermediate checkpoints → routing statistics → dictionaries, feature maps,
 causal checks and the MoE-vs-dense table → descriptions of one layer's experts and a few dozen
-features by the offline explainer (SmolLM2), scored → report/index.html.
+features by the offline explainer (SmolLM2), scored → attribution graphs of one held-out prompt per
+domain through the router → report/index.html.
 """
 
 from __future__ import annotations
@@ -55,19 +56,19 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
     fix = f"delete {corpus_dir} to build the corpus again"
     if built_path.exists() and read_json(built_path, fix) == built and (corpus_dir / "val.jsonl").exists():
         corpus = read_json(corpus_dir / "report.json", fix)
-        console.print(f"[bold]1/8 corpus[/] reused {corpus_dir}")
+        console.print(f"[bold]1/9 corpus[/] reused {corpus_dir}")
     else:
-        with console.status("[bold]1/8 corpus[/] collecting text found on this machine"):
+        with console.status("[bold]1/9 corpus[/] collecting text found on this machine"):
             corpus = build_corpus(corpus_dir, seed=seed, max_bytes_per_domain=spec.max_bytes_per_domain).to_json()
         atomic_write_json(built_path, built)
-        console.print(f"[bold]1/8 corpus[/] {len(corpus['domains'])} domains: "
+        console.print(f"[bold]1/9 corpus[/] {len(corpus['domains'])} domains: "
                       + ", ".join(f"{d} {v['bytes'] / 1e6:.1f} MB" for d, v in corpus["domains"].items()))
     for note in corpus.get("notes", []):
         console.print(f"[yellow]{note}[/]")
     seconds["corpus"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    console.print(f"[bold]2/8 models[/] recipe '{recipe}': OLMoE {spec.experts} experts top-{spec.top_k} and its "
+    console.print(f"[bold]2/9 models[/] recipe '{recipe}': OLMoE {spec.experts} experts top-{spec.top_k} and its "
                   f"dense twin, {spec.steps} steps each")
     zoo = train_zoo(corpus_dir, recipe=spec, cache_dir=cache_dir, retrain=retrain)
     console.print(f"           {'reused' if zoo.cached else 'trained'}: MoE {zoo.moe_dir}", soft_wrap=True)
@@ -76,7 +77,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
     if separate:
         from deepseemoe.zoo.flexolmo import train_separate
 
-        console.print("[bold]2/8 models[/] and experts trained separately: a public base, one expert per domain, "
+        console.print("[bold]2/9 models[/] and experts trained separately: a public base, one expert per domain, "
                       "merged FlexOlmo-style")
         third = train_separate(corpus_dir, recipe=spec, cache_dir=cache_dir, retrain=retrain)
         if third.cached:
@@ -96,9 +97,9 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
                        checkpoints={str(p): stamp.model_digest(m) for p, m in earlier.items()}, recipe=recipe, **route_kw)
     if stamp.fresh(out_dir, "routing", key, ["run/manifest.json", *(str(p.relative_to(out_dir) / "manifest.json")
                                                                   for p in earlier)]):
-        console.print(f"[bold]3/8 routing[/] reused {run_dir}")
+        console.print(f"[bold]3/9 routing[/] reused {run_dir}")
     else:
-        console.print("[bold]3/8 routing[/] held-out text through the MoE (loaded from its folder like a hub model)")
+        console.print("[bold]3/9 routing[/] held-out text through the MoE (loaded from its folder like a hub model)")
         handle = load_model(str(zoo.moe_dir))
         route_corpus(handle, source, run_dir, extra={"recipe": recipe, "zoo": str(zoo.root)}, overwrite=True,
                      **route_kw)
@@ -118,13 +119,13 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
     key = stamp.digest(stage="stats", routing=key)
     if stamp.fresh(out_dir, "stats", key, ["run/analyses/manifest.json"]):
         summary = RoutingRun.open(run_dir).analyses().summary
-        console.print(f"[bold]4/8 statistics[/] reused {run_dir / 'analyses'}")
+        console.print(f"[bold]4/9 statistics[/] reused {run_dir / 'analyses'}")
     else:
-        with console.status("[bold]4/8 statistics[/]"):
+        with console.status("[bold]4/9 statistics[/]"):
             save_routing_stats(compute_routing_stats(run_dir))
         summary = RoutingRun.open(run_dir).analyses().summary  # as saved (with its inputs): what a warm run reads
         stamp.write(out_dir, "stats", key)
-        console.print(f"[bold]4/8 statistics[/] {summary['tokens']:,} tokens → {run_dir / 'analyses'}")
+        console.print(f"[bold]4/9 statistics[/] {summary['tokens']:,} tokens → {run_dir / 'analyses'}")
     seconds["stats"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -139,16 +140,16 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
                        separate=stamp.model_digest(third.model_dir) if third is not None else None)
     if stamp.fresh(out_dir, "analyses", key, demo_analyses_outputs(spec.layers // 2)):
         analyses = read_demo_analyses(out_dir)
-        console.print("[bold]6/8 dictionaries and causal checks[/] reused")
+        console.print("[bold]6/9 dictionaries and causal checks[/] reused")
     else:
-        with console.status("[bold]6/8 dictionaries and causal checks[/]"):
+        with console.status("[bold]6/9 dictionaries and causal checks[/]"):
             analyses = run_demo_analyses(zoo.moe_dir, zoo.dense_dir, corpus_dir, out_dir, ctx_len=spec.seq_len,
                                          train_tokens=max(10_000, min(60_000, max_tokens)),
                                          eval_tokens=max(1_000, min(4_000, max_tokens // 4)), layer=spec.layers // 2,
                                          separate=third)
         stamp.write(out_dir, "analyses", key)
     ev = analyses["evaluation"]["coders"]
-    console.print("[bold]6/8 dictionaries and causal checks[/] " + ", ".join(
+    console.print("[bold]6/9 dictionaries and causal checks[/] " + ", ".join(
         f"{n}: FVU {r['fvu']:.3f}, ΔCE {r.get('delta_ce', float('nan')):.3f}" for n, r in ev.items()))
     if analyses["removal"] is not None:
         rm = analyses["removal"]
@@ -165,14 +166,18 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
     seconds["descriptions"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    key = stamp.digest(stage="report", descriptions=key)
+    key = _attribution(out_dir, corpus_dir, zoo.moe_dir, spec.layers // 2, key, console)
+    seconds["attribution"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    key = stamp.digest(stage="report", attribution=key)
     report = out_dir / "report" / "index.html"
     if stamp.fresh(out_dir, "report", key, ["report/index.html"]):
-        console.print(f"[bold]8/8 report[/] reused {report}")
+        console.print(f"[bold]9/9 report[/] reused {report}")
     else:
         report = build_report(run_dir)  # what `deepseemoe report runs/demo/run` writes, from the files alone
         stamp.write(out_dir, "report", key)
-        console.print(f"[bold]8/8 report[/] {report}")
+        console.print(f"[bold]9/9 report[/] {report}")
     seconds["report"] = time.perf_counter() - t
     return DemoResult(out_dir, report, seconds, summary)
 
@@ -223,13 +228,13 @@ def _carved(corpus_dir: Path, out_dir: Path, run_dir: Path, stats_key: str, reci
         for split in ("clustered", "random"):
             spec = CarveSpec(experts=plan.experts, shared=plan.shared, top_k=plan.top_k, layers=list(plan.layers),
                              split=split)
-            with console.status(f"[bold]5/8 carved MoE[/] carving {'SmolLM2-135M' if model is None else dense_dir.name} "
+            with console.status(f"[bold]5/9 carved MoE[/] carving {'SmolLM2-135M' if model is None else dense_dir.name} "
                                 f"({split} split)"):
                 carves[split] = carve_zoo(corpus_dir, model=model, spec=spec, cache_dir=cache_dir,
                                           calibration_tokens=plan.calibration_tokens, eval_tokens=plan.eval_tokens,
                                           ctx_len=plan.ctx_len, eval_ks=list(plan.eval_ks), progress=False)
     except DeepSeeMoEError as e:  # SmolLM2 is not installed: the rest of the demo stands
-        console.print(f"[bold]5/8 carved MoE[/] [yellow]skipped: {e}[/]")
+        console.print(f"[bold]5/9 carved MoE[/] [yellow]skipped: {e}[/]")
         return stamp.digest(stage="carved", stats=stats_key, carved=None), None
     route_kw = dict(ctx_len=plan.ctx_len, batch_size=8, max_tokens=plan.route_tokens)
     key = stamp.digest(stage="carved", stats=stats_key, carves={s: c.report["key"] for s, c in carves.items()},
@@ -241,7 +246,7 @@ def _carved(corpus_dir: Path, out_dir: Path, run_dir: Path, stats_key: str, reci
     else:
         source = TextSource(str(corpus_dir / "val.jsonl"), domain_field="domain", interleave_domains=True)
         for split, c in carves.items():
-            with console.status(f"[bold]5/8 carved MoE[/] routing held-out text ({split} split)"):
+            with console.status(f"[bold]5/9 carved MoE[/] routing held-out text ({split} split)"):
                 route_corpus(load_model(str(c.moe_dir)), source, runs[split], progress=False, overwrite=True,
                              extra={"carved": str(c.root), "split": split}, **route_kw)
                 save_routing_stats(compute_routing_stats(runs[split]))
@@ -255,7 +260,7 @@ def _carved(corpus_dir: Path, out_dir: Path, run_dir: Path, stats_key: str, reci
     ce = carves["clustered"].report["ce"]
     k = str(plan.top_k)
     mean = {label: m["mean"] for label, m in result["models"].items()}
-    console.print(f"[bold]5/8 carved MoE[/] ({how}) layers {plan.layers[0]}-{plan.layers[-1]}, top-{k} of "
+    console.print(f"[bold]5/9 carved MoE[/] ({how}) layers {plan.layers[0]}-{plan.layers[-1]}, top-{k} of "
                   f"{plan.experts - plan.shared} + {plan.shared} shared: held-out CE +"
                   f"{ce['carved'][k]['all'] - ce['dense']['all']:.3f} nats over the dense twin; domain NMI of top-1 "
                   "(null): " + ", ".join(f"{label} {m['nmi']:.3f} ({m['nmi_null_mean']:.3f})" for label, m in mean.items()))
@@ -280,7 +285,7 @@ def _describe(run_dir: Path, out_dir: Path, layer: int, experts: tuple[Path, int
     try:
         chat = explainer or LocalChat.smollm2(root / "explain")
     except DeepSeeMoEError as e:  # the offline explainer is not installed: the rest of the demo stands
-        console.print(f"[bold]7/8 descriptions[/] [yellow]skipped: {e}[/]")
+        console.print(f"[bold]7/9 descriptions[/] [yellow]skipped: {e}[/]")
         return stamp.digest(stage="descriptions", analyses=key, explainer=None)
     from deepseemoe.explain.embedding import EmbeddingJudge
 
@@ -298,7 +303,7 @@ def _describe(run_dir: Path, out_dir: Path, layer: int, experts: tuple[Path, int
         cached = "reused: "
     else:
         backend = Cached(chat, root / "explain" / "answers.sqlite")
-        with console.status("[bold]7/8 descriptions[/] explaining experts and features"):
+        with console.status("[bold]7/9 descriptions[/] explaining experts and features"):
             got = demo_explanations(expert_run, expert_layer, out_dir / "dictionaries", f"sae_block_in_{layer}",
                                     backend, judge=judge)
         if separate is not None:
@@ -306,7 +311,7 @@ def _describe(run_dir: Path, out_dir: Path, layer: int, experts: tuple[Path, int
         stamp.write(out_dir, "descriptions", key)
         cached = f"({backend.hits} answers cached, {backend.misses} new) "
     e, f = got["experts"]["scorers"], got["features"]["scorers"]
-    console.print(f"[bold]7/8 descriptions[/] {cached}{got['experts']['units']} experts, {got['features']['units']} "
+    console.print(f"[bold]7/9 descriptions[/] {cached}{got['experts']['units']} experts, {got['features']['units']} "
                   f"features by {chat.ident.split(':', 1)[1]}, judged by "
                   f"{(judge.ident if judge else chat.ident).split(':', 1)[1]}: routing prediction "
                   f"{_score(e.get('routing'))} (shuffled {_score((e.get('routing') or {}).get('shuffled_explanation'))}, "
@@ -315,6 +320,48 @@ def _describe(run_dir: Path, out_dir: Path, layer: int, experts: tuple[Path, int
                   + _judge_note(got))
     console.print("           beat the shuffled baseline by more than the spread over units: "
                   f"experts {_verdict(e.get('routing'))}, features {_verdict(f.get('detection'))}")
+    return key
+
+
+# the demo's prompts: the opening of one held-out document per domain, this many tokens (a graph of
+# 32 tokens takes ~2 s on 2 cores with the demo's MoE and its layer SAE)
+PROMPT_TOKENS = 32
+
+
+def _attribution(out_dir: Path, corpus_dir: Path, moe_dir: Path, layer: int, key: str, console: Console) -> str:
+    """Stage 8: an attribution graph through the router (`deepseemoe attribute`) of the opening of one
+    held-out document per domain, with the block-input SAE of `layer` (described in stage 7), into
+    STUDY/attribution/. Returns the stage's key."""
+    from deepseemoe.attribution.prompts import attribute_prompt, document_openings, feature_descriptions
+    from deepseemoe.dictionaries.formats import load_run_dictionary
+    from deepseemoe.runs.study import ATTRIBUTION, save_attribution
+
+    key = stamp.digest(stage="attribution", descriptions=key, prompt_tokens=PROMPT_TOKENS)
+    folder = out_dir / "attribution"
+    if stamp.fresh(out_dir, "attribution", key, [f"attribution/{ATTRIBUTION}"]):
+        console.print(f"[bold]8/9 attribution graphs[/] reused {folder}")
+        return key
+    dict_dir, name = out_dir / "dictionaries", f"sae_block_in_{layer}"
+    handle = load_model(str(moe_dir), dtype="float32")  # edges are sums of many small products
+    prompts = document_openings(corpus_dir / "val.jsonl", handle.require_tokenizer(), tokens=PROMPT_TOKENS)
+    dictionaries = {name: load_run_dictionary(dict_dir, name)}
+    descriptions = feature_descriptions(dict_dir, [name])
+    graphs = []
+    with console.status("[bold]8/9 attribution graphs[/] one held-out prompt per domain"):
+        for domain, prompt in prompts.items():
+            slug = "".join(c if c.isalnum() else "-" for c in domain)
+            g = attribute_prompt(handle, dictionaries, prompt, label=domain, scan=str(moe_dir), slug=slug,
+                                 descriptions=descriptions)
+            graphs.append((slug, g.doc, g.index_entry()))
+    save_attribution(folder, graphs, {"model": str(moe_dir), "dictionaries": [str(dict_dir / name)],
+                                      "prompt_tokens": PROMPT_TOKENS})
+    stamp.write(out_dir, "attribution", key)
+    kept = sorted(e["summary"]["kept_influence"] for _, _, e in graphs)
+    console.print(f"[bold]8/9 attribution graphs[/] {len(graphs)} prompts (one per domain), {PROMPT_TOKENS} tokens, "
+                  f"with {name}: {sum(e['seconds'] for _, _, e in graphs):.1f} s; pruned graphs keep "
+                  f"{kept[0]:.0%}–{kept[-1]:.0%} of the influence → {folder}")
+    for _, _, e in graphs[:1]:
+        console.print(f"           {e['label']}: {e['sentence']}", soft_wrap=True)
     return key
 
 

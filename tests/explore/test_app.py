@@ -340,3 +340,32 @@ def test_expert_pages_describe_only_the_studys_own_experts(study):
     assert (carved / "examples.json").exists()
     view = StudyView("demo", study)
     assert all(s.path.resolve().is_relative_to((study / "run").resolve()) for s in view.expert_stores.values())
+
+
+def test_attribution_graph_page_links_its_nodes_to_their_pages(study, client):
+    """Each demo prompt's graph is listed on the overview and drawn on its own page: every kept routing
+    decision and expert of the graph file is a link to that expert's page, every kept feature to its
+    feature page (served), and hovering a feature shows its description when `explain` wrote one."""
+    index = json.loads((study / "attribution" / "attribution.json").read_text())
+    overview = client.get("/s/demo").text
+    for g in index["graphs"]:
+        assert f'href="/s/demo/attribution/{g["slug"]}"' in overview
+    docs = {g["slug"]: json.loads((study / "attribution" / g["file"]).read_text()) for g in index["graphs"]}
+    # the graph with the most described features
+    g = max(index["graphs"], key=lambda g: sum(bool(n["clerp"]) for n in docs[g["slug"]]["nodes"]
+                                                if n["feature_type"] == "cross layer transcoder"))
+    doc = docs[g["slug"]]
+    page = client.get(f"/s/demo/attribution/{g['slug']}")
+    assert page.status_code == 200
+    links = re.findall(r'<a href="([^"]+)"><g class="node node-(\w+)"><title>([^<]*)</title>', page.text)
+    wanted = {(f"/s/demo/expert/{n['layer']}/{n['node_id'][1:].split('_')[1]}", "router" if n["node_id"][0] == "R" else "expert")
+              for n in doc["nodes"] if n["feature_type"] in ("moe router", "moe expert")}
+    wanted |= {(f"/s/demo/feature/{n['dictionary']}/{n['node_id'].split('_')[1]}", "feature")
+               for n in doc["nodes"] if n["feature_type"] == "cross layer transcoder"}
+    assert {(href, kind) for href, kind, _ in links} == wanted
+    for href, _ in sorted(wanted)[:3]:
+        assert client.get(href).status_code == 200
+    for n in doc["nodes"]:
+        if n["feature_type"] == "cross layer transcoder" and n["clerp"]:
+            assert any(html.escape(n["clerp"]) in html.unescape(t) or n["clerp"] in html.unescape(t) for _, _, t in links)
+    assert client.get("/s/demo/attribution/no-such-prompt").status_code == 404

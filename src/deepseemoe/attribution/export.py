@@ -82,10 +82,12 @@ def graph_json(graph: AttributionGraph, *, slug: str, scan: str, prompt: str, nu
     return {"metadata": metadata, "qParams": qparams, "nodes": nodes, "links": links}
 
 
-def strongest_route(graph: AttributionGraph) -> dict | None:
-    """The kept router node with the most influence on the logits and what decided it: its largest
-    incoming edge (the source, the edge in logit units and its share of the node's |inputs|)."""
-    routers = [i for i in graph.of_kind("router") if graph.node_mask is None or bool(graph.node_mask[i])]
+def strongest_route(graph: AttributionGraph, layer: int | None = None) -> dict | None:
+    """The kept router node (of `layer`, else of any layer) with the most influence on the logits and
+    what decided it: its largest incoming edge (the source, the edge in logit units and its share of
+    the node's |inputs|)."""
+    routers = [i for i in graph.of_kind("router") if (graph.node_mask is None or bool(graph.node_mask[i]))
+               and (layer is None or graph.nodes[i].layer == layer)]
     if not routers or graph.influence is None:
         return None
     r = max(routers, key=lambda i: float(graph.influence[i]))

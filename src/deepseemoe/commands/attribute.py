@@ -31,10 +31,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Which features decided each routing decision, what the chosen experts wrote, and how it reached the
         predicted token: a pruned graph whose edges are exact direct effects."""
-        import torch
-
-        from deepseemoe.attribution.export import graph_json, route_sentence, strongest_route
-        from deepseemoe.attribution.graph import build_graph, prune
+        from deepseemoe.attribution.prompts import (
+            attribute_prompt,
+            feature_descriptions,
+            prompt_ids,
+            target_id,
+        )
         from deepseemoe.dictionaries.formats import load_run_dictionary
         from deepseemoe.dictionaries.run import load_for_run
         from deepseemoe.dictionaries.spec import RunSpec
@@ -44,8 +46,6 @@ def register(app: typer.Typer) -> None:
 
         if out.suffix != ".json":
             raise DeepSeeMoEError(f"--out {out} should name a .json file (the graph is circuit-tracer's graph JSON)")
-        if not prompt.strip():
-            raise DeepSeeMoEError("--prompt is empty; give the text whose next token the graph explains")
         spec = RunSpec.from_run_dir(run_dir)
         names = [dictionary_name(run_dir, d) for d in dictionary]
         coder_device = device or spec.coder_device or "cpu"
@@ -54,26 +54,14 @@ def register(app: typer.Typer) -> None:
         handle = load_for_run(spec, device or spec.model_device, trust_remote_code=trust_remote_code)
         if not handle.is_moe:
             raise DeepSeeMoEError(f"{handle.name} has no MoE layer; attribute explains routing decisions")
-        tok = handle.require_tokenizer()
-        ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        if tok.bos_token_id is not None:
-            ids = [tok.bos_token_id, *ids]
-        limit = getattr(handle.model.config, "max_position_embeddings", None)
-        if isinstance(limit, int) and len(ids) > limit:
-            raise DeepSeeMoEError(f"--prompt is {len(ids)} tokens with BOS, beyond {handle.name}'s {limit} positions "
-                                  "(max_position_embeddings); shorten it")
-        target_id = None
+        ids = prompt_ids(handle, prompt)  # bad prompts and targets are refused before the graph is built
         if target is not None:
-            pieces = tok(target, add_special_tokens=False)["input_ids"]
-            if len(pieces) != 1:
-                raise DeepSeeMoEError(f"--target {target!r} is {len(pieces)} tokens "
-                                      f"({[tok.decode([p]) for p in pieces]}); give one token of the vocabulary, "
-                                      "with its leading space if it has one")
-            target_id = pieces[0]
-        graph = build_graph(handle, torch.tensor(ids), dictionaries, target=target_id, max_logits=max_logits,
-                            batch_size=batch_size, progress=True)
-        prune(graph, node_threshold, edge_threshold)
-        doc = graph_json(graph, slug=out.stem, scan=str(spec.model), prompt=prompt, num_layers=handle.num_layers)
+            target_id(handle, target)
+        result = attribute_prompt(handle, dictionaries, prompt, target=target, node_threshold=node_threshold,
+                                  edge_threshold=edge_threshold, max_logits=max_logits, batch_size=batch_size,
+                                  scan=str(spec.model), slug=out.stem,
+                                  descriptions=feature_descriptions(run_dir, names), progress=True)
+        graph, doc = result.graph, result.doc
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out, doc)
         console = out_console()
@@ -85,5 +73,5 @@ def register(app: typer.Typer) -> None:
                       f"{s['nodes']} nodes, {s['edges']} edges → kept {s['kept_nodes']} nodes, {s['kept_edges']} edges, "
                       f"{s['kept_influence']:.0%} of the influence · error nodes carry {s['error_influence']:.0%} · "
                       f"{graph.seconds:.1f} s")
-        console.print(route_sentence(strongest_route(graph), graph.tokens))
+        console.print(result.sentence)
         console.print(f"[green]→ {out}[/]")

@@ -223,6 +223,15 @@ def create_app(explorer: Explorer):
         view, d = graphed(key, dictionary)
         return await _threaded(lambda: d.graph_data(view.key))
 
+    @app.get("/s/{key}/attribution/{graph}", response_class=HTMLResponse)
+    @guarded
+    async def attribution(key: str, graph: str):
+        from deepseemoe.report.graph_svg import LEGEND
+
+        view = explorer.study(key)
+        entry, svg = await _threaded(lambda: view.attribution_page(graph))
+        return page("attribution.html.j2", view=view, g=entry, svg=svg, legend=LEGEND)
+
     @app.get("/s/{key}/doc/{doc}", response_class=HTMLResponse)
     @guarded
     async def document(key: str, doc: int, start: int = 0):

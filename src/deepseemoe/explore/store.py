@@ -264,6 +264,13 @@ class StudyView:
                 self.dictionaries[key] = DictionaryView(key, run, name, summary, store, files.graphs.get(name))
                 for alias in (url_id(f"{files.path.name}.{name}"), *earlier_names(name)):
                     self.dictionary_aliases.setdefault(alias, key)
+        # attribution graphs (`attribute`, the demo) by URL key: the slug, with its folder when two share it
+        self.attribution: dict[str, tuple[Path, dict]] = {}
+        entries = [(r.folder, e) for r in self.study.results.get("attribution", []) for e in r.doc["graphs"]]
+        slugs = [e["slug"] for _, e in entries]
+        for folder, e in entries:
+            key = e["slug"] if slugs.count(e["slug"]) == 1 else url_id(f"{folder.name}.{e['slug']}")
+            self.attribution[key] = (folder, e)
         self.expert_stores: dict[int, ExplanationStore] = {}
         for s in self.study.explanations:
             m = re.fullmatch(r"layer(\d+)\.experts", s.module)
@@ -358,6 +365,29 @@ class StudyView:
 
     def feature_link(self, dictionary: str, feature: int) -> str:
         return f"/s/{self.key}/feature/{dictionary}/{feature}"
+
+    def attribution_page(self, key: str) -> tuple[dict, object]:
+        """One attribution graph's index entry and its drawing, nodes linked to their pages."""
+        from deepseemoe.report.graph_svg import graph_svg
+        from deepseemoe.runs.study import read_attribution_graph
+
+        if key not in self.attribution:
+            raise NotServed(f"no attribution graph {key!r}; known: {', '.join(self.attribution) or 'none'}")
+        folder, entry = self.attribution[key]
+        doc = read_attribution_graph(folder, entry)
+        dictionaries = {n["node_id"]: n.get("dictionary") for n in doc["nodes"]}
+
+        def href(node: dict) -> str | None:
+            if node["kind"] in ("router", "expert") and node["layer"] in self.layers:
+                return self.expert_link(node["layer"], node["index"])
+            if node["kind"] == "feature":
+                name = dictionaries.get(f"{node['layer']}_{node['index']}_{node['pos']}")
+                key = self.dictionary_aliases.get(name, name)
+                if key in self.dictionaries:
+                    return self.feature_link(key, node["index"])
+            return None
+
+        return entry, graph_svg(doc, href=href)
 
     # ---- overview --------------------------------------------------------------------------------
 

@@ -159,7 +159,8 @@ def write_report(study: Study, out_path: str | Path, *, title: str, notes: list[
         sections.append(("graphs", "modules"))
     for key, anchor, label in (("causal_all", "causal", "causal checks"), ("removal_all", "removal", "removing a behaviour"),
                                ("wiring_all", "wiring", "wiring"), ("comparison_all", "compare", ""),
-                               ("carved_all", "carved", "carved MoE")):
+                               ("carved_all", "carved", "carved MoE"),
+                               ("attribution_all", "attribution", "attribution graphs")):
         for i, item in enumerate(extra[key]):  # every result folder of the study, each its own section
             if key == "comparison_all":
                 label = "trained separately vs together" if "separate" in item.sides else "MoE vs dense"
@@ -217,6 +218,7 @@ def _analyses_context(study: Study) -> dict:
             "wiring_all": [{**r.doc, "folder": _where(study, r)} for r in results.get("wiring", [])],
             "comparison_all": [comparison_table(r.doc, folder=_where(study, r)) for r in results.get("comparison", [])],
             "carved_all": [_carved(r, study, _where(study, r)) for r in results.get("carve", [])],
+            "attribution_all": [_attribution(r, _where(study, r)) for r in results.get("attribution", [])],
             "explanations": _explanations_context(study) or None}
 
 
@@ -245,6 +247,16 @@ def _carved(result, study: Study, folder: str) -> dict:
                                          for p in sorted(layer["profiles"], key=lambda p: -p["lift"])]})
     return {"folder": folder, "splits": list(carves), "ks": ks, "ce": ce, "recall": recall, "first": first,
             "specialists": spec, "profiles": profiles}
+
+
+def _attribution(result, folder: str) -> dict:
+    """The section of a folder of attribution graphs: per prompt, its sentences, sizes and drawing."""
+    from deepseemoe.report.graph_svg import LEGEND, graph_svg
+    from deepseemoe.runs.study import read_attribution_graph
+
+    graphs = [{**entry, "svg": graph_svg(read_attribution_graph(result.folder, entry))}
+              for entry in result.doc["graphs"]]
+    return {"folder": folder, "graphs": graphs, "legend": LEGEND, "meta": result.doc}
 
 
 def _where(study: Study, result) -> str:

@@ -9,6 +9,8 @@
     STUDY/*/comparison.json         the MoE-vs-dense comparison (`compare`)
     STUDY/*/specialists.json        domain specialisation of routing runs against a null (analysis/specialists.py)
     STUDY/*/carve.json              the reports of MoEs carved from a dense model (`zoo carve`)
+    STUDY/*/attribution.json + graphs/*.json   attribution graphs of prompts (`attribute`), each graph
+                                    circuit-tracer's graph JSON, checksummed in attribution.json
     run.json's "zoo" folder, report.json    the models' training report, when the zoo trained them
 
 `deepseemoe report` renders whatever of this exists; nothing here is recomputed.
@@ -29,7 +31,7 @@ from deepseemoe.runs.routing import RoutingRun
 
 FIX = "run the verb that wrote it again"
 ABLATION, COMPARISON, REMOVAL, WIRING = "ablation.json", "comparison.json", "removal.json", "wiring.json"
-SPECIALISTS, CARVE = "specialists.json", "carve.json"
+SPECIALISTS, CARVE, ATTRIBUTION = "specialists.json", "carve.json", "attribution.json"
 
 
 def save_ablation(folder: str | Path, result: dict, draw: Callable[[Path], object] | None = None) -> Path:
@@ -69,6 +71,34 @@ def save_carve(folder: str | Path, reports: dict[str, dict]) -> Path:
     """FOLDER/carve.json: the report.json of each carved model (by label: split, settings), as `zoo carve`
     wrote it, and where its routing run is."""
     return _save_result(Path(folder), CARVE, {"carves": reports}, None, "")
+
+
+def save_attribution(folder: str | Path, graphs: list[tuple[str, dict, dict]], meta: dict) -> Path:
+    """FOLDER/graphs/SLUG.json for each (slug, graph JSON, index entry) and FOLDER/attribution.json: `meta`
+    and the entries, each with its file and checksum; written last, so a folder with it is complete."""
+    from deepseemoe.runs.manifest import sha256_file
+
+    folder = Path(folder)
+    entries = []
+    for slug, doc, entry in graphs:
+        path = folder / "graphs" / f"{slug}.json"
+        atomic_write_json(path, doc)
+        entries.append({**entry, "slug": slug, "file": str(path.relative_to(folder)), "sha256": sha256_file(path)})
+    for stale in (folder / "graphs").glob("*.json"):  # a graph of an earlier run's prompts
+        if stale.stem not in {slug for slug, _, _ in graphs}:
+            stale.unlink()
+    return _save_result(folder, ATTRIBUTION, {**meta, "graphs": entries}, None, "")
+
+
+def read_attribution_graph(folder: str | Path, entry: dict) -> dict:
+    """The graph JSON of one entry of FOLDER/attribution.json, checked against its checksum."""
+    from deepseemoe.runs.manifest import sha256_file
+
+    path = Path(folder) / entry["file"]
+    if not path.exists() or sha256_file(path) != entry["sha256"]:
+        raise DeepSeeMoEError(f"{path} is missing or damaged (its checksum differs from {ATTRIBUTION}); "
+                              "build the graphs again (`deepseemoe demo`, or `deepseemoe attribute`)")
+    return read_json(path, FIX)
 
 
 @dataclass
@@ -116,7 +146,7 @@ class Study:
     # the study's run, so never shown as its experts
     other_explanations: list[ExplanationStore] = field(default_factory=list)
     # every result folder beside the run, by kind ("ablation", "removal", "wiring", "comparison", "specialists",
-    # "carve"), in name order
+    # "carve", "attribution"), in name order
     results: dict[str, list[Result]] = field(default_factory=dict)
 
     # the first folder of each kind: what the explorer's single-result pages show
@@ -168,7 +198,8 @@ class Study:
                                                                 dictionaries.graph_summaries()))
                 study.explanations += list(stores_in(sub).values())
             for kind, name in (("ablation", ABLATION), ("removal", REMOVAL), ("wiring", WIRING),
-                               ("comparison", COMPARISON), ("specialists", SPECIALISTS), ("carve", CARVE)):
+                               ("comparison", COMPARISON), ("specialists", SPECIALISTS), ("carve", CARVE),
+                               ("attribution", ATTRIBUTION)):
                 if (sub / name).exists():
                     figures = {"ablation": sorted((sub / "figures").glob("*.png")),
                                "removal": [p for p in [sub / "removal.png"] if p.exists()]}.get(kind, [])
