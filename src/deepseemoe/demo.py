@@ -332,8 +332,9 @@ def _attribution(out_dir: Path, corpus_dir: Path, moe_dir: Path, layer: int, key
     """Stage 8: an attribution graph through the router (`deepseemoe attribute`) of the opening of one
     held-out document per domain, with the block-input SAE of `layer` (described in stage 7), into
     STUDY/attribution/. Returns the stage's key."""
-    from deepseemoe.attribution.prompts import attribute_prompt, document_openings, feature_descriptions
+    from deepseemoe.attribution.prompts import attribute_prompt, document_openings
     from deepseemoe.dictionaries.formats import load_run_dictionary
+    from deepseemoe.explain.mapping import feature_descriptions
     from deepseemoe.runs.study import ATTRIBUTION, save_attribution
 
     key = stamp.digest(stage="attribution", descriptions=key, prompt_tokens=PROMPT_TOKENS)

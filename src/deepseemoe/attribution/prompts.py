@@ -66,20 +66,6 @@ def target_id(handle: ModelHandle, target: str) -> int:
     return pieces[0]
 
 
-def feature_descriptions(run_dir: Path, names: list[str]) -> dict[tuple[str, int], str]:
-    """The descriptions `explain` wrote for the features of the dictionaries `names` of a dictionary
-    run, keyed (dictionary, feature); units without a usable description are left out."""
-    from deepseemoe.explain.explainer import NO_DESCRIPTION, UNPARSED
-    from deepseemoe.runs.explanations import stores_in
-
-    out = {}
-    for store in stores_in(run_dir).values():
-        if store.module in names:
-            out.update({(store.module, u): text for u, text in store.explanations().items()
-                        if text not in (NO_DESCRIPTION, UNPARSED)})
-    return out
-
-
 def attribute_prompt(handle: ModelHandle, dictionaries: dict[str, tuple], prompt: str, *, label: str = "",
                      target: str | None = None, node_threshold: float = 0.8, edge_threshold: float = 0.98,
                      max_logits: int = 5, batch_size: int = 64, scan: str = "", slug: str = "graph",

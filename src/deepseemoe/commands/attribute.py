@@ -33,7 +33,6 @@ def register(app: typer.Typer) -> None:
         predicted token: a pruned graph whose edges are exact direct effects."""
         from deepseemoe.attribution.prompts import (
             attribute_prompt,
-            feature_descriptions,
             prompt_ids,
             target_id,
         )
@@ -41,6 +40,7 @@ def register(app: typer.Typer) -> None:
         from deepseemoe.dictionaries.run import load_for_run
         from deepseemoe.dictionaries.spec import RunSpec
         from deepseemoe.errors import DeepSeeMoEError
+        from deepseemoe.explain.mapping import feature_descriptions
         from deepseemoe.progress import num, out_console
         from deepseemoe.runs.atomic import atomic_write_json
 

@@ -34,3 +34,18 @@ def map_descriptions(experts: ExplanationStore, features: ExplanationStore, feat
         out.append(ExpertDescriptions(e, expert_text[e], [(int(r.feature), float(r.lift), feature_text[int(r.feature)])
                                                           for r in rows.itertuples()]))
     return out
+
+
+def feature_descriptions(run_dir: Path, names: list[str]) -> dict[tuple[str, int], str]:
+    """The descriptions `explain` wrote for the features of the dictionaries `names` of a dictionary
+    run, keyed (dictionary, feature), as an attribution graph labels its feature nodes; units
+    without a usable description are left out."""
+    from deepseemoe.explain.explainer import NO_DESCRIPTION, UNPARSED
+    from deepseemoe.runs.explanations import stores_in
+
+    out = {}
+    for store in stores_in(run_dir).values():
+        if store.module in names:
+            out.update({(store.module, u): text for u, text in store.explanations().items()
+                        if text not in (NO_DESCRIPTION, UNPARSED)})
+    return out
