@@ -157,6 +157,44 @@ def test_zeroing_a_feature_in_a_plain_forward_moves_the_router_logit_by_the_edge
                 assert abs(float(graph.adjacency[r, i])) > 0  # a real effect was compared
 
 
+def test_routing_free_perturbation_counts_reroutes_and_the_logit_change_from_the_models_own_forward():
+    """attribution.perturb's actual side, against the model read here: zeroing each tested feature through
+    the rewrite hook, the target's demeaned logit change and the number of (layer, position) whose chosen
+    set changed, counted from the routing the model's own forward records."""
+    from deepseemoe.attribution.perturb import routing_perturbation
+
+    handle = _handle()
+    sae = _sae(handle.model.config.hidden_size, seed=3)
+    dicts = {"s": (sae, _meta("sae", 1))}
+    ids = _ids()
+    graph = prune(build_graph(handle, ids, dicts, batch_size=32))
+    got = routing_perturbation(handle, graph, dicts, top=4)
+    assert got["tested"] == 4
+    folded = sae.folded()
+    base = _hf(handle, ids)
+    target = graph.nodes[graph.target].index
+    for r in got["features"]:
+        delta = r["activation"] * folded.W_dec[r["feature"]].detach()
+
+        def edit(h, pos=r["pos"], delta=delta):
+            h = h.clone()
+            h[0, pos] -= delta
+            return h
+        hook = rewrite_site(handle, Site("block_in", 1), edit)
+        try:
+            moved = _hf(handle, ids)
+        finally:
+            hook.remove()
+        assert r["actual"] == pytest.approx(float(moved["logit"][target] - base["logit"][target]), abs=1e-5)
+        changed = sum(int((moved["idx"][la].sort(1).values != base["idx"][la].sort(1).values).any(1).sum())
+                      for la in handle.moe_layers if la >= 1)
+        assert (r["routing_changed"], r["routing_decisions"]) == (changed, len(ids) * sum(la >= 1 for la in handle.moe_layers))
+        # where no route changed, only attention patterns, norm scales and gates are left to move: the
+        # linear prediction is close (not exact: those are nonlinear in the model)
+        if changed == 0:
+            assert abs(r["actual"] - r["linear"]) <= 0.25 * abs(r["actual"]) + 1e-3
+
+
 def test_last_layer_expert_to_logit_edges_by_hand():
     """An expert at the last layer writes straight into the final norm: its edge to a logit is
     (W_U[v] − mean W_U)·(c ⊙ o), c the final norm's scale at the prompt (read from the model's norm),

@@ -110,3 +110,29 @@ def test_a_B_prompt_does_not_go_through_expert_2():
     assert all(n.index != 2 for n in graph.nodes if n.kind in ("router", "expert"))
     assert [_key(n) for n in _kept(graph, "router")] == [(0, 2, 1)]
     assert [_key(n) for n in _kept(graph, "feature")] == [(0, 2, 1)]
+
+
+def test_zeroing_the_deciding_feature_reroutes_the_token_and_the_linear_prediction_is_exact_here():
+    """Routing free. Here token A also carries e6, which only expert 3's router row reads (weight 1, and
+    expert 3 writes nothing): A still goes to expert 2 (logit 4a against a). Removing feature 0 at the A
+    position leaves a·e6 in the block input, so A goes to expert 3: its one routing decision changes,
+    the fillers' do not. Expert 2's output is then gone from the model; in the linearised model (its
+    gate and weight held) up(a·e6) = 0 removes it too, so both predict the target's demeaned logit falls
+    by (3 − 3/16)·c·h, h = silu(a)·a what expert 2 wrote, c the final norm's scale at the prompt."""
+    from deepseemoe.attribution.perturb import routing_perturbation
+
+    handle, dicts, eps = _planted()
+    with torch.no_grad():
+        handle.model.model.embed_tokens.weight[A, 6] = 1.0
+        handle.model.model.layers[0].mlp.gate.weight[3, 6] = 1.0
+    graph = prune(build_graph(handle, torch.tensor([FILLER, FILLER, A]), dicts))
+    got = routing_perturbation(handle, graph, dicts)
+    a = 1 / math.sqrt(2 / D + eps)
+    h = a * a / (1 + math.exp(-a))
+    c = 1 / math.sqrt((2 + h * h) / D + eps)
+    row = next(r for r in got["features"] if (r["pos"], r["feature"]) == (2, 0))
+    assert row["activation"] == pytest.approx(a, rel=1e-5)
+    assert row["linear"] == pytest.approx(-(3 - 3 / 16) * c * h, rel=1e-4)
+    assert row["actual"] == pytest.approx(-(3 - 3 / 16) * c * h, rel=1e-4)
+    assert (row["routing_changed"], row["routing_decisions"], row["own_decision_changed"]) == (1, 3, True)
+    assert got["features_changing_routing"] >= 1 and got["median_abs_error_routing_changed"] == pytest.approx(0, abs=1e-4)

@@ -116,3 +116,18 @@ def route_sentence(route: dict | None, tokens: list[str]) -> str:
             f"{route['expert']} at layer {route['layer']} (weight {route['weight']:.2f}, {route['margin']:+.2f} logits "
             f"over the best expert not chosen); its largest input is {what}: {d['edge']:+.2f} logits, "
             f"{d['share']:.0%} of the router logit's inputs by size.")
+
+
+def perturbation_sentence(p: dict | None) -> str:
+    """One sentence on attribution.perturb's result: how often zeroing a feature rerouted a token and how
+    close the linear graph's prediction of the target logit came, beside predicting no change."""
+    if not p:
+        return "No block-input feature to zero (the graph has no SAE on an MoE block's input)."
+    held, moved = p["median_abs_error_routing_held"], p["median_abs_error_routing_changed"]
+    split = "".join(f"; {what} {v:.3g}" for what, v in (("where routing held", held), ("where it changed", moved))
+                    if v is not None)
+    return (f"Zeroing each of the {p['tested']} most influential features in the model itself (routing free): "
+            f"{p['features_changing_routing']} changed a routing decision ({p['routing_changed_share']:.1%} of the "
+            f"decisions at or after their layer); the linear graph predicts the target logit's change within "
+            f"{p['median_abs_error']:.3g} (median |error|{split}), against {p['median_abs_actual']:.3g} for "
+            "predicting no change.")

@@ -20,6 +20,11 @@ its norm), a linearised shared expert's, and the (demeaned) logits. The map is a
 incoming edges plus its bias terms equal its value exactly; `LinearReplacement.check` refuses a model
 whose frozen forward does not reproduce its own logits and expert outputs.
 
+With `connected` set, the same held quantities but no cut: each block's output is its linearised
+function of its input (the chosen experts with their gates and weights held, a gated MLP with its gate
+held), so an injection's effect reaches every later node: the total effect in the linearised model,
+which `attribution.perturb` compares with the model run for real.
+
 Shapes: S prompt positions, B copies of the prompt (one target per copy in a backward), D model
 width, E experts, K chosen per token, F dictionary latents.
 """
@@ -216,6 +221,7 @@ class LinearReplacement:
         self.shared_unit: dict[int, torch.Tensor] = {}
         self.shared_linear: dict[int, tuple[torch.nn.Module, torch.Tensor]] = {}  # layer -> (mlp, gate [S])
         self.logit_ids: list[int] = []
+        self.connected = False  # blocks pass their (linearised) output on instead of the cut constant
 
     def source(self, leaf: str) -> Sources:
         return self.sources.setdefault(leaf, Sources(leaf))
@@ -264,6 +270,9 @@ class LinearReplacement:
 
         def forward(hidden_states=None, *args, **kwargs):
             h = hidden_states.float()  # [B, S, D], a linear function of the injection tensors
+            if self.connected:
+                out = (self._linearised_block(plan, h, leaves) + leaves[f"out{layer}"]).to(hidden_states.dtype)
+                return (out, None) if clean.tuple_out.get(layer) else out
             out = clean.block_out[layer].to(h.device).expand(B, -1, -1)
             if plan.mode == "experts":
                 self._experts_layer(plan, h, leaves, values)
@@ -277,6 +286,31 @@ class LinearReplacement:
             out = (out + leaves[f"out{layer}"]).to(hidden_states.dtype)
             return (out, None) if clean.tuple_out.get(layer) else out
         return forward
+
+    def _linearised_block(self, plan: LayerPlan, h: torch.Tensor, leaves: dict) -> torch.Tensor:
+        """[B, S, D] the model's own block as a linear function of its input h (connected mode): an SAE's
+        injection added to the input, the chosen experts with gates and weights held, the shared
+        expert linearised (else its value at the prompt), a gated MLP with its gate held; a block
+        DeepSeeMoE cannot linearise passes its value at the prompt on (a constant)."""
+        layer, clean = plan.layer, self.clean
+        const = clean.block_out[layer].to(h.device).expand(h.shape[0], -1, -1)
+        if layer not in self.handle.moe_layers:
+            module = _block_module(self.handle, layer)
+            return frozen_mlp(module, h) if _gated_mlp(module) else const
+        x = h + leaves[f"in{layer}"] if f"in{layer}" in leaves else h
+        moe = self.handle.moe_layers[layer]
+        idx, w = clean.idx[layer].to(h.device), clean.weights[layer].to(h.device)  # [S, K]
+        out = torch.zeros_like(h)
+        for e in idx.unique().tolist():
+            ps, ks = (idx == e).nonzero(as_tuple=True)
+            y = frozen_expert(moe.experts, x[:, ps, :], e) * (w[ps, ks] * moe.routed_scale)[None, :, None]
+            out = out.index_add(1, ps, y)
+        if layer in self.shared_linear:
+            mlp, gate = self.shared_linear[layer]
+            out = out + frozen_mlp(mlp, x) * gate[None, :, None]
+        elif moe.shared_paths:
+            out = out + (clean.block_out[layer] - expert_vectors(self.handle, clean, layer).sum(1)).to(h.device)
+        return out
 
     def _feature_targets(self, key: str, coder: SparseCoder, h: torch.Tensor, values: dict) -> None:
         pos, feat = self.targets[key][1]["pos"], self.targets[key][1]["feature"]
@@ -310,11 +344,14 @@ class LinearReplacement:
             values[f"shared{layer}"] = (s * self.shared_unit[layer][None]).sum(-1)
             values[f"shared_vectors{layer}"] = s[0].detach()
 
-    def run(self, B: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+    def run(self, B: int, inject: dict[str, torch.Tensor] | None = None
+            ) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
         """The frozen forward of B copies: (injection tensors, target values [B, N_t] in
-        `target_order()`, everything recorded)."""
+        `target_order()`, everything recorded). `inject` {leaf: [B, S, D]} sets injection tensors
+        (a perturbation) instead of zeros."""
         D = self.clean.block_in[next(iter(self.clean.block_in))].shape[-1]
         leaves = {name: torch.zeros(B, self.S, D, requires_grad=True) for name in self.sources}
+        leaves.update(inject or {})
         for name in ("embed", *(f"out{la}" for la in self.plans if _block_module(self.handle, la) is not None)):
             leaves.setdefault(name, torch.zeros(B, self.S, D, requires_grad=True))
         values: dict[str, torch.Tensor] = {}
@@ -323,7 +360,8 @@ class LinearReplacement:
         values["logits_last"] = logits[0].detach()
         ids = torch.tensor(self.logit_ids, dtype=torch.long)
         values["logit"] = logits[:, ids] - logits.mean(-1, keepdim=True)
-        order = torch.cat([values[key] for key in self.targets], dim=1)
+        # connected, the blocks compute no node values: the logits are what a perturbation reads
+        order = values["logit"] if self.connected else torch.cat([values[key] for key in self.targets], dim=1)
         return leaves, order, values
 
     def check(self, values: dict[str, torch.Tensor]) -> None:

@@ -130,7 +130,7 @@ def _weight_jacobian(handle: ModelHandle, layer: int, z: torch.Tensor, idx: torc
     return torch.stack(rows, 1)
 
 
-def _plans(handle: ModelHandle, dictionaries: dict[str, tuple]) -> tuple[dict[int, LayerPlan], list[str]]:
+def layer_plans(handle: ModelHandle, dictionaries: dict[str, tuple]) -> tuple[dict[int, LayerPlan], list[str]]:
     """A plan per layer from the dictionaries {name: (coder, meta)}; notes on what was not used."""
     plans: dict[int, LayerPlan] = {}
     notes: list[str] = []
@@ -170,7 +170,7 @@ def _plans(handle: ModelHandle, dictionaries: dict[str, tuple]) -> tuple[dict[in
     return plans, notes
 
 
-def _inventory(handle: ModelHandle, clean: CleanPass, plans: dict[int, LayerPlan], logit_ids: list[int],
+def node_inventory(handle: ModelHandle, clean: CleanPass, plans: dict[int, LayerPlan], logit_ids: list[int],
                tokens: list[str]) -> tuple[LinearReplacement, list[Node], list[tuple[int, int, float]]]:
     rep = LinearReplacement(handle, clean, plans)
     nodes: list[Node] = []
@@ -324,12 +324,12 @@ def build_graph(handle: ModelHandle, ids: torch.Tensor, dictionaries: dict[str, 
 
     start = time.perf_counter()
     ids = ids.reshape(-1).long()
-    plans, notes = _plans(handle, dictionaries)
+    plans, notes = layer_plans(handle, dictionaries)
     clean = clean_pass(handle, ids)
     tok = handle.tokenizer
     tokens = [tok.decode([t]) if tok is not None else str(t) for t in ids.tolist()]
     logit_ids = _logit_candidates(clean.logits[-1], target, max_logits, logit_coverage)
-    rep, nodes, gates = _inventory(handle, clean, plans, logit_ids, tokens)
+    rep, nodes, gates = node_inventory(handle, clean, plans, logit_ids, tokens)
     N = len(nodes)
     order = rep.target_order()
     sources = {name: (torch.tensor(s.node, dtype=torch.long), torch.tensor(s.pos, dtype=torch.long),

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
-from deepseemoe.attribution.export import graph_json, route_sentence, strongest_route
+from deepseemoe.attribution.export import graph_json, perturbation_sentence, route_sentence, strongest_route
 from deepseemoe.attribution.graph import AttributionGraph, build_graph, prune
+from deepseemoe.attribution.perturb import routing_perturbation
 from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.models.spec import ModelHandle
 
@@ -36,6 +37,8 @@ class PromptGraph:
                 "target": t.extra.get("token", ""), "target_probability": t.extra.get("probability"),
                 "summary": self.graph.summary, "seconds": self.graph.seconds, "route": self.route,
                 "sentence": self.sentence,
+                "perturbation_sentence": perturbation_sentence(self.graph.summary.get("perturbation"))
+                if "perturbation" in self.graph.summary else None,
                 "dictionary_routes": [{"layer": layer, "dictionary": self.graph.dictionaries[layer], "route": r,
                                        "sentence": text} for layer, (r, text) in self.dictionary_routes.items()]}
 
@@ -69,13 +72,18 @@ def target_id(handle: ModelHandle, target: str) -> int:
 def attribute_prompt(handle: ModelHandle, dictionaries: dict[str, tuple], prompt: str, *, label: str = "",
                      target: str | None = None, node_threshold: float = 0.8, edge_threshold: float = 0.98,
                      max_logits: int = 5, batch_size: int = 64, scan: str = "", slug: str = "graph",
-                     descriptions: dict[tuple[str, int], str] | None = None, progress: bool = False) -> PromptGraph:
-    """The pruned graph of `prompt` (its next token: `target`, else the model's top prediction)."""
+                     descriptions: dict[tuple[str, int], str] | None = None, perturb: int = 8,
+                     progress: bool = False) -> PromptGraph:
+    """The pruned graph of `prompt` (its next token: `target`, else the model's top prediction), with
+    its `perturb` most influential block-input features zeroed in the model run for real
+    (attribution.perturb; in the summary as "perturbation")."""
     ids = prompt_ids(handle, prompt)
     tid = target_id(handle, target) if target is not None else None
     graph = build_graph(handle, torch.tensor(ids), dictionaries, target=tid, max_logits=max_logits,
                         batch_size=batch_size, progress=progress)
     prune(graph, node_threshold, edge_threshold)
+    if perturb > 0:
+        graph.summary["perturbation"] = routing_perturbation(handle, graph, dictionaries, top=perturb)
     doc = graph_json(graph, slug=slug, scan=scan, prompt=prompt, num_layers=handle.num_layers,
                      descriptions=descriptions)
     route = strongest_route(graph)

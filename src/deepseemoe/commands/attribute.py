@@ -26,11 +26,14 @@ def register(app: typer.Typer) -> None:
         edge_threshold: float = typer.Option(0.98, min=0.0, max=1.0, help="Keep the edges carrying this share of it."),
         max_logits: int = typer.Option(5, min=1, help="Candidate next tokens explained (until 95 % probability)."),
         batch_size: int = typer.Option(64, min=1, help="Target nodes per backward pass."),
+        perturb: int = typer.Option(8, min=0, help="Zero this many of the most influential features in the model "
+                                                   "itself (routing free) and compare with the linear prediction."),
         device: str = typer.Option(None, help="Device for the model and the coders (default: the run's)."),
         trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
         """Which features decided each routing decision, what the chosen experts wrote, and how it reached the
         predicted token: a pruned graph whose edges are exact direct effects."""
+        from deepseemoe.attribution.export import perturbation_sentence
         from deepseemoe.attribution.prompts import (
             attribute_prompt,
             prompt_ids,
@@ -60,7 +63,8 @@ def register(app: typer.Typer) -> None:
         result = attribute_prompt(handle, dictionaries, prompt, target=target, node_threshold=node_threshold,
                                   edge_threshold=edge_threshold, max_logits=max_logits, batch_size=batch_size,
                                   scan=str(spec.model), slug=out.stem,
-                                  descriptions=feature_descriptions(run_dir, names), progress=True)
+                                  descriptions=feature_descriptions(run_dir, names), perturb=perturb,
+                                  progress=True)
         graph, doc = result.graph, result.doc
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out, doc)
@@ -74,4 +78,6 @@ def register(app: typer.Typer) -> None:
                       f"{s['kept_influence']:.0%} of the influence · error nodes carry {s['error_influence']:.0%} · "
                       f"{graph.seconds:.1f} s")
         console.print(result.sentence)
+        if perturb:
+            console.print(perturbation_sentence(s.get("perturbation")))
         console.print(f"[green]→ {out}[/]")
