@@ -356,7 +356,9 @@ class LinearReplacement:
             leaves.setdefault(name, torch.zeros(B, self.S, D, requires_grad=True))
         values: dict[str, torch.Tensor] = {}
         with self._installed(B, leaves, values):
-            logits = self.handle.model(self.clean.ids[None].expand(B, -1)).logits[:, -1].float()
+            # the last position's logits only: at a real vocabulary the unembedding of every position, in
+            # B copies, would dominate the forward and each backward
+            logits = self.handle.model(self.clean.ids[None].expand(B, -1), logits_to_keep=1).logits[:, -1].float()
         values["logits_last"] = logits[0].detach()
         ids = torch.tensor(self.logit_ids, dtype=torch.long)
         values["logit"] = logits[:, ids] - logits.mean(-1, keepdim=True)

@@ -339,22 +339,26 @@ def build_graph(handle: ModelHandle, ids: torch.Tensor, dictionaries: dict[str, 
     bar = progress_bar(disable=not progress, unit="node")
     task = bar.add_task("attribution", total=len(order))
     bar.start()
-    for start_j in range(0, len(order), batch_size):
-        chunk = order[start_j:start_j + batch_size]
-        B = len(chunk)
-        leaves, vals, rec = rep.run(B)
-        if start_j == 0:
-            rep.check(rec)
-            values[order] = vals[0].detach()
-        rows = torch.arange(B)
-        (vals[rows, torch.arange(start_j, start_j + B)]).sum().backward()
+    # one forward of B copies of the prompt; its autograd graph is kept and every batch of B targets
+    # is one backward through it (target b of a batch on copy b), so the forward is paid once
+    B = min(batch_size, len(order))
+    leaves, vals, rec = rep.run(B)
+    rep.check(rec)
+    values[order] = vals[0].detach()
+    names = [name for name, (_, _, vec) in sources.items() if vec is not None]
+    for start_j in range(0, len(order), B):
+        chunk = order[start_j:start_j + B]
+        rows = torch.arange(len(chunk))
+        last = start_j + B >= len(order)
+        grads = torch.autograd.grad(vals[rows, torch.arange(start_j, start_j + len(chunk))].sum(),
+                                    [leaves[name] for name in names], retain_graph=not last, allow_unused=True)
         with torch.no_grad():
-            for name, (node_ids, pos, vec) in sources.items():
-                grad = leaves[name].grad
-                if vec is None or grad is None:
+            for name, grad in zip(names, grads, strict=True):
+                if grad is None:
                     continue
-                A[torch.tensor(chunk)[:, None], node_ids[None, :]] = torch.einsum("bnd,nd->bn", grad[:, pos, :], vec)
-        bar.advance(task, B)
+                node_ids, pos, vec = sources[name]
+                A[torch.tensor(chunk)[:, None], node_ids[None, :]] = torch.einsum("bnd,nd->bn", grad[rows][:, pos, :], vec)
+        bar.advance(task, len(chunk))
     bar.stop()
     for i in order:
         nodes[i].value = float(values[i])
