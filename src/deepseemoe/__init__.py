@@ -10,6 +10,7 @@ Pipeline, one sub-package per stage, bottom to top:
     dictionaries  sparse coders, their trainer, formats, evaluation
     analysis      features ↔ experts, causal checks, MoE vs dense
     attribution   attribution graphs of one prompt, through the router and the experts
+    posttrain     LoRA post-training of an MoE by strategy (features as hints), and what it did to routing
     explain       descriptions of features and experts written by an LLM, and their scores
     report        the static report
     explore       the explorer: a live web app over run directories (`serve`)
@@ -30,7 +31,7 @@ STAGES: tuple[frozenset[str], ...] = (
     frozenset({"routing", "interventions"}),
     frozenset({"dictionaries"}),
     frozenset({"analysis"}),
-    frozenset({"attribution"}),
+    frozenset({"attribution", "posttrain"}),
     frozenset({"explain"}),
     frozenset({"report"}),
     frozenset({"explore"}),

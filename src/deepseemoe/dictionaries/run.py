@@ -77,8 +77,9 @@ def _batches(spec: RunSpec, handle: ModelHandle, rank: int, world: int):
             yield batch
 
 
-class _Sinks:
-    """metrics.jsonl always; wandb / tensorboard / trackio when asked for and installed."""
+class MetricSinks:
+    """metrics.jsonl always; wandb / tensorboard / trackio when asked for and installed. `spec` needs
+    `.log` (the logger names) and `.to_dict()` (the settings they record): a RunSpec, or post-train's settings."""
 
     def __init__(self, spec: RunSpec, out: Path, enabled: bool, path: Path, keep_steps: int = 0):
         """`keep_steps`: the steps a resumed trainer's checkpoint holds (logged as steps 0…keep_steps-1).
@@ -328,7 +329,7 @@ def train_run(spec: RunSpec, *, resume: bool = False, progress: bool = True,
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        sinks = _Sinks(spec, out, enabled=rank == 0 or split, path=run.metrics(rank), keep_steps=trainer.step)
+        sinks = MetricSinks(spec, out, enabled=rank == 0 or split, path=run.metrics(rank), keep_steps=trainer.step)
     except BaseException:
         if created:  # nothing of this run was written: leave no folder behind
             import shutil
