@@ -143,7 +143,11 @@ def apply_lora(model: nn.Module, targets: Targets, rank: int, alpha: float):
     peft = require_peft()
     config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets.modules or [],
                              target_parameters=targets.parameters or None, bias="none")
-    pm = peft.get_peft_model(model, config)
+    import warnings
+
+    with warnings.catch_warnings():  # transformers' deprecation of the attribute PEFT reads; not the user's to fix
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        pm = peft.get_peft_model(model, config)
     trainable = sum(p.numel() for p in pm.parameters() if p.requires_grad)
     for name, chosen in targets.experts.items():
         trainable -= mask_experts(pm, name, chosen, rank)
