@@ -78,7 +78,8 @@ def register(app: typer.Typer) -> None:
         result = post_train(settings, trust_remote_code=trust_remote_code, progress=True, echo=c.print)
         if result.hint:
             h = result.hint
-            c.print(f"hint: layer {h['layer']} · features {h['features']} · experts {h['experts']}")
+            c.print(f"hint: layer {h['layer']} · features {h['features']} · experts {h['experts']} · "
+                    f"{h['routed_before']:.1%} of hint tokens on them before training")
         if result.reused:
             c.print(f"reused {len(result.reused)} finished point(s) of an earlier run")
         c.print((result.run.path / "table.md").read_text())

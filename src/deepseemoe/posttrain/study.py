@@ -263,6 +263,10 @@ def post_train(settings: PostTrainSettings, *, trust_remote_code: bool = False, 
     before = snapshot(handle, eval_batches)
     base = {"target_domain": target, "ce": before.loss["by_domain"], "train_tokens": sum(b.num_tokens for b in train_batches),
             "eval_tokens": sum(b.num_tokens for b in eval_batches)}
+    if hint is not None:  # where the hint tokens went before any training (the table's column is after)
+        la = hint.layer
+        base["hint_routed"] = hint_held(before.routing[la], before.routing[la], hint_eval, hint.experts,
+                                        handle.moe_layers[la].num_experts)["hint_routed_before"]
     dense_before = None
     if settings.dense:
         dense_handle = _load(settings.dense, settings, trust_remote_code)
@@ -296,7 +300,8 @@ def post_train(settings: PostTrainSettings, *, trust_remote_code: bool = False, 
     sinks.close()
     rows = table_rows(run, points, settings)
     run.save_table(rows, table_markdown(rows))
-    return PostTrainResult(run, rows, hint.to_dict() if hint else None, base, reused)
+    return PostTrainResult(run, rows, {**hint.to_dict(), "routed_before": base["hint_routed"]} if hint else None, base,
+                           reused)
 
 
 def _run_point(settings, name, strategy, seed, dense, train_batches, eval_batches, target, hint,
