@@ -98,8 +98,8 @@ def _batches(handle: ModelHandle, spec: str, settings: PostTrainSettings, *, tok
 
     source = TextSource(spec, field=settings.field, domain_field=settings.domain_field)
     docs = iter_documents(source)
-    if domain is not None:
-        docs = (d for d in docs if d.domain == domain)
+    if domain is not None:  # the target's documents; unlabelled ones are taken as target text
+        docs = (d for d in docs if d.domain in (domain, None))
     batches = list(pack_documents(handle.require_tokenizer(), docs, ctx_len=handle.check_ctx_len(settings.ctx_len),
                                   batch_size=settings.batch_size, max_tokens=tokens))
     if not batches or sum(b.num_tokens for b in batches) == 0:
@@ -136,7 +136,12 @@ class RoutingTarget:
         self.w0 = self.router.weight.detach().clone()  # the base router, before any LoRA
         self.b0 = None if getattr(self.router, "bias", None) is None else self.router.bias.detach().clone()
         self.got: dict[str, torch.Tensor] = {}
-        self.hook = self.router.register_forward_hook(self._store)
+        self.path, self.hook = moe.router_path, None
+
+    def attach(self, peft_model) -> None:
+        """Hook the module now at the router's path: PEFT's wrapper, whose output includes the LoRA
+        update (a LoRA'd nn.Linear adds it outside the base router, which a hook there would miss)."""
+        self.hook = peft_model.base_model.model.get_submodule(self.path).register_forward_hook(self._store)
 
     def _store(self, module, args, out):
         x = args[0].reshape(-1, self.w0.shape[1])
@@ -156,7 +161,8 @@ class RoutingTarget:
         return pull, hold
 
     def close(self) -> None:
-        self.hook.remove()
+        if self.hook is not None:
+            self.hook.remove()
 
 
 def train_lora(model, batches: list, *, steps: int, lr: float, seed: int, routing: RoutingTarget | None = None,
@@ -319,6 +325,8 @@ def _run_point(settings, name, strategy, seed, dense, train_batches, eval_batche
     routing = RoutingTarget(handle, hint.layer, hint.experts) if strategy == "router-by-hint" else None
     torch.manual_seed(seed)
     pm, trainable = apply_lora(handle.model, targets, settings.rank, settings.alpha)
+    if routing is not None:
+        routing.attach(pm)
     start = time.perf_counter()
     try:
         log = train_lora(pm, train_batches, steps=settings.steps, lr=settings.lr, seed=seed, routing=routing,
@@ -382,7 +390,7 @@ def _value(doc: dict, key: str) -> float:
 def table_rows(run: PostTrainRun, points, settings: PostTrainSettings) -> list[dict]:
     by: dict[str, list[dict]] = {}
     for name, strategy, _seed, dense in points:
-        by.setdefault("dense-all" if dense else strategy, []).append(run.point(name, verify=False))
+        by.setdefault("dense-all" if dense else strategy, []).append(run.point(name))
     rows = []
     for strategy, docs in by.items():
         row = {"strategy": strategy, "seeds": len(docs)}

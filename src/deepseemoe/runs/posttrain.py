@@ -45,8 +45,8 @@ class PostTrainRun:
         if doc.exists():
             old = read_json(doc, f"remove {run.path} and run again")
             if old.get("key") != settings["key"]:
-                raise DeepSeeMoEError(f"{run.path} holds a post-training run with other settings; choose another --out "
-                                      "or remove that folder")
+                raise DeepSeeMoEError(f"{run.path} holds a post-training run with other settings (or made by "
+                                      "another version of deepseemoe); choose another --out or remove that folder")
         elif run.path.exists() and any(run.path.iterdir()):
             raise DeepSeeMoEError(f"{run.path} exists and is not a post-training run; choose another --out")
         return run
