@@ -145,6 +145,9 @@ def test_a_hint_of_another_model_and_a_budget_of_zero_experts_are_refused(cli, t
     res = cli("post-train", str(tiny_olmoe_dir), "--data", docs, "--eval", docs, "--out", str(out), "--target-domain",
               "code", "--hint", f"{tmp_path / 'dict'}:hint", *ARGS)
     _refused(res, out, "trained on", "not on the model being post-trained")
+    res = cli("post-train", str(tiny_olmoe_dir), "--data", docs, "--eval", docs, "--out", str(out), "--target-domain",
+              "code", "--dense", str(other), *ARGS)
+    _refused(res, out, "another tokenizer")
     train_a = documents(tmp_path / "a.jsonl", 60, seed=3)
     res = cli("post-train", str(other), "--data", str(train_a), "--eval", str(train_a), "--out", str(out),
               "--target-domain", "a", "--hint", f"{tmp_path / 'dict'}:hint", "--experts", "0.05",

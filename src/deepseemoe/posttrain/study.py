@@ -276,6 +276,9 @@ def post_train(settings: PostTrainSettings, *, trust_remote_code: bool = False, 
     dense_before = None
     if settings.dense:
         dense_handle = _load(settings.dense, settings, trust_remote_code)
+        if dense_handle.require_tokenizer().get_vocab() != handle.require_tokenizer().get_vocab():
+            raise DeepSeeMoEError(f"the dense twin {settings.dense} has another tokenizer than {settings.model}; the "
+                                  "twin must read the same tokens")
         dense_before = snapshot(dense_handle, eval_batches)
         base["dense_ce"] = dense_before.loss["by_domain"]
         del dense_handle
