@@ -186,6 +186,12 @@ def test_a_rerun_after_a_killed_point_reproduces_it_and_reuses_the_rest(cli, tmp
     redone = load_file(str(out / "points" / "router-only-seed0" / "model" / "model.safetensors"))
     for k, v in kept.items():
         assert torch.equal(redone[k], v), k
+    weights = out / "points" / "all-seed0" / "model" / "model.safetensors"  # a finished point, damaged since
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    res = cli(*args)
+    assert res.code == 2 and "all-seed0" in res.error_lines[0] and "checksum" in res.error_lines[0], res.err
     res = cli("post-train", str(tiny_olmoe_dir), "--data", docs, "--eval", docs, "--out", str(out), "--target-domain",
               "code", "--strategy", "all", *ARGS[:-2], "--rank", "3")
     assert res.code == 2 and "other settings" in res.error_lines[0]

@@ -59,8 +59,6 @@ class HintSource:
 def open_hint(spec: str, handle: ModelHandle, model_id: str) -> HintSource:
     """`RUN_DIR:DICTIONARY` → the coder, its source sites and its map; refused when it was trained on
     another model or reads a site the hint layer's router does not precede."""
-    import pyarrow.parquet as pq
-
     from deepseemoe.dictionaries.formats import load_run_dictionary
     from deepseemoe.dictionaries.spec import RunSpec
     from deepseemoe.runs.dictionary import DictionaryRun
@@ -88,13 +86,8 @@ def open_hint(spec: str, handle: ModelHandle, model_id: str) -> HintSource:
     if late:
         raise DeepSeeMoEError(f"the hint dictionary {name!r} reads {late[0].kind} of layer {late[0].layer}, which the "
                               f"router of layer {layer} does not precede; use a dictionary on block_in {layer}")
-    folder = run.map_dir(name)
-    try:
-        feats = pq.read_table(folder / "features.parquet").to_pydict()
-        fe = pq.read_table(folder / "feature_experts.parquet").to_pydict()
-    except Exception as exc:  # missing or damaged parquet
-        raise DeepSeeMoEError(f"the map of {name!r} in {folder} cannot be read ({type(exc).__name__}); run `deepseemoe "
-                              f"map {run_dir} --dictionary {name}` again") from None
+    feats = run.map_table(name, "features")
+    fe = run.map_table(name, "feature_experts")
     fires = np.zeros(len(feats["feature"]), np.int64)
     fires[np.asarray(feats["feature"])] = np.asarray(feats["fires"])
     return HintSource(Path(run_dir), name, coder, sources, layer, fires, int(summary["tokens"]),

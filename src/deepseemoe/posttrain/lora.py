@@ -9,7 +9,7 @@ lora_B starts at zero and a gradient mask keeps those slices there, so their ΔW
 Strategies (`STRATEGIES`): what a user tries first (`all`: attention, every expert, every router,
 shared experts), the same with the router frozen, the router alone (RouterLens), the experts a hint
 names at its layer, the same number of random experts there (the control), and the router of the
-hint's layer pushed toward the hint's experts (the routing target is in `posttrain.train`).
+hint's layer pushed toward the hint's experts (the routing target is in `posttrain.study`).
 """
 
 from __future__ import annotations
@@ -32,8 +32,7 @@ def require_peft():
     try:
         import peft
     except ImportError:
-        raise DeepSeeMoEError(f"post-train needs PEFT ≥ {PEFT_NEEDED}: pip install \"deepseemoe[posttrain]\" "
-                              f"(or pip install \"peft>={PEFT_NEEDED}\")") from None
+        raise DeepSeeMoEError(f"post-train needs PEFT ≥ {PEFT_NEEDED}: pip install \"peft>={PEFT_NEEDED}\"") from None
     from packaging.version import Version
 
     if Version(peft.__version__) < Version(PEFT_NEEDED):
@@ -50,9 +49,6 @@ class Targets:
     modules: list[str] = field(default_factory=list)
     parameters: list[str] = field(default_factory=list)
     experts: dict[str, list[int]] = field(default_factory=dict)  # parameter name -> trainable experts
-
-    def empty(self) -> bool:
-        return not self.modules and not self.parameters
 
 
 def _linears(model: nn.Module, prefix: str) -> list[str]:
@@ -155,24 +151,17 @@ def apply_lora(model: nn.Module, targets: Targets, rank: int, alpha: float):
 
 
 def _wrapper(pm: nn.Module, parameter: str):
+    """PEFT's ParamWrapper of `parameter`: PEFT puts it at the owner module's path, one wrapper per
+    adapted parameter of that module, each wrapping the next (`base_layer`)."""
     from peft.tuners.lora.layer import ParamWrapper
 
-    for module in pm.modules():
-        if isinstance(module, ParamWrapper) and module.parameter_name == parameter.rpartition(".")[2]:
-            base = module.get_base_layer()
-            if any(p is base for p in _owners(pm, parameter)):
-                return module
+    owner, _, name = parameter.rpartition(".")
+    module = pm.base_model.model.get_submodule(owner)
+    while isinstance(module, ParamWrapper):
+        if module.parameter_name == name:
+            return module
+        module = module.base_layer
     raise DeepSeeMoEError(f"PEFT did not wrap {parameter}")
-
-
-def _owners(pm: nn.Module, parameter: str) -> list[nn.Module]:
-    owner = parameter.rpartition(".")[0]
-    found = []
-    for name, module in pm.named_modules():
-        clean = name.replace("base_model.model.", "", 1).replace(".base_layer", "")
-        if clean == owner:
-            found.append(module)
-    return found
 
 
 def expert_slices(num_experts: int, rank: int, experts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -273,7 +273,7 @@ def post_train(settings: PostTrainSettings, *, trust_remote_code: bool = False, 
         la = hint.layer
         base["hint_routed"] = hint_held(before.routing[la], before.routing[la], hint_eval, hint.experts,
                                         handle.moe_layers[la].num_experts)["hint_routed_before"]
-    dense_before = None
+    dense_before = dense_handle = None
     if settings.dense:
         dense_handle = _load(settings.dense, settings, trust_remote_code)
         if dense_handle.require_tokenizer().get_vocab() != handle.require_tokenizer().get_vocab():
@@ -281,13 +281,16 @@ def post_train(settings: PostTrainSettings, *, trust_remote_code: bool = False, 
                                   "twin must read the same tokens")
         dense_before = snapshot(dense_handle, eval_batches)
         base["dense_ce"] = dense_before.loss["by_domain"]
-        del dense_handle
     run.save_settings({"key": settings.key(model_id, dense_id), "settings": settings.to_dict(), "model_id": model_id,
                        "dense_id": dense_id, "hint": hint.to_dict() if hint else None, "base": base})
 
     points = point_names(settings)
     todo = [p for p in points if not run.finished(p[0])]
     reused = [p[0] for p in points if run.finished(p[0])]
+    for name in reused:  # a finished point of a killed run is read back only if its files are intact
+        run.point(name)
+    # the loaded base models serve their first point (a fresh copy is loaded for every later one)
+    spare = {False: handle, True: dense_handle}
     from deepseemoe.dictionaries.run import MetricSinks
     from deepseemoe.progress import progress_bar
 
@@ -300,9 +303,11 @@ def post_train(settings: PostTrainSettings, *, trust_remote_code: bool = False, 
                 sinks([{"coder": name, **line}])
                 bar.update(task, advance=1, description=f"post-train {name} · loss {line['loss']:.3f}")
 
-            result = _run_point(settings, name, strategy, seed, dense, train_batches,
+            fresh = spare.pop(dense, None) or _load(settings.dense if dense else settings.model, settings,
+                                                     trust_remote_code)
+            result = _run_point(settings, name, strategy, seed, dense, fresh, train_batches,
                                 eval_batches, target, hint, hint_train, hint_eval,
-                                dense_before if dense else before, run, trust_remote_code, on_step)
+                                dense_before if dense else before, run, on_step)
             if echo:
                 echo(f"{name}: target ΔCE {result['target_delta_ce']:+.3f} · forgetting {result['forgetting']:+.3f}"
                      + (f" · drift {result['drift']:.3f}" if "drift" in result else "") + f" · {result['seconds']:.0f} s")
@@ -313,10 +318,9 @@ def post_train(settings: PostTrainSettings, *, trust_remote_code: bool = False, 
                            reused)
 
 
-def _run_point(settings, name, strategy, seed, dense, train_batches, eval_batches, target, hint,
-               hint_train, hint_eval, before: Snapshot, run: PostTrainRun, trust_remote_code, on_step) -> dict:
-    # a fresh copy of the base weights for every point (the previous point merged into its own)
-    handle = _load(settings.dense if dense else settings.model, settings, trust_remote_code)
+def _run_point(settings, name, strategy, seed, dense, handle: ModelHandle, train_batches, eval_batches, target, hint,
+               hint_train, hint_eval, before: Snapshot, run: PostTrainRun, on_step) -> dict:
+    """One point on `handle`, a fresh copy of the base weights (LoRA is merged into it)."""
     experts = None
     if strategy == "experts-by-hint":
         experts = hint.experts
@@ -393,7 +397,7 @@ def _value(doc: dict, key: str) -> float:
 def table_rows(run: PostTrainRun, points, settings: PostTrainSettings) -> list[dict]:
     by: dict[str, list[dict]] = {}
     for name, strategy, _seed, dense in points:
-        by.setdefault("dense-all" if dense else strategy, []).append(run.point(name))
+        by.setdefault("dense-all" if dense else strategy, []).append(run.point(name, verify=False))
     rows = []
     for strategy, docs in by.items():
         row = {"strategy": strategy, "seeds": len(docs)}

@@ -172,6 +172,17 @@ class DictionaryRun:
         return self._save_derived(self.map_dir(name), name, tables, summary,
                                   lambda tmp: atomic_write_json(tmp / "examples.json", examples))
 
+    def map_table(self, name: str, stem: str) -> dict[str, list]:
+        """maps/NAME/STEM.parquet as columns; a missing or damaged table is one line naming the fix."""
+        import pyarrow.parquet as pq
+
+        path = self.map_dir(name) / f"{stem}.parquet"
+        try:
+            return pq.read_table(path).to_pydict()
+        except Exception as exc:  # missing, truncated or not parquet
+            raise DeepSeeMoEError(f"{path} cannot be read ({type(exc).__name__}); run `deepseemoe map {self.path} "
+                                  f"--dictionary {name}` again") from None
+
     def map_summaries(self) -> dict[str, dict]:
         """summary.json of every map, checked against the coders they came from."""
         return self._derived_summaries("maps", "map")

@@ -51,16 +51,6 @@ class PostTrainRun:
             raise DeepSeeMoEError(f"{run.path} exists and is not a post-training run; choose another --out")
         return run
 
-    @classmethod
-    def open(cls, path: str | Path) -> PostTrainRun:
-        run = cls(Path(path))
-        if not (run.path / SETTINGS).exists():
-            raise DeepSeeMoEError(f"{run.path} is not a post-training run (no {SETTINGS}); run `deepseemoe post-train`")
-        return run
-
-    def settings(self) -> dict:
-        return read_json(self.path / SETTINGS, f"remove {self.path} and run `deepseemoe post-train` again")
-
     def save_settings(self, doc: dict) -> None:
         atomic_write_json(self.path / SETTINGS, doc)
 
@@ -93,12 +83,6 @@ class PostTrainRun:
                     raise DeepSeeMoEError(f"{path} is missing or damaged (checksum differs); {again}")
         return doc
 
-    def model_dir(self, name: str) -> Path:
-        return self.point_dir(name) / "model"
-
     def save_table(self, rows: list[dict], markdown: str) -> None:
         atomic_write_json(self.path / TABLE, {"rows": rows})
         atomic_write_bytes(self.path / TABLE_MD, markdown.encode())
-
-    def table(self) -> list[dict]:
-        return read_json(self.path / TABLE, f"run `deepseemoe post-train` into {self.path} again")["rows"]
