@@ -5,7 +5,8 @@ load the MoE from its folder exactly like a hub model → route the held-out spl
 same text through the intermediate checkpoints → routing statistics → dictionaries, feature maps,
 causal checks and the MoE-vs-dense table → descriptions of one layer's experts and a few dozen
 features by the offline explainer (SmolLM2), scored → attribution graphs of one held-out prompt per
-domain through the router → report/index.html.
+domain through the router → the MoE and its dense twin post-trained with LoRA on the domain the MoE
+knows least, every strategy, 3 seeds → report/index.html.
 """
 
 from __future__ import annotations
@@ -56,19 +57,19 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
     fix = f"delete {corpus_dir} to build the corpus again"
     if built_path.exists() and read_json(built_path, fix) == built and (corpus_dir / "val.jsonl").exists():
         corpus = read_json(corpus_dir / "report.json", fix)
-        console.print(f"[bold]1/9 corpus[/] reused {corpus_dir}")
+        console.print(f"[bold]1/10 corpus[/] reused {corpus_dir}")
     else:
-        with console.status("[bold]1/9 corpus[/] collecting text found on this machine"):
+        with console.status("[bold]1/10 corpus[/] collecting text found on this machine"):
             corpus = build_corpus(corpus_dir, seed=seed, max_bytes_per_domain=spec.max_bytes_per_domain).to_json()
         atomic_write_json(built_path, built)
-        console.print(f"[bold]1/9 corpus[/] {len(corpus['domains'])} domains: "
+        console.print(f"[bold]1/10 corpus[/] {len(corpus['domains'])} domains: "
                       + ", ".join(f"{d} {v['bytes'] / 1e6:.1f} MB" for d, v in corpus["domains"].items()))
     for note in corpus.get("notes", []):
         console.print(f"[yellow]{note}[/]")
     seconds["corpus"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    console.print(f"[bold]2/9 models[/] recipe '{recipe}': OLMoE {spec.experts} experts top-{spec.top_k} and its "
+    console.print(f"[bold]2/10 models[/] recipe '{recipe}': OLMoE {spec.experts} experts top-{spec.top_k} and its "
                   f"dense twin, {spec.steps} steps each")
     zoo = train_zoo(corpus_dir, recipe=spec, cache_dir=cache_dir, retrain=retrain)
     console.print(f"           {'reused' if zoo.cached else 'trained'}: MoE {zoo.moe_dir}", soft_wrap=True)
@@ -77,7 +78,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
     if separate:
         from deepseemoe.zoo.flexolmo import train_separate
 
-        console.print("[bold]2/9 models[/] and experts trained separately: a public base, one expert per domain, "
+        console.print("[bold]2/10 models[/] and experts trained separately: a public base, one expert per domain, "
                       "merged FlexOlmo-style")
         third = train_separate(corpus_dir, recipe=spec, cache_dir=cache_dir, retrain=retrain)
         if third.cached:
@@ -97,9 +98,9 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
                        checkpoints={str(p): stamp.model_digest(m) for p, m in earlier.items()}, recipe=recipe, **route_kw)
     if stamp.fresh(out_dir, "routing", key, ["run/manifest.json", *(str(p.relative_to(out_dir) / "manifest.json")
                                                                   for p in earlier)]):
-        console.print(f"[bold]3/9 routing[/] reused {run_dir}")
+        console.print(f"[bold]3/10 routing[/] reused {run_dir}")
     else:
-        console.print("[bold]3/9 routing[/] held-out text through the MoE (loaded from its folder like a hub model)")
+        console.print("[bold]3/10 routing[/] held-out text through the MoE (loaded from its folder like a hub model)")
         handle = load_model(str(zoo.moe_dir))
         route_corpus(handle, source, run_dir, extra={"recipe": recipe, "zoo": str(zoo.root)}, overwrite=True,
                      **route_kw)
@@ -119,13 +120,13 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
     key = stamp.digest(stage="stats", routing=key)
     if stamp.fresh(out_dir, "stats", key, ["run/analyses/manifest.json"]):
         summary = RoutingRun.open(run_dir).analyses().summary
-        console.print(f"[bold]4/9 statistics[/] reused {run_dir / 'analyses'}")
+        console.print(f"[bold]4/10 statistics[/] reused {run_dir / 'analyses'}")
     else:
-        with console.status("[bold]4/9 statistics[/]"):
+        with console.status("[bold]4/10 statistics[/]"):
             save_routing_stats(compute_routing_stats(run_dir))
         summary = RoutingRun.open(run_dir).analyses().summary  # as saved (with its inputs): what a warm run reads
         stamp.write(out_dir, "stats", key)
-        console.print(f"[bold]4/9 statistics[/] {summary['tokens']:,} tokens → {run_dir / 'analyses'}")
+        console.print(f"[bold]4/10 statistics[/] {summary['tokens']:,} tokens → {run_dir / 'analyses'}")
     seconds["stats"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -140,16 +141,16 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
                        separate=stamp.model_digest(third.model_dir) if third is not None else None)
     if stamp.fresh(out_dir, "analyses", key, demo_analyses_outputs(spec.layers // 2)):
         analyses = read_demo_analyses(out_dir)
-        console.print("[bold]6/9 dictionaries and causal checks[/] reused")
+        console.print("[bold]6/10 dictionaries and causal checks[/] reused")
     else:
-        with console.status("[bold]6/9 dictionaries and causal checks[/]"):
+        with console.status("[bold]6/10 dictionaries and causal checks[/]"):
             analyses = run_demo_analyses(zoo.moe_dir, zoo.dense_dir, corpus_dir, out_dir, ctx_len=spec.seq_len,
                                          train_tokens=max(10_000, min(60_000, max_tokens)),
                                          eval_tokens=max(1_000, min(4_000, max_tokens // 4)), layer=spec.layers // 2,
                                          separate=third)
         stamp.write(out_dir, "analyses", key)
     ev = analyses["evaluation"]["coders"]
-    console.print("[bold]6/9 dictionaries and causal checks[/] " + ", ".join(
+    console.print("[bold]6/10 dictionaries and causal checks[/] " + ", ".join(
         f"{n}: FVU {r['fvu']:.3f}, ΔCE {r.get('delta_ce', float('nan')):.3f}" for n, r in ev.items()))
     if analyses["removal"] is not None:
         rm = analyses["removal"]
@@ -170,14 +171,18 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
     seconds["attribution"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    key = stamp.digest(stage="report", attribution=key)
+    key = _post_train(out_dir, corpus_dir, zoo, spec.layers // 2, recipe, key, console)
+    seconds["post-train"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    key = stamp.digest(stage="report", posttrain=key)
     report = out_dir / "report" / "index.html"
     if stamp.fresh(out_dir, "report", key, ["report/index.html"]):
-        console.print(f"[bold]9/9 report[/] reused {report}")
+        console.print(f"[bold]9/10 report[/] reused {report}")
     else:
         report = build_report(run_dir)  # what `deepseemoe report runs/demo/run` writes, from the files alone
         stamp.write(out_dir, "report", key)
-        console.print(f"[bold]9/9 report[/] {report}")
+        console.print(f"[bold]9/10 report[/] {report}")
     seconds["report"] = time.perf_counter() - t
     return DemoResult(out_dir, report, seconds, summary)
 
@@ -228,13 +233,13 @@ def _carved(corpus_dir: Path, out_dir: Path, run_dir: Path, stats_key: str, reci
         for split in ("clustered", "random"):
             spec = CarveSpec(experts=plan.experts, shared=plan.shared, top_k=plan.top_k, layers=list(plan.layers),
                              split=split)
-            with console.status(f"[bold]5/9 carved MoE[/] carving {'SmolLM2-135M' if model is None else dense_dir.name} "
+            with console.status(f"[bold]5/10 carved MoE[/] carving {'SmolLM2-135M' if model is None else dense_dir.name} "
                                 f"({split} split)"):
                 carves[split] = carve_zoo(corpus_dir, model=model, spec=spec, cache_dir=cache_dir,
                                           calibration_tokens=plan.calibration_tokens, eval_tokens=plan.eval_tokens,
                                           ctx_len=plan.ctx_len, eval_ks=list(plan.eval_ks), progress=False)
     except DeepSeeMoEError as e:  # SmolLM2 is not installed: the rest of the demo stands
-        console.print(f"[bold]5/9 carved MoE[/] [yellow]skipped: {e}[/]")
+        console.print(f"[bold]5/10 carved MoE[/] [yellow]skipped: {e}[/]")
         return stamp.digest(stage="carved", stats=stats_key, carved=None), None
     route_kw = dict(ctx_len=plan.ctx_len, batch_size=8, max_tokens=plan.route_tokens)
     key = stamp.digest(stage="carved", stats=stats_key, carves={s: c.report["key"] for s, c in carves.items()},
@@ -246,7 +251,7 @@ def _carved(corpus_dir: Path, out_dir: Path, run_dir: Path, stats_key: str, reci
     else:
         source = TextSource(str(corpus_dir / "val.jsonl"), domain_field="domain", interleave_domains=True)
         for split, c in carves.items():
-            with console.status(f"[bold]5/9 carved MoE[/] routing held-out text ({split} split)"):
+            with console.status(f"[bold]5/10 carved MoE[/] routing held-out text ({split} split)"):
                 route_corpus(load_model(str(c.moe_dir)), source, runs[split], progress=False, overwrite=True,
                              extra={"carved": str(c.root), "split": split}, **route_kw)
                 save_routing_stats(compute_routing_stats(runs[split]))
@@ -260,7 +265,7 @@ def _carved(corpus_dir: Path, out_dir: Path, run_dir: Path, stats_key: str, reci
     ce = carves["clustered"].report["ce"]
     k = str(plan.top_k)
     mean = {label: m["mean"] for label, m in result["models"].items()}
-    console.print(f"[bold]5/9 carved MoE[/] ({how}) layers {plan.layers[0]}-{plan.layers[-1]}, top-{k} of "
+    console.print(f"[bold]5/10 carved MoE[/] ({how}) layers {plan.layers[0]}-{plan.layers[-1]}, top-{k} of "
                   f"{plan.experts - plan.shared} + {plan.shared} shared: held-out CE +"
                   f"{ce['carved'][k]['all'] - ce['dense']['all']:.3f} nats over the dense twin; domain NMI of top-1 "
                   "(null): " + ", ".join(f"{label} {m['nmi']:.3f} ({m['nmi_null_mean']:.3f})" for label, m in mean.items()))
@@ -285,7 +290,7 @@ def _describe(run_dir: Path, out_dir: Path, layer: int, experts: tuple[Path, int
     try:
         chat = explainer or LocalChat.smollm2(root / "explain")
     except DeepSeeMoEError as e:  # the offline explainer is not installed: the rest of the demo stands
-        console.print(f"[bold]7/9 descriptions[/] [yellow]skipped: {e}[/]")
+        console.print(f"[bold]7/10 descriptions[/] [yellow]skipped: {e}[/]")
         return stamp.digest(stage="descriptions", analyses=key, explainer=None)
     from deepseemoe.explain.embedding import EmbeddingJudge
 
@@ -303,7 +308,7 @@ def _describe(run_dir: Path, out_dir: Path, layer: int, experts: tuple[Path, int
         cached = "reused: "
     else:
         backend = Cached(chat, root / "explain" / "answers.sqlite")
-        with console.status("[bold]7/9 descriptions[/] explaining experts and features"):
+        with console.status("[bold]7/10 descriptions[/] explaining experts and features"):
             got = demo_explanations(expert_run, expert_layer, out_dir / "dictionaries", f"sae_block_in_{layer}",
                                     backend, judge=judge)
         if separate is not None:
@@ -311,7 +316,7 @@ def _describe(run_dir: Path, out_dir: Path, layer: int, experts: tuple[Path, int
         stamp.write(out_dir, "descriptions", key)
         cached = f"({backend.hits} answers cached, {backend.misses} new) "
     e, f = got["experts"]["scorers"], got["features"]["scorers"]
-    console.print(f"[bold]7/9 descriptions[/] {cached}{got['experts']['units']} experts, {got['features']['units']} "
+    console.print(f"[bold]7/10 descriptions[/] {cached}{got['experts']['units']} experts, {got['features']['units']} "
                   f"features by {chat.ident.split(':', 1)[1]}, judged by "
                   f"{(judge.ident if judge else chat.ident).split(':', 1)[1]}: routing prediction "
                   f"{_score(e.get('routing'))} (shuffled {_score((e.get('routing') or {}).get('shuffled_explanation'))}, "
@@ -340,7 +345,7 @@ def _attribution(out_dir: Path, corpus_dir: Path, moe_dir: Path, layer: int, key
     key = stamp.digest(stage="attribution", descriptions=key, prompt_tokens=PROMPT_TOKENS)
     folder = out_dir / "attribution"
     if stamp.fresh(out_dir, "attribution", key, [f"attribution/{ATTRIBUTION}"]):
-        console.print(f"[bold]8/9 attribution graphs[/] reused {folder}")
+        console.print(f"[bold]8/10 attribution graphs[/] reused {folder}")
         return key
     dict_dir, name = out_dir / "dictionaries", f"sae_block_in_{layer}"
     handle = load_model(str(moe_dir), dtype="float32")  # edges are sums of many small products
@@ -348,7 +353,7 @@ def _attribution(out_dir: Path, corpus_dir: Path, moe_dir: Path, layer: int, key
     dictionaries = {name: load_run_dictionary(dict_dir, name)}
     descriptions = feature_descriptions(dict_dir, [name])
     graphs = []
-    with console.status("[bold]8/9 attribution graphs[/] one held-out prompt per domain"):
+    with console.status("[bold]8/10 attribution graphs[/] one held-out prompt per domain"):
         for domain, prompt in prompts.items():
             slug = "".join(c if c.isalnum() else "-" for c in domain)
             g = attribute_prompt(handle, dictionaries, prompt, label=domain, scan=str(moe_dir), slug=slug,
@@ -358,11 +363,80 @@ def _attribution(out_dir: Path, corpus_dir: Path, moe_dir: Path, layer: int, key
                                       "prompt_tokens": PROMPT_TOKENS})
     stamp.write(out_dir, "attribution", key)
     kept = sorted(e["summary"]["kept_influence"] for _, _, e in graphs)
-    console.print(f"[bold]8/9 attribution graphs[/] {len(graphs)} prompts (one per domain), {PROMPT_TOKENS} tokens, "
+    console.print(f"[bold]8/10 attribution graphs[/] {len(graphs)} prompts (one per domain), {PROMPT_TOKENS} tokens, "
                   f"with {name}: {sum(e['seconds'] for _, _, e in graphs):.1f} s; pruned graphs keep "
                   f"{kept[0]:.0%}–{kept[-1]:.0%} of the influence → {folder}")
     for _, _, e in graphs[:1]:
         console.print(f"           {e['label']}: {e['sentence']}", soft_wrap=True)
+    return key
+
+
+@dataclass(frozen=True)
+class DemoPostTrain:
+    """What the demo post-trains: every strategy and the dense twin at the matched budget, 3 seeds,
+    on the domain the MoE knows least (the highest held-out loss), small enough for the demo's budget."""
+
+    steps: int
+    batch_size: int
+    ctx_len: int
+    train_tokens: int
+    eval_tokens: int
+    seeds: int = 3
+    rank: int = 4
+
+
+# demo: 21 points (6 strategies and the dense twin × 3 seeds) of 16 steps of 8 × 128 tokens in ~60 s on 2
+# cores; each point's adapters are kept (not 21 merged models on disk)
+DEMO_POSTTRAIN = {"demo": DemoPostTrain(steps=16, batch_size=8, ctx_len=128, train_tokens=16_384, eval_tokens=6_144),
+                  "tiny": DemoPostTrain(steps=3, batch_size=4, ctx_len=64, train_tokens=1_024, eval_tokens=1_024)}
+
+
+def _least_known(zoo) -> str | None:
+    """The domain of the highest held-out loss of the MoE in the zoo's training report."""
+    loss = read_json(zoo.root / "report.json", "train the zoo models again (--retrain)")["val_loss"]["moe"]
+    return max(loss, key=loss.get) if loss else None
+
+
+def _post_train(out_dir: Path, corpus_dir: Path, zoo, layer: int, recipe: str, key: str, console: Console) -> str:
+    """Stage 9: `deepseemoe post-train` of the MoE and its dense twin on the domain the MoE knows least,
+    every strategy, the hint from the block-input SAE of `layer` and its map (stage 6), into
+    STUDY/posttrain/. Returns the stage's key."""
+    from deepseemoe.posttrain.lora import STRATEGIES
+    from deepseemoe.posttrain.study import PostTrainSettings, post_train
+
+    size = DEMO_POSTTRAIN.get(recipe.removesuffix("-ternary"), DEMO_POSTTRAIN["tiny"])
+    target = _least_known(zoo)
+    folder = out_dir / "posttrain"
+    settings = PostTrainSettings(
+        model=str(zoo.moe_dir), data=str(corpus_dir / "train.jsonl"), eval=str(corpus_dir / "val.jsonl"),
+        out=str(folder), strategies=list(STRATEGIES), target_domain=target, dense=str(zoo.dense_dir),
+        hint=f"{out_dir / 'dictionaries'}:sae_block_in_{layer}", seeds=size.seeds, steps=size.steps, rank=size.rank,
+        batch_size=size.batch_size, ctx_len=size.ctx_len, train_tokens=size.train_tokens, eval_tokens=size.eval_tokens,
+        keep_adapters=True)
+    key = stamp.digest(stage="posttrain", before=key, settings=settings.to_dict(),
+                       moe=stamp.model_digest(zoo.moe_dir), dense=stamp.model_digest(zoo.dense_dir),
+                       text=[stamp.file_digest(corpus_dir / n) for n in ("train.jsonl", "val.jsonl")])
+    if stamp.fresh(out_dir, "posttrain", key, ["posttrain/table.json"]):
+        console.print(f"[bold]9/10 post-training[/] reused {folder}")
+        return key
+    if folder.exists():  # another demo's study (other models, text or code): not to be mixed with this one
+        import shutil
+
+        shutil.rmtree(folder)
+    points = size.seeds * (len(STRATEGIES) + 1)
+    with console.status(f"[bold]9/10 post-training[/] LoRA on '{target}', {len(STRATEGIES)} strategies and the dense "
+                        f"twin × {size.seeds} seeds ({points} points of {size.steps} steps)"):
+        result = post_train(settings)
+    stamp.write(out_dir, "posttrain", key)
+    rows = {r["strategy"]: r for r in result.rows}
+    h = result.hint
+    console.print(f"[bold]9/10 post-training[/] on '{target}', hint: layer {h['layer']} experts {h['experts']} → "
+                  f"{folder}")
+    for name in ("all", "router-by-hint", "experts-by-hint", "random-experts", "dense-all"):
+        r = rows.get(name)
+        if r:
+            console.print(f"           {name}: target ΔCE {r['target_delta_ce']:+.3f}, forgetting {r['forgetting']:+.3f}"
+                          + ("" if name == "dense-all" else f", routing drift {r['drift']:.3f}"))
     return key
 
 

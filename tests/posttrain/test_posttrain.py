@@ -149,7 +149,10 @@ def test_a_hint_of_another_model_and_a_budget_of_zero_experts_are_refused(cli, t
               "code", "--dense", str(other), *ARGS)
     _refused(res, out, "another tokenizer")
     train_a = documents(tmp_path / "a.jsonl", 60, seed=3)
-    res = cli("post-train", str(other), "--data", str(train_a), "--eval", str(train_a), "--out", str(out),
+    # the dictionary knows its model by the weights' checksums: the same model in a moved folder passes the
+    # identity check (and is refused further on, for its budget)
+    moved = other.rename(tmp_path / "moved")
+    res = cli("post-train", str(moved), "--data", str(train_a), "--eval", str(train_a), "--out", str(out),
               "--target-domain", "a", "--hint", f"{tmp_path / 'dict'}:hint", "--experts", "0.05",
               "--strategy", "experts-by-hint", *ARGS)
     _refused(res, out, "rounds to zero experts")
@@ -195,3 +198,60 @@ def test_a_rerun_after_a_killed_point_reproduces_it_and_reuses_the_rest(cli, tmp
     res = cli("post-train", str(tiny_olmoe_dir), "--data", docs, "--eval", docs, "--out", str(out), "--target-domain",
               "code", "--strategy", "all", *ARGS[:-2], "--rank", "3")
     assert res.code == 2 and "other settings" in res.error_lines[0]
+
+
+@pytest.mark.parametrize("arch", ["olmoe", "qwen2_moe"])
+def test_trainable_count_is_the_rank_times_each_matrix_in_plus_out_and_the_dense_twin_is_matched(arch):
+    """PEFT's own count of trainable parameters (every strategy, two ranks, masked experts excluded)
+    equals rank × Σ (in + out) over the adapted matrices; the dense twin's matched rank lands its count
+    within half a rank unit of the MoE's `all`."""
+    from deepseemoe.models.load import handle_from_model
+    from deepseemoe.models.tiny import tiny_model
+    from deepseemoe.posttrain.lora import STRATEGIES, apply_lora, lora_size, strategy_targets
+    from deepseemoe.posttrain.study import matched_rank
+
+    for strategy in STRATEGIES:
+        for rank in (1, 3):
+            handle = handle_from_model(tiny_model(arch, experts_implementation="eager"))
+            targets = strategy_targets(handle, strategy, 1, [0, 2])
+            size = lora_size(handle.model, targets)
+            _, trainable = apply_lora(handle.model, targets, rank, 2.0)
+            peft_count = sum(p.numel() for n, p in handle.model.named_parameters() if p.requires_grad)
+            assert trainable == rank * size, (strategy, rank)
+            if not targets.experts:  # no masked slices: PEFT's count is the trainable count
+                assert peft_count == trainable
+    moe = handle_from_model(tiny_model(arch, experts_implementation="eager"))
+    dense = handle_from_model(tiny_model("llama"))
+    r = matched_rank(moe, dense, 4)
+    moe_count = apply_lora(moe.model, strategy_targets(moe, "all"), 4, 8.0)[1]
+    dense_targets = strategy_targets(dense, "all")
+    dense_count = apply_lora(dense.model, dense_targets, r, 8.0)[1]
+    assert abs(dense_count - moe_count) <= lora_size(dense.model, dense_targets) / 2
+
+
+def test_findings_call_a_difference_only_beyond_the_seeds_spread():
+    from deepseemoe.posttrain.study import findings
+
+    def row(strategy, ce, ce_sd, **kw):
+        return {"strategy": strategy, "seeds": 3, "rank": 4, "target_delta_ce": ce, "target_delta_ce_sd": ce_sd,
+                "forgetting": kw.get("f", 0.0), "forgetting_sd": kw.get("f_sd", 0.0), "drift": kw.get("d", 0.0),
+                "drift_sd": 0.0, "trainable": 100, "hint_routed_after": 0.5, "other_drift": 0.0,
+                "other_drift_sd": 0.0}
+
+    base = {"target_domain": "code", "hint_routed": 0.4}
+    # hinted −0.010 ± 0.001 vs random −0.002 ± 0.001: 0.008 apart, spread 0.002 → the hint beats random
+    said = " ".join(findings([row("experts-by-hint", -0.010, 0.001), row("random-experts", -0.002, 0.001)], base))
+    assert "the hint beats random experts by more than the seeds' spread" in said
+    # 0.008 apart, spread 0.010 → not a difference
+    said = " ".join(findings([row("experts-by-hint", -0.010, 0.005), row("random-experts", -0.002, 0.005)], base))
+    assert "does not beat random experts" in said
+    # the MoE forgets +0.10 ± 0.01, the dense twin +0.03 ± 0.01: more, beyond the spread; +0.05 ± 0.03: within
+    said = " ".join(findings([row("all", -0.05, 0.01, f=0.10, f_sd=0.01), row("dense-all", -0.05, 0.01, f=0.03,
+                                                                                f_sd=0.01)], base))
+    assert "The MoE forgets more than its dense twin, beyond the seeds' spread" in said
+    said = " ".join(findings([row("all", -0.05, 0.01, f=0.10, f_sd=0.03), row("dense-all", -0.05, 0.01, f=0.05,
+                                                                                f_sd=0.03)], base))
+    assert "differs by less than the seeds' spread" in said
+    # a frozen router that still drifts 0.09 against 0.10 does not keep routing still
+    said = " ".join(findings([row("all", -0.05, 0.01, d=0.10), row("frozen-router", -0.05, 0.01, d=0.09)], base))
+    assert "does not keep routing still" in said

@@ -39,21 +39,21 @@ def run_demo_analyses(moe_dir: Path, dense_dir: Path, corpus_dir: Path, out_dir:
                                      expansion_factor=8)],
                    train=TrainConfig(batch_size=1024, buffer_size=8192, lr=1e-3, dead_after_tokens=50_000))
     run = DictionaryRun(dict_dir)
-    if dict_dir.exists():
-        try:
-            run.config()
-            # an older demo's dictionaries, under other names: trained again under these
-            stale = run.coder_names() and set(run.coder_names()) != {c.name for c in spec.coders}
-        except DeepSeeMoEError:  # written by an older version (or damaged): train it again
-            stale = True
-        if stale:
+    # the dictionaries are reused only when what they were trained and evaluated on is unchanged (the
+    # MoE's weights, the text, the settings, the code): a retrained MoE gets new ones
+    from deepseemoe.runs import stamp
+
+    key = stamp.digest(stage="dictionaries", moe=stamp.model_digest(moe_dir), train=stamp.file_digest(train),
+                       val=stamp.file_digest(val), eval_tokens=eval_tokens,
+                       spec={k: v for k, v in spec.to_dict().items() if k not in ("model", "data", "out")})
+    if not stamp.fresh(dict_dir, "dictionaries", key, [EVALUATION]):
+        if dict_dir.exists():
             import shutil
 
             shutil.rmtree(dict_dir)
-    if not (dict_dir / EVALUATION).exists():
-        if not run.coder_names():
-            train_run(spec, progress=False)
+        train_run(spec, progress=False)
         run.save_evaluation(evaluate_run(dict_dir, data=val, tokens=eval_tokens, progress=False))
+        stamp.write(dict_dir, "dictionaries", key)
     evaluation = run.evaluation()
     maps = {}
     for c in spec.coders:

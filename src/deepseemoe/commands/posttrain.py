@@ -28,7 +28,10 @@ def register(app: typer.Typer) -> None:
                                                "several); default: the one domain of --data."),
         hint: str = typer.Option(None, "--hint", help="RUN_DIR:DICTIONARY — a dictionary trained on MODEL, with its "
                                                       "`map`, whose features choose the experts and the routing target."),
-        dense: str = typer.Option(None, "--dense", help="The dense twin, post-trained with `all` at the same rank."),
+        dense: str = typer.Option(None, "--dense", help="The dense twin, post-trained with `all` at the MoE's budget."),
+        dense_rank: int = typer.Option(None, "--dense-rank", min=1,
+                                       help="The dense twin's LoRA rank (default: the rank whose trainable parameters "
+                                            "are nearest the MoE's `all`; alpha/rank stays the MoE's)."),
         seeds: int = typer.Option(3, min=1, help="Seeds per strategy (the table shows mean ± sd)."),
         steps: int = typer.Option(40, min=1, help="Optimizer steps per point."),
         rank: int = typer.Option(4, min=1, help="LoRA rank (per expert on fused expert tensors)."),
@@ -69,7 +72,7 @@ def register(app: typer.Typer) -> None:
             check_loggers(log)
         settings = PostTrainSettings(
             model=model, data=data, eval=eval_data, out=str(out), strategies=chosen, target_domain=target_domain,
-            dense=dense, hint=hint, seeds=seeds, steps=steps, rank=rank, alpha=alpha, lr=lr, batch_size=batch_size,
+            dense=dense, dense_rank=dense_rank, hint=hint, seeds=seeds, steps=steps, rank=rank, alpha=alpha, lr=lr, batch_size=batch_size,
             ctx_len=ctx_len, train_tokens=train_tokens, eval_tokens=eval_tokens, hint_features=hint_features,
             experts=experts, router_weight=router_weight, hold_weight=hold_weight, field=field,
             domain_field=domain_field, keep_adapters=keep_adapters, dtype=dtype or "float32", device=device,

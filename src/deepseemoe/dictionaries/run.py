@@ -23,6 +23,7 @@ from deepseemoe.dictionaries.stream import model_stream
 from deepseemoe.dictionaries.trainer import CoderTrainer
 from deepseemoe.errors import DeepSeeMoEError, keep
 from deepseemoe.models.spec import ModelHandle
+from deepseemoe.runs import stamp
 from deepseemoe.runs.atomic import atomic_write_bytes
 from deepseemoe.runs.dictionary import DictionaryRun
 
@@ -371,11 +372,14 @@ def train_run(spec: RunSpec, *, resume: bool = False, progress: bool = True,
     final = {}
     for m in trainer.metrics:
         final[m["coder"]] = m
+    # the weights' identity, so that a later reader (a post-training hint) knows the model even after
+    # its folder moved; a hub id is its own identity
+    model_weights = stamp.model_digest(Path(spec.model)) if (Path(spec.model) / "config.json").is_file() else None
     if rank == 0 or split:
         for name, coder in coders.items():
             cs = specs[name]
             src, tgt = cs.sites()
-            meta = {"model": handle.name, "kind": cs.kind, "layers": cs.layers,
+            meta = {"model": handle.name, "model_weights": model_weights, "kind": cs.kind, "layers": cs.layers,
                     "source": [[s.kind, s.layer] for s in src], "target": [[s.kind, s.layer] for s in tgt],
                     "hooks_in": [handle.hook_names(s) for s in src], "hooks_out": [handle.hook_names(s) for s in tgt],
                     "tokens": trainer.tokens, "steps": trainer.step, "final": final.get(name, {}),

@@ -69,15 +69,18 @@ def open_hint(spec: str, handle: ModelHandle, model_id: str) -> HintSource:
                               "of one of its dictionaries)")
     run = DictionaryRun.open(run_dir)
     rs = RunSpec.from_run_dir(run_dir)
-    if model_identity(rs.model) != model_id:
-        raise DeepSeeMoEError(f"the hint dictionary {name!r} was trained on {rs.model}, not on the model being "
-                              "post-trained; train and map a dictionary on this model")
     summaries = run.map_summaries()
     if name not in summaries:
         raise DeepSeeMoEError(f"dictionary {name!r} of {run_dir} has no map; run `deepseemoe map {run_dir} --dictionary "
                               f"{name}` first")
     summary = summaries[name]
     coder, meta = load_run_dictionary(run_dir, name)
+    # the weights' checksums recorded when it was trained (a moved folder is still the same model);
+    # a dictionary from before they were recorded is identified by its model's path
+    trained_on = meta.get("model_weights") or model_identity(rs.model)
+    if trained_on != model_id:
+        raise DeepSeeMoEError(f"the hint dictionary {name!r} was trained on {rs.model}, not on the model being "
+                              "post-trained; train and map a dictionary on this model")
     sources = [Site(k, la) for k, la in meta["source"]]
     layer = int(summary["layer"])
     if layer not in handle.moe_layers:

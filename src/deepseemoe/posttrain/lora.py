@@ -106,8 +106,17 @@ def expert_targets(handle: ModelHandle, layers: list[int], experts: dict[int, li
     for la in layers:
         for path in handle.moe_layers[la].shared_paths:
             if experts is None:  # the shared expert belongs to `all`, not to a hinted subset
-                t.modules += _linears(handle.model, path)
+                t.modules += _linears(handle.model, shared_path(handle, la, path))
     return t
+
+
+def shared_path(handle: ModelHandle, layer: int, path: str) -> str:
+    """A shared part's path in the model: the registry names it inside the MoE block, or inside the
+    decoder layer (`<layer>.NAME`) when it sits beside the block."""
+    if path.startswith("<layer>."):
+        return f"{handle.layers_path}.{layer}.{path.removeprefix('<layer>.')}"
+    block = handle.moe_layers[layer].block_path
+    return path if path.startswith(f"{block}.") else f"{block}.{path}"
 
 
 def strategy_targets(handle: ModelHandle, strategy: str, hint_layer: int | None = None,
@@ -131,6 +140,21 @@ def strategy_targets(handle: ModelHandle, strategy: str, hint_layer: int | None 
     if strategy in ("experts-by-hint", "random-experts"):
         return expert_targets(handle, [hint_layer], {hint_layer: list(experts or [])})
     raise DeepSeeMoEError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+
+
+def lora_size(model: nn.Module, targets: Targets) -> int:
+    """Trainable LoRA parameters per unit of rank: in + out for every adapted matrix (A is r × in,
+    B is out × r), per trainable expert for a 3-D tensor [E, out, in] (PEFT's per-expert factors).
+    The count at rank r is r times this, which is how budgets are matched across models."""
+    n = 0
+    for name in targets.modules:
+        m = model.get_submodule(name)
+        n += m.in_features + m.out_features
+    for name in targets.parameters:
+        p = model.get_parameter(name)
+        per = p.shape[-1] + p.shape[-2]
+        n += per * (len(targets.experts[name]) if name in targets.experts else p.shape[0] if p.dim() == 3 else 1)
+    return n
 
 
 def apply_lora(model: nn.Module, targets: Targets, rank: int, alpha: float):

@@ -44,6 +44,9 @@ class PostTrainSettings:
     seeds: int = 3
     steps: int = 40
     rank: int = 4
+    # the dense twin's rank: None matches its trainable parameters to the MoE's `all` at `rank` (the
+    # same budget; LoRA's count is linear in the rank)
+    dense_rank: int | None = None
     alpha: float = 8.0
     lr: float = 2e-3
     batch_size: int = 8
@@ -281,6 +284,7 @@ def post_train(settings: PostTrainSettings, *, trust_remote_code: bool = False, 
                                   "twin must read the same tokens")
         dense_before = snapshot(dense_handle, eval_batches)
         base["dense_ce"] = dense_before.loss["by_domain"]
+        base["dense_rank"] = settings.dense_rank or matched_rank(handle, dense_handle, settings.rank)
     run.save_settings({"key": settings.key(model_id, dense_id), "settings": settings.to_dict(), "model_id": model_id,
                        "dense_id": dense_id, "hint": hint.to_dict() if hint else None, "base": base})
 
@@ -305,20 +309,33 @@ def post_train(settings: PostTrainSettings, *, trust_remote_code: bool = False, 
 
             fresh = spare.pop(dense, None) or _load(settings.dense if dense else settings.model, settings,
                                                      trust_remote_code)
-            result = _run_point(settings, name, strategy, seed, dense, fresh, train_batches,
+            rank = base["dense_rank"] if dense else settings.rank
+            result = _run_point(settings, name, strategy, seed, dense, rank, fresh, train_batches,
                                 eval_batches, target, hint, hint_train, hint_eval,
                                 dense_before if dense else before, run, on_step)
             if echo:
                 echo(f"{name}: target ΔCE {result['target_delta_ce']:+.3f} · forgetting {result['forgetting']:+.3f}"
                      + (f" · drift {result['drift']:.3f}" if "drift" in result else "") + f" · {result['seconds']:.0f} s")
     sinks.close()
-    rows = table_rows(run, points, settings)
-    run.save_table(rows, table_markdown(rows))
+    from deepseemoe.posttrain.figures import posttrain_figures
+
+    docs = [run.point(name, verify=False) for name, *_ in points]  # verified when written or reused above
+    rows = table_rows(docs)
+    run.save_table(rows, table_markdown(rows), findings(rows, base), draw=lambda folder: posttrain_figures(docs, folder))
     return PostTrainResult(run, rows, {**hint.to_dict(), "routed_before": base["hint_routed"]} if hint else None, base,
                            reused)
 
 
-def _run_point(settings, name, strategy, seed, dense, handle: ModelHandle, train_batches, eval_batches, target, hint,
+def matched_rank(moe: ModelHandle, dense: ModelHandle, rank: int) -> int:
+    """The dense twin's LoRA rank whose trainable-parameter count is nearest the MoE's `all` at `rank`."""
+    from deepseemoe.posttrain.lora import lora_size
+
+    moe_size = lora_size(moe.model, strategy_targets(moe, "all"))
+    dense_size = lora_size(dense.model, strategy_targets(dense, "all"))
+    return max(1, round(rank * moe_size / dense_size))
+
+
+def _run_point(settings, name, strategy, seed, dense, rank: int, handle: ModelHandle, train_batches, eval_batches, target, hint,
                hint_train, hint_eval, before: Snapshot, run: PostTrainRun, on_step) -> dict:
     """One point on `handle`, a fresh copy of the base weights (LoRA is merged into it)."""
     experts = None
@@ -331,7 +348,8 @@ def _run_point(settings, name, strategy, seed, dense, handle: ModelHandle, train
     targets = strategy_targets(handle, strategy, hint.layer if hint else None, experts)
     routing = RoutingTarget(handle, hint.layer, hint.experts) if strategy == "router-by-hint" else None
     torch.manual_seed(seed)
-    pm, trainable = apply_lora(handle.model, targets, settings.rank, settings.alpha)
+    # alpha scales with the rank (alpha / rank stays the MoE's) so a matched dense rank is not a larger step
+    pm, trainable = apply_lora(handle.model, targets, rank, settings.alpha * rank / settings.rank)
     if routing is not None:
         routing.attach(pm)
     start = time.perf_counter()
@@ -364,7 +382,8 @@ def _run_point(settings, name, strategy, seed, dense, handle: ModelHandle, train
 
     after_handle = handle_from_model(model, handle.tokenizer, name=handle.name)
     after = snapshot(after_handle, eval_batches)
-    result = {"name": name, "strategy": "dense-all" if dense else strategy, "seed": seed, "trainable": int(trainable),
+    result = {"name": name, "strategy": "dense-all" if dense else strategy, "seed": seed, "rank": rank,
+              "trainable": int(trainable),
               "steps": settings.steps, "seconds": seconds, "experts": experts,
               "final_loss": float(np.mean([m["loss"] for m in log[-max(1, len(log) // 10):]])),
               **compare(before, after, target)}
@@ -394,20 +413,80 @@ def _value(doc: dict, key: str) -> float:
     return float("nan")
 
 
-def table_rows(run: PostTrainRun, points, settings: PostTrainSettings) -> list[dict]:
+def table_rows(docs: list[dict]) -> list[dict]:
+    """One row per strategy (points in run order): mean and sample sd over its seeds of every column."""
     by: dict[str, list[dict]] = {}
-    for name, strategy, _seed, dense in points:
-        by.setdefault("dense-all" if dense else strategy, []).append(run.point(name, verify=False))
+    for doc in docs:
+        by.setdefault(doc["strategy"], []).append(doc)
     rows = []
-    for strategy, docs in by.items():
-        row = {"strategy": strategy, "seeds": len(docs)}
+    for strategy, mine in by.items():
+        row = {"strategy": strategy, "seeds": len(mine), "rank": mine[0].get("rank")}
         for key, _ in COLUMNS:
-            vals = np.array([_value(d, key) for d in docs], dtype=float)
+            vals = np.array([_value(d, key) for d in mine], dtype=float)
             ok = vals[~np.isnan(vals)]
             row[key] = float(ok.mean()) if len(ok) else float("nan")
             row[f"{key}_sd"] = float(ok.std(ddof=1)) if len(ok) > 1 else float("nan")
         rows.append(row)
     return rows
+
+
+def _pm(row: dict, key: str, digits: int = 3) -> str:
+    sd = row.get(f"{key}_sd", float("nan"))
+    return f"{row[key]:+.{digits}f}" + ("" if np.isnan(sd) else f" ± {sd:.{digits}f}")
+
+
+def _apart(a: dict, b: dict, key: str) -> bool:
+    """The two rows' means differ by more than the sum of their seeds' spreads (sd)."""
+    spread = np.nan_to_num(a.get(f"{key}_sd", 0.0)) + np.nan_to_num(b.get(f"{key}_sd", 0.0))
+    return bool(abs(a[key] - b[key]) > spread)
+
+
+def findings(rows: list[dict], base: dict) -> list[str]:
+    """Sentences written from the table's numbers, each claim one comparison the numbers make (a
+    difference is called a difference only when it exceeds the seeds' spread)."""
+    r = {row["strategy"]: row for row in rows}
+    target, out = base.get("target_domain", "the target"), []
+    if "all" in r and "dense-all" in r:
+        m, d = r["all"], r["dense-all"]
+        s = (f"Every weight adapted (`all`, {m['trainable']:,.0f} trainable), the MoE's ΔCE on {target} is "
+             f"{_pm(m, 'target_delta_ce')} and it forgets {_pm(m, 'forgetting')} on the other domains; its dense twin "
+             f"at the same budget (rank {d.get('rank')}, {d['trainable']:,.0f} trainable) has ΔCE "
+             f"{_pm(d, 'target_delta_ce')} and forgets {_pm(d, 'forgetting')}.")
+        if not _apart(m, d, "forgetting"):
+            s += " Their forgetting differs by less than the seeds' spread."
+        elif m["forgetting"] > d["forgetting"]:
+            s += " The MoE forgets more than its dense twin, beyond the seeds' spread."
+        else:
+            s += " The MoE forgets less than its dense twin, beyond the seeds' spread."
+        out.append(s)
+    if "all" in r and "frozen-router" in r:
+        a, f = r["all"], r["frozen-router"]
+        if f["drift"] > 0.5 * a["drift"]:
+            out.append(f"Freezing the router does not keep routing still: drift {_pm(f, 'drift')} against "
+                       f"{_pm(a, 'drift')} with the router adapted (the experts' inputs change upstream).")
+        else:
+            out.append(f"Freezing the router cuts routing drift from {_pm(a, 'drift')} to {_pm(f, 'drift')}.")
+    if "router-only" in r:
+        ro = r["router-only"]
+        out.append(f"The router alone (`router-only`, {ro['trainable']:,.0f} trainable) moves routing (drift "
+                   f"{_pm(ro, 'drift')}) for a target ΔCE of {_pm(ro, 'target_delta_ce')}.")
+    if "router-by-hint" in r and "hint_routed" in base:
+        rb = r["router-by-hint"]
+        out.append(f"`router-by-hint` puts {rb['hint_routed_after']:.0%} of the hint tokens on the hinted experts "
+                   f"(before: {base['hint_routed']:.0%}); where no hint fires, routing at that layer drifts "
+                   f"{_pm(rb, 'other_drift')} (the hold term aims at 0).")
+    if "experts-by-hint" in r and "random-experts" in r:
+        h, rnd = r["experts-by-hint"], r["random-experts"]
+        s = (f"LoRA on the hinted experts gives a target ΔCE of {_pm(h, 'target_delta_ce', 4)}, on as many random "
+             f"experts {_pm(rnd, 'target_delta_ce', 4)}: ")
+        if not _apart(h, rnd, "target_delta_ce"):
+            s += "a difference within the seeds' spread, so the hint does not beat random experts here."
+        elif h["target_delta_ce"] < rnd["target_delta_ce"]:
+            s += "the hint beats random experts by more than the seeds' spread."
+        else:
+            s += "random experts do better than the hinted ones, by more than the seeds' spread."
+        out.append(s)
+    return out
 
 
 def table_markdown(rows: list[dict]) -> str:

@@ -7,7 +7,9 @@
         log.jsonl                       loss per step
         model/                          the post-trained model, adapters merged (a plain HF folder), or
         adapter/                        PEFT's adapter folder with --keep-adapters
-    OUT/table.json, OUT/table.md        one row per strategy: mean and spread over the seeds
+    OUT/table.json, OUT/table.md        one row per strategy: mean and spread over the seeds, and the
+                                        findings (sentences written from the table's numbers)
+    OUT/figures/*.png                   gain vs forgetting (one point per seed), routing drift per layer
 
 A point folder exists only when its point finished, so a killed run reruns only the missing points;
 a rerun with other settings in the same folder is refused instead of mixing two studies.
@@ -30,6 +32,7 @@ POINTS = "points"
 RESULT = "result.json"
 TABLE = "table.json"
 TABLE_MD = "table.md"
+FIGURES = "figures"
 
 
 @dataclass
@@ -83,6 +86,34 @@ class PostTrainRun:
                     raise DeepSeeMoEError(f"{path} is missing or damaged (checksum differs); {again}")
         return doc
 
-    def save_table(self, rows: list[dict], markdown: str) -> None:
-        atomic_write_json(self.path / TABLE, {"rows": rows})
+    def save_table(self, rows: list[dict], markdown: str, findings: list[str] | None = None,
+                   draw: Callable[[Path], list[Path]] | None = None) -> None:
+        """table.json and table.md, and figures/ drawn by `draw(folder)`; table.json last, so a
+        finished study is one whose table.json exists."""
+        if draw is not None:
+            draw(self.path / FIGURES)
         atomic_write_bytes(self.path / TABLE_MD, markdown.encode())
+        atomic_write_json(self.path / TABLE, {"rows": rows, "findings": findings or []})
+
+    # ---- readers (the report) ------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | Path) -> PostTrainRun:
+        run = cls(Path(path))
+        if not (run.path / TABLE).exists():
+            raise DeepSeeMoEError(f"{run.path} holds no finished post-training study (no {TABLE}); run "
+                                  "`deepseemoe post-train` to the end")
+        return run
+
+    def settings(self) -> dict:
+        return read_json(self.path / SETTINGS, f"remove {self.path} and run `deepseemoe post-train` again")
+
+    def table(self) -> dict:
+        return read_json(self.path / TABLE, f"remove {self.path} and run `deepseemoe post-train` again")
+
+    def point_names(self) -> list[str]:
+        folder = self.path / POINTS
+        return sorted(p.name for p in folder.iterdir() if (p / RESULT).exists()) if folder.is_dir() else []
+
+    def figures(self) -> list[Path]:
+        return sorted((self.path / FIGURES).glob("*.png"))
