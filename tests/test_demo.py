@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import re
+from pathlib import Path
 
 import duckdb
 import pytest
@@ -125,6 +126,24 @@ def test_reduced_demo(tmp_path, cli):
             node = next(n for n in doc["nodes"] if n["node_id"] == f"R{r['layer']}_{r['expert']}_{r['pos']}")
             assert node["margin"] == pytest.approx(r["margin"]) and node["weight"] == pytest.approx(r["weight"])
         assert sum(n["feature_type"] == "embedding" for n in doc["nodes"]) == g["tokens"]  # tokens always kept
+    # post-training (stage 9): every strategy and the dense twin × 3 seeds on the domain of the MoE's highest
+    # held-out loss; each row of the report is the mean of its points' result.json, recomputed here
+    posttrain = tmp_path / "demo" / "posttrain"
+    zoo = json.loads((tmp_path / "demo" / "run" / "run.json").read_text())["zoo"]
+    zoo_loss = json.loads((Path(zoo) / "report.json").read_text())["val_loss"]["moe"]
+    settings = json.loads((posttrain / "posttrain.json").read_text())
+    assert settings["base"]["target_domain"] == max(zoo_loss, key=zoo_loss.get)
+    assert '<h2 id="posttrain">Post-training the MoE, with features as hints</h2>' in page
+    points = [json.loads(p.read_text()) for p in sorted((posttrain / "points").glob("*/result.json"))]
+    assert len(points) == 21 and {p["strategy"] for p in points} == {
+        "all", "frozen-router", "router-only", "experts-by-hint", "router-by-hint", "random-experts", "dense-all"}
+    for strategy in {p["strategy"] for p in points}:
+        mine = [p["target_delta_ce"] for p in points if p["strategy"] == strategy]
+        mean, sd = sum(mine) / 3, (sum((x - sum(mine) / 3) ** 2 for x in mine) / 2) ** 0.5
+        assert f"<td>{mean:+.4f} ± {sd:.4f}</td>" in page, strategy
+    for sentence in json.loads((posttrain / "table.json").read_text())["findings"]:
+        assert str(escape(sentence)) in page
+    assert page.count("data:image/png;base64,") >= 6  # and the two post-training figures
     # `deepseemoe report` rebuilds the same page from the run directories alone
     from typer.testing import CliRunner
 

@@ -52,6 +52,7 @@ def posttrain_figures(points: list[dict], out: Path) -> list[Path]:
             sd = drift.std(0, ddof=1) if len(docs) > 1 else np.zeros(len(layers))
             ax.errorbar([int(la) for la in layers], drift.mean(0), yerr=sd, marker="o", ms=4, capsize=2,
                         color=COLORS.get(strategy, "#000000"), label=strategy)
+        ax.set_xticks(sorted({int(la) for docs in routed.values() for la in docs[0]["layers"]}))
         ax.set_xlabel("MoE layer")
         ax.set_ylabel("routing drift (share of top-k slots moved)")
         ax.set_title("routing drift per layer, mean ± sd over seeds", fontsize=10)

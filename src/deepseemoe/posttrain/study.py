@@ -95,16 +95,35 @@ def point_names(settings: PostTrainSettings) -> list[tuple[str, str, int, bool]]
 # ---- text ------------------------------------------------------------------------------------------
 
 def _batches(handle: ModelHandle, spec: str, settings: PostTrainSettings, *, tokens: int, domain: str | None,
-             what: str) -> list:
+             what: str, balanced: bool = False) -> list:
+    """Packed batches of SPEC: `domain`'s documents (and unlabelled ones) when given; with `balanced`,
+    an equal share of `tokens` from every domain (held-out text: the target's gain and every other
+    domain's forgetting are measured however long the first documents are)."""
     from deepseemoe.data.sources import TextSource, iter_documents
     from deepseemoe.data.tokens import pack_documents
 
-    source = TextSource(spec, field=settings.field, domain_field=settings.domain_field)
-    docs = iter_documents(source)
+    source = TextSource(spec, field=settings.field, domain_field=settings.domain_field,
+                        interleave_domains=settings.domain_field is not None)
+    ctx = handle.check_ctx_len(settings.ctx_len)
+
+    def pack(docs, budget: int) -> list:
+        return list(pack_documents(handle.require_tokenizer(), docs, ctx_len=ctx, batch_size=settings.batch_size,
+                                   max_tokens=budget))
+
     if domain is not None:  # the target's documents; unlabelled ones are taken as target text
-        docs = (d for d in docs if d.domain in (domain, None))
-    batches = list(pack_documents(handle.require_tokenizer(), docs, ctx_len=handle.check_ctx_len(settings.ctx_len),
-                                  batch_size=settings.batch_size, max_tokens=tokens))
+        batches = pack((d for d in iter_documents(source) if d.domain in (domain, None)), tokens)
+    elif balanced and settings.domain_field is not None:
+        import itertools
+
+        # the domains: interleaved documents bring every domain into the first window
+        from deepseemoe.data.sources import INTERLEAVE_WINDOW
+
+        domains = sorted({d.domain for d in itertools.islice(iter_documents(source), INTERLEAVE_WINDOW)},
+                         key=lambda d: (d is None, str(d)))
+        share = max(1, tokens // max(1, len(domains)))
+        batches = [b for name in domains for b in pack((d for d in iter_documents(source) if d.domain == name), share)]
+    else:
+        batches = pack(iter_documents(source), tokens)
     if not batches or sum(b.num_tokens for b in batches) == 0:
         where = f" of domain {domain!r}" if domain else ""
         raise DeepSeeMoEError(f"{what} {spec} holds no text{where}; give text to post-train on")
@@ -247,7 +266,8 @@ def post_train(settings: PostTrainSettings, *, trust_remote_code: bool = False, 
     dense_id = model_identity(settings.dense) if settings.dense else None
     run = PostTrainRun.create(settings.out, {"key": settings.key(model_id, dense_id)})
 
-    eval_batches = _batches(handle, settings.eval, settings, tokens=settings.eval_tokens, domain=None, what="--eval")
+    eval_batches = _batches(handle, settings.eval, settings, tokens=settings.eval_tokens, domain=None, what="--eval",
+                            balanced=True)
     eval_domains = {d for b in eval_batches for d in b.domains.values() if d}
     target = _target_domain(settings, eval_domains)
     train_batches = _batches(handle, settings.data, settings, tokens=settings.train_tokens,
@@ -431,8 +451,10 @@ def table_rows(docs: list[dict]) -> list[dict]:
 
 
 def _pm(row: dict, key: str, digits: int = 3) -> str:
+    """mean ± sd; signed for differences (ΔCE), plain for shares (drift)."""
     sd = row.get(f"{key}_sd", float("nan"))
-    return f"{row[key]:+.{digits}f}" + ("" if np.isnan(sd) else f" ± {sd:.{digits}f}")
+    sign = "+" if "delta" in key or key == "forgetting" else ""
+    return f"{row[key]:{sign}.{digits}f}" + ("" if np.isnan(sd) else f" ± {sd:.{digits}f}")
 
 
 def _apart(a: dict, b: dict, key: str) -> bool:

@@ -160,7 +160,8 @@ def write_report(study: Study, out_path: str | Path, *, title: str, notes: list[
     for key, anchor, label in (("causal_all", "causal", "causal checks"), ("removal_all", "removal", "removing a behaviour"),
                                ("wiring_all", "wiring", "wiring"), ("comparison_all", "compare", ""),
                                ("carved_all", "carved", "carved MoE"),
-                               ("attribution_all", "attribution", "attribution graphs")):
+                               ("attribution_all", "attribution", "attribution graphs"),
+                               ("posttrain_all", "posttrain", "post-training")):
         for i, item in enumerate(extra[key]):  # every result folder of the study, each its own section
             if key == "comparison_all":
                 label = "trained separately vs together" if "separate" in item.sides else "MoE vs dense"
@@ -219,6 +220,7 @@ def _analyses_context(study: Study) -> dict:
             "comparison_all": [comparison_table(r.doc, folder=_where(study, r)) for r in results.get("comparison", [])],
             "carved_all": [_carved(r, study, _where(study, r)) for r in results.get("carve", [])],
             "attribution_all": [_attribution(r, _where(study, r)) for r in results.get("attribution", [])],
+            "posttrain_all": [_posttrain(r, _where(study, r)) for r in results.get("posttrain", [])],
             "explanations": _explanations_context(study) or None}
 
 
@@ -257,6 +259,28 @@ def _attribution(result, folder: str) -> dict:
     graphs = [{**entry, "svg": graph_svg(read_attribution_graph(result.folder, entry))}
               for entry in result.doc["graphs"]]
     return {"folder": folder, "graphs": graphs, "legend": LEGEND, "meta": result.doc}
+
+
+def _posttrain(result, folder: str) -> dict:
+    """The section of a post-training study: its settings, the hint, one row per strategy (mean ± sd
+    over the seeds), the findings written from those numbers, and its figures."""
+    doc = result.doc
+    st, base = doc["settings"]["settings"], doc["settings"]["base"]
+    labels = {"dense-all": f"dense twin, all (rank {base.get('dense_rank', st['rank'])})"}
+
+    def cell(row, key, fmt):
+        v, sd = row.get(key, float("nan")), row.get(f"{key}_sd", float("nan"))
+        if v is None or v != v:
+            return "–"
+        return fmt.format(v) + ("" if sd is None or sd != sd else " ± " + fmt.format(sd).lstrip("+"))
+
+    rows = [{"label": labels.get(r["strategy"], r["strategy"]), "seeds": r["seeds"],
+             "cells": [cell(r, "target_delta_ce", "{:+.4f}"), cell(r, "forgetting", "{:+.4f}"),
+                       cell(r, "drift", "{:.3f}"), cell(r, "changed", "{:.3f}"), cell(r, "hint_routed_after", "{:.2f}"),
+                       cell(r, "other_drift", "{:.3f}"), cell(r, "nmi_after", "{:.3f}")],
+             "trainable": f"{r['trainable']:,.0f}", "seconds": f"{r['seconds']:.1f}"} for r in doc["rows"]]
+    return {"folder": folder, "settings": st, "base": base, "hint": doc["settings"].get("hint"), "rows": rows,
+            "findings": doc.get("findings", []), "figures": [_png(p) for p in result.figures]}
 
 
 def _where(study: Study, result) -> str:

@@ -11,6 +11,7 @@
     STUDY/*/carve.json              the reports of MoEs carved from a dense model (`zoo carve`)
     STUDY/*/attribution.json + graphs/*.json   attribution graphs of prompts (`attribute`), each graph
                                     circuit-tracer's graph JSON, checksummed in attribution.json
+    STUDY/*/posttrain.json + table.json   a post-training study (`post-train`, runs/posttrain.py)
     run.json's "zoo" folder, report.json    the models' training report, when the zoo trained them
 
 `deepseemoe report` renders whatever of this exists; nothing here is recomputed.
@@ -27,6 +28,9 @@ from deepseemoe.runs.atomic import atomic_write_bytes, atomic_write_json, read_j
 from deepseemoe.runs.dictionary import CONFIG, EVALUATION, DictionaryRun
 from deepseemoe.runs.explanations import ExplanationStore, stores_in
 from deepseemoe.runs.manifest import NAME as MANIFEST
+from deepseemoe.runs.posttrain import SETTINGS as POSTTRAIN_SETTINGS
+from deepseemoe.runs.posttrain import TABLE as POSTTRAIN_TABLE
+from deepseemoe.runs.posttrain import PostTrainRun
 from deepseemoe.runs.routing import RoutingRun
 
 FIX = "run the verb that wrote it again"
@@ -146,7 +150,7 @@ class Study:
     # the study's run, so never shown as its experts
     other_explanations: list[ExplanationStore] = field(default_factory=list)
     # every result folder beside the run, by kind ("ablation", "removal", "wiring", "comparison", "specialists",
-    # "carve", "attribution"), in name order
+    # "carve", "attribution", "posttrain"), in name order
     results: dict[str, list[Result]] = field(default_factory=dict)
 
     # the first folder of each kind: what the explorer's single-result pages show
@@ -204,6 +208,10 @@ class Study:
                     figures = {"ablation": sorted((sub / "figures").glob("*.png")),
                                "removal": [p for p in [sub / "removal.png"] if p.exists()]}.get(kind, [])
                     study.results.setdefault(kind, []).append(Result(sub, read_json(sub / name, FIX), figures))
+            if (sub / POSTTRAIN_SETTINGS).exists() and (sub / POSTTRAIN_TABLE).exists():  # a finished post-training
+                pt = PostTrainRun.open(sub)
+                study.results.setdefault("posttrain", []).append(
+                    Result(sub, {"settings": pt.settings(), **pt.table()}, pt.figures()))
             if (sub / CARVE).exists():  # the carved models' routing runs, and the experts described in them
                 for split in sorted(p for p in sub.iterdir() if _is_routing_run(p)):
                     study.other_explanations += list(stores_in(split).values())
