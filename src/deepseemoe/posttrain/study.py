@@ -524,7 +524,8 @@ def table_markdown(rows: list[dict]) -> str:
                 cells.append(f"{v:,.0f}")
             elif key == "seconds":
                 cells.append(f"{v:.1f}")
-            else:
-                cells.append(f"{v:+.4f} ± {sd:.4f}" if not np.isnan(sd) else f"{v:+.4f}")
+            else:  # differences signed, shares not
+                sign = "+" if key in ("target_delta_ce", "forgetting") else ""
+                cells.append(f"{v:{sign}.4f} ± {sd:.4f}" if not np.isnan(sd) else f"{v:{sign}.4f}")
         lines.append(f"| {r['strategy']} | {r['seeds']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
