@@ -16,7 +16,13 @@ from markupsafe import escape
 from deepseemoe.demo import run_demo
 
 
-def test_reduced_demo(tmp_path, cli):
+@pytest.fixture(scope="module")
+def zoo_cache(tmp_path_factory):
+    """One cache of the tiny recipe's trained models for both reduced demos (trained once)."""
+    return tmp_path_factory.mktemp("demo-cache")
+
+
+def test_reduced_demo(tmp_path, cli, zoo_cache):
     import io
 
     from rich.console import Console
@@ -26,12 +32,12 @@ def test_reduced_demo(tmp_path, cli):
 
     printed = io.StringIO()
     with Stub() as stub:  # the descriptions stage through an oracle (tests/explain/test_smollm2.py runs SmolLM2)
-        result = run_demo(tmp_path / "demo", recipe="tiny", cache_dir=tmp_path / "cache", max_tokens=4000,
+        result = run_demo(tmp_path / "demo", recipe="tiny", cache_dir=zoo_cache, max_tokens=4000,
                           explainer=OpenAIChat(stub.url, "oracle"), console=Console(file=printed, width=400))
         # warm: nothing whose inputs did not change is computed again — no file of the study is rewritten
         written = {p: p.stat().st_mtime_ns for p in (tmp_path / "demo").rglob("*") if p.is_file()}
         asked = stub.requests
-        again = run_demo(tmp_path / "demo", recipe="tiny", cache_dir=tmp_path / "cache", max_tokens=4000,
+        again = run_demo(tmp_path / "demo", recipe="tiny", cache_dir=zoo_cache, max_tokens=4000,
                          explainer=OpenAIChat(stub.url, "oracle"))
         assert stub.requests == asked
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "demo").rglob("*") if p.is_file()} == written
@@ -175,21 +181,21 @@ def test_reduced_demo(tmp_path, cli):
     assert not (tmp_path / "damaged.html").exists()
 
 
-def test_reduced_demo_with_experts_trained_separately(tmp_path):
+def test_reduced_demo_with_experts_trained_separately(tmp_path, zoo_cache):
     """`demo --separate`: the FlexOlmo-style model is trained (cached), compared as the third model,
     and the report's comparison becomes "trained separately vs together" with its losses per domain."""
     from deepseemoe.explain.backends import OpenAIChat
     from tests.explain.stub_server import Stub
 
     with Stub() as stub:
-        result = run_demo(tmp_path / "demo", recipe="tiny", cache_dir=tmp_path / "cache", max_tokens=2000,
+        result = run_demo(tmp_path / "demo", recipe="tiny", cache_dir=zoo_cache, max_tokens=2000,
                           explainer=OpenAIChat(stub.url, "oracle"), separate=True)
     page = result.report.read_text()
     assert "Trained separately vs together, and dense" in page and "MoE vs dense</h2>" not in page
     assert "<th>MoE (trained together)</th><th>MoE (experts trained separately)</th><th>dense</th>" in page
     comparison = json.loads((tmp_path / "demo" / "compare" / "comparison.json").read_text())
     # the per-domain losses are the zoo's own, read here from its report
-    [zoo_report] = (tmp_path / "cache" / "zoo").glob("tiny-separate-*/report.json")
+    [zoo_report] = (zoo_cache / "zoo").glob("tiny-separate-*/report.json")
     losses = json.loads(zoo_report.read_text())["val_loss"]
     for d, v in losses["separate"].items():
         assert re.search(rf"validation loss, {d} \(nats/token; unigram [0-9.]+\)</td><td>{losses['moe'][d]:.3f}</td>"

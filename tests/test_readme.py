@@ -39,6 +39,8 @@ SUBSTITUTIONS = [  # (pattern, replacement); {moe}, {train}, … are filled in p
                                            r"--ctx-len 64"),
     (r"--layers 10-19", "--layers 0-1"),
     (r"runs/demo/corpus", "{corpus_dir}"),
+    # descriptions: 8 of the 40 features (every scorer still runs on each)
+    (r"--features 40", "--features 8"),
     # post-training: one seed of two steps per strategy
     (r"(--out runs/post)$", r"\1 --steps 2 --seeds 1 --ctx-len 64 --train-tokens 1500 --eval-tokens 600"),
 ]

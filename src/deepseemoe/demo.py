@@ -171,7 +171,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
     seconds["attribution"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    key = _post_train(out_dir, corpus_dir, zoo, spec.layers // 2, recipe, key, console)
+    key = stamp.digest(attribution=key, posttrain=_post_train(out_dir, corpus_dir, zoo, spec.layers // 2, recipe, console))
     seconds["post-train"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -398,7 +398,7 @@ def _least_known(zoo) -> str | None:
     return max(loss, key=loss.get) if loss else None
 
 
-def _post_train(out_dir: Path, corpus_dir: Path, zoo, layer: int, recipe: str, key: str, console: Console) -> str:
+def _post_train(out_dir: Path, corpus_dir: Path, zoo, layer: int, recipe: str, console: Console) -> str:
     """Stage 9: `deepseemoe post-train` of the MoE and its dense twin on the domain the MoE knows least,
     every strategy, the hint from the block-input SAE of `layer` and its map (stage 6), into
     STUDY/posttrain/. Returns the stage's key."""
@@ -414,9 +414,17 @@ def _post_train(out_dir: Path, corpus_dir: Path, zoo, layer: int, recipe: str, k
         hint=f"{out_dir / 'dictionaries'}:sae_block_in_{layer}", seeds=size.seeds, steps=size.steps, rank=size.rank, lr=size.lr,
         batch_size=size.batch_size, ctx_len=size.ctx_len, train_tokens=size.train_tokens, eval_tokens=size.eval_tokens,
         keep_adapters=True)
-    key = stamp.digest(stage="posttrain", before=key, settings=settings.to_dict(),
+    # its inputs: the two models, the text, the hint's dictionary and map, the settings (not the stages
+    # before it: a new description or graph does not change what post-training measures)
+    from deepseemoe.runs.dictionary import DictionaryRun
+
+    hint = DictionaryRun(out_dir / "dictionaries")
+    name = f"sae_block_in_{layer}"
+    key = stamp.digest(stage="posttrain", settings=settings.to_dict(),
                        moe=stamp.model_digest(zoo.moe_dir), dense=stamp.model_digest(zoo.dense_dir),
-                       text=[stamp.file_digest(corpus_dir / n) for n in ("train.jsonl", "val.jsonl")])
+                       text=[stamp.file_digest(corpus_dir / n) for n in ("train.jsonl", "val.jsonl")],
+                       hint=[stamp.file_digest(p) for p in (*sorted(hint.coder_dir(name).iterdir()),
+                                                             *sorted(hint.map_dir(name).glob("*.parquet")))])
     if stamp.fresh(out_dir, "posttrain", key, ["posttrain/table.json"]):
         console.print(f"[bold]9/10 post-training[/] reused {folder}")
         return key
