@@ -124,8 +124,8 @@ def test_evaluate_after_training_covers_every_spliceable_kind(tmp_path, tiny_olm
     coders = [{"kind": kind, "layers": layers, "activation": "topk", "k": 4, "expansion_factor": 2}
               for kind, layers in KINDS.items()]
     config = {"model": str(tiny_olmoe_dir), "corpus": str(big_corpus), "out": str(tmp_path / "run"),
-              "coders": coders, "tokens": 2048, "ctx_len": 32, "train": {"batch_size": 256, "buffer_size": 512,
-                                                                          "lr": 3e-3}}
+              "coders": coders, "tokens": 2048, "ctx_len": 32, "domain_field": "domain",
+              "train": {"batch_size": 256, "buffer_size": 512, "lr": 3e-3}}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
     run(["train", str(tmp_path / "run.yaml")])
     run(["evaluate", str(tmp_path / "run"), "--tokens", "600"])
@@ -136,6 +136,12 @@ def test_evaluate_after_training_covers_every_spliceable_kind(tmp_path, tiny_olm
     assert 0 <= doc["router_transcoder_1"]["routing_preserved"] <= 1
     assert "delta_ce" not in doc["crosscoder_0_1"]
     assert set(doc["transcoder_1"]["per_expert_fvu"]) <= {str(e) for e in range(64)}
+    # sparse probing of the text's domains, for every kind, beside an untrained dictionary of its shape
+    for name, r in doc.items():
+        sp = r["sparse_probing"]
+        assert sp["labels"] == ["code", "de", "en"] and sp["documents"] >= 6, name
+        assert all(0 <= v <= 1 for k in sp["k"].values() for v in k.values()) and set(sp["k"]["1"]) == {
+            "latents", "raw_topk", "random"}, name
 
 
 def test_latent_cache_loads_in_delphi(tmp_path, tiny_olmoe_dir, big_corpus):

@@ -20,7 +20,8 @@ def register(app: typer.Typer) -> None:
         device_map: str = device_map_option(),
         trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
-        """FVU, L0, dead/dense latents, spliced ΔCE / KL / loss recovered, routing preserved."""
+        """FVU, L0, dead/dense latents, spliced ΔCE / KL / loss recovered, routing preserved, and sparse
+        probing of the documents' domains beside a random dictionary's."""
         from rich.table import Table
 
         from deepseemoe.dictionaries.evaluate import evaluate_run
@@ -53,5 +54,17 @@ def register(app: typer.Typer) -> None:
         for name, r in doc["coders"].items():
             if "loss_recovered_note" in r:
                 print(f"{name}: loss recovered {r['loss_recovered_note']}")
+        for name, r in doc["coders"].items():
+            sp = r.get("sparse_probing", {})
+            if "k" in sp:
+                ks = list(sp["k"])
+
+                def line(what: str, sp=sp, ks=ks) -> str:
+                    return " / ".join(f"{sp['k'][k][what]:.2f}" for k in ks)
+                print(f"{name}: sparse probing of {len(sp['labels'])} domains ({sp['documents']} documents), balanced "
+                      f"accuracy at k = {', '.join(ks)}: latents {line('latents')}, random dictionary "
+                      f"{line('random')}, raw top-k {line('raw_topk')}, raw all {sp['raw_dims']} dims {sp['raw_all']:.2f}")
+            elif "note" in sp:
+                print(f"{name}: {sp['note']}")
         path = run.save_evaluation(doc)
         print(f"→ {path} (FVU: {doc['fvu_normalisation']})")

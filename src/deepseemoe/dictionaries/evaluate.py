@@ -194,6 +194,15 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, tokens: int = 
     extra_routing = {name: Site("routing", m["layers"][0]) for name, (_, m) in coders.items()
                      if m["kind"] in ("transcoder", "skip_transcoder") and m["layers"][0] in handle.moe_layers}
     acc = {name: _Totals.for_coder(coder) for name, (coder, _) in coders.items()}
+    # sparse probing's baseline: a dictionary of the same shape, untrained (seeded)
+    from deepseemoe.dictionaries.coder import build_coder
+    from deepseemoe.dictionaries.probing import SegmentPool
+
+    randoms = {}
+    for name, (coder, _) in coders.items():
+        torch.manual_seed(0)
+        randoms[name] = build_coder(coder.cfg, device=coder_device).eval()
+    pools = {name: SegmentPool() for name in coders}
     model_device = next(handle.model.parameters()).device
     for packed in track(batches, "evaluating", disable=not progress, unit="batches"):
         ids, am = packed.input_ids.to(model_device), packed.attention_mask.to(model_device)
@@ -213,6 +222,9 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, tokens: int = 
                 a.sums[b_i] += y[:, b].double().sum(0).cpu()
             a.tokens += y.shape[0]
             lat = out.latents
+            B, S = packed.doc.shape
+            pools[name].add(packed.doc.reshape(-1)[packed.keep], torch.arange(B).repeat_interleave(S)[packed.keep],
+                            packed.domains, latents=lat, raw=x.float(), random=randoms[name].encode(x.float()))
             a.active += float((lat > 0).sum())
             if a.fires is None:
                 a.fires = torch.zeros(lat.shape[1], dtype=torch.float64)
@@ -261,10 +273,13 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, tokens: int = 
                     k_mask = keep.to(idx.device)
                     a.routing_overlap += float(_topk_overlap(clean_routing[layer][-1][k_mask], idx[k_mask]).sum())
                     a.routing_tokens += int(k_mask.sum())
-    return _summarise(run_dir, coders, acc, data or spec.data, sum(b.num_tokens for b in batches))
+    return _summarise(run_dir, coders, acc, data or spec.data, sum(b.num_tokens for b in batches), pools)
 
 
-def _summarise(run_dir: Path, coders: dict, acc: dict[str, _Totals], data: str, n_tokens: int) -> dict:
+def _summarise(run_dir: Path, coders: dict, acc: dict[str, _Totals], data: str, n_tokens: int,
+               pools: dict | None = None) -> dict:
+    from deepseemoe.dictionaries.probing import sparse_probing
+
     results = {}
     for name, (coder, meta) in coders.items():
         a = acc[name]
@@ -298,6 +313,13 @@ def _summarise(run_dir: Path, coders: dict, acc: dict[str, _Totals], data: str, 
                 var = float((y - y.mean(0)).pow(2).sum())
                 per[str(e)] = res / var if var > 0 and len(y) > 1 else float("nan")
             r["per_expert_fvu"] = per
+        if pools is not None:  # the documents' domains as labels (module docstring of dictionaries.probing)
+            lat, labels, docs = pools[name].means("latents")
+            if len(labels):
+                r["sparse_probing"] = sparse_probing(lat, pools[name].means("raw")[0], labels, docs,
+                                                     random_latents=pools[name].means("random")[0])
+            else:
+                r["sparse_probing"] = {"note": "the evaluation text has no domain labels to probe for"}
         results[name] = r
     doc = {"data": data, "tokens": n_tokens,
            "fvu_normalisation": "per site: sum of squared error / sum of squared deviation from the mean over "
