@@ -219,7 +219,7 @@ def test_expert_descriptions_beside_the_features_that_route_to_them(tmp_path):
     table = tmp_path / "fe.parquet"  # feature 9 is not explained; feature 7's count is too small
     pq.write_table(pa.table({"feature": [3, 7, 5, 9, 7, 3], "expert": [0, 0, 1, 1, 1, 1],
                              "count": [10, 10, 8, 50, 2, 4], "lift": [3.0, 2.0, 5.0, 9.0, 8.0, 0.5]}), table)
-    got = {r.expert: r for r in map_descriptions(experts, features, table)}
+    got = {r.expert: r for r in map_descriptions(experts, features, pq.read_table(table).to_pydict())}
     assert got[0].description == "code" and got[0].features == [(3, 3.0, "def keyword"), (7, 2.0, "brackets")]
     assert got[1].features == [(5, 5.0, "umlauts")]  # lift 0.5 (avoids it) and count 2 are left out
 

@@ -20,13 +20,14 @@ class ExpertDescriptions:
     features: list[tuple[int, float, str]]  # (feature, lift, its description), highest lift first
 
 
-def map_descriptions(experts: ExplanationStore, features: ExplanationStore, feature_experts: Path, *,
+def map_descriptions(experts: ExplanationStore, features: ExplanationStore, feature_experts: dict[str, list], *,
                      per_expert: int = 5, min_count: int = 3) -> list[ExpertDescriptions]:
-    import pyarrow.parquet as pq
+    """`feature_experts`: the map's feature_experts table as columns (`DictionaryRun.map_table`)."""
+    import pandas as pd
 
     expert_text = experts.explanations()
     feature_text = features.explanations()
-    table = pq.read_table(feature_experts).to_pandas()
+    table = pd.DataFrame(feature_experts)
     table = table[table.feature.isin(list(feature_text)) & (table["count"] >= min_count) & (table.lift > 1)]
     out = []
     for e in sorted(expert_text):

@@ -95,18 +95,16 @@ def feature_source(run_dir: Path, name: str, *, data: str | None, tokens: int, f
 
 def _feature_contexts(run_dir: Path, name: str, features: list[int]) -> dict[int, str]:
     """From `deepseemoe map`, when it ran: the experts a feature's tokens go to, the one it promotes."""
-    path = Path(run_dir) / "maps" / name / "feature_experts.parquet"
-    if not path.exists():
+    import pandas as pd
+
+    from deepseemoe.runs.dictionary import DictionaryRun
+
+    run = DictionaryRun(Path(run_dir))
+    summary = run.map_summary(name)
+    if summary is None:
         return {}
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path).to_pandas()
-    layer = None
-    summary = Path(run_dir) / "maps" / name / "summary.json"
-    if summary.exists():
-        import json
-
-        layer = json.loads(summary.read_text()).get("layer")
+    table = pd.DataFrame(run.map_table(name, "feature_experts"))
+    layer = summary.get("layer")
     out = {}
     for i, f in enumerate(features):
         rows = table[(table.feature == f) & (table["count"] >= 3) & (table.lift > 1)].sort_values(

@@ -18,6 +18,7 @@ from markupsafe import Markup
 from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.report.components import Strip, expert_colors, show_token
 from deepseemoe.runs.atomic import atomic_write_bytes
+from deepseemoe.runs.dictionary import DictionaryRun
 from deepseemoe.runs.study import Study
 
 
@@ -398,7 +399,7 @@ def _mapped(study: Study, experts) -> list | None:
     for d in study.dictionary_runs:
         for name, m in d.maps.items():
             store = next((s for s in study.explanations if s.module == name and s.path.is_relative_to(d.path)), None)
-            table = d.path / "maps" / name / "feature_experts.parquet"
-            if m.get("layer") == layer and store is not None and table.exists():
+            if m.get("layer") == layer and store is not None:
+                table = DictionaryRun(d.path).map_table(name, "feature_experts")
                 return [{"dictionary": name, **vars(row)} for row in map_descriptions(experts, store, table)]
     return None

@@ -183,6 +183,16 @@ class DictionaryRun:
             raise DeepSeeMoEError(f"{path} cannot be read ({type(exc).__name__}); run `deepseemoe map {self.path} "
                                   f"--dictionary {name}` again") from None
 
+    def map_summary(self, name: str) -> dict | None:
+        """maps/NAME/summary.json, checked against the coder it came from; None when NAME has no map."""
+        path = self.map_dir(name) / "summary.json"
+        if not path.exists():
+            return None
+        again = f"map {self.path} --dictionary {name}"
+        doc = read_json(path, f"run `deepseemoe {again}` again")
+        self._check_inputs(path, doc.get("inputs", {}), again)
+        return doc
+
     def map_summaries(self) -> dict[str, dict]:
         """summary.json of every map, checked against the coders they came from."""
         return self._derived_summaries("maps", "map")
