@@ -142,6 +142,9 @@ def test_evaluate_after_training_covers_every_spliceable_kind(tmp_path, tiny_olm
         assert sp["labels"] == ["code", "de", "en"] and sp["documents"] >= 6, name
         assert all(0 <= v <= 1 for k in sp["k"].values() for v in k.values()) and set(sp["k"]["1"]) == {
             "latents", "raw_topk", "random"}, name
+    # feature absorption for the SAE (it reconstructs what it reads), beside a random dictionary; not for the others
+    assert set(doc["sae_0"]["absorption"]) == {"trained", "random"}
+    assert "absorption" not in doc["transcoder_1"] and "absorption" not in doc["crosscoder_0_1"]
 
 
 def test_latent_cache_loads_in_delphi(tmp_path, tiny_olmoe_dir, big_corpus):

@@ -66,5 +66,13 @@ def register(app: typer.Typer) -> None:
                       f"{line('random')}, raw top-k {line('raw_topk')}, raw all {sp['raw_dims']} dims {sp['raw_all']:.2f}")
             elif "note" in sp:
                 print(f"{name}: {sp['note']}")
+            ab = r.get("absorption", {})
+            if "absorption" in ab.get("trained", {}):
+                t, rnd = ab["trained"], ab["random"]
+                print(f"{name}: feature absorption (first letters, {len(t['letters'])} letters): absorbed "
+                      f"{t['absorption']:.3f}, main latent silent {t['miss']:.3f}; random dictionary "
+                      f"{rnd.get('absorption', float('nan')):.3f} / {rnd.get('miss', float('nan')):.3f}")
+            elif "note" in ab.get("trained", {}):
+                print(f"{name}: {ab['trained']['note']}")
         path = run.save_evaluation(doc)
         print(f"→ {path} (FVU: {doc['fvu_normalisation']})")

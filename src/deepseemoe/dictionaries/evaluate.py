@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from deepseemoe.capture.core import Site
@@ -203,6 +204,18 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, tokens: int = 
         torch.manual_seed(0)
         randoms[name] = build_coder(coder.cfg, device=coder_device).eval()
     pools = {name: SegmentPool() for name in coders}
+    # feature absorption (first-letter task): for dictionaries that reconstruct what they read, the word
+    # tokens' inputs and codes (the trained and the random dictionary's), up to ABSORPTION_TOKENS of them
+    from deepseemoe.data.token_text import token_texts
+    from deepseemoe.dictionaries.absorption import first_letters
+
+    absorb = {name: {"x": [], "latents": [], "random": [], "tokens": []} for name, (_, m) in coders.items()
+              if m["kind"] == "sae" and m["source"] == m["target"] and len(m["source"]) == 1}
+    letters = {}
+    if absorb:
+        tok = handle.require_tokenizer()
+        vocab = list(range(len(tok)))
+        letters = first_letters(dict(zip(vocab, token_texts(tok, vocab), strict=True)))
     model_device = next(handle.model.parameters()).device
     for packed in track(batches, "evaluating", disable=not progress, unit="batches"):
         ids, am = packed.input_ids.to(model_device), packed.attention_mask.to(model_device)
@@ -222,6 +235,14 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, tokens: int = 
                 a.sums[b_i] += y[:, b].double().sum(0).cpu()
             a.tokens += y.shape[0]
             lat = out.latents
+            if name in absorb and sum(len(t) for t in absorb[name]["tokens"]) < ABSORPTION_TOKENS:
+                kept_ids = packed.input_ids.reshape(-1)[packed.keep.cpu()]
+                words = torch.tensor([int(t) in letters for t in kept_ids.tolist()], dtype=torch.bool)
+                ab = absorb[name]
+                ab["tokens"].append(kept_ids[words].numpy())
+                ab["x"].append(x[words.to(x.device)].float().cpu().numpy())
+                ab["latents"].append(_sparse(lat[words.to(lat.device)]))
+                ab["random"].append(_sparse(randoms[name].encode(x[words.to(x.device)].float())))
             B, S = packed.doc.shape
             pools[name].add(packed.doc.reshape(-1)[packed.keep], torch.arange(B).repeat_interleave(S)[packed.keep],
                             packed.domains, latents=lat, raw=x.float(), random=randoms[name].encode(x.float()))
@@ -273,11 +294,39 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, tokens: int = 
                     k_mask = keep.to(idx.device)
                     a.routing_overlap += float(_topk_overlap(clean_routing[layer][-1][k_mask], idx[k_mask]).sum())
                     a.routing_tokens += int(k_mask.sum())
-    return _summarise(run_dir, coders, acc, data or spec.data, sum(b.num_tokens for b in batches), pools)
+    absorbed = {}
+    for name, ab in absorb.items():
+        from scipy import sparse
+
+        from deepseemoe.dictionaries.absorption import absorption
+
+        if not ab["tokens"]:
+            continue
+        xs, toks = np.concatenate(ab["x"]), np.concatenate(ab["tokens"])
+        absorbed[name] = {"trained": absorption(xs, sparse.vstack(ab["latents"]), _decoder(coders[name][0]), toks, letters),
+                          "random": absorption(xs, sparse.vstack(ab["random"]), _decoder(randoms[name]), toks, letters)}
+    return _summarise(run_dir, coders, acc, data or spec.data, sum(b.num_tokens for b in batches), pools, absorbed)
+
+
+ABSORPTION_TOKENS = 8192  # word tokens kept per dictionary for the first-letter task
+
+
+def _sparse(latents: torch.Tensor):
+    """[n, F] codes as a scipy CSR matrix (a k-sparse code holds a few latents per row)."""
+    from scipy import sparse
+
+    nz = latents.nonzero()
+    values = latents[nz[:, 0], nz[:, 1]].float().cpu().numpy()
+    return sparse.csr_matrix((values, (nz[:, 0].cpu().numpy(), nz[:, 1].cpu().numpy())), shape=tuple(latents.shape))
+
+
+def _decoder(coder: Coder) -> np.ndarray:
+    """[F, D] decoder rows of a single-site dictionary."""
+    return coder.W_dec.detach().float().cpu().numpy()
 
 
 def _summarise(run_dir: Path, coders: dict, acc: dict[str, _Totals], data: str, n_tokens: int,
-               pools: dict | None = None) -> dict:
+               pools: dict | None = None, absorbed: dict | None = None) -> dict:
     from deepseemoe.dictionaries.probing import sparse_probing
 
     results = {}
@@ -320,6 +369,8 @@ def _summarise(run_dir: Path, coders: dict, acc: dict[str, _Totals], data: str, 
                                                      random_latents=pools[name].means("random")[0])
             else:
                 r["sparse_probing"] = {"note": "the evaluation text has no domain labels to probe for"}
+        if absorbed and name in absorbed:  # beside an untrained dictionary of the same shape
+            r["absorption"] = absorbed[name]
         results[name] = r
     doc = {"data": data, "tokens": n_tokens,
            "fvu_normalisation": "per site: sum of squared error / sum of squared deviation from the mean over "
