@@ -145,6 +145,11 @@ def test_evaluate_after_training_covers_every_spliceable_kind(tmp_path, tiny_olm
     # feature absorption for the SAE (it reconstructs what it reads), beside a random dictionary; not for the others
     assert set(doc["sae_0"]["absorption"]) == {"trained", "random"}
     assert "absorption" not in doc["transcoder_1"] and "absorption" not in doc["crosscoder_0_1"]
+    # cross-layer kinds: how many layers each live feature writes to, counted over the live features
+    for name in ("crosscoder_0_1", "clt_all"):
+        sp = doc[name]["layer_spread"]
+        assert sum(sp["histogram"].values()) == sp["features"] == round((1 - doc[name]["dead"]) * doc[name]["n_latents"])
+    assert len(doc["clt_all"]["layer_spread"]["share_by_offset"]) == 2 and "layer_spread" not in doc["sae_0"]
 
 
 def test_latent_cache_loads_in_delphi(tmp_path, tiny_olmoe_dir, big_corpus):

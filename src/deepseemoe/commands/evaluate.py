@@ -74,5 +74,13 @@ def register(app: typer.Typer) -> None:
                       f"{rnd.get('absorption', float('nan')):.3f} / {rnd.get('miss', float('nan')):.3f}")
             elif "note" in ab.get("trained", {}):
                 print(f"{name}: {ab['trained']['note']}")
+            ls = r.get("layer_spread")
+            if ls and ls["features"]:
+                hist = ", ".join(f"{s} layer{'s' if s != '1' else ''} {n / ls['features']:.0%}"
+                                 for s, n in ls["histogram"].items() if n)
+                offsets = ("; mean share at offset 0, 1, …: " + ", ".join(f"{v:.2f}" for v in ls["share_by_offset"])
+                           if "share_by_offset" in ls else "")
+                print(f"{name}: layers each live feature writes to (≥ {ls['threshold']:.0%} of its decoder's energy): "
+                      f"{hist}{offsets}")
         path = run.save_evaluation(doc)
         print(f"→ {path} (FVU: {doc['fvu_normalisation']})")

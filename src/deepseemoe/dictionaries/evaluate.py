@@ -369,6 +369,11 @@ def _summarise(run_dir: Path, coders: dict, acc: dict[str, _Totals], data: str, 
                                                      random_latents=pools[name].means("random")[0])
             else:
                 r["sparse_probing"] = {"note": "the evaluation text has no domain labels to probe for"}
+        from deepseemoe.dictionaries.spread import layer_spread
+
+        spread = layer_spread(coder, (a.fires > 0).numpy())  # cross-layer kinds: the layers each live feature writes to
+        if spread is not None:
+            r["layer_spread"] = spread
         if absorbed and name in absorbed:  # beside an untrained dictionary of the same shape
             r["absorption"] = absorbed[name]
         results[name] = r
