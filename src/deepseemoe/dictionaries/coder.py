@@ -64,6 +64,9 @@ class CoderConfig:
     jumprelu_init_threshold: float = 1e-3
     jumprelu_bandwidth: float = 1e-3
     ternary: str = ""  # "", "encoder", "decoder" or "both" (module docstring)
+    # CLT: latents of site i write to sites i..i+neighbours only (0: each layer its own, a per-layer
+    # transcoder set; None: every later site). The other decoder slices are held at zero.
+    neighbours: int | None = None
 
     def __post_init__(self):
         if self.activation not in ACTIVATIONS:
@@ -75,6 +78,9 @@ class CoderConfig:
         if S < 1 or self.d_in % S or self.out_dim % S or (self.cross_layer and self.n_latents % S):
             raise DeepSeeMoEError(f"n_sites={S} must divide d_in={self.d_in}, d_out={self.out_dim}"
                                   f"{' and n_latents=' + str(self.n_latents) if self.cross_layer else ''}")
+        if self.neighbours is not None and (not self.cross_layer or self.neighbours < 0):
+            raise DeepSeeMoEError(f"neighbours: {self.neighbours} — a count ≥ 0 of the following layers a "
+                                  "cross-layer transcoder writes to; only for kind clt")
         if self.cross_layer and self.skip:
             raise DeepSeeMoEError("a cross-layer transcoder has no skip connection; drop skip or cross_layer")
         if self.activation in ("topk", "batchtopk") and self.k > self.latents_per_group:
@@ -502,6 +508,7 @@ class CrossLayerTranscoder(_CoderBase):
     def reset_parameters(self) -> None:
         for w in self.W_dec:
             w.normal_()
+            w[:, self._reach(w):].zero_()  # beyond `neighbours`: held at zero (never used in decode)
         self.normalize_decoder_()
         self.W_enc.normal_(0, (self.cfg.d_in // self.cfg.n_sites) ** -0.5)
 
@@ -510,12 +517,18 @@ class CrossLayerTranscoder(_CoderBase):
         xs = (x * self.input_scale).view(x.shape[0], S, -1)
         return (torch.einsum("tsd,sdf->tsf", xs, self.W_enc) + self.b_enc).reshape(x.shape[0], -1)
 
+    def _reach(self, w: torch.Tensor) -> int:
+        """How many of a source layer's target slices (its own first) are written: all, or 1 + neighbours."""
+        n = self.cfg.neighbours
+        return w.shape[1] if n is None else min(w.shape[1], n + 1)
+
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         T, S, Do = latents.shape[0], self.cfg.n_sites, self.cfg.out_dim // self.cfg.n_sites
         per_layer = latents.view(T, S, -1)
         out = latents.new_zeros(T, S * Do)
         for i, w in enumerate(self.W_dec):
-            out[:, i * Do:] += per_layer[:, i] @ w.reshape(w.shape[0], -1)
+            r = self._reach(w)
+            out[:, i * Do:(i + r) * Do] += per_layer[:, i] @ w[:, :r].reshape(w.shape[0], -1)
         return out
 
     def decoder_norms(self) -> torch.Tensor:

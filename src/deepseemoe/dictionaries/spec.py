@@ -41,6 +41,7 @@ class CoderSpec:
     # steered so that L0 approaches k (for TopK/BatchTopK, k is L0 itself)
     sparsity_coef: float | None = None
     ternary: str = ""  # "encoder", "decoder" or "both": ternary weights (coder.py), trained straight-through
+    neighbours: int | None = None  # clt: write to the source layer and this many following ones (None: all)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -55,6 +56,11 @@ class CoderSpec:
         # sae_block_in_7, transcoder_3, crosscoder_3_7_11, clt_all
         stem = self.kind if self.kind not in ("sae", "crosscoder") or self.site == "resid_out" \
             else f"{self.kind}_{self.site}"
+        if self.neighbours is not None:
+            if self.kind != "clt" or self.neighbours < 0:
+                raise DeepSeeMoEError(f"neighbours: {self.neighbours} — a count ≥ 0 of the following layers a "
+                                      "cross-layer transcoder writes to; only for kind clt")
+            stem = f"{stem}_w{self.neighbours}"  # two CLTs of other reach in one run keep their names apart
         if self.layers == "all":  # resolved against the model by `resolve_layers`
             self.name = self.name or f"{stem}_all"
             return
@@ -97,7 +103,7 @@ class CoderSpec:
         n_latents = self.n_latents or self.expansion_factor * d_source * S  # a CLT: per layer × layers
         return CoderConfig(d_in=S * d_source, d_out=None if sae_like else S * d_target, n_latents=n_latents,
                            activation=self.activation, k=self.k, skip=self.kind == "skip_transcoder",
-                           n_sites=S, cross_layer=self.kind == "clt", ternary=self.ternary)
+                           n_sites=S, cross_layer=self.kind == "clt", ternary=self.ternary, neighbours=self.neighbours)
 
 
 @dataclass
