@@ -121,8 +121,13 @@ def test_every_readme_example_runs_as_written(stand_ins, cli, monkeypatch, tmp_p
                    "--out", out).code == 0
     assert cli("stats", "runs/study/run").code == 0
 
-    # the YAML run config, as written but for the stand-ins and sizes
-    (config,) = blocks("yaml")
+    # the YAML configs, as written but for the stand-ins and sizes: the run config, then the sweep's
+    config, sweep = blocks("yaml")
+    sweep_settings = yaml.safe_load(substitute(sweep, **paths))
+    sweep_settings.update(tokens=1024, ctx_len=32, eval="heldout.jsonl", eval_tokens=400,
+                          train={"batch_size": 256, "buffer_size": 512})
+    sweep_settings["sweep"].update(layers=[4, 5, 6], latents_per_layer=64, k=4, neighbours=[0, 1, "all"], seeds=[0, 1])
+    Path("sweep.yaml").write_text(yaml.safe_dump(sweep_settings))
     settings = yaml.safe_load(substitute(config, **paths))
     for key, value in YAML_SIZES.items():
         settings[key] = {**settings[key], **value} if isinstance(value, dict) else value

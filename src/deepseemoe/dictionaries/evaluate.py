@@ -236,13 +236,7 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, tokens: int = 
             a.tokens += y.shape[0]
             lat = out.latents
             if name in absorb and sum(len(t) for t in absorb[name]["tokens"]) < ABSORPTION_TOKENS:
-                kept_ids = packed.input_ids.reshape(-1)[packed.keep.cpu()]
-                words = torch.tensor([int(t) in letters for t in kept_ids.tolist()], dtype=torch.bool)
-                ab = absorb[name]
-                ab["tokens"].append(kept_ids[words].numpy())
-                ab["x"].append(x[words.to(x.device)].float().cpu().numpy())
-                ab["latents"].append(_sparse(lat[words.to(lat.device)]))
-                ab["random"].append(_sparse(randoms[name].encode(x[words.to(x.device)].float())))
+                _collect_words(absorb[name], packed, x, lat, randoms[name], letters)
             B, S = packed.doc.shape
             pools[name].add(packed.doc.reshape(-1)[packed.keep], torch.arange(B).repeat_interleave(S)[packed.keep],
                             packed.domains, latents=lat, raw=x.float(), random=randoms[name].encode(x.float()))
@@ -309,6 +303,20 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, tokens: int = 
 
 
 ABSORPTION_TOKENS = 8192  # word tokens kept per dictionary for the first-letter task
+
+
+def _collect_words(ab: dict, packed, x: torch.Tensor, lat: torch.Tensor, random: Coder, letters: dict) -> None:
+    """The batch's word tokens (a first letter known): their ids, inputs, codes and a random
+    dictionary's codes, appended to `ab`; nothing for a batch without one."""
+    kept_ids = packed.input_ids.reshape(-1)[packed.keep.cpu()]
+    words = torch.tensor([int(t) in letters for t in kept_ids.tolist()], dtype=torch.bool)
+    if not words.any():
+        return
+    xw = x[words.to(x.device)].float()
+    ab["tokens"].append(kept_ids[words].numpy())
+    ab["x"].append(xw.cpu().numpy())
+    ab["latents"].append(_sparse(lat[words.to(lat.device)]))
+    ab["random"].append(_sparse(random.encode(xw)))
 
 
 def _sparse(latents: torch.Tensor):

@@ -1,0 +1,250 @@
+"""How many neighbouring layers should a cross-layer transcoder write to? `deepseemoe sweep`.
+
+One CLT per reach w (its features of layer i write to layers i..i+w; w = 0 is a set of per-layer
+transcoders, `all` every later layer) over the same layers, at equal cost: the same latents per
+layer and the same L0 (k per source layer) for every reach. Every reach of a seed trains in one run
+on the same activations (cached once, replayed for the other seeds), so that the reaches differ in
+nothing but their reach; each seed's run is evaluated on held-out text (`evaluate`: FVU per layer,
+spliced ΔCE and KL with all layers replaced at once, dead latents, and the layer spread of the
+features). The table gives per reach the mean ± sd over seeds and the *elbow*: the smallest reach
+whose FVU is within the seeds' spread of the best reach's — where more neighbours stop paying.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from dataclasses import field as dc_field
+from pathlib import Path
+
+import numpy as np
+
+from deepseemoe.dictionaries.spec import RunSpec
+from deepseemoe.errors import DeepSeeMoEError
+from deepseemoe.runs.sweep import SweepRun
+
+SWEEP_KEYS = {"layers", "latents_per_layer", "k", "activation", "neighbours", "seeds"}
+
+
+@dataclass
+class SweepSettings:
+    base: dict  # the run config's keys (model, data, tokens, ctx_len, train, …) shared by every seed
+    out: str
+    layers: list[int]
+    latents_per_layer: int
+    k: int
+    neighbours: list[int | str]
+    seeds: list[int] = dc_field(default_factory=lambda: [0, 1, 2])
+    activation: str = "topk"
+    eval: str | None = None
+    eval_tokens: int = 20_000
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> SweepSettings:
+        raw = dict(raw)
+        sweep = raw.pop("sweep", None)
+        if not isinstance(sweep, dict):
+            raise DeepSeeMoEError("the sweep config needs a `sweep:` mapping: layers, latents_per_layer, k, neighbours "
+                                  "(and seeds); see README: Which layers, how many neighbours")
+        unknown = set(sweep) - SWEEP_KEYS
+        if unknown:
+            raise DeepSeeMoEError(f"sweep: unknown key(s) {', '.join(sorted(unknown))}; known: "
+                                  f"{', '.join(sorted(SWEEP_KEYS))}")
+        missing = [k for k in ("layers", "latents_per_layer", "k", "neighbours") if k not in sweep]
+        if missing:
+            raise DeepSeeMoEError(f"sweep: needs {', '.join(missing)}")
+        if "coders" in raw:
+            raise DeepSeeMoEError("a sweep config has no `coders:` (the sweep makes them); move the settings under "
+                                  "`sweep:`")
+        layers = sweep["layers"]
+        if not isinstance(layers, list) or len(layers) < 2 or not all(type(v) is int and v >= 0 for v in layers) \
+                or sorted(set(layers)) != layers:
+            raise DeepSeeMoEError(f"sweep: layers must be 2 or more increasing layer indices, not {layers!r}")
+        reach = sweep["neighbours"]
+        if not isinstance(reach, list) or not reach:
+            raise DeepSeeMoEError("sweep: neighbours must be a list of reaches, e.g. [0, 1, 2, all]")
+        for w in reach:
+            if not (w == "all" or (type(w) is int and 0 <= w < len(layers))):
+                raise DeepSeeMoEError(f"sweep: neighbours {w!r} — each a count from 0 to {len(layers) - 1} (the "
+                                      f"{len(layers)} layers' window) or 'all'")
+        resolved = [len(layers) - 1 if w == "all" else w for w in reach]
+        if len(set(resolved)) != len(resolved):
+            raise DeepSeeMoEError(f"sweep: neighbours {reach} name one reach twice ('all' is {len(layers) - 1} over "
+                                  f"{len(layers)} layers)")
+        seeds = sweep.get("seeds", [0, 1, 2])
+        if not isinstance(seeds, list) or not seeds or not all(type(s) is int and s >= 0 for s in seeds) \
+                or len(set(seeds)) != len(seeds):
+            raise DeepSeeMoEError(f"sweep: seeds must be a list of distinct integers ≥ 0, not {seeds!r}")
+        for key in ("latents_per_layer", "k"):
+            if type(sweep[key]) is not int or sweep[key] < 1:
+                raise DeepSeeMoEError(f"sweep: {key} must be a positive integer, not {sweep[key]!r}")
+        if sweep["k"] > sweep["latents_per_layer"]:
+            raise DeepSeeMoEError(f"sweep: k={sweep['k']} exceeds latents_per_layer={sweep['latents_per_layer']}; "
+                                  "equal L0 cannot be met")
+        if not raw.get("out"):
+            raise DeepSeeMoEError("the sweep config lacks out")
+        out = str(raw.pop("out"))
+        ev, ev_tokens = raw.pop("eval", None), raw.pop("eval_tokens", 20_000)
+        s = cls(base=raw, out=out, layers=layers, latents_per_layer=sweep["latents_per_layer"], k=sweep["k"],
+                neighbours=reach, seeds=seeds, activation=sweep.get("activation", "topk"), eval=ev,
+                eval_tokens=int(ev_tokens))
+        s.spec(seeds[0], Path(out))  # every run setting checked now, before anything is written
+        return s
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def name(w: int | str) -> str:
+        return f"clt_w{w}" if w != "all" else "clt_all_later"
+
+    def spec(self, seed: int, out: Path) -> RunSpec:
+        """The dictionary run of one seed: a CLT per reach, at equal latents and L0."""
+        raw = copy.deepcopy(self.base)
+        raw["train"] = {**(raw.get("train") or {}), "seed": seed}
+        raw.update(out=str(Path(out) / f"seed-{seed}"), activation_cache=str(Path(out) / "activations"),
+                   coders=[{"kind": "clt", "layers": self.layers, "name": self.name(w), "activation": self.activation,
+                            "k": self.k, "n_latents": self.latents_per_layer * len(self.layers),
+                            "neighbours": None if w == "all" else w} for w in self.neighbours])
+        return RunSpec.from_dict(raw)
+
+
+@dataclass
+class SweepResult:
+    run: SweepRun
+    rows: list[dict]
+    elbow: str | None
+    reused: list[int]
+
+
+def _key(settings: SweepSettings) -> str:
+    from deepseemoe.runs.stamp import digest
+
+    return digest(sweep=settings.to_dict())
+
+
+def check_disk(settings: SweepSettings, width: int) -> None:
+    """Refuse, with the estimate, a sweep whose activation cache would not fit the disk."""
+    import shutil
+
+    spec = settings.spec(settings.seeds[0], Path(settings.out))
+    need = spec.tokens * len(settings.layers) * 2 * width * 4  # source and target per layer, float32 at most
+    folder = Path(settings.out)
+    probe = next((p for p in [folder, *folder.parents] if p.exists()), Path("."))
+    free = shutil.disk_usage(probe).free
+    if need > 0.9 * free:
+        raise DeepSeeMoEError(f"the sweep's activation cache needs about {need / 1e9:.1f} GB ({spec.tokens:,} tokens × "
+                              f"{len(settings.layers)} layers × 2 sites × {width} dims), and {probe} has "
+                              f"{free / 1e9:.1f} GB free; lower `tokens` or the layers, or choose another `out`")
+
+
+def run_sweep(settings: SweepSettings, *, progress: bool = True, trust_remote_code: bool = False,
+              echo=None) -> SweepResult:
+    from deepseemoe.dictionaries.evaluate import evaluate_run
+    from deepseemoe.dictionaries.run import train_run
+    from deepseemoe.runs.dictionary import EVALUATION, DictionaryRun
+
+    cfg = _text_config(settings.base.get("model", ""), trust_remote_code)
+    if cfg is not None:
+        n_layers = int(getattr(cfg, "num_hidden_layers", 0) or 0)
+        late = [la for la in settings.layers if n_layers and la >= n_layers]
+        if late:
+            raise DeepSeeMoEError(f"sweep: layers {late} do not exist in {settings.base['model']} ({n_layers} layers: "
+                                  f"0–{n_layers - 1})")
+        if getattr(cfg, "hidden_size", None):
+            check_disk(settings, int(cfg.hidden_size))
+    created = not Path(settings.out).exists()
+    run = SweepRun.create(settings.out, settings.to_dict(), _key(settings))
+    names = [settings.name(w) for w in settings.neighbours]
+    evaluations, reused = {}, []
+    try:
+        for seed in settings.seeds:
+            folder = run.seed_dir(seed)
+            dr = DictionaryRun(folder)
+            if (folder / EVALUATION).exists() and sorted(dr.evaluation()["coders"]) == sorted(names):
+                evaluations[seed] = dr.evaluation()
+                reused.append(seed)
+                continue
+            spec = settings.spec(seed, run.path)
+            if echo:
+                echo(f"seed {seed}: {len(names)} CLTs over layers {settings.layers} ({', '.join(names)})")
+            train_run(spec, resume=dr.checkpoint().exists(), progress=progress, trust_remote_code=trust_remote_code)
+            doc = evaluate_run(folder, data=settings.eval, tokens=settings.eval_tokens, progress=progress,
+                               trust_remote_code=trust_remote_code)
+            dr.save_evaluation(doc)
+            evaluations[seed] = dr.evaluation()
+    except Exception:
+        # refused before any seed trained (a setting only the model can check): nothing half-written stays
+        if created and not any(DictionaryRun(run.seed_dir(s)).checkpoint().exists() for s in settings.seeds):
+            import shutil
+
+            shutil.rmtree(run.path, ignore_errors=True)
+        raise
+    rows = table_rows(settings, evaluations)
+    elbow = find_elbow(rows)
+    from deepseemoe.dictionaries.sweep_figures import sweep_figures
+
+    run.save_table({"rows": rows, "elbow": elbow, "layers": settings.layers, "seeds": settings.seeds},
+                   table_markdown(rows, elbow), draw=lambda folder: sweep_figures(rows, settings.layers, folder))
+    return SweepResult(run, rows, elbow, reused)
+
+
+def _text_config(model: str, trust_remote_code: bool):
+    """The model's (text) config alone, no weights: its layers and width, checked before anything is
+    written; None when it cannot be read this way (a tiny:MODEL spec, a hub id offline)."""
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code).get_text_config()
+    except Exception:
+        return None
+
+
+COLUMNS = (("fvu", "FVU"), ("delta_ce", "ΔCE"), ("kl", "KL"), ("dead", "dead"), ("spread", "layers per feature"),
+           ("multi_layer", "features on > 1 layer"))
+
+
+def table_rows(settings: SweepSettings, evaluations: dict[int, dict]) -> list[dict]:
+    """Per reach: mean and sample sd over the seeds of each column, and the FVU of every layer."""
+    rows = []
+    for w in settings.neighbours:
+        name = settings.name(w)
+        docs = [evaluations[s]["coders"][name] for s in settings.seeds]
+        vals = {"fvu": [d["fvu"] for d in docs], "delta_ce": [d.get("delta_ce", np.nan) for d in docs],
+                "kl": [d.get("kl", np.nan) for d in docs], "dead": [d["dead"] for d in docs],
+                "spread": [d.get("layer_spread", {}).get("mean", np.nan) for d in docs],
+                "multi_layer": [d.get("layer_spread", {}).get("multi_layer_share", np.nan) for d in docs]}
+        row = {"reach": str(w), "name": name, "seeds": len(docs), "l0": float(np.mean([d["l0"] for d in docs])),
+               "fvu_per_layer": np.mean([d["fvu_per_site"] for d in docs], axis=0).tolist()}
+        for key, v in vals.items():
+            a = np.asarray(v, dtype=float)
+            row[key] = float(np.nanmean(a)) if np.isfinite(a).any() else float("nan")
+            row[f"{key}_sd"] = float(np.nanstd(a, ddof=1)) if np.isfinite(a).sum() > 1 else float("nan")
+        rows.append(row)
+    return rows
+
+
+def find_elbow(rows: list[dict]) -> str | None:
+    """The smallest reach whose FVU is within the seeds' spread (the sum of the two sds) of the best
+    reach's; None with one seed (no spread to be within)."""
+    if any(np.isnan(r["fvu_sd"]) for r in rows):
+        return None
+    best = min(rows, key=lambda r: r["fvu"])
+    for r in sorted(rows, key=lambda r: int(r["reach"]) if r["reach"] != "all" else 10**9):
+        if r["fvu"] - best["fvu"] <= r["fvu_sd"] + best["fvu_sd"]:
+            return r["reach"]
+    return best["reach"]
+
+
+def table_markdown(rows: list[dict], elbow: str | None) -> str:
+    head = "| reach | seeds | L0 | " + " | ".join(label for _, label in COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 3)]
+    for r in rows:
+        cells = []
+        for key, _ in COLUMNS:
+            v, sd = r[key], r[f"{key}_sd"]
+            cells.append("–" if np.isnan(v) else f"{v:.4f}" + ("" if np.isnan(sd) else f" ± {sd:.4f}"))
+        lines.append(f"| {r['reach']} | {r['seeds']} | {r['l0']:.1f} | " + " | ".join(cells) + " |")
+    tail = (f"\nElbow: reach {elbow} — the smallest whose FVU is within the seeds' spread of the best.\n"
+            if elbow is not None else "\nNo elbow: one seed gives no spread to compare within.\n")
+    return "\n".join(lines) + "\n" + tail

@@ -1,0 +1,65 @@
+"""`deepseemoe sweep`: one CLT per reach at equal latents per layer and equal L0, every seed, on the
+tiny OLMoE through the CLI. The table's rows are the means (and sample sds) of the seeds' own
+evaluation.json, recomputed here; reach 0 writes only its own layer (spread 1 exactly); a rerun
+reuses finished seeds; bad configs are one error line each, with nothing written."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+import yaml
+
+SWEEP = {"layers": [0, 1], "latents_per_layer": 64, "k": 4, "neighbours": [0, "all"], "seeds": [0, 1]}
+
+
+def _config(tmp_path, tiny_olmoe_dir, corpus_jsonl, **sweep):
+    docs = tmp_path / "docs.jsonl"
+    if not docs.exists():
+        docs.write_text("\n".join(corpus_jsonl.read_text().splitlines() * 20) + "\n")
+    return {"model": str(tiny_olmoe_dir), "data": str(docs), "out": str(tmp_path / "sweep"), "tokens": 1024,
+            "ctx_len": 32, "domain_field": "domain", "eval_tokens": 400,
+            "train": {"batch_size": 256, "buffer_size": 512}, "sweep": {**SWEEP, **sweep}}
+
+
+def test_sweep_table_is_the_seeds_evaluations_and_a_rerun_reuses_them(tmp_path, cli, tiny_olmoe_dir, corpus_jsonl):
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(_config(tmp_path, tiny_olmoe_dir, corpus_jsonl)))
+    r = cli("sweep", tmp_path / "sweep.yaml")
+    assert r.code == 0, r.err
+    out = tmp_path / "sweep"
+    table = json.loads((out / "table.json").read_text())
+    evals = [json.loads((out / f"seed-{s}" / "evaluation.json").read_text())["coders"] for s in (0, 1)]
+    for row in table["rows"]:
+        fvus = [e[row["name"]]["fvu"] for e in evals]
+        assert row["fvu"] == pytest.approx(statistics.mean(fvus)) and row["fvu_sd"] == pytest.approx(statistics.stdev(fvus))
+        assert 7 < row["l0"] <= 4 * 2  # at most k per source layer × 2 layers (TopK drops non-positive codes)
+    w0 = next(r for r in table["rows"] if r["reach"] == "0")
+    assert w0["spread"] == 1.0 and w0["multi_layer"] == 0.0
+    assert {p.name for p in (out / "figures").iterdir()} == {"reach.png", "fvu_per_layer.png"}
+    assert table["elbow"] in ("0", "all") and "Elbow" in r.out
+    again = cli("sweep", tmp_path / "sweep.yaml")
+    assert again.code == 0 and "reused the finished seed(s) [0, 1]" in again.out
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"neighbours": [0, 2]}, "each a count from 0 to 1"),
+    ({"neighbours": [1, "all"]}, "name one reach twice"),
+    ({"layers": [3]}, "2 or more increasing layer indices"),
+    ({"k": 100}, "equal L0 cannot be met"),
+    ({"seeds": []}, "seeds must be a list"),
+    ({"width": 3}, "unknown key"),
+])
+def test_bad_sweeps_are_one_line_and_write_nothing(tmp_path, cli, tiny_olmoe_dir, corpus_jsonl, change, message):
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(_config(tmp_path, tiny_olmoe_dir, corpus_jsonl, **change)))
+    r = cli("sweep", tmp_path / "sweep.yaml")
+    assert r.code == 2 and len(r.error_lines) == 1 and message in r.error_lines[0], r.err
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_layers_outside_the_model_are_refused_before_anything_is_written(tmp_path, cli, tiny_olmoe_dir, corpus_jsonl):
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(_config(tmp_path, tiny_olmoe_dir, corpus_jsonl,
+                                                                layers=[0, 7])))
+    r = cli("sweep", tmp_path / "sweep.yaml")
+    assert r.code == 2 and len(r.error_lines) == 1 and "layers [7] do not exist" in r.error_lines[0], r.err
+    assert not (tmp_path / "sweep").exists()
