@@ -29,8 +29,9 @@ def _trained_and_evaluated(model: str, data: str, heldout: str, run_dir: Path, c
     if not (run_dir / EVALUATION).exists():
         if not run.coder_names():
             train_run(spec, progress=True, trust_remote_code=trust_remote_code)
+        # the frontier reads FVU and ΔCE only: the SAEBench measures (and their random baselines) are skipped
         run.save_evaluation(evaluate_run(run_dir, data=heldout, tokens=eval_tokens, progress=False,
-                                         trust_remote_code=trust_remote_code))
+                                         trust_remote_code=trust_remote_code, benchmarks=False))
     return spec, run.evaluation()["coders"]
 
 

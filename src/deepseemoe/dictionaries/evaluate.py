@@ -170,7 +170,10 @@ class _Totals:
 @torch.no_grad()
 def evaluate_run(run_dir: str | Path, *, data: str | None = None, tokens: int = 20_000, batch_size: int = 8,
                  device: str | None = None, progress: bool = True, trust_remote_code: bool = False,
-                 device_map: str | None = None) -> dict:
+                 device_map: str | None = None, benchmarks: bool = True) -> dict:
+    """Reconstruction, splice and routing measures of every coder of a run on `tokens` of `data`;
+    with `benchmarks`, also the SAEBench family (sparse probing, absorption) beside an untrained
+    dictionary of each shape (an internal evaluation that reads only FVU/ΔCE skips them)."""
     from deepseemoe.dictionaries.run import load_for_run, run_batches
     from deepseemoe.progress import track
 
@@ -200,17 +203,17 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, tokens: int = 
     from deepseemoe.dictionaries.probing import SegmentPool
 
     randoms = {}
-    for name, (coder, _) in coders.items():
+    for name, (coder, _) in coders.items() if benchmarks else ():
         torch.manual_seed(0)
         randoms[name] = build_coder(coder.cfg, device=coder_device).eval()
-    pools = {name: SegmentPool() for name in coders}
+    pools = {name: SegmentPool() for name in coders} if benchmarks else None
     # feature absorption (first-letter task): for dictionaries that reconstruct what they read, the word
     # tokens' inputs and codes (the trained and the random dictionary's), up to ABSORPTION_TOKENS of them
     from deepseemoe.data.token_text import token_texts
     from deepseemoe.dictionaries.absorption import first_letters
 
     absorb = {name: {"x": [], "latents": [], "random": [], "tokens": []} for name, (_, m) in coders.items()
-              if m["kind"] == "sae" and m["source"] == m["target"] and len(m["source"]) == 1}
+              if benchmarks and m["kind"] == "sae" and m["source"] == m["target"] and len(m["source"]) == 1}
     letters = {}
     if absorb:
         tok = handle.require_tokenizer()
@@ -238,8 +241,9 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, tokens: int = 
             if name in absorb and sum(len(t) for t in absorb[name]["tokens"]) < ABSORPTION_TOKENS:
                 _collect_words(absorb[name], packed, x, lat, randoms[name], letters)
             B, S = packed.doc.shape
-            pools[name].add(packed.doc.reshape(-1)[packed.keep], torch.arange(B).repeat_interleave(S)[packed.keep],
-                            packed.domains, latents=lat, raw=x.float(), random=randoms[name].encode(x.float()))
+            if pools is not None:
+                pools[name].add(packed.doc.reshape(-1)[packed.keep], torch.arange(B).repeat_interleave(S)[packed.keep],
+                                packed.domains, latents=lat, raw=x.float(), random=randoms[name].encode(x.float()))
             a.active += float((lat > 0).sum())
             if a.fires is None:
                 a.fires = torch.zeros(lat.shape[1], dtype=torch.float64)
