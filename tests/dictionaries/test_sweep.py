@@ -40,6 +40,11 @@ def test_sweep_table_is_the_seeds_evaluations_and_a_rerun_reuses_them(tmp_path, 
     assert table["elbow"] in ("0", "all") and "Elbow" in r.out
     again = cli("sweep", tmp_path / "sweep.yaml")
     assert again.code == 0 and "reused the finished seed(s) [0, 1]" in again.out
+    # the same folder with other settings is refused, not mixed into this sweep
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(_config(tmp_path, tiny_olmoe_dir, corpus_jsonl, k=3)))
+    other = cli("sweep", tmp_path / "other.yaml")
+    assert other.code == 2 and len(other.error_lines) == 1 and "other settings" in other.error_lines[0]
+    assert json.loads((out / "table.json").read_text()) == table
 
 
 @pytest.mark.parametrize(("change", "message"), [

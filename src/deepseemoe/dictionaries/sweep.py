@@ -118,9 +118,11 @@ class SweepResult:
 
 
 def _key(settings: SweepSettings) -> str:
-    from deepseemoe.runs.stamp import digest
+    """The settings' identity (not the code's: a sweep killed before an upgrade resumes after it)."""
+    import hashlib
+    import json
 
-    return digest(sweep=settings.to_dict())
+    return hashlib.sha256(json.dumps(settings.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
 
 
 def check_disk(settings: SweepSettings, width: int) -> None:
