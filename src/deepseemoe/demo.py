@@ -406,22 +406,20 @@ def _post_train(out_dir: Path, corpus_dir: Path, zoo, layer: int, recipe: str, c
     STUDY/posttrain/. Returns the stage's key."""
     from deepseemoe.posttrain.lora import STRATEGIES
     from deepseemoe.posttrain.study import PostTrainSettings, post_train
+    from deepseemoe.runs.dictionary import DictionaryRun
 
     size = DEMO_POSTTRAIN.get(recipe.removesuffix("-ternary"), DEMO_POSTTRAIN["tiny"])
     target = _least_known(zoo)
     folder = out_dir / "posttrain"
+    hint, name = DictionaryRun(out_dir / "dictionaries"), f"sae_block_in_{layer}"
     settings = PostTrainSettings(
         model=str(zoo.moe_dir), data=str(corpus_dir / "train.jsonl"), eval=str(corpus_dir / "val.jsonl"),
         out=str(folder), strategies=list(STRATEGIES), target_domain=target, dense=str(zoo.dense_dir),
-        hint=f"{out_dir / 'dictionaries'}:sae_block_in_{layer}", seeds=size.seeds, steps=size.steps, rank=size.rank, lr=size.lr,
+        hint=f"{hint.path}:{name}", seeds=size.seeds, steps=size.steps, rank=size.rank, lr=size.lr,
         batch_size=size.batch_size, ctx_len=size.ctx_len, train_tokens=size.train_tokens, eval_tokens=size.eval_tokens,
         keep_adapters=True)
     # its inputs: the two models, the text, the hint's dictionary and map, the settings (not the stages
     # before it: a new description or graph does not change what post-training measures)
-    from deepseemoe.runs.dictionary import DictionaryRun
-
-    hint = DictionaryRun(out_dir / "dictionaries")
-    name = f"sae_block_in_{layer}"
     key = stamp.digest(stage="posttrain", settings=settings.to_dict(),
                        moe=stamp.model_digest(zoo.moe_dir), dense=stamp.model_digest(zoo.dense_dir),
                        text=[stamp.file_digest(corpus_dir / n) for n in ("train.jsonl", "val.jsonl")],
@@ -443,11 +441,11 @@ def _post_train(out_dir: Path, corpus_dir: Path, zoo, layer: int, recipe: str, c
     h = result.hint
     console.print(f"[bold]9/10 post-training[/] on '{target}', hint: layer {h['layer']} experts {h['experts']} → "
                   f"{folder}")
-    for name in ("all", "router-by-hint", "experts-by-hint", "random-experts", "dense-all"):
-        r = rows.get(name)
+    for strategy in ("all", "router-by-hint", "experts-by-hint", "random-experts", "dense-all"):
+        r = rows.get(strategy)
         if r:
-            console.print(f"           {name}: target ΔCE {r['target_delta_ce']:+.3f}, forgetting {r['forgetting']:+.3f}"
-                          + ("" if name == "dense-all" else f", routing drift {r['drift']:.3f}"))
+            console.print(f"           {strategy}: target ΔCE {r['target_delta_ce']:+.3f}, forgetting {r['forgetting']:+.3f}"
+                          + ("" if strategy == "dense-all" else f", routing drift {r['drift']:.3f}"))
     return key
 
 

@@ -214,11 +214,13 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, tokens: int = 
 
     absorb = {name: {"x": [], "latents": [], "random": [], "tokens": []} for name, (_, m) in coders.items()
               if benchmarks and m["kind"] == "sae" and m["source"] == m["target"] and len(m["source"]) == 1}
-    letters = {}
+    letters, is_word = {}, None
     if absorb:
         tok = handle.require_tokenizer()
         vocab = list(range(len(tok)))
         letters = first_letters(dict(zip(vocab, token_texts(tok, vocab), strict=True)))
+        is_word = torch.zeros(len(tok), dtype=torch.bool)  # token id -> a word with a known first letter
+        is_word[list(letters)] = True
     model_device = next(handle.model.parameters()).device
     for packed in track(batches, "evaluating", disable=not progress, unit="batches"):
         ids, am = packed.input_ids.to(model_device), packed.attention_mask.to(model_device)
@@ -226,6 +228,10 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, tokens: int = 
         # reconstruction quality on the kept tokens, one forward for all coders
         items = next(model_stream(handle, [packed], {**pairs, **{s: (s, s) for s in extra_routing.values()}},
                                   device=coder_device))
+        if benchmarks:  # each kept token's document and context row (its probing segment), and token id
+            B, S = packed.doc.shape
+            docs, rows = packed.doc.reshape(-1)[packed.keep], torch.arange(B).repeat_interleave(S)[packed.keep]
+            kept_ids = packed.input_ids.reshape(-1)[packed.keep.cpu()]
         for name, (coder, meta) in coders.items():
             x, y = items[name]
             out = coder(x.float())
@@ -238,12 +244,12 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, tokens: int = 
                 a.sums[b_i] += y[:, b].double().sum(0).cpu()
             a.tokens += y.shape[0]
             lat = out.latents
-            if name in absorb and sum(len(t) for t in absorb[name]["tokens"]) < ABSORPTION_TOKENS:
-                _collect_words(absorb[name], packed, x, lat, randoms[name], letters)
-            B, S = packed.doc.shape
-            if pools is not None:
-                pools[name].add(packed.doc.reshape(-1)[packed.keep], torch.arange(B).repeat_interleave(S)[packed.keep],
-                                packed.domains, latents=lat, raw=x.float(), random=randoms[name].encode(x.float()))
+            if benchmarks:  # the untrained dictionary's codes of the same tokens, encoded once for both measures
+                xf = x.float()
+                random_lat = randoms[name].encode(xf)
+                pools[name].add(docs, rows, packed.domains, latents=lat, raw=xf, random=random_lat)
+                if name in absorb and sum(len(t) for t in absorb[name]["tokens"]) < ABSORPTION_TOKENS:
+                    _collect_words(absorb[name], kept_ids, is_word[kept_ids], xf, lat, random_lat)
             a.active += float((lat > 0).sum())
             if a.fires is None:
                 a.fires = torch.zeros(lat.shape[1], dtype=torch.float64)
@@ -292,12 +298,12 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, tokens: int = 
                     k_mask = keep.to(idx.device)
                     a.routing_overlap += float(_topk_overlap(clean_routing[layer][-1][k_mask], idx[k_mask]).sum())
                     a.routing_tokens += int(k_mask.sum())
+    from scipy import sparse
+
+    from deepseemoe.dictionaries.absorption import absorption
+
     absorbed = {}
     for name, ab in absorb.items():
-        from scipy import sparse
-
-        from deepseemoe.dictionaries.absorption import absorption
-
         if not ab["tokens"]:
             continue
         xs, toks = np.concatenate(ab["x"]), np.concatenate(ab["tokens"])
@@ -309,18 +315,16 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, tokens: int = 
 ABSORPTION_TOKENS = 8192  # word tokens kept per dictionary for the first-letter task
 
 
-def _collect_words(ab: dict, packed, x: torch.Tensor, lat: torch.Tensor, random: Coder, letters: dict) -> None:
-    """The batch's word tokens (a first letter known): their ids, inputs, codes and a random
+def _collect_words(ab: dict, kept_ids: torch.Tensor, words: torch.Tensor, x: torch.Tensor, lat: torch.Tensor,
+                   random_lat: torch.Tensor) -> None:
+    """The batch's word tokens (`words`: a first letter known): their ids, inputs, codes and the random
     dictionary's codes, appended to `ab`; nothing for a batch without one."""
-    kept_ids = packed.input_ids.reshape(-1)[packed.keep.cpu()]
-    words = torch.tensor([int(t) in letters for t in kept_ids.tolist()], dtype=torch.bool)
     if not words.any():
         return
-    xw = x[words.to(x.device)].float()
     ab["tokens"].append(kept_ids[words].numpy())
-    ab["x"].append(xw.cpu().numpy())
+    ab["x"].append(x[words.to(x.device)].cpu().numpy())
     ab["latents"].append(_sparse(lat[words.to(lat.device)]))
-    ab["random"].append(_sparse(random.encode(xw)))
+    ab["random"].append(_sparse(random_lat[words.to(random_lat.device)]))
 
 
 def _sparse(latents: torch.Tensor):
@@ -340,6 +344,7 @@ def _decoder(coder: Coder) -> np.ndarray:
 def _summarise(run_dir: Path, coders: dict, acc: dict[str, _Totals], data: str, n_tokens: int,
                pools: dict | None = None, absorbed: dict | None = None) -> dict:
     from deepseemoe.dictionaries.probing import sparse_probing
+    from deepseemoe.dictionaries.spread import layer_spread
 
     results = {}
     for name, (coder, meta) in coders.items():
@@ -381,8 +386,6 @@ def _summarise(run_dir: Path, coders: dict, acc: dict[str, _Totals], data: str, 
                                                      random_latents=pools[name].means("random")[0])
             else:
                 r["sparse_probing"] = {"note": "the evaluation text has no domain labels to probe for"}
-        from deepseemoe.dictionaries.spread import layer_spread
-
         spread = layer_spread(coder, (a.fires > 0).numpy())  # cross-layer kinds: the layers each live feature writes to
         if spread is not None:
             r["layer_spread"] = spread

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from deepseemoe.analysis.seeds import apart, over_seeds, plus_minus
 from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.models.spec import ModelHandle
 from deepseemoe.posttrain import hints as hint_lib
@@ -442,25 +443,20 @@ def table_rows(docs: list[dict]) -> list[dict]:
     for strategy, mine in by.items():
         row = {"strategy": strategy, "seeds": len(mine), "rank": mine[0].get("rank")}
         for key, _ in COLUMNS:
-            vals = np.array([_value(d, key) for d in mine], dtype=float)
-            ok = vals[~np.isnan(vals)]
-            row[key] = float(ok.mean()) if len(ok) else float("nan")
-            row[f"{key}_sd"] = float(ok.std(ddof=1)) if len(ok) > 1 else float("nan")
+            row[key], row[f"{key}_sd"] = over_seeds(_value(d, key) for d in mine)
         rows.append(row)
     return rows
 
 
+SIGNED = ("target_delta_ce", "forgetting")  # differences are signed, shares (drift) are not
+
+
 def _pm(row: dict, key: str, digits: int = 3) -> str:
-    """mean ± sd; signed for differences (ΔCE), plain for shares (drift)."""
-    sd = row.get(f"{key}_sd", float("nan"))
-    sign = "+" if "delta" in key or key == "forgetting" else ""
-    return f"{row[key]:{sign}.{digits}f}" + ("" if np.isnan(sd) else f" ± {sd:.{digits}f}")
+    return plus_minus(row[key], row.get(f"{key}_sd"), digits, signed=key in SIGNED)
 
 
 def _apart(a: dict, b: dict, key: str) -> bool:
-    """The two rows' means differ by more than the sum of their seeds' spreads (sd)."""
-    spread = np.nan_to_num(a.get(f"{key}_sd", 0.0)) + np.nan_to_num(b.get(f"{key}_sd", 0.0))
-    return bool(abs(a[key] - b[key]) > spread)
+    return apart(a[key], a.get(f"{key}_sd", 0.0), b[key], b.get(f"{key}_sd", 0.0))
 
 
 def findings(rows: list[dict], base: dict) -> list[str]:
@@ -517,15 +513,12 @@ def table_markdown(rows: list[dict]) -> str:
     for r in rows:
         cells = []
         for key, _ in COLUMNS:
-            v, sd = r[key], r[f"{key}_sd"]
-            if np.isnan(v):
-                cells.append("–")
-            elif key == "trainable":
+            v = r[key]
+            if key == "trainable" and not np.isnan(v):
                 cells.append(f"{v:,.0f}")
-            elif key == "seconds":
+            elif key == "seconds" and not np.isnan(v):
                 cells.append(f"{v:.1f}")
-            else:  # differences signed, shares not
-                sign = "+" if key in ("target_delta_ce", "forgetting") else ""
-                cells.append(f"{v:{sign}.4f} ± {sd:.4f}" if not np.isnan(sd) else f"{v:{sign}.4f}")
+            else:
+                cells.append(plus_minus(v, r[f"{key}_sd"], 4, signed=key in SIGNED))
         lines.append(f"| {r['strategy']} | {r['seeds']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -13,7 +13,7 @@ import html
 from pathlib import Path
 
 import numpy as np
-from markupsafe import Markup
+from markupsafe import Markup, escape
 
 from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.report.components import Strip, expert_colors, show_token
@@ -270,19 +270,24 @@ def _posttrain(result, folder: str) -> dict:
     st, base = doc["settings"]["settings"], doc["settings"]["base"]
     labels = {"dense-all": f"dense twin, all (rank {base.get('dense_rank', st['rank'])})"}
 
-    def cell(row, key, fmt):
-        v, sd = row.get(key, float("nan")), row.get(f"{key}_sd", float("nan"))
-        if v is None or v != v:
-            return "–"
-        return fmt.format(v) + ("" if sd is None or sd != sd else " ± " + fmt.format(sd).lstrip("+"))
+    from deepseemoe.analysis.seeds import plus_minus
+
+    def cell(row, key, digits, signed=False):
+        return plus_minus(row.get(key, float("nan")), row.get(f"{key}_sd"), digits, signed)
 
     rows = [{"label": labels.get(r["strategy"], r["strategy"]), "seeds": r["seeds"],
-             "cells": [cell(r, "target_delta_ce", "{:+.4f}"), cell(r, "forgetting", "{:+.4f}"),
-                       cell(r, "drift", "{:.3f}"), cell(r, "changed", "{:.3f}"), cell(r, "hint_routed_after", "{:.2f}"),
-                       cell(r, "other_drift", "{:.3f}"), cell(r, "nmi_after", "{:.3f}")],
+             "cells": [cell(r, "target_delta_ce", 4, True), cell(r, "forgetting", 4, True),
+                       cell(r, "drift", 3), cell(r, "changed", 3), cell(r, "hint_routed_after", 2),
+                       cell(r, "other_drift", 3), cell(r, "nmi_after", 3)],
              "trainable": f"{r['trainable']:,.0f}", "seconds": f"{r['seconds']:.1f}"} for r in doc["rows"]]
     return {"folder": folder, "settings": st, "base": base, "hint": doc["settings"].get("hint"), "rows": rows,
-            "findings": doc.get("findings", []), "figures": [_png(p) for p in result.figures]}
+            "findings": _code_spans(" ".join(doc.get("findings", []))), "figures": [_png(p) for p in result.figures]}
+
+
+def _code_spans(text: str) -> Markup:
+    """Markdown's `code` spans (the findings are written for table.md too) as <code>, the rest escaped."""
+    parts = text.split("`")
+    return Markup("".join(f"<code>{escape(p)}</code>" if i % 2 else str(escape(p)) for i, p in enumerate(parts)))
 
 
 def _where(study: Study, result) -> str:

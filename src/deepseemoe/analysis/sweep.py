@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from deepseemoe.analysis.seeds import apart, over_seeds, plus_minus
 from deepseemoe.dictionaries.spec import RunSpec
 from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.runs.sweep import SweepRun
@@ -184,7 +185,7 @@ def run_sweep(settings: SweepSettings, *, progress: bool = True, trust_remote_co
         raise
     rows = table_rows(settings, evaluations)
     elbow = find_elbow(rows)
-    from deepseemoe.dictionaries.sweep_figures import sweep_figures
+    from deepseemoe.analysis.sweep_figures import sweep_figures
 
     run.save_table({"rows": rows, "elbow": elbow, "layers": settings.layers, "seeds": settings.seeds},
                    table_markdown(rows, elbow), draw=lambda folder: sweep_figures(rows, settings.layers, folder))
@@ -219,9 +220,7 @@ def table_rows(settings: SweepSettings, evaluations: dict[int, dict]) -> list[di
         row = {"reach": str(w), "name": name, "seeds": len(docs), "l0": float(np.mean([d["l0"] for d in docs])),
                "fvu_per_layer": np.mean([d["fvu_per_site"] for d in docs], axis=0).tolist()}
         for key, v in vals.items():
-            a = np.asarray(v, dtype=float)
-            row[key] = float(np.nanmean(a)) if np.isfinite(a).any() else float("nan")
-            row[f"{key}_sd"] = float(np.nanstd(a, ddof=1)) if np.isfinite(a).sum() > 1 else float("nan")
+            row[key], row[f"{key}_sd"] = over_seeds(v)
         rows.append(row)
     return rows
 
@@ -233,7 +232,7 @@ def find_elbow(rows: list[dict]) -> str | None:
         return None
     best = min(rows, key=lambda r: r["fvu"])
     for r in sorted(rows, key=lambda r: int(r["reach"]) if r["reach"] != "all" else 10**9):
-        if r["fvu"] - best["fvu"] <= r["fvu_sd"] + best["fvu_sd"]:
+        if not apart(r["fvu"], r["fvu_sd"], best["fvu"], best["fvu_sd"]):
             return r["reach"]
     return best["reach"]
 
@@ -242,10 +241,7 @@ def table_markdown(rows: list[dict], elbow: str | None) -> str:
     head = "| reach | seeds | L0 | " + " | ".join(label for _, label in COLUMNS) + " |"
     lines = [head, "|" + "---|" * (len(COLUMNS) + 3)]
     for r in rows:
-        cells = []
-        for key, _ in COLUMNS:
-            v, sd = r[key], r[f"{key}_sd"]
-            cells.append("–" if np.isnan(v) else f"{v:.4f}" + ("" if np.isnan(sd) else f" ± {sd:.4f}"))
+        cells = [plus_minus(r[key], r[f"{key}_sd"]) for key, _ in COLUMNS]
         lines.append(f"| {r['reach']} | {r['seeds']} | {r['l0']:.1f} | " + " | ".join(cells) + " |")
     tail = (f"\nElbow: reach {elbow} — the smallest whose FVU is within the seeds' spread of the best.\n"
             if elbow is not None else "\nNo elbow: one seed gives no spread to compare within.\n")
