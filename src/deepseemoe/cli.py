@@ -107,7 +107,7 @@ def run() -> None:
     except ImportError:
         from click import exceptions as click_exceptions
 
-    from deepseemoe.errors import DeepSeeMoEError, kept_on_interrupt
+    from deepseemoe.errors import DeepSeeMoEError, ReportedByRankZero, kept_on_interrupt
 
     args = sys.argv[1:]
     debug = "--debug" in args or os.environ.get("DEEPSEEMOE_DEBUG", "") not in ("", "0")
@@ -116,6 +116,8 @@ def run() -> None:
         command = typer.main.get_command(app)
         _plain_help(command)
         code = command.main(args=args, prog_name="deepseemoe", standalone_mode=False)
+    except ReportedByRankZero:
+        raise SystemExit(2) from None
     except DeepSeeMoEError as exc:
         _fail(str(exc), 2, debug)
     except (KeyboardInterrupt, *[getattr(click_exceptions, "Abort", KeyboardInterrupt)]):

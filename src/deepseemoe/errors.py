@@ -13,6 +13,11 @@ class DeepSeeMoEError(Exception):
     """An error caused by the user's input or environment, with its fix in the message."""
 
 
+class ReportedByRankZero(DeepSeeMoEError):
+    """Under torchrun, a failure rank 0 prints for the whole run: the other ranks exit with the same
+    code and print nothing, so the user reads one `error:` line, not one per process."""
+
+
 def keep(what: str, message: str | None) -> None:
     """Record (or with None, forget) what an interruption now would leave behind, under a key."""
     if message is None:

@@ -212,6 +212,14 @@ def test_statistics_do_not_depend_on_the_sharding(tmp_path, stats, cuts, order):
         pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-12)
 
 
+def test_statistics_of_shards_that_hold_every_other_batch(tmp_path, stats):
+    """What a rank writes under torchrun: one shard holds batches 0 and 2, the other 1 and 3, so the
+    consecutive tokens of a document sit apart inside a shard, not only across shard ends."""
+    other = compute_routing_stats(_written(tmp_path / "ranks", [1, 2, 3], [0, 2, 1, 3], shard_tokens=2), min_count=1)
+    assert other.summary["layers"]["0"]["repetition"]["pairs"] == 2  # by hand: (doc 0, 0→1) and (doc 1, 0→1)
+    assert other.summary["layers"] == stats.summary["layers"]
+
+
 def test_a_full_buffer_closes_the_shard_early(tmp_path, stats):
     """--buffer-gb: the writer closes a shard when its buffer is full, before --shard-tokens, and the
     statistics are those of the whole-document shards."""

@@ -41,23 +41,38 @@ def register(app: typer.Typer) -> None:
                                         "closes at --shard-tokens or at this, whichever comes first."),
         overwrite: bool = typer.Option(False, help="Replace the routing run in --out (kept until the new one is "
                                                    "complete)."),
+        resume: bool = typer.Option(False, help="Keep the shards a killed run of the same command finished and route "
+                                                "only the rest."),
         trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
-        """Record which experts every token is routed to, in every MoE layer."""
+        """Record which experts every token is routed to, in every MoE layer.
+
+        Under `torchrun --nproc-per-node N -m deepseemoe.cli route ...` every rank routes every N-th
+        batch of the same packed contexts (with `--device cuda`, each on its own GPU) and rank 0
+        writes one run."""
         from deepseemoe.data.sources import TextSource, resolve_files
+        from deepseemoe.distributed import join, rank_device
         from deepseemoe.models.load import load_model
         from deepseemoe.progress import out_console
         from deepseemoe.routing.route import route_corpus
 
         if not data.startswith("hf:"):
             resolve_files(data)  # fail on a bad path before spending time on the model
-        handle = load_model(model, dtype=dtype, device=device, device_map=device_map,
+        world = join("gloo")  # the ranks exchange only small records; each forward stays on its own device
+        handle = load_model(model, dtype=dtype, device=rank_device(device, world), device_map=device_map,
                             trust_remote_code=trust_remote_code)
         source = TextSource(data, field=field, domain_field=domain_field, domain_from_file=domain_from_file,
                             hf_config=hf_config, split=split, data_files=data_files, min_chars=min_chars,
                             max_chars=max_chars, max_docs=max_docs, shuffle=shuffle, seed=seed)
         result = route_corpus(handle, source, out, ctx_len=ctx_len, batch_size=batch_size, max_tokens=max_tokens,
                               logits=logits, exclude_bos=not keep_bos, extra={"seed": seed},
-                              overwrite=overwrite, shard_tokens=shard_tokens, buffer_gb=buffer_gb)
-        out_console().print(f"[green]routed {result.tokens:,} tokens[/] through {len(result.layers)} MoE layers in "
-                        f"{result.seconds:.1f}s ({result.tokens_per_second:,.0f} tok/s) → {result.run_dir}")
+                              overwrite=overwrite, shard_tokens=shard_tokens, buffer_gb=buffer_gb, resume=resume,
+                              world=world)
+        world.close()
+        if not world.main:
+            return
+        kept = f", {result.resumed_tokens:,} of them kept from the interrupted run" if result.resumed_tokens else ""
+        ranks = f" on {world.size} ranks" if world.size > 1 else ""
+        out_console().print(f"[green]routed {result.tokens:,} tokens[/]{kept} through {len(result.layers)} MoE layers"
+                            f"{ranks} in {result.seconds:.1f}s ({result.tokens_per_second:,.0f} tok/s) → "
+                            f"{result.run_dir}")

@@ -16,9 +16,10 @@ from deepseemoe.capture.core import run_capture
 from deepseemoe.data.sources import TextSource, iter_documents
 from deepseemoe.data.token_text import token_texts
 from deepseemoe.data.tokens import pack_documents
+from deepseemoe.distributed import World
 from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.models.spec import ModelHandle
-from deepseemoe.runs.routing import RoutingRunWriter
+from deepseemoe.runs.routing import RoutingRunWriter, describe_failure
 
 
 @dataclass
@@ -27,10 +28,12 @@ class RouteResult:
     tokens: int
     seconds: float
     layers: list[int]
+    resumed_tokens: int = 0  # of `tokens`, kept from an interrupted run (`--resume`)
 
     @property
     def tokens_per_second(self) -> float:
-        return self.tokens / max(self.seconds, 1e-9)
+        """Tokens routed by this command (all ranks) per second of it."""
+        return (self.tokens - self.resumed_tokens) / max(self.seconds, 1e-9)
 
 
 def versions() -> dict[str, str]:
@@ -50,14 +53,34 @@ def moe_layout(handle: ModelHandle) -> dict:
                            for i, m in sorted(handle.moe_layers.items())}}
 
 
+def route_settings(handle: ModelHandle, source: TextSource, run_dir: Path, *, ctx_len: int, batch_size: int,
+                   max_tokens: int | None, logits: bool, exclude_bos: bool, world: World) -> dict:
+    """What a routing run's content depends on: every rank must be started with the same, and
+    `--resume` keeps an interrupted run's shards only under the same. The model is named by its
+    name and a digest of its config (hashing a 40 GB checkpoint on every rank would cost minutes)."""
+    import hashlib
+
+    config = hashlib.sha256(handle.model.config.to_json_string(use_diff=False).encode()).hexdigest()[:16]
+    return {"out": str(run_dir.resolve()), "model": handle.name, "model_config": config, "data": source.describe(),
+            "ctx_len": ctx_len, "batch_size": batch_size, "max_tokens": max_tokens, "exclude_bos": exclude_bos,
+            "logits": logits, "ranks": world.size}
+
+
 def route_corpus(handle: ModelHandle, source: TextSource, run_dir: str | Path, *, ctx_len: int | None = None,
                  batch_size: int = 8, max_tokens: int | None = None, logits: bool = False,
                  exclude_bos: bool = True, shard_tokens: int = 1_000_000, progress: bool = True,
-                 extra: dict | None = None, overwrite: bool = False, buffer_gb: float = 2.0) -> RouteResult:
+                 extra: dict | None = None, overwrite: bool = False, buffer_gb: float = 2.0,
+                 resume: bool = False, world: World | None = None) -> RouteResult:
     """Capture the routing of every kept token of `source` in every MoE layer into `run_dir`.
 
     The run appears whole or not at all; an existing routing run there is replaced (only with
-    `overwrite`) when the new one is complete."""
+    `overwrite`) when the new one is complete. `resume` keeps the shards a killed run finished
+    (with the same settings) and routes only the rest.
+
+    Under torchrun (`world` of N ranks) every rank packs the same stream of contexts and routes
+    every N-th batch of it, so each forward pass is the one a single process would run: the run
+    holds the same tokens, routing and weights per (doc, pos) as with one process, in other shards."""
+    world = world or World()
     if not handle.is_moe:
         raise DeepSeeMoEError(f"{handle.name} has no MoE layers, so there is no routing to record; "
                               "use a Mixture-of-Experts model")
@@ -70,37 +93,51 @@ def route_corpus(handle: ModelHandle, source: TextSource, run_dir: str | Path, *
     tokenizer = handle.tokenizer
     batches = pack_documents(tokenizer, iter_documents(source), ctx_len=ctx_len, batch_size=batch_size,
                              max_tokens=max_tokens)
+    settings = route_settings(handle, source, run_dir, ctx_len=ctx_len, batch_size=batch_size, max_tokens=max_tokens,
+                              logits=logits, exclude_bos=exclude_bos, world=world)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    columns = [TextColumn("[bold]routing"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
+    label = "routing" if world.size == 1 else f"routing (rank 0 of {world.size}, its share)"
+    columns = [TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
                TextColumn("{task.fields[rate]:>8.0f} tok/s"), TimeElapsedColumn()]
     with RoutingRunWriter(run_dir, overwrite=overwrite, shard_tokens=shard_tokens, logits=logits,
-                          buffer_gb=buffer_gb) as writer, \
-            Progress(*columns, disable=not progress, transient=False) as bar:
+                          buffer_gb=buffer_gb, world=world, resume=resume, settings=settings) as writer, \
+            Progress(*columns, disable=not (progress and world.main), transient=False) as bar:
         start = time.perf_counter()
-        task = bar.add_task("route", total=max_tokens, rate=0.0)
-        for packed in batches:
-            keep = packed.keep if exclude_bos else packed.attention_mask.bool().reshape(-1)
-            batch = run_capture(handle, packed.input_ids, [recorder], attention_mask=packed.attention_mask,
-                                keep=keep)
-            rec = recorder.batches.pop()
-            mask = batch.mask.cpu().numpy()
-            doc = packed.doc.reshape(-1).numpy()[mask]
-            pos = packed.pos.reshape(-1).numpy()[mask]
-            token_ids = batch.token_ids.cpu().numpy()
-            pieces = tokenizer.convert_ids_to_tokens(token_ids.tolist())
-            writer.add(doc, pos, token_ids, token_texts(tokenizer, token_ids.tolist()),
-                       [packed.domains.get(int(d)) for d in doc],
-                       {i: rec["idx"][i].numpy() for i in layers}, {i: rec["weights"][i].numpy() for i in layers},
-                       {i: rec["logits"][i].numpy() for i in layers} if logits else None, pieces=pieces)
-            elapsed = time.perf_counter() - start
-            bar.update(task, advance=int(mask.sum()), rate=writer.total_tokens / max(elapsed, 1e-9))
+        kept = writer.total_tokens  # this rank's tokens kept from an interrupted run
+        share = None if max_tokens is None else -(-max_tokens // world.size)
+        task = bar.add_task("route", total=share, completed=kept, rate=0.0)
+        failure, seen = None, 0
+        try:
+            for index, packed in enumerate(batches):
+                seen = index + 1
+                if not world.mine(index) or index < writer.next_batch:
+                    continue  # another rank's batch, or one a killed run already wrote
+                keep_mask = packed.keep if exclude_bos else packed.attention_mask.bool().reshape(-1)
+                batch = run_capture(handle, packed.input_ids, [recorder], attention_mask=packed.attention_mask,
+                                    keep=keep_mask)
+                rec = recorder.batches.pop()
+                mask = batch.mask.cpu().numpy()
+                doc = packed.doc.reshape(-1).numpy()[mask]
+                pos = packed.pos.reshape(-1).numpy()[mask]
+                token_ids = batch.token_ids.cpu().numpy()
+                pieces = tokenizer.convert_ids_to_tokens(token_ids.tolist())
+                writer.add(doc, pos, token_ids, token_texts(tokenizer, token_ids.tolist()),
+                           [packed.domains.get(int(d)) for d in doc],
+                           {i: rec["idx"][i].numpy() for i in layers}, {i: rec["weights"][i].numpy() for i in layers},
+                           {i: rec["logits"][i].numpy() for i in layers} if logits else None, pieces=pieces,
+                           batch=index)
+                elapsed = time.perf_counter() - start
+                bar.update(task, advance=int(mask.sum()), rate=(writer.total_tokens - kept) / max(elapsed, 1e-9))
+        except Exception as exc:  # under torchrun: carried to the commit, where rank 0 reports it once
+            if world.size == 1:
+                raise
+            failure = describe_failure(exc)
         seconds = time.perf_counter() - start
-        if writer.total_tokens == 0:
+        if world.size == 1 and writer.total_tokens == 0:
             raise DeepSeeMoEError(f"no tokens were routed from {source.spec}; check the length filters and the field")
         meta = {**moe_layout(handle), "data": source.describe(), "ctx_len": ctx_len, "batch_size": batch_size,
                 "max_tokens": max_tokens, "exclude_bos": exclude_bos, "logits": logits,
                 "seconds": round(seconds, 3), "versions": versions(), **(extra or {})}
-        writer.commit(meta)
-        tokens = writer.total_tokens
-    return RouteResult(run_dir, tokens, seconds, layers)
+        writer.commit(meta, failure=failure, batches=seen)
+    return RouteResult(run_dir, writer.run_tokens, seconds, layers, resumed_tokens=writer.resumed_tokens)

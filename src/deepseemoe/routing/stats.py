@@ -213,6 +213,30 @@ def _shard_arrays(run: RoutingRun, part: str, domain_codes: dict[str | None, int
     return doc, pos, token_ids, domain, consecutive, per_layer
 
 
+def _keys(doc: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """One int64 per token, (doc, pos) packed so that a token's successor in its document is key + 1."""
+    return (doc.astype(np.int64) << 32) + pos.astype(np.int64)
+
+
+def _is_start(pos: np.ndarray, consecutive: np.ndarray) -> np.ndarray:
+    """[T] bool: the tokens with a predecessor in their document (pos > 0) that is not the row
+    before them in the shard."""
+    start = pos > 0
+    start[1:] &= ~consecutive
+    return start
+
+
+def _start_keys(run: RoutingRun) -> np.ndarray:
+    """Sorted keys of every start of the run (see `_is_start`)."""
+    found = [np.zeros(0, np.int64)]
+    for part in run.parts:
+        table = run.read_columns("tokens", part, ["doc", "pos"])
+        doc, pos = table["doc"].to_numpy(), table["pos"].to_numpy()
+        consecutive = (doc[1:] == doc[:-1]) & (pos[1:] == pos[:-1] + 1)
+        found.append(_keys(doc, pos)[_is_start(pos, consecutive)])
+    return np.unique(np.concatenate(found))
+
+
 @dataclass
 class RoutingStats:
     """Every statistic of one routing run; `save_routing_stats` writes them as RUN_DIR/analyses/."""
@@ -262,16 +286,24 @@ def compute_routing_stats(run_dir: str | Path, *, checkpoint: str | Path | None 
     pool = ThreadPoolExecutor(max_workers=max(1, min(len(run.layers), os.cpu_count() or 1)))
     from deepseemoe.progress import track
 
-    # a document can run on from one shard into another (route cuts shards between batches, and ranks
-    # write shards of their own): each shard's first and last token are kept, and those that are
-    # consecutive tokens of one document are paired after the pass — any sharding, the same statistics
-    firsts: dict[tuple[int, int], tuple[int, int, dict]] = {}  # (doc, pos) -> (shard, token id, experts per layer)
-    lasts: dict[tuple[int, int], tuple[int, dict]] = {}  # (doc, pos + 1) -> (shard, experts per layer)
-    for index, part in enumerate(track(run.parts, "routing statistics", disable=not progress, unit="shards")):
+    # a document can run on from one shard into another (route cuts shards between batches), and under
+    # torchrun a rank's shard holds every N-th batch, so consecutive tokens of a document can also sit
+    # apart inside one shard: every token whose predecessor is not the row before it ("a start") is
+    # kept, with the tokens whose successor is such a start ("an end"), and they are paired after the
+    # pass — any sharding, any number of ranks, the same statistics. A pre-pass over (doc, pos) finds
+    # the starts, so only the ends that will be paired are kept (about one per batch, not one per document).
+    start_keys = _start_keys(run)
+    starts: dict[int, tuple[int, dict]] = {}  # key -> (token id, experts [1, K] per layer)
+    ends: dict[int, dict] = {}  # key of the successor -> experts [1, K] per layer
+    for part in track(run.parts, "routing statistics", disable=not progress, unit="shards"):
         doc, pos, token_ids, domain, consecutive, per_layer = _shard_arrays(run, part, domain_codes, V)
-        if len(doc):
-            firsts[int(doc[0]), int(pos[0])] = (index, int(token_ids[0]), {la: e[:1] for la, (e, _) in per_layer.items()})
-            lasts[int(doc[-1]), int(pos[-1]) + 1] = (index, {la: e[-1:] for la, (e, _) in per_layer.items()})
+        keys = _keys(doc, pos)
+        for i in np.nonzero(_is_start(pos, consecutive))[0]:
+            starts[int(keys[i])] = (int(token_ids[i]), {la: e[i:i + 1] for la, (e, _) in per_layer.items()})
+        last = np.ones(len(doc), bool)
+        last[:-1] = ~consecutive
+        for i in np.nonzero(last & np.isin(keys + 1, start_keys))[0]:
+            ends[int(keys[i]) + 1] = {la: e[i:i + 1] for la, (e, _) in per_layer.items()}
         cls = cls_of[token_ids]
         # numpy releases the GIL in bincount and friends: one thread per core over the layers
         shared = (token_ids, cls, domain, consecutive)
@@ -282,12 +314,12 @@ def compute_routing_stats(run_dir: str | Path, *, checkpoint: str | Path | None 
                                 table.shape)
 
     pool.shutdown()
-    for key, (shard, earlier) in lasts.items():
-        later = firsts.get(key)
-        if later is not None and later[0] != shard:
+    for key, earlier in ends.items():
+        later = starts.get(key)
+        if later is not None:
             for layer in run.layers:
-                a, b = earlier[layer], later[2][layer]
-                _add_pairs(counts[layer], a, b, np.array([later[1]], np.int64), _expert_sets(a, counts[layer].E),
+                a, b = earlier[layer], later[1][layer]
+                _add_pairs(counts[layer], a, b, np.array([later[0]], np.int64), _expert_sets(a, counts[layer].E),
                            _expert_sets(b, counts[layer].E))
     names = {code: name for name, code in domain_codes.items()}
     summary: dict = {"tokens": counts[run.layers[0]].tokens, "layers": {}, "notes": [],

@@ -64,15 +64,16 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def recover(run_dir: Path) -> None:
-    """Under the lock: finish what a writer killed mid-swap left, and drop its staging folder."""
+def recover(run_dir: Path, keep_staging: bool = False) -> None:
+    """Under the lock: finish what a writer killed mid-swap left, and drop its staging folder
+    (unless the caller resumes from it)."""
     old, staging = sidecar(run_dir, "old"), sidecar(run_dir, "staging")
     if old.exists():
         if run_dir.exists():
             shutil.rmtree(old)  # the new run was already in place
         else:
             os.rename(old, run_dir)  # killed between the two renames: the old run comes back
-    if staging.exists():
+    if staging.exists() and not keep_staging:
         shutil.rmtree(staging)
 
 

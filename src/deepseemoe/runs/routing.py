@@ -34,15 +34,17 @@ from pathlib import Path
 
 import numpy as np
 
-from deepseemoe.errors import DeepSeeMoEError, keep
+from deepseemoe.distributed import World
+from deepseemoe.errors import DeepSeeMoEError, ReportedByRankZero, keep
 from deepseemoe.runs.atomic import atomic_path, atomic_write_json, atomic_write_table
 from deepseemoe.runs.lock import recover, run_lock, sidecar, swap_in
 from deepseemoe.runs.manifest import NAME as MANIFEST
-from deepseemoe.runs.manifest import Manifest
+from deepseemoe.runs.manifest import FileEntry, Manifest, sha256_file
 
 KIND = "routing"
 ANALYSES = "analyses"
 ANALYSES_KIND = "routing-analyses"
+PROGRESS = "progress"  # in the staging folder only: each rank's finished shards, for --resume
 TOKENS_SCHEMA = {"doc": "int64", "pos": "int32", "token_id": "int32", "token": "string", "domain": "string",
                  "piece": "string"}
 ROUTING_SCHEMA = {"doc": "int64", "pos": "int32", "layer": "int16", "rank": "int8", "expert": "int16",
@@ -56,15 +58,22 @@ def arrow_schema(fields: dict[str, str]):
 
 
 class ShardWriter:
-    """Buffers routing rows and flushes them to numbered parquet shards in `folder`."""
+    """Buffers routing rows and flushes them to numbered parquet shards in `folder`.
 
-    def __init__(self, folder: Path, shard_tokens: int = 1_000_000, logits: bool = False, buffer_gb: float = 2.0):
+    Under torchrun each rank has its own writer on the one staging folder, its shards named
+    `part-NNNNN-rRRR` (one process: `part-NNNNN`). After every shard it records its progress
+    (`progress/rank-RRR.json`: the files written with their checksums, the next batch of the packed
+    stream, the settings), so that `route --resume` keeps what a killed run finished."""
+
+    def __init__(self, folder: Path, shard_tokens: int = 1_000_000, logits: bool = False, buffer_gb: float = 2.0,
+                 *, rank: int = 0, world: int = 1, settings: dict | None = None, resumed: dict | None = None):
         self.folder = folder
         self.shard_tokens = shard_tokens
         self.logits = logits
         # a shard also closes early when its buffer would pass this: memory does not grow with
         # --shard-tokens (statistics do not depend on where shards end: routing/stats.py)
         self.buffer_bytes = buffer_gb * 1e9
+        self.rank, self.world, self.settings = rank, world, settings
         self._bytes = 0
         self._tokens: list[dict[str, np.ndarray]] = []
         self._matrix: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}  # layer -> [(experts, weights)]
@@ -72,14 +81,32 @@ class ShardWriter:
         self._buffered = 0
         self.shard = 0
         self.total_tokens = 0
-        self.rows: dict[str, int] = {}  # relative path -> rows, for the manifest
+        self.next_batch = 0  # the first batch of the packed stream not yet in a finished shard
+        self._pending_batch = 0  # the same, counting the batches in the buffer
+        self.entries: dict[str, FileEntry] = {}  # relative path -> size, checksum, rows: the manifest's lines
+        if resumed:
+            self.shard, self.total_tokens = int(resumed["shard"]), int(resumed["tokens"])
+            self.next_batch = self._pending_batch = int(resumed["next_batch"])
+            self.entries = {rel: FileEntry(int(e["bytes"]), str(e["sha256"]), e.get("rows"))
+                            for rel, e in resumed["files"].items()}
+
+    @property
+    def progress_path(self) -> Path:
+        return self.folder / PROGRESS / f"rank-{self.rank:03d}.json"
+
+    def _name(self) -> str:
+        return f"part-{self.shard:05d}.parquet" if self.world == 1 else f"part-{self.shard:05d}-r{self.rank:03d}.parquet"
 
     def add(self, doc: np.ndarray, pos: np.ndarray, token_id: np.ndarray, token: list[str],
             domain: list[str | None], idx: dict[int, np.ndarray], weights: dict[int, np.ndarray],
-            logits: dict[int, np.ndarray] | None = None, pieces: list[str] | None = None) -> None:
+            logits: dict[int, np.ndarray] | None = None, pieces: list[str] | None = None,
+            batch: int | None = None) -> None:
         """One batch of T kept tokens: doc/pos/token_id [T], their texts `token` and symbols `pieces`
-        (default: the texts), idx/weights {layer: [T, K]}."""
+        (default: the texts), idx/weights {layer: [T, K]}; `batch` is its index in the packed stream
+        (what `--resume` skips once the batch is in a finished shard)."""
         T = len(doc)
+        if batch is not None:
+            self._pending_batch = batch + 1
         self._tokens.append({"doc": doc.astype(np.int64), "pos": pos.astype(np.int32),
                              "token_id": token_id.astype(np.int32), "token": np.asarray(token, dtype=object),
                              "domain": np.asarray(domain, dtype=object),
@@ -111,7 +138,7 @@ class ShardWriter:
 
         if not self._buffered:
             return
-        name = f"part-{self.shard:05d}.parquet"
+        name = self._name()
         tables = {"tokens": pa.Table.from_pydict(_concat(self._tokens), schema=arrow_schema(TOKENS_SCHEMA))}
         self._write_routing(self.folder / "routing" / name)
         if self._logits:
@@ -121,7 +148,7 @@ class ShardWriter:
             tables["logits"] = pa.table(parts)
         for sub, table in tables.items():
             atomic_write_table(self.folder / sub / name, table)
-            self.rows[f"{sub}/{name}"] = table.num_rows
+            self._entry(f"{sub}/{name}", table.num_rows)
         arrays = {}
         for layer in sorted(self._matrix):  # each layer's batches joined, then let go: one copy at a time
             chunks = self._matrix.pop(layer)
@@ -134,9 +161,21 @@ class ShardWriter:
             from safetensors.numpy import save_file
 
             save_file(arrays, str(tmp))
-        self.rows[f"matrix/{mname}"] = tables["tokens"].num_rows
+        self._entry(f"matrix/{mname}", tables["tokens"].num_rows)
         self._tokens, self._logits, self._buffered, self._bytes = [], [], 0, 0
         self.shard += 1
+        self.next_batch = self._pending_batch
+        if self.settings is not None:
+            atomic_write_json(self.progress_path, {
+                "settings": self.settings, "rank": self.rank, "world": self.world, "shard": self.shard,
+                "tokens": self.total_tokens, "next_batch": self.next_batch,
+                "files": {rel: {k: v for k, v in vars(e).items() if v is not None} for rel, e in self.entries.items()}})
+
+    def _entry(self, rel: str, rows: int) -> None:
+        """The manifest line of a file just written, hashed while it is still in the page cache
+        (each rank hashes its own files; the commit does not read them again)."""
+        path = self.folder / rel
+        self.entries[rel] = FileEntry(path.stat().st_size, sha256_file(path), rows)
 
     def _write_routing(self, path: Path) -> None:
         """The shard's long routing table, layer-major (each layer one contiguous, token-ordered range
@@ -156,7 +195,7 @@ class ShardWriter:
                         "layer": np.full(T * K, layer, np.int16), "rank": np.tile(np.arange(K, dtype=np.int8), T),
                         "expert": e.reshape(-1), "weight": w.reshape(-1)}, schema=schema))
                     rows += T * K
-        self.rows[f"routing/{path.name}"] = rows
+        self._entry(f"routing/{path.name}", rows)
 
 
 def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -175,58 +214,187 @@ def _is_replaceable(path: Path) -> bool:
 class RoutingRunWriter:
     """Write a routing run: `with RoutingRunWriter(out) as w: w.add(...); w.commit(meta)`.
 
-    Holds the run's lock from enter to exit; rows go to `.NAME.staging`; `commit` writes run.json
-    and the manifest there and swaps the folder in. Leaving the block without `commit` (an error,
-    Ctrl-C) removes the staging folder and leaves any old run untouched."""
+    Rank 0 holds the run's lock from enter to exit; rows go to `.NAME.staging`; `commit` writes
+    run.json and the manifest there and swaps the folder in. Leaving the block without `commit` (an
+    error, Ctrl-C) removes the staging folder and leaves any old run untouched. A process killed
+    outright leaves its finished shards there; with `resume` (and the same `settings`) the next
+    writer keeps them, and `next_batch` says where each rank's packed stream picks up.
+
+    Under torchrun (`world` of N ranks) every rank writes its own shards into the one staging folder
+    (on several machines: a shared file system) and rank 0 commits them all once every rank has
+    finished; a failure on any rank is reported once, by rank 0, naming the rank."""
 
     def __init__(self, run_dir: str | Path, *, overwrite: bool = False, shard_tokens: int = 1_000_000,
-                 logits: bool = False, buffer_gb: float = 2.0):
+                 logits: bool = False, buffer_gb: float = 2.0, world: World | None = None, resume: bool = False,
+                 settings: dict | None = None):
         self.run_dir = Path(run_dir)
         self.overwrite, self.shard_tokens, self.logits, self.buffer_gb = overwrite, shard_tokens, logits, buffer_gb
+        self.world = world or World()
+        self.resume = resume
+        # what the run's content depends on, as JSON reads it back: compared across ranks, and with
+        # the progress an interrupted run recorded before `resume` keeps its shards
+        self.settings = None if settings is None else json.loads(json.dumps(settings, sort_keys=True, default=str))
         self.staging = sidecar(self.run_dir, "staging")
         self.shards: ShardWriter | None = None
         self._lock = None
         self.committed = False
+        self.resumed_tokens = 0  # kept from an interrupted run, all ranks
+        self.run_tokens = 0  # the committed run's tokens, all ranks
 
     def __enter__(self) -> RoutingRunWriter:
+        if self.world.size > 1:
+            self._same_settings_on_every_rank()
+        state, error, failure = None, None, None
+        if self.world.main:
+            try:
+                state = self._open()
+            except BaseException as exc:  # told to the other ranks before it propagates
+                error, failure = exc, str(exc) or type(exc).__name__
+        if self.world.size > 1:
+            failure, state = self.world.gather((failure, state))[0]
+        if error is not None:
+            raise error
+        if failure:
+            raise ReportedByRankZero(failure)
+        state = state or {}
+        self.resumed_tokens = sum(int(rec["tokens"]) for rec in state.values())
+        self.shards = ShardWriter(self.staging, self.shard_tokens, self.logits, self.buffer_gb, rank=self.world.rank,
+                                  world=self.world.size, settings=self.settings, resumed=state.get(self.world.rank))
+        return self
+
+    def _same_settings_on_every_rank(self) -> None:
+        every = self.world.gather(self.settings)
+        for rank, theirs in enumerate(every):
+            if theirs != every[0]:
+                keys = [k for k in sorted(set(theirs or {}) | set(every[0] or {}))
+                        if (theirs or {}).get(k) != (every[0] or {}).get(k)]
+                diff = "; ".join(f"{k}: {(every[0] or {}).get(k)} on rank 0, {(theirs or {}).get(k)} on rank {rank}"
+                                 for k in keys[:3])
+                message = (f"rank {rank} was started with other settings than rank 0 ({diff}); start every rank "
+                           "with the same command")
+                if self.world.main:
+                    raise DeepSeeMoEError(message)
+                raise ReportedByRankZero(message)
+
+    def _open(self) -> dict[int, dict] | None:
+        """Rank 0: take the lock, check the folder, and prepare the staging folder (new, or the one
+        an interrupted run left when resuming); the kept progress of each rank, or None."""
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise DeepSeeMoEError(f"--out {self.run_dir} is a file; give a folder for the run")
         self._lock = run_lock(self.run_dir)
         self._lock.__enter__()
         try:
-            recover(self.run_dir)
+            recover(self.run_dir, keep_staging=self.resume)
             if self.run_dir.exists() and any(self.run_dir.iterdir()):
                 if not _is_replaceable(self.run_dir):
                     raise DeepSeeMoEError(f"{self.run_dir} exists and is not a routing run; choose another --out")
                 if not self.overwrite:
                     raise DeepSeeMoEError(f"{self.run_dir} already holds a routing run; pass --overwrite to replace "
                                           "it (the old run stays until the new one is complete) or choose another --out")
-            self.staging.mkdir(parents=True)
-            self.shards = ShardWriter(self.staging, self.shard_tokens, self.logits, self.buffer_gb)
+            state = self._kept_progress() if self.resume else None
+            if state is None:
+                shutil.rmtree(self.staging, ignore_errors=True)
+                self.staging.mkdir(parents=True)
             old = "the routing run already in it is unchanged" if self.run_dir.exists() else "it holds nothing"
             keep("route", f"nothing of the new run in {self.run_dir} is kept; {old}")
         except BaseException:
             self._lock.__exit__(None, None, None)
+            self._lock = None
             raise
-        return self
+        return state
+
+    def _kept_progress(self) -> dict[int, dict] | None:
+        """What an interrupted run finished, checked: every rank's record written with the same
+        settings, every file it lists whole; the files it does not list (a shard being written
+        when the process died) are removed. None when there is nothing to keep."""
+        records = sorted((self.staging / PROGRESS).glob("rank-*.json")) if self.staging.is_dir() else []
+        if not records:
+            return None
+        state: dict[int, dict] = {}
+        for path in records:
+            try:
+                rec = json.loads(path.read_text())
+                theirs, rank, files = rec["settings"], int(rec["rank"]), rec["files"]
+            except (ValueError, KeyError, TypeError):
+                raise DeepSeeMoEError(f"{path}, the progress of the interrupted run, is damaged; rerun without "
+                                      "--resume to start over") from None
+            if theirs != self.settings:
+                keys = [k for k in sorted(set(theirs or {}) | set(self.settings or {}))
+                        if (theirs or {}).get(k) != (self.settings or {}).get(k)]
+                diff = "; ".join(f"{k}: {(theirs or {}).get(k)} then, {(self.settings or {}).get(k)} now"
+                                 for k in keys[:3])
+                raise DeepSeeMoEError(f"the interrupted run in {self.staging} was started with other settings "
+                                      f"({diff}); resume it with its own settings, or rerun without --resume to "
+                                      "start over")
+            for rel, entry in files.items():
+                file = self.staging / rel
+                if not file.is_file() or file.stat().st_size != entry["bytes"] or sha256_file(file) != entry["sha256"]:
+                    raise DeepSeeMoEError(f"{file}, kept from the interrupted run, is missing or damaged; rerun "
+                                          "without --resume to start over")
+            state[rank] = rec
+        listed = {rel for rec in state.values() for rel in rec["files"]}
+        for sub in ("tokens", "routing", "matrix", "logits"):
+            for file in sorted((self.staging / sub).glob("*")) if (self.staging / sub).is_dir() else []:
+                if f"{sub}/{file.name}" not in listed:
+                    file.unlink()
+        return state
 
     def add(self, *args, **kwargs) -> None:
         self.shards.add(*args, **kwargs)
 
     @property
     def total_tokens(self) -> int:
+        """Tokens of this rank's shards (kept ones included)."""
         return self.shards.total_tokens
 
-    def commit(self, meta: dict) -> str:
-        """Finish the run with `meta` as run.json (must hold the MoE layout); returns the manifest's sha256."""
+    @property
+    def next_batch(self) -> int:
+        """The first batch of the packed stream this rank has not written yet (0 unless resuming)."""
+        return self.shards.next_batch
+
+    def commit(self, meta: dict, *, failure: str | None = None, batches: int | None = None) -> str | None:
+        """Finish the run with `meta` as run.json (must hold the MoE layout); returns the manifest's
+        sha256 on rank 0. Every rank calls it, with the `failure` it met (under torchrun a rank's
+        error is carried here rather than raised, so no rank waits on one that left) and the number
+        of `batches` the packed stream held."""
         if "moe_layers" not in meta:
             raise ValueError("run.json needs the MoE layout (moe_layers)")
-        self.shards.flush()
-        atomic_write_json(self.staging / "run.json", {**meta, "tokens": self.shards.total_tokens,
-                                                      "shards": self.shards.shard})
+        if failure is None:
+            try:
+                self.shards.flush()
+            except BaseException as exc:
+                if self.world.size == 1:
+                    raise
+                failure = describe_failure(exc)
+        self.world.agree(failure)
+        reports = self.world.gather((self.shards.entries, self.shards.total_tokens, self.shards.shard, batches))
+        self.run_tokens = sum(r[1] for r in reports)
+        digest, error = None, None
+        if self.world.main:
+            try:
+                digest = self._write(meta, reports)
+            except BaseException as exc:
+                error = exc
+        if self.world.size > 1:
+            self.world.agree(None if error is None else (str(error) or type(error).__name__))
+        if error is not None:
+            raise error
+        return digest
+
+    def _write(self, meta: dict, reports: list[tuple]) -> str:
+        seen = max((r[3] for r in reports if r[3] is not None), default=None)
+        if self.world.size > 1 and seen is not None and seen < self.world.size:
+            raise DeepSeeMoEError(f"{self.world.size} ranks were started but the data fills only {seen} batch(es) of "
+                                  f"contexts; start at most {max(seen, 1)} (torchrun --nproc-per-node) or lower "
+                                  "--batch-size")
+        tokens = sum(r[1] for r in reports)
+        extra = {"world_size": self.world.size} if self.world.size > 1 else {}
+        atomic_write_json(self.staging / "run.json", {**meta, **extra, "tokens": tokens,
+                                                      "shards": sum(r[2] for r in reports)})
+        shutil.rmtree(self.staging / PROGRESS, ignore_errors=True)  # the run is complete: nothing to resume
         manifest = Manifest(KIND)
-        for rel, rows in sorted(self.shards.rows.items()):
-            manifest.add(self.staging, rel, rows)
+        for entries, *_ in reports:
+            manifest.files.update(entries)
         manifest.add(self.staging, "run.json")
         digest = manifest.write(self.staging)
         swap_in(self.staging, self.run_dir)
@@ -235,11 +403,24 @@ class RoutingRunWriter:
         return digest
 
     def __exit__(self, *exc) -> None:
+        if self._lock is None:  # another rank, or refused before the lock
+            return
         try:
             if not self.committed and self.staging.exists():
                 shutil.rmtree(self.staging, ignore_errors=True)
         finally:
             self._lock.__exit__(None, None, None)
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line for an exception a rank met, as the CLI would print it."""
+    if isinstance(exc, DeepSeeMoEError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        where = f" {exc.filename}" if exc.filename else ""
+        return f"cannot use{where}: {exc.strerror or exc}; check the path, its permissions and the free space"
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    return f"internal error ({type(exc).__name__}: {first}); rerun with --debug for the traceback and please report it"
 
 
 @dataclass
