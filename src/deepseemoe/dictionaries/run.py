@@ -21,6 +21,7 @@ from deepseemoe.dictionaries.formats import save_circuit_tracer, save_native, sa
 from deepseemoe.dictionaries.spec import CoderSpec, RunSpec
 from deepseemoe.dictionaries.stream import model_stream
 from deepseemoe.dictionaries.trainer import CoderTrainer
+from deepseemoe.distributed import join
 from deepseemoe.errors import DeepSeeMoEError, keep
 from deepseemoe.models.spec import ModelHandle
 from deepseemoe.runs import stamp
@@ -36,17 +37,6 @@ class TrainResult:
     seconds: float
     final: dict[str, dict]  # coder name -> last metrics
     exhausted: bool  # the corpus ran out before the token budget
-
-
-def _init_distributed() -> tuple[int, int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, 0
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def load_for_run(spec: RunSpec, device: str | None, *, trust_remote_code: bool = False) -> ModelHandle:
@@ -273,7 +263,8 @@ def train_run(spec: RunSpec, *, resume: bool = False, progress: bool = True,
               trust_remote_code: bool = False) -> TrainResult:
     import time
 
-    rank, world, local_rank = _init_distributed()
+    place = join()
+    rank, world, local_rank = place.rank, place.size, place.local_rank
     cuda = torch.cuda.is_available()
     model_device = spec.model_device or (f"cuda:{local_rank}" if cuda else "cpu")
     coder_device = spec.coder_device or model_device
@@ -399,10 +390,6 @@ def train_run(spec: RunSpec, *, resume: bool = False, progress: bool = True,
                                                                  specs))
     elif rank == 0:
         _export(spec, handle, coders, specs, out, plan)
-    if world > 1:  # leave together: a rank that tears the group down mid-collective aborts the others
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()
+    place.close()
     return TrainResult(out=out, steps=trainer.step, tokens=trainer.tokens, seconds=seconds, final=final,
                        exhausted=trainer.step < spec.max_steps)
