@@ -226,17 +226,6 @@ def _is_start(pos: np.ndarray, consecutive: np.ndarray) -> np.ndarray:
     return start
 
 
-def _start_keys(run: RoutingRun) -> np.ndarray:
-    """Sorted keys of every start of the run (see `_is_start`)."""
-    found = [np.zeros(0, np.int64)]
-    for part in run.parts:
-        table = run.read_columns("tokens", part, ["doc", "pos"])
-        doc, pos = table["doc"].to_numpy(), table["pos"].to_numpy()
-        consecutive = (doc[1:] == doc[:-1]) & (pos[1:] == pos[:-1] + 1)
-        found.append(_keys(doc, pos)[_is_start(pos, consecutive)])
-    return np.unique(np.concatenate(found))
-
-
 @dataclass
 class RoutingStats:
     """Every statistic of one routing run; `save_routing_stats` writes them as RUN_DIR/analyses/."""
@@ -251,17 +240,44 @@ class RoutingStats:
         return self.run.run_dir
 
 
-def _vocab_and_domains(run: RoutingRun) -> tuple[int, dict[int, str], dict[int, str], list[str | None]]:
-    """Vocabulary size, the text and the symbol of every token id seen, and the domains (sorted,
-    None last)."""
-    table = run.tokens(["token_id", "token", "piece", "domain"])
-    ids = table["token_id"].to_numpy().astype(np.int64)
-    uniq, first = np.unique(ids, return_index=True)
-    texts = {int(t): (p or "") for t, p in zip(uniq, table["token"].take(first).to_pylist(), strict=True)}
-    pieces = {int(t): (p or "") for t, p in zip(uniq, table["piece"].take(first).to_pylist(), strict=True)}
-    domains = set(table["domain"].unique().to_pylist())
+@dataclass
+class _Survey:
+    """What one cheap pass over the token tables finds before the counting pass: the vocabulary
+    size, the text and symbol of every token id seen, the domains (sorted, None last) and the keys
+    of every start (`_is_start`, sorted). Read shard by shard: memory grows with the vocabulary and
+    the number of batches, not with the tokens."""
+
+    vocab_size: int
+    texts: dict[int, str]
+    pieces: dict[int, str]
+    domains: list[str | None]
+    start_keys: np.ndarray
+
+
+def _survey(run: RoutingRun) -> _Survey:
+    texts: dict[int, str] = {}
+    pieces: dict[int, str] = {}
+    domains: set[str | None] = set()
+    found = [np.zeros(0, np.int64)]
+    largest = -1
+    for part in run.parts:
+        table = run.read_columns("tokens", part, ["doc", "pos", "token_id", "token", "piece", "domain"])
+        doc, pos = table["doc"].to_numpy(), table["pos"].to_numpy()
+        consecutive = (doc[1:] == doc[:-1]) & (pos[1:] == pos[:-1] + 1)
+        found.append(_keys(doc, pos)[_is_start(pos, consecutive)])
+        ids = table["token_id"].to_numpy().astype(np.int64)
+        uniq, first = np.unique(ids, return_index=True)
+        new = np.array([int(t) not in texts for t in uniq], bool) if len(uniq) else np.zeros(0, bool)
+        if new.any():
+            rows = first[new]
+            for t, text, piece in zip(uniq[new].tolist(), table["token"].take(rows).to_pylist(),
+                                      table["piece"].take(rows).to_pylist(), strict=True):
+                texts[t], pieces[t] = text or "", piece or ""
+        if len(uniq):
+            largest = max(largest, int(uniq[-1]))
+        domains.update(table["domain"].unique().to_pylist())
     ordered = sorted(d for d in domains if d is not None) + ([None] if None in domains else [])
-    return (int(uniq.max()) + 1 if len(uniq) else 1), texts, pieces, ordered
+    return _Survey(largest + 1 if largest >= 0 else 1, texts, pieces, ordered, np.unique(np.concatenate(found)))
 
 
 def compute_routing_stats(run_dir: str | Path, *, checkpoint: str | Path | None = None, min_count: int = 5,
@@ -273,7 +289,8 @@ def compute_routing_stats(run_dir: str | Path, *, checkpoint: str | Path | None 
     run = RoutingRun.open(run_dir)
     if not trust:
         run.verify_all()
-    V, texts, pieces, domain_names = _vocab_and_domains(run)
+    survey = _survey(run)
+    V, texts, pieces, domain_names = survey.vocab_size, survey.texts, survey.pieces, survey.domains
     cls_of = np.full(V, TOKEN_CLASSES.index("other"), np.int64)
     for t, p in pieces.items():
         cls_of[t] = token_class(p)
@@ -292,7 +309,7 @@ def compute_routing_stats(run_dir: str | Path, *, checkpoint: str | Path | None 
     # kept, with the tokens whose successor is such a start ("an end"), and they are paired after the
     # pass — any sharding, any number of ranks, the same statistics. A pre-pass over (doc, pos) finds
     # the starts, so only the ends that will be paired are kept (about one per batch, not one per document).
-    start_keys = _start_keys(run)
+    start_keys = survey.start_keys
     starts: dict[int, tuple[int, dict]] = {}  # key -> (token id, experts [1, K] per layer)
     ends: dict[int, dict] = {}  # key of the successor -> experts [1, K] per layer
     for part in track(run.parts, "routing statistics", disable=not progress, unit="shards"):
