@@ -73,6 +73,7 @@ def register(app: typer.Typer) -> None:
             return
         kept = f", {result.resumed_tokens:,} of them kept from the interrupted run" if result.resumed_tokens else ""
         ranks = f" on {world.size} ranks" if world.size > 1 else ""
+        gpu = f", peak GPU memory {result.peak_gpu_gb:.1f} GB" if result.peak_gpu_gb is not None else ""
         out_console().print(f"[green]routed {result.tokens:,} tokens[/]{kept} through {len(result.layers)} MoE layers"
-                            f"{ranks} in {result.seconds:.1f}s ({result.tokens_per_second:,.0f} tok/s) → "
+                            f"{ranks} in {result.seconds:.1f}s ({result.tokens_per_second:,.0f} tok/s{gpu}) → "
                             f"{result.run_dir}")

@@ -29,6 +29,7 @@ class RouteResult:
     seconds: float
     layers: list[int]
     resumed_tokens: int = 0  # of `tokens`, kept from an interrupted run (`--resume`)
+    peak_gpu_gb: float | None = None  # this process's peak CUDA memory, when the model is on a GPU
 
     @property
     def tokens_per_second(self) -> float:
@@ -140,4 +141,11 @@ def route_corpus(handle: ModelHandle, source: TextSource, run_dir: str | Path, *
                 "max_tokens": max_tokens, "exclude_bos": exclude_bos, "logits": logits,
                 "seconds": round(seconds, 3), "versions": versions(), **(extra or {})}
         writer.commit(meta, failure=failure, batches=seen)
-    return RouteResult(run_dir, writer.run_tokens, seconds, layers, resumed_tokens=writer.resumed_tokens)
+    device = next(handle.model.parameters()).device
+    peak = None
+    if device.type == "cuda":
+        import torch
+
+        peak = torch.cuda.max_memory_allocated(device) / 1e9
+    return RouteResult(run_dir, writer.run_tokens, seconds, layers, resumed_tokens=writer.resumed_tokens,
+                       peak_gpu_gb=peak)

@@ -316,11 +316,12 @@ def compute_routing_stats(run_dir: str | Path, *, checkpoint: str | Path | None 
         doc, pos, token_ids, domain, consecutive, per_layer = _shard_arrays(run, part, domain_codes, V)
         keys = _keys(doc, pos)
         for i in np.nonzero(_is_start(pos, consecutive))[0]:
-            starts[int(keys[i])] = (int(token_ids[i]), {la: e[i:i + 1] for la, (e, _) in per_layer.items()})
+            # copies: a view would keep the whole shard's routing alive for the rest of the pass
+            starts[int(keys[i])] = (int(token_ids[i]), {la: e[i:i + 1].copy() for la, (e, _) in per_layer.items()})
         last = np.ones(len(doc), bool)
         last[:-1] = ~consecutive
         for i in np.nonzero(last & np.isin(keys + 1, start_keys))[0]:
-            ends[int(keys[i]) + 1] = {la: e[i:i + 1] for la, (e, _) in per_layer.items()}
+            ends[int(keys[i]) + 1] = {la: e[i:i + 1].copy() for la, (e, _) in per_layer.items()}
         cls = cls_of[token_ids]
         # numpy releases the GIL in bincount and friends: one thread per core over the layers
         shared = (token_ids, cls, domain, consecutive)
@@ -329,6 +330,8 @@ def compute_routing_stats(run_dir: str | Path, *, checkpoint: str | Path | None 
         for (a, b), table in transitions.items():
             table += _bincount2(per_layer[a][0][:, 0].astype(np.int64), per_layer[b][0][:, 0].astype(np.int64),
                                 table.shape)
+        # this shard's arrays go before the next shard is read: one shard in memory at a time
+        del doc, pos, token_ids, domain, consecutive, per_layer, keys, cls, shared
 
     pool.shutdown()
     for key, earlier in ends.items():
