@@ -213,3 +213,37 @@ def test_resume_in_one_process_and_its_refusals(cli, tiny_olmoe_dir, corpus, sin
     # nothing to resume: a plain route from the start
     again = cli("route", *base, "--out", str(tmp_path / "fresh"), *ROUTE, "--resume")
     assert again.code == 0 and "kept" not in again.out
+
+
+def test_documents_split_reads_each_document_once(tiny_olmoe_dir, corpus, single, tmp_path):
+    """--rank-split documents: each rank packs only its own documents. The run holds every document
+    once, with the ids and tokens one process gives; the routing differs only through the contexts."""
+    out = tmp_path / "run"
+    proc = _torchrun([tiny_olmoe_dir, "--data", corpus, "--out", out, *ROUTE, "--rank-split", "documents"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _tokens(out) == _tokens(single)
+    assert len(_rows(out)) == len(_rows(single))
+    by_rank = duckdb.sql(f"SELECT DISTINCT doc, regexp_extract(filename, '-r(\\d+)', 1) AS rank "
+                         f"FROM read_parquet('{out}/tokens/*.parquet', filename = true)").fetchall()
+    assert all(doc % 2 == int(rank) for doc, rank in by_rank)  # rank r read documents r, r + 2, …
+    assert json.loads((out / "run.json").read_text())["rank_split"] == "documents"
+
+
+def test_a_streamed_source_is_split_by_datasets(tmp_path):
+    """`hf:` sources: datasets' own split of the stream — disjoint shares that together are the whole
+    stream, unique ids, no rank reading another's share."""
+    from deepseemoe.data.sources import TextSource, iter_documents
+
+    files = []
+    for f in range(4):  # four files: whole files per rank when the ranks divide them
+        path = tmp_path / f"shard_{f}.jsonl"
+        path.write_text("".join(json.dumps({"text": f"file {f} doc {d}"}) + "\n" for d in range(5)))
+        files.append(str(path))
+    for data_files in (",".join(files[:4]), files[0]):  # 4 files over 2 ranks, and 1 file (every 2nd record)
+        source = TextSource("hf:json", data_files=data_files.split(",") if "," in data_files else data_files)
+        whole = [d.text for d in iter_documents(source)]
+        parts = [list(iter_documents(source, part=(r, 2))) for r in range(2)]
+        texts = [d.text for p in parts for d in p]
+        assert sorted(texts) == sorted(whole) and len(texts) == len(set(texts)) and all(parts)
+        ids = [d.doc_id for p in parts for d in p]
+        assert len(set(ids)) == len(ids) and all(d.doc_id % 2 == r for r, p in enumerate(parts) for d in p)

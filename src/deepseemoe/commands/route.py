@@ -41,6 +41,10 @@ def register(app: typer.Typer) -> None:
                                         "closes at --shard-tokens or at this, whichever comes first."),
         overwrite: bool = typer.Option(False, help="Replace the routing run in --out (kept until the new one is "
                                                    "complete)."),
+        rank_split: str = typer.Option("contexts", help="Under torchrun: contexts (every rank packs the same "
+                                       "contexts and routes every N-th batch: the routing of one process) or "
+                                       "documents (each rank reads only its share of the documents: a streamed "
+                                       "source is not read N times; contexts differ from one process's)."),
         resume: bool = typer.Option(False, help="Keep the shards a killed run of the same command finished and route "
                                                 "only the rest."),
         trust_remote_code: bool = trust_remote_code_option(),
@@ -56,6 +60,10 @@ def register(app: typer.Typer) -> None:
         from deepseemoe.progress import out_console
         from deepseemoe.routing.route import route_corpus
 
+        if rank_split not in ("contexts", "documents"):
+            from deepseemoe.errors import DeepSeeMoEError
+
+            raise DeepSeeMoEError(f"--rank-split {rank_split} is not one of contexts, documents")
         if not data.startswith("hf:"):
             resolve_files(data)  # fail on a bad path before spending time on the model
         world = join("gloo")  # the ranks exchange only small records; each forward stays on its own device
@@ -67,7 +75,7 @@ def register(app: typer.Typer) -> None:
         result = route_corpus(handle, source, out, ctx_len=ctx_len, batch_size=batch_size, max_tokens=max_tokens,
                               logits=logits, exclude_bos=not keep_bos, extra={"seed": seed},
                               overwrite=overwrite, shard_tokens=shard_tokens, buffer_gb=buffer_gb, resume=resume,
-                              world=world)
+                              world=world, rank_split=rank_split)
         world.close()
         if not world.main:
             return

@@ -123,7 +123,7 @@ def _records(path: Path) -> Iterator[dict]:
         raise DeepSeeMoEError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
 
 
-def _hf_records(source: TextSource) -> Iterator[dict]:
+def _hf_records(source: TextSource, part: tuple[int, int] | None = None) -> Iterator[dict]:
     import datasets
 
     name = source.spec.removeprefix("hf:")
@@ -134,16 +134,44 @@ def _hf_records(source: TextSource) -> Iterator[dict]:
         raise DeepSeeMoEError(f"cannot open dataset {name!r} (split {source.split!r}): "
                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
                               "check the name, or use local files when the hub is unreachable") from None
+    if part is not None:
+        from datasets.distributed import split_dataset_by_node
+
+        # datasets' own split: whole files per rank when their number divides by the ranks (each
+        # rank downloads only its own), else every rank-th record
+        ds = split_dataset_by_node(ds, rank=part[0], world_size=part[1])
     yield from ds
 
 
 INTERLEAVE_WINDOW = 20_000
 
 
-def iter_documents(source: TextSource) -> Iterator[Document]:
+def iter_documents(source: TextSource, part: tuple[int, int] | None = None) -> Iterator[Document]:
     """The source's documents after the length filters, up to `max_docs` (interleaved by domain
-    when the source asks for it)."""
-    docs = _filtered_documents(source)
+    when the source asks for it).
+
+    `part=(rank, ranks)`: this rank's share of the documents, disjoint from the other ranks' and
+    together all of them. Local files: every ranks-th document, ids as without `part` (each rank
+    reads the files; only its own documents go on). Streams (`hf:`): datasets' own split of the
+    stream, so a rank reads only its share; ids are the rank's own count × ranks + rank (unique,
+    and the same on a rerun with as many ranks), `max_docs` a share of ⌈max_docs / ranks⌉."""
+    if part is None:
+        yield from _iter_documents(source, None)
+        return
+    rank, ranks = part
+    if source.spec.startswith("hf:"):
+        if source.max_docs is not None:
+            source = replace(source, max_docs=-(-source.max_docs // ranks))
+        for d in _iter_documents(source, part):
+            yield replace(d, doc_id=d.doc_id * ranks + rank)
+        return
+    for d in _iter_documents(source, None):
+        if d.doc_id % ranks == rank:
+            yield d
+
+
+def _iter_documents(source: TextSource, part: tuple[int, int] | None) -> Iterator[Document]:
+    docs = _filtered_documents(source, part)
     if not source.interleave_domains:
         yield from docs
         return
@@ -162,9 +190,9 @@ def iter_documents(source: TextSource) -> Iterator[Document]:
                     kept += 1
 
 
-def _filtered_documents(source: TextSource) -> Iterator[Document]:
+def _filtered_documents(source: TextSource, part: tuple[int, int] | None = None) -> Iterator[Document]:
     if source.spec.startswith("hf:"):
-        streams = [(source.spec.removeprefix("hf:"), _hf_records(source))]
+        streams = [(source.spec.removeprefix("hf:"), _hf_records(source, part))]
     else:
         files = resolve_files(source.spec)
         if source.shuffle:

@@ -71,17 +71,25 @@ def route_corpus(handle: ModelHandle, source: TextSource, run_dir: str | Path, *
                  batch_size: int = 8, max_tokens: int | None = None, logits: bool = False,
                  exclude_bos: bool = True, shard_tokens: int = 1_000_000, progress: bool = True,
                  extra: dict | None = None, overwrite: bool = False, buffer_gb: float = 2.0,
-                 resume: bool = False, world: World | None = None) -> RouteResult:
+                 resume: bool = False, world: World | None = None, rank_split: str = "contexts") -> RouteResult:
     """Capture the routing of every kept token of `source` in every MoE layer into `run_dir`.
 
     The run appears whole or not at all; an existing routing run there is replaced (only with
     `overwrite`) when the new one is complete. `resume` keeps the shards a killed run finished
     (with the same settings) and routes only the rest.
 
-    Under torchrun (`world` of N ranks) every rank packs the same stream of contexts and routes
-    every N-th batch of it, so each forward pass is the one a single process would run: the run
-    holds the same tokens, routing and weights per (doc, pos) as with one process, in other shards."""
+    Under torchrun (`world` of N ranks), `rank_split="contexts"`: every rank packs the same stream of
+    contexts and routes every N-th batch of it, so each forward pass is the one a single process
+    would run: the run holds the same tokens, routing and weights per (doc, pos) as with one
+    process, in other shards. `rank_split="documents"`: each rank reads only its share of the
+    documents (`iter_documents(part=…)`; a streamed source is split by datasets, so no rank
+    downloads the others' share) and packs its own contexts: the same tokens per document, but
+    documents share contexts with other neighbours than in one process, so routing, which depends
+    on the context through attention, differs. `max_tokens` is then a total, ⌈max_tokens / N⌉ a rank."""
     world = world or World()
+    if rank_split not in ("contexts", "documents"):
+        raise DeepSeeMoEError(f"--rank-split {rank_split} is not one of contexts, documents")
+    by_documents = rank_split == "documents" and world.size > 1
     if not handle.is_moe:
         raise DeepSeeMoEError(f"{handle.name} has no MoE layers, so there is no routing to record; "
                               "use a Mixture-of-Experts model")
@@ -92,10 +100,13 @@ def route_corpus(handle: ModelHandle, source: TextSource, run_dir: str | Path, *
     layers = sorted(handle.moe_layers)
     recorder = RoutingRecorder(layers, logits=logits)
     tokenizer = handle.tokenizer
-    batches = pack_documents(tokenizer, iter_documents(source), ctx_len=ctx_len, batch_size=batch_size,
-                             max_tokens=max_tokens)
-    settings = route_settings(handle, source, run_dir, ctx_len=ctx_len, batch_size=batch_size, max_tokens=max_tokens,
-                              logits=logits, exclude_bos=exclude_bos, world=world)
+    share = None if max_tokens is None else -(-max_tokens // world.size)
+    documents = iter_documents(source, part=(world.rank, world.size)) if by_documents else iter_documents(source)
+    batches = pack_documents(tokenizer, documents, ctx_len=ctx_len, batch_size=batch_size,
+                             max_tokens=share if by_documents else max_tokens)
+    settings = {**route_settings(handle, source, run_dir, ctx_len=ctx_len, batch_size=batch_size,
+                                 max_tokens=max_tokens, logits=logits, exclude_bos=exclude_bos, world=world),
+                "rank_split": rank_split}
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     label = "routing" if world.size == 1 else f"routing (rank 0 of {world.size}, its share)"
@@ -106,13 +117,12 @@ def route_corpus(handle: ModelHandle, source: TextSource, run_dir: str | Path, *
             Progress(*columns, disable=not (progress and world.main), transient=False) as bar:
         start = time.perf_counter()
         kept = writer.total_tokens  # this rank's tokens kept from an interrupted run
-        share = None if max_tokens is None else -(-max_tokens // world.size)
         task = bar.add_task("route", total=share, completed=kept, rate=0.0)
         failure, seen = None, 0
         try:
             for index, packed in enumerate(batches):
                 seen = index + 1
-                if not world.mine(index) or index < writer.next_batch:
+                if not (by_documents or world.mine(index)) or index < writer.next_batch:
                     continue  # another rank's batch, or one a killed run already wrote
                 keep_mask = packed.keep if exclude_bos else packed.attention_mask.bool().reshape(-1)
                 batch = run_capture(handle, packed.input_ids, [recorder], attention_mask=packed.attention_mask,
@@ -140,7 +150,9 @@ def route_corpus(handle: ModelHandle, source: TextSource, run_dir: str | Path, *
         meta = {**moe_layout(handle), "data": source.describe(), "ctx_len": ctx_len, "batch_size": batch_size,
                 "max_tokens": max_tokens, "exclude_bos": exclude_bos, "logits": logits,
                 "seconds": round(seconds, 3), "versions": versions(), **(extra or {})}
-        writer.commit(meta, failure=failure, batches=seen)
+        if world.size > 1:
+            meta["rank_split"] = rank_split
+        writer.commit(meta, failure=failure, batches=None if by_documents else seen)
     device = next(handle.model.parameters()).device
     peak = None
     if device.type == "cuda":

@@ -383,10 +383,15 @@ class RoutingRunWriter:
 
     def _write(self, meta: dict, reports: list[tuple]) -> str:
         seen = max((r[3] for r in reports if r[3] is not None), default=None)
+        idle = [rank for rank, r in enumerate(reports) if r[1] == 0]
         if self.world.size > 1 and seen is not None and seen < self.world.size:
             raise DeepSeeMoEError(f"{self.world.size} ranks were started but the data fills only {seen} batch(es) of "
                                   f"contexts; start at most {max(seen, 1)} (torchrun --nproc-per-node) or lower "
                                   "--batch-size")
+        if self.world.size > 1 and idle:
+            raise DeepSeeMoEError(f"rank {idle[0]} of {self.world.size} routed no tokens ({len(idle)} rank(s) without "
+                                  "any): the data has too few documents for this many ranks; start fewer "
+                                  "(torchrun --nproc-per-node)")
         tokens = sum(r[1] for r in reports)
         extra = {"world_size": self.world.size} if self.world.size > 1 else {}
         atomic_write_json(self.staging / "run.json", {**meta, **extra, "tokens": tokens,
