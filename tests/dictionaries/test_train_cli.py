@@ -145,6 +145,14 @@ def test_evaluate_after_training_covers_every_spliceable_kind(tmp_path, tiny_olm
     # feature absorption for the SAE (it reconstructs what it reads), beside a random dictionary; not for the others
     assert set(doc["sae_0"]["absorption"]) == {"trained", "random"}
     assert "absorption" not in doc["transcoder_1"] and "absorption" not in doc["crosscoder_0_1"]
+    # expert alignment for every kind whose input feeds an MoE layer, beside both baselines
+    for name, r in doc.items():
+        al = r["expert_alignment"]
+        assert al["layer"] in (0, 1) and al["top_k"] == 2 and al["uniform_concentration"] == 2 / al["num_experts"]
+        for kind in ("trained", "random", "shuffled"):
+            if al[kind]["live"]:
+                assert 0 <= al[kind]["aligned_share"] <= 1 and al["uniform_concentration"] <= \
+                    al[kind]["mean_concentration"] <= 1, (name, kind)
     # cross-layer kinds: how many layers each live feature writes to, counted over the live features
     for name in ("crosscoder_0_1", "clt_all"):
         sp = doc[name]["layer_spread"]

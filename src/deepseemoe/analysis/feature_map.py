@@ -31,17 +31,16 @@ from deepseemoe.analysis.features import (
 from deepseemoe.capture.core import Site
 from deepseemoe.dictionaries.spec import RunSpec
 from deepseemoe.errors import DeepSeeMoEError
+from deepseemoe.models.spec import fed_moe_layer
 
 
 def fed_layer(source: list[Site], moe_layers: list[int]) -> int:
-    """The MoE layer a source site feeds: its own for block/router sites and resid_in, the next
-    MoE layer after a resid_out."""
-    s = source[0]
-    start = s.layer + 1 if s.kind == "resid_out" else s.layer
-    later = [la for la in moe_layers if la >= start]
-    if not later:
+    """The MoE layer a source site feeds (models.spec.fed_moe_layer), refused when there is none."""
+    layer = fed_moe_layer(source[0], moe_layers)
+    if layer is None:
+        start = source[0].layer + 1 if source[0].kind == "resid_out" else source[0].layer
         raise DeepSeeMoEError(f"no MoE layer at or after layer {start}; MoE layers: {moe_layers}")
-    return later[0]
+    return layer
 
 
 @dataclass

@@ -204,7 +204,8 @@ def _text_config(model: str, trust_remote_code: bool):
 
 
 COLUMNS = (("fvu", "FVU"), ("delta_ce", "ΔCE"), ("kl", "KL"), ("dead", "dead"), ("spread", "layers per feature"),
-           ("multi_layer", "features on > 1 layer"))
+           ("multi_layer", "features on > 1 layer"), ("aligned", "aligned with experts"),
+           ("aligned_shuffled", "aligned, shuffled routing"))
 
 
 def table_rows(settings: SweepSettings, evaluations: dict[int, dict]) -> list[dict]:
@@ -216,13 +217,22 @@ def table_rows(settings: SweepSettings, evaluations: dict[int, dict]) -> list[di
         vals = {"fvu": [d["fvu"] for d in docs], "delta_ce": [d.get("delta_ce", np.nan) for d in docs],
                 "kl": [d.get("kl", np.nan) for d in docs], "dead": [d["dead"] for d in docs],
                 "spread": [d.get("layer_spread", {}).get("mean", np.nan) for d in docs],
-                "multi_layer": [d.get("layer_spread", {}).get("multi_layer_share", np.nan) for d in docs]}
+                "multi_layer": [d.get("layer_spread", {}).get("multi_layer_share", np.nan) for d in docs],
+                # dictionaries.alignment: the share of live features aligned with the experts of the
+                # first layer's MoE block, and the same features against shuffled routing (chance)
+                "aligned": [_aligned(d, "trained") for d in docs],
+                "aligned_shuffled": [_aligned(d, "shuffled") for d in docs]}
         row = {"reach": str(w), "name": name, "seeds": len(docs), "l0": float(np.mean([d["l0"] for d in docs])),
                "fvu_per_layer": np.mean([d["fvu_per_site"] for d in docs], axis=0).tolist()}
         for key, v in vals.items():
             row[key], row[f"{key}_sd"] = over_seeds(v)
         rows.append(row)
     return rows
+
+
+def _aligned(doc: dict, kind: str) -> float:
+    share = doc.get("expert_alignment", {}).get(kind, {}).get("aligned_share")
+    return np.nan if share is None else share
 
 
 def find_elbow(rows: list[dict]) -> str | None:

@@ -207,6 +207,16 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, tokens: int = 
         torch.manual_seed(0)
         randoms[name] = build_coder(coder.cfg, device=coder_device).eval()
     pools = {name: SegmentPool() for name in coders} if benchmarks else None
+    # expert alignment: the features of a dictionary whose input feeds an MoE layer against that layer's routing
+    from deepseemoe.dictionaries.alignment import AlignmentCounts
+    from deepseemoe.models.spec import fed_moe_layer
+
+    aligned = {}
+    for name, (coder, m) in coders.items() if benchmarks else ():
+        layer = fed_moe_layer(Site(*m["source"][0]), handle.moe_layers)
+        if layer is not None:
+            moe = handle.moe_layers[layer]
+            aligned[name] = (Site("routing", layer), AlignmentCounts(coder.cfg.n_latents, moe.num_experts, moe.top_k))
     # feature absorption (first-letter task): for dictionaries that reconstruct what they read, the word
     # tokens' inputs and codes (the trained and the random dictionary's), up to ABSORPTION_TOKENS of them
     from deepseemoe.data.token_text import token_texts
@@ -226,12 +236,14 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, tokens: int = 
         ids, am = packed.input_ids.to(model_device), packed.attention_mask.to(model_device)
         keep = packed.keep.to(model_device)
         # reconstruction quality on the kept tokens, one forward for all coders
-        items = next(model_stream(handle, [packed], {**pairs, **{s: (s, s) for s in extra_routing.values()}},
+        routing_sites = {*extra_routing.values(), *(site for site, _ in aligned.values())}
+        items = next(model_stream(handle, [packed], {**pairs, **{s: (s, s) for s in routing_sites}},
                                   device=coder_device))
         if benchmarks:  # each kept token's document and context row (its probing segment), and token id
             B, S = packed.doc.shape
             docs, rows = packed.doc.reshape(-1)[packed.keep], torch.arange(B).repeat_interleave(S)[packed.keep]
             kept_ids = packed.input_ids.reshape(-1)[packed.keep.cpu()]
+            kept_domains = [packed.domains.get(d) or "none" for d in docs.tolist()]
         for name, (coder, meta) in coders.items():
             x, y = items[name]
             out = coder(x.float())
@@ -248,6 +260,9 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, tokens: int = 
                 xf = x.float()
                 random_lat = randoms[name].encode(xf)
                 pools[name].add(docs, rows, packed.domains, latents=lat, raw=xf, random=random_lat)
+                if name in aligned:
+                    site, counts = aligned[name]
+                    counts.add(lat, random_lat, items[site][0], kept_domains)
                 if name in absorb and sum(len(t) for t in absorb[name]["tokens"]) < ABSORPTION_TOKENS:
                     _collect_words(absorb[name], kept_ids, is_word[kept_ids], xf, lat, random_lat)
             a.active += float((lat > 0).sum())
@@ -309,7 +324,9 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, tokens: int = 
         xs, toks = np.concatenate(ab["x"]), np.concatenate(ab["tokens"])
         absorbed[name] = {"trained": absorption(xs, sparse.vstack(ab["latents"]), _decoder(coders[name][0]), toks, letters),
                           "random": absorption(xs, sparse.vstack(ab["random"]), _decoder(randoms[name]), toks, letters)}
-    return _summarise(run_dir, coders, acc, data or spec.data, sum(b.num_tokens for b in batches), pools, absorbed)
+    alignment = {name: {"layer": site.layer, **counts.result()} for name, (site, counts) in aligned.items()}
+    return _summarise(run_dir, coders, acc, data or spec.data, sum(b.num_tokens for b in batches), pools, absorbed,
+                      alignment)
 
 
 ABSORPTION_TOKENS = 8192  # word tokens kept per dictionary for the first-letter task
@@ -342,7 +359,7 @@ def _decoder(coder: Coder) -> np.ndarray:
 
 
 def _summarise(run_dir: Path, coders: dict, acc: dict[str, _Totals], data: str, n_tokens: int,
-               pools: dict | None = None, absorbed: dict | None = None) -> dict:
+               pools: dict | None = None, absorbed: dict | None = None, alignment: dict | None = None) -> dict:
     from deepseemoe.dictionaries.probing import sparse_probing
     from deepseemoe.dictionaries.spread import layer_spread
 
@@ -391,6 +408,8 @@ def _summarise(run_dir: Path, coders: dict, acc: dict[str, _Totals], data: str, 
             r["layer_spread"] = spread
         if absorbed and name in absorbed:  # beside an untrained dictionary of the same shape
             r["absorption"] = absorbed[name]
+        if alignment and name in alignment:  # beside the untrained dictionary and shuffled routing
+            r["expert_alignment"] = alignment[name]
         results[name] = r
     doc = {"data": data, "tokens": n_tokens,
            "fvu_normalisation": "per site: sum of squared error / sum of squared deviation from the mean over "

@@ -121,6 +121,14 @@ class DenseMLP:
     num_neurons: int
 
 
+def fed_moe_layer(site, moe_layers) -> int | None:
+    """The MoE layer a site's activation feeds: its own layer for block and router sites and
+    resid_in, the next MoE layer after a resid_out; None when no MoE layer is at or after it."""
+    start = site.layer + 1 if site.kind == "resid_out" else site.layer
+    later = [la for la in sorted(moe_layers) if la >= start]
+    return later[0] if later else None
+
+
 @dataclass
 class ModelHandle:
     """A loaded causal LM and everything the toolkit found in it."""

@@ -201,7 +201,7 @@ def _analyses_context(study: Study) -> dict:
             coders.append({"name": name, "kind": r["kind"], "fvu": r["fvu"], "l0": r["l0"], "dead": r["dead"],
                            "delta_ce": r.get("delta_ce"), "kl": r.get("kl"), "recovered": r.get("loss_recovered"),
                            "routing": r.get("routing_preserved"), "probing": r.get("sparse_probing"),
-                           "absorption": r.get("absorption")})
+                           "absorption": r.get("absorption"), "alignment": r.get("expert_alignment")})
         for name, m in d.maps.items():
             rp = m["routing_prediction"]
             maps.append({"name": name, "layer": m["layer"], "live": m["live_features"], "features": m["features"],
