@@ -38,6 +38,8 @@ def test_sweep_table_is_the_seeds_evaluations_and_a_rerun_reuses_them(tmp_path, 
     assert w0["spread"] == 1.0 and w0["multi_layer"] == 0.0
     assert {p.name for p in (out / "figures").iterdir()} == {"reach.png", "fvu_per_layer.png"}
     assert table["elbow"] in ("0", "all") and "Elbow" in r.out
+    assert sorted(p["layer"] for p in table["which_layer"]) == [0, 1] and "Which layer to pick" in r.out
+    assert all(p["mean_rank"] is not None for p in table["which_layer"])
     again = cli("sweep", tmp_path / "sweep.yaml")
     assert again.code == 0 and "reused the finished seed(s) [0, 1]" in again.out
     # the same folder with other settings is refused, not mixed into this sweep
@@ -68,3 +70,45 @@ def test_layers_outside_the_model_are_refused_before_anything_is_written(tmp_pat
     r = cli("sweep", tmp_path / "sweep.yaml")
     assert r.code == 2 and len(r.error_lines) == 1 and "layers [7] do not exist" in r.error_lines[0], r.err
     assert not (tmp_path / "sweep").exists()
+
+
+def test_which_layer_to_pick_known_answers(tmp_path, cli, tiny_olmoe_dir, corpus_jsonl):
+    """The layer profile on the tiny OLMoE with layer 0's experts silenced (down projections zeroed):
+    ablating that layer's experts changes nothing, exactly; the domain NMI of each layer equals what
+    `stats` computes on a `route` of the same text; the ranks follow the measures."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from deepseemoe.analysis.sweep import SweepSettings, layer_profile, rank_layers
+    from deepseemoe.routing.stats import compute_routing_stats
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_olmoe_dir, model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.model.layers[0].mlp.experts.down_proj.zero_()
+    model.save_pretrained(model_dir)
+    config = _config(tmp_path, tiny_olmoe_dir, corpus_jsonl)
+    config["model"] = str(model_dir)
+    profile = layer_profile(SweepSettings.from_dict(config), tmp_path / "sweep")
+    silent, live = profile
+    assert silent["ablation_delta_ce"] == 0.0 and silent["ablation_kl"] == 0.0
+    assert live["ablation_kl"] > 0 and live["ablation_delta_ce"] != 0.0
+
+    r = cli("route", model_dir, "--data", config["data"], "--domain-field", "domain", "--out", tmp_path / "run",
+            "--ctx-len", "32", "--batch-size", "8", "--max-tokens", "400")
+    assert r.code == 0, r.err
+    stats = compute_routing_stats(tmp_path / "run")
+    for row in profile:
+        assert row["domain_nmi"] == pytest.approx(stats.summary["layers"][str(row["layer"])]["domain_nmi"], abs=1e-12)
+        assert row["domain_nmi_shuffled"] < row["domain_nmi"]
+
+    picks = rank_layers(profile, [{"reach": "1", "fvu_per_layer": [0.1, 0.9]},
+                                  {"reach": "0", "fvu_per_layer": [0.2, 0.4]}])
+    by_layer = {p["layer"]: p for p in picks}
+    assert by_layer[0]["fvu"] == 0.2 and by_layer[0]["fvu_rank"] == 1 and by_layer[1]["fvu_rank"] == 2  # reach 0's
+    ce_first = max(profile, key=lambda p: p["ablation_delta_ce"])["layer"]
+    assert by_layer[ce_first]["ablation_delta_ce_rank"] == 1
+    assert picks[0]["mean_rank"] <= picks[1]["mean_rank"]

@@ -8,6 +8,15 @@ nothing but their reach; each seed's run is evaluated on held-out text (`evaluat
 spliced ΔCE and KL with all layers replaced at once, dead latents, and the layer spread of the
 features). The table gives per reach the mean ± sd over seeds and the *elbow*: the smallest reach
 whose FVU is within the seeds' spread of the best reach's — where more neighbours stop paying.
+
+Which layer to pick, from measurements on the same held-out text (`layer_profile`), per layer of
+the sweep: how much of the next-token loss depends on it (ΔCE with every routed expert of its MoE
+block ablated, the causal checks' loss meter and ablation), how specialised its experts are (NMI of
+document domain and chosen expert over routing slots, as `stats` defines it, beside the same with
+the tokens' domains shuffled: the finite-sample level of no specialisation), and how well a
+dictionary of the sweep's fixed size reconstructs it (FVU of the smallest reach, per layer). Each
+measure ranks the layers (more loss, more specialisation, lower FVU first) and the table orders
+them by their mean rank.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from dataclasses import field as dc_field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from deepseemoe.analysis.seeds import apart, over_seeds, plus_minus
 from deepseemoe.dictionaries.spec import RunSpec
@@ -116,6 +126,7 @@ class SweepResult:
     rows: list[dict]
     elbow: str | None
     reused: list[int]
+    which_layer: list[dict] = dc_field(default_factory=list)  # `rank_layers`: best first
 
 
 def _key(settings: SweepSettings) -> str:
@@ -185,11 +196,91 @@ def run_sweep(settings: SweepSettings, *, progress: bool = True, trust_remote_co
         raise
     rows = table_rows(settings, evaluations)
     elbow = find_elbow(rows)
+    picks = rank_layers(layer_profile(settings, run.path, trust_remote_code=trust_remote_code), rows)
     from deepseemoe.analysis.sweep_figures import sweep_figures
 
-    run.save_table({"rows": rows, "elbow": elbow, "layers": settings.layers, "seeds": settings.seeds},
-                   table_markdown(rows, elbow), draw=lambda folder: sweep_figures(rows, settings.layers, folder))
-    return SweepResult(run, rows, elbow, reused)
+    run.save_table({"rows": rows, "elbow": elbow, "layers": settings.layers, "seeds": settings.seeds,
+                    "which_layer": picks},
+                   table_markdown(rows, elbow) + layers_markdown(picks),
+                   draw=lambda folder: sweep_figures(rows, settings.layers, folder))
+    return SweepResult(run, rows, elbow, reused, picks)
+
+
+@torch.no_grad()
+def layer_profile(settings: SweepSettings, out: Path, *, trust_remote_code: bool = False) -> list[dict]:
+    """Per sweep layer, on the held-out text: the ΔCE (and KL) of ablating every routed expert of its
+    MoE block, and the domain NMI of its routing beside shuffled domains (module docstring)."""
+    from deepseemoe.analysis.causal import LossMeter
+    from deepseemoe.capture.consumers import RoutingRecorder
+    from deepseemoe.capture.core import run_capture
+    from deepseemoe.data.tokens import token_domains
+    from deepseemoe.dictionaries.run import load_for_run, run_batches
+    from deepseemoe.interventions.routing import ablate, route_intervention
+    from deepseemoe.routing.stats import mutual_information
+
+    spec = settings.spec(settings.seeds[0], out)
+    handle = load_for_run(spec, spec.model_device, trust_remote_code=trust_remote_code)
+    batches = list(run_batches(spec, handle, data=settings.eval, max_tokens=settings.eval_tokens))
+    moe = [la for la in settings.layers if la in handle.moe_layers]
+    recorder = RoutingRecorder(moe)
+    domains: list[str] = []
+    for b in batches:
+        run_capture(handle, b.input_ids, [recorder], attention_mask=b.attention_mask, keep=b.keep)
+        domains += [b.domains.get(d) or "none" for d in b.doc.reshape(-1)[b.keep].tolist()]
+    codes = {d: i for i, d in enumerate(sorted(set(domains)))}
+    dom = np.array([codes[d] for d in domains], dtype=np.int64)
+    shuffled = dom[np.random.default_rng(0).permutation(len(dom))]
+    meter = LossMeter(handle, batches, [token_domains(b) for b in batches])
+    profile = []
+    for layer in settings.layers:
+        row: dict = {"layer": layer, "moe": layer in handle.moe_layers}
+        if row["moe"]:
+            E = handle.moe_layers[layer].num_experts
+            hit = meter.measure(lambda layer=layer, E=E: route_intervention(handle, {layer: ablate(range(E))}))
+            row.update(ablation_delta_ce=hit["delta_ce"], ablation_kl=hit["kl"])
+            idx = torch.cat([r["idx"][layer] for r in recorder.batches]).long().numpy()  # [T, K]
+            K = idx.shape[1]
+            for key, labels in (("domain_nmi", dom), ("domain_nmi_shuffled", shuffled)):
+                joint = np.zeros((len(codes), E))
+                np.add.at(joint, (np.repeat(labels, K), idx.reshape(-1)), 1)
+                row[key] = mutual_information(joint)[1] if len(codes) > 1 else None
+        profile.append(row)
+    return profile
+
+
+def rank_layers(profile: list[dict], rows: list[dict]) -> list[dict]:
+    """The profile with each layer's FVU at the sweep's fixed size (the smallest reach's, per layer),
+    the rank of the layer under each measure (1 = best), their mean, ordered by it."""
+    smallest = min(rows, key=lambda r: int(r["reach"]) if r["reach"] != "all" else 10**9)
+    out = [{**p, "fvu": smallest["fvu_per_layer"][i], "fvu_reach": smallest["reach"]} for i, p in enumerate(profile)]
+    measures = (("ablation_delta_ce", -1), ("domain_nmi", -1), ("fvu", 1))  # sign: -1 = larger is better
+    for key, sign in measures:
+        known = sorted((sign * r[key], i) for i, r in enumerate(out) if r.get(key) is not None)
+        for rank, (_, i) in enumerate(known, 1):
+            out[i][f"{key}_rank"] = rank
+    for r in out:
+        ranks = [r[f"{k}_rank"] for k, _ in measures if f"{k}_rank" in r]
+        r["mean_rank"] = float(np.mean(ranks)) if ranks else None
+    return sorted(out, key=lambda r: (r["mean_rank"] is None, r["mean_rank"] or 0, -(r.get("ablation_delta_ce") or 0)))
+
+
+def layers_markdown(picks: list[dict]) -> str:
+    def f(v, fmt):
+        return "–" if v is None else format(v, fmt)
+
+    lines = ["\n## Which layer to pick\n",
+             "| layer | ΔCE, experts ablated | domain NMI (shuffled) | FVU at fixed size | ranks (ΔCE, NMI, FVU) | "
+             "mean rank |", "|---|---|---|---|---|---|"]
+    for r in picks:
+        ranks = ", ".join(str(r.get(f"{k}_rank", "–")) for k in ("ablation_delta_ce", "domain_nmi", "fvu"))
+        lines.append(f"| {r['layer']} | {f(r.get('ablation_delta_ce'), '.4f')} | {f(r.get('domain_nmi'), '.3f')} "
+                     f"({f(r.get('domain_nmi_shuffled'), '.3f')}) | {f(r['fvu'], '.4f')} | {ranks} | "
+                     f"{f(r['mean_rank'], '.2f')} |")
+    if picks and picks[0]["mean_rank"] is not None:
+        lines.append(f"\nLayer {picks[0]['layer']} ranks first over the three measures (ΔCE from ablating every "
+                     "routed expert of the layer; NMI of domain and expert over routing slots; FVU of the "
+                     f"reach-{picks[0]['fvu_reach']} dictionary at this sweep's size).")
+    return "\n".join(lines) + "\n"
 
 
 def _text_config(model: str, trust_remote_code: bool):
