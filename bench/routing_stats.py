@@ -2,6 +2,7 @@
 
     python bench/routing_stats.py                       # 1M tokens × 16 layers × top-8, E=64
     python bench/routing_stats.py --tokens 1e6 1e7      # growth with tokens
+    python bench/routing_stats.py --tokens 1e6 1e7 1e8 --layers 2 --topk 2   # to 100M on a small disk
 
 Routing is skewed (Zipf-like expert popularity per layer, Gumbel noise, a token-dependent
 preference; deterministic seed) and written through the project's own run writer
