@@ -150,6 +150,22 @@ def test_reduced_demo(tmp_path, cli, zoo_cache):
     for sentence in json.loads((posttrain / "table.json").read_text())["findings"]:  # `code` spans as <code>
         assert re.sub(r"`([^`]*)`", r"<code>\1</code>", str(escape(sentence))) in page
     assert page.count("data:image/png;base64,") >= 6  # and the two post-training figures
+    # the reach sweep (stage 10): each reach's FVU cell is the mean ± sd of the seeds' own evaluation.json,
+    # recomputed here; the ranked layers and the findings are shown
+    import statistics
+
+    sweep = tmp_path / "demo" / "sweep"
+    assert '<h2 id="sweep">Which layers, how many neighbours</h2>' in page
+    table = json.loads((sweep / "table.json").read_text())
+    for row in table["rows"]:
+        fvus = [json.loads((sweep / f"seed-{s}" / "evaluation.json").read_text())["coders"][row["name"]]["fvu"]
+                for s in (0, 1)]
+        assert f"<td class=\"l\">{row['reach']}</td><td>2</td>" in page
+        assert f"<td>{statistics.mean(fvus):.3f} ± {statistics.stdev(fvus):.3f}</td>" in page, row["reach"]
+    layers = json.loads((tmp_path / "demo" / "run" / "run.json").read_text())["num_layers"]
+    assert sorted(p["layer"] for p in table["which_layer"]) == list(range(layers))
+    for sentence in table["findings"]:
+        assert str(escape(sentence)) in page
     # `deepseemoe report` rebuilds the same page from the run directories alone
     from typer.testing import CliRunner
 

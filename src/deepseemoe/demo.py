@@ -57,19 +57,19 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
     fix = f"delete {corpus_dir} to build the corpus again"
     if built_path.exists() and read_json(built_path, fix) == built and (corpus_dir / "val.jsonl").exists():
         corpus = read_json(corpus_dir / "report.json", fix)
-        console.print(f"[bold]1/10 corpus[/] reused {corpus_dir}")
+        console.print(f"[bold]1/11 corpus[/] reused {corpus_dir}")
     else:
-        with console.status("[bold]1/10 corpus[/] collecting text found on this machine"):
+        with console.status("[bold]1/11 corpus[/] collecting text found on this machine"):
             corpus = build_corpus(corpus_dir, seed=seed, max_bytes_per_domain=spec.max_bytes_per_domain).to_json()
         atomic_write_json(built_path, built)
-        console.print(f"[bold]1/10 corpus[/] {len(corpus['domains'])} domains: "
+        console.print(f"[bold]1/11 corpus[/] {len(corpus['domains'])} domains: "
                       + ", ".join(f"{d} {v['bytes'] / 1e6:.1f} MB" for d, v in corpus["domains"].items()))
     for note in corpus.get("notes", []):
         console.print(f"[yellow]{note}[/]")
     seconds["corpus"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    console.print(f"[bold]2/10 models[/] recipe '{recipe}': OLMoE {spec.experts} experts top-{spec.top_k} and its "
+    console.print(f"[bold]2/11 models[/] recipe '{recipe}': OLMoE {spec.experts} experts top-{spec.top_k} and its "
                   f"dense twin, {spec.steps} steps each")
     zoo = train_zoo(corpus_dir, recipe=spec, cache_dir=cache_dir, retrain=retrain)
     console.print(f"           {'reused' if zoo.cached else 'trained'}: MoE {zoo.moe_dir}", soft_wrap=True)
@@ -78,7 +78,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
     if separate:
         from deepseemoe.zoo.flexolmo import train_separate
 
-        console.print("[bold]2/10 models[/] and experts trained separately: a public base, one expert per domain, "
+        console.print("[bold]2/11 models[/] and experts trained separately: a public base, one expert per domain, "
                       "merged FlexOlmo-style")
         third = train_separate(corpus_dir, recipe=spec, cache_dir=cache_dir, retrain=retrain)
         if third.cached:
@@ -98,9 +98,9 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
                        checkpoints={str(p): stamp.model_digest(m) for p, m in earlier.items()}, recipe=recipe, **route_kw)
     if stamp.fresh(out_dir, "routing", key, ["run/manifest.json", *(str(p.relative_to(out_dir) / "manifest.json")
                                                                   for p in earlier)]):
-        console.print(f"[bold]3/10 routing[/] reused {run_dir}")
+        console.print(f"[bold]3/11 routing[/] reused {run_dir}")
     else:
-        console.print("[bold]3/10 routing[/] held-out text through the MoE (loaded from its folder like a hub model)")
+        console.print("[bold]3/11 routing[/] held-out text through the MoE (loaded from its folder like a hub model)")
         handle = load_model(str(zoo.moe_dir))
         route_corpus(handle, source, run_dir, extra={"recipe": recipe, "zoo": str(zoo.root)}, overwrite=True,
                      **route_kw)
@@ -120,13 +120,13 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
     key = stamp.digest(stage="stats", routing=key)
     if stamp.fresh(out_dir, "stats", key, ["run/analyses/manifest.json"]):
         summary = RoutingRun.open(run_dir).analyses().summary
-        console.print(f"[bold]4/10 statistics[/] reused {run_dir / 'analyses'}")
+        console.print(f"[bold]4/11 statistics[/] reused {run_dir / 'analyses'}")
     else:
-        with console.status("[bold]4/10 statistics[/]"):
+        with console.status("[bold]4/11 statistics[/]"):
             save_routing_stats(compute_routing_stats(run_dir))
         summary = RoutingRun.open(run_dir).analyses().summary  # as saved (with its inputs): what a warm run reads
         stamp.write(out_dir, "stats", key)
-        console.print(f"[bold]4/10 statistics[/] {summary['tokens']:,} tokens → {run_dir / 'analyses'}")
+        console.print(f"[bold]4/11 statistics[/] {summary['tokens']:,} tokens → {run_dir / 'analyses'}")
     seconds["stats"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -141,16 +141,16 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
                        separate=stamp.model_digest(third.model_dir) if third is not None else None)
     if stamp.fresh(out_dir, "analyses", key, demo_analyses_outputs(spec.layers // 2)):
         analyses = read_demo_analyses(out_dir)
-        console.print("[bold]6/10 dictionaries and causal checks[/] reused")
+        console.print("[bold]6/11 dictionaries and causal checks[/] reused")
     else:
-        with console.status("[bold]6/10 dictionaries and causal checks[/]"):
+        with console.status("[bold]6/11 dictionaries and causal checks[/]"):
             analyses = run_demo_analyses(zoo.moe_dir, zoo.dense_dir, corpus_dir, out_dir, ctx_len=spec.seq_len,
                                          train_tokens=max(10_000, min(60_000, max_tokens)),
                                          eval_tokens=max(1_000, min(4_000, max_tokens // 4)), layer=spec.layers // 2,
                                          separate=third)
         stamp.write(out_dir, "analyses", key)
     ev = analyses["evaluation"]["coders"]
-    console.print("[bold]6/10 dictionaries and causal checks[/] " + ", ".join(
+    console.print("[bold]6/11 dictionaries and causal checks[/] " + ", ".join(
         f"{n}: FVU {r['fvu']:.3f}, ΔCE {r.get('delta_ce', float('nan')):.3f}" for n, r in ev.items()))
     if analyses["removal"] is not None:
         rm = analyses["removal"]
@@ -175,14 +175,18 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
     seconds["post-train"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    key = stamp.digest(stage="report", posttrain=key)
+    key = stamp.digest(posttrain=key, sweep=_sweep(out_dir, corpus_dir, zoo, recipe, console))
+    seconds["sweep"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    key = stamp.digest(stage="report", sweep=key)
     report = out_dir / "report" / "index.html"
     if stamp.fresh(out_dir, "report", key, ["report/index.html"]):
-        console.print(f"[bold]10/10 report[/] reused {report}")
+        console.print(f"[bold]11/11 report[/] reused {report}")
     else:
         report = build_report(run_dir)  # what `deepseemoe report runs/demo/run` writes, from the files alone
         stamp.write(out_dir, "report", key)
-        console.print(f"[bold]10/10 report[/] {report}")
+        console.print(f"[bold]11/11 report[/] {report}")
     seconds["report"] = time.perf_counter() - t
     return DemoResult(out_dir, report, seconds, summary)
 
@@ -233,13 +237,13 @@ def _carved(corpus_dir: Path, out_dir: Path, run_dir: Path, stats_key: str, reci
         for split in ("clustered", "random"):
             spec = CarveSpec(experts=plan.experts, shared=plan.shared, top_k=plan.top_k, layers=list(plan.layers),
                              split=split)
-            with console.status(f"[bold]5/10 carved MoE[/] carving {'SmolLM2-135M' if model is None else dense_dir.name} "
+            with console.status(f"[bold]5/11 carved MoE[/] carving {'SmolLM2-135M' if model is None else dense_dir.name} "
                                 f"({split} split)"):
                 carves[split] = carve_zoo(corpus_dir, model=model, spec=spec, cache_dir=cache_dir,
                                           calibration_tokens=plan.calibration_tokens, eval_tokens=plan.eval_tokens,
                                           ctx_len=plan.ctx_len, eval_ks=list(plan.eval_ks), progress=False)
     except DeepSeeMoEError as e:  # SmolLM2 is not installed: the rest of the demo stands
-        console.print(f"[bold]5/10 carved MoE[/] [yellow]skipped: {e}[/]")
+        console.print(f"[bold]5/11 carved MoE[/] [yellow]skipped: {e}[/]")
         return stamp.digest(stage="carved", stats=stats_key, carved=None), None
     route_kw = dict(ctx_len=plan.ctx_len, batch_size=8, max_tokens=plan.route_tokens)
     key = stamp.digest(stage="carved", stats=stats_key, carves={s: c.report["key"] for s, c in carves.items()},
@@ -251,7 +255,7 @@ def _carved(corpus_dir: Path, out_dir: Path, run_dir: Path, stats_key: str, reci
     else:
         source = TextSource(str(corpus_dir / "val.jsonl"), domain_field="domain", interleave_domains=True)
         for split, c in carves.items():
-            with console.status(f"[bold]5/10 carved MoE[/] routing held-out text ({split} split)"):
+            with console.status(f"[bold]5/11 carved MoE[/] routing held-out text ({split} split)"):
                 route_corpus(load_model(str(c.moe_dir)), source, runs[split], progress=False, overwrite=True,
                              extra={"carved": str(c.root), "split": split}, **route_kw)
                 save_routing_stats(compute_routing_stats(runs[split]))
@@ -265,7 +269,7 @@ def _carved(corpus_dir: Path, out_dir: Path, run_dir: Path, stats_key: str, reci
     ce = carves["clustered"].report["ce"]
     k = str(plan.top_k)
     mean = {label: m["mean"] for label, m in result["models"].items()}
-    console.print(f"[bold]5/10 carved MoE[/] ({how}) layers {plan.layers[0]}-{plan.layers[-1]}, top-{k} of "
+    console.print(f"[bold]5/11 carved MoE[/] ({how}) layers {plan.layers[0]}-{plan.layers[-1]}, top-{k} of "
                   f"{plan.experts - plan.shared} + {plan.shared} shared: held-out CE +"
                   f"{ce['carved'][k]['all'] - ce['dense']['all']:.3f} nats over the dense twin; domain NMI of top-1 "
                   "(null): " + ", ".join(f"{label} {m['nmi']:.3f} ({m['nmi_null_mean']:.3f})" for label, m in mean.items()))
@@ -290,7 +294,7 @@ def _describe(run_dir: Path, out_dir: Path, layer: int, experts: tuple[Path, int
     try:
         chat = explainer or LocalChat.smollm2(root / "explain")
     except DeepSeeMoEError as e:  # the offline explainer is not installed: the rest of the demo stands
-        console.print(f"[bold]7/10 descriptions[/] [yellow]skipped: {e}[/]")
+        console.print(f"[bold]7/11 descriptions[/] [yellow]skipped: {e}[/]")
         return stamp.digest(stage="descriptions", analyses=key, explainer=None)
     from deepseemoe.explain.embedding import EmbeddingJudge
 
@@ -308,7 +312,7 @@ def _describe(run_dir: Path, out_dir: Path, layer: int, experts: tuple[Path, int
         cached = "reused: "
     else:
         backend = Cached(chat, root / "explain" / "answers.sqlite")
-        with console.status("[bold]7/10 descriptions[/] explaining experts and features"):
+        with console.status("[bold]7/11 descriptions[/] explaining experts and features"):
             got = demo_explanations(expert_run, expert_layer, out_dir / "dictionaries", f"sae_block_in_{layer}",
                                     backend, judge=judge)
         if separate is not None:
@@ -316,7 +320,7 @@ def _describe(run_dir: Path, out_dir: Path, layer: int, experts: tuple[Path, int
         stamp.write(out_dir, "descriptions", key)
         cached = f"({backend.hits} answers cached, {backend.misses} new) "
     e, f = got["experts"]["scorers"], got["features"]["scorers"]
-    console.print(f"[bold]7/10 descriptions[/] {cached}{got['experts']['units']} experts, {got['features']['units']} "
+    console.print(f"[bold]7/11 descriptions[/] {cached}{got['experts']['units']} experts, {got['features']['units']} "
                   f"features by {chat.ident.split(':', 1)[1]}, judged by "
                   f"{(judge.ident if judge else chat.ident).split(':', 1)[1]}: routing prediction "
                   f"{_score(e.get('routing'))} (shuffled {_score((e.get('routing') or {}).get('shuffled_explanation'))}, "
@@ -345,7 +349,7 @@ def _attribution(out_dir: Path, corpus_dir: Path, moe_dir: Path, layer: int, key
     key = stamp.digest(stage="attribution", descriptions=key, prompt_tokens=PROMPT_TOKENS)
     folder = out_dir / "attribution"
     if stamp.fresh(out_dir, "attribution", key, [f"attribution/{ATTRIBUTION}"]):
-        console.print(f"[bold]8/10 attribution graphs[/] reused {folder}")
+        console.print(f"[bold]8/11 attribution graphs[/] reused {folder}")
         return key
     dict_dir, name = out_dir / "dictionaries", f"sae_block_in_{layer}"
     handle = load_model(str(moe_dir), dtype="float32")  # edges are sums of many small products
@@ -353,7 +357,7 @@ def _attribution(out_dir: Path, corpus_dir: Path, moe_dir: Path, layer: int, key
     dictionaries = {name: load_run_dictionary(dict_dir, name)}
     descriptions = feature_descriptions(dict_dir, [name])
     graphs = []
-    with console.status("[bold]8/10 attribution graphs[/] one held-out prompt per domain"):
+    with console.status("[bold]8/11 attribution graphs[/] one held-out prompt per domain"):
         for domain, prompt in prompts.items():
             slug = "".join(c if c.isalnum() else "-" for c in domain)
             g = attribute_prompt(handle, dictionaries, prompt, label=domain, scan=str(moe_dir), slug=slug,
@@ -363,7 +367,7 @@ def _attribution(out_dir: Path, corpus_dir: Path, moe_dir: Path, layer: int, key
                                       "prompt_tokens": PROMPT_TOKENS})
     stamp.write(out_dir, "attribution", key)
     kept = sorted(e["summary"]["kept_influence"] for _, _, e in graphs)
-    console.print(f"[bold]8/10 attribution graphs[/] {len(graphs)} prompts (one per domain), {PROMPT_TOKENS} tokens, "
+    console.print(f"[bold]8/11 attribution graphs[/] {len(graphs)} prompts (one per domain), {PROMPT_TOKENS} tokens, "
                   f"with {name}: {sum(e['seconds'] for _, _, e in graphs):.1f} s; pruned graphs keep "
                   f"{kept[0]:.0%}–{kept[-1]:.0%} of the influence → {folder}")
     for _, _, e in graphs[:1]:
@@ -426,26 +430,79 @@ def _post_train(out_dir: Path, corpus_dir: Path, zoo, layer: int, recipe: str, c
                        hint=[stamp.file_digest(p) for p in (*sorted(hint.coder_dir(name).iterdir()),
                                                              *sorted(hint.map_dir(name).glob("*.parquet")))])
     if stamp.fresh(out_dir, "posttrain", key, ["posttrain/table.json"]):
-        console.print(f"[bold]9/10 post-training[/] reused {folder}")
+        console.print(f"[bold]9/11 post-training[/] reused {folder}")
         return key
     if folder.exists():  # another demo's study (other models, text or code): not to be mixed with this one
         import shutil
 
         shutil.rmtree(folder)
     points = size.seeds * (len(STRATEGIES) + 1)
-    with console.status(f"[bold]9/10 post-training[/] LoRA on '{target}', {len(STRATEGIES)} strategies and the dense "
+    with console.status(f"[bold]9/11 post-training[/] LoRA on '{target}', {len(STRATEGIES)} strategies and the dense "
                         f"twin × {size.seeds} seeds ({points} points of {size.steps} steps)"):
         result = post_train(settings)
     stamp.write(out_dir, "posttrain", key)
     rows = {r["strategy"]: r for r in result.rows}
     h = result.hint
-    console.print(f"[bold]9/10 post-training[/] on '{target}', hint: layer {h['layer']} experts {h['experts']} → "
+    console.print(f"[bold]9/11 post-training[/] on '{target}', hint: layer {h['layer']} experts {h['experts']} → "
                   f"{folder}")
     for strategy in ("all", "router-by-hint", "experts-by-hint", "random-experts", "dense-all"):
         r = rows.get(strategy)
         if r:
             console.print(f"           {strategy}: target ΔCE {r['target_delta_ce']:+.3f}, forgetting {r['forgetting']:+.3f}"
                           + ("" if strategy == "dense-all" else f", routing drift {r['drift']:.3f}"))
+    return key
+
+
+@dataclass(frozen=True)
+class DemoSweep:
+    """The demo's reach sweep (`deepseemoe sweep`): CLTs over every layer of the demo MoE."""
+
+    latents_per_layer: int
+    k: int
+    neighbours: tuple[int | str, ...]
+    seeds: tuple[int, ...]
+    tokens: int
+    eval_tokens: int
+    ctx_len: int
+
+
+# demo: 3 reaches × 2 seeds over the 4 layers, 128 latents per layer, 24k training tokens, 2,048 held-out:
+# ~20 s on 2 cores (its dictionaries are small and undertrained; the table's last sentence says so)
+DEMO_SWEEP = {"demo": DemoSweep(128, 4, (0, 1, "all"), (0, 1), 24_000, 2_048, 128),
+              "tiny": DemoSweep(32, 2, (0, "all"), (0, 1), 2_048, 512, 64)}
+
+
+def _sweep(out_dir: Path, corpus_dir: Path, zoo, recipe: str, console: Console) -> str:
+    """Stage 10: `deepseemoe sweep` on the demo MoE into STUDY/sweep/: one CLT per reach at equal
+    latents and L0, 2 seeds, and which layer to pick. Returns the stage's key."""
+    from deepseemoe.analysis.sweep import SweepSettings, run_sweep
+
+    size = DEMO_SWEEP.get(recipe.removesuffix("-ternary"), DEMO_SWEEP["tiny"])
+    layers = list(range(int(read_json(zoo.moe_dir / "config.json", "train the zoo models again (--retrain)")
+                            ["num_hidden_layers"])))
+    folder = out_dir / "sweep"
+    raw = {"model": str(zoo.moe_dir), "data": str(corpus_dir / "train.jsonl"), "eval": str(corpus_dir / "val.jsonl"),
+           "domain_field": "domain", "out": str(folder), "tokens": size.tokens, "ctx_len": size.ctx_len,
+           "eval_tokens": size.eval_tokens, "train": {"batch_size": 512, "buffer_size": 4096, "lr": 2e-3},
+           "sweep": {"layers": layers, "latents_per_layer": size.latents_per_layer, "k": size.k,
+                     "neighbours": list(size.neighbours), "seeds": list(size.seeds)}}
+    key = stamp.digest(stage="sweep", settings=raw, moe=stamp.model_digest(zoo.moe_dir),
+                       text=[stamp.file_digest(corpus_dir / n) for n in ("train.jsonl", "val.jsonl")])
+    if stamp.fresh(out_dir, "sweep", key, ["sweep/table.json"]):
+        console.print(f"[bold]10/11 which layers, how many neighbours[/] reused {folder}")
+        return key
+    if folder.exists():  # another demo's sweep (other models, text or code): not to be mixed with this one
+        import shutil
+
+        shutil.rmtree(folder)
+    with console.status(f"[bold]10/11 which layers, how many neighbours[/] CLTs of reach "
+                        f"{', '.join(map(str, size.neighbours))} over layers {layers} × {len(size.seeds)} seeds"):
+        result = run_sweep(SweepSettings.from_dict(raw), progress=False)
+    stamp.write(out_dir, "sweep", key)
+    best = min(result.rows, key=lambda r: r["fvu"])
+    first = result.which_layer[0]["layer"] if result.which_layer else None
+    console.print(f"[bold]10/11 which layers, how many neighbours[/] best FVU at reach {best['reach']} "
+                  f"({best['fvu']:.3f}), elbow {result.elbow}; layer {first} ranks first to study → {folder}")
     return key
 
 

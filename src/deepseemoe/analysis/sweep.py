@@ -197,11 +197,12 @@ def run_sweep(settings: SweepSettings, *, progress: bool = True, trust_remote_co
     rows = table_rows(settings, evaluations)
     elbow = find_elbow(rows)
     picks = rank_layers(layer_profile(settings, run.path, trust_remote_code=trust_remote_code), rows)
+    said = findings(settings, rows, elbow, picks)
     from deepseemoe.analysis.sweep_figures import sweep_figures
 
     run.save_table({"rows": rows, "elbow": elbow, "layers": settings.layers, "seeds": settings.seeds,
-                    "which_layer": picks},
-                   table_markdown(rows, elbow) + layers_markdown(picks),
+                    "which_layer": picks, "findings": said},
+                   table_markdown(rows, elbow) + layers_markdown(picks) + "\n" + " ".join(said) + "\n",
                    draw=lambda folder: sweep_figures(rows, settings.layers, folder))
     return SweepResult(run, rows, elbow, reused, picks)
 
@@ -251,7 +252,7 @@ def layer_profile(settings: SweepSettings, out: Path, *, trust_remote_code: bool
 def rank_layers(profile: list[dict], rows: list[dict]) -> list[dict]:
     """The profile with each layer's FVU at the sweep's fixed size (the smallest reach's, per layer),
     the rank of the layer under each measure (1 = best), their mean, ordered by it."""
-    smallest = min(rows, key=lambda r: int(r["reach"]) if r["reach"] != "all" else 10**9)
+    smallest = min(rows, key=_reach_order)
     out = [{**p, "fvu": smallest["fvu_per_layer"][i], "fvu_reach": smallest["reach"]} for i, p in enumerate(profile)]
     measures = (("ablation_delta_ce", -1), ("domain_nmi", -1), ("fvu", 1))  # sign: -1 = larger is better
     for key, sign in measures:
@@ -262,6 +263,56 @@ def rank_layers(profile: list[dict], rows: list[dict]) -> list[dict]:
         ranks = [r[f"{k}_rank"] for k, _ in measures if f"{k}_rank" in r]
         r["mean_rank"] = float(np.mean(ranks)) if ranks else None
     return sorted(out, key=lambda r: (r["mean_rank"] is None, r["mean_rank"] or 0, -(r.get("ablation_delta_ce") or 0)))
+
+
+def _reach_order(row: dict) -> int:
+    return int(row["reach"]) if row["reach"] != "all" else 10**9
+
+
+def findings(settings: SweepSettings, rows: list[dict], elbow: str | None, picks: list[dict]) -> list[str]:
+    """Sentences written from the table: which reach reconstructs best and whether the others are
+    apart from it (beyond the sum of the two seeds' sds), what the spliced loss says, the elbow,
+    how far the features spread, their expert alignment against chance, the layer ranked first, and
+    the size all of it was measured at."""
+    out = []
+    ordered = sorted(rows, key=_reach_order)
+    narrow, best = ordered[0], min(rows, key=lambda r: r["fvu"])
+    if best is narrow:
+        out.append(f"Reach {narrow['reach']} reconstructs best (FVU {plus_minus(best['fvu'], best['fvu_sd'])}): "
+                   "writing to more layers does not help at this size.")
+    else:
+        gap = "apart from" if apart(narrow["fvu"], narrow["fvu_sd"], best["fvu"], best["fvu_sd"]) else "within the spread of"
+        out.append(f"Reach {best['reach']} reconstructs best (FVU {plus_minus(best['fvu'], best['fvu_sd'])}), "
+                   f"{gap} reach {narrow['reach']} ({plus_minus(narrow['fvu'], narrow['fvu_sd'])}).")
+    spliced = [r for r in rows if not np.isnan(r["delta_ce"])]
+    if spliced:
+        low = min(spliced, key=lambda r: r["delta_ce"])
+        agree = "the same reach" if low is best else f"not the reach of the best FVU (reach {best['reach']}: " \
+                                                     f"{plus_minus(best['delta_ce'], best['delta_ce_sd'])})"
+        out.append(f"With every layer replaced at once, the spliced loss is lowest at reach {low['reach']} (ΔCE "
+                   f"{plus_minus(low['delta_ce'], low['delta_ce_sd'])} nats/token), {agree}.")
+    out.append(f"The elbow, the smallest reach within the seeds' spread of the best FVU, is reach {elbow}."
+               if elbow is not None else "One seed gives no spread, so no elbow is named.")
+    wide = ordered[-1]
+    if not np.isnan(wide["spread"]):
+        out.append(f"At reach {wide['reach']} a feature writes to {wide['spread']:.2f} layers on average and "
+                   f"{100 * wide['multi_layer']:.0f}% of the live features to more than one.")
+    if not np.isnan(narrow["aligned"]) and not np.isnan(wide["aligned"]):
+        out.append(f"Aligned with the experts of layer {settings.layers[0]}: {100 * narrow['aligned']:.0f}% of the "
+                   f"features at reach {narrow['reach']}, {100 * wide['aligned']:.0f}% at reach {wide['reach']} "
+                   f"(against shuffled routing, chance: {100 * narrow['aligned_shuffled']:.0f}% and "
+                   f"{100 * wide['aligned_shuffled']:.0f}%).")
+    if picks and picks[0].get("mean_rank") is not None:
+        p = picks[0]
+        out.append(f"Layer {p['layer']} ranks first to study: ablating its experts costs "
+                   f"{p['ablation_delta_ce']:+.3f} nats/token, its domain NMI is {p['domain_nmi']:.3f} (shuffled "
+                   f"domains {p['domain_nmi_shuffled']:.3f}), a dictionary of this size reaches FVU {p['fvu']:.3f} there."
+                   if p.get("ablation_delta_ce") is not None and p.get("domain_nmi") is not None else
+                   f"Layer {p['layer']} ranks first to study.")
+    spec = settings.spec(settings.seeds[0], Path(settings.out))
+    out.append(f"Measured at {spec.tokens:,} training tokens, {settings.latents_per_layer} latents per layer, "
+               f"k = {settings.k}, {len(settings.seeds)} seed(s): the answer of this size, not of every size.")
+    return out
 
 
 def layers_markdown(picks: list[dict]) -> str:
@@ -332,7 +383,7 @@ def find_elbow(rows: list[dict]) -> str | None:
     if any(np.isnan(r["fvu_sd"]) for r in rows):
         return None
     best = min(rows, key=lambda r: r["fvu"])
-    for r in sorted(rows, key=lambda r: int(r["reach"]) if r["reach"] != "all" else 10**9):
+    for r in sorted(rows, key=_reach_order):
         if not apart(r["fvu"], r["fvu_sd"], best["fvu"], best["fvu_sd"]):
             return r["reach"]
     return best["reach"]

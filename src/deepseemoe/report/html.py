@@ -162,7 +162,8 @@ def write_report(study: Study, out_path: str | Path, *, title: str, notes: list[
                                ("wiring_all", "wiring", "wiring"), ("comparison_all", "compare", ""),
                                ("carved_all", "carved", "carved MoE"),
                                ("attribution_all", "attribution", "attribution graphs"),
-                               ("posttrain_all", "posttrain", "post-training")):
+                               ("posttrain_all", "posttrain", "post-training"),
+                               ("sweep_all", "sweep", "which layers, how many neighbours")):
         for i, item in enumerate(extra[key]):  # every result folder of the study, each its own section
             if key == "comparison_all":
                 label = "trained separately vs together" if "separate" in item.sides else "MoE vs dense"
@@ -223,6 +224,7 @@ def _analyses_context(study: Study) -> dict:
             "carved_all": [_carved(r, study, _where(study, r)) for r in results.get("carve", [])],
             "attribution_all": [_attribution(r, _where(study, r)) for r in results.get("attribution", [])],
             "posttrain_all": [_posttrain(r, _where(study, r)) for r in results.get("posttrain", [])],
+            "sweep_all": [_sweep(r, _where(study, r)) for r in results.get("sweep", [])],
             "explanations": _explanations_context(study) or None}
 
 
@@ -282,6 +284,29 @@ def _posttrain(result, folder: str) -> dict:
              "trainable": f"{r['trainable']:,.0f}", "seconds": f"{r['seconds']:.1f}"} for r in doc["rows"]]
     return {"folder": folder, "settings": st, "base": base, "hint": doc["settings"].get("hint"), "rows": rows,
             "findings": _code_spans(" ".join(doc.get("findings", []))), "figures": [_png(p) for p in result.figures]}
+
+
+def _sweep(result, folder: str) -> dict:
+    """The section of a reach sweep: its settings, one row per reach (mean ± sd over the seeds), the
+    ranked layers, the findings written from those numbers, and its figures."""
+    from deepseemoe.analysis.seeds import plus_minus
+    from deepseemoe.analysis.sweep import COLUMNS
+
+    doc = result.doc
+    rows = [{"reach": r["reach"], "seeds": r["seeds"], "l0": f"{r['l0']:.1f}",
+             "cells": [plus_minus(r[key], r.get(f"{key}_sd"), 3) for key, _ in COLUMNS]} for r in doc["rows"]]
+
+    def f(v, fmt):
+        return "–" if v is None else format(v, fmt)
+
+    layers = [{"layer": p["layer"], "ablation": f(p.get("ablation_delta_ce"), "+.4f"),
+               "nmi": f(p.get("domain_nmi"), ".3f"), "nmi_shuffled": f(p.get("domain_nmi_shuffled"), ".3f"),
+               "fvu": f(p.get("fvu"), ".3f"),
+               "ranks": ", ".join(str(p.get(f"{k}_rank", "–")) for k in ("ablation_delta_ce", "domain_nmi", "fvu")),
+               "mean_rank": f(p.get("mean_rank"), ".2f")} for p in doc.get("which_layer", [])]
+    return {"folder": folder, "settings": doc["settings"]["settings"], "columns": [label for _, label in COLUMNS],
+            "rows": rows, "elbow": doc.get("elbow"), "layers": layers,
+            "findings": " ".join(doc.get("findings", [])), "figures": [_png(p) for p in result.figures]}
 
 
 def _code_spans(text: str) -> Markup:

@@ -12,6 +12,7 @@
     STUDY/*/attribution.json + graphs/*.json   attribution graphs of prompts (`attribute`), each graph
                                     circuit-tracer's graph JSON, checksummed in attribution.json
     STUDY/*/posttrain.json + table.json   a post-training study (`post-train`, runs/posttrain.py)
+    STUDY/*/sweep.json + table.json       a reach sweep (`sweep`, runs/sweep.py)
     run.json's "zoo" folder, report.json    the models' training report, when the zoo trained them
 
 `deepseemoe report` renders whatever of this exists; nothing here is recomputed.
@@ -32,6 +33,9 @@ from deepseemoe.runs.posttrain import SETTINGS as POSTTRAIN_SETTINGS
 from deepseemoe.runs.posttrain import TABLE as POSTTRAIN_TABLE
 from deepseemoe.runs.posttrain import PostTrainRun
 from deepseemoe.runs.routing import RoutingRun
+from deepseemoe.runs.sweep import SETTINGS as SWEEP_SETTINGS
+from deepseemoe.runs.sweep import TABLE as SWEEP_TABLE
+from deepseemoe.runs.sweep import SweepRun
 
 FIX = "run the verb that wrote it again"
 ABLATION, COMPARISON, REMOVAL, WIRING = "ablation.json", "comparison.json", "removal.json", "wiring.json"
@@ -150,7 +154,7 @@ class Study:
     # the study's run, so never shown as its experts
     other_explanations: list[ExplanationStore] = field(default_factory=list)
     # every result folder beside the run, by kind ("ablation", "removal", "wiring", "comparison", "specialists",
-    # "carve", "attribution", "posttrain"), in name order
+    # "carve", "attribution", "posttrain", "sweep"), in name order
     results: dict[str, list[Result]] = field(default_factory=dict)
 
     # the first folder of each kind: what the explorer's single-result pages show
@@ -212,6 +216,10 @@ class Study:
                 pt = PostTrainRun.open(sub)
                 study.results.setdefault("posttrain", []).append(
                     Result(sub, {"settings": pt.settings(), **pt.table()}, pt.figures()))
+            if (sub / SWEEP_SETTINGS).exists() and (sub / SWEEP_TABLE).exists():  # a finished reach sweep
+                sweep = SweepRun.open(sub)
+                study.results.setdefault("sweep", []).append(
+                    Result(sub, {"settings": sweep.settings(), **sweep.table()}, sweep.figures()))
             if (sub / CARVE).exists():  # the carved models' routing runs, and the experts described in them
                 for split in sorted(p for p in sub.iterdir() if _is_routing_run(p)):
                     study.other_explanations += list(stores_in(split).values())
