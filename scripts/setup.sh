@@ -54,7 +54,10 @@ export PIP_CONSTRAINT="$constraints"
 if [[ -n "$testing" ]]; then
     # circuit-tracer pins transformers<=4.57 and delphi requires vLLM; the loaders the tests use need
     # neither, so both go in without their dependencies, plus what their loader modules import.
-    "${PIP[@]}" --no-deps "circuit-tracer==0.5.0" "eai-delphi==0.1.3"
+    # sae-bench (SAEBench's own probe code, the reference of tests/dictionaries/test_probing_vs_saebench.py)
+    # declares transformer-lens and its model stack; its probe module needs only torch, sklearn,
+    # beartype and jaxtyping, which the test extra already has.
+    "${PIP[@]}" --no-deps "circuit-tracer==0.5.0" "eai-delphi==0.1.3" "sae-bench==0.6.0"
     "${PIP[@]}" asyncer orjson faiss-cpu sentence-transformers blobfile fire aiofiles
 fi
 unset PIP_CONSTRAINT
