@@ -56,6 +56,7 @@ def test_sweep_table_is_the_seeds_evaluations_and_a_rerun_reuses_them(tmp_path, 
     ({"k": 100}, "equal L0 cannot be met"),
     ({"seeds": []}, "seeds must be a list"),
     ({"width": 3}, "unknown key"),
+    ({"latents_per_layer": 20_000_000}, "GB of memory"),  # 2 CLTs of 6.4 B parameters: refused with the estimate
 ])
 def test_bad_sweeps_are_one_line_and_write_nothing(tmp_path, cli, tiny_olmoe_dir, corpus_jsonl, change, message):
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(_config(tmp_path, tiny_olmoe_dir, corpus_jsonl, **change)))

@@ -137,6 +137,56 @@ def _key(settings: SweepSettings) -> str:
     return hashlib.sha256(json.dumps(settings.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
 
 
+def check_memory(settings: SweepSettings, width: int) -> None:
+    """Refuse, with the estimate, a sweep whose coders (with their gradients and Adam's two moments),
+    activation buffer and model would not fit the memory of the coders' device. Every reach of a seed
+    trains at once; a CLT keeps its whole decoder whatever its reach (the unused part held at zero)."""
+    spec = settings.spec(settings.seeds[0], Path(settings.out))
+    L, F = len(settings.layers), settings.latents_per_layer
+    params = L * F * width + F * width * L * (L + 1) // 2 + L * (F + width)  # encoders, decoders, biases
+    coders = len(settings.neighbours) * params * 4 * 4  # float32 weights, gradients, two moments
+    buffer = spec.train.buffer_size * L * 2 * width * 4
+    device = spec.coder_device or "cpu"
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            return  # the run itself refuses a device it cannot see
+        free, model, where = torch.cuda.mem_get_info(torch.device(device))[0], 0, device
+    else:
+        free, where = _available_memory(), "this machine"
+        folder = Path(str(settings.base.get("model", "")))
+        model = sum(p.stat().st_size for p in folder.glob("*.safetensors")) if folder.is_dir() else 0
+    runtime = 0 if device.startswith("cuda") else RUNTIME_BYTES
+    need = coders + buffer + model + runtime
+    if free and need > 0.9 * free:
+        raise DeepSeeMoEError(f"the sweep needs about {_size(need)} of memory ({len(settings.neighbours)} CLTs "
+                              f"of {params / 1e6:,.0f}M parameters with their gradients and optimizer state "
+                              f"{_size(coders)}, the activation buffer {_size(buffer)}"
+                              + (f", the model {_size(model)}" if model else "")
+                              + (f", torch and the library about {runtime / 1e9:.0f} GB" if runtime else "")
+                              + f") and {where} has {_size(free)} available; lower latents_per_layer, the "
+                              "layers, the reaches or train.buffer_size")
+
+
+RUNTIME_BYTES = 10**9  # a process with torch and transformers loaded, before any work (measured: 0.5–0.8 GB)
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.0f} MB"
+
+
+def _available_memory() -> int:
+    """Bytes the kernel says a new allocation can have (MemAvailable), or 0 where it does not say."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def check_disk(settings: SweepSettings, width: int) -> None:
     """Refuse, with the estimate, a sweep whose activation cache would not fit the disk."""
     import shutil
@@ -167,6 +217,7 @@ def run_sweep(settings: SweepSettings, *, progress: bool = True, trust_remote_co
                                   f"0–{n_layers - 1})")
         if getattr(cfg, "hidden_size", None):
             check_disk(settings, int(cfg.hidden_size))
+            check_memory(settings, int(cfg.hidden_size))
     created = not Path(settings.out).exists()
     run = SweepRun.create(settings.out, settings.to_dict(), _key(settings))
     names = [settings.name(w) for w in settings.neighbours]
