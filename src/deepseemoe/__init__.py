@@ -24,7 +24,7 @@ imported by the stages that use them, not here, so the CLI starts fast.
 __version__ = "0.1.0"
 
 STAGES: tuple[frozenset[str], ...] = (
-    frozenset({"errors", "validate", "progress", "distributed"}),
+    frozenset({"errors", "validate", "progress", "distributed", "measures"}),
     frozenset({"runs"}),
     frozenset({"data", "models", "zoo"}),
     frozenset({"capture"}),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from deepseemoe.errors import DeepSeeMoEError, ReportedByRankZero
+from deepseemoe.errors import DeepSeeMoEError, RankLost, ReportedByRankZero
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,10 @@ class World:
         import torch.distributed as dist
 
         out = [None] * self.size
-        dist.all_gather_object(out, obj)
+        try:
+            dist.all_gather_object(out, obj)
+        except RuntimeError as exc:  # gloo/nccl: a peer's connection closed
+            raise _lost(self, exc) from None
         return out
 
     def agree(self, failure: str | None) -> None:
@@ -58,8 +61,17 @@ class World:
         import torch.distributed as dist
 
         if dist.is_initialized():
-            dist.barrier()
+            try:
+                dist.barrier()
+            except RuntimeError as exc:
+                raise _lost(self, exc) from None
             dist.destroy_process_group()
+
+
+def _lost(world: World, exc: Exception) -> RankLost:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    return RankLost(f"rank {world.rank} of {world.size}: another rank stopped (killed, out of memory, or its machine "
+                    f"lost; {first})")
 
 
 def join(backend: str | None = None) -> World:

@@ -13,6 +13,11 @@ class DeepSeeMoEError(Exception):
     """An error caused by the user's input or environment, with its fix in the message."""
 
 
+class RankLost(DeepSeeMoEError):
+    """Under torchrun, a collective broke because another rank's process ended (killed, out of
+    memory, its machine lost): what this rank has finished is kept for a resume, not cleaned up."""
+
+
 class ReportedByRankZero(DeepSeeMoEError):
     """Under torchrun, a failure rank 0 prints for the whole run: the other ranks exit with the same
     code and print nothing, so the user reads one `error:` line, not one per process."""

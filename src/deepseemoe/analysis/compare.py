@@ -35,6 +35,7 @@ import torch
 from deepseemoe.analysis.causal import LossMeter, token_domains
 from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.interventions.routing import ablate, route_intervention
+from deepseemoe.measures import entropy
 from deepseemoe.models.spec import ModelHandle
 
 
@@ -42,9 +43,7 @@ def selectivity(mass: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """mass [U, C] summed activity per class, counts [C] tokens per class → [U] (nan if silent)."""
     mean = mass / np.maximum(counts, 1)[None, :]
     total = mean.sum(1, keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        p = mean / total
-        h = -np.where(p > 0, p * np.log(p), 0.0).sum(1)
+    h = entropy(mean, axis=1)
     C = int((counts > 0).sum())
     out = 1 - h / math.log(C) if C > 1 else np.full(len(mass), np.nan)
     return np.where(total[:, 0] > 0, out, np.nan)

@@ -29,6 +29,7 @@ from deepseemoe.capture.core import Site
 from deepseemoe.dictionaries.coder import Coder
 from deepseemoe.dictionaries.stream import model_stream
 from deepseemoe.errors import DeepSeeMoEError
+from deepseemoe.measures import entropy
 from deepseemoe.models.spec import ModelHandle
 
 
@@ -75,7 +76,7 @@ def _mi_bits(n11: np.ndarray, n1_: np.ndarray, n_1: np.ndarray, N: int) -> np.nd
 def feature_expert_tables(latents: torch.Tensor, idx: torch.Tensor, num_experts: int) -> dict[str, np.ndarray]:
     """Counts and the statistics above from latents [T, F] and chosen experts [T, K]."""
     fires = (latents > 0).double()
-    T, K = idx.shape
+    T = idx.shape[0]
     chosen = torch.zeros(T, num_experts, dtype=torch.float64).scatter_(1, idx.long(), 1.0)
     counts = (fires.T @ chosen).numpy()  # [F, E]
     n_f = fires.sum(0).numpy()
@@ -84,8 +85,7 @@ def feature_expert_tables(latents: torch.Tensor, idx: torch.Tensor, num_experts:
         p_e_given_f = counts / n_f[:, None]
         p_e = n_e / T
         lift = p_e_given_f / p_e[None, :]
-        q = p_e_given_f / K
-        ent = -np.where(q > 0, q * np.log(q), 0.0).sum(1)
+    ent = entropy(np.nan_to_num(p_e_given_f), axis=1)  # of P(e|f)/K: each token's K slots share 1
     specificity = np.where(n_f > 0, 1 - ent / math.log(num_experts), np.nan)
     return {"counts": counts, "fires": n_f, "expert_slots": n_e, "p_e_given_f": p_e_given_f, "lift": lift,
             "mi_bits": _mi_bits(counts, n_f[:, None], n_e[None, :], T), "specificity": specificity, "tokens": T}
@@ -340,8 +340,6 @@ def composition_from_sums(num: torch.Tensor, den: torch.Tensor) -> dict[str, np.
     S = (num / den.clamp_min(1e-30)[:, None]).T.numpy()  # [F, E]
     mag = np.abs(S)
     total = mag.sum(1, keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        p = mag / total
-        h = -np.where(p > 0, p * np.log(p), 0.0).sum(1)
+    h = entropy(mag, axis=1)
     spec = np.where(total[:, 0] > 0, 1 - h / math.log(num_experts), np.nan)
     return {"share": S, "specificity": spec, "top_expert": mag.argmax(1)}

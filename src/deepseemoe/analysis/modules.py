@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from deepseemoe.errors import DeepSeeMoEError
+from deepseemoe.measures import mutual_information
 
 
 @dataclass
@@ -175,20 +176,8 @@ def _codes(values: list) -> np.ndarray:
 
 
 def _nmi_codes(a: np.ndarray, b: np.ndarray) -> float:
-    n = len(a)
     na, nb = int(a.max()) + 1, int(b.max()) + 1
-    joint = np.bincount(a * nb + b, minlength=na * nb).astype(np.float64)
-    pa, pb = np.bincount(a, minlength=na) / n, np.bincount(b, minlength=nb) / n
-    pab = joint[joint > 0] / n
-    ia, ib = np.nonzero(joint.reshape(na, nb))
-    ha = -float(np.sum(pa[pa > 0] * np.log(pa[pa > 0])))
-    hb = -float(np.sum(pb[pb > 0] * np.log(pb[pb > 0])))
-    if ha == 0 and hb == 0:
-        return 1.0
-    if ha == 0 or hb == 0:
-        return 0.0
-    mi = float(np.sum(pab * np.log(pab / (pa[ia] * pb[ib]))))
-    return max(0.0, mi / ((ha + hb) / 2))
+    return mutual_information(np.bincount(a * nb + b, minlength=na * nb).reshape(na, nb))[1]
 
 
 def nmi(a: dict, b: dict) -> float:

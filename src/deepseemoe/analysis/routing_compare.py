@@ -2,7 +2,7 @@
 
 Per layer, on held-out tokens with a domain label (BOS and padding excluded):
 - counts[c, e]   top-k slots of class c's tokens that went to expert e; top1[c, e] the first slot;
-- NMI(domain; expert) over all slots and over the first slot (`routing.stats.mutual_information`);
+- NMI(domain; expert) over all slots and over the first slot (`measures.mutual_information`);
 - a domain's own expert(s): the m experts with the largest share of its tokens, chosen on the
   selection half of the contexts (for a model whose config names each expert's training domain,
   also the declared one); own share: the fraction of the domain's tokens (evaluation half) that
@@ -27,8 +27,8 @@ import torch
 
 from deepseemoe.analysis.causal import LossMeter, token_domains
 from deepseemoe.interventions.routing import exclude, route_intervention
+from deepseemoe.measures import mutual_information, normalised_entropy
 from deepseemoe.models.spec import ModelHandle
-from deepseemoe.routing.stats import mutual_information
 
 
 def routing_counts(handle: ModelHandle, batches: list, class_of, n_classes: int) -> dict[int, dict]:
@@ -81,8 +81,7 @@ def routing_summary(evaluate: dict[int, dict], own: dict[int, np.ndarray], domai
                 mine = set(own[layer][ci].tolist())
                 share[d] = sum(n for s, n in c["sets"][ci].items() if mine & set(s)) / float(tokens[ci])
         load = slots.sum(0) / max(slots.sum(), 1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ent = float(-np.nansum(np.where(load > 0, load * np.log(load), 0.0)) / np.log(len(load)))
+        ent = float(normalised_entropy(load))
         row = {"nmi_all_slots": mutual_information(slots[active])[1], "nmi_top1": mutual_information(top1[active])[1],
                "own_share": share, "own_share_mean": float(np.mean(list(share.values()))) if share else None,
                "load_entropy": ent, "max_load": float(load.max()), "top_k": float(k),

@@ -268,7 +268,7 @@ def layer_profile(settings: SweepSettings, out: Path, *, trust_remote_code: bool
     from deepseemoe.data.tokens import token_domains
     from deepseemoe.dictionaries.run import load_for_run, run_batches
     from deepseemoe.interventions.routing import ablate, route_intervention
-    from deepseemoe.routing.stats import mutual_information
+    from deepseemoe.measures import mutual_information
 
     spec = settings.spec(settings.seeds[0], out)
     handle = load_for_run(spec, spec.model_device, trust_remote_code=trust_remote_code)

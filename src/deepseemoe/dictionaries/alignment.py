@@ -7,7 +7,7 @@ least MIN_FIRES tokens:
                     fall on its own K most frequent experts; uniform routing gives ≈ K/E
   aligned share     live features with concentration ≥ 1/2 / live features: half of the feature's
                     tokens' choices go to as many experts as one token picks
-  domain NMI        NMI (routing/stats.mutual_information) between each live feature's dominant domain
+  domain NMI        NMI (measures.mutual_information) between each live feature's dominant domain
                     (of its firing tokens) and the dominant domain of its top expert by lift (of the
                     tokens routed to that expert): features of a domain landing on that domain's experts
 Every figure stands beside two baselines: `random`, the untrained dictionary of the same shape (the
@@ -63,7 +63,7 @@ class AlignmentCounts:
             t["ed"] = _grow(t["ed"], dom.shape[1]) + (routed.T @ dom).numpy()
 
     def result(self) -> dict:
-        from deepseemoe.routing.stats import mutual_information
+        from deepseemoe.measures import mutual_information
 
         out: dict = {"top_k": self.K, "num_experts": self.E, "min_fires": MIN_FIRES, "aligned_at": ALIGNED}
         for kind, t in self.tables.items():

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from deepseemoe.measures import mutual_information, normalised_entropy
 from deepseemoe.models.spec import ModelHandle
-from deepseemoe.routing.stats import mutual_information
 
 
 @dataclass
@@ -81,8 +81,7 @@ def routing_drift(before: np.ndarray, after: np.ndarray, num_experts: int) -> di
 
 def load_measures(ids: np.ndarray, num_experts: int) -> dict:
     load = np.bincount(ids.reshape(-1), minlength=num_experts) / max(ids.size, 1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ent = float(-np.nansum(np.where(load > 0, load * np.log(load), 0.0)) / np.log(num_experts))
+    ent = float(normalised_entropy(load))
     return {"entropy": ent, "max_over_mean": float(load.max() * num_experts), "dead": int((load == 0).sum()),
             "overloaded": int((load > 2 / num_experts).sum())}
 

@@ -45,6 +45,8 @@ from pathlib import Path
 import numpy as np
 
 from deepseemoe.errors import DeepSeeMoEError
+from deepseemoe.measures import entropy as _entropy
+from deepseemoe.measures import mutual_information
 from deepseemoe.runs.routing import RoutingRun
 
 TOKEN_CLASSES = ("word_start", "word_piece", "digit", "punctuation", "whitespace", "other")
@@ -66,26 +68,6 @@ def token_class(piece: str) -> int:
     if not any(ch.isalnum() for ch in core):
         return TOKEN_CLASSES.index("punctuation")
     return TOKEN_CLASSES.index("other")
-
-
-def _entropy(p: np.ndarray, axis: int = -1) -> np.ndarray:
-    p = p / np.clip(p.sum(axis=axis, keepdims=True), 1e-300, None)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return -np.nansum(np.where(p > 0, p * np.log(p), 0.0), axis=axis)
-
-
-def mutual_information(joint: np.ndarray) -> tuple[float, float]:
-    """(MI in bits, NMI with arithmetic-mean normalisation) of a joint count table."""
-    total = joint.sum()
-    if total == 0:
-        return 0.0, 0.0
-    p = joint / total
-    px, py = p.sum(1, keepdims=True), p.sum(0, keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        mi = float(np.nansum(np.where(p > 0, p * np.log(p / (px * py)), 0.0)))
-    hx, hy = float(_entropy(px.ravel())), float(_entropy(py.ravel()))
-    nmi = 2 * mi / (hx + hy) if hx + hy > 0 else 0.0
-    return mi / np.log(2), nmi
 
 
 @dataclass

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from deepseemoe.distributed import World
-from deepseemoe.errors import DeepSeeMoEError, ReportedByRankZero, keep
+from deepseemoe.errors import DeepSeeMoEError, RankLost, ReportedByRankZero, keep
 from deepseemoe.runs.atomic import atomic_path, atomic_write_json, atomic_write_table
 from deepseemoe.runs.lock import recover, run_lock, sidecar, swap_in
 from deepseemoe.runs.manifest import NAME as MANIFEST
@@ -407,11 +407,14 @@ class RoutingRunWriter:
         keep("route", None)
         return digest
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if isinstance(exc, RankLost):  # a peer died mid-run: its finished shards and ours stay for --resume
+            exc.args = (f"{exc}; the shards finished so far stay in {self.staging}: rerun the same command with "
+                        "--resume",)
         if self._lock is None:  # another rank, or refused before the lock
             return
         try:
-            if not self.committed and self.staging.exists():
+            if not self.committed and self.staging.exists() and not isinstance(exc, RankLost):
                 shutil.rmtree(self.staging, ignore_errors=True)
         finally:
             self._lock.__exit__(None, None, None)
