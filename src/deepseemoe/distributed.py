@@ -8,6 +8,7 @@ environment (WORLD_SIZE, RANK, LOCAL_RANK) and starts or ends the process group.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -29,18 +30,27 @@ class World:
         """Item `index` of a stream every rank reads in the same order is this rank's to process."""
         return index % self.size == self.rank
 
-    def gather(self, obj) -> list:
-        """Every rank's `obj` (a small picklable value), on every rank, in rank order."""
+    def gather(self, obj):
+        """Every rank's `obj` (a small JSON value: what crosses is JSON, never a pickle — a list comes
+        back for a tuple, string keys for int ones), on every rank, in rank order."""
         if self.size == 1:
-            return [obj]
+            return [json.loads(json.dumps(obj))]
+        import torch
         import torch.distributed as dist
 
-        out = [None] * self.size
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        data = json.dumps(obj).encode()
         try:
-            dist.all_gather_object(out, obj)
+            sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(self.size)]
+            dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.long, device=device))
+            longest = max(int(n) for n in sizes)
+            mine = torch.zeros(longest, dtype=torch.uint8, device=device)
+            mine[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            bufs = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(self.size)]
+            dist.all_gather(bufs, mine)
         except RuntimeError as exc:  # gloo/nccl: a peer's connection closed
             raise _lost(self, exc) from None
-        return out
+        return [json.loads(bytes(b[:int(n)].cpu().numpy())) for b, n in zip(bufs, sizes, strict=True)]
 
     def agree(self, failure: str | None) -> None:
         """A collective check: when any rank reports a failure, rank 0 raises it (naming the rank)

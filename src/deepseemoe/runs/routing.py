@@ -251,12 +251,12 @@ class RoutingRunWriter:
             except BaseException as exc:  # told to the other ranks before it propagates
                 error, failure = exc, str(exc) or type(exc).__name__
         if self.world.size > 1:
-            failure, state = self.world.gather((failure, state))[0]
+            failure, state = self.world.gather([failure, state])[0]
         if error is not None:
             raise error
         if failure:
             raise ReportedByRankZero(failure)
-        state = state or {}
+        state = {int(rank): rec for rank, rec in (state or {}).items()}  # JSON keys are strings
         self.resumed_tokens = sum(int(rec["tokens"]) for rec in state.values())
         self.shards = ShardWriter(self.staging, self.shard_tokens, self.logits, self.buffer_gb, rank=self.world.rank,
                                   world=self.world.size, settings=self.settings, resumed=state.get(self.world.rank))
@@ -367,7 +367,8 @@ class RoutingRunWriter:
                     raise
                 failure = describe_failure(exc)
         self.world.agree(failure)
-        reports = self.world.gather((self.shards.entries, self.shards.total_tokens, self.shards.shard, batches))
+        entries = {rel: {k: v for k, v in vars(e).items() if v is not None} for rel, e in self.shards.entries.items()}
+        reports = self.world.gather([entries, self.shards.total_tokens, self.shards.shard, batches])
         self.run_tokens = sum(r[1] for r in reports)
         digest, error = None, None
         if self.world.main:
@@ -399,7 +400,8 @@ class RoutingRunWriter:
         shutil.rmtree(self.staging / PROGRESS, ignore_errors=True)  # the run is complete: nothing to resume
         manifest = Manifest(KIND)
         for entries, *_ in reports:
-            manifest.files.update(entries)
+            manifest.files.update({rel: FileEntry(int(e["bytes"]), str(e["sha256"]), e.get("rows"))
+                                   for rel, e in entries.items()})
         manifest.add(self.staging, "run.json")
         digest = manifest.write(self.staging)
         swap_in(self.staging, self.run_dir)
