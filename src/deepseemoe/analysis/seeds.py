@@ -26,4 +26,5 @@ def plus_minus(v: float | None, sd: float | None, digits: int = 4, signed: bool 
     if v is None or np.isnan(v):
         return "–"
     sign = "+" if signed else ""
+    v = 0.0 if round(v, digits) == 0 else v  # a tiny negative would print as −0.0000
     return f"{v:{sign}.{digits}f}" + ("" if sd is None or np.isnan(sd) else f" ± {sd:.{digits}f}")
