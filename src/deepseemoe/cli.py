@@ -107,7 +107,7 @@ def run() -> None:
     except ImportError:
         from click import exceptions as click_exceptions
 
-    from deepseemoe.errors import DeepSeeMoEError, ReportedByRankZero, kept_on_interrupt
+    from deepseemoe.errors import DeepSeeMoEError, ReportedByRankZero, failure_line, kept_on_interrupt
 
     args = sys.argv[1:]
     debug = "--debug" in args or os.environ.get("DEEPSEEMOE_DEBUG", "") not in ("", "0")
@@ -131,14 +131,8 @@ def run() -> None:
         _fail(f"{exc.format_message()} (see `{command} --help`)", 2, debug)
     except click_exceptions.ClickException as exc:
         _fail(exc.format_message(), exc.exit_code, debug)
-    except OSError as exc:  # unwritable or missing output paths, a full disk: the environment, not a bug
-        where = f" {exc.filename}" if exc.filename else ""
-        _fail(f"cannot use{where}: {exc.strerror or exc}; check the path, its permissions and the free space",
-              2, debug)
-    except Exception as exc:  # a bug: still one line, with the way to the traceback
-        first = (str(exc).strip().splitlines() or [""])[0][:300]
-        _fail(f"internal error ({type(exc).__name__}: {first}); rerun with --debug for the traceback and "
-              "please report it", 1, debug)
+    except Exception as exc:  # an unwritable path or full disk (exit 2), or a bug (exit 1): still one line
+        _fail(*failure_line(exc), debug)
     if code == 130:  # typer turns Ctrl-C inside a command into exit code 130
         kept = kept_on_interrupt()
         _fail("interrupted; " + (kept or "nothing half-written was left"), 130, False)

@@ -23,6 +23,20 @@ class ReportedByRankZero(DeepSeeMoEError):
     code and print nothing, so the user reads one `error:` line, not one per process."""
 
 
+def failure_line(exc: BaseException) -> tuple[str, int]:
+    """The one line and the exit code the CLI gives an exception: the user's input or environment
+    (DeepSeeMoEError; unwritable or missing paths, a full disk) exit 2, anything else is a bug (1).
+    Under torchrun rank 0 prints the line another rank met, so both use this one wording."""
+    if isinstance(exc, DeepSeeMoEError):
+        return str(exc), 2
+    if isinstance(exc, OSError):
+        where = f" {exc.filename}" if exc.filename else ""
+        return f"cannot use{where}: {exc.strerror or exc}; check the path, its permissions and the free space", 2
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    return (f"internal error ({type(exc).__name__}: {first}); rerun with --debug for the traceback and "
+            "please report it"), 1
+
+
 def keep(what: str, message: str | None) -> None:
     """Record (or with None, forget) what an interruption now would leave behind, under a key."""
     if message is None:

@@ -17,9 +17,9 @@ from deepseemoe.data.sources import TextSource, iter_documents
 from deepseemoe.data.token_text import token_texts
 from deepseemoe.data.tokens import pack_documents
 from deepseemoe.distributed import World
-from deepseemoe.errors import DeepSeeMoEError
+from deepseemoe.errors import DeepSeeMoEError, failure_line
 from deepseemoe.models.spec import ModelHandle
-from deepseemoe.runs.routing import RoutingRunWriter, describe_failure
+from deepseemoe.runs.routing import RoutingRunWriter
 
 
 @dataclass
@@ -143,7 +143,7 @@ def route_corpus(handle: ModelHandle, source: TextSource, run_dir: str | Path, *
         except Exception as exc:  # under torchrun: carried to the commit, where rank 0 reports it once
             if world.size == 1:
                 raise
-            failure = describe_failure(exc)
+            failure = failure_line(exc)[0]
         seconds = time.perf_counter() - start
         if world.size == 1 and writer.total_tokens == 0:
             raise DeepSeeMoEError(f"no tokens were routed from {source.spec}; check the length filters and the field")
