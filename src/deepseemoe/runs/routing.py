@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from deepseemoe.distributed import World
-from deepseemoe.errors import DeepSeeMoEError, RankLost, ReportedByRankZero, keep
+from deepseemoe.errors import DeepSeeMoEError, RankLost, ReportedByRankZero, failure_line, keep
 from deepseemoe.runs.atomic import atomic_path, atomic_write_json, atomic_write_table
 from deepseemoe.runs.lock import recover, run_lock, sidecar, swap_in
 from deepseemoe.runs.manifest import NAME as MANIFEST
@@ -266,10 +266,7 @@ class RoutingRunWriter:
         every = self.world.gather(self.settings)
         for rank, theirs in enumerate(every):
             if theirs != every[0]:
-                keys = [k for k in sorted(set(theirs or {}) | set(every[0] or {}))
-                        if (theirs or {}).get(k) != (every[0] or {}).get(k)]
-                diff = "; ".join(f"{k}: {(every[0] or {}).get(k)} on rank 0, {(theirs or {}).get(k)} on rank {rank}"
-                                 for k in keys[:3])
+                diff = settings_diff(every[0], theirs, "on rank 0", f"on rank {rank}")
                 message = (f"rank {rank} was started with other settings than rank 0 ({diff}); start every rank "
                            "with the same command")
                 if self.world.main:
@@ -319,10 +316,7 @@ class RoutingRunWriter:
                 raise DeepSeeMoEError(f"{path}, the progress of the interrupted run, is damaged; rerun without "
                                       "--resume to start over") from None
             if theirs != self.settings:
-                keys = [k for k in sorted(set(theirs or {}) | set(self.settings or {}))
-                        if (theirs or {}).get(k) != (self.settings or {}).get(k)]
-                diff = "; ".join(f"{k}: {(theirs or {}).get(k)} then, {(self.settings or {}).get(k)} now"
-                                 for k in keys[:3])
+                diff = settings_diff(theirs, self.settings, "then", "now")
                 raise DeepSeeMoEError(f"the interrupted run in {self.staging} was started with other settings "
                                       f"({diff}); resume it with its own settings, or rerun without --resume to "
                                       "start over")
@@ -365,7 +359,7 @@ class RoutingRunWriter:
             except BaseException as exc:
                 if self.world.size == 1:
                     raise
-                failure = describe_failure(exc)
+                failure = failure_line(exc)[0]
         self.world.agree(failure)
         entries = {rel: {k: v for k, v in vars(e).items() if v is not None} for rel, e in self.shards.entries.items()}
         reports = self.world.gather([entries, self.shards.total_tokens, self.shards.shard, batches])
@@ -422,15 +416,12 @@ class RoutingRunWriter:
             self._lock.__exit__(None, None, None)
 
 
-def describe_failure(exc: BaseException) -> str:
-    """One line for an exception a rank met, as the CLI would print it."""
-    if isinstance(exc, DeepSeeMoEError):
-        return str(exc)
-    if isinstance(exc, OSError):
-        where = f" {exc.filename}" if exc.filename else ""
-        return f"cannot use{where}: {exc.strerror or exc}; check the path, its permissions and the free space"
-    first = (str(exc).strip().splitlines() or [""])[0][:300]
-    return f"internal error ({type(exc).__name__}: {first}); rerun with --debug for the traceback and please report it"
+def settings_diff(a: dict | None, b: dict | None, a_is: str, b_is: str, most: int = 3) -> str:
+    """The settings that differ between two records, for an error line: `key: A a_is, B b_is; …`
+    (the first `most` keys in name order)."""
+    a, b = a or {}, b or {}
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return "; ".join(f"{k}: {a.get(k)} {a_is}, {b.get(k)} {b_is}" for k in keys[:most])
 
 
 @dataclass
