@@ -37,6 +37,7 @@ from deepseemoe.runs.dictionary import DictionaryRun
 
 DENSE_FRACTION = 0.10
 SPLICEABLE_SAE_SITES = REWRITABLE
+SPLICED_KINDS = ("sae", "transcoder", "skip_transcoder", "clt")  # a crosscoder reads later layers: not causal
 
 
 class _Splice:
@@ -170,10 +171,13 @@ class _Totals:
 @torch.no_grad()
 def evaluate_run(run_dir: str | Path, *, data: str | None = None, tokens: int = 20_000, batch_size: int = 8,
                  device: str | None = None, progress: bool = True, trust_remote_code: bool = False,
-                 device_map: str | None = None, benchmarks: bool = True) -> dict:
+                 device_map: str | None = None, benchmarks: bool = True,
+                 together: dict[str, list[str]] | None = None) -> dict:
     """Reconstruction, splice and routing measures of every coder of a run on `tokens` of `data`;
     with `benchmarks`, also the SAEBench family (sparse probing, absorption) beside an untrained
-    dictionary of each shape (an internal evaluation that reads only FVU/ΔCE skips them)."""
+    dictionary of each shape (an internal evaluation that reads only FVU/ΔCE skips them).
+    `together`: named groups of coders (say, one SAE per layer) also spliced all at once, in one
+    forward — the replacement model of the group — under the doc's "together"."""
     from deepseemoe.dictionaries.run import load_for_run, run_batches
     from deepseemoe.progress import track
 
@@ -191,6 +195,13 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, tokens: int = 
     if not coders:
         raise DeepSeeMoEError(f"{run_dir}/dictionaries holds no trained coders; run `deepseemoe train` first")
 
+    for group, names in (together or {}).items():
+        bad = [n for n in names if n not in coders or coders[n][1]["kind"] not in SPLICED_KINDS
+               or (coders[n][1]["kind"] == "sae" and coders[n][1]["target"][0][0] not in SPLICEABLE_SAE_SITES)]
+        if bad or not names:
+            raise DeepSeeMoEError(f"cannot splice {group!r} at once: {', '.join(bad) or 'no coders'} — not a "
+                                  f"spliceable coder of {run_dir}")
+    joint = {group: _Totals([], [], []) for group in together or {}}
     batches = list(run_batches(spec, handle, data=data, batch_size=batch_size, max_tokens=tokens))
     pairs = {name: ([Site(k, la) for k, la in m["source"]], [Site(k, la) for k, la in m["target"]])
              for name, (_, m) in coders.items()}
@@ -285,9 +296,21 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, tokens: int = 
             clean_logits = handle.model(input_ids=ids, attention_mask=am, use_cache=False).logits
         clean_logp = torch.log_softmax(clean_logits[:, :-1].float(), -1)
         ce, _, n, ce_tokens = _next_token_stats(clean_logits, ids, am)
+        for group, names in (together or {}).items():
+            splices = [_Splice(handle, coders[n][0], coders[n][1], keep, "recon") for n in names]
+            try:
+                for sp in splices:
+                    sp.install()
+                logits = handle.model(input_ids=ids, attention_mask=am, use_cache=False).logits
+            finally:
+                for sp in splices:
+                    sp.remove()
+            ce_s, kl_s, _, _ = _next_token_stats(logits, ids, am, clean_logp)
+            j = joint[group]
+            j.ce_clean, j.ce_recon, j.kl, j.next_tokens = j.ce_clean + ce, j.ce_recon + ce_s, j.kl + kl_s, j.next_tokens + n
         for name, (coder, meta) in coders.items():
             a = acc[name]
-            if meta["kind"] not in ("sae", "transcoder", "skip_transcoder", "clt") or \
+            if meta["kind"] not in SPLICED_KINDS or \
                     (meta["kind"] == "sae" and meta["target"][0][0] not in SPLICEABLE_SAE_SITES):
                 continue
             a.ce_clean += ce
@@ -325,8 +348,15 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, tokens: int = 
         absorbed[name] = {"trained": absorption(xs, sparse.vstack(ab["latents"]), _decoder(coders[name][0]), toks, letters),
                           "random": absorption(xs, sparse.vstack(ab["random"]), _decoder(randoms[name]), toks, letters)}
     alignment = {name: {"layer": site.layer, **counts.result()} for name, (site, counts) in aligned.items()}
-    return _summarise(run_dir, coders, acc, data or spec.data, sum(b.num_tokens for b in batches), pools, absorbed,
-                      alignment)
+    doc = _summarise(run_dir, coders, acc, data or spec.data, sum(b.num_tokens for b in batches), pools, absorbed,
+                     alignment)
+    if together:
+        doc["together"] = {group: {"coders": together[group], "next_tokens": j.next_tokens,
+                                   "ce_clean": j.ce_clean / max(j.next_tokens, 1),
+                                   "ce_spliced": j.ce_recon / max(j.next_tokens, 1),
+                                   "delta_ce": (j.ce_recon - j.ce_clean) / max(j.next_tokens, 1),
+                                   "kl": j.kl / max(j.next_tokens, 1)} for group, j in joint.items()}
+    return doc
 
 
 ABSORPTION_TOKENS = 8192  # word tokens kept per dictionary for the first-letter task
