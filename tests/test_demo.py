@@ -164,6 +164,12 @@ def test_reduced_demo(tmp_path, cli, zoo_cache):
         assert f"<td class=\"l\">{row['reach']}</td><td>2</td>" in page
         assert f"<td>{statistics.mean(fvus):.3f} ± {statistics.stdev(fvus):.3f}</td>" in page, row["reach"]
     layers = json.loads((tmp_path / "demo" / "run" / "run.json").read_text())["num_layers"]
+    # the other kinds at the same totals: the SAEs' FVU cell is the mean over seeds of their layers' mean
+    evals = [json.loads((sweep / f"seed-{s}" / "evaluation.json").read_text()) for s in (0, 1)]
+    sae = [statistics.mean(e["coders"][f"sae_block_out_{la}"]["fvu"] for la in range(layers)) for e in evals]
+    assert f"<td class=\"l\">SAE per layer, block output</td><td>2</td>" in page
+    assert f"<td>{statistics.mean(sae):.3f} ± {statistics.stdev(sae):.3f}</td>" in page
+    assert "<td class=\"l\">crosscoder, block outputs</td>" in page
     assert sorted(p["layer"] for p in table["which_layer"]) == list(range(layers))
     for sentence in table["findings"]:
         assert str(escape(sentence)) in page

@@ -461,15 +461,17 @@ class DemoSweep:
     k: int
     neighbours: tuple[int | str, ...]
     seeds: tuple[int, ...]
+    kinds: tuple[str, ...]
     tokens: int
     eval_tokens: int
     ctx_len: int
 
 
-# demo: 3 reaches × 2 seeds over the 4 layers, 128 latents per layer, 24k training tokens, 2,048 held-out:
-# ~20 s on 2 cores (its dictionaries are small and undertrained; the table's last sentence says so)
-DEMO_SWEEP = {"demo": DemoSweep(128, 4, (0, 1, "all"), (0, 1), 24_000, 2_048, 128),
-              "tiny": DemoSweep(32, 2, (0, "all"), (0, 1), 2_048, 512, 64)}
+# demo: 3 reaches × 2 seeds over the 4 layers, 128 latents per layer, 24k training tokens, 2,048 held-out,
+# and at the same totals one SAE per layer on the block outputs and a crosscoder over them: ~15 s on
+# 2 cores (its dictionaries are small and undertrained; the table's last sentence says so)
+DEMO_SWEEP = {"demo": DemoSweep(128, 4, (0, 1, "all"), (0, 1), ("clt", "sae", "crosscoder"), 24_000, 2_048, 128),
+              "tiny": DemoSweep(32, 2, (0, "all"), (0, 1), ("clt", "sae", "crosscoder"), 2_048, 512, 64)}
 
 
 def _sweep(out_dir: Path, corpus_dir: Path, zoo, recipe: str, console: Console) -> str:
@@ -485,7 +487,7 @@ def _sweep(out_dir: Path, corpus_dir: Path, zoo, recipe: str, console: Console) 
            "domain_field": "domain", "out": str(folder), "tokens": size.tokens, "ctx_len": size.ctx_len,
            "eval_tokens": size.eval_tokens, "train": {"batch_size": 512, "buffer_size": 4096, "lr": 2e-3},
            "sweep": {"layers": layers, "latents_per_layer": size.latents_per_layer, "k": size.k,
-                     "neighbours": list(size.neighbours), "seeds": list(size.seeds)}}
+                     "neighbours": list(size.neighbours), "seeds": list(size.seeds), "kinds": list(size.kinds)}}
     key = stamp.digest(stage="sweep", settings=raw, moe=stamp.model_digest(zoo.moe_dir),
                        text=[stamp.file_digest(corpus_dir / n) for n in ("train.jsonl", "val.jsonl")])
     if stamp.fresh(out_dir, "sweep", key, ["sweep/table.json"]):

@@ -113,3 +113,37 @@ def test_which_layer_to_pick_known_answers(tmp_path, cli, tiny_olmoe_dir, corpus
     ce_first = max(profile, key=lambda p: p["ablation_delta_ce"])["layer"]
     assert by_layer[ce_first]["ablation_delta_ce_rank"] == 1
     assert picks[0]["mean_rank"] <= picks[1]["mean_rank"]
+
+
+def test_sae_and_crosscoder_rows_at_equal_totals(tmp_path, cli, tiny_olmoe_dir, corpus_jsonl):
+    """kinds: [clt, sae, crosscoder] — one SAE per layer on the block outputs (spliced all at once) and a
+    crosscoder over them, at the CLTs' total latents and L0; their rows are the seeds' own evaluations."""
+    cfg = _config(tmp_path, tiny_olmoe_dir, corpus_jsonl, kinds=["clt", "sae", "crosscoder"])
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(cfg))
+    r = cli("sweep", tmp_path / "sweep.yaml")
+    assert r.code == 0, r.err
+    out = tmp_path / "sweep"
+    table = json.loads((out / "table.json").read_text())
+    evals = [json.loads((out / f"seed-{s}" / "evaluation.json").read_text()) for s in (0, 1)]
+    for e in evals:  # the same totals: 64 latents × 2 layers, L0 at most 4 per layer × 2
+        assert e["coders"]["crosscoder_block_out"]["n_latents"] == 128
+        assert sum(e["coders"][f"sae_block_out_{la}"]["n_latents"] for la in (0, 1)) == 128
+        assert e["together"]["sae"]["coders"] == ["sae_block_out_0", "sae_block_out_1"]
+    rows = {o["kind"]: o for o in table["other_kinds"]}
+    sae = rows["sae"]
+    fvus = [statistics.mean(e["coders"][f"sae_block_out_{la}"]["fvu"] for la in (0, 1)) for e in evals]
+    assert sae["fvu"] == pytest.approx(statistics.mean(fvus)) and sae["fvu_sd"] == pytest.approx(statistics.stdev(fvus))
+    assert sae["delta_ce"] == pytest.approx(statistics.mean(e["together"]["sae"]["delta_ce"] for e in evals))
+    assert 7 < sae["l0"] <= 8 and 7 < rows["crosscoder"]["l0"] <= 8
+    cc = [statistics.mean(e["coders"]["crosscoder_block_out"]["fvu_per_site"]) for e in evals]
+    assert rows["crosscoder"]["fvu"] == pytest.approx(statistics.mean(cc))
+    assert rows["crosscoder"]["delta_ce"] is None or rows["crosscoder"]["delta_ce"] != rows["crosscoder"]["delta_ce"]
+    assert "Other kinds at the same total latents and L0" in r.out and "One SAE per layer" in r.out
+
+
+def test_bad_kinds_are_refused(tmp_path, cli, tiny_olmoe_dir, corpus_jsonl):
+    for kinds in (["sae"], ["clt", "clt"], ["clt", "transcoder"]):
+        (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(_config(tmp_path, tiny_olmoe_dir, corpus_jsonl, kinds=kinds)))
+        r = cli("sweep", tmp_path / "sweep.yaml")
+        assert r.code == 2 and len(r.error_lines) == 1 and "kinds must list clt" in r.error_lines[0], r.err
+        assert not (tmp_path / "sweep").exists()

@@ -34,7 +34,12 @@ from deepseemoe.dictionaries.spec import RunSpec
 from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.runs.sweep import SweepRun
 
-SWEEP_KEYS = {"layers", "latents_per_layer", "k", "activation", "neighbours", "seeds"}
+SWEEP_KEYS = {"layers", "latents_per_layer", "k", "activation", "neighbours", "seeds", "kinds"}
+# beside the CLTs (whose reach 0 is the per-layer transcoder set), at the same total latents and L0:
+# "sae", one SAE per layer on the MoE block's output (the CLTs' targets, read rather than predicted),
+# spliced all at once; "crosscoder", one over the block outputs of every sweep layer (FVU only: it
+# reads later layers, so it cannot be spliced into one forward)
+KINDS = ("clt", "sae", "crosscoder")
 
 
 @dataclass
@@ -47,6 +52,7 @@ class SweepSettings:
     neighbours: list[int | str]
     seeds: list[int] = dc_field(default_factory=lambda: [0, 1, 2])
     activation: str = "topk"
+    kinds: list[str] = dc_field(default_factory=lambda: ["clt"])
     eval: str | None = None
     eval_tokens: int = 20_000
 
@@ -92,12 +98,17 @@ class SweepSettings:
         if sweep["k"] > sweep["latents_per_layer"]:
             raise DeepSeeMoEError(f"sweep: k={sweep['k']} exceeds latents_per_layer={sweep['latents_per_layer']}; "
                                   "equal L0 cannot be met")
+        kinds = sweep.get("kinds", ["clt"])
+        if not isinstance(kinds, list) or "clt" not in kinds or len(set(kinds)) != len(kinds) \
+                or any(k not in KINDS for k in kinds):
+            raise DeepSeeMoEError(f"sweep: kinds must list clt (the reaches compared) and any of sae, crosscoder "
+                                  f"once each, not {kinds!r}")
         if not raw.get("out"):
             raise DeepSeeMoEError("the sweep config lacks out")
         out = str(raw.pop("out"))
         ev, ev_tokens = raw.pop("eval", None), raw.pop("eval_tokens", 20_000)
         s = cls(base=raw, out=out, layers=layers, latents_per_layer=sweep["latents_per_layer"], k=sweep["k"],
-                neighbours=reach, seeds=seeds, activation=sweep.get("activation", "topk"), eval=ev,
+                neighbours=reach, seeds=seeds, activation=sweep.get("activation", "topk"), kinds=kinds, eval=ev,
                 eval_tokens=int(ev_tokens))
         s.spec(seeds[0], Path(out))  # every run setting checked now, before anything is written
         return s
@@ -109,14 +120,30 @@ class SweepSettings:
     def name(w: int | str) -> str:
         return f"clt_w{w}" if w != "all" else "clt_all_later"
 
+    def sae_names(self) -> list[str]:
+        return [f"sae_block_out_{layer}" for layer in self.layers] if "sae" in self.kinds else []
+
+    CROSSCODER = "crosscoder_block_out"
+
+    def coder_names(self) -> list[str]:
+        return [*(self.name(w) for w in self.neighbours), *self.sae_names(),
+                *([self.CROSSCODER] if "crosscoder" in self.kinds else [])]
+
     def spec(self, seed: int, out: Path) -> RunSpec:
-        """The dictionary run of one seed: a CLT per reach, at equal latents and L0."""
+        """The dictionary run of one seed: a CLT per reach, at equal latents and L0 (k per source
+        layer), and the other kinds at the same totals: an SAE of latents_per_layer and k per layer,
+        a crosscoder of latents_per_layer × layers and k × layers."""
         raw = copy.deepcopy(self.base)
         raw["train"] = {**(raw.get("train") or {}), "seed": seed}
-        raw.update(out=str(Path(out) / f"seed-{seed}"), activation_cache=str(Path(out) / "activations"),
-                   coders=[{"kind": "clt", "layers": self.layers, "name": self.name(w), "activation": self.activation,
-                            "k": self.k, "n_latents": self.latents_per_layer * len(self.layers),
-                            "neighbours": None if w == "all" else w} for w in self.neighbours])
+        L, F = len(self.layers), self.latents_per_layer
+        coders = [{"kind": "clt", "layers": self.layers, "name": self.name(w), "activation": self.activation,
+                   "k": self.k, "n_latents": F * L, "neighbours": None if w == "all" else w} for w in self.neighbours]
+        coders += [{"kind": "sae", "site": "block_out", "layers": [layer], "name": name, "activation": self.activation,
+                    "k": self.k, "n_latents": F} for layer, name in zip(self.layers, self.sae_names(), strict=False)]
+        if "crosscoder" in self.kinds:
+            coders.append({"kind": "crosscoder", "site": "block_out", "layers": self.layers, "name": self.CROSSCODER,
+                           "activation": self.activation, "k": self.k * L, "n_latents": F * L})
+        raw.update(out=str(Path(out) / f"seed-{seed}"), activation_cache=str(Path(out) / "activations"), coders=coders)
         return RunSpec.from_dict(raw)
 
 
@@ -134,7 +161,10 @@ def _key(settings: SweepSettings) -> str:
     import hashlib
     import json
 
-    return hashlib.sha256(json.dumps(settings.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
+    raw = settings.to_dict()
+    if raw["kinds"] == ["clt"]:  # the key of a sweep made before `kinds` existed: it still resumes
+        del raw["kinds"]
+    return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def check_memory(settings: SweepSettings, width: int) -> None:
@@ -144,7 +174,9 @@ def check_memory(settings: SweepSettings, width: int) -> None:
     spec = settings.spec(settings.seeds[0], Path(settings.out))
     L, F = len(settings.layers), settings.latents_per_layer
     params = L * F * width + F * width * L * (L + 1) // 2 + L * (F + width)  # encoders, decoders, biases
-    coders = len(settings.neighbours) * params * 4 * 4  # float32 weights, gradients, two moments
+    others = (L * (2 * F * width + F + width) if "sae" in settings.kinds else 0) \
+        + (2 * F * L * L * width + F * L + L * width if "crosscoder" in settings.kinds else 0)
+    coders = (len(settings.neighbours) * params + others) * 4 * 4  # float32 weights, gradients, two moments
     buffer = spec.train.buffer_size * L * 2 * width * 4
     device = spec.coder_device or "cpu"
     if device.startswith("cuda"):
@@ -160,8 +192,9 @@ def check_memory(settings: SweepSettings, width: int) -> None:
     runtime = 0 if device.startswith("cuda") else RUNTIME_BYTES
     need = coders + buffer + model + runtime
     if free and need > 0.9 * free:
+        also = f" and the other kinds' {others / 1e6:,.0f}M" if others else ""
         raise DeepSeeMoEError(f"the sweep needs about {_size(need)} of memory ({len(settings.neighbours)} CLTs "
-                              f"of {params / 1e6:,.0f}M parameters with their gradients and optimizer state "
+                              f"of {params / 1e6:,.0f}M parameters{also} with their gradients and optimizer state "
                               f"{_size(coders)}, the activation buffer {_size(buffer)}"
                               + (f", the model {_size(model)}" if model else "")
                               + (f", torch and the library about {runtime / 1e9:.0f} GB" if runtime else "")
@@ -220,7 +253,7 @@ def run_sweep(settings: SweepSettings, *, progress: bool = True, trust_remote_co
             check_memory(settings, int(cfg.hidden_size))
     created = not Path(settings.out).exists()
     run = SweepRun.create(settings.out, settings.to_dict(), _key(settings))
-    names = [settings.name(w) for w in settings.neighbours]
+    names = settings.coder_names()
     evaluations, reused = {}, []
     try:
         for seed in settings.seeds:
@@ -232,10 +265,11 @@ def run_sweep(settings: SweepSettings, *, progress: bool = True, trust_remote_co
                 continue
             spec = settings.spec(seed, run.path)
             if echo:
-                echo(f"seed {seed}: {len(names)} CLTs over layers {settings.layers} ({', '.join(names)})")
+                echo(f"seed {seed}: {len(names)} dictionaries over layers {settings.layers} ({', '.join(names)})")
             train_run(spec, resume=dr.checkpoint().exists(), progress=progress, trust_remote_code=trust_remote_code)
             doc = evaluate_run(folder, data=settings.eval, tokens=settings.eval_tokens, progress=progress,
-                               trust_remote_code=trust_remote_code)
+                               trust_remote_code=trust_remote_code,
+                               together={"sae": settings.sae_names()} if settings.sae_names() else None)
             dr.save_evaluation(doc)
             evaluations[seed] = dr.evaluation()
     except Exception:
@@ -246,14 +280,16 @@ def run_sweep(settings: SweepSettings, *, progress: bool = True, trust_remote_co
             shutil.rmtree(run.path, ignore_errors=True)
         raise
     rows = table_rows(settings, evaluations)
+    others = other_rows(settings, evaluations)
     elbow = find_elbow(rows)
     picks = rank_layers(layer_profile(settings, run.path, trust_remote_code=trust_remote_code), rows)
-    said = findings(settings, rows, elbow, picks)
+    said = findings(settings, rows, elbow, picks, others)
     from deepseemoe.analysis.sweep_figures import sweep_figures
 
     run.save_table({"rows": rows, "elbow": elbow, "layers": settings.layers, "seeds": settings.seeds,
-                    "which_layer": picks, "findings": said},
-                   table_markdown(rows, elbow) + layers_markdown(picks) + "\n" + " ".join(said) + "\n",
+                    "other_kinds": others, "which_layer": picks, "findings": said},
+                   table_markdown(rows, elbow) + others_markdown(others) + layers_markdown(picks) + "\n"
+                   + " ".join(said) + "\n",
                    draw=lambda folder: sweep_figures(rows, settings.layers, folder))
     return SweepResult(run, rows, elbow, reused, picks)
 
@@ -320,7 +356,8 @@ def _reach_order(row: dict) -> int:
     return int(row["reach"]) if row["reach"] != "all" else 10**9
 
 
-def findings(settings: SweepSettings, rows: list[dict], elbow: str | None, picks: list[dict]) -> list[str]:
+def findings(settings: SweepSettings, rows: list[dict], elbow: str | None, picks: list[dict],
+             others: list[dict] = ()) -> list[str]:
     """Sentences written from the table: which reach reconstructs best and whether the others are
     apart from it (beyond the sum of the two seeds' sds), what the spliced loss says, the elbow,
     how far the features spread, their expert alignment against chance, the layer ranked first, and
@@ -360,6 +397,18 @@ def findings(settings: SweepSettings, rows: list[dict], elbow: str | None, picks
                    f"domains {p['domain_nmi_shuffled']:.3f}), a dictionary of this size reaches FVU {p['fvu']:.3f} there."
                    if p.get("ablation_delta_ce") is not None and p.get("domain_nmi") is not None else
                    f"Layer {p['layer']} ranks first to study.")
+    w0 = next((r for r in rows if r["reach"] == "0"), None)
+    for o in others:
+        if o["kind"] == "sae":
+            vs = "" if w0 is None else (f"; the reach-0 transcoders, which predict those outputs from the block "
+                                        f"inputs, reach {plus_minus(w0['fvu'], w0['fvu_sd'])}")
+            out.append(f"One SAE per layer on the block outputs, at the same latents and L0, reconstructs them to FVU "
+                       f"{plus_minus(o['fvu'], o['fvu_sd'])}{vs}; spliced into every layer at once, ΔCE "
+                       f"{plus_minus(o['delta_ce'], o['delta_ce_sd'])} nats/token.")
+        if o["kind"] == "crosscoder":
+            out.append(f"A crosscoder over the block outputs of all {len(settings.layers)} layers, at the same total "
+                       f"latents and L0, reaches FVU {plus_minus(o['fvu'], o['fvu_sd'])} (not spliced: it reads "
+                       "later layers).")
     spec = settings.spec(settings.seeds[0], Path(settings.out))
     out.append(f"Measured at {spec.tokens:,} training tokens, {settings.latents_per_layer} latents per layer, "
                f"k = {settings.k}, {len(settings.seeds)} seed(s): the answer of this size, not of every size.")
@@ -421,6 +470,57 @@ def table_rows(settings: SweepSettings, evaluations: dict[int, dict]) -> list[di
             row[key], row[f"{key}_sd"] = over_seeds(v)
         rows.append(row)
     return rows
+
+
+OTHER_COLUMNS = (("fvu", "FVU"), ("delta_ce", "ΔCE, all layers spliced"), ("kl", "KL"), ("dead", "dead"))
+
+
+def other_rows(settings: SweepSettings, evaluations: dict[int, dict]) -> list[dict]:
+    """Per other kind (SAEs per layer as one set; the crosscoder): mean and sample sd over the seeds of
+    FVU (the mean over the layers' block outputs, as a CLT's), L0 and dead latents of the whole set,
+    and for the SAEs the spliced loss with every layer's SAE in place at once."""
+    rows = []
+    for kind in [k for k in settings.kinds if k != "clt"]:
+        per_layer, vals = [], {"fvu": [], "delta_ce": [], "kl": [], "dead": [], "l0": []}
+        for s in settings.seeds:
+            doc = evaluations[s]
+            if kind == "sae":
+                docs = [doc["coders"][n] for n in settings.sae_names()]
+                joint = doc.get("together", {}).get("sae", {})
+                layer_fvu = [d["fvu"] for d in docs]
+                vals["dead"].append(float(np.mean([d["dead"] for d in docs])))
+                vals["l0"].append(float(sum(d["l0"] for d in docs)))
+                vals["delta_ce"].append(joint.get("delta_ce", np.nan))
+                vals["kl"].append(joint.get("kl", np.nan))
+            else:
+                d = doc["coders"][settings.CROSSCODER]
+                layer_fvu = d["fvu_per_site"]
+                vals["dead"].append(d["dead"])
+                vals["l0"].append(d["l0"])
+                vals["delta_ce"].append(np.nan)
+                vals["kl"].append(np.nan)
+            per_layer.append(layer_fvu)
+            vals["fvu"].append(float(np.mean(layer_fvu)))
+        row = {"kind": kind, "seeds": len(settings.seeds), "l0": float(np.mean(vals.pop("l0"))),
+               "n_latents": settings.latents_per_layer * len(settings.layers),
+               "fvu_per_layer": np.mean(per_layer, axis=0).tolist()}
+        for key, v in vals.items():
+            row[key], row[f"{key}_sd"] = over_seeds(v)
+        rows.append(row)
+    return rows
+
+
+def others_markdown(others: list[dict]) -> str:
+    if not others:
+        return ""
+    lines = ["\n## Other kinds at the same total latents and L0\n",
+             "| kind | seeds | L0 | " + " | ".join(label for _, label in OTHER_COLUMNS) + " |",
+             "|" + "---|" * (len(OTHER_COLUMNS) + 3)]
+    for r in others:
+        what = "SAE per layer, block output" if r["kind"] == "sae" else "crosscoder, block outputs"
+        lines.append(f"| {what} | {r['seeds']} | {r['l0']:.1f} | "
+                     + " | ".join(plus_minus(r[k], r[f"{k}_sd"]) for k, _ in OTHER_COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _aligned(doc: dict, kind: str) -> float:

@@ -304,8 +304,15 @@ def _sweep(result, folder: str) -> dict:
                "fvu": f(p.get("fvu"), ".3f"),
                "ranks": ", ".join(str(p.get(f"{k}_rank", "–")) for k in ("ablation_delta_ce", "domain_nmi", "fvu")),
                "mean_rank": f(p.get("mean_rank"), ".2f")} for p in doc.get("which_layer", [])]
+    from deepseemoe.analysis.sweep import OTHER_COLUMNS
+
+    others = [{"kind": "SAE per layer, block output" if o["kind"] == "sae" else "crosscoder, block outputs",
+               "seeds": o["seeds"], "l0": f"{o['l0']:.1f}",
+               "cells": [plus_minus(o[key], o.get(f"{key}_sd"), 3) for key, _ in OTHER_COLUMNS]}
+              for o in doc.get("other_kinds", [])]
     return {"folder": folder, "settings": doc["settings"]["settings"], "columns": [label for _, label in COLUMNS],
-            "rows": rows, "elbow": doc.get("elbow"), "layers": layers,
+            "rows": rows, "elbow": doc.get("elbow"), "layers": layers, "others": others,
+            "other_columns": [label for _, label in OTHER_COLUMNS],
             "findings": " ".join(doc.get("findings", [])), "figures": [_png(p) for p in result.figures]}
 
 
