@@ -167,7 +167,7 @@ def test_reduced_demo(tmp_path, cli, zoo_cache):
     # the other kinds at the same totals: the SAEs' FVU cell is the mean over seeds of their layers' mean
     evals = [json.loads((sweep / f"seed-{s}" / "evaluation.json").read_text()) for s in (0, 1)]
     sae = [statistics.mean(e["coders"][f"sae_block_out_{la}"]["fvu"] for la in range(layers)) for e in evals]
-    assert f"<td class=\"l\">SAE per layer, block output</td><td>2</td>" in page
+    assert "<td class=\"l\">SAE per layer, block output</td><td>2</td>" in page
     assert f"<td>{statistics.mean(sae):.3f} ± {statistics.stdev(sae):.3f}</td>" in page
     assert "<td class=\"l\">crosscoder, block outputs</td>" in page
     assert sorted(p["layer"] for p in table["which_layer"]) == list(range(layers))

@@ -74,6 +74,21 @@ def _register_attention() -> None:
     AttentionMaskInterface.register(FROZEN_ATTENTION, eager_mask)
 
 
+def at_positions(x: torch.Tensor, pos: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """[B, n]: x[b, pos[j]] · w[j] for x [B, S, D], pos [n], w [n, D] — every node's input read along its
+    own direction at its own position. Grouped by position, one matmul per position: B·n·D work and
+    no [B, n, D] copy; gathering x[:, pos] first (advanced indexing or index_select) made the backward
+    a scatter over thousands of repeated positions, 3–4 times the rest of an attribution graph on CPU."""
+    order = torch.argsort(pos, stable=True)
+    ordered = pos[order]
+    bounds = torch.searchsorted(ordered, torch.arange(x.shape[1] + 1, device=pos.device)).tolist()
+    columns = x.unbind(1)  # views whose backward is one stack, not a zero-filled copy of x per position
+    parts = [columns[p] @ w[order[bounds[p]:bounds[p + 1]]].T for p in range(x.shape[1]) if bounds[p + 1] > bounds[p]]
+    if not parts:
+        return x.new_zeros(x.shape[0], 0)
+    return torch.cat(parts, 1)[:, torch.argsort(order)]
+
+
 @dataclass
 class CleanPass:
     """What the model computed on the prompt, read by hooks from its own forward."""
@@ -315,7 +330,7 @@ class LinearReplacement:
     def _feature_targets(self, key: str, coder: SparseCoder, h: torch.Tensor, values: dict) -> None:
         pos, feat = self.targets[key][1]["pos"], self.targets[key][1]["feature"]
         xin = h if coder.cfg.is_transcoder else h - coder.b_dec
-        values[key] = torch.einsum("bnd,dn->bn", xin[:, pos, :], coder.W_enc[:, feat]) + coder.b_enc[feat]
+        values[key] = at_positions(xin, pos, coder.W_enc[:, feat].T) + coder.b_enc[feat]
 
     def _experts_layer(self, plan: LayerPlan, h: torch.Tensor, leaves: dict, values: dict) -> None:
         layer, clean = plan.layer, self.clean
@@ -327,8 +342,7 @@ class LinearReplacement:
             x = h
         spec = self.targets[f"router{layer}"][1]
         W_r, b_r = spec["W_r"], spec["b_r"]
-        z = x[:, spec["pos"], :] @ W_r.T  # [B, n, E]
-        z = z.gather(2, spec["expert"][None, :, None].expand(z.shape[0], -1, 1)).squeeze(2)
+        z = at_positions(x, spec["pos"], W_r[spec["expert"]])  # [B, n]: each node's router row at its position
         values[f"router{layer}"] = z + (b_r[spec["expert"]] if b_r is not None else 0)
         spec = self.targets[f"expert{layer}"][1]
         outs = torch.zeros(h.shape[0], len(spec["pos"]), h.shape[-1], device=h.device)

@@ -38,6 +38,7 @@ from deepseemoe.attribution.frozen import (
     CleanPass,
     LayerPlan,
     LinearReplacement,
+    at_positions,
     check_experts,
     clean_pass,
     expert_vectors,
@@ -357,7 +358,7 @@ def build_graph(handle: ModelHandle, ids: torch.Tensor, dictionaries: dict[str, 
                 if grad is None:
                     continue
                 node_ids, pos, vec = sources[name]
-                A[torch.tensor(chunk)[:, None], node_ids[None, :]] = torch.einsum("bnd,nd->bn", grad[rows][:, pos, :], vec)
+                A[torch.tensor(chunk)[:, None], node_ids[None, :]] = at_positions(grad[:len(chunk)], pos, vec)
         bar.advance(task, len(chunk))
     bar.stop()
     for i in order:

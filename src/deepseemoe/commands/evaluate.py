@@ -69,9 +69,10 @@ def register(app: typer.Typer) -> None:
             ab = r.get("absorption", {})
             if "absorption" in ab.get("trained", {}):
                 t, rnd = ab["trained"], ab["random"]
-                print(f"{name}: feature absorption (first letters, {len(t['letters'])} letters): absorbed "
-                      f"{t['absorption']:.3f}, main latent silent {t['miss']:.3f}; random dictionary "
-                      f"{rnd.get('absorption', float('nan')):.3f} / {rnd.get('miss', float('nan')):.3f}")
+                print(f"{name}: feature absorption (first letters, {len(t['letters'])} letters): full "
+                      f"{t['absorption']:.3f}, fraction {t['absorption_fraction']:.3f}, main latent silent "
+                      f"{t['miss']:.3f}; random dictionary {rnd.get('absorption', float('nan')):.3f} / "
+                      f"{rnd.get('absorption_fraction', float('nan')):.3f} / {rnd.get('miss', float('nan')):.3f}")
             elif "note" in ab.get("trained", {}):
                 print(f"{name}: {ab['trained']['note']}")
             ls = r.get("layer_spread")

@@ -6,11 +6,16 @@ logistic probe on the activations the dictionary reads gives the letter's direct
 truth that the model represents the letter). The dictionary's *main* latent for L is the one whose
 mean differs most between L-tokens and the others (SAEBench's k = 1 sparse probe). On held-out
 tokens (the vocabulary is split in half, so probe and latent meet words they never saw) where the
-probe says L and is right, the main latent should fire; where it stays silent, the letter went
-somewhere: the token is *absorbed* when an active latent whose decoder points along p (cosine ≥
-`min_cos`) carries at least `min_share` of the reconstruction's projection on p — another latent
-(a word's own, say) took the letter's direction in. The absorption rate of a letter is absorbed /
-probe-correct tokens; its *miss* rate is main-silent / probe-correct tokens (absorbed or simply lost).
+probe says L and is right, each token is judged as SAEBench's `FeatureAbsorptionCalculator` judges
+a word (`token_absorption`; checked against its own code in tests/dictionaries/
+test_absorption_vs_saebench.py). A latent's projection on the letter is its activation × the cosine
+of its decoder row with p; the activation's own projection is x · p. *Full absorption*: the main
+latent is silent, and the latent of the largest projection has cosine ≥ `min_cos` with p and
+carries ≥ `min_share` of x · p (≥ 0). *Absorption fraction*: the share of x · p that up to 3 other
+latents aligned with p (cosine ≥ 0.1) carry in place of the main latent (0 when those carry less
+than `min_share` of it). Per letter: the full-absorption rate and the mean fraction over the
+probe-correct tokens (SAEBench's `full_absorption_rate` and `mean_absorption_fraction`); its *miss*
+rate is main-silent / probe-correct tokens (absorbed or simply lost).
 Only for dictionaries that reconstruct what they read (SAEs): a transcoder's decoder writes elsewhere.
 """
 
@@ -40,6 +45,48 @@ def _split_vocab(tokens: np.ndarray, seed: int) -> np.ndarray:
     return np.isin(tokens, train_ids)
 
 
+EPS = 1e-8  # SAEBench's: a latent below it is silent
+FRACTION_MIN_COS = 0.1  # SAEBench's: a latent that may stand in for the main one points along p this much
+FRACTION_MAX_LATENTS = 3  # SAEBench's: at most this many stand in together
+
+
+def token_absorption(x_proj: np.ndarray, latents, cos: np.ndarray, main: list[int], *, min_cos: float = 0.025,
+                     min_share: float = 0.4) -> tuple[np.ndarray, np.ndarray]:
+    """Per token: full absorption (bool) and the absorption fraction, as SAEBench's calculator
+    defines them (module docstring). `x_proj` [n] x · p with p a unit vector, `latents` [n, F] the
+    codes (scipy CSR), `cos` [F] each decoder row's cosine with p, `main` the main latent(s)."""
+    from scipy import sparse
+
+    latents = sparse.csr_matrix(latents)
+    full, fraction = np.zeros(len(x_proj), dtype=bool), np.zeros(len(x_proj))
+    main_set = set(main)
+    for i in range(len(x_proj)):
+        row = latents.getrow(i)
+        ids, acts = row.indices, row.data
+        proj = acts * cos[ids]
+        total = float(x_proj[i])
+        is_main = np.isin(ids, list(main_set))
+        main_proj = float(proj[is_main].sum())
+        # full: every main latent silent; the top projection (inactive latents project 0) along p and
+        # at least min_share of x · p
+        silent = not np.any(acts[is_main] >= EPS)
+        top = int(np.argmax(proj)) if len(proj) else -1
+        top_proj = float(proj[top]) if top >= 0 and proj[top] > 0 else 0.0
+        if silent and top_proj > 0 and cos[ids[top]] >= min_cos and total >= 0 and top_proj >= min_share * total:
+            full[i] = True
+        # fraction: up to 3 other latents along p stand in for the main one
+        stand_in = np.sort(proj[(~is_main) & (cos[ids] >= FRACTION_MIN_COS) & (proj > 0)])[::-1][:FRACTION_MAX_LATENTS]
+        carried = float(stand_in.sum())
+        if total <= 0 or main_proj >= total or carried < min_share * total:
+            fraction[i] = 0.0
+        elif main_proj <= 0:
+            fraction[i] = 1.0
+        else:
+            absorbed = min(carried, total - main_proj)
+            fraction[i] = float(np.clip(absorbed / (absorbed + main_proj), 0.0, 1.0))
+    return full, fraction
+
+
 def absorption(x: np.ndarray, latents: np.ndarray, decoder: np.ndarray, tokens: np.ndarray,
                letters: dict[int, str], *, min_cos: float = 0.025, min_share: float = 0.4, seed: int = 0) -> dict:
     """`x` [N, D] the activations the dictionary reads, `latents` [N, F] its codes, `decoder` [F, D]
@@ -65,31 +112,28 @@ def absorption(x: np.ndarray, latents: np.ndarray, decoder: np.ndarray, tokens: 
             np.asarray(latents[np.nonzero(train & ~y)[0]].mean(0)).ravel()
         main = int(np.argmax(diff))
         right = (~train) & y & (probe.predict(x) == 1)
-        missed = right & (latents[:, [main]].toarray().ravel() <= 0)
         cos = units @ p  # [F] each decoder row's cosine with the letter's direction
-        absorbed = 0
-        for i in np.nonzero(missed)[0]:
-            row = latents.getrow(i)
-            active, values = row.indices[row.data > 0], row.data[row.data > 0]
-            if not len(active):
-                continue
-            along = values * (decoder[active] @ p)  # each active latent's projection on p
-            total = along[along > 0].sum()
-            j = int(np.argmax(along))
-            if cos[active[j]] >= min_cos and total > 0 and along[j] >= min_share * total:
-                absorbed += 1
-        n = int(right.sum())
+        at = np.nonzero(right)[0]
+        full, fraction = token_absorption(x[at] @ p, latents[at], cos, [main], min_cos=min_cos, min_share=min_share)
+        missed = latents[at][:, [main]].toarray().ravel() < EPS
+        n = len(at)
         per[value] = {"tokens": n, "main_latent": main, "main_cos": float(cos[main]),
-                      "absorption": absorbed / n if n else float("nan"), "miss": int(missed.sum()) / n if n else float("nan"),
+                      "absorption": float(full.mean()) if n else float("nan"),
+                      "absorption_fraction": float(fraction.mean()) if n else float("nan"),
+                      "miss": float(missed.mean()) if n else float("nan"),
                       "probe_f1": float(_f1(y[~train], probe.predict(x[~train]) == 1))}
     if not per:
         return {"note": f"absorption needs ≥ {MIN_TOKENS} word tokens of a letter in each half of the vocabulary; "
                         "give more --tokens"}
-    rates = [v["absorption"] for v in per.values() if v["tokens"]]
-    misses = [v["miss"] for v in per.values() if v["tokens"]]
-    return {"letters": per, "absorption": float(np.mean(rates)) if rates else float("nan"),
-            "miss": float(np.mean(misses)) if misses else float("nan"), "min_cos": min_cos, "min_share": min_share,
-            "seed": seed}
+    counted = [v for v in per.values() if v["tokens"]]
+    return {"letters": per, "absorption": _mean(v["absorption"] for v in counted),
+            "absorption_fraction": _mean(v["absorption_fraction"] for v in counted),
+            "miss": _mean(v["miss"] for v in counted), "min_cos": min_cos, "min_share": min_share, "seed": seed}
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return float(np.mean(values)) if values else float("nan")
 
 
 def _f1(y: np.ndarray, pred: np.ndarray) -> float:
