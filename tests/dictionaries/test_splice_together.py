@@ -49,10 +49,13 @@ def test_two_zero_saes_spliced_together_equal_both_blocks_zeroed_by_hand(tmp_pat
         return hook
 
     clean = hooked = 0.0
-    n = 0
+    n = crossed = 0
     with torch.no_grad():
         for b in run_batches(spec, handle, batch_size=8, max_tokens=300):
-            valid = b.attention_mask[:, 1:].bool() & b.attention_mask[:, :-1].bool()
+            # predictions counted: both tokens real and of one document (packed contexts hold several)
+            valid = b.attention_mask[:, 1:].bool() & b.attention_mask[:, :-1].bool() & (b.doc[:, 1:] == b.doc[:, :-1])
+            crossed += int(((b.doc[:, 1:] != b.doc[:, :-1]) & b.attention_mask[:, 1:].bool()
+                            & b.attention_mask[:, :-1].bool()).sum())
 
             def ce(logits, b=b, valid=valid):
                 logp = torch.log_softmax(logits[:, :-1].float(), -1)
@@ -66,6 +69,7 @@ def test_two_zero_saes_spliced_together_equal_both_blocks_zeroed_by_hand(tmp_pat
                 for h in hooks:
                     h.remove()
             n += int(valid.sum())
+    assert crossed > 0  # the contexts hold document boundaries, whose predictions no loss counts
     assert got["next_tokens"] == n
     assert got["ce_clean"] == pytest.approx(clean / n, rel=1e-6)
     assert got["delta_ce"] == pytest.approx((hooked - clean) / n, rel=1e-5)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from deepseemoe.capture.core import Site
+from deepseemoe.data.tokens import counted_predictions
 from deepseemoe.dictionaries.coder import Coder
 from deepseemoe.dictionaries.formats import load_native
 from deepseemoe.dictionaries.spec import RunSpec
@@ -111,12 +112,12 @@ def _topk_overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a[:, :, None] == b[:, None, :]).any(-1).float().mean(-1)
 
 
-def _next_token_stats(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+def _next_token_stats(logits: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor,
                       clean_logp: torch.Tensor | None = None) -> tuple[float, float, int, torch.Tensor]:
-    """Σ CE and Σ KL(clean ‖ this) over positions whose next token is real; their count; and the CE of
-    each of those positions [n] (float64)."""
+    """Σ CE and Σ KL(clean ‖ this) over the predictions `valid` [B, S-1] counts (`data.tokens.
+    counted_predictions`: both tokens real and of one document, as the causal checks' loss meter
+    counts them); their count; and the CE of each of those positions [n] (float64)."""
     logp = torch.log_softmax(logits[:, :-1].float(), -1)
-    valid = mask[:, 1:].bool() & mask[:, :-1].bool()
     ce = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
     kl = 0.0
     if clean_logp is not None:
@@ -295,7 +296,8 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, tokens: int = 
         with watch_routing(handle) as clean_routing:
             clean_logits = handle.model(input_ids=ids, attention_mask=am, use_cache=False).logits
         clean_logp = torch.log_softmax(clean_logits[:, :-1].float(), -1)
-        ce, _, n, ce_tokens = _next_token_stats(clean_logits, ids, am)
+        counted = counted_predictions(packed).to(model_device)
+        ce, _, n, ce_tokens = _next_token_stats(clean_logits, ids, counted)
         for group, names in (together or {}).items():
             splices = [_Splice(handle, coders[n][0], coders[n][1], keep, "recon") for n in names]
             try:
@@ -305,7 +307,7 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, tokens: int = 
             finally:
                 for sp in splices:
                     sp.remove()
-            ce_s, kl_s, _, _ = _next_token_stats(logits, ids, am, clean_logp)
+            ce_s, kl_s, _, _ = _next_token_stats(logits, ids, counted, clean_logp)
             j = joint[group]
             j.ce_clean, j.ce_recon, j.kl, j.next_tokens = j.ce_clean + ce, j.ce_recon + ce_s, j.kl + kl_s, j.next_tokens + n
         for name, (coder, meta) in coders.items():
@@ -322,7 +324,7 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, tokens: int = 
                     logits = handle.model(input_ids=ids, attention_mask=am, use_cache=False).logits
                 finally:
                     splice.remove()
-                ce_s, kl_s, _, ce_s_tokens = _next_token_stats(logits, ids, am,
+                ce_s, kl_s, _, ce_s_tokens = _next_token_stats(logits, ids, counted,
                                                                 clean_logp if mode == "recon" else None)
                 if mode == "zero":
                     a.ce_zero += ce_s
