@@ -132,3 +132,34 @@ def test_ablating_an_expert_no_b_token_uses_leaves_domain_b_exactly_unchanged():
     res = meter.measure(lambda: route_intervention(handle, {la: ablate([0]) for la in handle.moe_layers}))
     assert res["by_domain"]["a"] != 0  # the expert matters to `a`…
     assert res["by_domain"]["b"] == 0.0  # …and to no `b` prediction
+
+
+def test_observed_expert_load_counts_the_kept_tokens_as_route_does(tiny_olmoe_dir, corpus_jsonl):
+    """observe_experts' load is over the kept tokens (no padding, no BOS), as `route` counts them by
+    default: checked against the top-k of Hugging Face's own router logits, counted by hand."""
+    import numpy as np
+    import torch
+
+    from deepseemoe.analysis.causal import observe_experts
+    from deepseemoe.data.sources import TextSource, iter_documents
+    from deepseemoe.data.tokens import pack_documents
+    from deepseemoe.models.load import load_model
+
+    handle = load_model(str(tiny_olmoe_dir))
+    batches = list(pack_documents(handle.tokenizer, iter_documents(TextSource(str(corpus_jsonl))), ctx_len=32,
+                                  batch_size=4, max_tokens=300))
+    got = observe_experts(handle, batches)
+    counts = {la: np.zeros(m.num_experts) for la, m in handle.moe_layers.items()}
+    bos = 0
+    with torch.no_grad():
+        for b in batches:
+            out = handle.model(input_ids=b.input_ids, attention_mask=b.attention_mask, output_router_logits=True)
+            keep = (b.attention_mask.bool() & (b.input_ids != handle.tokenizer.bos_token_id)).reshape(-1)
+            bos += int((b.input_ids == handle.tokenizer.bos_token_id).sum())
+            for la, logits in enumerate(out.router_logits):
+                k = handle.moe_layers[la].top_k
+                chosen = logits.reshape(-1, logits.shape[-1])[keep].topk(k, -1).indices.reshape(-1)
+                np.add.at(counts[la], chosen.numpy(), 1)
+    assert bos > 0
+    for la, c in counts.items():
+        np.testing.assert_allclose(got[la]["load"], c / c.sum())

@@ -169,7 +169,7 @@ def observe_experts(handle: ModelHandle, batches: list) -> dict[int, dict[str, n
     device = next(handle.model.parameters()).device
     for b in batches:
         hooks = []
-        keep = (b.attention_mask.reshape(-1) > 0).to(device)
+        keep = b.keep.to(device)  # the kept tokens (no padding, no BOS): the tokens `route` counts
         for layer, moe in handle.moe_layers.items():
             def cb(ev, layer=layer, moe=moe, keep=keep):
                 idx, w = ev.idx[keep], ev.weights[keep]
