@@ -428,7 +428,7 @@ def _post_train(out_dir: Path, corpus_dir: Path, zoo, layer: int, recipe: str, c
                        moe=stamp.model_digest(zoo.moe_dir), dense=stamp.model_digest(zoo.dense_dir),
                        text=[stamp.file_digest(corpus_dir / n) for n in ("train.jsonl", "val.jsonl")],
                        hint=[stamp.file_digest(p) for p in (*sorted(hint.coder_dir(name).iterdir()),
-                                                             *sorted(hint.map_dir(name).glob("*.parquet")))])
+                                                             *hint.map_files(name))])
     if stamp.fresh(out_dir, "posttrain", key, ["posttrain/table.json"]):
         console.print(f"[bold]9/11 post-training[/] reused {folder}")
         return key

@@ -8,7 +8,6 @@ import json
 import math
 
 import networkx as nx
-import pyarrow as pa
 import pytest
 
 from deepseemoe.analysis.modules import find_modules, nmi
@@ -114,26 +113,22 @@ def test_nmi_by_hand():
     assert nmi(a, b) == pytest.approx(mi / ((ha + hb) / 2))
 
 
-def _hand_map(folder):
-    """A map of 6 features over 2 experts: features 0–2 push and route to E0, 3–5 to E1."""
-    import pyarrow.parquet as pq
-
-    folder.mkdir(parents=True)
-    (folder / "summary.json").write_text(json.dumps({"layer": 3, "num_experts": 2}))
-    pq.write_table(pa.table({"feature": [0, 0, 1, 2, 3, 4, 5, 5], "expert": [0, 1, 0, 0, 1, 1, 1, 0],
-                             "mean_push_when_active": [0.5, 0.01, 0.4, 0.3, 0.6, 0.2, 0.04, -0.3]}),
-                   folder / "router_attribution.parquet")
-    pq.write_table(pa.table({"feature": [0, 1, 3, 5, 5], "expert": [0, 0, 1, 1, 0], "count": [10, 3, 10, 10, 10],
-                             "p_e_given_f": [0.9, 0.9, 0.8, 0.7, 0.3], "lift": [1.8, 2.0, 1.6, 1.4, 0.6]}),
-                   folder / "feature_experts.parquet")
-    pq.write_table(pa.table({"feature": list(range(6)), "top_expert": [0, 0, 0, 1, 1, 1]}), folder / "features.parquet")
+def _hand_map():
+    """A map of 6 features over 2 experts: features 0–2 push and route to E0, 3–5 to E1 (its summary and
+    tables as `DictionaryRun.map_summary` / `map_tables` give them)."""
+    return {"layer": 3, "num_experts": 2}, {
+        "router_attribution": {"feature": [0, 0, 1, 2, 3, 4, 5, 5], "expert": [0, 1, 0, 0, 1, 1, 1, 0],
+                               "mean_push_when_active": [0.5, 0.01, 0.4, 0.3, 0.6, 0.2, 0.04, -0.3]},
+        "feature_experts": {"feature": [0, 1, 3, 5, 5], "expert": [0, 0, 1, 1, 0], "count": [10, 3, 10, 10, 10],
+                            "p_e_given_f": [0.9, 0.9, 0.8, 0.7, 0.3], "lift": [1.8, 2.0, 1.6, 1.4, 0.6]},
+        "expert_composition": None,
+        "features": {"feature": list(range(6)), "top_expert": [0, 0, 0, 1, 1, 1]}}
 
 
 def test_feature_expert_graph_keeps_exactly_the_thresholded_edges(tmp_path):
     from deepseemoe.analysis.feature_graph import Thresholds, build_graph
 
-    _hand_map(tmp_path / "m")
-    fg = build_graph(tmp_path / "m", Thresholds(router_min=0.1, lift_min=1.5, count_min=5))
+    fg = build_graph(*_hand_map(), Thresholds(router_min=0.1, lift_min=1.5, count_min=5))
     g = fg.graph
     # router: pushes ≥ 0.1 → (0,0) .5, (1,0) .4, (2,0) .3, (3,1) .6, (4,1) .2; routing: lift ≥ 1.5 and
     # count ≥ 5 → (0,0) .9, (3,1) .8 (feature 1 has lift 2.0 but 3 tokens)

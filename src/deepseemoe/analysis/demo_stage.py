@@ -150,7 +150,7 @@ def demo_graphs(run: DictionaryRun, names: list[str], routing_run: Path) -> dict
     domains = RoutingRun.open(routing_run).analyses().table("domain")
     out = {}
     for name in names:
-        fg = build_graph(run.map_dir(name), domain_table=domains)
+        fg = build_graph(run.map_summary(name), run.map_tables(name), domain_table=domains)
         try:
             modules, summary = graph_modules(fg)
         except DeepSeeMoEError:  # nothing above the thresholds

@@ -23,7 +23,6 @@ Shapes: map tables one row per (feature, expert); the graph N = F_kept + E nodes
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from deepseemoe.analysis.modules import Modules, aligned, find_modules
 from deepseemoe.errors import DeepSeeMoEError
@@ -61,11 +60,10 @@ class FeatureGraph:
     domain: dict[str, str]  # node -> domain (when statistics were given)
 
 
-def _table(map_dir: Path, name: str):
-    import pyarrow.parquet as pq
+def _frame(columns: dict[str, list] | None):
+    import pandas as pd
 
-    path = map_dir / f"{name}.parquet"
-    return pq.read_table(path).to_pandas() if path.exists() else None
+    return None if columns is None else pd.DataFrame(columns)
 
 
 # where a dictionary writes into the residual stream (its decoder adds there) and where it reads from it
@@ -97,18 +95,14 @@ def feature_links(upstream, up_site, downstream, down_site, thresholds: Threshol
     return rows, EdgeKind("feature", int((w > 0).sum()), len(rows), float(w.sum()), kept)
 
 
-def build_graph(map_dir: str | Path, thresholds: Thresholds | None = None, domain_table=None,
-                links: tuple[list, EdgeKind] | None = None) -> FeatureGraph:
-    """The graph of one map (`DictionaryRun.map_dir(name)`); `domain_table`: the routing run's
-    analyses "domain" table, to label experts (and features, by their top expert) with a domain;
-    `links`: `feature_links` from an upstream dictionary."""
-    import json
-
+def build_graph(summary: dict, tables: dict[str, dict[str, list] | None], thresholds: Thresholds | None = None,
+                domain_table=None, links: tuple[list, EdgeKind] | None = None) -> FeatureGraph:
+    """The graph of one map: its summary and tables as `DictionaryRun.map_summary` / `map_tables`
+    read them; `domain_table`: the routing run's analyses "domain" table, to label experts (and
+    features, by their top expert) with a domain; `links`: `feature_links` from an upstream dictionary."""
     import networkx as nx
 
     t = thresholds or Thresholds()
-    map_dir = Path(map_dir)
-    summary = json.loads((map_dir / "summary.json").read_text())
     layer, E = int(summary["layer"]), int(summary["num_experts"])
     g = nx.Graph()
     g.add_nodes_from((f"E{j}", {"kind": "expert"}) for j in range(E))
@@ -128,11 +122,11 @@ def build_graph(map_dir: str | Path, thresholds: Thresholds | None = None, domai
             else:
                 g.add_edge(u, v, weight=float(w))
 
-    add("router", _table(map_dir, "router_attribution"), "mean_push_when_active",
+    add("router", _frame(tables.get("router_attribution")), "mean_push_when_active",
         lambda r: r["mean_push_when_active"] >= t.router_min)
-    add("routing", _table(map_dir, "feature_experts"), "p_e_given_f",
+    add("routing", _frame(tables.get("feature_experts")), "p_e_given_f",
         lambda r: (r["lift"] >= t.lift_min) & (r["count"] >= t.count_min))
-    add("composition", _table(map_dir, "expert_composition"), "share", lambda r: r["share"] >= t.share_min)
+    add("composition", _frame(tables.get("expert_composition")), "share", lambda r: r["share"] >= t.share_min)
     if links is not None:
         rows, kind = links
         kinds.append(kind)
@@ -142,9 +136,9 @@ def build_graph(map_dir: str | Path, thresholds: Thresholds | None = None, domai
             g.add_node(v, kind="feature")
             g.add_edge(u, v, weight=g[u][v]["weight"] + w if g.has_edge(u, v) else w)
     if not kinds:
-        raise DeepSeeMoEError(f"{map_dir} holds none of router_attribution, feature_experts, expert_composition; "
+        raise DeepSeeMoEError("the map holds none of router_attribution, feature_experts, expert_composition; "
                               "run `deepseemoe map` again")
-    features = _table(map_dir, "features")
+    features = _frame(tables.get("features"))
     top = {f"f{int(f)}": f"E{int(e)}" for f, e in zip(features["feature"], features["top_expert"], strict=True)
            if f"f{int(f)}" in g and e == e and e >= 0} if features is not None else {}
     domain: dict[str, str] = {}

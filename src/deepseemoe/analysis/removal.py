@@ -437,8 +437,6 @@ def removal_study(sides: list[tuple[str, ModelHandle, list]], target: str, *, bu
 
 def load_dictionary(run_dir, name: str) -> Dictionary:
     """Coder `name` of a dictionary run, its site, and the modules of its graph when `graph` ran on it."""
-    import pyarrow.parquet as pq
-
     from deepseemoe.capture.core import Site
     from deepseemoe.dictionaries.formats import load_run_dictionary
     from deepseemoe.runs.dictionary import DictionaryRun
@@ -448,10 +446,10 @@ def load_dictionary(run_dir, name: str) -> Dictionary:
     modules = layer = None
     summary = run.graph_summaries().get(name)
     if summary is not None:
-        nodes = pq.read_table(run.graph_dir(name) / "nodes.parquet", columns=["node", "module"]).to_pylist()
+        nodes = run.graph_table(name, "nodes", columns=["node", "module"])
         modules = {}
-        for row in nodes:
-            if row["module"] is not None:
-                modules.setdefault(int(row["module"]), []).append(row["node"])
+        for node, module in zip(nodes["node"], nodes["module"], strict=True):
+            if module is not None:
+                modules.setdefault(int(module), []).append(node)
         layer = int(summary["layer"])
     return Dictionary(name, coder, Site(*meta["source"][0]), modules, layer)

@@ -66,7 +66,7 @@ def register(app: typer.Typer) -> None:
             if len(up_meta["target"]) != 1 or len(down_meta["source"]) != 1:
                 raise DeepSeeMoEError("feature edges link single-site dictionaries (no crosscoders or CLTs)")
             links = feature_links(up, Site(*up_meta["target"][0]), down, Site(*down_meta["source"][0]), thresholds)
-        fg = build_graph(run.map_dir(dictionary), thresholds, domains, links)
+        fg = build_graph(run.map_summary(dictionary), run.map_tables(dictionary), thresholds, domains, links)
         modules, summary = graph_modules(fg, draws=draws, seed=seed)
         summary["upstream"] = upstream
         positions = layout_positions(fg, seed=seed)  # stored with the nodes: the explorer draws the same layout

@@ -206,8 +206,8 @@ def create_app(explorer: Explorer):
     @guarded
     async def graph_figure(key: str, dictionary: str):
         _, d = graphed(key, dictionary)
-        path = d.run.graph_dir(d.name) / "layout.png"
-        if not path.exists():
+        path = d.run.graph_figure(d.name)
+        if path is None:
             raise NotServed(f"no graph layout for {dictionary!r}")
         return Response(path.read_bytes(), media_type="image/png")
 

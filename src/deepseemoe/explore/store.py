@@ -157,25 +157,21 @@ class DictionaryView:
         return int(self.summary.get("features", 0))
 
     def table(self, name: str) -> Path | None:
-        path = self.run.map_dir(self.name) / f"{name}.parquet"
-        return path if path.exists() else None
+        return self.run.table_path("maps", self.name, name)
 
     def graph_data(self, study_key: str) -> dict:
         """graphs/NAME/ for the browser: nodes (id, kind, module, top expert, domain, x, y, link) as
         columns, edges as index pairs and weights, and each module's nodes. Nodes without a stored
         position (a graph written before positions were stored, or a node without edges) are left out."""
-        import pyarrow.parquet as pq
-
-        folder = self.run.graph_dir(self.name)
-        if self.graph is None or not (folder / "nodes.parquet").exists():
+        if self.graph is None or self.run.table_path("graphs", self.name, "nodes") is None:
             raise NotServed(f"{self.key} has no graph; run `deepseemoe graph {self.run.path} --dictionary {self.name}`")
-        nodes = pq.read_table(folder / "nodes.parquet").to_pydict()
+        nodes = self.run.graph_table(self.name, "nodes")
         if "x" not in nodes:
             raise DeepSeeMoEError(f"the graph of {self.key} was written without positions; run `deepseemoe graph "
                                   f"{self.run.path} --dictionary {self.name}` again")
         keep = [i for i, x in enumerate(nodes["x"]) if x is not None]
         index = {nodes["node"][i]: j for j, i in enumerate(keep)}
-        edges = pq.read_table(folder / "edges.parquet").to_pydict()
+        edges = self.run.graph_table(self.name, "edges")
         pairs = [(index[u], index[v], w) for u, v, w in zip(edges["u"], edges["v"], edges["weight"], strict=True)
                  if u in index and v in index]
 
@@ -207,9 +203,7 @@ class DictionaryView:
             if self._examples is None:
                 import pyarrow as pa
 
-                from deepseemoe.runs.atomic import read_json
-
-                doc = read_json(self.run.map_dir(self.name) / "examples.json", "run `deepseemoe map` again")
+                doc = self.run.map_examples(self.name)
                 rows = [(int(key), kind, q, r, ex) for key, entry in doc.items()
                         for kind, q, group in [("top", -1, entry.get("top", [])),
                                                *(("quantile", q, g) for q, g in enumerate(entry.get("quantiles", [])))]

@@ -49,6 +49,10 @@ CONFIG_CHECKSUM = b"# sha256: "
 RENAMED = (("router_sae_", "sae_block_in_"), ("block_transcoder_", "skip_transcoder_"))
 
 
+
+# the tables `map` writes that `graph` reads (features: each feature's top expert)
+MAP_TABLES = ("router_attribution", "feature_experts", "expert_composition", "features")
+
 @dataclass
 class DictionaryRun:
     path: Path
@@ -182,6 +186,40 @@ class DictionaryRun:
         except Exception as exc:  # missing, truncated or not parquet
             raise DeepSeeMoEError(f"{path} cannot be read ({type(exc).__name__}); run `deepseemoe map {self.path} "
                                   f"--dictionary {name}` again") from None
+
+    def map_tables(self, name: str, stems: tuple[str, ...] = MAP_TABLES) -> dict[str, dict[str, list] | None]:
+        """The map's tables as columns, by stem; None for a table this map has not (an MoE-less map
+        has no routing tables)."""
+        return {stem: self.map_table(name, stem) if self.table_path("maps", name, stem) else None for stem in stems}
+
+    def map_examples(self, name: str) -> dict:
+        """maps/NAME/examples.json (the top and quantile examples of every feature)."""
+        return read_json(self.map_dir(name) / "examples.json", f"run `deepseemoe map {self.path} --dictionary {name}` again")
+
+    def map_files(self, name: str) -> list[Path]:
+        """Every table of the map (what a stage that reads it depends on)."""
+        return sorted(self.map_dir(name).glob("*.parquet"))
+
+    def table_path(self, kind: str, name: str, stem: str) -> Path | None:
+        """maps/NAME/STEM.parquet or graphs/NAME/STEM.parquet (`kind`: "maps" or "graphs"), for a
+        reader that queries the file itself (the explorer's DuckDB); None when it is not there."""
+        path = (self.map_dir(name) if kind == "maps" else self.graph_dir(name)) / f"{stem}.parquet"
+        return path if path.exists() else None
+
+    def graph_table(self, name: str, stem: str, columns: list[str] | None = None) -> dict[str, list]:
+        """graphs/NAME/STEM.parquet (nodes, edges) as columns; a missing or damaged table is one line."""
+        import pyarrow.parquet as pq
+
+        path = self.graph_dir(name) / f"{stem}.parquet"
+        try:
+            return pq.read_table(path, columns=columns).to_pydict()
+        except Exception as exc:
+            raise DeepSeeMoEError(f"{path} cannot be read ({type(exc).__name__}); run `deepseemoe graph {self.path} "
+                                  f"--dictionary {name}` again") from None
+
+    def graph_figure(self, name: str) -> Path | None:
+        path = self.graph_dir(name) / "layout.png"
+        return path if path.exists() else None
 
     def map_summary(self, name: str) -> dict | None:
         """maps/NAME/summary.json, checked against the coder it came from; None when NAME has no map."""
