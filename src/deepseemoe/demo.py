@@ -304,11 +304,12 @@ def _describe(run_dir: Path, out_dir: Path, layer: int, experts: tuple[Path, int
         judge = None
     key = stamp.digest(stage="descriptions", analyses=key, explainer=chat.ident, judge=judge.ident if judge else None)
     expert_run, expert_layer = experts
-    stores = {"experts": (expert_run / "explanations" / f"layer{expert_layer}", f"layer{expert_layer}.experts"),
-              "features": (out_dir / "dictionaries" / "explanations" / f"sae_block_in_{layer}", f"sae_block_in_{layer}")}
+    stores = {"experts": ExplanationStore.for_experts(expert_run, expert_layer),
+              "features": ExplanationStore.for_features(out_dir / "dictionaries", f"sae_block_in_{layer}")}
     cached = ""
-    if stamp.fresh(out_dir, "descriptions", key, [str(p.relative_to(out_dir) / "summary.json") for p, _ in stores.values()]):
-        got = {k: ExplanationStore(p, m).summary() for k, (p, m) in stores.items()}
+    if stamp.fresh(out_dir, "descriptions", key, [str(st.path.relative_to(out_dir) / "summary.json")
+                                                  for st in stores.values()]):
+        got = {k: st.summary() for k, st in stores.items()}
         cached = "reused: "
     else:
         backend = Cached(chat, root / "explain" / "answers.sqlite")
@@ -552,12 +553,12 @@ def _describe_separate(run_dir: Path, out_dir: Path, layer: int, backend, judge,
     sep_run = out_dir / "separate" / "run"
     route_corpus(handle, source, sep_run, progress=False, overwrite=True, **route_kw)
     demo_expert_explanations(sep_run, layer, backend, judge=judge)
-    if not (run_dir / "explanations" / f"layer{layer}" / "summary.json").exists():  # the carved MoE's were described
+    if not (ExplanationStore.for_experts(run_dir, layer).path / "summary.json").exists():  # the carved MoE's were described
         demo_expert_explanations(run_dir, layer, backend, judge=judge)
     names = declared_expert_names(handle.model.config) or []
 
     def described(run: Path) -> dict[int, str]:
-        return ExplanationStore(run / "explanations" / f"layer{layer}", f"layer{layer}.experts").explanations()
+        return ExplanationStore.for_experts(run, layer).explanations()
 
     folder = out_dir / "compare"
     comparison = read_json(folder / COMPARISON, f"run `deepseemoe demo --out {out_dir}` again")

@@ -62,8 +62,8 @@ def _target(run_dir: Path, dictionary: str | None, layer: int | None):
                               "(the experts of one layer of a routing run)")
     if dictionary is not None:
         dictionary = dictionary_name(run_dir, dictionary)
-        return ExplanationStore(run_dir / "explanations" / dictionary, dictionary)
-    return ExplanationStore(run_dir / "explanations" / f"layer{layer}", f"layer{layer}.experts")
+        return ExplanationStore.for_features(run_dir, dictionary)
+    return ExplanationStore.for_experts(run_dir, layer)
 
 
 def _parse_features(text: str) -> int | list[int]:

@@ -252,7 +252,7 @@ def demo_expert_explanations(routing_run: Path, layer: int, backend: ChatBackend
     prediction (by `judge`, default the backend) at the demo's sizes (RUN/explanations/layerL/);
     the scores' summary."""
     prompts = prompts or Prompts.load()
-    experts = ExplanationStore(Path(routing_run) / "explanations" / f"layer{layer}", f"layer{layer}.experts")
+    experts = ExplanationStore.for_experts(routing_run, layer)
     corpus, acts, units, contexts = expert_source(Path(routing_run), layer)
     run_explain(experts, corpus, acts, units, contexts, backend, prompts, kind="expert",
                 source={"run": str(routing_run), "layer": layer}, routing=True, sizes=DEMO_SIZES, n_routing=10,
@@ -269,7 +269,7 @@ def demo_explanations(routing_run: Path, layer: int, dict_run: Path, dictionary:
     rerun asks nothing. Ten examples a unit make coarse scores: the demo shows the pipeline, not a verdict."""
     prompts = Prompts.load()
     out = {"experts": demo_expert_explanations(routing_run, layer, backend, prompts, judge)}
-    feats = ExplanationStore(Path(dict_run) / "explanations" / dictionary, dictionary)
+    feats = ExplanationStore.for_features(dict_run, dictionary)
     corpus, acts, units, contexts = feature_source(Path(dict_run), dictionary, data=None, tokens=tokens,
                                                    features=features)
     run_explain(feats, corpus, acts, units, contexts, backend, prompts, kind="feature",

@@ -28,6 +28,16 @@ class ExplanationStore:
     path: Path
     module: str  # delphi's hookpoint name: the dictionary's name, or layer{L}.experts
 
+    @classmethod
+    def for_experts(cls, run_dir: str | Path, layer: int) -> ExplanationStore:
+        """The descriptions of one layer's experts in a routing run (RUN/explanations/layerL/)."""
+        return cls(Path(run_dir) / "explanations" / f"layer{layer}", f"layer{layer}.experts")
+
+    @classmethod
+    def for_features(cls, run_dir: str | Path, dictionary: str) -> ExplanationStore:
+        """The descriptions of a dictionary's features in its training run (RUN/explanations/NAME/)."""
+        return cls(Path(run_dir) / "explanations" / dictionary, dictionary)
+
     def _unit_file(self, sub: str, unit: int) -> Path:
         return self.path / sub / f"{self.module}_latent{unit}.txt"
 
