@@ -48,3 +48,5 @@ def test_every_import_points_down_the_pipeline():
 def test_the_stage_order():
     # a module of runs/ (the bottom) importing routing/ must be caught by the same rule
     assert _rank("routing") > _rank("runs") and _rank("report") > _rank("analysis")
+
+
