@@ -50,3 +50,21 @@ def test_the_stage_order():
     assert _rank("routing") > _rank("runs") and _rank("report") > _rank("analysis")
 
 
+# what only runs/ may name: the sub-folders of a dictionary run, the files of its maps and graphs
+RUN_FOLDER_PARTS = ("explanations", "maps", "graphs", "nodes.parquet", "edges.parquet")
+
+
+def test_only_run_classes_build_paths_into_dictionary_runs():
+    found = []
+    for path in sorted(SRC.rglob("*.py")):
+        if path.relative_to(SRC).parts[0] == "runs":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in ("map_dir", "graph_dir"):
+                found.append(f"{path.relative_to(SRC)}:{node.lineno} .{node.attr}")
+            if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+                for side in (node.left, node.right):
+                    if isinstance(side, ast.Constant) and side.value in RUN_FOLDER_PARTS:
+                        found.append(f"{path.relative_to(SRC)}:{node.lineno} / {side.value!r}")
+    assert not found, ("paths into a dictionary run outside runs/ (use DictionaryRun / ExplanationStore): "
+                       + ", ".join(found))

@@ -185,8 +185,8 @@ def write_report(study: Study, out_path: str | Path, *, title: str, notes: list[
     return out_path
 
 
-def _png(path: Path) -> Markup:
-    if not Path(path).exists():
+def _png(path: Path | None) -> Markup:
+    if path is None or not Path(path).exists():
         return Markup("")
     data = base64.b64encode(Path(path).read_bytes()).decode()
     return Markup(f'<img alt="{html.escape(Path(path).stem)}" src="data:image/png;base64,{data}">')
@@ -211,7 +211,7 @@ def _analyses_context(study: Study) -> dict:
     graphs = []
     for d in study.dictionary_runs:
         for name, g in d.graphs.items():
-            graphs.append({"name": name, "summary": g, "figure": _png(d.path / "graphs" / name / "layout.png"),
+            graphs.append({"name": name, "summary": g, "figure": _png(d.graph_figure(name)),
                            "kinds": ", ".join(f"{k['kind']} {k['kept']:,} of {k['candidates']:,} "
                                               f"({100 * k['mass_share']:.0f}% of the weight)" for k in g["edge_kinds"])})
     results = study.results

@@ -116,6 +116,12 @@ class DictionaryRunFiles:
     maps: dict[str, dict]  # dictionary name -> maps/NAME/summary.json
     graphs: dict[str, dict] = field(default_factory=dict)  # dictionary name -> graphs/NAME/summary.json
 
+    def graph_figure(self, name: str) -> Path | None:
+        """graphs/NAME/layout.png, when `graph` drew one."""
+        from deepseemoe.runs.dictionary import DictionaryRun
+
+        return DictionaryRun(self.path).graph_figure(name)
+
 
 def _is_routing_run(path: Path) -> bool:
     return (path / MANIFEST).exists() and (path / "routing").is_dir()
