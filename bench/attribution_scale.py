@@ -97,7 +97,7 @@ def peer(tokens: int) -> None:
         print(f"  ratio (circuit-tracer / deepseemoe): {t_theirs / t_ours:.2f}x")
 
 
-def scale(layers: int, tokens: int, latents: int, k: int, batch_size: int) -> None:
+def scale(layers: int, tokens: int, latents: int, k: int, batch_size: int, max_nodes: int | None = None) -> None:
     from deepseemoe.attribution.graph import build_graph, prune
     from deepseemoe.dictionaries.coder import CoderConfig, build_coder
     from deepseemoe.models.load import handle_from_model
@@ -116,7 +116,7 @@ def scale(layers: int, tokens: int, latents: int, k: int, batch_size: int) -> No
     ids = torch.randint(3, 50304, (tokens,), generator=torch.Generator().manual_seed(0))
     before = _rss_gb()
     t = time.perf_counter()
-    graph = build_graph(handle, ids, dicts, batch_size=batch_size, progress=True)
+    graph = build_graph(handle, ids, dicts, batch_size=batch_size, max_targets=max_nodes, progress=True)
     built = time.perf_counter() - t
     t = time.perf_counter()
     prune(graph)
@@ -131,10 +131,16 @@ def scale(layers: int, tokens: int, latents: int, k: int, batch_size: int) -> No
     print("  nodes: " + ", ".join(f"{kind} {n:,}" for kind, n in kinds.items()) + f" — {N:,} in all")
     print(f"  built in {built:.1f} s ({targets / built:.0f} target nodes/s), pruned in {pruned:.2f} s, kept "
           f"{graph.summary['kept_nodes']:,} nodes, {graph.summary['kept_influence']:.0%} of the influence")
-    print(f"  peak resident memory {_rss_gb():.1f} GB (model loaded: {before:.1f} GB); dense adjacency "
+    print(f"  peak resident memory {_rss_gb():.1f} GB (model loaded: {before:.1f} GB); adjacency "
           f"{N * N * 4 / 2**30:.2f} GB")
+    if max_nodes is not None:
+        b = graph.summary.get("bounded")
+        print(f"  bounded by --max-nodes {max_nodes:,}: " + (f"{b['expanded']:,} of {b['targets']:,} targets expanded, "
+                                                             f"{b['nodes_before']:,} → {b['nodes']:,} nodes"
+                                                             if b else "the bound is above every target"))
     print(f"  16 layers at {tokens} tokens would have ~{full:,} nodes: a dense adjacency of "
-          f"{full * full * 4 / 2**30:.1f} GB, hence pruning before materialising is still to build")
+          f"{full * full * 4 / 2**30:.1f} GB unbounded; with --max-nodes M the rows computed take M × that many "
+          f"× 4 bytes ({(max_nodes or 8192) * full * 4 / 2**30:.1f} GB at M = {max_nodes or 8192:,})")
 
 
 def main() -> None:
@@ -146,12 +152,13 @@ def main() -> None:
     ap.add_argument("--latents", type=int, default=16384)
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--max-nodes", type=int, default=None, help="bound the scale part's graph (attribute --max-nodes)")
     args = ap.parse_args()
     torch.set_grad_enabled(True)
     if args.part in ("peer", "both"):
         peer(args.peer_tokens)
     if args.part in ("scale", "both"):
-        scale(args.layers, args.tokens, args.latents, args.k, args.batch_size)
+        scale(args.layers, args.tokens, args.latents, args.k, args.batch_size, args.max_nodes)
 
 
 if __name__ == "__main__":

@@ -82,3 +82,19 @@ def test_a_dictionary_off_the_block_input_is_named_and_the_rest_is_built():
     assert graph.summary["notes"] == ["resid reads resid_in of layer 1, not a block input: router edges need the "
                                       "router's own input, so the graph is built without it"]
     assert not graph.of_kind("feature") and graph.of_kind("router")
+
+
+def test_max_nodes_bounds_the_graph_and_circuit_tracers_models_still_read_it(cli, small_run, tmp_path):  # noqa: F811
+    from circuit_tracer.frontend.graph_models import Model
+
+    out = tmp_path / "bounded.json"
+    r = cli("attribute", small_run, "--dictionary", _name(small_run), "--prompt", PROMPT, "--out", out,
+            "--max-nodes", "10")
+    assert r.code == 0, r.err
+    assert "bounded: " in r.out and "(--max-nodes 10)" in r.out
+    doc = json.loads(out.read_text())
+    Model(**doc)
+    kinds = [n for n in doc["nodes"] if n["feature_type"] in ("cross layer transcoder", "moe router", "moe expert")]
+    assert 0 < len(kinds) <= 10
+    assert_refused(cli("attribute", small_run, "--dictionary", _name(small_run), "--prompt", PROMPT,
+                       "--out", tmp_path / "x.json", "--max-nodes", "0"), "--max-nodes")

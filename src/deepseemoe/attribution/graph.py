@@ -317,12 +317,15 @@ def _logit_candidates(logits: torch.Tensor, target: int | None, max_logits: int,
 
 def build_graph(handle: ModelHandle, ids: torch.Tensor, dictionaries: dict[str, tuple], *, target: int | None = None,
                 max_logits: int = 5, logit_coverage: float = 0.95, batch_size: int = 64,
-                progress: bool = False) -> AttributionGraph:
-    """The full (unpruned) graph of prompt ids [S] through `handle` and `dictionaries` {name: (coder, meta)}."""
+                max_targets: int | None = None, progress: bool = False) -> AttributionGraph:
+    """The graph of prompt ids [S] through `handle` and `dictionaries` {name: (coder, meta)}: whole
+    (unpruned), or with `max_targets`, bounded before it is materialised (`_expand_bounded`)."""
     import time
 
     from deepseemoe.progress import progress_bar
 
+    if max_targets is not None and max_targets < 1:
+        raise DeepSeeMoEError(f"--max-nodes {max_targets}: give at least 1 node to expand (or leave it out)")
     start = time.perf_counter()
     ids = ids.reshape(-1).long()
     plans, notes = layer_plans(handle, dictionaries)
@@ -333,48 +336,121 @@ def build_graph(handle: ModelHandle, ids: torch.Tensor, dictionaries: dict[str, 
     rep, nodes, gates = node_inventory(handle, clean, plans, logit_ids, tokens)
     N = len(nodes)
     order = rep.target_order()
+    column = {node: j for j, node in enumerate(order)}  # a target node -> its column among the values
     sources = {name: (torch.tensor(s.node, dtype=torch.long), torch.tensor(s.pos, dtype=torch.long),
                       torch.stack(s.vec).float() if s.vec else None) for name, s in rep.sources.items()}
-    A = torch.zeros(N, N)
-    values = torch.zeros(N)
+    bounded = max_targets is not None and max_targets < len(order)
     bar = progress_bar(disable=not progress, unit="node")
-    task = bar.add_task("attribution", total=len(order))
+    task = bar.add_task("attribution", total=min(len(order), (max_targets or len(order)) + len(logit_ids)))
     bar.start()
     # one forward of B copies of the prompt; its autograd graph is kept and every batch of B targets
     # is one backward through it (target b of a batch on copy b), so the forward is paid once
     B = min(batch_size, len(order))
     leaves, vals, rec = rep.run(B)
     rep.check(rec)
+    values = torch.zeros(N)
     values[order] = vals[0].detach()
     names = [name for name, (_, _, vec) in sources.items() if vec is not None]
-    for start_j in range(0, len(order), B):
-        chunk = order[start_j:start_j + B]
+
+    def expand(chunk: list[int], last: bool = False) -> torch.Tensor:
+        """[len(chunk), N]: the direct effects of every source node on each target node of `chunk`."""
         rows = torch.arange(len(chunk))
-        last = start_j + B >= len(order)
-        grads = torch.autograd.grad(vals[rows, torch.arange(start_j, start_j + len(chunk))].sum(),
-                                    [leaves[name] for name in names], retain_graph=not last, allow_unused=True)
+        cols = torch.tensor([column[n] for n in chunk])
+        out = torch.zeros(len(chunk), N)
+        grads = torch.autograd.grad(vals[rows, cols].sum(), [leaves[name] for name in names], retain_graph=not last,
+                                    allow_unused=True)
         with torch.no_grad():
             for name, grad in zip(names, grads, strict=True):
-                if grad is None:
-                    continue
-                node_ids, pos, vec = sources[name]
-                A[torch.tensor(chunk)[:, None], node_ids[None, :]] = at_positions(grad[:len(chunk)], pos, vec)
+                if grad is not None:
+                    node_ids, pos, vec = sources[name]
+                    out[:, node_ids] = at_positions(grad[:len(chunk)], pos, vec)
         bar.advance(task, len(chunk))
+        return out
+
+    probs = torch.softmax(clean.logits[-1], -1)
+    if bounded:
+        weights = torch.zeros(N)  # influence is on the logits, each weighted by its probability (as `prune`)
+        for n in order:
+            if nodes[n].kind == "logit":
+                weights[n] = float(probs[nodes[n].index])
+        kept_targets, rows = _expand_bounded(expand, nodes, order, weights, gates, max_targets, B)
+    else:
+        kept_targets = order
+        rows = torch.cat([expand(order[i:i + B], last=i + B >= len(order)) for i in range(0, len(order), B)])
     bar.stop()
+    leaves = vals = rec = None  # frees the retained autograd graph
+    targets = set(order)
+    keep = [i for i in range(N) if i not in targets or i in set(kept_targets)]  # sources (tokens, errors) stay
+    new = {old: i for i, old in enumerate(keep)}
+    A = torch.zeros(len(keep), len(keep))
+    where = torch.tensor([new[n] for n in kept_targets], dtype=torch.long)
+    A[where] = rows[:, keep]
     for i in order:
         nodes[i].value = float(values[i])
-    bias = torch.zeros(N)
-    bias[order] = values[order] - A[order].sum(1)
-    probs = torch.softmax(clean.logits[-1], -1)
-    logit_nodes = [i for i in range(N) if nodes[i].kind == "logit"]
-    logit_probs = {i: float(probs[nodes[i].index]) for i in logit_nodes}
+    kept_nodes = [nodes[i] for i in keep]
+    bias = torch.zeros(len(keep))
+    bias[where] = values[kept_targets] - A[where].sum(1)  # what no kept source explains (dropped nodes too)
+    logit_nodes = [i for i, n in enumerate(kept_nodes) if n.kind == "logit"]
+    logit_probs = {i: float(probs[kept_nodes[i].index]) for i in logit_nodes}
     for i in logit_nodes:
-        nodes[i].extra.update({"probability": logit_probs[i], "token": tok.decode([nodes[i].index]) if tok else ""})
+        kept_nodes[i].extra.update({"probability": logit_probs[i], "token": tok.decode([kept_nodes[i].index]) if tok else ""})
+    kept_gates = [(new[t], new[r], w) for t, r, w in gates if t in new and r in new]
     used = {la: p.sae_name or p.transcoder_name for la, p in plans.items() if p.sae_name or p.transcoder_name}
-    graph = AttributionGraph(ids.tolist(), tokens, nodes, A, bias, gates, logit_probs, logit_nodes[0], used)
+    graph = AttributionGraph(ids.tolist(), tokens, kept_nodes, A, bias, kept_gates, logit_probs, logit_nodes[0], used)
     graph.seconds = time.perf_counter() - start
     graph.summary["notes"] = notes
+    if bounded:
+        graph.summary["bounded"] = {"max_nodes": max_targets, "targets": len(order), "expanded": len(kept_targets),
+                                    "nodes_before": N, "nodes": len(keep)}
     return graph
+
+
+def _expand_bounded(expand, nodes: list[Node], order: list[int], weights: torch.Tensor, gates: list,
+                    max_targets: int, B: int) -> tuple[list[int], torch.Tensor]:
+    """Prune before materialising, as circuit-tracer's `max_feature_nodes` does: the logits' rows
+    first, then, batch by batch, the `B` pending targets of the largest influence on the logits
+    (`weights`: each logit's probability) estimated from the rows so far (recomputed whenever the rows have grown by a quarter), until
+    `max_targets` are expanded or no pending target has influence. Memory: rows × N, not N × N.
+    Returns the expanded targets (logits first) and their rows."""
+    logits = [n for n in order if nodes[n].kind == "logit"]
+    pending = [n for n in order if nodes[n].kind != "logit"]
+    expanded, parts = list(logits), [expand(logits)]
+    gate_of = {}  # an expert node -> its (router node, weight): influence reaches the router through the gate
+    for t, r, w in gates:
+        gate_of.setdefault(t, []).append((r, w))
+    influence, measured_at = None, 0
+    while pending and len(expanded) - len(logits) < max_targets:
+        if influence is None or len(expanded) >= 1.25 * measured_at:
+            rows = torch.cat(parts)
+            for k, n in enumerate(expanded):
+                for r, w in gate_of.get(n, ()):
+                    rows[k, r] = w
+            influence, measured_at = _partial_influence(rows, expanded, weights), len(expanded)
+        ranked = sorted(pending, key=lambda n: -float(influence[n]))
+        chunk = [n for n in ranked[:min(B, max_targets - (len(expanded) - len(logits)))] if influence[n] > 0]
+        if not chunk:
+            break
+        parts.append(expand(chunk))
+        expanded += chunk
+        chosen = set(chunk)
+        pending = [n for n in pending if n not in chosen]
+        influence[chunk] = 0.0  # counted; the next estimate includes what they pass on
+    return expanded, torch.cat(parts)
+
+
+def _partial_influence(rows: torch.Tensor, row_nodes: list[int], weights: torch.Tensor) -> torch.Tensor:
+    """[N] Σ_{n≥1} weights·Aⁿ over the partial graph whose only rows are `rows` (of `row_nodes`):
+    a node without a row yet receives influence and passes none on."""
+    a = rows.abs()
+    a = a / a.sum(1, keepdim=True).clamp_min(1e-10)
+    idx = torch.tensor(row_nodes, dtype=torch.long)
+    current, total = weights, torch.zeros_like(weights)
+    for _ in range(len(row_nodes) + 1):
+        current = current[idx] @ a
+        if not bool(current.any()):
+            return total
+        total += current
+    raise DeepSeeMoEError("the attribution graph has a cycle; this is a bug in DeepSeeMoE")
 
 
 # ---- influence and pruning ------------------------------------------------------------------------

@@ -71,7 +71,8 @@ def target_id(handle: ModelHandle, target: str) -> int:
 
 def attribute_prompt(handle: ModelHandle, dictionaries: dict[str, tuple], prompt: str, *, label: str = "",
                      target: str | None = None, node_threshold: float = 0.8, edge_threshold: float = 0.98,
-                     max_logits: int = 5, batch_size: int = 64, scan: str = "", slug: str = "graph",
+                     max_logits: int = 5, batch_size: int = 64, max_targets: int | None = None, scan: str = "",
+                     slug: str = "graph",
                      descriptions: dict[tuple[str, int], str] | None = None, perturb: int = 8,
                      progress: bool = False) -> PromptGraph:
     """The pruned graph of `prompt` (its next token: `target`, else the model's top prediction), with
@@ -80,7 +81,7 @@ def attribute_prompt(handle: ModelHandle, dictionaries: dict[str, tuple], prompt
     ids = prompt_ids(handle, prompt)
     tid = target_id(handle, target) if target is not None else None
     graph = build_graph(handle, torch.tensor(ids), dictionaries, target=tid, max_logits=max_logits,
-                        batch_size=batch_size, progress=progress)
+                        batch_size=batch_size, max_targets=max_targets, progress=progress)
     prune(graph, node_threshold, edge_threshold)
     if perturb > 0:
         graph.summary["perturbation"] = routing_perturbation(handle, graph, dictionaries, top=perturb)

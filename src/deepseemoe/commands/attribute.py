@@ -26,6 +26,10 @@ def register(app: typer.Typer) -> None:
         edge_threshold: float = typer.Option(0.98, min=0.0, max=1.0, help="Keep the edges carrying this share of it."),
         max_logits: int = typer.Option(5, min=1, help="Candidate next tokens explained (until 95 % probability)."),
         batch_size: int = typer.Option(64, min=1, help="Target nodes per backward pass."),
+        max_nodes: int = typer.Option(None, min=1, help="Expand at most this many feature, routing and expert "
+                                                        "nodes, the most influential on the logits first (memory "
+                                                        "grows with it, not with the square of all nodes); "
+                                                        "default: all."),
         perturb: int = typer.Option(8, min=0, help="Zero this many of the most influential features in the model "
                                                    "itself (routing free) and compare with the linear prediction."),
         device: str = typer.Option(None, help="Device for the model and the coders (default: the run's)."),
@@ -62,6 +66,7 @@ def register(app: typer.Typer) -> None:
             target_id(handle, target)
         result = attribute_prompt(handle, dictionaries, prompt, target=target, node_threshold=node_threshold,
                                   edge_threshold=edge_threshold, max_logits=max_logits, batch_size=batch_size,
+                                  max_targets=max_nodes,
                                   scan=str(spec.model), slug=out.stem,
                                   descriptions=feature_descriptions(run_dir, names), perturb=perturb,
                                   progress=True)
@@ -77,6 +82,10 @@ def register(app: typer.Typer) -> None:
                       f"{s['nodes']} nodes, {s['edges']} edges → kept {s['kept_nodes']} nodes, {s['kept_edges']} edges, "
                       f"{s['kept_influence']:.0%} of the influence · error nodes carry {s['error_influence']:.0%} · "
                       f"{graph.seconds:.1f} s")
+        if "bounded" in s:
+            b = s["bounded"]
+            console.print(f"bounded: {b['expanded']:,} of {b['targets']:,} target nodes expanded (--max-nodes "
+                          f"{b['max_nodes']:,}); the rest left the graph, their effects in their targets' bias")
         console.print(result.sentence)
         if perturb:
             console.print(perturbation_sentence(s.get("perturbation")))
