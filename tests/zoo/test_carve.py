@@ -158,6 +158,7 @@ def test_carve_is_deterministic_and_the_random_split_differs(cli, dense_dir, cor
     (("--top-k", "9"), "--top-k 9"),
     (("--layers", "5"), "layers [5] do not exist"),
     (("--split", "kmeans"), "unknown split"),
+    (("--router", "centroid"), "unknown router"),
 ])
 def test_bad_carves_are_refused_with_one_line(cli, dense_dir, corpus, tmp_path, extra, says):
     r = carve(cli, dense_dir, corpus, tmp_path / "out", *extra)
@@ -169,3 +170,42 @@ def test_a_model_without_a_swiglu_block_is_refused(cli, tiny_olmoe_dir, corpus, 
     r = carve(cli, tiny_olmoe_dir, corpus, tmp_path / "out")
     assert r.code == 2 and len(r.error_lines) == 1 and "no SwiGLU block" in r.error_lines[0], r.err
     assert not (tmp_path / "out").exists()
+
+
+def test_central_neurons_by_hand():
+    """CMoE's representative: the neuron of each group whose unit profile is closest to the group's mean."""
+    import numpy as np
+
+    from deepseemoe.zoo.carve import central_neurons
+
+    s = 1 / np.sqrt(2)
+    profile = np.array([[1, 0, 0], [s, s, 0], [0, 1, 0],  # group 0: the mean (1+s, 1+s, 0)/3 is nearest [s, s, 0]
+                        [0, 0, 1], [0, s, s], [1, 0, 0]])  # group 1 (rows 3, 4, 5): mean (1, s, 1+s)/3
+    groups = np.array([[0, 1, 2], [3, 4, 5]])
+    mean1 = profile[[3, 4, 5]].mean(0)
+    best1 = [3, 4, 5][int(np.argmax(profile[[3, 4, 5]] @ mean1))]  # by hand: cosines 1+s, s(1+2s)... → row 3
+    assert central_neurons(profile, groups).tolist() == [1, best1] and best1 == 3
+
+
+def test_the_analytic_router_scores_each_expert_by_one_of_its_own_neurons(dense_dir, corpus, tmp_path):
+    """--router analytic (CMoE's): every router row of the saved model is the dense gate projection of a
+    neuron of that expert's own group (up to the tempering's positive scale)."""
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from deepseemoe.cli import app
+
+    out = tmp_path / "analytic"
+    r = CliRunner().invoke(app, ["zoo", "carve", "--model", str(dense_dir), "--data", str(corpus), "--out", str(out),
+                                 "--experts", str(E_ALL), "--shared", "1", "--top-k", "3", "--calibration-tokens",
+                                 "1500", "--eval-tokens", "600", "--ctx-len", "64", "--layers", "1",
+                                 "--router", "analytic"])
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "report.json").read_text())
+    routed = torch.tensor(report["layers"]["1"]["routed"])
+    gate = AutoModelForCausalLM.from_pretrained(out / "moe").model.layers[1].mlp.gate.weight.detach()
+    rows = AutoModelForCausalLM.from_pretrained(dense_dir).model.layers[1].mlp.gate_proj.weight.detach()
+    cos = torch.nn.functional.normalize(gate, dim=1) @ torch.nn.functional.normalize(rows, dim=1).T  # [E, F]
+    for e in range(len(routed)):
+        best = int(cos[e].argmax())
+        assert float(cos[e, best]) == pytest.approx(1.0, abs=1e-5) and best in routed[e].tolist()

@@ -93,6 +93,8 @@ def carve(
     top_k: int = typer.Option(8, "--top-k", min=1, help="Routed experts per token."),
     layers: str = typer.Option(None, help="Layers to carve, e.g. 10-19 or 4,8,12 (default: all); the rest stay dense."),
     split: str = typer.Option("clustered", help="clustered (balanced k-means on co-activation) or random (the control)."),
+    router: str = typer.Option("fitted", help="fitted (least squares on the experts' output norms) or analytic "
+                                              "(CMoE's: each expert scored by its most central neuron's gate)."),
     calibration_tokens: int = typer.Option(8192, min=1, help="Calibration tokens from train.jsonl."),
     eval_tokens: int = typer.Option(4096, min=1, help="Held-out tokens from val.jsonl for the measurements."),
     eval_k: str = typer.Option(None, "--eval-k", help="The k of E to measure, e.g. 4,8,15 (default: ¼, ½, ¾ and all "
@@ -123,7 +125,7 @@ def carve(
             raise DeepSeeMoEError(f"{flag} {text!r}: give numbers and ranges, e.g. 10-19 or 4,8,12") from None
 
     spec = CarveSpec(experts=experts, shared=shared, top_k=top_k, layers=ints(layers, "--layers") if layers else None,
-                     split=split, seed=seed)
+                     split=split, router=router, seed=seed)
     carved = carve_zoo(data, model=model, spec=spec, out=out, cache_dir=cache_dir, calibration_tokens=calibration_tokens,
                        eval_tokens=eval_tokens, ctx_len=ctx_len, eval_ks=ints(eval_k, "--eval-k") if eval_k else None,
                        recarve=recarve)

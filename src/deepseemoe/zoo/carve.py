@@ -11,6 +11,9 @@ cut into `experts` equal parts of w = F / experts neurons:
            random instead (the control).
 A router per layer is fitted by ridge least squares to predict, from the block's input x, the output
 norm ‖down_e · h_e(x)‖ each routed expert would give; its top-k are the experts that carry the most.
+`router="analytic"` is CMoE's instead (Pei et al. 2025), for comparison: no fit, each expert scored
+by its most central neuron (the one whose activation profile over the calibration tokens is closest
+to its expert's mean profile) — the router row is that neuron's gate projection.
 
 Saved as `Qwen2MoeForCausalLM` (Llama's attention without q/k/v bias, the same norms, embeddings and
 RoPE), which plain transformers loads. The weighting keeps the carve exact where it can be: the
@@ -43,6 +46,7 @@ ROUTER_SPREAD = 1e-3  # std of the fitted router's logits over calibration token
 MIN_CALIBRATION_TOKENS = 256
 DOC_CHARS = 1200  # characters of each calibration / held-out document used
 SPLITS = ("clustered", "random")
+ROUTERS = ("fitted", "analytic")
 
 
 @dataclass
@@ -52,6 +56,7 @@ class CarveSpec:
     top_k: int = 8  # routed experts per token
     layers: list[int] | None = None  # the layers carved (default: all); the others stay dense
     split: str = "clustered"  # or "random", the control
+    router: str = "fitted"  # least squares on the experts' output norms, or "analytic" (CMoE's central neuron)
     seed: int = 0
     kmeans_iters: int = 20
 
@@ -64,6 +69,8 @@ class CarveSpec:
         the model too."""
         if self.split not in SPLITS:
             raise DeepSeeMoEError(f"unknown split {self.split!r}; choose from {', '.join(SPLITS)}")
+        if self.router not in ROUTERS:
+            raise DeepSeeMoEError(f"unknown router {self.router!r}; choose from {', '.join(ROUTERS)}")
         if neurons is not None and (self.experts < 2 or neurons % self.experts):
             raise DeepSeeMoEError(f"the feed-forward width {neurons} is not divisible into {self.experts} equal experts; "
                                   f"choose --experts among {[d for d in range(2, 129) if neurons % d == 0]}")
@@ -195,6 +202,16 @@ def balanced_kmeans(features: np.ndarray, k: int, size: int, rng: np.random.Gene
     return np.stack([np.sort(np.nonzero(assign == j)[0]) for j in range(k)])
 
 
+def central_neurons(profile: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """[E] per expert, its most central neuron (CMoE's representative): the one of its neurons
+    `groups[e]` whose unit activation profile has the largest cosine with the expert's mean profile."""
+    out = []
+    for g in groups:
+        mean = profile[g].mean(0)
+        out.append(int(g[int(np.argmax(profile[g] @ (mean / (np.linalg.norm(mean) or 1.0))))]))
+    return np.asarray(out)
+
+
 def expert_outputs(mlp, h, groups: np.ndarray):
     """down_e · h_e [N, E, D]: what each routed expert (its neurons `groups[e]`) adds to each token's
     block output; their norms are what the router learns to rank."""
@@ -254,15 +271,18 @@ def carve_layers(model, batches, spec: CarveSpec, progress: bool = False) -> Car
         order = np.lexsort((np.arange(F), -activity))  # most active first; ties by neuron id
         shared = np.sort(order[: spec.shared * w])
         rest = np.sort(order[spec.shared * w:])
+        profile = h.abs().T.numpy().astype(np.float64)  # [neurons, N]: each neuron's activation profile
+        profile /= np.clip(np.linalg.norm(profile, axis=1, keepdims=True), 1e-12, None)
         if spec.split == "random":
             routed = np.sort(rng.permutation(rest).reshape(spec.routed, w), axis=1)
         else:
-            profile = h[:, rest].abs().T.numpy().astype(np.float64)  # [neurons, N]
-            profile /= np.clip(np.linalg.norm(profile, axis=1, keepdims=True), 1e-12, None)
-            routed = rest[balanced_kmeans(profile, spec.routed, w, rng, spec.kmeans_iters)]
+            routed = rest[balanced_kmeans(profile[rest], spec.routed, w, rng, spec.kmeans_iters)]
         routed = routed[np.argsort(routed[:, 0])]  # experts in order of their first neuron: deterministic labels
         norms = expert_outputs(mlp, h, routed).norm(dim=-1)
-        router = fit_router(x.double(), norms.double()).float()
+        if spec.router == "analytic":
+            router = mlp.gate_proj.weight.detach().float()[torch.as_tensor(central_neurons(profile, routed))]
+        else:
+            router = fit_router(x.double(), norms.double()).float()
         logits = x @ router.T
         spread = float(logits.std()) or 1.0  # tempered: selected experts weigh 1 ± ~0.3 % (docstring)
         out[layer] = LayerCarve(shared, routed, (router * (ROUTER_SPREAD / spread)).numpy(),
@@ -446,7 +466,10 @@ def carve_zoo(corpus_dir: str | Path, *, model: str | Path | None = None, spec: 
     if not (dense_dir / "config.json").is_file():
         raise DeepSeeMoEError(f"{dense_dir} is not a model folder (no config.json); give a dense Llama-shaped model "
                               "saved with save_pretrained")
-    key = stamp.digest(stage="carve", spec=asdict(spec), model=stamp.model_digest(dense_dir),
+    settings = asdict(spec)
+    if settings["router"] == "fitted":  # the key of a carve made before `router` existed: still cached
+        del settings["router"]
+    key = stamp.digest(stage="carve", spec=settings, model=stamp.model_digest(dense_dir),
                        train=stamp.file_digest(corpus_dir / "train.jsonl"),
                        val=stamp.file_digest(corpus_dir / "val.jsonl"), calibration_tokens=calibration_tokens,
                        eval_tokens=eval_tokens, ctx_len=ctx_len, eval_ks=eval_ks)
