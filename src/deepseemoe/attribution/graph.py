@@ -374,17 +374,21 @@ def build_graph(handle: ModelHandle, ids: torch.Tensor, dictionaries: dict[str, 
             if nodes[n].kind == "logit":
                 weights[n] = float(probs[nodes[n].index])
         kept_targets, rows = _expand_bounded(expand, nodes, order, weights, gates, max_targets, B)
-    else:
-        kept_targets = order
-        rows = torch.cat([expand(order[i:i + B], last=i + B >= len(order)) for i in range(0, len(order), B)])
+        chosen = set(kept_targets)
+        keep = [i for i in range(N) if i not in column or i in chosen]  # sources (tokens, errors) stay
+        A = torch.zeros(len(keep), len(keep))
+        new = {old: i for i, old in enumerate(keep)}
+        where = torch.tensor([new[n] for n in kept_targets], dtype=torch.long)
+        A[where] = rows[:, keep]
+        rows = None
+    else:  # every row written in place: one N × N matrix at the peak
+        kept_targets, keep, new = order, list(range(N)), {i: i for i in range(N)}
+        A = torch.zeros(N, N)
+        for i in range(0, len(order), B):
+            A[order[i:i + B]] = expand(order[i:i + B], last=i + B >= len(order))
+        where = torch.tensor(order, dtype=torch.long)
     bar.stop()
     leaves = vals = rec = None  # frees the retained autograd graph
-    targets = set(order)
-    keep = [i for i in range(N) if i not in targets or i in set(kept_targets)]  # sources (tokens, errors) stay
-    new = {old: i for i, old in enumerate(keep)}
-    A = torch.zeros(len(keep), len(keep))
-    where = torch.tensor([new[n] for n in kept_targets], dtype=torch.long)
-    A[where] = rows[:, keep]
     for i in order:
         nodes[i].value = float(values[i])
     kept_nodes = [nodes[i] for i in keep]
@@ -409,8 +413,9 @@ def _expand_bounded(expand, nodes: list[Node], order: list[int], weights: torch.
                     max_targets: int, B: int) -> tuple[list[int], torch.Tensor]:
     """Prune before materialising, as circuit-tracer's `max_feature_nodes` does: the logits' rows
     first, then, batch by batch, the `B` pending targets of the largest influence on the logits
-    (`weights`: each logit's probability) estimated from the rows so far (recomputed whenever the rows have grown by a quarter), until
-    `max_targets` are expanded or no pending target has influence. Memory: rows × N, not N × N.
+    (`weights`: each logit's probability) estimated from the rows so far (recomputed whenever the
+    rows have grown by a quarter), until `max_targets` are expanded or no pending target has
+    influence. Memory: rows × N, not N × N.
     Returns the expanded targets (logits first) and their rows."""
     logits = [n for n in order if nodes[n].kind == "logit"]
     pending = [n for n in order if nodes[n].kind != "logit"]
