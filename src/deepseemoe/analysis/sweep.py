@@ -473,6 +473,7 @@ def table_rows(settings: SweepSettings, evaluations: dict[int, dict]) -> list[di
 
 
 OTHER_COLUMNS = (("fvu", "FVU"), ("delta_ce", "ΔCE, all layers spliced"), ("kl", "KL"), ("dead", "dead"))
+OTHER_LABELS = {"sae": "SAE per layer, block output", "crosscoder": "crosscoder, block outputs"}  # table, report
 
 
 def other_rows(settings: SweepSettings, evaluations: dict[int, dict]) -> list[dict]:
@@ -517,8 +518,7 @@ def others_markdown(others: list[dict]) -> str:
              "| kind | seeds | L0 | " + " | ".join(label for _, label in OTHER_COLUMNS) + " |",
              "|" + "---|" * (len(OTHER_COLUMNS) + 3)]
     for r in others:
-        what = "SAE per layer, block output" if r["kind"] == "sae" else "crosscoder, block outputs"
-        lines.append(f"| {what} | {r['seeds']} | {r['l0']:.1f} | "
+        lines.append(f"| {OTHER_LABELS[r['kind']]} | {r['seeds']} | {r['l0']:.1f} | "
                      + " | ".join(plus_minus(r[k], r[f"{k}_sd"]) for k, _ in OTHER_COLUMNS) + " |")
     return "\n".join(lines) + "\n"
 

@@ -114,8 +114,9 @@ def absorption(x: np.ndarray, latents: np.ndarray, decoder: np.ndarray, tokens: 
         right = (~train) & y & (probe.predict(x) == 1)
         cos = units @ p  # [F] each decoder row's cosine with the letter's direction
         at = np.nonzero(right)[0]
-        full, fraction = token_absorption(x[at] @ p, latents[at], cos, [main], min_cos=min_cos, min_share=min_share)
-        missed = latents[at][:, [main]].toarray().ravel() < EPS
+        codes = latents[at]
+        full, fraction = token_absorption(x[at] @ p, codes, cos, [main], min_cos=min_cos, min_share=min_share)
+        missed = codes[:, [main]].toarray().ravel() < EPS
         n = len(at)
         per[value] = {"tokens": n, "main_latent": main, "main_cos": float(cos[main]),
                       "absorption": float(full.mean()) if n else float("nan"),

@@ -304,9 +304,9 @@ def _sweep(result, folder: str) -> dict:
                "fvu": f(p.get("fvu"), ".3f"),
                "ranks": ", ".join(str(p.get(f"{k}_rank", "–")) for k in ("ablation_delta_ce", "domain_nmi", "fvu")),
                "mean_rank": f(p.get("mean_rank"), ".2f")} for p in doc.get("which_layer", [])]
-    from deepseemoe.analysis.sweep import OTHER_COLUMNS
+    from deepseemoe.analysis.sweep import OTHER_COLUMNS, OTHER_LABELS
 
-    others = [{"kind": "SAE per layer, block output" if o["kind"] == "sae" else "crosscoder, block outputs",
+    others = [{"kind": OTHER_LABELS[o["kind"]],
                "seeds": o["seeds"], "l0": f"{o['l0']:.1f}",
                "cells": [plus_minus(o[key], o.get(f"{key}_sd"), 3) for key, _ in OTHER_COLUMNS]}
               for o in doc.get("other_kinds", [])]

@@ -47,11 +47,9 @@ CONFIG_CHECKSUM = b"# sha256: "
 # Names the demo gave its dictionaries before it used train's automatic ones (CHANGELOG, Unreleased): still
 # accepted, with a warning, for one release. Old prefix -> new prefix, before the layer number.
 RENAMED = (("router_sae_", "sae_block_in_"), ("block_transcoder_", "skip_transcoder_"))
-
-
-
 # the tables `map` writes that `graph` reads (features: each feature's top expert)
 MAP_TABLES = ("router_attribution", "feature_experts", "expert_composition", "features")
+
 
 @dataclass
 class DictionaryRun:
@@ -178,14 +176,16 @@ class DictionaryRun:
 
     def map_table(self, name: str, stem: str) -> dict[str, list]:
         """maps/NAME/STEM.parquet as columns; a missing or damaged table is one line naming the fix."""
+        return self._columns(self.map_dir(name) / f"{stem}.parquet", f"map {self.path} --dictionary {name}")
+
+    def _columns(self, path: Path, again: str, columns: list[str] | None = None) -> dict[str, list]:
+        """A table of the run as columns; missing, truncated or not parquet: one line, `again` the fix."""
         import pyarrow.parquet as pq
 
-        path = self.map_dir(name) / f"{stem}.parquet"
         try:
-            return pq.read_table(path).to_pydict()
-        except Exception as exc:  # missing, truncated or not parquet
-            raise DeepSeeMoEError(f"{path} cannot be read ({type(exc).__name__}); run `deepseemoe map {self.path} "
-                                  f"--dictionary {name}` again") from None
+            return pq.read_table(path, columns=columns).to_pydict()
+        except Exception as exc:
+            raise DeepSeeMoEError(f"{path} cannot be read ({type(exc).__name__}); run `deepseemoe {again}` again") from None
 
     def map_tables(self, name: str, stems: tuple[str, ...] = MAP_TABLES) -> dict[str, dict[str, list] | None]:
         """The map's tables as columns, by stem; None for a table this map has not (an MoE-less map
@@ -208,14 +208,7 @@ class DictionaryRun:
 
     def graph_table(self, name: str, stem: str, columns: list[str] | None = None) -> dict[str, list]:
         """graphs/NAME/STEM.parquet (nodes, edges) as columns; a missing or damaged table is one line."""
-        import pyarrow.parquet as pq
-
-        path = self.graph_dir(name) / f"{stem}.parquet"
-        try:
-            return pq.read_table(path, columns=columns).to_pydict()
-        except Exception as exc:
-            raise DeepSeeMoEError(f"{path} cannot be read ({type(exc).__name__}); run `deepseemoe graph {self.path} "
-                                  f"--dictionary {name}` again") from None
+        return self._columns(self.graph_dir(name) / f"{stem}.parquet", f"graph {self.path} --dictionary {name}", columns)
 
     def graph_figure(self, name: str) -> Path | None:
         path = self.graph_dir(name) / "layout.png"
