@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -74,7 +75,16 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=None, help="where to write the synthetic runs (default: a temp dir)")
     ap.add_argument("--reuse", action="store_true", help="time the runs already in --dir instead of writing them")
     args = ap.parse_args()
+    # a temp folder of our own making goes when we are done (a 1e7-token run is gigabytes)
     base = args.dir or Path(tempfile.mkdtemp(prefix="dsm-bench-"))
+    try:
+        _time_runs(args, base)
+    finally:
+        if args.dir is None:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def _time_runs(args, base: Path) -> None:
     first = None
     for n in map(int, args.tokens):
         run = base / f"run-{n}"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -154,8 +155,6 @@ def time_model_views(repeats: int) -> None:
     experts top-8), beside a bare forward of the same tokens."""
     import torch
 
-    from deepseemoe.explore.live import Intervention, Limits, LiveModel
-    from deepseemoe.models.load import handle_from_model
     from deepseemoe.models.tiny import tiny_model
 
     torch.set_num_threads(2)
@@ -167,6 +166,18 @@ def time_model_views(repeats: int) -> None:
     model = tiny_model("olmoe", vocab_size=len(tok), num_hidden_layers=16, num_experts=64, num_experts_per_tok=8,
                        bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     model.save_pretrained(folder)
+    try:
+        _time_live(folder, repeats)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _time_live(folder: Path, repeats: int) -> None:
+    import torch
+
+    from deepseemoe.explore.live import Intervention, Limits, LiveModel
+    from deepseemoe.models.load import handle_from_model
+
     live = LiveModel(str(folder), limits=Limits(ctx_len=256))
     text = " ".join(["The king said unto his servants, go forth and gather the harvest before the rain."] * 8)
     live.route(text)  # warm-up
@@ -208,12 +219,16 @@ def main() -> None:
 
     torch.set_num_threads(2)
     root = args.dir or Path(tempfile.mkdtemp(prefix="dsm-serve-"))
-    build_study(root, int(args.tokens), args.layers, args.topk, args.experts, args.features, args.reuse)
-    print(json.dumps({"tokens": int(args.tokens), "layers": args.layers, "top_k": args.topk, "experts": args.experts,
-                      "features": args.features, "study": str(root)}), flush=True)
-    time_pages(root, args.repeats, args.seed)
-    if not args.no_model:
-        time_model_views(args.repeats)
+    try:
+        build_study(root, int(args.tokens), args.layers, args.topk, args.experts, args.features, args.reuse)
+        print(json.dumps({"tokens": int(args.tokens), "layers": args.layers, "top_k": args.topk,
+                          "experts": args.experts, "features": args.features, "study": str(root)}), flush=True)
+        time_pages(root, args.repeats, args.seed)
+        if not args.no_model:
+            time_model_views(args.repeats)
+    finally:
+        if args.dir is None:  # ours to remove: a 1e7-token study is gigabytes
+            shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

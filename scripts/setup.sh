@@ -12,6 +12,17 @@ testing=""
 extras="[explain,serve${testing:+,test}]"
 
 VENV="${DEEPSEEMOE_VENV:-.venv}"  # another folder for another environment (scripts/upstream_check.sh)
+# A first install writes ~3 GiB (PyTorch, transformers, the extras, the installers' caches): say so
+# before a traceback from deep inside pip or uv does.
+if [[ ! -x "$VENV/bin/python" ]] || ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
+    free_kib=$(df -Pk "$(dirname "$VENV")" | awk 'NR == 2 {print $4}')
+    if (( free_kib < 1024 * 1024 )); then
+        echo "error: only $((free_kib / 1024)) MiB free on the disk that holds $VENV; setup needs about 3 GiB — free space, or set DEEPSEEMOE_VENV to a folder on a larger disk" >&2
+        exit 2
+    elif (( free_kib < 4 * 1024 * 1024 )); then
+        echo "note: only $((free_kib / 1024)) MiB free on the disk that holds $VENV; setup needs about 3 GiB" >&2
+    fi
+fi
 if [[ ! -x "$VENV/bin/python" ]]; then
     python3 -m venv "$VENV"
 fi
