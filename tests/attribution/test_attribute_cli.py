@@ -98,3 +98,39 @@ def test_max_nodes_bounds_the_graph_and_circuit_tracers_models_still_read_it(cli
     assert 0 < len(kinds) <= 10
     assert_refused(cli("attribute", small_run, "--dictionary", _name(small_run), "--prompt", PROMPT,
                        "--out", tmp_path / "x.json", "--max-nodes", "0"), "--max-nodes")
+
+
+def test_a_cross_layer_transcoder_from_a_run(cli, tiny_olmoe_dir, corpus_jsonl, tmp_path):
+    """`attribute --dictionary` of a CLT trained by `train`: its features replace every block it spans
+    (no routing nodes there), ids number them within their layer as circuit-tracer does, `latent` is the
+    CLT's own number (its feature page); beside an SAE on a layer it already explains: one line."""
+    import yaml
+    from circuit_tracer.frontend.graph_models import Model
+
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text(corpus_jsonl.read_text() * 10)
+    config = {"model": str(tiny_olmoe_dir), "corpus": str(corpus), "out": str(tmp_path / "run"), "tokens": 256,
+              "ctx_len": 32, "batch_size": 4,
+              "coders": [{"kind": "clt", "layers": "all", "k": 4, "expansion_factor": 2, "name": "clt"},
+                         {"kind": "sae", "layers": [1], "site": "block_in", "k": 4, "expansion_factor": 2,
+                          "name": "sae"}],
+              "train": {"batch_size": 64, "buffer_size": 128}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    assert cli("train", tmp_path / "run.yaml").code == 0
+    out = tmp_path / "graph.json"
+    r = cli("attribute", tmp_path / "run", "--dictionary", "clt", "--prompt", PROMPT, "--out", out,
+            "--node-threshold", "1", "--edge-threshold", "1")
+    assert r.code == 0, r.err
+    doc = json.loads(out.read_text())
+    model = Model(**doc)
+    assert "moe router" not in {n.feature_type for n in model.nodes}
+    feats = [n for n in doc["nodes"] if n["feature_type"] == "cross layer transcoder"]
+    assert {int(n["layer"]) for n in feats} == {0, 1}
+    per_layer = 2 * 64  # expansion 2 of d = 64 per site
+    for n in feats:
+        layer, in_layer, _pos = n["node_id"].split("_")
+        assert n["latent"] == int(layer) * per_layer + int(in_layer) and n["dictionary"] == "clt"
+    assert doc["metadata"]["transcoder_list"] == ["clt"]
+    assert_refused(cli("attribute", tmp_path / "run", "--dictionary", "clt", "--dictionary", "sae", "--prompt", PROMPT,
+                       "--out", tmp_path / "two.json"), "two dictionaries explain layer 1")
+    assert not (tmp_path / "two.json").exists()

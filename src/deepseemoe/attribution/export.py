@@ -22,7 +22,8 @@ def _cantor(x: int, y: int) -> int:
 
 
 def node_id(node: Node, num_layers: int) -> str:
-    k, L, p, i = node.kind, node.layer, node.pos, node.index
+    # a feature's number within its layer, as circuit-tracer numbers a CLT's (its latent number otherwise)
+    k, L, p, i = node.kind, node.layer, node.pos, node.extra.get("layer_feature", node.index)
     return {"token": f"E_{i}_{p}", "feature": f"{L}_{i}_{p}", "error": f"0_{L}_{p}", "logit": f"{num_layers + 1}_{i}_{p}",
             "router": f"R{L}_{i}_{p}", "expert": f"X{L}_{i}_{p}", "shared": f"S{L}_{p}", "mlp": f"M{L}_{p}"}[k]
 
@@ -55,9 +56,10 @@ def graph_json(graph: AttributionGraph, *, slug: str, scan: str, prompt: str, nu
         if descriptions and n.kind == "feature":
             n.extra.setdefault("description", descriptions.get((n.extra.get("dictionary", ""), n.index), ""))
         layer = "E" if n.kind == "token" else str(num_layers + 1 if n.kind == "logit" else n.layer)
-        feature = {"token": n.pos, "feature": _cantor(max(n.layer, 0), n.index), "error": -1, "logit": n.index,
+        in_layer = n.extra.get("layer_feature", n.index)
+        feature = {"token": n.pos, "feature": _cantor(max(n.layer, 0), in_layer), "error": -1, "logit": n.index,
                    "router": n.index, "expert": n.index, "shared": -1, "mlp": -1}[n.kind]
-        js = {"token": f"E_{n.index}-{n.pos}", "feature": f"{n.layer}_{n.index}-0", "logit": f"L_{n.index}-{n.pos}"} \
+        js = {"token": f"E_{n.index}-{n.pos}", "feature": f"{n.layer}_{in_layer}-0", "logit": f"L_{n.index}-{n.pos}"} \
             .get(n.kind, f"{ids[i]}-0")
         row = {"node_id": ids[i], "feature": feature, "layer": layer, "ctx_idx": n.pos,
                "feature_type": FEATURE_TYPES[n.kind], "jsNodeId": js, "clerp": _label(n, graph.tokens),
@@ -65,6 +67,8 @@ def graph_json(graph: AttributionGraph, *, slug: str, scan: str, prompt: str, nu
                "influence": None if graph.influence is None else float(graph.influence[i]),
                "activation": None if n.kind == "token" else float(n.value), "run_idx": 0, "reverse_ctx_idx": 0}
         row.update({k: v for k, v in n.extra.items() if k not in row and k != "description"})
+        if n.kind == "feature":
+            row["latent"] = n.index  # the dictionary's own latent number: its feature page, its description
         nodes.append(row)
     links = []
     A = graph.adjacency

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from deepseemoe.dictionaries.coder import SparseCoder
+from deepseemoe.dictionaries.coder import CrossLayerTranscoder, SparseCoder
 from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.models.experts import (
     fused_expert_output_from_neurons,
@@ -212,7 +212,9 @@ class Sources:
 class LayerPlan:
     """How one layer appears in the graph: 'experts' (routing, expert and shared nodes, optionally an
     SAE on the block input in front of them), 'transcoder' (the block replaced by a transcoder's
-    features and error), or 'frozen' (a block DeepSeeMoE does not open: one node per position)."""
+    features and error, or by one layer of a cross-layer transcoder: the features it encodes here,
+    which write to this layer's block output and later ones, and the error of this layer's output),
+    or 'frozen' (a block DeepSeeMoE does not open: one node per position)."""
 
     layer: int
     mode: str
@@ -220,6 +222,21 @@ class LayerPlan:
     transcoder: SparseCoder | None = None  # folded, block input -> block output (mode 'transcoder')
     sae_name: str = ""
     transcoder_name: str = ""
+    clt: CrossLayerTranscoder | None = None  # folded (mode 'transcoder'), read at its site `clt_site` here
+    clt_site: int = -1
+
+    @property
+    def dictionary(self) -> str:
+        """The name of the dictionary explaining this layer ("" for none)."""
+        return self.sae_name or self.transcoder_name
+
+    def encoder(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(W_enc [D, F], b_enc [F], b_in or None) of the features encoded at this layer:
+        pre = (x − b_in) @ W_enc + b_enc."""
+        if self.clt is not None:
+            return self.clt.W_enc[self.clt_site], self.clt.b_enc[self.clt_site], None
+        coder = self.sae if self.mode == "experts" else self.transcoder
+        return coder.W_enc, coder.b_enc, None if coder.cfg.is_transcoder else coder.b_dec
 
 
 class LinearReplacement:
@@ -293,8 +310,8 @@ class LinearReplacement:
                 self._experts_layer(plan, h, leaves, values)
             elif plan.mode == "transcoder":
                 tc = plan.transcoder
-                self._feature_targets(f"feat{layer}", tc, h, values)
-                if tc.W_skip is not None:  # the skip path is linear: it stays in the gradient
+                self._feature_targets(f"feat{layer}", plan, h, values)
+                if tc is not None and tc.W_skip is not None:  # the skip path is linear: it stays in the gradient
                     # (h − h.detach()) is zero with h's gradient: the value stays the model's own, where
                     # adding skip(h) and subtracting skip at the prompt cancels two large terms in float32
                     out = out + (h - h.detach()) @ tc.W_skip.T
@@ -327,16 +344,17 @@ class LinearReplacement:
             out = out + (clean.block_out[layer] - expert_vectors(self.handle, clean, layer).sum(1)).to(h.device)
         return out
 
-    def _feature_targets(self, key: str, coder: SparseCoder, h: torch.Tensor, values: dict) -> None:
+    def _feature_targets(self, key: str, plan: LayerPlan, h: torch.Tensor, values: dict) -> None:
         pos, feat = self.targets[key][1]["pos"], self.targets[key][1]["feature"]
-        xin = h if coder.cfg.is_transcoder else h - coder.b_dec
-        values[key] = at_positions(xin, pos, coder.W_enc[:, feat].T) + coder.b_enc[feat]
+        W_enc, b_enc, b_in = plan.encoder()
+        xin = h if b_in is None else h - b_in
+        values[key] = at_positions(xin, pos, W_enc[:, feat].T) + b_enc[feat]
 
     def _experts_layer(self, plan: LayerPlan, h: torch.Tensor, leaves: dict, values: dict) -> None:
         layer, clean = plan.layer, self.clean
         moe = self.handle.moe_layers[layer]
         if plan.sae is not None:
-            self._feature_targets(f"feat{layer}", plan.sae, h, values)
+            self._feature_targets(f"feat{layer}", plan, h, values)
             x = clean.block_in[layer].to(h.device) + leaves[f"in{layer}"]  # the block now reads the SAE's nodes
         else:
             x = h

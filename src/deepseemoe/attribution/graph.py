@@ -1,7 +1,8 @@
 """An attribution graph of one prompt through an MoE model and its dictionaries.
 
 Nodes (kind): `token` (each input position), `feature` (an active latent of an SAE on a block's input,
-or of a transcoder replacing a block), `error` (what that dictionary misses, per position), `router`
+of a transcoder replacing a block, or of a cross-layer transcoder replacing several: its index the
+CLT's own latent number, `extra["layer_feature"]` its number within its layer), `error` (what that dictionary misses, per position), `router`
 (layer, position, chosen expert: the router logit of that choice), `expert` (what the chosen expert
 wrote, weight applied; value = its norm), `shared` (a shared expert's output), `mlp` (a block taken as
 given: a dense MLP without a transcoder), `logit` (the demeaned logit of a candidate next token at the
@@ -140,14 +141,17 @@ def layer_plans(handle: ModelHandle, dictionaries: dict[str, tuple]) -> tuple[di
     for name, (coder, meta) in dictionaries.items():
         kind = meta.get("kind", coder.cfg.kind)
         sources, targets = [tuple(s) for s in meta["source"]], [tuple(s) for s in meta["target"]]
-        if kind in ("clt", "crosscoder"):
-            raise DeepSeeMoEError(f"{name} is a {kind}; attribute reads SAEs on a block input and (skip-)transcoders "
-                                  "from a block input to its output")
+        if kind == "clt":
+            _plan_clt(plans, notes, handle, name, coder, sources, targets)
+            continue
+        if kind == "crosscoder":
+            raise DeepSeeMoEError(f"{name} is a crosscoder; attribute reads SAEs on a block input, (skip-)transcoders "
+                                  "from a block input to its output and cross-layer transcoders")
         (skind, layer), (tkind, tlayer) = sources[0], targets[0]
         plan = plans[layer]
-        if plan.sae is not None or plan.transcoder is not None:
-            raise DeepSeeMoEError(f"two dictionaries explain layer {layer} ({plan.sae_name or plan.transcoder_name} "
-                                  f"and {name}); pass one per layer")
+        if plan.dictionary:
+            raise DeepSeeMoEError(f"two dictionaries explain layer {layer} ({plan.dictionary} and {name}); pass one "
+                                  "per layer")
         if kind == "sae":
             if skind != "block_in":
                 notes.append(f"{name} reads {skind} of layer {layer}, not a block input: router edges need the "
@@ -171,6 +175,46 @@ def layer_plans(handle: ModelHandle, dictionaries: dict[str, tuple]) -> tuple[di
     return plans, notes
 
 
+def _plan_clt(plans: dict[int, LayerPlan], notes: list[str], handle: ModelHandle, name: str, coder, sources: list,
+              targets: list) -> None:
+    """A cross-layer transcoder replaces the blocks of all its layers: each layer reads the features its
+    site encodes from that block's input, and every block output is what the features of its own and
+    earlier sites decode to it, plus an error."""
+    layers = [la for _, la in sources]
+    if [k for k, _ in sources] != ["block_in"] * len(layers) or targets != [("block_out", la) for la in layers]:
+        raise DeepSeeMoEError(f"{name} is a cross-layer transcoder that does not map block inputs to the outputs of "
+                              "the same layers; attribute reads CLTs trained from block_in to block_out")
+    taken = [la for la in layers if plans[la].dictionary]
+    if taken:
+        raise DeepSeeMoEError(f"two dictionaries explain layer {taken[0]} ({plans[taken[0]].dictionary} and {name}); "
+                              "pass one per layer")
+    folded = coder.folded().float().eval()
+    for site, layer in enumerate(layers):
+        plan = plans[layer]
+        plan.mode, plan.clt, plan.clt_site, plan.transcoder_name = "transcoder", folded, site, name
+    moe = [la for la in layers if la in handle.moe_layers]
+    if moe:
+        notes.append(f"layers {', '.join(map(str, moe))}: {name} replaces the MoE blocks, so the graph has no "
+                     "routing nodes there")
+
+
+def _clt_readings(plans: dict[int, LayerPlan], clean: CleanPass) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Each CLT of the plans encoded once on the prompt: id(clt) -> (latents [S, n_sites, F_site],
+    reconstruction [S, n_sites, D])."""
+    readings = {}
+    for plan in plans.values():
+        clt = plan.clt
+        if clt is None or id(clt) in readings:
+            continue
+        layers = sorted((p.clt_site, la) for la, p in plans.items() if p.clt is clt)
+        x = torch.cat([clean.block_in[la] for _, la in layers], -1)
+        with torch.no_grad():
+            out = clt(x)
+        S, n = x.shape[0], len(layers)
+        readings[id(clt)] = (out.latents.view(S, n, -1), out.out.view(S, n, -1))
+    return readings
+
+
 def node_inventory(handle: ModelHandle, clean: CleanPass, plans: dict[int, LayerPlan], logit_ids: list[int],
                tokens: list[str]) -> tuple[LinearReplacement, list[Node], list[tuple[int, int, float]]]:
     rep = LinearReplacement(handle, clean, plans)
@@ -182,6 +226,9 @@ def node_inventory(handle: ModelHandle, clean: CleanPass, plans: dict[int, Layer
         nodes.append(node)
         return len(nodes) - 1
 
+    readings = _clt_readings(plans, clean)
+    clt_layers = {id(p.clt): [la for la, q in sorted(plans.items(), key=lambda kv: kv[1].clt_site) if q.clt is p.clt]
+                  for p in plans.values() if p.clt is not None}
     embed = rep.source("embed")
     for p in range(S):
         embed.node.append(add(Node("token", -1, p, int(clean.ids[p]), 1.0, {"token": tokens[p]})))
@@ -201,6 +248,9 @@ def node_inventory(handle: ModelHandle, clean: CleanPass, plans: dict[int, Layer
                 out.pos.append(p)
                 out.vec.append(v)
             continue
+        if plan.clt is not None:
+            _clt_layer_nodes(rep, plan, readings[id(plan.clt)], clt_layers[id(plan.clt)], clean, add)
+            continue
         coder = plan.sae if plan.mode == "experts" else plan.transcoder
         if coder is not None:
             with torch.no_grad():
@@ -211,7 +261,7 @@ def node_inventory(handle: ModelHandle, clean: CleanPass, plans: dict[int, Layer
             where = out if plan.mode == "transcoder" else rep.source(f"in{layer}")
             ps, fs = lat.nonzero(as_tuple=True)
             ids = []
-            name = plan.sae_name or plan.transcoder_name
+            name = plan.dictionary
             for p, f in zip(ps.tolist(), fs.tolist(), strict=True):
                 a = float(lat[p, f])
                 i = add(Node("feature", layer, p, f, a, {"dictionary": name,
@@ -299,6 +349,38 @@ def node_inventory(handle: ModelHandle, clean: CleanPass, plans: dict[int, Layer
     return rep, nodes, gates
 
 
+def _clt_layer_nodes(rep: LinearReplacement, plan: LayerPlan, reading: tuple[torch.Tensor, torch.Tensor],
+                     layers: list[int], clean: CleanPass, add) -> None:
+    """One layer of a CLT: the features its site encodes here (each writing its decoder rows into this
+    block's output and the later ones it reaches: one node, several places, its edges their sum) and
+    the error of this layer's output (what all the sites' features together miss here)."""
+    clt, site, layer, name = plan.clt, plan.clt_site, plan.layer, plan.transcoder_name
+    latents, recon = reading
+    lat = latents[:, site]  # [S, F_site]
+    F_site = lat.shape[1]
+    W = clt.W_dec[site].detach()  # [F_site, n_sites − site, D]
+    reach = clt.reach(W)
+    ps, fs = lat.nonzero(as_tuple=True)
+    ids = []
+    for p, f in zip(ps.tolist(), fs.tolist(), strict=True):
+        a = float(lat[p, f])
+        i = add(Node("feature", layer, p, site * F_site + f, a, {"dictionary": name, "site": "block_out",
+                                                                "layer_feature": f}))
+        ids.append(i)
+        for j in range(reach):
+            where = rep.source(f"out{layers[site + j]}")
+            where.node.append(i)
+            where.pos.append(p)
+            where.vec.append(a * W[f, j])
+    rep.targets[f"feat{layer}"] = (ids, {"pos": ps, "feature": fs})
+    err = clean.block_out[layer] - recon[:, site]
+    out = rep.source(f"out{layer}")
+    for p in range(len(clean.ids)):
+        out.node.append(add(Node("error", layer, p, -1, float(err[p].norm()), {"dictionary": name})))
+        out.pos.append(p)
+        out.vec.append(err[p])
+
+
 def _logit_candidates(logits: torch.Tensor, target: int | None, max_logits: int, coverage: float) -> list[int]:
     """The most probable next tokens until `coverage` probability or `max_logits` of them; the target
     first when given."""
@@ -363,7 +445,8 @@ def build_graph(handle: ModelHandle, ids: torch.Tensor, dictionaries: dict[str, 
             for name, grad in zip(names, grads, strict=True):
                 if grad is not None:
                     node_ids, pos, vec = sources[name]
-                    out[:, node_ids] = at_positions(grad[:len(chunk)], pos, vec)
+                    # += : a CLT feature writes at several layers, its edge the sum of those direct effects
+                    out[:, node_ids] += at_positions(grad[:len(chunk)], pos, vec)
         bar.advance(task, len(chunk))
         return out
 
@@ -399,7 +482,7 @@ def build_graph(handle: ModelHandle, ids: torch.Tensor, dictionaries: dict[str, 
     for i in logit_nodes:
         kept_nodes[i].extra.update({"probability": logit_probs[i], "token": tok.decode([kept_nodes[i].index]) if tok else ""})
     kept_gates = [(new[t], new[r], w) for t, r, w in gates if t in new and r in new]
-    used = {la: p.sae_name or p.transcoder_name for la, p in plans.items() if p.sae_name or p.transcoder_name}
+    used = {la: p.dictionary for la, p in plans.items() if p.dictionary}
     graph = AttributionGraph(ids.tolist(), tokens, kept_nodes, A, bias, kept_gates, logit_probs, logit_nodes[0], used)
     graph.seconds = time.perf_counter() - start
     graph.summary["notes"] = notes

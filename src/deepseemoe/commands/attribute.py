@@ -15,8 +15,9 @@ def register(app: typer.Typer) -> None:
     def attribute(
         run_dir: Path = typer.Argument(..., help="The --out folder of `deepseemoe train`."),
         dictionary: list[str] = typer.Option(..., "--dictionary",
-                                             help="An SAE on an MoE block's input (router edges) or a transcoder of "
-                                                  "a block, from the run (repeatable, one per layer)."),
+                                             help="An SAE on an MoE block's input (router edges), a transcoder of "
+                                                  "a block or a cross-layer transcoder of several, from the run "
+                                                  "(repeatable, one per layer)."),
         prompt: str = typer.Option(..., "--prompt", help="The text to explain (a BOS token is put in front)."),
         target: str = typer.Option(None, "--target", help="The next token to explain (one token, leading space "
                                                           "included); default: the model's top prediction."),

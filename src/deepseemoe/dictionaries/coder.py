@@ -508,7 +508,7 @@ class CrossLayerTranscoder(_CoderBase):
     def reset_parameters(self) -> None:
         for w in self.W_dec:
             w.normal_()
-            w[:, self._reach(w):].zero_()  # beyond `neighbours`: held at zero (never used in decode)
+            w[:, self.reach(w):].zero_()  # beyond `neighbours`: held at zero (never used in decode)
         self.normalize_decoder_()
         self.W_enc.normal_(0, (self.cfg.d_in // self.cfg.n_sites) ** -0.5)
 
@@ -517,7 +517,7 @@ class CrossLayerTranscoder(_CoderBase):
         xs = (x * self.input_scale).view(x.shape[0], S, -1)
         return (torch.einsum("tsd,sdf->tsf", xs, self.W_enc) + self.b_enc).reshape(x.shape[0], -1)
 
-    def _reach(self, w: torch.Tensor) -> int:
+    def reach(self, w: torch.Tensor) -> int:
         """How many of a source layer's target slices (its own first) are written: all, or 1 + neighbours."""
         n = self.cfg.neighbours
         return w.shape[1] if n is None else min(w.shape[1], n + 1)
@@ -527,7 +527,7 @@ class CrossLayerTranscoder(_CoderBase):
         per_layer = latents.view(T, S, -1)
         out = latents.new_zeros(T, S * Do)
         for i, w in enumerate(self.W_dec):
-            r = self._reach(w)
+            r = self.reach(w)
             out[:, i * Do:(i + r) * Do] += per_layer[:, i] @ w[:, :r].reshape(w.shape[0], -1)
         return out
 

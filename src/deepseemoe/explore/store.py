@@ -369,13 +369,12 @@ class StudyView:
             raise NotServed(f"no attribution graph {key!r}; known: {', '.join(self.attribution) or 'none'}")
         folder, entry = self.attribution[key]
         doc = read_attribution_graph(folder, entry)
-        dictionaries = {n["node_id"]: n.get("dictionary") for n in doc["nodes"]}
 
         def href(node: dict) -> str | None:
             if node["kind"] in ("router", "expert") and node["layer"] in self.layers:
                 return self.expert_link(node["layer"], node["index"])
             if node["kind"] == "feature":
-                name = dictionaries.get(f"{node['layer']}_{node['index']}_{node['pos']}")
+                name = node.get("dictionary")
                 key = self.dictionary_aliases.get(name, name)
                 if key in self.dictionaries:
                     return self.feature_link(key, node["index"])

@@ -52,6 +52,9 @@ def parse_node(node: dict) -> dict:
         return {"kind": kind, "layer": int(parts[1]), "pos": int(parts[2]), "index": -1}
     if kind in ("shared", "mlp"):
         return {"kind": kind, "layer": int(parts[0]), "pos": int(parts[1]), "index": -1}
+    if kind == "feature":  # the dictionary's latent number (a CLT's ids number features within their layer)
+        return {"kind": kind, "layer": int(parts[0]), "pos": int(parts[2]), "index": int(node.get("latent", parts[1])),
+                "dictionary": node.get("dictionary")}
     return {"kind": kind, "layer": int(parts[0]), "pos": int(parts[2]), "index": int(parts[1])}
 
 
