@@ -282,9 +282,64 @@ def test_pruning_keeps_tokens_and_logits_and_reports_kept_influence():
     assert bool(mask[t].all() and mask[s].all())
 
 
-def test_experts_with_their_own_gate_rule_are_refused():
-    from deepseemoe.errors import DeepSeeMoEError
-
+def test_gpt_oss_sinks_and_gate_rule_against_its_own_forward():
+    """GPT-OSS: attention sinks, an interleaved gate_up with its own clamped gate rule, biases in the router
+    and the experts. The frozen forward reproduces its logits and expert outputs (build_graph refuses
+    otherwise); feature/router/expert values are Hugging Face's; each router logit is its edges plus the
+    router's bias and the SAE's decoder bias through the router; an expert node's edges plus bias are its
+    value. Held-gate edges are checked by hand: the edge from a feature to an expert is the expert's own
+    output, gate columns held, along the feature's decoder direction."""
     handle = _handle("gpt_oss")
-    with pytest.raises(DeepSeeMoEError, match="gates its experts with its own rule"):
-        build_graph(handle, _ids(), {})
+    attn = handle.model.model.layers[0].self_attn
+    assert attn.sinks.abs().max() > 0.01  # the sinks matter: ignoring them changes the logits
+    D = handle.model.config.hidden_size
+    sae = _sae(D, seed=4)
+    ids = _ids()
+    ref = _hf(handle, ids)
+    graph = build_graph(handle, ids, {"s": (sae, _meta("sae", 1))}, batch_size=32)
+    folded = sae.folded()
+    router = handle.moe_layers[1].router
+    W_r, b_r = router.weight.detach(), router.bias.detach()
+    for r, s in zip(*_rows(graph, "router"), strict=True):
+        n = graph.nodes[r]
+        want = float(ref["router"][n.layer][n.pos, n.index])
+        assert n.value == pytest.approx(want, abs=1e-4)
+        if n.layer == 1:
+            bias = float(b_r[n.index] + W_r[n.index] @ folded.b_dec.detach())
+            assert float(s) + bias == pytest.approx(want, abs=1e-4)
+    for x, s in zip(*_rows(graph, "expert"), strict=True):
+        n = graph.nodes[x]
+        k = ref["idx"][n.layer][n.pos].tolist().index(n.index)
+        assert n.value == pytest.approx(float(ref["experts"][n.layer][n.pos, k].norm()), rel=1e-4, abs=1e-5)
+        assert float(s + graph.bias[x]) == pytest.approx(n.value, rel=1e-4, abs=1e-5)
+    # by hand: expert e at layer 1, position p, and a feature f at (1, p). The expert's output with its gate
+    # held is linear in the input along d = a_f·W_dec[f]: edge = ((y(x + εd) − y(x)) / ε) · unit, with
+    # the gate half of gate_up fixed at x — computed from the raw weights in GPT-OSS's own layout
+    ex = handle.moe_layers[1].experts
+    w = {n: p.detach() for n, p in ex.named_parameters()}
+
+    def held(xv, gate_at, e):
+        gu = xv @ w["gate_up_proj"][e] + w["gate_up_proj_bias"][e]
+        gate = (gate_at @ w["gate_up_proj"][e] + w["gate_up_proj_bias"][e])[..., ::2].clamp(max=ex.limit)
+        up = gu[..., 1::2].clamp(-ex.limit, ex.limit)
+        h = gate * torch.sigmoid(gate * ex.alpha) * (up + 1)
+        return h @ w["down_proj"][e] + w["down_proj_bias"][e]
+    checked = 0
+    for x in graph.of_kind("expert"):
+        n = graph.nodes[x]
+        if n.layer != 1:
+            continue
+        k = ref["idx"][1][n.pos].tolist().index(n.index)
+        weight = float(graph.nodes[x].extra["weight"])
+        unit = ref["experts"][1][n.pos, k] / ref["experts"][1][n.pos, k].norm()
+        x0 = ref["x"][1][n.pos]
+        for f in graph.of_kind("feature"):
+            fn = graph.nodes[f]
+            if fn.pos != n.pos or graph.adjacency[x, f] == 0:
+                continue
+            d = fn.value * folded.W_dec[fn.index].detach()
+            eps = 1e-3
+            dy = (held(x0 + eps * d, x0, n.index) - held(x0, x0, n.index)) / eps * weight
+            assert float(dy @ unit) == pytest.approx(float(graph.adjacency[x, f]), rel=2e-2, abs=2e-4)
+            checked += 1
+    assert checked > 5

@@ -7,8 +7,10 @@ Frozen (detached) at their values on the prompt:
   at the prompt: RMSNorm's own linearisation with 1/rms held);
 - the routing: which experts each token went to and the weights they got;
 - each expert's gate: SwiGLU experts compute act(gate(x))·up(x); act(gate(x)) is held, so an expert is
-  the linear map x ↦ down(act(gate)·up(x)) at the prompt (its output unchanged); a shared expert the
-  same, with its sigmoid gate held.
+  the linear map x ↦ down(act(gate)·up(x)) at the prompt (its output unchanged); experts with a gate
+  rule of their own (GPT-OSS: glu(gate)·(clamp(up) + 1)) run that rule with the gate columns held; a
+  shared expert the same, with its sigmoid gate held;
+- attention sinks (GPT-OSS): the sink logit joins each row's softmax, and the pattern is held.
 
 Nodes write into the forward at zero-valued "injection" tensors: the embeddings and every MoE block's
 output into the residual stream (`embed`, `out{l}`), the features and error of an SAE on a block's input
@@ -52,9 +54,9 @@ FROZEN_ATTENTION = "deepseemoe_frozen"
 
 def _frozen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Eager attention with the pattern detached (the same arithmetic as transformers' eager path)."""
-    if getattr(module, "sinks", None) is not None or kwargs.get("softcap") is not None:
-        raise DeepSeeMoEError(f"{type(module).__name__} uses attention sinks or soft-capping, which attribution "
-                              "does not freeze yet; use a model with plain softmax attention")
+    if kwargs.get("softcap") is not None:
+        raise DeepSeeMoEError(f"{type(module).__name__} soft-caps its attention scores, which attribution does not "
+                              "freeze yet; use a model with plain softmax attention")
     n_rep = query.shape[1] // key.shape[1]
     if n_rep > 1:
         key, value = key.repeat_interleave(n_rep, 1), value.repeat_interleave(n_rep, 1)
@@ -62,7 +64,16 @@ def _frozen_attention(module, query, key, value, attention_mask, scaling=None, d
     if attention_mask is not None:
         mask = attention_mask[..., : key.shape[-2]]
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    probs = torch.softmax(scores.float(), dim=-1).to(query.dtype).detach()
+    sinks = getattr(module, "sinks", None)
+    if sinks is not None:
+        # GPT-OSS: a learned logit per head joins every row's softmax and its share is dropped (the row's
+        # weights sum to less than 1); held like the rest of the pattern
+        sink = sinks.reshape(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1).to(scores.dtype)
+        combined = torch.cat([scores, sink], dim=-1).float()
+        probs = torch.softmax(combined - combined.max(-1, keepdim=True).values, dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores.float(), dim=-1)
+    probs = probs.to(query.dtype).detach()
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
 
 
@@ -150,13 +161,6 @@ def clean_pass(handle: ModelHandle, ids: torch.Tensor) -> CleanPass:
 
 # ---- experts at the prompt ------------------------------------------------------------------------
 
-def _standard_gate(experts) -> bool:
-    from transformers.integrations import moe as hf_moe
-
-    default = getattr(hf_moe, "_default_apply_gate", None)
-    return default is not None and getattr(type(experts), "_apply_gate", None) is default
-
-
 def check_experts(moe: MoELayer) -> None:
     """Refuse experts whose frozen-gate linearisation DeepSeeMoE cannot write."""
     ex = moe.experts
@@ -164,21 +168,31 @@ def check_experts(moe: MoELayer) -> None:
     if ex is None or not has_fused_layout(ex):
         raise DeepSeeMoEError(f"layer {moe.layer}: {name} is not a fused experts module (gate_up_proj / down_proj); "
                               "attribution through its experts is not supported")
-    if ex.has_gate and (not _standard_gate(ex) or not getattr(ex, "is_concatenated", True)):
-        raise DeepSeeMoEError(f"layer {moe.layer}: {name} gates its experts with its own rule (not act(gate)·up); "
-                              "attribution through its experts is not supported")
     if getattr(ex, "has_post_expert_norm", False):
         raise DeepSeeMoEError(f"layer {moe.layer}: {name} normalises each expert's output; attribution through its "
                               "experts is not supported")
 
 
+def _gate_held(experts, gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [..., 2F] with its gate columns detached (the first half in the concatenated layout, the
+    even columns in the interleaved one, as transformers' layout flag says)."""
+    F2 = gate_up.shape[-1]
+    is_gate = torch.zeros(F2, dtype=torch.bool, device=gate_up.device)
+    if getattr(experts, "is_concatenated", True):
+        is_gate[: F2 // 2] = True
+    else:
+        is_gate[::2] = True
+    return torch.where(is_gate, gate_up.detach(), gate_up)
+
+
 def frozen_expert(experts, x: torch.Tensor, expert: int) -> torch.Tensor:
-    """One expert's output on x [..., D] with its gate held: down(act(gate(x)).detach() · up(x))."""
+    """One expert's output on x [..., D] with its gate held: the module's own gate rule (`_apply_gate`)
+    on gate_up(x) whose gate columns are constants — down(act(gate).detach() · up(x)) for SwiGLU,
+    down(glu(gate).detach() · (clamp(up(x)) + 1)) for GPT-OSS (its clamp's slope, 0 or 1, as at the prompt)."""
     t = bool(experts.is_transposed)
     if experts.has_gate:
         bias = experts.gate_up_proj_bias[expert] if experts.has_bias else None
-        gate, up = fused_linear(x, experts.gate_up_proj[expert], bias, t).chunk(2, dim=-1)
-        h = experts.act_fn(gate).detach() * up
+        h = experts._apply_gate(_gate_held(experts, fused_linear(x, experts.gate_up_proj[expert], bias, t)))
     else:
         bias = experts.up_proj_bias[expert] if experts.has_bias else None
         u = fused_linear(x, experts.up_proj[expert], bias, t)

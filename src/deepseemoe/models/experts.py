@@ -99,9 +99,7 @@ def fused_expert_neurons(experts: nn.Module, x: torch.Tensor, expert: int) -> to
     if not has_fused_layout(experts):
         raise NotImplementedError(f"{type(experts).__name__} has no fused-experts layout flags")
     transposed = bool(experts.is_transposed)
-    if experts.has_gate:
-        if not getattr(experts, "is_concatenated", True):
-            raise NotImplementedError(f"{type(experts).__name__}: separate gate/up projections are not supported")
+    if experts.has_gate:  # the module's own gate rule reads its own layout (concatenated or interleaved)
         bias = experts.gate_up_proj_bias[expert] if experts.has_bias else None
         h = fused_linear(x, experts.gate_up_proj[expert], bias, transposed)
         return experts._apply_gate(h)
