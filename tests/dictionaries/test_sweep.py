@@ -147,3 +147,69 @@ def test_bad_kinds_are_refused(tmp_path, cli, tiny_olmoe_dir, corpus_jsonl):
         r = cli("sweep", tmp_path / "sweep.yaml")
         assert r.code == 2 and len(r.error_lines) == 1 and "kinds must list clt" in r.error_lines[0], r.err
         assert not (tmp_path / "sweep").exists()
+
+
+def _balanced_accuracy(records: list[dict]) -> float:
+    """By hand: (TPR + TNR) / 2 over the answered examples."""
+    answered = [r for r in records if r["prediction"] is not None]
+    pos = [r for r in answered if r["activating"]]
+    neg = [r for r in answered if not r["activating"]]
+    return (sum(bool(r["prediction"]) for r in pos) / len(pos) + sum(not r["prediction"] for r in neg) / len(neg)) / 2
+
+
+def test_autointerp_columns_are_the_stores_scores_and_a_rerun_asks_nothing(tmp_path, cli, tiny_olmoe_dir, corpus_jsonl):
+    """sweep.autointerp: features of every row explained by an oracle (over the OpenAI protocol) and judged
+    by detection beside shuffled descriptions; each row's cell is the balanced accuracy of its dictionaries'
+    stored judgements, computed here by hand; a rerun reuses the stores and sends no request."""
+    from deepseemoe.runs.explanations import ExplanationStore
+    from tests.explain.stub_server import Stub
+
+    with Stub() as stub:
+        ai = {"features": 2, "seeds": [0], "backend": "openai", "url": stub.url, "model": "oracle", "tokens": 1500}
+        cfg = _config(tmp_path, tiny_olmoe_dir, corpus_jsonl, seeds=[0], kinds=["clt", "sae"], autointerp=ai)
+        (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(cfg))
+        r = cli("sweep", tmp_path / "sweep.yaml")
+        assert r.code == 0, r.err
+        asked = stub.requests
+        assert asked > 0
+        out = tmp_path / "sweep"
+        table = json.loads((out / "table.json").read_text())
+        rows = {row["name"]: row for row in table["rows"]} | {o["kind"]: o for o in table["other_kinds"]}
+        coders = {"clt_w0": ["clt_w0"], "clt_all_later": ["clt_all_later"], "sae": ["sae_block_out_0", "sae_block_out_1"]}
+        own_all, base_all = [], []
+        for row, names in coders.items():
+            own, base = [], []
+            for name in names:
+                store = ExplanationStore.for_features(out / "seed-0", name)
+                judged = store.scores("detection")
+                assert len(judged) == 2 and len(store.explanations()) == 2  # two each: a shuffled baseline needs two
+                own.append(_balanced_accuracy([rec for recs in judged.values() for rec in recs]))
+                base.append(_balanced_accuracy([rec for recs in store.scores("detection_shuffled").values()
+                                                for rec in recs]))
+            assert rows[row]["detection"] == pytest.approx(statistics.mean(own))
+            assert rows[row]["detection_shuffled"] == pytest.approx(statistics.mean(base))
+            own_all += own
+            base_all += base
+        # (whether the oracle beats the shuffled baseline depends on the features: a barely trained dictionary of
+        # a random-weight model has none to name; tests/explain plants them and finds > 0.95 against chance)
+        assert all(0 <= v <= 1 for v in own_all + base_all)
+        assert "| detection | detection, shuffled |" in (out / "table.md").read_text()
+        again = cli("sweep", tmp_path / "sweep.yaml")
+        assert again.code == 0 and stub.requests == asked
+        assert json.loads((out / "table.json").read_text())["rows"] == table["rows"]
+
+
+@pytest.mark.parametrize(("autointerp", "message"), [
+    ({"features": 0}, "features must be a positive integer"),
+    ({"seeds": [5]}, "seeds must be some of the sweep's seeds"),
+    ({"scorers": ["routing"]}, "scorers must list some of"),
+    ({"backend": "embedding"}, "a judge, not an explainer"),
+    ({"backend": "openai"}, "--backend openai needs --url"),
+    ({"colour": 1}, "autointerp: unknown key"),
+])
+def test_bad_autointerp_is_one_line_and_trains_nothing(tmp_path, cli, tiny_olmoe_dir, corpus_jsonl, autointerp, message):
+    cfg = _config(tmp_path, tiny_olmoe_dir, corpus_jsonl, autointerp=autointerp)
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(cfg))
+    r = cli("sweep", tmp_path / "sweep.yaml")
+    assert r.code == 2 and len(r.error_lines) == 1 and message in r.error_lines[0], r.err
+    assert not (tmp_path / "sweep").exists()

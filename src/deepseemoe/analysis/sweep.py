@@ -9,6 +9,12 @@ spliced ΔCE and KL with all layers replaced at once, dead latents, and the laye
 features). The table gives per reach the mean ± sd over seeds and the *elbow*: the smallest reach
 whose FVU is within the seeds' spread of the best reach's — where more neighbours stop paying.
 
+Auto-interpretability (`sweep.autointerp`, off by default): a few live features of each row's
+dictionaries (drawn at random, per seed named), explained by an LLM and scored by detection (and
+fuzzing) beside the same judge given another feature's description — the shuffled baseline, so a
+score means something. The explaining is `explain/`'s (this module cannot import it): the verb and
+the demo hand `run_sweep` a function that does it for one seed's run.
+
 Which layer to pick, from measurements on the same held-out text (`layer_profile`), per layer of
 the sweep: how much of the next-token loss depends on it (ΔCE with every routed expert of its MoE
 block ablated, the causal checks' loss meter and ablation), how specialised its experts are (NMI of
@@ -22,6 +28,7 @@ them by their mean rank.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from dataclasses import field as dc_field
 from pathlib import Path
@@ -34,7 +41,11 @@ from deepseemoe.dictionaries.spec import RunSpec
 from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.runs.sweep import SweepRun
 
-SWEEP_KEYS = {"layers", "latents_per_layer", "k", "activation", "neighbours", "seeds", "kinds"}
+SWEEP_KEYS = {"layers", "latents_per_layer", "k", "activation", "neighbours", "seeds", "kinds", "autointerp"}
+# sweep.autointerp: how many features per row, on which seeds, read on how much text, judged how, and the
+# explainer (explain's backend options: backend, url, model, api_key_env; judge: a second backend to score)
+AUTOINTERP_KEYS = {"features", "seeds", "tokens", "scorers", "backend", "url", "model", "api_key_env", "judge"}
+AUTOINTERP_SCORERS = ("detection", "fuzz")
 # beside the CLTs (whose reach 0 is the per-layer transcoder set), at the same total latents and L0:
 # "sae", one SAE per layer on the MoE block's output (the CLTs' targets, read rather than predicted),
 # spliced all at once; "crosscoder", one over the block outputs of every sweep layer (FVU only: it
@@ -55,6 +66,7 @@ class SweepSettings:
     kinds: list[str] = dc_field(default_factory=lambda: ["clt"])
     eval: str | None = None
     eval_tokens: int = 20_000
+    autointerp: dict | None = None  # `check_autointerp`'s: features, seeds, tokens, scorers and the backend
 
     @classmethod
     def from_dict(cls, raw: dict) -> SweepSettings:
@@ -103,13 +115,14 @@ class SweepSettings:
                 or any(k not in KINDS for k in kinds):
             raise DeepSeeMoEError(f"sweep: kinds must list clt (the reaches compared) and any of sae, crosscoder "
                                   f"once each, not {kinds!r}")
+        autointerp = check_autointerp(sweep.get("autointerp"), seeds)
         if not raw.get("out"):
             raise DeepSeeMoEError("the sweep config lacks out")
         out = str(raw.pop("out"))
         ev, ev_tokens = raw.pop("eval", None), raw.pop("eval_tokens", 20_000)
         s = cls(base=raw, out=out, layers=layers, latents_per_layer=sweep["latents_per_layer"], k=sweep["k"],
                 neighbours=reach, seeds=seeds, activation=sweep.get("activation", "topk"), kinds=kinds, eval=ev,
-                eval_tokens=int(ev_tokens))
+                eval_tokens=int(ev_tokens), autointerp=autointerp)
         s.spec(seeds[0], Path(out))  # every run setting checked now, before anything is written
         return s
 
@@ -124,6 +137,15 @@ class SweepSettings:
         return [f"sae_block_out_{layer}" for layer in self.layers] if "sae" in self.kinds else []
 
     CROSSCODER = "crosscoder_block_out"
+
+    def rows_of_coders(self) -> dict[str, list[str]]:
+        """Each table row (a reach, or another kind) and its dictionaries."""
+        rows = {self.name(w): [self.name(w)] for w in self.neighbours}
+        if self.sae_names():
+            rows["sae"] = self.sae_names()
+        if "crosscoder" in self.kinds:
+            rows["crosscoder"] = [self.CROSSCODER]
+        return rows
 
     def coder_names(self) -> list[str]:
         return [*(self.name(w) for w in self.neighbours), *self.sae_names(),
@@ -147,6 +169,37 @@ class SweepSettings:
         return RunSpec.from_dict(raw)
 
 
+def check_autointerp(raw, seeds: list[int]) -> dict | None:
+    """sweep.autointerp resolved: {features, seeds, tokens, scorers, backend, …}, or None when absent."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise DeepSeeMoEError("sweep: autointerp must be a mapping (features, seeds, tokens, scorers, backend, …)")
+    unknown = set(raw) - AUTOINTERP_KEYS
+    if unknown:
+        raise DeepSeeMoEError(f"sweep: autointerp: unknown key(s) {', '.join(sorted(unknown))}; known: "
+                              f"{', '.join(sorted(AUTOINTERP_KEYS))}")
+    out = {"features": raw.get("features", 8), "seeds": raw.get("seeds", seeds[:1]), "tokens": raw.get("tokens", 8_000),
+           "scorers": raw.get("scorers", ["detection"]), "backend": raw.get("backend", "smollm2")}
+    for key in ("features", "tokens"):
+        if type(out[key]) is not int or out[key] < 1:
+            raise DeepSeeMoEError(f"sweep: autointerp: {key} must be a positive integer, not {out[key]!r}")
+    if not isinstance(out["seeds"], list) or not out["seeds"] or any(s not in seeds for s in out["seeds"]):
+        raise DeepSeeMoEError(f"sweep: autointerp: seeds must be some of the sweep's seeds {seeds}, not "
+                              f"{out['seeds']!r}")
+    if not isinstance(out["scorers"], list) or not out["scorers"] or \
+            any(s not in AUTOINTERP_SCORERS for s in out["scorers"]):
+        raise DeepSeeMoEError(f"sweep: autointerp: scorers must list some of {', '.join(AUTOINTERP_SCORERS)}, not "
+                              f"{out['scorers']!r}")
+    for key in ("url", "model", "api_key_env", "judge"):
+        if raw.get(key) is not None:
+            out[key] = str(raw[key])
+    if out["backend"] == "embedding":
+        raise DeepSeeMoEError("sweep: autointerp: backend embedding is a judge, not an explainer; name the explainer "
+                              "as backend and set judge: embedding")
+    return out
+
+
 @dataclass
 class SweepResult:
     run: SweepRun
@@ -162,6 +215,7 @@ def _key(settings: SweepSettings) -> str:
     import json
 
     raw = settings.to_dict()
+    del raw["autointerp"]  # scored after training: adding it to a finished sweep retrains nothing
     if raw["kinds"] == ["clt"]:  # the key of a sweep made before `kinds` existed: it still resumes
         del raw["kinds"]
     return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()
@@ -236,7 +290,10 @@ def check_disk(settings: SweepSettings, width: int) -> None:
 
 
 def run_sweep(settings: SweepSettings, *, progress: bool = True, trust_remote_code: bool = False,
-              echo=None) -> SweepResult:
+              echo=None, autointerp: Callable[[int, Path], dict[str, dict]] | None = None) -> SweepResult:
+    """Train and evaluate every seed (reusing finished ones), score the features of the seeds
+    `settings.autointerp` names with `autointerp(seed, seed's run folder)` → {dictionary: the
+    summary of `explain.pipeline.run_score`}, and write the table."""
     from deepseemoe.dictionaries.evaluate import evaluate_run
     from deepseemoe.dictionaries.run import train_run
     from deepseemoe.runs.dictionary import EVALUATION, DictionaryRun
@@ -279,8 +336,11 @@ def run_sweep(settings: SweepSettings, *, progress: bool = True, trust_remote_co
 
             shutil.rmtree(run.path, ignore_errors=True)
         raise
-    rows = table_rows(settings, evaluations)
-    others = other_rows(settings, evaluations)
+    if settings.autointerp and autointerp is None:
+        raise DeepSeeMoEError("sweep: autointerp needs an explainer; run it through `deepseemoe sweep`")
+    scores = {s: autointerp(s, run.seed_dir(s)) for s in settings.autointerp["seeds"]} if settings.autointerp else {}
+    rows = table_rows(settings, evaluations, scores)
+    others = other_rows(settings, evaluations, scores)
     elbow = find_elbow(rows)
     picks = rank_layers(layer_profile(settings, run.path, trust_remote_code=trust_remote_code), rows)
     said = findings(settings, rows, elbow, picks, others)
@@ -409,6 +469,16 @@ def findings(settings: SweepSettings, rows: list[dict], elbow: str | None, picks
             out.append(f"A crosscoder over the block outputs of all {len(settings.layers)} layers, at the same total "
                        f"latents and L0, reaches FVU {plus_minus(o['fvu'], o['fvu_sd'])} (not spliced: it reads "
                        "later layers).")
+    scored = [(f"reach {r['reach']}", r) for r in rows] + [(OTHER_LABELS[o["kind"]], o) for o in others]
+    scored = [(label, r) for label, r in scored if r.get("detection") is not None and not np.isnan(r["detection"])]
+    if scored:
+        ai = settings.autointerp or {}
+        beat = [label for label, r in scored if r["detection"] > r["detection_shuffled"]]
+        out.append(f"Detection by an LLM judge from the features' descriptions ({ai.get('features', '?')} features per "
+                   f"row, seed(s) {ai.get('seeds', '?')}; balanced accuracy, 0.5 is chance): "
+                   + "; ".join(f"{label} {r['detection']:.3f} (shuffled descriptions {r['detection_shuffled']:.3f})"
+                               for label, r in scored)
+                   + f" — the descriptions beat shuffled ones in {len(beat)} of {len(scored)} rows.")
     spec = settings.spec(settings.seeds[0], Path(settings.out))
     out.append(f"Measured at {spec.tokens:,} training tokens, {settings.latents_per_layer} latents per layer, "
                f"k = {settings.k}, {len(settings.seeds)} seed(s): the answer of this size, not of every size.")
@@ -445,12 +515,39 @@ def _text_config(model: str, trust_remote_code: bool):
         return None
 
 
+AUTOINTERP_COLUMNS = (("detection", "detection"), ("detection_shuffled", "detection, shuffled"),
+                      ("fuzz", "fuzzing"), ("fuzz_shuffled", "fuzzing, shuffled"))
+
+
+def autointerp_values(settings: SweepSettings, scores: dict[int, dict[str, dict]], row: str) -> dict[str, list]:
+    """Per autointerp column, one value per sweep seed (NaN where not scored): the balanced accuracy of
+    each of the row's dictionaries over its scored features' examples pooled, with their own
+    descriptions and with shuffled ones, averaged over the row's dictionaries (an SAE set's layers)."""
+    out = {key: [] for key, _ in AUTOINTERP_COLUMNS}
+    for seed in settings.seeds:
+        per_coder = [scores[seed][name] for name in settings.rows_of_coders()[row] if name in scores.get(seed, {})]
+        for scorer in AUTOINTERP_SCORERS:
+            entries = [c["scorers"][scorer] for c in per_coder if scorer in c.get("scorers", {})]
+            own = [e["explanation"]["balanced_accuracy"] for e in entries]
+            base = [e["shuffled_explanation"]["balanced_accuracy"] for e in entries if e.get("shuffled_explanation")]
+            out[scorer].append(float(np.nanmean(own)) if own else np.nan)
+            out[f"{scorer}_shuffled"].append(float(np.nanmean(base)) if base else np.nan)
+    return out
+
+
+def shown_columns(columns: tuple, rows: list[dict]) -> list[tuple[str, str]]:
+    """The columns, and the autointerp ones that some row has a value in."""
+    extra = [(k, label) for k, label in AUTOINTERP_COLUMNS
+             if any(r.get(k) is not None and not np.isnan(r[k]) for r in rows)]
+    return [*columns, *extra]
+
+
 COLUMNS = (("fvu", "FVU"), ("delta_ce", "ΔCE"), ("kl", "KL"), ("dead", "dead"), ("spread", "layers per feature"),
            ("multi_layer", "features on > 1 layer"), ("aligned", "aligned with experts"),
            ("aligned_shuffled", "aligned, shuffled routing"))
 
 
-def table_rows(settings: SweepSettings, evaluations: dict[int, dict]) -> list[dict]:
+def table_rows(settings: SweepSettings, evaluations: dict[int, dict], scores: dict | None = None) -> list[dict]:
     """Per reach: mean and sample sd over the seeds of each column, and the FVU of every layer."""
     rows = []
     for w in settings.neighbours:
@@ -463,7 +560,8 @@ def table_rows(settings: SweepSettings, evaluations: dict[int, dict]) -> list[di
                 # dictionaries.alignment: the share of live features aligned with the experts of the
                 # first layer's MoE block, and the same features against shuffled routing (chance)
                 "aligned": [_aligned(d, "trained") for d in docs],
-                "aligned_shuffled": [_aligned(d, "shuffled") for d in docs]}
+                "aligned_shuffled": [_aligned(d, "shuffled") for d in docs],
+                **autointerp_values(settings, scores or {}, name)}
         row = {"reach": str(w), "name": name, "seeds": len(docs), "l0": float(np.mean([d["l0"] for d in docs])),
                "fvu_per_layer": np.mean([d["fvu_per_site"] for d in docs], axis=0).tolist()}
         for key, v in vals.items():
@@ -476,7 +574,7 @@ OTHER_COLUMNS = (("fvu", "FVU"), ("delta_ce", "ΔCE, all layers spliced"), ("kl"
 OTHER_LABELS = {"sae": "SAE per layer, block output", "crosscoder": "crosscoder, block outputs"}  # table, report
 
 
-def other_rows(settings: SweepSettings, evaluations: dict[int, dict]) -> list[dict]:
+def other_rows(settings: SweepSettings, evaluations: dict[int, dict], scores: dict | None = None) -> list[dict]:
     """Per other kind (SAEs per layer as one set; the crosscoder): mean and sample sd over the seeds of
     FVU (the mean over the layers' block outputs, as a CLT's), L0 and dead latents of the whole set,
     and for the SAEs the spliced loss with every layer's SAE in place at once."""
@@ -502,6 +600,7 @@ def other_rows(settings: SweepSettings, evaluations: dict[int, dict]) -> list[di
                 vals["kl"].append(np.nan)
             per_layer.append(layer_fvu)
             vals["fvu"].append(float(np.mean(layer_fvu)))
+        vals.update(autointerp_values(settings, scores or {}, kind))
         row = {"kind": kind, "seeds": len(settings.seeds), "l0": float(np.mean(vals.pop("l0"))),
                "n_latents": settings.latents_per_layer * len(settings.layers),
                "fvu_per_layer": np.mean(per_layer, axis=0).tolist()}
@@ -514,12 +613,13 @@ def other_rows(settings: SweepSettings, evaluations: dict[int, dict]) -> list[di
 def others_markdown(others: list[dict]) -> str:
     if not others:
         return ""
+    columns = shown_columns(OTHER_COLUMNS, others)
     lines = ["\n## Other kinds at the same total latents and L0\n",
-             "| kind | seeds | L0 | " + " | ".join(label for _, label in OTHER_COLUMNS) + " |",
-             "|" + "---|" * (len(OTHER_COLUMNS) + 3)]
+             "| kind | seeds | L0 | " + " | ".join(label for _, label in columns) + " |",
+             "|" + "---|" * (len(columns) + 3)]
     for r in others:
         lines.append(f"| {OTHER_LABELS[r['kind']]} | {r['seeds']} | {r['l0']:.1f} | "
-                     + " | ".join(plus_minus(r[k], r[f"{k}_sd"]) for k, _ in OTHER_COLUMNS) + " |")
+                     + " | ".join(plus_minus(r.get(k), r.get(f"{k}_sd")) for k, _ in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -541,10 +641,11 @@ def find_elbow(rows: list[dict]) -> str | None:
 
 
 def table_markdown(rows: list[dict], elbow: str | None) -> str:
-    head = "| reach | seeds | L0 | " + " | ".join(label for _, label in COLUMNS) + " |"
-    lines = [head, "|" + "---|" * (len(COLUMNS) + 3)]
+    columns = shown_columns(COLUMNS, rows)
+    head = "| reach | seeds | L0 | " + " | ".join(label for _, label in columns) + " |"
+    lines = [head, "|" + "---|" * (len(columns) + 3)]
     for r in rows:
-        cells = [plus_minus(r[key], r[f"{key}_sd"]) for key, _ in COLUMNS]
+        cells = [plus_minus(r.get(key), r.get(f"{key}_sd")) for key, _ in columns]
         lines.append(f"| {r['reach']} | {r['seeds']} | {r['l0']:.1f} | " + " | ".join(cells) + " |")
     tail = (f"\nElbow: reach {elbow} — the smallest whose FVU is within the seeds' spread of the best.\n"
             if elbow is not None else "\nNo elbow: one seed gives no spread to compare within.\n")

@@ -13,7 +13,8 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def sweep(
         config: Path = typer.Argument(..., help="Sweep config (YAML): a run config without coders, plus `sweep:` "
-                                                "layers, latents_per_layer, k, neighbours, seeds; see README."),
+                                                "layers, latents_per_layer, k, neighbours, seeds (kinds, "
+                                                "autointerp); see README."),
         trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
         """How many neighbouring layers a cross-layer transcoder should write to: one CLT per reach at equal
@@ -26,8 +27,19 @@ def register(app: typer.Typer) -> None:
         if trust_remote_code:
             raw["trust_remote_code"] = True
         settings = SweepSettings.from_dict(raw)
+        autointerp = None
+        if settings.autointerp:  # the explainer is made (or refused) before anything is trained
+            from deepseemoe.commands.explain import make_backend
+            from deepseemoe.explain.sweep import seed_scorer
+
+            ai = settings.autointerp
+            backend = make_backend(ai["backend"], ai.get("url"), ai.get("model"), ai.get("api_key_env"), 4, None,
+                                   None, trust_remote_code)
+            judge = make_backend(ai["judge"], ai.get("url"), ai.get("model"), ai.get("api_key_env"), 4, None, None,
+                                 trust_remote_code) if ai.get("judge") else None
+            autointerp = seed_scorer(settings, backend, judge, trust_remote_code=trust_remote_code)
         c = out_console()
-        result = run_sweep(settings, trust_remote_code=trust_remote_code, echo=c.print)
+        result = run_sweep(settings, trust_remote_code=trust_remote_code, echo=c.print, autointerp=autointerp)
         if result.reused:
             c.print(f"reused the finished seed(s) {result.reused}")
         print((result.run.path / "table.md").read_text())

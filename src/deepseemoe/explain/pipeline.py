@@ -38,11 +38,26 @@ from deepseemoe.explain.units import (
 )
 from deepseemoe.runs.explanations import ExplanationStore
 
+# a feature is explained and scored only if it fires on at least this many tokens of the text
+MIN_FIRINGS = 8
+
 
 def feature_source(run_dir: Path, name: str, *, data: str | None, tokens: int, features: list[int] | int,
                    batch_size: int = 8, device: str | None = None, trust_remote_code: bool = False
                    ) -> tuple[Corpus, np.ndarray, list[int], dict[int, str]]:
     """(corpus, activations [N, U], the feature ids, MoE context per feature)."""
+    corpus, per = feature_sources(run_dir, {name: features}, data=data, tokens=tokens, batch_size=batch_size,
+                                  device=device, trust_remote_code=trust_remote_code)
+    return (corpus, *per[name])
+
+
+def feature_sources(run_dir: Path, features: dict[str, list[int] | int], *, data: str | None, tokens: int,
+                    batch_size: int = 8, device: str | None = None, trust_remote_code: bool = False,
+                    sample_seed: int | None = None) -> tuple[Corpus, dict[str, tuple[np.ndarray, list[int], dict]]]:
+    """The features of several dictionaries of one run read on one pass over the text: (corpus,
+    {name: (activations [N, U], the feature ids, MoE context per feature)}). `features[name]`: ids, or
+    N — the first N that fire on MIN_FIRINGS tokens, or with `sample_seed` N of them drawn at random
+    (a dictionary's first latents are not a sample of it: a CLT's are all of its first layer)."""
     import torch
 
     from deepseemoe.capture.core import Site
@@ -55,15 +70,19 @@ def feature_source(run_dir: Path, name: str, *, data: str | None, tokens: int, f
     spec = RunSpec.from_run_dir(run_dir)
     if device:
         spec.model_device = spec.coder_device = device
-    coder, meta = load_run_dictionary(run_dir, name, device=spec.coder_device or "cpu")
+    coders = {name: load_run_dictionary(run_dir, name, device=spec.coder_device or "cpu") for name in features}
     handle = load_for_run(spec, spec.model_device, trust_remote_code=trust_remote_code)
     tokenizer = handle.require_tokenizer()
-    sources = [Site(k, la) for k, la in meta["source"]]
-    ids, lengths, lat_parts = [], [], []
+    pairs = {}
+    for name, (_, meta) in coders.items():
+        sources = [Site(k, la) for k, la in meta["source"]]
+        pairs[name] = (sources, sources[:1])
+    ids, lengths, lat_parts = [], [], {name: [] for name in features}
     for packed in run_batches(spec, handle, data=data, batch_size=batch_size, max_tokens=tokens):
-        (x, _), = next(model_stream(handle, [packed], {"c": (sources, sources[:1])}, device=coder.b_dec.device)).values()
+        got = next(model_stream(handle, [packed], pairs, device=next(iter(coders.values()))[0].b_dec.device))
         with torch.no_grad():
-            lat = coder.encode(x.float()).cpu()
+            for name, (x, _) in got.items():
+                lat_parts[name].append(coders[name][0].encode(x.float()).cpu())
         keep = packed.keep.reshape(packed.input_ids.shape)
         for row in range(keep.shape[0]):  # one sequence per document piece: windows never join two documents
             kept_ids, kept_doc = packed.input_ids[row][keep[row]].numpy(), packed.doc[row][keep[row]].numpy()
@@ -71,26 +90,30 @@ def feature_source(run_dir: Path, name: str, *, data: str | None, tokens: int, f
                 ids.append(kept_ids)
                 cuts = np.flatnonzero(np.diff(kept_doc)) + 1
                 lengths += np.diff(np.concatenate([[0], cuts, [len(kept_ids)]])).tolist()
-        lat_parts.append(lat)
     if not ids:
         raise DeepSeeMoEError("no text to explain on; give more --tokens or other --data")
-    latents = torch.cat(lat_parts)
-    live = (latents > 0).sum(0)
-    if isinstance(features, int):  # the first N features that fire often enough to be explained and scored
-        chosen = [int(f) for f in torch.nonzero(live >= 8).squeeze(1)[:features]]
-    else:
-        bad = [f for f in features if not 0 <= f < latents.shape[1]]
-        if bad:
-            raise DeepSeeMoEError(f"features {bad} do not exist in {name} ({latents.shape[1]} latents)")
-        chosen = list(features)
-    if not chosen:
-        raise DeepSeeMoEError(f"no feature of {name} fires on at least 8 of these {latents.shape[0]:,} tokens; "
-                              "give more --tokens")
+    per = {}
+    for name, want in features.items():
+        latents = torch.cat(lat_parts[name])
+        live = torch.nonzero((latents > 0).sum(0) >= MIN_FIRINGS).squeeze(1).tolist()
+        if isinstance(want, int) and sample_seed is not None:
+            rng = np.random.default_rng(sample_seed)
+            chosen = sorted(int(f) for f in rng.choice(live, size=min(want, len(live)), replace=False)) if live else []
+        elif isinstance(want, int):
+            chosen = live[:want]
+        else:
+            bad = [f for f in want if not 0 <= f < latents.shape[1]]
+            if bad:
+                raise DeepSeeMoEError(f"features {bad} do not exist in {name} ({latents.shape[1]} latents)")
+            chosen = list(want)
+        if not chosen:
+            raise DeepSeeMoEError(f"no feature of {name} fires on at least {MIN_FIRINGS} of these "
+                                  f"{latents.shape[0]:,} tokens; give more --tokens")
+        per[name] = (latents[:, chosen].numpy().astype(np.float32), chosen, _feature_contexts(run_dir, name, chosen))
     tokens_all = np.concatenate(ids)
     vocab = np.unique(tokens_all)
     texts = dict(zip(vocab.tolist(), token_texts(tokenizer, vocab.tolist()), strict=True))
-    corpus = Corpus(tokens_all, np.concatenate([[0], np.cumsum(lengths)]), texts)
-    return corpus, latents[:, chosen].numpy().astype(np.float32), chosen, _feature_contexts(run_dir, name, chosen)
+    return Corpus(tokens_all, np.concatenate([[0], np.cumsum(lengths)]), texts), per
 
 
 def _feature_contexts(run_dir: Path, name: str, features: list[int]) -> dict[int, str]:

@@ -290,11 +290,12 @@ def _sweep(result, folder: str) -> dict:
     """The section of a reach sweep: its settings, one row per reach (mean ± sd over the seeds), the
     ranked layers, the findings written from those numbers, and its figures."""
     from deepseemoe.analysis.seeds import plus_minus
-    from deepseemoe.analysis.sweep import COLUMNS
+    from deepseemoe.analysis.sweep import COLUMNS, OTHER_COLUMNS, OTHER_LABELS, shown_columns
 
     doc = result.doc
+    columns = shown_columns(COLUMNS, doc["rows"])  # and the autointerp scores when the sweep has them
     rows = [{"reach": r["reach"], "seeds": r["seeds"], "l0": f"{r['l0']:.1f}",
-             "cells": [plus_minus(r[key], r.get(f"{key}_sd"), 3) for key, _ in COLUMNS]} for r in doc["rows"]]
+             "cells": [plus_minus(r.get(key), r.get(f"{key}_sd"), 3) for key, _ in columns]} for r in doc["rows"]]
 
     def f(v, fmt):
         return "–" if v is None else format(v, fmt)
@@ -304,15 +305,14 @@ def _sweep(result, folder: str) -> dict:
                "fvu": f(p.get("fvu"), ".3f"),
                "ranks": ", ".join(str(p.get(f"{k}_rank", "–")) for k in ("ablation_delta_ce", "domain_nmi", "fvu")),
                "mean_rank": f(p.get("mean_rank"), ".2f")} for p in doc.get("which_layer", [])]
-    from deepseemoe.analysis.sweep import OTHER_COLUMNS, OTHER_LABELS
-
+    other_columns = shown_columns(OTHER_COLUMNS, doc.get("other_kinds", []))
     others = [{"kind": OTHER_LABELS[o["kind"]],
                "seeds": o["seeds"], "l0": f"{o['l0']:.1f}",
-               "cells": [plus_minus(o[key], o.get(f"{key}_sd"), 3) for key, _ in OTHER_COLUMNS]}
+               "cells": [plus_minus(o.get(key), o.get(f"{key}_sd"), 3) for key, _ in other_columns]}
               for o in doc.get("other_kinds", [])]
-    return {"folder": folder, "settings": doc["settings"]["settings"], "columns": [label for _, label in COLUMNS],
+    return {"folder": folder, "settings": doc["settings"]["settings"], "columns": [label for _, label in columns],
             "rows": rows, "elbow": doc.get("elbow"), "layers": layers, "others": others,
-            "other_columns": [label for _, label in OTHER_COLUMNS],
+            "other_columns": [label for _, label in other_columns],
             "findings": " ".join(doc.get("findings", [])), "figures": [_png(p) for p in result.figures]}
 
 
