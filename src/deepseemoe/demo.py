@@ -276,6 +276,27 @@ def _carved(corpus_dir: Path, out_dir: Path, run_dir: Path, stats_key: str, reci
     return key, (runs["clustered"], plan.layers[len(plan.layers) // 2])
 
 
+def _explainer(cache_dir, explainer) -> tuple[Path, object, object]:
+    """(the cache root, the chat backend that writes descriptions, the judge that scores them): the
+    offline SmolLM2 and MiniLM unless `explainer` is given (it then judges too). Without SmolLM2:
+    (root, None, the reason)."""
+    from deepseemoe.errors import DeepSeeMoEError
+    from deepseemoe.explain.backends import LocalChat
+    from deepseemoe.explain.embedding import EmbeddingJudge
+    from deepseemoe.zoo.train import default_cache_dir
+
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    try:
+        chat = explainer or LocalChat.smollm2(root / "explain")
+    except DeepSeeMoEError as e:
+        return root, None, e
+    try:  # the judge: a sentence embedder when installed (SmolLM2 cannot judge: explain/embedding.py), else the explainer
+        judge = EmbeddingJudge.minilm() if explainer is None else None
+    except DeepSeeMoEError:
+        judge = None
+    return root, chat, judge
+
+
 def _describe(run_dir: Path, out_dir: Path, layer: int, experts: tuple[Path, int], cache_dir, explainer,
               console: Console, key: str, separate: tuple | None = None) -> str:
     """Stage 7: the experts of one layer (`experts`: a routing run and the layer) and 8 features of
@@ -284,24 +305,14 @@ def _describe(run_dir: Path, out_dir: Path, layer: int, experts: tuple[Path, int
     `separate` (the separately trained model, the held-out source, the routing settings): that
     model's experts of the same layer too, and how often each MoE's expert descriptions name the
     expert's domain. Returns the stage's key."""
-    from deepseemoe.errors import DeepSeeMoEError
-    from deepseemoe.explain.backends import Cached, LocalChat
+    from deepseemoe.explain.backends import Cached
     from deepseemoe.explain.pipeline import demo_explanations
     from deepseemoe.runs.explanations import ExplanationStore
-    from deepseemoe.zoo.train import default_cache_dir
 
-    root = Path(cache_dir) if cache_dir else default_cache_dir()
-    try:
-        chat = explainer or LocalChat.smollm2(root / "explain")
-    except DeepSeeMoEError as e:  # the offline explainer is not installed: the rest of the demo stands
-        console.print(f"[bold]7/11 descriptions[/] [yellow]skipped: {e}[/]")
+    root, chat, judge = _explainer(cache_dir, explainer)
+    if chat is None:  # the offline explainer is not installed: the rest of the demo stands
+        console.print(f"[bold]7/11 descriptions[/] [yellow]skipped: {judge}[/]")
         return stamp.digest(stage="descriptions", analyses=key, explainer=None)
-    from deepseemoe.explain.embedding import EmbeddingJudge
-
-    try:  # the judge: a sentence embedder when installed (SmolLM2 cannot judge: explain/embedding.py), else the explainer
-        judge = EmbeddingJudge.minilm() if explainer is None else None
-    except DeepSeeMoEError:
-        judge = None
     key = stamp.digest(stage="descriptions", analyses=key, explainer=chat.ident, judge=judge.ident if judge else None)
     expert_run, expert_layer = experts
     stores = {"experts": ExplanationStore.for_experts(expert_run, expert_layer),
@@ -428,8 +439,7 @@ def _post_train(out_dir: Path, corpus_dir: Path, zoo, layer: int, recipe: str, c
     key = stamp.digest(stage="posttrain", settings=settings.to_dict(),
                        moe=stamp.model_digest(zoo.moe_dir), dense=stamp.model_digest(zoo.dense_dir),
                        text=[stamp.file_digest(corpus_dir / n) for n in ("train.jsonl", "val.jsonl")],
-                       hint=[stamp.file_digest(p) for p in (*sorted(hint.coder_dir(name).iterdir()),
-                                                             *hint.map_files(name))])
+                       hint=[hint.coder_digest(name), *(stamp.file_digest(p) for p in hint.map_files(name))])
     if stamp.fresh(out_dir, "posttrain", key, ["posttrain/table.json"]):
         console.print(f"[bold]9/11 post-training[/] reused {folder}")
         return key
@@ -477,7 +487,9 @@ DEMO_SWEEP = {"demo": DemoSweep(128, 4, (0, 1, "all"), (0, 1), ("clt", "sae", "c
 
 def _sweep(out_dir: Path, corpus_dir: Path, zoo, recipe: str, console: Console) -> str:
     """Stage 10: `deepseemoe sweep` on the demo MoE into STUDY/sweep/: one CLT per reach at equal
-    latents and L0, 2 seeds, and which layer to pick. Returns the stage's key."""
+    latents and L0, 2 seeds, and which layer to pick. Returns the stage's key. (Without the sweep's
+    auto-interpretability: 2 features per row on one seed cost 47 s of the budget on 2 cores
+    (2026-12-07) and SmolLM2 described too few of them for a shuffled baseline in most rows.)"""
     from deepseemoe.analysis.sweep import SweepSettings, run_sweep
 
     size = DEMO_SWEEP.get(recipe.removesuffix("-ternary"), DEMO_SWEEP["tiny"])

@@ -473,12 +473,17 @@ def findings(settings: SweepSettings, rows: list[dict], elbow: str | None, picks
     scored = [(label, r) for label, r in scored if r.get("detection") is not None and not np.isnan(r["detection"])]
     if scored:
         ai = settings.autointerp or {}
-        beat = [label for label, r in scored if r["detection"] > r["detection_shuffled"]]
+        based = [(label, r) for label, r in scored if not np.isnan(r["detection_shuffled"])]
+        beat = [label for label, r in based if r["detection"] > r["detection_shuffled"]]
+
+        def cell(r: dict) -> str:
+            base = r["detection_shuffled"]
+            return f"{r['detection']:.3f} (" + ("no shuffled baseline: fewer than two usable descriptions" if np.isnan(base)
+                                               else f"shuffled descriptions {base:.3f}") + ")"
         out.append(f"Detection by an LLM judge from the features' descriptions ({ai.get('features', '?')} features per "
                    f"row, seed(s) {ai.get('seeds', '?')}; balanced accuracy, 0.5 is chance): "
-                   + "; ".join(f"{label} {r['detection']:.3f} (shuffled descriptions {r['detection_shuffled']:.3f})"
-                               for label, r in scored)
-                   + f" — the descriptions beat shuffled ones in {len(beat)} of {len(scored)} rows.")
+                   + "; ".join(f"{label} {cell(r)}" for label, r in scored)
+                   + f" — the descriptions beat shuffled ones in {len(beat)} of the {len(based)} rows with a baseline.")
     spec = settings.spec(settings.seeds[0], Path(settings.out))
     out.append(f"Measured at {spec.tokens:,} training tokens, {settings.latents_per_layer} latents per layer, "
                f"k = {settings.k}, {len(settings.seeds)} seed(s): the answer of this size, not of every size.")
