@@ -17,7 +17,11 @@ from deepseemoe.models.load import load_model
 
 def _transcoder(d: int, layer: int, skip: bool):
     torch.manual_seed(10 + layer)
-    coder = build_coder(CoderConfig(d_in=d, d_out=d, n_latents=48, activation="jumprelu", skip=skip))
+    return randomised(build_coder(CoderConfig(d_in=d, d_out=d, n_latents=48, activation="jumprelu", skip=skip)))
+
+
+def randomised(coder):
+    """A JumpReLU coder with random weights, thresholds and scales (seeded by the caller), in eval mode."""
     with torch.no_grad():
         for p in coder.parameters():
             p.normal_(0, 0.3)
@@ -30,9 +34,7 @@ def _transcoder(d: int, layer: int, skip: bool):
 def replacement_model(tiny_olmoe_dir, tmp_path, monkeypatch, skip: bool):
     """The tiny OLMoE with one random (skip-)transcoder per layer, exported in circuit-tracer's layout and
     loaded by its own code into its ReplacementModel: (our handle, our coders by layer, theirs)."""
-    from circuit_tracer import ReplacementModel
     from circuit_tracer.transcoder import load_transcoder_set
-    from transformer_lens import loading_from_pretrained
 
     handle = load_model(str(tiny_olmoe_dir))
     D = handle.model.config.hidden_size
@@ -43,12 +45,19 @@ def replacement_model(tiny_olmoe_dir, tmp_path, monkeypatch, skip: bool):
                                       scan="tiny-olmoe", feature_input_hook=config["feature_input_hook"],
                                       feature_output_hook=config["feature_output_hook"],
                                       device=torch.device("cpu"), lazy_encoder=False, lazy_decoder=False)
+    return handle, coders, circuit_tracer_model(tiny_olmoe_dir, handle, transcoders, monkeypatch)
+
+
+def circuit_tracer_model(tiny_olmoe_dir, handle, transcoders, monkeypatch):
+    """circuit-tracer's ReplacementModel of the tiny OLMoE with `transcoders` (a set, or a CLT) it loaded."""
+    from circuit_tracer import ReplacementModel
+    from transformer_lens import loading_from_pretrained
+
     # TransformerLens knows models by hub name only; lend it the local folder (nothing else changes)
     monkeypatch.setattr(loading_from_pretrained, "get_official_model_name", lambda name: name)
-    rm = ReplacementModel.from_pretrained_and_transcoders(str(tiny_olmoe_dir), transcoders,
-                                                          backend="transformerlens", hf_model=handle.model,
-                                                          tokenizer=handle.tokenizer, device=torch.device("cpu"))
-    return handle, coders, rm
+    return ReplacementModel.from_pretrained_and_transcoders(str(tiny_olmoe_dir), transcoders,
+                                                            backend="transformerlens", hf_model=handle.model,
+                                                            tokenizer=handle.tokenizer, device=torch.device("cpu"))
 
 
 @pytest.mark.parametrize("skip", [False, True])
