@@ -27,6 +27,7 @@ def run_demo_analyses(moe_dir: Path, dense_dir: Path, corpus_dir: Path, out_dir:
     from deepseemoe.dictionaries.evaluate import evaluate_run
     from deepseemoe.dictionaries.run import train_run
     from deepseemoe.dictionaries.spec import CoderSpec, RunSpec
+    from deepseemoe.dictionaries.trained import TrainedRun
     from deepseemoe.dictionaries.trainer import TrainConfig
     from deepseemoe.models.load import load_model
 
@@ -56,9 +57,9 @@ def run_demo_analyses(moe_dir: Path, dense_dir: Path, corpus_dir: Path, out_dir:
         stamp.write(dict_dir, "dictionaries", key)
     evaluation = run.evaluation()
     maps = {}
+    trained = TrainedRun.open(dict_dir)  # one model for every map
     for c in spec.coders:
-        m = compute_map(dict_dir, spec, c.name, data=val, tokens=4 * eval_tokens, layer=None, batch_size=8,
-                        n_examples=5)
+        m = compute_map(trained, c.name, data=val, tokens=4 * eval_tokens, layer=None, batch_size=8, n_examples=5)
         run.save_map(c.name, m.tables, m.examples, m.summary)
         maps[c.name] = m.summary
 

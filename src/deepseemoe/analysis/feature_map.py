@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -29,7 +28,7 @@ from deepseemoe.analysis.features import (
     top_examples,
 )
 from deepseemoe.capture.core import Site
-from deepseemoe.dictionaries.spec import RunSpec
+from deepseemoe.dictionaries.trained import TrainedRun
 from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.models.spec import fed_moe_layer
 
@@ -52,23 +51,19 @@ class FeatureMap:
     summary: dict
 
 
-def compute_map(run_dir: Path, spec: RunSpec, name: str, *, data: str | None, tokens: int, layer: int | None,
-                batch_size: int, n_examples: int, trust_remote_code: bool = False, progress: bool = False
-                ) -> FeatureMap:
-    from deepseemoe.dictionaries.formats import load_run_dictionary
-    from deepseemoe.dictionaries.run import load_for_run, run_batches
-
-    coder, meta = load_run_dictionary(run_dir, name, device=spec.coder_device or "cpu")
-    handle = load_for_run(spec, spec.model_device, trust_remote_code=trust_remote_code)
-    sources = [Site(k, la) for k, la in meta["source"]]
+def compute_map(trained: TrainedRun, name: str, *, data: str | None, tokens: int, layer: int | None,
+                batch_size: int, n_examples: int, progress: bool = False) -> FeatureMap:
+    coder, record = trained.coder(name)
+    handle = trained.model()
+    sources = list(record.sources)
     layer = fed_layer(sources, sorted(handle.moe_layers)) if layer is None else layer
     if layer not in handle.moe_layers:
         raise DeepSeeMoEError(f"--layer {layer} is not an MoE layer of {handle.name}; choose from "
                               f"{sorted(handle.moe_layers)}")
-    attribution = meta["kind"] == "sae" and sources == [Site("block_in", layer)]
-    batches = list(run_batches(spec, handle, data=data, batch_size=batch_size, max_tokens=tokens))
-    targets = [Site(k, la) for k, la in meta["target"]]
-    composition = meta["kind"] in ("transcoder", "skip_transcoder") and targets == [Site("block_out", layer)]
+    attribution = record.kind == "sae" and sources == [Site("block_in", layer)]
+    batches = trained.batches(data=data, batch_size=batch_size, tokens=tokens)
+    targets = list(record.targets)
+    composition = record.kind in ("transcoder", "skip_transcoder") and targets == [Site("block_out", layer)]
     got = collect_for_map(handle, coder, sources, layer, batches, attribution, composition, progress=progress)
     moe = handle.moe_layers[layer]
     tables = feature_expert_tables(got.latents, got.experts, moe.num_experts)

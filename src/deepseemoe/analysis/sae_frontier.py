@@ -63,11 +63,12 @@ def block_sae_maps(models: dict[str, str], data: str, heldout: str, out: Path, *
     evaluated, and its feature map — feature ↔ expert specificity, lift and MI, and how well the
     features predict routing against token identity and bigrams (`analysis.features`)."""
     from deepseemoe.analysis.feature_map import compute_map
+    from deepseemoe.dictionaries.trained import TrainedRun
 
     rows = {}
     for label, model in models.items():
         run_dir = out / f"block_sae_{label}"
-        spec, doc = _trained_and_evaluated(
+        _, doc = _trained_and_evaluated(
             model, data, heldout, run_dir,
             [CoderSpec(kind="sae", site="block_in", layers=[layer], k=k, expansion_factor=expansion_factor,
                        name="block_in")],
@@ -76,8 +77,10 @@ def block_sae_maps(models: dict[str, str], data: str, heldout: str, out: Path, *
         run = DictionaryRun(run_dir)
         summary = run.map_summaries().get("block_in")
         if summary is None:
-            m = compute_map(run_dir, spec, "block_in", data=heldout, tokens=4 * eval_tokens, layer=layer,
-                            batch_size=batch_size, n_examples=3, trust_remote_code=trust_remote_code)
+            trained = TrainedRun.open(run_dir, device=device, device_map=device_map, dtype=dtype,
+                                      trust_remote_code=trust_remote_code)
+            m = compute_map(trained, "block_in", data=heldout, tokens=4 * eval_tokens, layer=layer,
+                            batch_size=batch_size, n_examples=3)
             run.save_map("block_in", m.tables, m.examples, m.summary)
             summary = m.summary
         rows[label] = {**{m: doc["block_in"].get(m) for m in METRICS}, **{f: summary.get(f) for f in MAP_FIELDS}}

@@ -44,9 +44,7 @@ def register(app: typer.Typer) -> None:
             prompt_ids,
             target_id,
         )
-        from deepseemoe.dictionaries.formats import load_run_dictionary
-        from deepseemoe.dictionaries.run import load_for_run
-        from deepseemoe.dictionaries.spec import RunSpec
+        from deepseemoe.dictionaries.trained import TrainedRun
         from deepseemoe.errors import DeepSeeMoEError
         from deepseemoe.explain.mapping import feature_descriptions
         from deepseemoe.progress import num, out_console
@@ -54,12 +52,11 @@ def register(app: typer.Typer) -> None:
 
         if out.suffix != ".json":
             raise DeepSeeMoEError(f"--out {out} should name a .json file (the graph is circuit-tracer's graph JSON)")
-        spec = RunSpec.from_run_dir(run_dir)
+        # float32: the edges are sums of many small products, which bf16 would blur
+        trained = TrainedRun.open(run_dir, device=device, dtype="float32", trust_remote_code=trust_remote_code)
         names = [dictionary_name(run_dir, d) for d in dictionary]
-        coder_device = device or spec.coder_device or "cpu"
-        dictionaries = {name: load_run_dictionary(run_dir, name, device=coder_device) for name in names}
-        spec.dtype = "float32"  # the edges are sums of many small products: bf16 would blur them
-        handle = load_for_run(spec, device or spec.model_device, trust_remote_code=trust_remote_code)
+        dictionaries = {name: (coder, record.meta) for name, (coder, record) in trained.coders(names).items()}
+        handle = trained.model()
         if not handle.is_moe:
             raise DeepSeeMoEError(f"{handle.name} has no MoE layer; attribute explains routing decisions")
         ids = prompt_ids(handle, prompt)  # bad prompts and targets are refused before the graph is built
@@ -68,7 +65,7 @@ def register(app: typer.Typer) -> None:
         result = attribute_prompt(handle, dictionaries, prompt, target=target, node_threshold=node_threshold,
                                   edge_threshold=edge_threshold, max_logits=max_logits, batch_size=batch_size,
                                   max_targets=max_nodes,
-                                  scan=str(spec.model), slug=out.stem,
+                                  scan=str(trained.spec.model), slug=out.stem,
                                   descriptions=feature_descriptions(run_dir, names), perturb=perturb,
                                   progress=True)
         graph, doc = result.graph, result.doc

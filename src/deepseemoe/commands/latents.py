@@ -23,27 +23,19 @@ def register(app: typer.Typer) -> None:
         trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
         """Cache where every latent fires (delphi format: RUN_DIR/latents/NAME/)."""
-        from deepseemoe.capture.core import Site
-        from deepseemoe.dictionaries.formats import load_run_dictionary
         from deepseemoe.dictionaries.latent_cache import collect_latents, save_delphi_cache
-        from deepseemoe.dictionaries.run import load_for_run, run_batches
-        from deepseemoe.dictionaries.spec import RunSpec
+        from deepseemoe.dictionaries.trained import TrainedRun
         from deepseemoe.progress import out_console
-        from deepseemoe.runs.dictionary import DictionaryRun
 
-        spec = RunSpec.from_run_dir(run_dir)
-        if device:  # this command's device; the saved config is left as it is
-            spec.model_device = spec.coder_device = device
-        if device_map:
-            spec.device_map = device_map
-        run = DictionaryRun.open(run_dir)
+        trained = TrainedRun.open(run_dir, device=device, device_map=device_map, trust_remote_code=trust_remote_code)
+        run, spec = trained.run, trained.spec
         names = [dictionary_name(run_dir, n) for n in dictionary] if dictionary else run.coder_names()
-        handle = load_for_run(spec, spec.model_device, trust_remote_code=trust_remote_code)
-        batches = list(run_batches(spec, handle, data=data, batch_size=batch_size, max_tokens=tokens))
+        handle = trained.model()
+        batches = trained.batches(data=data, batch_size=batch_size, tokens=tokens)
         console = out_console()
         for name in names:
-            coder, meta = load_run_dictionary(run_dir, name, device=spec.coder_device or "cpu")
-            got = collect_latents(handle, coder, [Site(k, la) for k, la in meta["source"]], batches, progress=True,
+            coder, record = trained.coder(name)
+            got = collect_latents(handle, coder, list(record.sources), batches, progress=True,
                                   description=f"latents {name}")
             config = {"dataset_repo": data or spec.data, "dataset_split": "", "dataset_name": "",
                       "dataset_column": spec.field, "batch_size": batch_size, "cache_ctx_len": spec.ctx_len,

@@ -26,21 +26,14 @@ def register(app: typer.Typer) -> None:
         """Expert distribution, lift and MI per feature; routing prediction vs token/bigram baselines;
         exact router-logit attribution for SAEs on the block input; top examples with their routing."""
         from deepseemoe.analysis.feature_map import compute_map
-        from deepseemoe.dictionaries.spec import RunSpec
+        from deepseemoe.dictionaries.trained import TrainedRun
         from deepseemoe.progress import out_console
-        from deepseemoe.runs.dictionary import DictionaryRun
 
-        run = DictionaryRun.open(run_dir)
+        trained = TrainedRun.open(run_dir, device=device, device_map=device_map, trust_remote_code=trust_remote_code)
         dictionary = dictionary_name(run_dir, dictionary)
-        spec = RunSpec.from_run_dir(run_dir)
-        if device:  # this command's device; the saved config is left as it is
-            spec.model_device = spec.coder_device = device
-        if device_map:
-            spec.device_map = device_map
-        result = compute_map(run_dir, spec, dictionary, data=data, tokens=tokens, layer=layer,
-                             batch_size=batch_size, n_examples=examples, trust_remote_code=trust_remote_code,
-                             progress=True)
-        out = run.save_map(dictionary, result.tables, result.examples, result.summary)
+        result = compute_map(trained, dictionary, data=data, tokens=tokens, layer=layer, batch_size=batch_size,
+                             n_examples=examples, progress=True)
+        out = trained.run.save_map(dictionary, result.tables, result.examples, result.summary)
         summary = result.summary
         c = out_console()
         rp = summary["routing_prediction"]

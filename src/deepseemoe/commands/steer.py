@@ -25,28 +25,20 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """ΔCE, KL and how often the chosen experts change when a feature is ablated or steered."""
         from deepseemoe.analysis.steering import edit_feature
-        from deepseemoe.capture.core import Site
-        from deepseemoe.dictionaries.formats import load_run_dictionary
-        from deepseemoe.dictionaries.run import load_for_run, run_batches
-        from deepseemoe.dictionaries.spec import RunSpec
+        from deepseemoe.dictionaries.trained import TrainedRun
         from deepseemoe.errors import DeepSeeMoEError
         from deepseemoe.progress import out_console
-        from deepseemoe.runs.dictionary import DictionaryRun
 
-        spec = RunSpec.from_run_dir(run_dir)
+        trained = TrainedRun.open(run_dir, device=device, device_map=device_map, trust_remote_code=trust_remote_code)
         dictionary = dictionary_name(run_dir, dictionary)
-        if device:  # this command's device; the saved config is left as it is
-            spec.model_device = spec.coder_device = device
-        if device_map:
-            spec.device_map = device_map
-        coder, meta = load_run_dictionary(run_dir, dictionary, device=spec.coder_device or "cpu")
+        coder, record = trained.coder(dictionary)
         bad = [f for f in feature if not 0 <= f < coder.cfg.n_latents]
         if bad:
             raise DeepSeeMoEError(f"features {bad} do not exist in {dictionary} ({coder.cfg.n_latents} features: "
                                   f"0–{coder.cfg.n_latents - 1})")
-        handle = load_for_run(spec, spec.model_device, trust_remote_code=trust_remote_code)
-        batches = list(run_batches(spec, handle, data=data, batch_size=batch_size, max_tokens=tokens))
-        site = Site(*meta["source"][0])
+        handle = trained.model()
+        batches = trained.batches(data=data, batch_size=batch_size, tokens=tokens)
+        site = record.sources[0]
         results = [edit_feature(handle, coder, site, batches, f, scale, progress=True) for f in feature]
         console = out_console()
         for r in results:
@@ -54,5 +46,5 @@ def register(app: typer.Typer) -> None:
                                 for la, v in r["routing_changed"].items())
             console.print(f"feature {r['feature']} × {scale}: fired on {r['fired_tokens']} tokens · ΔCE "
                           f"{r['delta_ce']:.4f} · KL {r['kl']:.4f} · experts changed: {routing or '—'}")
-        out = DictionaryRun.open(run_dir).save_steering(dictionary, list(feature), scale, results)
+        out = trained.run.save_steering(dictionary, list(feature), scale, results)
         console.print(f"[green]→ {out}[/]")

@@ -28,13 +28,10 @@ import torch
 from deepseemoe.capture.core import Site
 from deepseemoe.data.tokens import counted_predictions
 from deepseemoe.dictionaries.coder import Coder
-from deepseemoe.dictionaries.formats import load_native
-from deepseemoe.dictionaries.spec import RunSpec
 from deepseemoe.dictionaries.stream import model_stream
 from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.interventions.sites import REWRITABLE, rewrite_site, routing_hooks, watch_routing
 from deepseemoe.models.spec import ModelHandle
-from deepseemoe.runs.dictionary import DictionaryRun
 
 DENSE_FRACTION = 0.10
 SPLICEABLE_SAE_SITES = REWRITABLE
@@ -179,20 +176,14 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, tokens: int = 
     dictionary of each shape (an internal evaluation that reads only FVU/ΔCE skips them).
     `together`: named groups of coders (say, one SAE per layer) also spliced all at once, in one
     forward — the replacement model of the group — under the doc's "together"."""
-    from deepseemoe.dictionaries.run import load_for_run, run_batches
+    from deepseemoe.dictionaries.trained import TrainedRun
     from deepseemoe.progress import track
 
-    run_dir = Path(run_dir)
-    spec = RunSpec.from_run_dir(run_dir)
-    if device_map:  # this command's placement; the saved config is left as it is
-        spec.device_map = device_map
-    coder_device = device or spec.coder_device or "cpu"
-    handle = load_for_run(spec, device or spec.model_device, trust_remote_code=trust_remote_code)
-    coders: dict[str, tuple[Coder, dict]] = {}
-    run = DictionaryRun.open(run_dir)
-    for folder in (run.coder_dir(name) for name in run.coder_names()):
-        coder, meta = load_native(folder, device=coder_device)
-        coders[folder.name] = (coder, meta)
+    trained = TrainedRun.open(run_dir, device=device, device_map=device_map, trust_remote_code=trust_remote_code)
+    run_dir, spec, coder_device = trained.path, trained.spec, trained.coder_device
+    handle = trained.model()
+    coders: dict[str, tuple[Coder, dict]] = {name: (coder, record.meta)
+                                             for name, (coder, record) in trained.coders().items()}
     if not coders:
         raise DeepSeeMoEError(f"{run_dir}/dictionaries holds no trained coders; run `deepseemoe train` first")
 
@@ -203,7 +194,7 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, tokens: int = 
             raise DeepSeeMoEError(f"cannot splice {group!r} at once: {', '.join(bad) or 'no coders'} — not a "
                                   f"spliceable coder of {run_dir}")
     joint = {group: _Totals([], [], []) for group in together or {}}
-    batches = list(run_batches(spec, handle, data=data, batch_size=batch_size, max_tokens=tokens))
+    batches = trained.batches(data=data, batch_size=batch_size, tokens=tokens)
     pairs = {name: ([Site(k, la) for k, la in m["source"]], [Site(k, la) for k, la in m["target"]])
              for name, (_, m) in coders.items()}
     # block transcoders: their layer's routing too, for the FVU per top-1 expert

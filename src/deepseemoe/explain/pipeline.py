@@ -60,25 +60,17 @@ def feature_sources(run_dir: Path, features: dict[str, list[int] | int], *, data
     (a dictionary's first latents are not a sample of it: a CLT's are all of its first layer)."""
     import torch
 
-    from deepseemoe.capture.core import Site
     from deepseemoe.data.token_text import token_texts
-    from deepseemoe.dictionaries.formats import load_run_dictionary
-    from deepseemoe.dictionaries.run import load_for_run, run_batches
-    from deepseemoe.dictionaries.spec import RunSpec
     from deepseemoe.dictionaries.stream import model_stream
+    from deepseemoe.dictionaries.trained import TrainedRun
 
-    spec = RunSpec.from_run_dir(run_dir)
-    if device:
-        spec.model_device = spec.coder_device = device
-    coders = {name: load_run_dictionary(run_dir, name, device=spec.coder_device or "cpu") for name in features}
-    handle = load_for_run(spec, spec.model_device, trust_remote_code=trust_remote_code)
+    trained = TrainedRun.open(run_dir, device=device, trust_remote_code=trust_remote_code)
+    coders = trained.coders(list(features))
+    handle = trained.model()
     tokenizer = handle.require_tokenizer()
-    pairs = {}
-    for name, (_, meta) in coders.items():
-        sources = [Site(k, la) for k, la in meta["source"]]
-        pairs[name] = (sources, sources[:1])
+    pairs = {name: (list(record.sources), list(record.sources[:1])) for name, (_, record) in coders.items()}
     ids, lengths, lat_parts = [], [], {name: [] for name in features}
-    for packed in run_batches(spec, handle, data=data, batch_size=batch_size, max_tokens=tokens):
+    for packed in trained.batches(data=data, batch_size=batch_size, tokens=tokens):
         got = next(model_stream(handle, [packed], pairs, device=next(iter(coders.values()))[0].b_dec.device))
         with torch.no_grad():
             for name, (x, _) in got.items():

@@ -59,29 +59,27 @@ class HintSource:
 def open_hint(spec: str, handle: ModelHandle, model_id: str) -> HintSource:
     """`RUN_DIR:DICTIONARY` → the coder, its source sites and its map; refused when it was trained on
     another model or reads a site the hint layer's router does not precede."""
-    from deepseemoe.dictionaries.formats import load_run_dictionary
-    from deepseemoe.dictionaries.spec import RunSpec
-    from deepseemoe.runs.dictionary import DictionaryRun
+    from deepseemoe.dictionaries.trained import TrainedRun
 
     run_dir, sep, name = spec.rpartition(":")
     if not sep or not run_dir or not name:
         raise DeepSeeMoEError(f"--hint {spec!r} must be RUN_DIR:DICTIONARY (a `deepseemoe train` folder and the name "
                               "of one of its dictionaries)")
-    run = DictionaryRun.open(run_dir)
-    rs = RunSpec.from_run_dir(run_dir)
+    trained = TrainedRun.open(run_dir, device="cpu")
+    run, rs = trained.run, trained.spec
     summaries = run.map_summaries()
     if name not in summaries:
         raise DeepSeeMoEError(f"dictionary {name!r} of {run_dir} has no map; run `deepseemoe map {run_dir} --dictionary "
                               f"{name}` first")
     summary = summaries[name]
-    coder, meta = load_run_dictionary(run_dir, name)
+    coder, record = trained.coder(name)
     # the weights' checksums recorded when it was trained (a moved folder is still the same model);
     # a dictionary from before they were recorded is identified by its model's path
-    trained_on = meta.get("model_weights") or model_identity(rs.model)
+    trained_on = record.meta.get("model_weights") or model_identity(rs.model)
     if trained_on != model_id:
         raise DeepSeeMoEError(f"the hint dictionary {name!r} was trained on {rs.model}, not on the model being "
                               "post-trained; train and map a dictionary on this model")
-    sources = [Site(k, la) for k, la in meta["source"]]
+    sources = list(record.sources)
     layer = int(summary["layer"])
     if layer not in handle.moe_layers:
         raise DeepSeeMoEError(f"the hint's map relates features to layer {layer}, not an MoE layer of {handle.name}")
