@@ -139,24 +139,16 @@ def demo_removal(moe, dense, batches_moe: list, batches_dense: list, out: Path,
 def demo_graphs(run: DictionaryRun, names: list[str], routing_run: Path) -> dict:
     """`deepseemoe graph` on each mapped dictionary at its default thresholds (experts labelled with
     the domains of the routing run's statistics); a map with no edge above them has no graph."""
-    from deepseemoe.analysis.feature_graph import (
-        build_graph,
-        graph_modules,
-        graph_tables,
-        layout_png,
-        layout_positions,
-    )
+    from deepseemoe.analysis.feature_graph import graph_study
     from deepseemoe.runs.routing import RoutingRun
 
     domains = RoutingRun.open(routing_run).analyses().table("domain")
     out = {}
     for name in names:
-        fg = build_graph(run.map_summary(name), run.map_tables(name), domain_table=domains)
         try:
-            modules, summary = graph_modules(fg)
+            study = graph_study(run.map_summary(name), run.map_tables(name), domain_table=domains, name=name)
         except DeepSeeMoEError:  # nothing above the thresholds
             continue
-        positions = layout_positions(fg)
-        run.save_graph(name, graph_tables(fg, modules, positions), summary, layout_png(fg, modules, positions, name))
-        out[name] = summary
+        run.save_graph(name, study.tables, study.summary, study.figure)
+        out[name] = study.summary
     return out

@@ -259,3 +259,26 @@ def layout_png(fg: FeatureGraph, modules: Modules, positions: dict[str, tuple[fl
     fig.savefig(buf, format="png", bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
+
+
+@dataclass
+class GraphStudy:
+    """What `deepseemoe graph` computes for one map: the tables `DictionaryRun.save_graph` writes, the
+    summary (modules, modularity against rewired graphs, NMI against shuffled labels) and the figure."""
+
+    tables: dict
+    summary: dict
+    figure: bytes | None
+
+
+def graph_study(summary: dict, tables: dict[str, dict[str, list] | None], thresholds: Thresholds | None = None,
+                domain_table=None, links: tuple[list, EdgeKind] | None = None, *, draws: int = 10, seed: int = 0,
+                figure: bool = True, name: str = "") -> GraphStudy:
+    """The graph of one map (`build_graph`), its modules and their nulls (`graph_modules`), the layout
+    stored with the nodes (the explorer draws the same one) and, with `figure`, its drawing. Refused
+    (DeepSeeMoEError) when no edge passes the thresholds."""
+    fg = build_graph(summary, tables, thresholds, domain_table, links)
+    modules, found = graph_modules(fg, draws=draws, seed=seed)
+    positions = layout_positions(fg, seed=seed)
+    return GraphStudy(graph_tables(fg, modules, positions), found,
+                      layout_png(fg, modules, positions, name) if figure else None)

@@ -32,14 +32,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Louvain modules of the feature–expert graph, modularity against rewired graphs (z), NMI of
         modules with the features' top experts and domains; thresholds and what they kept reported."""
-        from deepseemoe.analysis.feature_graph import (
-            Thresholds,
-            build_graph,
-            graph_modules,
-            graph_tables,
-            layout_png,
-            layout_positions,
-        )
+        from deepseemoe.analysis.feature_graph import Thresholds, graph_study
         from deepseemoe.errors import DeepSeeMoEError
         from deepseemoe.progress import out_console
         from deepseemoe.runs.dictionary import DictionaryRun
@@ -66,12 +59,10 @@ def register(app: typer.Typer) -> None:
             if len(up_meta["target"]) != 1 or len(down_meta["source"]) != 1:
                 raise DeepSeeMoEError("feature edges link single-site dictionaries (no crosscoders or CLTs)")
             links = feature_links(up, Site(*up_meta["target"][0]), down, Site(*down_meta["source"][0]), thresholds)
-        fg = build_graph(run.map_summary(dictionary), run.map_tables(dictionary), thresholds, domains, links)
-        modules, summary = graph_modules(fg, draws=draws, seed=seed)
-        summary["upstream"] = upstream
-        positions = layout_positions(fg, seed=seed)  # stored with the nodes: the explorer draws the same layout
-        png = layout_png(fg, modules, positions, dictionary) if figure else None
-        out = run.save_graph(dictionary, graph_tables(fg, modules, positions), summary, png)
+        study = graph_study(run.map_summary(dictionary), run.map_tables(dictionary), thresholds, domains, links,
+                            draws=draws, seed=seed, figure=figure, name=dictionary)
+        summary = {**study.summary, "upstream": upstream}
+        out = run.save_graph(dictionary, study.tables, summary, study.figure)
         c = out_console()
         for k in summary["edge_kinds"]:
             c.print(f"{k['kind']} edges: kept {k['kept']:,} of {k['candidates']:,} ({100 * k['mass_share']:.1f}% of the weight)")
