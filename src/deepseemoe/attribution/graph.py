@@ -2,8 +2,9 @@
 
 Nodes (kind): `token` (each input position), `feature` (an active latent of an SAE on a block's input,
 of a transcoder replacing a block, or of a cross-layer transcoder replacing several: its index the
-CLT's own latent number, `extra["layer_feature"]` its number within its layer), `error` (what that dictionary misses, per position), `router`
-(layer, position, chosen expert: the router logit of that choice), `expert` (what the chosen expert
+CLT's own latent number, `extra["layer_feature"]` its number within its layer), `error` (what that
+dictionary misses, per position and layer), `router` (layer, position, chosen expert: the router
+logit of that choice), `expert` (what the chosen expert
 wrote, weight applied; value = its norm), `shared` (a shared expert's output), `mlp` (a block taken as
 given: a dense MLP without a transcoder), `logit` (the demeaned logit of a candidate next token at the
 last position: logit − mean logit, circuit-tracer's target).
