@@ -12,8 +12,8 @@ whose FVU is within the seeds' spread of the best reach's — where more neighbo
 Auto-interpretability (`sweep.autointerp`, off by default): a few live features of each row's
 dictionaries (drawn at random, per seed named), explained by an LLM and scored by detection (and
 fuzzing) beside the same judge given another feature's description — the shuffled baseline, so a
-score means something. The explaining is `explain/`'s (this module cannot import it): the verb and
-the demo hand `run_sweep` a function that does it for one seed's run.
+score means something. The explaining is `explain/`'s (this module cannot import it): the verb
+hands `run_sweep` a function that does it for one seed's run (`explain.sweep.seed_scorer`).
 
 Which layer to pick, from measurements on the same held-out text (`layer_profile`), per layer of
 the sweep: how much of the next-token loss depends on it (ΔCE with every routed expert of its MoE
@@ -298,6 +298,9 @@ def run_sweep(settings: SweepSettings, *, progress: bool = True, trust_remote_co
     from deepseemoe.dictionaries.run import train_run
     from deepseemoe.runs.dictionary import EVALUATION, DictionaryRun
 
+    if settings.autointerp and autointerp is None:  # refused before anything is trained
+        raise DeepSeeMoEError("sweep: autointerp needs an explainer; run it through `deepseemoe sweep`")
+
     cfg = _text_config(settings.base.get("model", ""), trust_remote_code)
     if cfg is not None:
         n_layers = int(getattr(cfg, "num_hidden_layers", 0) or 0)
@@ -336,8 +339,6 @@ def run_sweep(settings: SweepSettings, *, progress: bool = True, trust_remote_co
 
             shutil.rmtree(run.path, ignore_errors=True)
         raise
-    if settings.autointerp and autointerp is None:
-        raise DeepSeeMoEError("sweep: autointerp needs an explainer; run it through `deepseemoe sweep`")
     scores = {s: autointerp(s, run.seed_dir(s)) for s in settings.autointerp["seeds"]} if settings.autointerp else {}
     rows = table_rows(settings, evaluations, scores)
     others = other_rows(settings, evaluations, scores)
