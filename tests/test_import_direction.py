@@ -51,7 +51,7 @@ def test_the_stage_order():
 
 
 # what only runs/ may name: the sub-folders of a dictionary run, the files of its maps and graphs
-RUN_FOLDER_PARTS = ("explanations", "maps", "graphs", "nodes.parquet", "edges.parquet")
+RUN_FOLDER_PARTS = ("explanations", "maps", "graphs", "steering", "nodes.parquet", "edges.parquet")
 
 
 def test_only_run_classes_build_paths_into_dictionary_runs():

@@ -340,8 +340,20 @@ class StudyView:
             rows.append(TokenRow([(show_token(t), a, _yellow(a / top)) for t, a in zip(ex["tokens"], acts, strict=True)]))
         return rows
 
+    def steering(self, view) -> list[dict]:
+        """The `steer` results of a dictionary, read once."""
+        k = ("steering", view.run.path, view.name)
+        if k not in self._tables:
+            self._tables[k] = view.run.steering(view.name)
+        return self._tables[k]
+
     def unit_scores(self, store: ExplanationStore | None, unit: int) -> dict[str, float]:
-        table = store.units_table() if store is not None else None
+        table = None
+        if store is not None:  # the scores' table, read once per store (it was read on every page view)
+            k = ("units", id(store))
+            if k not in self._tables:
+                self._tables[k] = store.units_table()
+            table = self._tables[k]
         if table is None:
             return {}
         import pyarrow.compute as pc
@@ -571,14 +583,7 @@ class StudyView:
             if r["kind"] == "quantile":
                 quantiles.setdefault(r["quantile"], []).append(Example(r["activation"], r["text"], r["token"],
                                                                        r["experts"]))
-        steering = []
-        folder = view.run.path / "steering" / view.name
-        for f in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-            from deepseemoe.runs.atomic import read_json
-
-            doc = read_json(f, "run `deepseemoe steer` again")
-            if feature in doc.get("features", []):
-                steering.append(doc)
+        steering = [doc for doc in self.steering(view) if feature in doc.get("features", [])]
         return FeaturePage(view.key, feature, view.features, layer, stats, experts, attribution, top,
                            [quantiles[q] for q in sorted(quantiles)], self.descriptions(view.store).get(feature),
                            self.unit_scores(view.store, feature), steering, self.explained_on(view.store, feature))

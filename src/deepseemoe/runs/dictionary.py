@@ -43,6 +43,7 @@ DICTIONARIES = "dictionaries"
 CODER_CONFIG = "config.json"
 CODER_WEIGHTS = "coder.safetensors"
 EVALUATION = "evaluation.json"
+STEERING = "steering"
 CONFIG_CHECKSUM = b"# sha256: "
 # Names the demo gave its dictionaries before it used train's automatic ones (CHANGELOG, Unreleased): still
 # accepted, with a warning, for one release. Old prefix -> new prefix, before the layer number.
@@ -271,10 +272,16 @@ class DictionaryRun:
     def save_steering(self, name: str, features: list[int], scale: float, results: list[dict]) -> Path:
         """steering/NAME/f{F,…}_x{SCALE}.json: every feature set and scale keeps its own file."""
         stem = "f" + "-".join(map(str, features)) + f"_x{scale:g}"
-        path = self.path / "steering" / name / f"{stem}.json"
+        path = self.path / STEERING / name / f"{stem}.json"
         atomic_write_json(path, {"dictionary": name, "features": features, "scale": scale, "results": results,
                                  "inputs": self._inputs([name])})
         return path
+
+    def steering(self, name: str) -> list[dict]:
+        """Every `steer` result of dictionary NAME (one per feature set and scale), verified."""
+        folder = self.path / STEERING / name
+        return [read_json(f, "run `deepseemoe steer` again") for f in sorted(folder.glob("*.json"))] \
+            if folder.is_dir() else []
 
 
 def earlier_names(name: str) -> list[str]:
