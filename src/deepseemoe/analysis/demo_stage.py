@@ -21,7 +21,7 @@ def run_demo_analyses(moe_dir: Path, dense_dir: Path, corpus_dir: Path, out_dir:
     from deepseemoe.analysis.feature_map import compute_map
     from deepseemoe.analysis.figures import causal_figures
     from deepseemoe.analysis.report_tables import comparison_markdown
-    from deepseemoe.analysis.sae_frontier import block_sae_maps, sae_frontier
+    from deepseemoe.analysis.sae_frontier import dictionary_comparison
     from deepseemoe.data.sources import TextSource, iter_documents
     from deepseemoe.data.tokens import pack_documents
     from deepseemoe.dictionaries.evaluate import evaluate_run
@@ -83,13 +83,9 @@ def run_demo_analyses(moe_dir: Path, dense_dir: Path, corpus_dir: Path, out_dir:
         models["separate"] = str(separate.model_dir)
         comparison["val_loss"] = {**separate.report["val_loss"], "unigram": separate.report["unigram_baseline"]}
         comparison["separate_training"] = {k: separate.report[k] for k in ("steps", "tokens", "plan", "experts")}
-    comparison["sae_frontier"] = sae_frontier(models, train, val,
-                                              out_dir / "compare", layer=layer, ks=[8, 16], expansion_factor=8,
-                                              tokens=train_tokens, eval_tokens=eval_tokens, ctx_len=ctx_len)
-    moes = {label: path for label, path in models.items() if label != "dense"}
-    comparison["block_features"] = block_sae_maps(moes, train, val, out_dir / "compare", layer=layer, k=16,
-                                                  expansion_factor=8, tokens=train_tokens, eval_tokens=eval_tokens,
-                                                  ctx_len=ctx_len)
+    comparison.update(dictionary_comparison(models, [label for label in models if label != "dense"], train, val,
+                                            out_dir / "compare", layer=layer, ks=[8, 16], expansion_factor=8,
+                                            tokens=train_tokens, eval_tokens=eval_tokens, ctx_len=ctx_len))
     save_comparison(out_dir / "compare", comparison, comparison_markdown(comparison))
     removal = demo_removal(moe, dense, batches(moe, eval_tokens), batches(dense, eval_tokens), out_dir / "remove",
                            dictionary=(dict_dir, f"sae_block_in_{layer}"))

@@ -86,3 +86,17 @@ def block_sae_maps(models: dict[str, str], data: str, heldout: str, out: Path, *
         rows[label] = {**{m: doc["block_in"].get(m) for m in METRICS}, **{f: summary.get(f) for f in MAP_FIELDS}}
     return {"layer": layer, "site": "block_in", "k": k, "expansion_factor": expansion_factor, "tokens": tokens,
             "rows": rows}
+
+
+def dictionary_comparison(models: dict[str, str], moes: list[str], data: str, heldout: str, out: Path, *, layer: int,
+                          ks: list[int], expansion_factor: int, tokens: int, eval_tokens: int, ctx_len: int,
+                          **loading) -> dict:
+    """The dictionaries' part of the MoE-vs-dense comparison (`compare` and the demo): the SAE
+    frontier of every model {label: model} at each k, and the block-input SAE maps of the MoEs
+    (`moes`: their labels) at the largest k. `loading`: dtype, device, device_map, trust_remote_code."""
+    return {"sae_frontier": sae_frontier(models, data, heldout, out, layer=layer, ks=ks,
+                                         expansion_factor=expansion_factor, tokens=tokens, eval_tokens=eval_tokens,
+                                         ctx_len=ctx_len, **loading),
+            "block_features": block_sae_maps({label: models[label] for label in moes}, data, heldout, out, layer=layer,
+                                             k=ks[-1], expansion_factor=expansion_factor, tokens=tokens,
+                                             eval_tokens=eval_tokens, ctx_len=ctx_len, **loading)}

@@ -38,7 +38,7 @@ def register(app: typer.Typer) -> None:
         """Selectivity of experts, neurons and heads; ablation selectivity; the SAE frontier — one table."""
         from deepseemoe.analysis.compare import compare_models
         from deepseemoe.analysis.report_tables import comparison_markdown
-        from deepseemoe.analysis.sae_frontier import block_sae_maps, sae_frontier
+        from deepseemoe.analysis.sae_frontier import dictionary_comparison
         from deepseemoe.data.sources import TextSource, iter_documents, resolve_files
         from deepseemoe.data.tokens import pack_documents
         from deepseemoe.errors import DeepSeeMoEError
@@ -74,15 +74,11 @@ def register(app: typer.Typer) -> None:
                                 max_units_per_kind=max_units, progress=True)
         models = {"moe": moe_model, "dense": dense_model, **({"separate": separate} if separate else {})}
         if sae_tokens > 0:
-            result["sae_frontier"] = sae_frontier(models, train_data or data, data,
-                                                  out, layer=layer, ks=[int(k) for k in sae_k.split(",")],
-                                                  expansion_factor=expansion_factor, tokens=sae_tokens,
-                                                  eval_tokens=tokens, ctx_len=ctx_len, **loading)
-            moes = {label: name for (label, name), h in zip(models.items(), handles, strict=True) if h.is_moe}
-            result["block_features"] = block_sae_maps(moes, train_data or data, data, out, layer=layer,
-                                                      k=int(sae_k.split(",")[-1]), expansion_factor=expansion_factor,
-                                                      tokens=sae_tokens, eval_tokens=tokens, ctx_len=ctx_len,
-                                                      **loading)
+            moes = [label for label, h in zip(models, handles, strict=True) if h.is_moe]
+            result.update(dictionary_comparison(models, moes, train_data or data, data, out, layer=layer,
+                                                ks=[int(k) for k in sae_k.split(",")],
+                                                expansion_factor=expansion_factor, tokens=sae_tokens,
+                                                eval_tokens=tokens, ctx_len=ctx_len, **loading))
         result["models"] = {label: h.name for label, h in zip(models, handles, strict=True)}
         md = comparison_markdown(result)
         path = save_comparison(out, result, md)
