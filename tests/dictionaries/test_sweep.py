@@ -213,3 +213,25 @@ def test_bad_autointerp_is_one_line_and_trains_nothing(tmp_path, cli, tiny_olmoe
     r = cli("sweep", tmp_path / "sweep.yaml")
     assert r.code == 2 and len(r.error_lines) == 1 and message in r.error_lines[0], r.err
     assert not (tmp_path / "sweep").exists()
+
+
+def test_dictionaries_too_quiet_to_explain_leave_their_cells_empty(tmp_path, cli, tiny_olmoe_dir, corpus_jsonl,
+                                                                   monkeypatch):
+    """A dictionary none of whose features fires often enough on the autointerp text gets no score: the
+    sweep still writes its table (no autointerp column) instead of failing after every seed trained."""
+    import math
+
+    from deepseemoe.explain import pipeline
+    from tests.explain.stub_server import Stub
+
+    monkeypatch.setattr(pipeline, "MIN_FIRINGS", 10**9)  # nothing fires that often
+    with Stub() as stub:
+        ai = {"features": 2, "seeds": [0], "backend": "openai", "url": stub.url, "model": "oracle", "tokens": 500}
+        cfg = _config(tmp_path, tiny_olmoe_dir, corpus_jsonl, seeds=[0], autointerp=ai)
+        (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(cfg))
+        r = cli("sweep", tmp_path / "sweep.yaml")
+        assert r.code == 0, r.err
+        assert stub.requests == 0
+    table = json.loads((tmp_path / "sweep" / "table.json").read_text())
+    assert all(math.isnan(row["detection"]) for row in table["rows"])
+    assert "detection" not in (tmp_path / "sweep" / "table.md").read_text()

@@ -53,11 +53,13 @@ def feature_source(run_dir: Path, name: str, *, data: str | None, tokens: int, f
 
 def feature_sources(run_dir: Path, features: dict[str, list[int] | int], *, data: str | None, tokens: int,
                     batch_size: int = 8, device: str | None = None, trust_remote_code: bool = False,
-                    sample_seed: int | None = None) -> tuple[Corpus, dict[str, tuple[np.ndarray, list[int], dict]]]:
+                    sample_seed: int | None = None, skip_quiet: bool = False
+                    ) -> tuple[Corpus, dict[str, tuple[np.ndarray, list[int], dict]]]:
     """The features of several dictionaries of one run read on one pass over the text: (corpus,
     {name: (activations [N, U], the feature ids, MoE context per feature)}). `features[name]`: ids, or
     N — the first N that fire on MIN_FIRINGS tokens, or with `sample_seed` N of them drawn at random
-    (a dictionary's first latents are not a sample of it: a CLT's are all of its first layer)."""
+    (a dictionary's first latents are not a sample of it: a CLT's are all of its first layer).
+    A dictionary none of whose features fires often enough is refused, or with `skip_quiet` left out."""
     import torch
 
     from deepseemoe.data.token_text import token_texts
@@ -98,6 +100,8 @@ def feature_sources(run_dir: Path, features: dict[str, list[int] | int], *, data
             if bad:
                 raise DeepSeeMoEError(f"features {bad} do not exist in {name} ({latents.shape[1]} latents)")
             chosen = list(want)
+        if not chosen and skip_quiet:
+            continue
         if not chosen:
             raise DeepSeeMoEError(f"no feature of {name} fires on at least {MIN_FIRINGS} of these "
                                   f"{latents.shape[0]:,} tokens; give more --tokens")

@@ -44,8 +44,10 @@ def seed_scorer(settings: SweepSettings, backend: ChatBackend, judge=None, *, si
                 todo[name] = per_coder[name]
         if not todo:
             return out
+        # a dictionary with no feature firing often enough on this text gets no scores (its cells stay
+        # empty) rather than stopping the sweep after every seed has trained
         corpus, sources = feature_sources(folder, todo, data=settings.eval, tokens=ai["tokens"], sample_seed=seed,
-                                          trust_remote_code=trust_remote_code)
+                                          trust_remote_code=trust_remote_code, skip_quiet=True)
         for name, (acts, units, contexts) in sources.items():
             run_explain(stores[name], corpus, acts, units, contexts, backend, prompts, kind="feature",
                         source={"run": str(folder), "dictionary": name, "tokens": ai["tokens"]}, window=window,
