@@ -194,6 +194,17 @@ def test_autointerp_columns_are_the_stores_scores_and_a_rerun_asks_nothing(tmp_p
         # a random-weight model has none to name; tests/explain plants them and finds > 0.95 against chance)
         assert all(0 <= v <= 1 for v in own_all + base_all)
         assert "| detection | detection, shuffled |" in (out / "table.md").read_text()
+        # the report's section shows the two columns, each cell the table's value
+        from deepseemoe.report.html import _sweep
+        from deepseemoe.runs.study import Result
+        from deepseemoe.runs.sweep import SweepRun
+
+        run = SweepRun.open(out)
+        section = _sweep(Result(out, {"settings": run.settings(), **run.table()}, run.figures()), "sweep")
+        assert section["columns"][-2:] == ["detection", "detection, shuffled"]
+        assert section["other_columns"][-2:] == ["detection", "detection, shuffled"]
+        for shown, row in zip(section["rows"], table["rows"], strict=True):
+            assert shown["cells"][-2] == f"{row['detection']:.3f}"
         again = cli("sweep", tmp_path / "sweep.yaml")
         assert again.code == 0 and stub.requests == asked
         assert json.loads((out / "table.json").read_text())["rows"] == table["rows"]
