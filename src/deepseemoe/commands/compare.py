@@ -37,13 +37,13 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Selectivity of experts, neurons and heads; ablation selectivity; the SAE frontier — one table."""
         from deepseemoe.analysis.compare import compare_models
-        from deepseemoe.analysis.report_tables import comparison_markdown
         from deepseemoe.analysis.sae_frontier import dictionary_comparison
         from deepseemoe.data.sources import TextSource, iter_documents, resolve_files
         from deepseemoe.data.tokens import pack_documents
         from deepseemoe.errors import DeepSeeMoEError
         from deepseemoe.models.load import load_model
         from deepseemoe.progress import out_console
+        from deepseemoe.report.tables import comparison_markdown
         from deepseemoe.runs.study import save_comparison
 
         if not data.startswith("hf:"):

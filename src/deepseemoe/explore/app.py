@@ -261,7 +261,7 @@ def create_app(explorer: Explorer):
     @app.get("/s/{key}/compare", response_class=HTMLResponse)
     @guarded
     async def compare(key: str):
-        from deepseemoe.analysis.report_tables import comparison_table, removal_table
+        from deepseemoe.report.tables import comparison_table, removal_table
 
         view = explorer.study(key)
         result, removal = view.study.comparison, view.study.removal

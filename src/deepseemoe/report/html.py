@@ -194,7 +194,7 @@ def _png(path: Path | None) -> Markup:
 
 def _analyses_context(study: Study) -> dict:
     """Tables of the dictionaries / causal / comparison parts of a study, each None when absent."""
-    from deepseemoe.analysis.report_tables import comparison_table, removal_table
+    from deepseemoe.report.tables import comparison_table, removal_table
 
     coders, maps = [], []
     for d in study.dictionary_runs:

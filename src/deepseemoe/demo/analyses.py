@@ -20,7 +20,6 @@ def run_demo_analyses(moe_dir: Path, dense_dir: Path, corpus_dir: Path, out_dir:
     from deepseemoe.analysis.compare import compare_models
     from deepseemoe.analysis.feature_map import compute_map
     from deepseemoe.analysis.figures import causal_figures
-    from deepseemoe.analysis.report_tables import comparison_markdown
     from deepseemoe.analysis.sae_frontier import dictionary_comparison
     from deepseemoe.data.sources import TextSource, iter_documents
     from deepseemoe.data.tokens import pack_documents
@@ -30,6 +29,7 @@ def run_demo_analyses(moe_dir: Path, dense_dir: Path, corpus_dir: Path, out_dir:
     from deepseemoe.dictionaries.trained import TrainedRun
     from deepseemoe.dictionaries.trainer import TrainConfig
     from deepseemoe.models.load import load_model
+    from deepseemoe.report.tables import comparison_markdown
 
     train, val = str(corpus_dir / "train.jsonl"), str(corpus_dir / "val.jsonl")
     dict_dir = out_dir / "dictionaries"

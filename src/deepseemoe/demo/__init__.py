@@ -134,7 +134,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
     seconds["carved"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    from deepseemoe.analysis.demo_stage import demo_analyses_outputs, read_demo_analyses, run_demo_analyses
+    from deepseemoe.demo.analyses import demo_analyses_outputs, read_demo_analyses, run_demo_analyses
 
     key = stamp.digest(stage="analyses", stats=key, dense=stamp.model_digest(zoo.dense_dir),
                        train=stamp.file_digest(corpus_dir / "train.jsonl"),
@@ -553,11 +553,11 @@ def _describe_separate(run_dir: Path, out_dir: Path, layer: int, backend, judge,
     the share of expert descriptions that name the expert's domain (the separate model's: the
     domain it was trained on; the joint MoE's: the domain it takes the largest share of), added to
     the comparison."""
-    from deepseemoe.analysis.report_tables import comparison_markdown
     from deepseemoe.analysis.routing_compare import descriptions_naming, preferred_domains
     from deepseemoe.data.demo_corpus import DOMAIN_WORDS
     from deepseemoe.explain.pipeline import demo_expert_explanations
     from deepseemoe.models.spec import declared_expert_names
+    from deepseemoe.report.tables import comparison_markdown
     from deepseemoe.runs.explanations import ExplanationStore
     from deepseemoe.runs.study import COMPARISON, save_comparison
 
