@@ -238,6 +238,7 @@ class LayerPlan:
     transcoder_name: str = ""
     clt: CrossLayerTranscoder | None = None  # folded (mode 'transcoder'), read at its site `clt_site` here
     clt_site: int = -1
+    clt_layers: tuple[int, ...] = ()  # the CLT's layers in site order (its site i reads clt_layers[i])
 
     @property
     def dictionary(self) -> str:

@@ -193,6 +193,7 @@ def _plan_clt(plans: dict[int, LayerPlan], notes: list[str], handle: ModelHandle
     for site, layer in enumerate(layers):
         plan = plans[layer]
         plan.mode, plan.clt, plan.clt_site, plan.transcoder_name = "transcoder", folded, site, name
+        plan.clt_layers = tuple(layers)
     moe = [la for la in layers if la in handle.moe_layers]
     if moe:
         notes.append(f"layers {', '.join(map(str, moe))}: {name} replaces the MoE blocks, so the graph has no "
@@ -207,11 +208,10 @@ def _clt_readings(plans: dict[int, LayerPlan], clean: CleanPass) -> dict[int, tu
         clt = plan.clt
         if clt is None or id(clt) in readings:
             continue
-        layers = sorted((p.clt_site, la) for la, p in plans.items() if p.clt is clt)
-        x = torch.cat([clean.block_in[la] for _, la in layers], -1)
+        x = torch.cat([clean.block_in[la] for la in plan.clt_layers], -1)
         with torch.no_grad():
             out = clt(x)
-        S, n = x.shape[0], len(layers)
+        S, n = x.shape[0], len(plan.clt_layers)
         readings[id(clt)] = (out.latents.view(S, n, -1), out.out.view(S, n, -1))
     return readings
 
@@ -228,8 +228,6 @@ def node_inventory(handle: ModelHandle, clean: CleanPass, plans: dict[int, Layer
         return len(nodes) - 1
 
     readings = _clt_readings(plans, clean)
-    clt_layers = {id(p.clt): [la for la, q in sorted(plans.items(), key=lambda kv: kv[1].clt_site) if q.clt is p.clt]
-                  for p in plans.values() if p.clt is not None}
     embed = rep.source("embed")
     for p in range(S):
         embed.node.append(add(Node("token", -1, p, int(clean.ids[p]), 1.0, {"token": tokens[p]})))
@@ -250,7 +248,7 @@ def node_inventory(handle: ModelHandle, clean: CleanPass, plans: dict[int, Layer
                 out.vec.append(v)
             continue
         if plan.clt is not None:
-            _clt_layer_nodes(rep, plan, readings[id(plan.clt)], clt_layers[id(plan.clt)], clean, add)
+            _clt_layer_nodes(rep, plan, readings[id(plan.clt)], clean, add)
             continue
         coder = plan.sae if plan.mode == "experts" else plan.transcoder
         if coder is not None:
@@ -351,7 +349,7 @@ def node_inventory(handle: ModelHandle, clean: CleanPass, plans: dict[int, Layer
 
 
 def _clt_layer_nodes(rep: LinearReplacement, plan: LayerPlan, reading: tuple[torch.Tensor, torch.Tensor],
-                     layers: list[int], clean: CleanPass, add) -> None:
+                     clean: CleanPass, add) -> None:
     """One layer of a CLT: the features its site encodes here (each writing its decoder rows into this
     block's output and the later ones it reaches: one node, several places, its edges their sum) and
     the error of this layer's output (what all the sites' features together miss here)."""
@@ -369,7 +367,7 @@ def _clt_layer_nodes(rep: LinearReplacement, plan: LayerPlan, reading: tuple[tor
                                                                 "layer_feature": f}))
         ids.append(i)
         for j in range(reach):
-            where = rep.source(f"out{layers[site + j]}")
+            where = rep.source(f"out{plan.clt_layers[site + j]}")
             where.node.append(i)
             where.pos.append(p)
             where.vec.append(a * W[f, j])
