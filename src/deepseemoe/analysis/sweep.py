@@ -148,8 +148,7 @@ class SweepSettings:
         return rows
 
     def coder_names(self) -> list[str]:
-        return [*(self.name(w) for w in self.neighbours), *self.sae_names(),
-                *([self.CROSSCODER] if "crosscoder" in self.kinds else [])]
+        return [name for names in self.rows_of_coders().values() for name in names]
 
     def spec(self, seed: int, out: Path) -> RunSpec:
         """The dictionary run of one seed: a CLT per reach, at equal latents and L0 (k per source

@@ -118,8 +118,6 @@ class DictionaryRunFiles:
 
     def graph_figure(self, name: str) -> Path | None:
         """graphs/NAME/layout.png, when `graph` drew one."""
-        from deepseemoe.runs.dictionary import DictionaryRun
-
         return DictionaryRun(self.path).graph_figure(name)
 
 
