@@ -165,6 +165,17 @@ class _Totals:
         S = coder.cfg.n_sites
         return cls([0.0] * S, [0.0] * S, [None] * S)
 
+    def spliced_loss(self) -> dict[str, float]:
+        """Per counted prediction: CE of the clean and the spliced model, their difference, KL."""
+        n = max(self.next_tokens, 1)
+        ce_c, ce_r = self.ce_clean / n, self.ce_recon / n
+        return {"ce_clean": ce_c, "ce_spliced": ce_r, "delta_ce": ce_r - ce_c, "kl": self.kl / n}
+
+
+def _spliceable(meta: dict) -> bool:
+    """A coder whose reconstruction can stand in for its site in the model's own forward."""
+    return meta["kind"] in SPLICED_KINDS and (meta["kind"] != "sae" or meta["target"][0][0] in SPLICEABLE_SAE_SITES)
+
 
 @torch.no_grad()
 def evaluate_run(run_dir: str | Path, *, data: str | None = None, tokens: int = 20_000, batch_size: int = 8,
@@ -188,12 +199,11 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, tokens: int = 
         raise DeepSeeMoEError(f"{run_dir}/dictionaries holds no trained coders; run `deepseemoe train` first")
 
     for group, names in (together or {}).items():
-        bad = [n for n in names if n not in coders or coders[n][1]["kind"] not in SPLICED_KINDS
-               or (coders[n][1]["kind"] == "sae" and coders[n][1]["target"][0][0] not in SPLICEABLE_SAE_SITES)]
+        bad = [n for n in names if n not in coders or not _spliceable(coders[n][1])]
         if bad or not names:
             raise DeepSeeMoEError(f"cannot splice {group!r} at once: {', '.join(bad) or 'no coders'} — not a "
                                   f"spliceable coder of {run_dir}")
-    joint = {group: _Totals([], [], []) for group in together or {}}
+    joint = {group: _Totals([], [], []) for group in together or {}}  # a group: its spliced-loss sums only
     batches = trained.batches(data=data, batch_size=batch_size, tokens=tokens)
     pairs = {name: ([Site(k, la) for k, la in m["source"]], [Site(k, la) for k, la in m["target"]])
              for name, (_, m) in coders.items()}
@@ -303,8 +313,7 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, tokens: int = 
             j.ce_clean, j.ce_recon, j.kl, j.next_tokens = j.ce_clean + ce, j.ce_recon + ce_s, j.kl + kl_s, j.next_tokens + n
         for name, (coder, meta) in coders.items():
             a = acc[name]
-            if meta["kind"] not in SPLICED_KINDS or \
-                    (meta["kind"] == "sae" and meta["target"][0][0] not in SPLICEABLE_SAE_SITES):
+            if not _spliceable(meta):
                 continue
             a.ce_clean += ce
             a.next_tokens += n
@@ -344,11 +353,8 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, tokens: int = 
     doc = _summarise(run_dir, coders, acc, data or spec.data, sum(b.num_tokens for b in batches), pools, absorbed,
                      alignment)
     if together:
-        doc["together"] = {group: {"coders": together[group], "next_tokens": j.next_tokens,
-                                   "ce_clean": j.ce_clean / max(j.next_tokens, 1),
-                                   "ce_spliced": j.ce_recon / max(j.next_tokens, 1),
-                                   "delta_ce": (j.ce_recon - j.ce_clean) / max(j.next_tokens, 1),
-                                   "kl": j.kl / max(j.next_tokens, 1)} for group, j in joint.items()}
+        doc["together"] = {group: {"coders": together[group], "next_tokens": j.next_tokens, **j.spliced_loss()}
+                           for group, j in joint.items()}
     return doc
 
 
@@ -400,8 +406,9 @@ def _summarise(run_dir: Path, coders: dict, acc: dict[str, _Totals], data: str, 
              "fvu_per_site": fvus, "l0": a.active / n, "dead": float((fires == 0).double().mean()),
              "dense": float((fires > DENSE_FRACTION).double().mean())}
         if a.next_tokens:
-            ce_c, ce_r, ce_z = (v / a.next_tokens for v in (a.ce_clean, a.ce_recon, a.ce_zero))
-            r.update(ce_clean=ce_c, ce_spliced=ce_r, ce_zero=ce_z, delta_ce=ce_r - ce_c, kl=a.kl / a.next_tokens)
+            loss = a.spliced_loss()
+            ce_c, ce_r, ce_z = loss["ce_clean"], loss["ce_spliced"], a.ce_zero / a.next_tokens
+            r.update(loss, ce_zero=ce_z)
             recovered = loss_recovered(ce_c, ce_r, ce_z, a.zero_diff_sq, a.next_tokens)
             if recovered is None:
                 r["loss_recovered_note"] = (f"undefined: zero-ablating the site changes CE by {ce_z - ce_c:+.2g} "
