@@ -270,10 +270,10 @@ class StudyView:
             m = re.fullmatch(r"layer(\d+)\.experts", s.module)
             if m:
                 self.expert_stores[int(m.group(1))] = s
-        self._tables: dict[object, object] = {}  # analyses tables by name, explain examples by store
+        # what `_kept` read: analyses tables by name; descriptions, examples and scores by store; steering
+        self._tables: dict[object, object] = {}
         self._docs: dict[str, np.ndarray] = {}  # part -> doc column
         self._shard_tokens: dict[str, object] = {}  # part -> tokens table (doc, pos, token, domain), LRU of 2
-        self._descriptions: dict[int, dict[int, str]] = {}
         self._first_docs: list[tuple[str, int]] | None = None
         self._lock = threading.Lock()
 
@@ -293,16 +293,22 @@ class StudyView:
 
     # ---- small, verified, cached reads -----------------------------------------------------------
 
+    def _kept(self, key, read):
+        """`read()` the first time `key` is asked for, then what it returned: a run's files are read
+        once per explorer, not on every page view."""
+        if key not in self._tables:
+            self._tables[key] = read()
+        return self._tables[key]
+
     def table(self, name: str):
         """An analyses table (layers × experts rows at most), verified and kept; empty without statistics."""
-        if name not in self._tables:
+        def read():
             if self.analyses is None:
                 import pandas as pd
 
-                self._tables[name] = pd.DataFrame(columns=STATS_COLUMNS[name])
-            else:
-                self._tables[name] = self.analyses.table(name)
-        return self._tables[name]
+                return pd.DataFrame(columns=STATS_COLUMNS[name])
+            return self.analyses.table(name)
+        return self._kept(name, read)
 
     def doc_column(self, part: str) -> np.ndarray:
         with self._lock:
@@ -321,20 +327,15 @@ class StudyView:
     def descriptions(self, store: ExplanationStore | None) -> dict[int, str]:
         if store is None:
             return {}
-        k = id(store)
-        if k not in self._descriptions:
-            self._descriptions[k] = store.explanations()
-        return self._descriptions[k]
+        return self._kept(("descriptions", id(store)), store.explanations)
 
     def explained_on(self, store: ExplanationStore | None, unit: int, limit: int = 10) -> list[TokenRow]:
         """The token-level examples `explain` showed the explainer for this unit, shaded by activation."""
         if store is None or not (store.path / "examples.json").exists():
             return []
-        k = ("examples", id(store))
-        if k not in self._tables:
-            self._tables[k] = store.examples().get("units", {})
+        units = self._kept(("examples", id(store)), lambda: store.examples().get("units", {}))
         rows = []
-        for ex in self._tables[k].get(str(unit), {}).get("train", [])[:limit]:
+        for ex in units.get(str(unit), {}).get("train", [])[:limit]:
             acts = [float(a) for a in ex["activations"]]
             top = max(acts, default=0.0) or 1.0
             rows.append(TokenRow([(show_token(t), a, _yellow(a / top)) for t, a in zip(ex["tokens"], acts, strict=True)]))
@@ -342,18 +343,10 @@ class StudyView:
 
     def steering(self, view) -> list[dict]:
         """The `steer` results of a dictionary, read once."""
-        k = ("steering", view.run.path, view.name)
-        if k not in self._tables:
-            self._tables[k] = view.run.steering(view.name)
-        return self._tables[k]
+        return self._kept(("steering", view.run.path, view.name), lambda: view.run.steering(view.name))
 
     def unit_scores(self, store: ExplanationStore | None, unit: int) -> dict[str, float]:
-        table = None
-        if store is not None:  # the scores' table, read once per store (it was read on every page view)
-            k = ("units", id(store))
-            if k not in self._tables:
-                self._tables[k] = store.units_table()
-            table = self._tables[k]
+        table = self._kept(("units", id(store)), store.units_table) if store is not None else None
         if table is None:
             return {}
         import pyarrow.compute as pc
