@@ -45,6 +45,7 @@ class TrainedRun:
     run: DictionaryRun
     trust_remote_code: bool = False
     _handle: ModelHandle | None = field(default=None, repr=False)
+    _batches: dict[tuple, list] = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(cls, run_dir: str | Path, *, device: str | None = None, device_map: str | None = None,
@@ -83,7 +84,12 @@ class TrainedRun:
 
     def batches(self, *, data: str | None = None, batch_size: int | None = None, tokens: int | None = None) -> list:
         """Packed batches (data.tokens.PackedBatch) of the run's text, or of `data` read with the run's
-        field settings."""
+        field settings; packed once per (data, batch_size, tokens) (the demo maps each dictionary on the
+        same text). Read them, do not change them."""
         from deepseemoe.dictionaries.run import run_batches
 
-        return list(run_batches(self.spec, self.model(), data=data, batch_size=batch_size, max_tokens=tokens))
+        key = (data, batch_size, tokens)
+        if key not in self._batches:
+            self._batches[key] = list(run_batches(self.spec, self.model(), data=data, batch_size=batch_size,
+                                                  max_tokens=tokens))
+        return self._batches[key]
