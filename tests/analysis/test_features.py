@@ -16,7 +16,6 @@ from deepseemoe.analysis.features import (
     feature_expert_tables,
     recall_at_k,
     router_attribution,
-    router_linear,
     routing_prediction,
 )
 from deepseemoe.capture.consumers import ActivationCollector
@@ -24,6 +23,7 @@ from deepseemoe.capture.core import Site, run_capture
 from deepseemoe.cli import app
 from deepseemoe.dictionaries.coder import CoderConfig, build_coder
 from deepseemoe.models.load import handle_from_model
+from deepseemoe.models.routers import router_linear
 from deepseemoe.models.tiny import tiny_model
 
 

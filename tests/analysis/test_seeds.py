@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from deepseemoe.analysis.seeds import apart, over_seeds, plus_minus
+from deepseemoe.measures import apart, over_seeds, plus_minus
 
 
 def test_plus_minus_prints_no_negative_zero():

@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-from deepseemoe.analysis.features import router_linear
 from deepseemoe.analysis.steering import FeatureEdit, edit_feature
 from deepseemoe.capture.core import Site, token_mask
 from deepseemoe.data.sources import TextSource, iter_documents
 from deepseemoe.data.tokens import pack_documents
 from deepseemoe.dictionaries.coder import CoderConfig, build_coder
 from deepseemoe.models.load import load_model
+from deepseemoe.models.routers import router_linear
 
 
 @pytest.fixture(scope="module")

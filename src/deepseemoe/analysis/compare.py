@@ -1,10 +1,6 @@
 """MoE vs dense: the same measurements on a matched pair of models, side by side.
 
-Units and their activity a_u(t) ≥ 0 on each held-out token t (BOS and padding excluded):
-- expert            the routing weight given to the expert (0 when not chosen);
-- expert neuron     |h| of the expert's hidden neuron when the token is routed to it, else 0;
-- MLP neuron        |h| of a dense MLP hidden neuron (the input of down_proj);
-- attention head    ‖head output‖ (its slice of the o_proj input).
+Units and their activity a_u(t): `interventions.units`.
 
 Selectivity (one metric for every kind): p_u(c) ∝ mean activity of u on tokens of class c (domain,
 or token class), normalised over classes; selectivity = 1 − H(p_u) / log C: 0 when the unit is
@@ -32,9 +28,11 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from deepseemoe.analysis.causal import LossMeter, token_domains
+from deepseemoe.data.tokens import split_halves, token_domains
 from deepseemoe.errors import DeepSeeMoEError
+from deepseemoe.interventions.loss import LossMeter
 from deepseemoe.interventions.routing import ablate, route_intervention
+from deepseemoe.interventions.units import UnitActivity, zero_heads, zero_neurons
 from deepseemoe.measures import entropy
 from deepseemoe.models.spec import ModelHandle
 
@@ -47,64 +45,6 @@ def selectivity(mass: np.ndarray, counts: np.ndarray) -> np.ndarray:
     C = int((counts > 0).sum())
     out = 1 - h / math.log(C) if C > 1 else np.full(len(mass), np.nan)
     return np.where(total[:, 0] > 0, out, np.nan)
-
-
-class UnitActivity:
-    """Hooks that add each unit's activity into per-class sums for one batch at a time."""
-
-    def __init__(self, handle: ModelHandle, n_classes: int, expert_neurons: bool = True):
-        self.h, self.C = handle, n_classes
-        self.mass: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
-        self.expert_neurons = expert_neurons
-
-    def _add(self, kind: str, layer: int, act: torch.Tensor, classes: torch.Tensor) -> None:
-        """act [T, U] ≥ 0, classes [T] → mass[kind][layer] [U, C] += Σ_t act per class."""
-        onehot = torch.nn.functional.one_hot(classes.long(), self.C).double()
-        m = (act.double().T @ onehot).cpu().numpy()
-        if layer in self.mass[kind]:
-            self.mass[kind][layer] += m
-        else:
-            self.mass[kind][layer] = m
-
-    def run(self, ids: torch.Tensor, am: torch.Tensor, keep: torch.Tensor, classes: torch.Tensor) -> None:
-        h, hooks = self.h, []
-        for layer, moe in h.moe_layers.items():
-            def cb(ev, layer=layer, moe=moe):
-                idx, w, x = ev.idx[keep], ev.weights[keep], ev.x[keep]
-                weight = torch.zeros(len(idx), moe.num_experts, device=w.device, dtype=torch.float32)
-                weight.scatter_add_(1, idx.long(), w.float())
-                self._add("expert", layer, weight, classes)
-                if self.expert_neurons:
-                    parts = []
-                    for e in range(moe.num_experts):
-                        routed = (idx == e).any(1)
-                        neurons = moe.adapter.expert_neurons(moe, x, e).abs().float()
-                        parts.append(neurons * routed[:, None])
-                    self._add("expert_neuron", layer, torch.cat(parts, 1), classes)
-            hooks += moe.adapter.observe(moe, cb)
-        for layer, mlp in h.dense_mlps.items():
-            module = h.model.get_submodule(mlp.neuron_path)
-
-            def pre(mod, args, layer=layer):
-                a = args[0].reshape(-1, args[0].shape[-1])[keep]
-                self._add("mlp_neuron", layer, a.abs().float(), classes)
-            hooks.append(module.register_forward_pre_hook(pre))
-        for layer in range(h.num_layers):
-            found = h.attention_output(layer)
-            if found is None:
-                continue
-            proj, heads = found
-
-            def head_pre(mod, args, layer=layer, heads=heads):
-                a = args[0].reshape(-1, args[0].shape[-1])[keep].float()
-                self._add("attention_head", layer, a.view(len(a), heads, -1).norm(dim=-1), classes)
-            hooks.append(proj.register_forward_pre_hook(head_pre))
-        try:
-            with torch.no_grad():
-                h.model(input_ids=ids, attention_mask=am, use_cache=False)
-        finally:
-            for hook in hooks:
-                hook.remove()
 
 
 def unit_selectivity(handle: ModelHandle, batches: list, class_of, n_classes: int,
@@ -221,41 +161,6 @@ def _ablate_units(handle, units, domains, counts, sel, most_active, measure, out
                 out["mlp_random_block"].append({"layer": layer, "unit": r, "neurons": int(block), **_gap(res, pref)})
 
 
-class _Hook:
-    def __init__(self, module, fn):
-        self.module, self.fn, self.handle = module, fn, None
-
-    def __enter__(self):
-        self.handle = self.module.register_forward_pre_hook(self.fn)
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-
-
-def zero_heads(proj, chosen, heads: int) -> _Hook:
-    """While entered: the slices of heads `chosen` of the `heads` concatenated in `proj`'s input are 0."""
-    chosen = list(chosen)
-
-    def fn(mod, args):
-        x = args[0].clone()
-        d = x.shape[-1] // heads
-        for head in chosen:
-            x[..., head * d:(head + 1) * d] = 0
-        return (x, *args[1:])
-    return _Hook(proj, fn)
-
-
-def zero_neurons(module, neurons) -> _Hook:
-    """While entered: the inputs `neurons` of `module` (a down projection: its hidden units) are 0."""
-    idx = torch.as_tensor(neurons, dtype=torch.long)
-
-    def fn(mod, args):
-        x = args[0].clone()
-        x[..., idx.to(x.device)] = 0
-        return (x, *args[1:])
-    return _Hook(module, fn)
-
-
 def domain_classes(batches: list) -> tuple[list[str], callable]:
     names = sorted({d or "all" for b in batches for d in b.domains.values()})
     index = {n: i for i, n in enumerate(names)}
@@ -281,30 +186,6 @@ def token_classes(tokenizer) -> tuple[list[str], callable]:
             out.append(cache[i])
         return torch.tensor(out)
     return list(TOKEN_CLASSES), class_of
-
-
-def split_halves(batches: list) -> tuple[list, list]:
-    """Disjoint (selection, evaluation) halves of the held-out contexts: alternate rows (contexts) of
-    all batches, re-batched at the batches' size, so a short last batch unbalances nothing."""
-    import torch
-
-    rows = [(b, r) for b in batches for r in range(b.input_ids.shape[0])]
-    if len(rows) < 2:
-        raise DeepSeeMoEError("too few held-out contexts to select units on one half and score them on the other "
-                              "(need at least 2); give more --tokens")
-    size = max(b.input_ids.shape[0] for b in batches)
-
-    def rebatch(picked: list) -> list:
-        out = []
-        for i in range(0, len(picked), size):
-            part = picked[i:i + size]
-            stack = [torch.stack([getattr(b, f)[r] for b, r in part]) for f in ("input_ids", "attention_mask", "doc",
-                                                                                "pos")]
-            domains = {k: v for b, _ in part for k, v in b.domains.items()}
-            out.append(type(part[0][0])(*stack, domains))
-        return out
-
-    return rebatch(rows[0::2]), rebatch(rows[1::2])
 
 
 def _merge_selectivity(a: dict, b: dict) -> dict:

@@ -28,20 +28,9 @@ import torch
 from deepseemoe.capture.core import Site
 from deepseemoe.dictionaries.coder import Coder
 from deepseemoe.dictionaries.stream import model_stream
-from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.measures import entropy
+from deepseemoe.models.routers import router_linear
 from deepseemoe.models.spec import ModelHandle
-
-
-def router_linear(handle: ModelHandle, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """W_r [E, D] and bias [E] (or None) of a linear router."""
-    moe = handle.moe_layers[layer]
-    E = moe.num_experts
-    weights = [p for n, p in moe.router.named_parameters() if p.ndim == 2 and p.shape[0] == E]
-    biases = [p for n, p in moe.router.named_parameters() if p.ndim == 1 and p.shape[0] == E and "bias" in n]
-    if len(weights) != 1:
-        raise DeepSeeMoEError(f"layer {layer}: the router has no single [E, D] weight; attribution needs a linear router")
-    return weights[0].detach(), (biases[0].detach() if biases else None)
 
 
 def router_attribution(coder: Coder, x: torch.Tensor, W_r: torch.Tensor, b_r: torch.Tensor | None) -> dict:

@@ -5,7 +5,7 @@ set (the predictions made while reading one of those tokens); every other predic
 document is off-target (packing's cross-document predictions count for neither, `causal`).
 
 Units (one kind at a time, all layers pooled), each with its activity a_u(t) ≥ 0 on token t
-(`compare.UnitActivity`): experts (the routing weight), expert neurons, dense MLP neurons,
+(`interventions.units.UnitActivity`): experts (the routing weight), expert neurons, dense MLP neurons,
 attention heads; and with a dictionary, its features (the feature's activation at the SAE's site)
 and, when `graph` ran on it, the modules of its feature–expert graph (a module's specificity is the
 mean of its members' — features and experts, each in its own kind's units; removing a module
@@ -40,12 +40,18 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from deepseemoe.analysis.causal import LossMeter
-from deepseemoe.analysis.compare import UnitActivity, split_halves, zero_heads, zero_neurons
-from deepseemoe.data.tokens import within_document
+from deepseemoe.data.tokens import split_halves, within_document
 from deepseemoe.errors import DeepSeeMoEError
+from deepseemoe.interventions.loss import LossMeter
 from deepseemoe.interventions.routing import ablate, route_intervention
-from deepseemoe.models.experts import has_fused_layout
+from deepseemoe.interventions.units import (
+    UnitActivity,
+    by_layer,
+    zero_expert_neurons,
+    zero_layer_heads,
+    zero_mlp_neurons,
+)
+from deepseemoe.models.experts import fused_expert_width, has_fused_layout
 from deepseemoe.models.spec import ModelHandle
 
 KINDS = ("expert", "expert_neuron", "mlp_neuron", "attention_head", "feature", "module")
@@ -149,24 +155,24 @@ def unit_inventory(handle: ModelHandle, kinds: tuple[str, ...] = KINDS,
     if "expert" in kinds and moes:
         per = np.mean([_params(m.experts) / m.num_experts for m in moes.values()])
         out["expert"] = Units("expert", [(la, e) for la, m in moes.items() for e in range(m.num_experts)], per,
-                              lambda chosen: route_intervention(handle, _by_layer(chosen, ablate)))
+                              lambda chosen: route_intervention(handle, by_layer(chosen, ablate)))
     if "expert_neuron" in kinds and moes and all(has_fused_layout(m.experts) for m in moes.values()):
-        width = {la: _expert_width(m.experts) for la, m in moes.items()}
+        width = {la: fused_expert_width(m.experts) for la, m in moes.items()}
         per = np.mean([_params(m.experts) / (m.num_experts * width[la]) for la, m in moes.items()])
         out["expert_neuron"] = Units("expert_neuron", [(la, u) for la, m in moes.items()
                                                        for u in range(m.num_experts * width[la])], per,
-                                     lambda chosen: _zero_expert_neurons(handle, chosen, width))
+                                     lambda chosen: zero_expert_neurons(handle, chosen, width))
     if "mlp_neuron" in kinds and handle.dense_mlps:
         mlps = handle.dense_mlps
         per = np.mean([_params(m.module) / m.num_neurons for m in mlps.values()])
         out["mlp_neuron"] = Units("mlp_neuron", [(la, u) for la, m in mlps.items() for u in range(m.num_neurons)], per,
-                                  lambda chosen: _zero_inputs(handle, chosen))
+                                  lambda chosen: zero_mlp_neurons(handle, chosen))
     if "attention_head" in kinds:
         heads = {la: found for la in range(handle.num_layers) if (found := handle.attention_output(la)) is not None}
         if heads:
             attn = [_params(handle.attention_module(la)) / h for la, (_, h) in heads.items()]
             out["attention_head"] = Units("attention_head", [(la, u) for la, (_, h) in heads.items() for u in range(h)],
-                                          float(np.mean(attn)), lambda chosen: _zero_heads(heads, chosen))
+                                          float(np.mean(attn)), lambda chosen: zero_layer_heads(heads, chosen))
     if "feature" in kinds and dictionary is not None:
         from deepseemoe.analysis.steering import FeatureEdit
 
@@ -340,65 +346,6 @@ def _mean_rows(rows: list[dict]) -> dict | None:
 
 def _params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def _by_layer(chosen: list[tuple[int, int]], make) -> dict:
-    layers: dict[int, list[int]] = {}
-    for la, u in chosen:
-        layers.setdefault(la, []).append(u)
-    return {la: make(us) for la, us in layers.items()}
-
-
-def _expert_width(experts) -> int:
-    """Hidden units per expert of a fused experts module (the down projection's input size)."""
-    down = experts.down_proj  # [E, F, D] when transposed, else [E, D, F]
-    return int(down.shape[1] if experts.is_transposed else down.shape[2])
-
-
-@contextlib.contextmanager
-def _zero_expert_neurons(handle: ModelHandle, chosen: list[tuple[int, int]], width: dict[int, int]):
-    """Zero the down-projection weights of the chosen expert neurons (unit u = expert·F + neuron), so
-    they write nothing; restored on exit."""
-    saved = []
-    try:
-        with torch.no_grad():
-            for la, us in _by_layer(chosen, list).items():
-                experts = handle.moe_layers[la].experts
-                down = experts.down_proj
-                e = torch.tensor([u // width[la] for u in us])
-                i = torch.tensor([u % width[la] for u in us])
-                if experts.is_transposed:
-                    saved.append((down, (e, i), down[e, i, :].clone()))
-                    down[e, i, :] = 0
-                else:
-                    saved.append((down, (e, slice(None), i), down[e, :, i].clone()))
-                    down[e, :, i] = 0
-        yield
-    finally:
-        with torch.no_grad():
-            for down, where, old in reversed(saved):
-                if len(where) == 2:
-                    down[where[0], where[1], :] = old
-                else:
-                    down[where[0], :, where[2]] = old
-
-
-@contextlib.contextmanager
-def _zero_inputs(handle: ModelHandle, chosen: list[tuple[int, int]]):
-    """Zero the chosen dense MLP neurons (their down projection's input), every layer at once."""
-    with contextlib.ExitStack() as stack:
-        for la, us in _by_layer(chosen, list).items():
-            stack.enter_context(zero_neurons(handle.model.get_submodule(handle.dense_mlps[la].neuron_path), us))
-        yield
-
-
-@contextlib.contextmanager
-def _zero_heads(heads: dict[int, tuple[torch.nn.Module, int]], chosen: list[tuple[int, int]]):
-    """Zero the chosen heads' slices of their layer's attention output projection input."""
-    with contextlib.ExitStack() as stack:
-        for la, us in _by_layer(chosen, list).items():
-            stack.enter_context(zero_heads(heads[la][0], us, heads[la][1]))
-        yield
 
 
 def check_budget(budget: float | None) -> None:

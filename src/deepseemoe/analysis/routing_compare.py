@@ -25,7 +25,8 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from deepseemoe.analysis.causal import LossMeter, token_domains
+from deepseemoe.data.tokens import token_domains
+from deepseemoe.interventions.loss import LossMeter
 from deepseemoe.interventions.routing import exclude, route_intervention
 from deepseemoe.measures import mutual_information, normalised_entropy
 from deepseemoe.models.spec import ModelHandle

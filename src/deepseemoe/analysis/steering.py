@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import torch
 
-from deepseemoe.analysis.causal import LossMeter, token_domains
 from deepseemoe.capture.core import Site
+from deepseemoe.data.tokens import token_domains
 from deepseemoe.dictionaries.coder import Coder
 from deepseemoe.errors import DeepSeeMoEError
+from deepseemoe.interventions.loss import LossMeter
 from deepseemoe.interventions.sites import REWRITABLE, rewrite_site, routing_hooks, watch_routing
 from deepseemoe.models.spec import ModelHandle
 

@@ -36,9 +36,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deepseemoe.analysis.seeds import apart, over_seeds, plus_minus
 from deepseemoe.dictionaries.spec import RunSpec
 from deepseemoe.errors import DeepSeeMoEError
+from deepseemoe.measures import apart, over_seeds, plus_minus
 from deepseemoe.runs.sweep import SweepRun
 
 SWEEP_KEYS = {"layers", "latents_per_layer", "k", "activation", "neighbours", "seeds", "kinds", "autointerp"}
@@ -358,11 +358,11 @@ def run_sweep(settings: SweepSettings, *, progress: bool = True, trust_remote_co
 def layer_profile(settings: SweepSettings, out: Path, *, trust_remote_code: bool = False) -> list[dict]:
     """Per sweep layer, on the held-out text: the ΔCE (and KL) of ablating every routed expert of its
     MoE block, and the domain NMI of its routing beside shuffled domains (module docstring)."""
-    from deepseemoe.analysis.causal import LossMeter
     from deepseemoe.capture.consumers import RoutingRecorder
     from deepseemoe.capture.core import run_capture
     from deepseemoe.data.tokens import token_domains
     from deepseemoe.dictionaries.run import load_for_run, run_batches
+    from deepseemoe.interventions.loss import LossMeter
     from deepseemoe.interventions.routing import ablate, route_intervention
     from deepseemoe.measures import mutual_information
 

@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from deepseemoe.analysis.features import router_linear
 from deepseemoe.attribution.frozen import (
     CleanPass,
     LayerPlan,
@@ -48,6 +47,7 @@ from deepseemoe.attribution.frozen import (
     shared_mlp,
 )
 from deepseemoe.errors import DeepSeeMoEError
+from deepseemoe.models.routers import router_linear
 from deepseemoe.models.spec import ModelHandle
 
 KINDS = ("token", "feature", "error", "router", "expert", "shared", "mlp", "logit")

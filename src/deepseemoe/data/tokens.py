@@ -137,3 +137,25 @@ def token_domains(batch) -> list[str]:
     doc = batch.doc[:, :-1].reshape(-1).tolist()
     within = within_document(batch).reshape(-1).tolist()
     return [(batch.domains.get(d) or "all") if ok else "" for d, ok in zip(doc, within, strict=True)]
+
+
+def split_halves(batches: list) -> tuple[list, list]:
+    """Disjoint (selection, evaluation) halves of the held-out contexts: alternate rows (contexts) of
+    all batches, re-batched at the batches' size, so a short last batch unbalances nothing."""
+    rows = [(b, r) for b in batches for r in range(b.input_ids.shape[0])]
+    if len(rows) < 2:
+        raise DeepSeeMoEError("too few held-out contexts to select units on one half and score them on the other "
+                              "(need at least 2); give more --tokens")
+    size = max(b.input_ids.shape[0] for b in batches)
+
+    def rebatch(picked: list) -> list:
+        out = []
+        for i in range(0, len(picked), size):
+            part = picked[i:i + size]
+            stack = [torch.stack([getattr(b, f)[r] for b, r in part]) for f in ("input_ids", "attention_mask", "doc",
+                                                                                "pos")]
+            domains = {k: v for b, _ in part for k, v in b.domains.items()}
+            out.append(type(part[0][0])(*stack, domains))
+        return out
+
+    return rebatch(rows[0::2]), rebatch(rows[1::2])

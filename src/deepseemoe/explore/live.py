@@ -155,8 +155,9 @@ class LiveModel:
     def intervene(self, text: str, intervention: Intervention, coder=None, site: Site | None = None) -> PlaygroundResult:
         """ΔCE, KL, next-token distribution and downstream routing of the text under `intervention`
         (`coder` and `site`: the SAE and where it reads, for op == feature)."""
-        from deepseemoe.analysis.causal import LossMeter, token_domains
         from deepseemoe.analysis.steering import expert_sets_differ
+        from deepseemoe.data.tokens import token_domains
+        from deepseemoe.interventions.loss import LossMeter
         from deepseemoe.interventions.routing import ablate, exclude, force, route_intervention
         from deepseemoe.interventions.sites import watch_routing
 

@@ -114,3 +114,25 @@ def fused_expert_output_from_neurons(experts: nn.Module, h: torch.Tensor, expert
     if getattr(experts, "has_post_expert_norm", False):
         out = experts.post_expert_norm(out)
     return out
+
+
+def fused_expert_width(experts: nn.Module) -> int:
+    """Hidden units per expert of a fused experts module (the down projection's input size)."""
+    down = experts.down_proj  # [E, F, D] when transposed, else [E, D, F]
+    return int(down.shape[1] if experts.is_transposed else down.shape[2])
+
+
+@contextlib.contextmanager
+def silenced_expert_neurons(experts: nn.Module, expert: torch.Tensor, neuron: torch.Tensor) -> Iterator[None]:
+    """While entered, the down-projection weights of the hidden units (expert[j], neuron[j]) of a fused
+    experts module are 0, so those units write nothing; restored on exit."""
+    down = experts.down_proj
+    rows = down if experts.is_transposed else down.transpose(1, 2)  # a view [E, F, D] of the same storage
+    with torch.no_grad():
+        old = rows[expert, neuron, :].clone()
+        rows[expert, neuron, :] = 0
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            rows[expert, neuron, :] = old

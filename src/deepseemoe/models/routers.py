@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from deepseemoe.errors import DeepSeeMoEError
+
 NEG_INF = float("-inf")
 
 
@@ -200,3 +202,14 @@ def router_family(router: nn.Module | None, hidden_size: int | None = None) -> R
     if hidden_size is None:
         return _detected.get(type(router), RouterFamily(f"other:{type(router).__name__}", None))
     return detect_family(router, hidden_size)
+
+
+def router_linear(handle, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """W_r [E, D] and bias [E] (or None) of the linear router of MoE layer `layer` of a `ModelHandle`."""
+    moe = handle.moe_layers[layer]
+    E = moe.num_experts
+    weights = [p for n, p in moe.router.named_parameters() if p.ndim == 2 and p.shape[0] == E]
+    biases = [p for n, p in moe.router.named_parameters() if p.ndim == 1 and p.shape[0] == E and "bias" in n]
+    if len(weights) != 1:
+        raise DeepSeeMoEError(f"layer {layer}: the router has no single [E, D] weight; attribution needs a linear router")
+    return weights[0].detach(), (biases[0].detach() if biases else None)

@@ -42,8 +42,8 @@ def kept_domains(batches: list) -> np.ndarray:
 
 @torch.no_grad()
 def snapshot(handle: ModelHandle, batches: list) -> Snapshot:
-    from deepseemoe.analysis.causal import LossMeter
     from deepseemoe.data.tokens import token_domains
+    from deepseemoe.interventions.loss import LossMeter
 
     seen: dict[int, list[torch.Tensor]] = {la: [] for la in handle.moe_layers}
     hooks = []

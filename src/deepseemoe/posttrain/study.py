@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deepseemoe.analysis.seeds import apart, over_seeds, plus_minus
 from deepseemoe.errors import DeepSeeMoEError
+from deepseemoe.measures import apart, over_seeds, plus_minus
 from deepseemoe.models.spec import ModelHandle
 from deepseemoe.posttrain import hints as hint_lib
 from deepseemoe.posttrain.lora import HINTED, STRATEGIES, apply_lora, merged, require_peft, strategy_targets

@@ -272,7 +272,7 @@ def _posttrain(result, folder: str) -> dict:
     st, base = doc["settings"]["settings"], doc["settings"]["base"]
     labels = {"dense-all": f"dense twin, all (rank {base.get('dense_rank', st['rank'])})"}
 
-    from deepseemoe.analysis.seeds import plus_minus
+    from deepseemoe.measures import plus_minus
 
     def cell(row, key, digits, signed=False):
         return plus_minus(row.get(key, float("nan")), row.get(f"{key}_sd"), digits, signed)
@@ -289,8 +289,8 @@ def _posttrain(result, folder: str) -> dict:
 def _sweep(result, folder: str) -> dict:
     """The section of a reach sweep: its settings, one row per reach (mean ± sd over the seeds), the
     ranked layers, the findings written from those numbers, and its figures."""
-    from deepseemoe.analysis.seeds import plus_minus
     from deepseemoe.analysis.sweep import COLUMNS, OTHER_COLUMNS, OTHER_LABELS, shown_columns
+    from deepseemoe.measures import plus_minus
 
     doc = result.doc
     columns = shown_columns(COLUMNS, doc["rows"])  # and the autointerp scores when the sweep has them

@@ -366,7 +366,7 @@ def carve_summary(carve: Carve) -> dict:
 
 def domain_ce(model, batches) -> dict[str, float]:
     """Next-token CE (nats/token) per domain and overall ("all"), over predictions within a
-    document (`data.tokens.counted_predictions`, as `analysis.causal.LossMeter` counts them)."""
+    document (`data.tokens.counted_predictions`, as `interventions.loss.LossMeter` counts them)."""
     import torch
 
     from deepseemoe.data.tokens import counted_predictions, token_domains
