@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from deepseemoe.analysis.layout import forceatlas2
+from deepseemoe.graphs.layout import forceatlas2
 
 
 def planted(m: int, seed: int = 0) -> tuple[int, np.ndarray, np.ndarray]:

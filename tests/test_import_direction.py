@@ -47,7 +47,7 @@ def test_every_import_points_down_the_pipeline():
 
 def test_the_stage_order():
     # a module of runs/ (the bottom) importing routing/ must be caught by the same rule
-    assert _rank("routing") > _rank("runs") and _rank("report") > _rank("analysis")
+    assert _rank("routing") > _rank("runs") and _rank("report") > _rank("compare") > _rank("causal")
 
 
 # what only runs/ may name: the sub-folders of a dictionary run, the files of its maps and graphs
@@ -68,3 +68,24 @@ def test_only_run_classes_build_paths_into_dictionary_runs():
                         found.append(f"{path.relative_to(SRC)}:{node.lineno} / {side.value!r}")
     assert not found, ("paths into a dictionary run outside runs/ (use DictionaryRun / ExplanationStore): "
                        + ", ".join(found))
+
+
+def test_the_old_analysis_names_import_the_moved_modules_and_warn():
+    """`deepseemoe.analysis.X` is kept one release for scripts: each old name is the moved module
+    itself, with a DeprecationWarning naming where it went; the package's own code never uses it."""
+    import importlib
+    import sys
+    import warnings
+
+    from deepseemoe.analysis import MOVED
+
+    for old, new in MOVED.items():
+        sys.modules.pop(f"deepseemoe.analysis.{old}", None)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            module = importlib.import_module(f"deepseemoe.analysis.{old}")
+        assert module is importlib.import_module(new)
+        assert any(issubclass(w.category, DeprecationWarning) and new in str(w.message) for w in caught), old
+    users = [f"{p.relative_to(SRC)}" for p in sorted(SRC.rglob("*.py")) if p.parent.name != "analysis"
+             and "deepseemoe.analysis" in p.read_text()]
+    assert not users, users

@@ -1,5 +1,5 @@
 """`deepseemoe ablate MODEL --data SOURCE --out DIR`: causal checks of experts and routers;
-with `--target`, the removal of one behaviour (`analysis/removal.py`)."""
+with `--target`, the removal of one behaviour (`causal/removal.py`)."""
 
 from __future__ import annotations
 
@@ -53,8 +53,8 @@ def register(app: typer.Typer) -> None:
         or, with --target, remove a domain or token set and measure the side effects."""
         from rich.table import Table
 
-        from deepseemoe.analysis.causal import run_causal_checks
-        from deepseemoe.analysis.figures import causal_figures
+        from deepseemoe.causal.checks import run_causal_checks
+        from deepseemoe.causal.figures import causal_figures
         from deepseemoe.data.sources import TextSource, iter_documents, resolve_files
         from deepseemoe.data.tokens import pack_documents
         from deepseemoe.errors import DeepSeeMoEError
@@ -71,7 +71,7 @@ def register(app: typer.Typer) -> None:
         if not data.startswith("hf:"):
             resolve_files(data)
         if target is not None:
-            from deepseemoe.analysis.removal import KINDS, Target, check_budget
+            from deepseemoe.causal.removal import KINDS, Target, check_budget
 
             Target.check(target)  # before any model is loaded
             check_budget(budget)
@@ -123,8 +123,8 @@ def _remove(model: str, twin: str | None, data: str, out: Path, *, tokens: int, 
             draws: int, seed: int, load: dict, dictionary: str | None = None) -> None:
     from rich.table import Table
 
-    from deepseemoe.analysis.figures import removal_figure
-    from deepseemoe.analysis.removal import removal_study
+    from deepseemoe.causal.figures import removal_figure
+    from deepseemoe.causal.removal import removal_study
     from deepseemoe.data.sources import TextSource, iter_documents
     from deepseemoe.data.tokens import pack_documents
     from deepseemoe.models.load import load_model
@@ -133,7 +133,7 @@ def _remove(model: str, twin: str | None, data: str, out: Path, *, tokens: int, 
 
     coder = None
     if dictionary is not None:
-        from deepseemoe.analysis.removal import load_dictionary
+        from deepseemoe.causal.removal import load_dictionary
         from deepseemoe.errors import DeepSeeMoEError
 
         run_dir, _, name = dictionary.rpartition(":")

@@ -36,8 +36,8 @@ def register(app: typer.Typer) -> None:
         trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
         """Selectivity of experts, neurons and heads; ablation selectivity; the SAE frontier — one table."""
-        from deepseemoe.analysis.compare import compare_models
-        from deepseemoe.analysis.sae_frontier import dictionary_comparison
+        from deepseemoe.compare.frontier import dictionary_comparison
+        from deepseemoe.compare.selectivity import compare_models
         from deepseemoe.data.sources import TextSource, iter_documents, resolve_files
         from deepseemoe.data.tokens import pack_documents
         from deepseemoe.errors import DeepSeeMoEError

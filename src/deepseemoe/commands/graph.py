@@ -32,8 +32,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Louvain modules of the feature–expert graph, modularity against rewired graphs (z), NMI of
         modules with the features' top experts and domains; thresholds and what they kept reported."""
-        from deepseemoe.analysis.feature_graph import Thresholds, graph_study
         from deepseemoe.errors import DeepSeeMoEError
+        from deepseemoe.features.graph import Thresholds, graph_study
         from deepseemoe.progress import out_console
         from deepseemoe.runs.dictionary import DictionaryRun
         from deepseemoe.runs.routing import RoutingRun
@@ -48,9 +48,9 @@ def register(app: typer.Typer) -> None:
         thresholds = Thresholds(router_min, lift_min, count_min, share_min, link_min, fan_in)
         links = None
         if upstream is not None:
-            from deepseemoe.analysis.feature_graph import feature_links
             from deepseemoe.capture.core import Site
             from deepseemoe.dictionaries.formats import load_run_dictionary
+            from deepseemoe.features.graph import feature_links
 
             if upstream == dictionary:
                 raise DeepSeeMoEError("--upstream names the dictionary itself; give one of an earlier layer")

@@ -25,8 +25,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Expert distribution, lift and MI per feature; routing prediction vs token/bigram baselines;
         exact router-logit attribution for SAEs on the block input; top examples with their routing."""
-        from deepseemoe.analysis.feature_map import compute_map
         from deepseemoe.dictionaries.trained import TrainedRun
+        from deepseemoe.features.map import compute_map
         from deepseemoe.progress import out_console
 
         trained = TrainedRun.open(run_dir, device=device, device_map=device_map, trust_remote_code=trust_remote_code)

@@ -24,7 +24,7 @@ def register(app: typer.Typer) -> None:
         trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
         """ΔCE, KL and how often the chosen experts change when a feature is ablated or steered."""
-        from deepseemoe.analysis.steering import edit_feature
+        from deepseemoe.causal.steering import edit_feature
         from deepseemoe.dictionaries.trained import TrainedRun
         from deepseemoe.errors import DeepSeeMoEError
         from deepseemoe.progress import out_console

@@ -59,7 +59,7 @@ def register(app: typer.Typer) -> None:
         ternary_targets(handle, present)
         meter = None
         if data:
-            from deepseemoe.analysis.causal import LossMeter, token_domains
+            from deepseemoe.causal.checks import LossMeter, token_domains
             from deepseemoe.data.sources import TextSource, iter_documents
             from deepseemoe.data.tokens import pack_documents
 

@@ -26,7 +26,7 @@ def register(app: typer.Typer) -> None:
         MoE their NMI with the experts against expert labels shuffled within each layer (excess, z)."""
         from rich.table import Table
 
-        from deepseemoe.analysis.wiring import wiring_modules
+        from deepseemoe.compare.wiring import wiring_modules
         from deepseemoe.models.load import load_model
         from deepseemoe.progress import out_console, track
         from deepseemoe.runs.atomic import atomic_write_json

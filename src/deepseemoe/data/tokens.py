@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from deepseemoe.data.sources import Document
+from deepseemoe.data.sources import Document, TextSource, iter_documents
 from deepseemoe.errors import DeepSeeMoEError
 
 
@@ -116,6 +116,16 @@ def pack_documents(tokenizer, documents: Iterable[Document], *, ctx_len: int, ba
         close_row()
     if rows:
         yield flush()
+
+
+def heldout_batches(handle, data: str | TextSource, *, tokens: int | None, ctx_len: int | None = None,
+                    batch_size: int = 8, domain_field: str | None = "domain") -> list[PackedBatch]:
+    """The held-out text every verb measures on: `data` (a source spec, or a `TextSource` with its own
+    settings) packed with `handle`'s tokenizer into contexts of `ctx_len` tokens (checked against the
+    model's position limit; default its own), `tokens` real tokens at most."""
+    source = data if isinstance(data, TextSource) else TextSource(data, domain_field=domain_field)
+    return list(pack_documents(handle.require_tokenizer(), iter_documents(source), ctx_len=handle.check_ctx_len(ctx_len),
+                               batch_size=batch_size, max_tokens=tokens))
 
 
 def within_document(batch) -> torch.Tensor:

@@ -224,7 +224,7 @@ def _carved(corpus_dir: Path, out_dir: Path, run_dir: Path, stats_key: str, reci
     null), each routed on held-out text with its statistics, and every MoE's experts measured as
     specialists against the domain-permutation null (STUDY/carved/). Returns the stage's key and the
     experts to describe (the clustered carve's routing run and its middle carved layer; None when skipped)."""
-    from deepseemoe.analysis.specialists import expert_specialists, specialists_markdown
+    from deepseemoe.compare.specialists import expert_specialists, specialists_markdown
     from deepseemoe.errors import DeepSeeMoEError
     from deepseemoe.runs.study import save_carve, save_specialists
     from deepseemoe.zoo.carve import CarveSpec, carve_zoo
@@ -490,7 +490,7 @@ def _sweep(out_dir: Path, corpus_dir: Path, zoo, recipe: str, console: Console) 
     latents and L0, 2 seeds, and which layer to pick. Returns the stage's key. (Without the sweep's
     auto-interpretability: 2 features per row on one seed cost 47 s of the budget on 2 cores
     (2026-12-07) and SmolLM2 described too few of them for a shuffled baseline in most rows.)"""
-    from deepseemoe.analysis.sweep import SweepSettings, run_sweep
+    from deepseemoe.compare.sweep import SweepSettings, run_sweep
 
     size = DEMO_SWEEP.get(recipe.removesuffix("-ternary"), DEMO_SWEEP["tiny"])
     layers = list(range(int(read_json(zoo.moe_dir / "config.json", "train the zoo models again (--retrain)")
@@ -553,7 +553,7 @@ def _describe_separate(run_dir: Path, out_dir: Path, layer: int, backend, judge,
     the share of expert descriptions that name the expert's domain (the separate model's: the
     domain it was trained on; the joint MoE's: the domain it takes the largest share of), added to
     the comparison."""
-    from deepseemoe.analysis.routing_compare import descriptions_naming, preferred_domains
+    from deepseemoe.compare.domains import descriptions_naming, preferred_domains
     from deepseemoe.data.demo_corpus import DOMAIN_WORDS
     from deepseemoe.explain.pipeline import demo_expert_explanations
     from deepseemoe.models.spec import declared_expert_names

@@ -16,11 +16,10 @@ REMOVAL_DOMAINS = ("ru", "code")
 def run_demo_analyses(moe_dir: Path, dense_dir: Path, corpus_dir: Path, out_dir: Path, *, ctx_len: int,
                       train_tokens: int = 100_000, eval_tokens: int = 4_000, layer: int = 2, separate=None) -> dict:
     """`separate`: the zoo's FlexOlmo-style model (`SeparateModels`), compared as the third model."""
-    from deepseemoe.analysis.causal import run_causal_checks
-    from deepseemoe.analysis.compare import compare_models
-    from deepseemoe.analysis.feature_map import compute_map
-    from deepseemoe.analysis.figures import causal_figures
-    from deepseemoe.analysis.sae_frontier import dictionary_comparison
+    from deepseemoe.causal.checks import run_causal_checks
+    from deepseemoe.causal.figures import causal_figures
+    from deepseemoe.compare.frontier import dictionary_comparison
+    from deepseemoe.compare.selectivity import compare_models
     from deepseemoe.data.sources import TextSource, iter_documents
     from deepseemoe.data.tokens import pack_documents
     from deepseemoe.dictionaries.evaluate import evaluate_run
@@ -28,6 +27,7 @@ def run_demo_analyses(moe_dir: Path, dense_dir: Path, corpus_dir: Path, out_dir:
     from deepseemoe.dictionaries.spec import CoderSpec, RunSpec
     from deepseemoe.dictionaries.trained import TrainedRun
     from deepseemoe.dictionaries.trainer import TrainConfig
+    from deepseemoe.features.map import compute_map
     from deepseemoe.models.load import load_model
     from deepseemoe.report.tables import comparison_markdown
 
@@ -118,8 +118,8 @@ def demo_removal(moe, dense, batches_moe: list, batches_dense: list, out: Path,
     """`ablate --target` on the MoE with its dense twin: one domain removed at one expert's share
     (the features of `dictionary`, a (run folder, name) SAE of the MoE, and its graph's modules, unit
     kinds too)."""
-    from deepseemoe.analysis.figures import removal_figure
-    from deepseemoe.analysis.removal import load_dictionary, removal_study
+    from deepseemoe.causal.figures import removal_figure
+    from deepseemoe.causal.removal import load_dictionary, removal_study
 
     present = {d for b in batches_moe for d in b.domains.values()}
     domain = next((d for d in REMOVAL_DOMAINS if d in present), None) or min(present - {None}, default=None)
@@ -135,7 +135,7 @@ def demo_removal(moe, dense, batches_moe: list, batches_dense: list, out: Path,
 def demo_graphs(run: DictionaryRun, names: list[str], routing_run: Path) -> dict:
     """`deepseemoe graph` on each mapped dictionary at its default thresholds (experts labelled with
     the domains of the routing run's statistics); a map with no edge above them has no graph."""
-    from deepseemoe.analysis.feature_graph import graph_study
+    from deepseemoe.features.graph import graph_study
     from deepseemoe.runs.routing import RoutingRun
 
     domains = RoutingRun.open(routing_run).analyses().table("domain")

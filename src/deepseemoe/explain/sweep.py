@@ -10,7 +10,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-from deepseemoe.analysis.sweep import SweepSettings
+from deepseemoe.compare.sweep import SweepSettings
 from deepseemoe.explain.backends import ChatBackend
 from deepseemoe.explain.explainer import Prompts
 from deepseemoe.explain.pipeline import feature_sources, run_explain, run_score

@@ -155,7 +155,7 @@ class LiveModel:
     def intervene(self, text: str, intervention: Intervention, coder=None, site: Site | None = None) -> PlaygroundResult:
         """ΔCE, KL, next-token distribution and downstream routing of the text under `intervention`
         (`coder` and `site`: the SAE and where it reads, for op == feature)."""
-        from deepseemoe.analysis.steering import expert_sets_differ
+        from deepseemoe.causal.steering import expert_sets_differ
         from deepseemoe.data.tokens import token_domains
         from deepseemoe.interventions.loss import LossMeter
         from deepseemoe.interventions.routing import ablate, exclude, force, route_intervention
@@ -168,7 +168,7 @@ class LiveModel:
             batches = self.batches(text)
             batch = batches[0]
             if intervention.op == "feature":
-                from deepseemoe.analysis.steering import FeatureEdit
+                from deepseemoe.causal.steering import FeatureEdit
 
                 if coder is None or site is None or intervention.feature is None:
                     raise DeepSeeMoEError("a feature intervention needs a dictionary and a feature")

@@ -289,7 +289,7 @@ def _posttrain(result, folder: str) -> dict:
 def _sweep(result, folder: str) -> dict:
     """The section of a reach sweep: its settings, one row per reach (mean ± sd over the seeds), the
     ranked layers, the findings written from those numbers, and its figures."""
-    from deepseemoe.analysis.sweep import COLUMNS, OTHER_COLUMNS, OTHER_LABELS, shown_columns
+    from deepseemoe.compare.sweep import COLUMNS, OTHER_COLUMNS, OTHER_LABELS, shown_columns
     from deepseemoe.measures import plus_minus
 
     doc = result.doc

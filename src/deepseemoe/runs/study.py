@@ -7,7 +7,7 @@
     STUDY/*/removal.json (+ removal.png)     a behaviour removed by ablation (`ablate --target`)
     STUDY/*/wiring.json             modules of the feed-forward neurons' weight graph (`wiring`)
     STUDY/*/comparison.json         the MoE-vs-dense comparison (`compare`)
-    STUDY/*/specialists.json        domain specialisation of routing runs against a null (analysis/specialists.py)
+    STUDY/*/specialists.json        domain specialisation of routing runs against a null (compare/specialists.py)
     STUDY/*/carve.json              the reports of MoEs carved from a dense model (`zoo carve`)
     STUDY/*/attribution.json + graphs/*.json   attribution graphs of prompts (`attribute`), each graph
                                     circuit-tracer's graph JSON, checksummed in attribution.json

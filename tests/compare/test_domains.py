@@ -1,4 +1,4 @@
-"""Routing by domain and domain removal (`analysis.routing_compare`) on a planted model: `a`
+"""Routing by domain and domain removal (`compare.domains`) on a planted model: `a`
 tokens go to expert 0 only, `b` tokens to expert 1 only (top-1), attention writes nothing."""
 
 from __future__ import annotations
@@ -7,15 +7,15 @@ import math
 
 import numpy as np
 
-from deepseemoe.analysis.compare import domain_classes
-from deepseemoe.analysis.routing_compare import (
+from deepseemoe.compare.domains import (
     domain_removal,
     own_experts,
     removal_size,
     routing_counts,
     routing_summary,
 )
-from tests.analysis.planted import planted_batch, planted_model
+from deepseemoe.compare.selectivity import domain_classes
+from tests.causal.planted import planted_batch, planted_model
 
 
 def test_planted_routing_by_domain_and_removal():
@@ -68,7 +68,7 @@ def test_own_share_counts_tokens_not_slots():
 
 
 def test_descriptions_naming_the_domain_by_hand():
-    from deepseemoe.analysis.routing_compare import descriptions_naming
+    from deepseemoe.compare.domains import descriptions_naming
 
     got = descriptions_naming(
         {1: "German words and verbs", 2: "Python functions", 3: "ISO codes in JSON", 4: "barcode digits", 5: "x"},

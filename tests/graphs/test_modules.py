@@ -10,7 +10,7 @@ import math
 import networkx as nx
 import pytest
 
-from deepseemoe.analysis.modules import find_modules, nmi
+from deepseemoe.graphs.modules import find_modules, nmi
 
 
 def _weighted(g):
@@ -30,7 +30,7 @@ def test_planted_communities_are_recovered_with_a_large_z():
 
 
 def test_rewiring_keeps_degrees_and_weights_and_moves_edges():
-    from deepseemoe.analysis.modules import rewired
+    from deepseemoe.graphs.modules import rewired
 
     g = nx.stochastic_block_model([30, 30], [[0.3, 0.02], [0.02, 0.3]], seed=3)
     for i, (u, v) in enumerate(g.edges()):
@@ -62,7 +62,7 @@ def _random_feature_expert_graph(seed: int, features: int = 300, experts: int = 
 def test_bipartite_rewiring_keeps_the_graph_bipartite():
     """A feature–expert graph rewired with parts (the node's kind) stays bipartite, every node keeps
     its degree, and each edge's weight stays with its expert (whose strength is kept)."""
-    from deepseemoe.analysis.modules import rewired
+    from deepseemoe.graphs.modules import rewired
 
     g = _random_feature_expert_graph(0)
     r = rewired(g, seed=1, part=lambda n: n[0])
@@ -88,7 +88,7 @@ def test_label_alignment_against_a_stratified_shuffle():
     that are the labels score far above it."""
     import random
 
-    from deepseemoe.analysis.modules import aligned
+    from deepseemoe.graphs.modules import aligned
 
     rng = random.Random(0)
     nodes = [(layer, i) for layer in range(6) for i in range(64)]
@@ -126,7 +126,7 @@ def _hand_map():
 
 
 def test_feature_expert_graph_keeps_exactly_the_thresholded_edges(tmp_path):
-    from deepseemoe.analysis.feature_graph import Thresholds, build_graph
+    from deepseemoe.features.graph import Thresholds, build_graph
 
     fg = build_graph(*_hand_map(), Thresholds(router_min=0.1, lift_min=1.5, count_min=5))
     g = fg.graph
@@ -197,10 +197,10 @@ def test_feature_links_by_hand():
     strongest per downstream feature kept when ≥ link_min; sites that cannot be linked are refused."""
     import torch
 
-    from deepseemoe.analysis.feature_graph import Thresholds, feature_links
     from deepseemoe.capture.core import Site
     from deepseemoe.dictionaries.coder import CoderConfig, SparseCoder
     from deepseemoe.errors import DeepSeeMoEError
+    from deepseemoe.features.graph import Thresholds, feature_links
 
     up, down = SparseCoder(CoderConfig(d_in=4, n_latents=3, k=1)), SparseCoder(CoderConfig(d_in=4, n_latents=2, k=1))
     with torch.no_grad():

@@ -1,11 +1,11 @@
-"""`deepseemoe map`: run the analyses of `features.py` for one dictionary; the run saves the result as
+"""`deepseemoe map`: run the analyses of `features.statistics` for one dictionary; the run saves the result as
 
     RUN_DIR/maps/NAME/summary.json            layer, routing prediction, attribution check, specificity
     RUN_DIR/maps/NAME/features.parquet        per feature: fires, specificity, top expert by lift (+ MI),
                                               the expert it promotes most (virtual router weight)
     RUN_DIR/maps/NAME/feature_experts.parquet per live (feature, expert): count, P(e|f), lift, MI
     RUN_DIR/maps/NAME/router_attribution.parquet  SAEs on the block input: the feature × expert table of
-                                              router-logit attribution (`features.attribution_table`;
+                                              router-logit attribution (`statistics.attribution_table`;
                                               dense up to 64 experts, else each feature's top 16)
     RUN_DIR/maps/NAME/expert_composition.parquet  block transcoders: per (expert, feature) the share of
                                               the expert's routed output the feature writes along it
@@ -19,7 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from deepseemoe.analysis.features import (
+from deepseemoe.capture.core import Site
+from deepseemoe.dictionaries.trained import TrainedRun
+from deepseemoe.errors import DeepSeeMoEError
+from deepseemoe.features.statistics import (
     attribution_table,
     collect_for_map,
     composition_from_sums,
@@ -27,9 +30,6 @@ from deepseemoe.analysis.features import (
     routing_prediction,
     top_examples,
 )
-from deepseemoe.capture.core import Site
-from deepseemoe.dictionaries.trained import TrainedRun
-from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.models.spec import fed_moe_layer
 
 

@@ -2,7 +2,7 @@
 
 The target is a domain (the predictions made while reading that domain's documents) or a token
 set (the predictions made while reading one of those tokens); every other prediction within one
-document is off-target (packing's cross-document predictions count for neither, `causal`).
+document is off-target (packing's cross-document predictions count for neither, `interventions.loss`).
 
 Units (one kind at a time, all layers pooled), each with its activity a_u(t) ≥ 0 on token t
 (`interventions.units.UnitActivity`): experts (the routing weight), expert neurons, dense MLP neurons,
@@ -174,7 +174,7 @@ def unit_inventory(handle: ModelHandle, kinds: tuple[str, ...] = KINDS,
             out["attention_head"] = Units("attention_head", [(la, u) for la, (_, h) in heads.items() for u in range(h)],
                                           float(np.mean(attn)), lambda chosen: zero_layer_heads(heads, chosen))
     if "feature" in kinds and dictionary is not None:
-        from deepseemoe.analysis.steering import FeatureEdit
+        from deepseemoe.causal.steering import FeatureEdit
 
         d = dictionary
         FeatureEdit(handle, d.coder, d.site, 0, 0.0)  # refuses what it cannot edit, before any work
@@ -200,7 +200,7 @@ def _feature_params(d: Dictionary) -> float:
 @contextlib.contextmanager
 def _remove_modules(handle: ModelHandle, d: Dictionary, modules: list[int]):
     """Remove the modules' features (FeatureEdit, scale 0) and ablate their experts, together."""
-    from deepseemoe.analysis.steering import FeatureEdit
+    from deepseemoe.causal.steering import FeatureEdit
 
     nodes = [n for m in modules for n in d.modules[m]]
     features = [int(n[1:]) for n in nodes if n.startswith("f")]

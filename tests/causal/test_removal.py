@@ -16,7 +16,7 @@ import json
 import pytest
 import torch
 
-from tests.analysis.planted import planted_model
+from tests.causal.planted import planted_model
 
 A_IDS = list(range(10, 20))
 WORDS = {0: "<pad>", 1: "<s>", 2: "</s>", **{i: f"w{i}" for i in range(3, 10)},
@@ -104,8 +104,8 @@ def test_removing_the_family_expert_hits_the_family_and_nothing_else(planted, cl
 def test_a_domain_target_and_zeroing_every_neuron_of_an_expert_equals_ablating_it(planted):
     """Two independent ways to remove expert 0: its routing weight set to 0, or every one of its
     neurons' down-projection weights zeroed. They must agree to the last digit that matters."""
-    from deepseemoe.analysis.causal import LossMeter
-    from deepseemoe.analysis.removal import Target, unit_inventory
+    from deepseemoe.causal.checks import LossMeter
+    from deepseemoe.causal.removal import Target, unit_inventory
     from deepseemoe.data.sources import TextSource, iter_documents
     from deepseemoe.data.tokens import pack_documents
     from deepseemoe.models.load import load_model
@@ -167,9 +167,9 @@ def _cut_marker(mod, args, kwargs):
 
 def _reference_target_dce(handle, batches, edit) -> float:
     """Target ΔCE of `edit` (a context manager factory) on the evaluation half, measured plainly."""
-    from deepseemoe.analysis.causal import LossMeter
-    from deepseemoe.analysis.compare import split_halves
-    from deepseemoe.analysis.removal import Target
+    from deepseemoe.causal.checks import LossMeter
+    from deepseemoe.causal.removal import Target
+    from deepseemoe.compare.selectivity import split_halves
 
     _, evaluate = split_halves(batches)
     target = Target.parse("tokens:" + ",".join(f"a{i}" for i in range(10)), handle.tokenizer)
@@ -193,8 +193,8 @@ def test_feature_units_of_a_hand_built_sae(planted):
     """An SAE on layer 1's MoE input whose feature 0 reads and writes the residual dimension that marks
     `a` tokens: removing feature 0 (the SAE's error kept) zeroes that dimension on `a` tokens and
     nowhere else — the same as a hook doing just that in a plain forward."""
-    from deepseemoe.analysis.removal import Dictionary, removal_study
     from deepseemoe.capture.core import Site
+    from deepseemoe.causal.removal import Dictionary, removal_study
 
     handle, batches = _planted_handle_and_batches(planted)
     site = Site("block_in", 1)
@@ -224,8 +224,8 @@ def test_module_units_remove_their_features_and_experts_together(planted):
     cut changes layer 0's routing only, layer 1 still sends `a` to expert 0). The family's module is
     the one chosen, and removing it equals, in a plain forward, the marker cut at layer 0's MoE input
     plus expert 0's weights zeroed in layer 1; nothing else moves."""
-    from deepseemoe.analysis.removal import Dictionary, removal_study
     from deepseemoe.capture.core import Site
+    from deepseemoe.causal.removal import Dictionary, removal_study
 
     handle, batches = _planted_handle_and_batches(planted)
     site = Site("block_in", 0)
@@ -254,7 +254,7 @@ def test_module_units_remove_their_features_and_experts_together(planted):
     expected = _reference_target_dce(handle, batches, both)
     assert row["selected"]["target"] == pytest.approx(expected, rel=1e-4)
     # and both halves count: neither alone gives it
-    from deepseemoe.analysis.removal import unit_inventory
+    from deepseemoe.causal.removal import unit_inventory
 
     inv = unit_inventory(handle, ("feature", "expert"), d)
     alone = [_reference_target_dce(handle, batches, lambda: inv["feature"].ablate([(0, 0)])),

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from deepseemoe.analysis.specialists import expert_specialists, model_specialists, specialists_markdown
+from deepseemoe.compare.specialists import expert_specialists, model_specialists, specialists_markdown
 from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.routing.stats import compute_routing_stats, save_routing_stats
 from deepseemoe.runs.routing import RoutingRunWriter

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from deepseemoe.analysis.causal import run_causal_checks
-from deepseemoe.analysis.compare import unit_selectivity
-from deepseemoe.analysis.features import collect_for_map, feature_expert_tables, routing_prediction
 from deepseemoe.capture.core import Site
+from deepseemoe.causal.checks import run_causal_checks
+from deepseemoe.compare.selectivity import unit_selectivity
 from deepseemoe.data.tokens import PackedBatch
 from deepseemoe.dictionaries.coder import CoderConfig, build_coder
+from deepseemoe.features.statistics import collect_for_map, feature_expert_tables, routing_prediction
 from deepseemoe.models.load import handle_from_model
 from deepseemoe.models.tiny import tiny_model
 

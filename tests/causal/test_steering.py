@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from deepseemoe.analysis.steering import FeatureEdit, edit_feature
 from deepseemoe.capture.core import Site, token_mask
+from deepseemoe.causal.steering import FeatureEdit, edit_feature
 from deepseemoe.data.sources import TextSource, iter_documents
 from deepseemoe.data.tokens import pack_documents
 from deepseemoe.dictionaries.coder import CoderConfig, build_coder

@@ -344,7 +344,7 @@ def run_sweep(settings: SweepSettings, *, progress: bool = True, trust_remote_co
     elbow = find_elbow(rows)
     picks = rank_layers(layer_profile(settings, run.path, trust_remote_code=trust_remote_code), rows)
     said = findings(settings, rows, elbow, picks, others)
-    from deepseemoe.analysis.sweep_figures import sweep_figures
+    from deepseemoe.compare.sweep_figures import sweep_figures
 
     run.save_table({"rows": rows, "elbow": elbow, "layers": settings.layers, "seeds": settings.seeds,
                     "other_kinds": others, "which_layer": picks, "findings": said},

@@ -239,7 +239,7 @@ def compare_models(moe: ModelHandle, dense: ModelHandle, batches_moe: list, batc
 
 def _routing_by_domain(h: ModelHandle, select: list, evaluate: list, domains: list[str], by_domain,
                        removed: float | None) -> dict:
-    from deepseemoe.analysis.routing_compare import (
+    from deepseemoe.compare.domains import (
         domain_removal,
         own_experts,
         removal_size,

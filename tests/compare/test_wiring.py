@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from deepseemoe.analysis.modules import find_modules, nmi
-from deepseemoe.analysis.wiring import feed_forward_neurons, wiring_graph
+from deepseemoe.compare.wiring import feed_forward_neurons, wiring_graph
+from deepseemoe.graphs.modules import find_modules, nmi
 
 
 def _chained_moe():
@@ -58,7 +58,7 @@ def test_random_weights_have_no_significant_modules(kind, layers):
     """I.i.d. weights have no modules beyond what a layered graph of the same degrees has: the null
     rewires within each pair of consecutive layers, so |z| < 3 (a rewiring across layers gave z = 35
     at 6 layers); the experts add nothing to NMI beyond the within-layer shuffle."""
-    from deepseemoe.analysis.wiring import wiring_modules
+    from deepseemoe.compare.wiring import wiring_modules
 
     r = wiring_modules(_random_handle(kind, layers, seed=layers), fan_in=8, draws=8, seed=0)
     assert abs(r["z"]) < 3, r
@@ -68,7 +68,7 @@ def test_random_weights_have_no_significant_modules(kind, layers):
 
 
 def test_rewiring_within_layer_pairs_keeps_the_graph_layered():
-    from deepseemoe.analysis.modules import rewired
+    from deepseemoe.graphs.modules import rewired
 
     g, _ = wiring_graph(feed_forward_neurons(_random_handle("dense", 4, seed=0)), fan_in=4)
     r = rewired(g, seed=1, part=lambda n: n[0])
@@ -108,7 +108,7 @@ def _across_experts_moe():
 
 
 def test_planted_modules_along_and_across_experts():
-    from deepseemoe.analysis.wiring import wiring_modules
+    from deepseemoe.compare.wiring import wiring_modules
 
     along = wiring_modules(_chained_moe(), fan_in=4, draws=5)
     assert along["z"] > 10 and along["nmi_expert_excess"] > 0.5 and along["nmi_expert_z"] > 10

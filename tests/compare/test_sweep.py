@@ -82,7 +82,7 @@ def test_which_layer_to_pick_known_answers(tmp_path, cli, tiny_olmoe_dir, corpus
     import torch
     from transformers import AutoModelForCausalLM
 
-    from deepseemoe.analysis.sweep import SweepSettings, layer_profile, rank_layers
+    from deepseemoe.compare.sweep import SweepSettings, layer_profile, rank_layers
     from deepseemoe.routing.stats import compute_routing_stats
 
     model_dir = tmp_path / "model"

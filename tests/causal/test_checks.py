@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from deepseemoe.analysis.causal import (
+from deepseemoe.causal.checks import (
     LossMeter,
     disable_top,
     drop_slots,
@@ -125,7 +125,7 @@ def test_ablating_an_expert_no_b_token_uses_leaves_domain_b_exactly_unchanged():
     """Planted: attention writes nothing (o_proj = 0), so each prediction depends on its own token
     only; `a` tokens (ids 10–19) route to expert 0 in every layer and `b` tokens (20–29) and BOS
     never do. Ablating expert 0 must leave ΔCE_b exactly 0 on packed a|b contexts."""
-    from tests.analysis.planted import planted_batch, planted_model
+    from tests.causal.planted import planted_batch, planted_model
 
     handle, batch = planted_model(), planted_batch()
     meter = LossMeter(handle, [batch], [token_domains(batch)])
@@ -140,7 +140,7 @@ def test_observed_expert_load_counts_the_kept_tokens_as_route_does(tiny_olmoe_di
     import numpy as np
     import torch
 
-    from deepseemoe.analysis.causal import observe_experts
+    from deepseemoe.causal.checks import observe_experts
     from deepseemoe.data.sources import TextSource, iter_documents
     from deepseemoe.data.tokens import pack_documents
     from deepseemoe.models.load import load_model

@@ -61,9 +61,9 @@ def block_sae_maps(models: dict[str, str], data: str, heldout: str, out: Path, *
                    device_map: str | None = None, trust_remote_code: bool = False) -> dict:
     """For each MoE: an SAE on the MoE block's input (what the router reads) at equal width and k,
     evaluated, and its feature map — feature ↔ expert specificity, lift and MI, and how well the
-    features predict routing against token identity and bigrams (`analysis.features`)."""
-    from deepseemoe.analysis.feature_map import compute_map
+    features predict routing against token identity and bigrams (`features.statistics`)."""
     from deepseemoe.dictionaries.trained import TrainedRun
+    from deepseemoe.features.map import compute_map
 
     rows = {}
     for label, model in models.items():

@@ -1,5 +1,5 @@
 """The sparse graph of a dictionary's features and the experts of the MoE layer it feeds, from the
-exact or measured paths `map` already computed, and its modules (analysis/modules.py).
+exact or measured paths `map` already computed, and its modules (`graphs.modules`).
 
 Nodes: "f{i}" for feature i, "E{j}" for expert j of the mapped layer. Edges, undirected, one kind
 per source table of `map` (each with its own explicit threshold, reported with what it kept):
@@ -24,8 +24,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from deepseemoe.analysis.modules import Modules, aligned, find_modules
 from deepseemoe.errors import DeepSeeMoEError
+from deepseemoe.graphs.modules import Modules, aligned, find_modules
 
 
 @dataclass
@@ -183,10 +183,10 @@ def graph_modules(fg: FeatureGraph, draws: int = 10, seed: int = 0, label_draws:
 
 
 def layout_positions(fg: FeatureGraph, seed: int = 0, iterations: int = 200) -> dict[str, tuple[float, float]]:
-    """ForceAtlas2 positions (`layout.forceatlas2`) of the graph's connected nodes, on edge weights."""
+    """ForceAtlas2 positions (`graphs.layout.forceatlas2`) of the graph's connected nodes, on edge weights."""
     import numpy as np
 
-    from deepseemoe.analysis.layout import forceatlas2
+    from deepseemoe.graphs.layout import forceatlas2
 
     g = fg.graph.subgraph([n for n in fg.graph if fg.graph.degree(n) > 0])
     nodes = list(g)

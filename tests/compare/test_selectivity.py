@@ -11,8 +11,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from deepseemoe.analysis.compare import domain_classes, selectivity, unit_selectivity
 from deepseemoe.cli import app
+from deepseemoe.compare.selectivity import domain_classes, selectivity, unit_selectivity
 from deepseemoe.data.sources import TextSource, iter_documents
 from deepseemoe.data.tokens import pack_documents
 from deepseemoe.models.load import load_model
@@ -112,7 +112,7 @@ def test_compare_cli_on_a_tiny_pair(pair, tmp_path):
 
 
 def test_ablation_gap_by_hand():
-    from deepseemoe.analysis.compare import _gap, _preferred
+    from deepseemoe.compare.selectivity import _gap, _preferred
 
     res = {"by_domain": {"code": 0.30, "en": 0.10, "de": 0.05}}
     g = _gap(res, "code")
@@ -124,7 +124,7 @@ def test_ablation_gap_by_hand():
 def test_units_are_chosen_on_one_half_and_scored_on_the_other(pair, monkeypatch):
     """What picks the ablated units (and the dense model's selected neuron blocks) never sees the
     tokens their ΔCE is measured on; the descriptive selectivity still covers both halves."""
-    import deepseemoe.analysis.compare as cmp
+    import deepseemoe.compare.selectivity as cmp
 
     moe_dir, dense_dir, data = pair
     seen: dict[str, list] = {"selected": [], "scored": []}
@@ -164,7 +164,7 @@ def test_units_are_chosen_on_one_half_and_scored_on_the_other(pair, monkeypatch)
 
 
 def test_split_halves_of_a_single_batch():
-    from deepseemoe.analysis.compare import split_halves
+    from deepseemoe.compare.selectivity import split_halves
     from deepseemoe.data.tokens import PackedBatch
     from deepseemoe.errors import DeepSeeMoEError
 

@@ -11,7 +11,7 @@ virtual weights are sums of trit products. Sparsification is explicit: an edge i
 among the `fan_in` strongest |w_ij| into its reader or out of its writer, so no neuron is left
 without edges (the share of the total |w| mass kept is reported).
 
-Modules: `modules.find_modules` (Louvain) on |w|, with z against rewirings *within each pair of
+Modules: `graphs.modules.find_modules` (Louvain) on |w|, with z against rewirings *within each pair of
 consecutive layers* (degrees per layer pair kept): edges only ever join consecutive layers, and a
 rewiring across layers would make any layered graph, random weights included, look modular. For an
 MoE, NMI(module; expert) against the same NMI with the expert labels shuffled within each layer
@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from deepseemoe.analysis.modules import aligned, find_modules, nmi
 from deepseemoe.errors import DeepSeeMoEError
+from deepseemoe.graphs.modules import aligned, find_modules, nmi
 from deepseemoe.models.spec import ModelHandle
 
 

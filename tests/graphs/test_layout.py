@@ -7,7 +7,7 @@ import numpy as np
 
 
 def test_particle_mesh_repulsion_matches_the_exact_sum():
-    from deepseemoe.analysis.layout import repulsion_field
+    from deepseemoe.graphs.layout import repulsion_field
 
     g = np.random.default_rng(0)
     pos = g.uniform(-100, 100, (400, 2))
@@ -33,7 +33,7 @@ def _separation(pos, labels) -> float:
 def test_planted_communities_separate_like_networkx_forceatlas2():
     import networkx as nx
 
-    from deepseemoe.analysis.layout import forceatlas2
+    from deepseemoe.graphs.layout import forceatlas2
 
     p = np.full((6, 6), 0.003)
     np.fill_diagonal(p, 0.08)

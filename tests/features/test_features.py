@@ -11,17 +11,17 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from deepseemoe.analysis.features import (
+from deepseemoe.capture.consumers import ActivationCollector
+from deepseemoe.capture.core import Site, run_capture
+from deepseemoe.cli import app
+from deepseemoe.dictionaries.coder import CoderConfig, build_coder
+from deepseemoe.features.statistics import (
     _mi_bits,
     feature_expert_tables,
     recall_at_k,
     router_attribution,
     routing_prediction,
 )
-from deepseemoe.capture.consumers import ActivationCollector
-from deepseemoe.capture.core import Site, run_capture
-from deepseemoe.cli import app
-from deepseemoe.dictionaries.coder import CoderConfig, build_coder
 from deepseemoe.models.load import handle_from_model
 from deepseemoe.models.routers import router_linear
 from deepseemoe.models.tiny import tiny_model
@@ -126,7 +126,7 @@ def test_map_cli_on_a_trained_block_input_sae(tmp_path, tiny_olmoe_dir, corpus_j
 
 
 def test_attribution_table_by_hand():
-    from deepseemoe.analysis.features import attribution_table
+    from deepseemoe.features.statistics import attribution_table
 
     # 2 features, 3 experts; W_r·d: f0 → (3, 0, 0), f1 → (1, 1, 4)
     virtual = torch.tensor([[3.0, 0.0, 0.0], [1.0, 1.0, 4.0]])
@@ -146,7 +146,7 @@ def test_attribution_table_by_hand():
 
 
 def test_quantile_picks_by_hand():
-    from deepseemoe.analysis.features import quantile_picks
+    from deepseemoe.features.statistics import quantile_picks
 
     v = torch.tensor([0.0, 5.0, 1.0, 0.0, 3.0, 2.0, 4.0, 6.0])  # positives sorted: 1,2,3,4,5,6
     picks = quantile_picks(v, bins=3, per_bin=5)
@@ -155,7 +155,7 @@ def test_quantile_picks_by_hand():
 
 
 def test_expert_composition_by_hand():
-    from deepseemoe.analysis.features import expert_composition
+    from deepseemoe.features.statistics import expert_composition
 
     # two experts whose outputs are e0 = (2, 0) and e1 = (0, 3); feature 0 writes along x, feature 1 along y
     W_dec = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
@@ -171,7 +171,7 @@ def test_expert_composition_by_hand():
 
 
 def test_composition_sums_do_not_depend_on_chunking():
-    from deepseemoe.analysis.features import composition_sums
+    from deepseemoe.features.statistics import composition_sums
 
     g = torch.Generator().manual_seed(0)
     lat, W = torch.rand(50, 6, generator=g), torch.randn(6, 4, generator=g)

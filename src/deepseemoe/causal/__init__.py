@@ -1,0 +1,2 @@
+"""What happens when parts are taken away: causal checks of routing, removal of one behaviour, and
+feature steering."""
