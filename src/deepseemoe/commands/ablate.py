@@ -51,15 +51,14 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Expert ablation/exclusion vs load-matched controls, top-r sweep, top-1 and random routing per layer;
         or, with --target, remove a domain or token set and measure the side effects."""
-        from rich.table import Table
-
         from deepseemoe.causal.checks import run_causal_checks
         from deepseemoe.causal.figures import causal_figures
-        from deepseemoe.data.sources import TextSource, iter_documents, resolve_files
-        from deepseemoe.data.tokens import pack_documents
+        from deepseemoe.data.sources import resolve_files
+        from deepseemoe.data.tokens import heldout_batches
         from deepseemoe.errors import DeepSeeMoEError
         from deepseemoe.models.load import load_model
         from deepseemoe.progress import out_console
+        from deepseemoe.report import terminal
         from deepseemoe.runs.study import save_ablation
 
         if target is None and (twin or budget is not None or units is not None or dictionary):
@@ -70,99 +69,65 @@ def register(app: typer.Typer) -> None:
                                   "own: drop them")
         if not data.startswith("hf:"):
             resolve_files(data)
+        load = dict(dtype=dtype, device=device, device_map=device_map, trust_remote_code=trust_remote_code)
+        text = dict(tokens=tokens, ctx_len=ctx_len, batch_size=batch_size, domain_field=domain_field)
         if target is not None:
-            from deepseemoe.causal.removal import KINDS, Target, check_budget
-
-            Target.check(target)  # before any model is loaded
-            check_budget(budget)
-            wanted = tuple(k for k in kinds.split(",") if k)
-            bad = [k for k in wanted if k not in KINDS]
-            if bad or not wanted:
-                raise DeepSeeMoEError(f"--kinds {kinds!r}: unknown {bad}; choose from {', '.join(KINDS)}")
-            _remove(model, twin, data, out, tokens=tokens, ctx_len=ctx_len, batch_size=batch_size,
-                    domain_field=domain_field, target=target, budget=budget, units=units, kinds=wanted,
-                    draws=draws, seed=seed, dictionary=dictionary,
-                    load=dict(dtype=dtype, device=device, device_map=device_map, trust_remote_code=trust_remote_code))
+            _remove(model, twin, data, out, target=target, budget=budget, units=units, kinds=kinds, draws=draws,
+                    seed=seed, dictionary=dictionary, load=load, text=text)
             return
-        handle = load_model(model, dtype=dtype, device=device, device_map=device_map,
-                            trust_remote_code=trust_remote_code)
+        handle = load_model(model, **load)
         if not handle.is_moe:
             raise DeepSeeMoEError(f"{model} has no MoE layers to ablate")
-        source = TextSource(data, domain_field=domain_field)
-        batches = list(pack_documents(handle.require_tokenizer(), iter_documents(source), ctx_len=handle.check_ctx_len(ctx_len),
-                                      batch_size=batch_size, max_tokens=tokens))
 
         def parse(s: str | None) -> list[int] | None:
             return [int(v) for v in s.split(",")] if s else None
 
-        result = run_causal_checks(handle, batches, layers=parse(layers), experts=parse(experts), seed=seed)
+        result = run_causal_checks(handle, heldout_batches(handle, data, **text), layers=parse(layers),
+                                   experts=parse(experts), seed=seed)
         result["model"] = handle.name
         figures: list = []
         path = save_ablation(out, result, lambda folder: figures.extend(causal_figures(result, folder)))
-        table = Table(title=f"ΔCE (nats/token) on {result['tokens']:,} held-out tokens")
-        for c in ("layer", "random routing", "top-1 only", "max expert ablation", "its control",
-                  "ρ(load, ΔCE)"):
-            table.add_column(c, justify="right")
-        corr = {c["layer"]: c for c in result["observational_vs_causal"]}
-        for r in result["layers"]:
-            mine = [e for e in result["experts"] if e["layer"] == r["layer"]]
-            worst = max(mine, key=lambda e: e["ablate_delta_ce"]) if mine else None
-            table.add_row(str(r["layer"]), f"{r['random_routing_delta_ce']:.4f}", f"{r['top1_only_delta_ce']:.4f}",
-                          f"{worst['ablate_delta_ce']:.4f} (E{worst['expert']})" if worst else "—",
-                          f"{worst['control_delta_ce']:.4f}" if worst else "—",
-                          f"{corr[r['layer']]['spearman_load']:.2f}" if r["layer"] in corr else "—")
         console = out_console()
-        console.print(table)
-        for s in result["disable_top_r"]:
-            console.print(f"  top-{s['disabled_top_r']} experts disabled in every layer: ΔCE {s['delta_ce']:.4f}")
+        console.print(*terminal.causal_checks(result), sep="\n")
         console.print(f"[green]→ {path}[/] and {len(figures)} figures")
 
 
-def _remove(model: str, twin: str | None, data: str, out: Path, *, tokens: int, ctx_len: int, batch_size: int,
-            domain_field: str, target: str, budget: float | None, units: int | None, kinds: tuple[str, ...],
-            draws: int, seed: int, load: dict, dictionary: str | None = None) -> None:
-    from rich.table import Table
-
+def _remove(model: str, twin: str | None, data: str, out: Path, *, target: str, budget: float | None,
+            units: int | None, kinds: str, draws: int, seed: int, dictionary: str | None, load: dict,
+            text: dict) -> None:
+    """`ablate --target`: the options checked before any model loads, then `removal_study` on the model
+    (and its twin) at one budget."""
     from deepseemoe.causal.figures import removal_figure
-    from deepseemoe.causal.removal import removal_study
-    from deepseemoe.data.sources import TextSource, iter_documents
-    from deepseemoe.data.tokens import pack_documents
+    from deepseemoe.causal.removal import KINDS, Target, check_budget, load_dictionary, removal_study
+    from deepseemoe.data.tokens import heldout_batches
+    from deepseemoe.errors import DeepSeeMoEError
     from deepseemoe.models.load import load_model
     from deepseemoe.progress import out_console
+    from deepseemoe.report import terminal
     from deepseemoe.runs.study import save_removal
 
+    Target.check(target)
+    check_budget(budget)
+    wanted = tuple(k for k in kinds.split(",") if k)
+    bad = [k for k in wanted if k not in KINDS]
+    if bad or not wanted:
+        raise DeepSeeMoEError(f"--kinds {kinds!r}: unknown {bad}; choose from {', '.join(KINDS)}")
     coder = None
     if dictionary is not None:
-        from deepseemoe.causal.removal import load_dictionary
-        from deepseemoe.errors import DeepSeeMoEError
-
         run_dir, _, name = dictionary.rpartition(":")
         if not run_dir or not name:
             raise DeepSeeMoEError(f"--dictionary {dictionary!r}: give RUN_DIR:NAME, e.g. runs/dicts:sae_block_in_7")
         coder = load_dictionary(run_dir, dictionary_name(run_dir, name))
     sides = []
     for name in (model, twin):
-        if name is None:
-            continue
-        handle = load_model(name, **load)
-        source = TextSource(data, domain_field=domain_field)
-        batches = list(pack_documents(handle.require_tokenizer(), iter_documents(source),
-                                      ctx_len=handle.check_ctx_len(ctx_len), batch_size=batch_size, max_tokens=tokens))
-        sides.append(("moe" if handle.is_moe else "dense", handle, batches))
+        if name is not None:
+            handle = load_model(name, **load)
+            sides.append(("moe" if handle.is_moe else "dense", handle, heldout_batches(handle, data, **text)))
     if twin and sides[0][0] == sides[1][0]:
         sides = [("model", sides[0][1], sides[0][2]), ("twin", sides[1][1], sides[1][2])]
-    result = removal_study(sides, target, budget=budget, units=units, kinds=kinds, draws=draws, seed=seed,
+    result = removal_study(sides, target, budget=budget, units=units, kinds=wanted, draws=draws, seed=seed,
                            progress=True, dictionary=coder)
     path = save_removal(out, result, lambda p: removal_figure(result, p))
-    table = Table(title=f"Removing {result['target']['label']}: ΔCE (nats/token) on held-out predictions")
-    for c in ("model", "units", "kind", "target", "off-target", "gap", "random: target", "random: off-target"):
-        table.add_column(c, justify="right")
-    for label, m in result["models"].items():
-        for kind, r in m["kinds"].items():
-            rnd = r["random"] or {}
-            table.add_row(label, f"{r['units']}/{r['of']}", kind, f"{r['selected']['target']:.4f}",
-                          f"{r['selected']['off_target']:.4f}", f"{r['selected']['gap']:.4f}",
-                          f"{rnd.get('target', float('nan')):.4f}", f"{rnd.get('off_target', float('nan')):.4f}")
     console = out_console()
-    console.print(table)
+    console.print(terminal.removal(result))
     console.print(f"[green]→ {path}[/]")

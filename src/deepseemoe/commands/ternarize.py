@@ -31,12 +31,13 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Ternarise a model's experts and router (or a dense model's MLPs) by BitNet's absmean rule: the share
         of zero trits per tensor and, with --data, the loss per domain before and after."""
-        from rich.table import Table
-
+        from deepseemoe.compare.ternary import ternary_study
+        from deepseemoe.data.tokens import heldout_batches
         from deepseemoe.errors import DeepSeeMoEError
         from deepseemoe.models.load import load_model
-        from deepseemoe.models.ternary import PARTS, ternarize_model, ternary_record, ternary_targets
+        from deepseemoe.models.ternary import PARTS, save_ternary_model, ternary_targets
         from deepseemoe.progress import out_console
+        from deepseemoe.report import terminal
 
         wanted = tuple(p for p in parts.split(",") if p)
         if per not in ("tensor", "row"):
@@ -57,58 +58,13 @@ def register(app: typer.Typer) -> None:
             raise DeepSeeMoEError(f"{model} has no tensors of the parts {','.join(wanted)} (experts and router need "
                                   "an MoE, mlp a dense model); choose other --parts")
         ternary_targets(handle, present)
-        meter = None
-        if data:
-            from deepseemoe.causal.checks import LossMeter, token_domains
-            from deepseemoe.data.sources import TextSource, iter_documents
-            from deepseemoe.data.tokens import pack_documents
-
-            batches = list(pack_documents(handle.require_tokenizer(),
-                                          iter_documents(TextSource(data, domain_field=domain_field)),
-                                          ctx_len=handle.check_ctx_len(ctx_len), batch_size=batch_size,
-                                          max_tokens=tokens))
-            meter = LossMeter(handle, batches, [token_domains(b) for b in batches])
-        tensors = ternarize_model(handle, present, per)
-        result = {"model": handle.name, **ternary_record(present, per, tensors)}
-        if meter is not None:
-            result["loss"] = loss_before_after(meter)
-        save_model_folder(handle, out, result)
+        batches = heldout_batches(handle, data, tokens=tokens, ctx_len=ctx_len, batch_size=batch_size,
+                                  domain_field=domain_field) if data else None
+        result = ternary_study(handle, present, per, batches)
+        save_ternary_model(handle, out, result)
         console = out_console()
-        console.print(f"{len(tensors)} tensors ternarised ({', '.join(present)}, scale per {per}); "
+        console.print(f"{len(result['tensors'])} tensors ternarised ({', '.join(present)}, scale per {per}); "
                       f"{100 * result['zero_share']:.1f}% of their trits are 0")
         if "loss" in result:
-            table = Table(title="held-out loss, nats/token")
-            for c in ("domain", "float", "ternary", "Δ"):
-                table.add_column(c, justify="right")
-            for d, r in result["loss"].items():
-                table.add_row(d, f"{r['float']:.4f}", f"{r['ternary']:.4f}", f"{r['ternary'] - r['float']:+.4f}")
-            console.print(table)
+            console.print(terminal.ternary_loss(result))
         console.print(f"[green]→ {out}[/]")
-
-
-def save_model_folder(handle, out: Path, result: dict) -> None:
-    """The model, its tokenizer and ternary.json, built beside `out` and swapped in whole, so an
-    interrupted run leaves no half-written model folder."""
-    from deepseemoe.models.ternary import TERNARY_JSON
-    from deepseemoe.runs.atomic import atomic_write_json
-    from deepseemoe.runs.lock import atomic_dir
-
-    def write(tmp: Path) -> None:
-        handle.model.save_pretrained(tmp)
-        if handle.tokenizer is not None:
-            handle.tokenizer.save_pretrained(tmp)
-        atomic_write_json(tmp / TERNARY_JSON, result)
-
-    atomic_dir(out, write)
-
-
-def loss_before_after(meter) -> dict[str, dict[str, float]]:
-    """Per domain and over all ('all'): the clean loss `meter` measured and the loss of the model now."""
-    after = meter.measure()
-    clean = meter.clean_loss()
-    out = {d: {"float": clean["by_domain"][d], "ternary": clean["by_domain"][d] + after["by_domain"][d],
-               "predictions": clean["predictions"][d]} for d in sorted(after["by_domain"])}
-    if out:
-        out["all"] = {"float": clean["ce"], "ternary": clean["ce"] + after["delta_ce"],
-                      "predictions": sum(v["predictions"] for v in out.values())}
-    return out

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -176,3 +177,18 @@ def baked_state_dict(model: nn.Module, targets: list[TernaryTarget]) -> dict[str
     for t in targets:
         state[t.name] = getattr(t.module, t.attr).detach().clone()
     return state
+
+
+def save_ternary_model(handle: ModelHandle, out: Path, result: dict) -> None:
+    """The model, its tokenizer and ternary.json, built beside `out` and swapped in whole, so an
+    interrupted run leaves no half-written model folder."""
+    from deepseemoe.runs.atomic import atomic_write_json
+    from deepseemoe.runs.lock import atomic_dir
+
+    def write(tmp: Path) -> None:
+        handle.model.save_pretrained(tmp)
+        if handle.tokenizer is not None:
+            handle.tokenizer.save_pretrained(tmp)
+        atomic_write_json(tmp / TERNARY_JSON, result)
+
+    atomic_dir(out, write)

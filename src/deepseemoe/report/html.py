@@ -329,21 +329,10 @@ def _where(study: Study, result) -> str:
 
 def _causal(result, folder: str) -> dict:
     """The causal-checks section of one ablation folder."""
+    from deepseemoe.report.tables import causal_rows
+
     c = result.doc
-    corr = {r["layer"]: r for r in c["observational_vs_causal"]}
-    layers = []
-    for r in c["layers"]:
-        mine = [e for e in c["experts"] if e["layer"] == r["layer"]]
-        worst = max(mine, key=lambda e: e["ablate_delta_ce"])
-        layers.append({"layer": r["layer"], "random": r["random_routing_delta_ce"],
-                       "top1": r["top1_only_delta_ce"],
-                       "worst": worst["ablate_delta_ce"], "worst_expert": worst["expert"],
-                       "control": worst["control_delta_ce"],
-                       "mean_ablate": sum(e["ablate_delta_ce"] for e in mine) / len(mine),
-                       "mean_control": sum(e["control_delta_ce"] for e in mine) / len(mine),
-                       "rho_load": corr.get(r["layer"], {}).get("spearman_load"),
-                       "rho_norm": corr.get(r["layer"], {}).get("spearman_output_norm")})
-    return {"folder": folder, "layers": layers, "sweep": c["disable_top_r"], "tokens": c["tokens"],
+    return {"folder": folder, "layers": causal_rows(c), "sweep": c["disable_top_r"], "tokens": c["tokens"],
             "figures": [_png(p) for p in result.figures]}
 
 

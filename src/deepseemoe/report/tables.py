@@ -1,5 +1,6 @@
-"""The model comparison (MoE vs dense, and experts trained separately) as one table: markdown, and
-the rows the HTML report embeds; and the rows of a behaviour's removal (`ablate --target`)."""
+"""Results as the rows every reader shows — the HTML report, the explorer and the verbs' terminal
+tables (`report.terminal`): the model comparison (MoE vs dense, and experts trained separately, also as
+markdown), a behaviour's removal (`ablate --target`) and the causal checks' layers (`ablate`)."""
 
 from __future__ import annotations
 
@@ -179,3 +180,39 @@ def removal_table(result: dict) -> RemovalTable:
     return RemovalTable(target=result["target"]["label"], share=result["budget"]["share"], draws=result["draws"],
                         predictions={label: m["evaluate_predictions"] for label, m in result["models"].items()},
                         rows=rows)
+
+
+@dataclass
+class CausalLayerRow:
+    """One MoE layer of the causal checks (ΔCE, nats/token): random routing and top-1-only routing in
+    that layer, the mean over its experts of ablation and of its load-matched control, the most
+    damaging expert with its control, and ρ (Spearman, across experts) of load and of output norm with
+    the ablation ΔCE. Expert figures are None when no expert of the layer was ablated."""
+
+    layer: int
+    random: float
+    top1: float
+    mean_ablate: float | None
+    mean_control: float | None
+    worst: float | None
+    worst_expert: int | None
+    control: float | None
+    rho_load: float | None
+    rho_norm: float | None
+
+
+def causal_rows(result: dict) -> list[CausalLayerRow]:
+    corr = {r["layer"]: r for r in result["observational_vs_causal"]}
+    rows = []
+    for r in result["layers"]:
+        mine = [e for e in result["experts"] if e["layer"] == r["layer"]]
+        worst = max(mine, key=lambda e: e["ablate_delta_ce"]) if mine else None
+        rows.append(CausalLayerRow(
+            layer=r["layer"], random=r["random_routing_delta_ce"], top1=r["top1_only_delta_ce"],
+            mean_ablate=float(np.mean([e["ablate_delta_ce"] for e in mine])) if mine else None,
+            mean_control=float(np.mean([e["control_delta_ce"] for e in mine])) if mine else None,
+            worst=worst["ablate_delta_ce"] if worst else None, worst_expert=worst["expert"] if worst else None,
+            control=worst["control_delta_ce"] if worst else None,
+            rho_load=corr.get(r["layer"], {}).get("spearman_load"),
+            rho_norm=corr.get(r["layer"], {}).get("spearman_output_norm")))
+    return rows
