@@ -6,6 +6,7 @@ Independent reference: the import statements themselves, read with `ast` (no imp
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import deepseemoe
@@ -70,22 +71,23 @@ def test_only_run_classes_build_paths_into_dictionary_runs():
                        + ", ".join(found))
 
 
-def test_the_old_analysis_names_import_the_moved_modules_and_warn():
-    """`deepseemoe.analysis.X` is kept one release for scripts: each old name is the moved module
-    itself, with a DeprecationWarning naming where it went; the package's own code never uses it."""
+def test_old_module_names_import_the_moved_modules_and_warn():
+    """Moved modules keep their old names one release for scripts: each old name is the moved module
+    itself, with a DeprecationWarning naming where it went; the package's own code never uses them."""
     import importlib
     import sys
     import warnings
 
-    from deepseemoe.analysis import MOVED
+    from deepseemoe.moved import MOVED
 
     for old, new in MOVED.items():
-        sys.modules.pop(f"deepseemoe.analysis.{old}", None)
+        sys.modules.pop(old, None)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            module = importlib.import_module(f"deepseemoe.analysis.{old}")
+            module = importlib.import_module(old)
         assert module is importlib.import_module(new)
         assert any(issubclass(w.category, DeprecationWarning) and new in str(w.message) for w in caught), old
-    users = [f"{p.relative_to(SRC)}" for p in sorted(SRC.rglob("*.py")) if p.parent.name != "analysis"
-             and "deepseemoe.analysis" in p.read_text()]
+        assert not (SRC.parent / (old.replace(".", "/") + ".py")).exists(), f"{old} is still a file"
+    users = [f"{p.relative_to(SRC)}: {old}" for p in sorted(SRC.rglob("*.py")) if p.name != "moved.py"
+             for old in MOVED if re.search(re.escape(old) + r"\b", p.read_text())]
     assert not users, users

@@ -18,7 +18,7 @@ Pipeline, one sub-package per stage, bottom to top:
     explain       descriptions of features and experts written by an LLM, and their scores
     report        the static report
     explore       the explorer: a live web app over run directories (`serve`)
-    demo, commands, cli    the verbs (and `analysis`, the old module names kept one release)
+    demo, commands, cli    the verbs (and `analysis`, the studies' old home: `moved` keeps its names one release)
 
 Imports point down this list only (tests/test_import_direction.py fails on a backward import);
 `errors`, `validate` and `progress` sit beneath everything. Heavy dependencies (torch, transformers) are
@@ -27,8 +27,12 @@ imported by the stages that use them, not here, so the CLI starts fast.
 
 __version__ = "0.1.0"
 
+from deepseemoe import moved as _moved
+
+_moved.install()
+
 STAGES: tuple[frozenset[str], ...] = (
-    frozenset({"errors", "validate", "progress", "distributed", "measures"}),
+    frozenset({"errors", "validate", "progress", "distributed", "measures", "moved"}),
     frozenset({"graphs"}),
     frozenset({"runs"}),
     frozenset({"data", "models", "zoo"}),

@@ -45,7 +45,7 @@ def test_decode_uses_only_the_allowed_slices_and_the_rest_stays_zero(w):
 
 def test_reach_is_checked():
     from deepseemoe.dictionaries.coder import CoderConfig
-    from deepseemoe.dictionaries.spec import CoderSpec
+    from deepseemoe.dictionaries.config import CoderSpec
     from deepseemoe.errors import DeepSeeMoEError
 
     with pytest.raises(DeepSeeMoEError, match="only for kind clt"):

@@ -8,10 +8,10 @@ import pytest
 import torch
 import yaml
 
+from deepseemoe.dictionaries.config import RunSpec
 from deepseemoe.dictionaries.evaluate import evaluate_run
 from deepseemoe.dictionaries.formats import load_native, save_native
-from deepseemoe.dictionaries.run import load_for_run, run_batches
-from deepseemoe.dictionaries.spec import RunSpec
+from deepseemoe.dictionaries.training import load_for_run, run_batches
 from deepseemoe.runs.dictionary import DictionaryRun
 
 

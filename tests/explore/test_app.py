@@ -334,7 +334,7 @@ def test_expert_pages_describe_only_the_studys_own_experts(study):
     """The demo describes the carved MoE's experts (study/carved/clustered/explanations/layer1): the
     tiny recipe's carve and trained MoE both have a layer 1, and the trained MoE's expert pages must not
     show the carved model's descriptions."""
-    from deepseemoe.explore.store import StudyView
+    from deepseemoe.explore.views import StudyView
 
     carved = study / "carved" / "clustered" / "explanations" / "layer1"
     assert (carved / "examples.json").exists()

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from transformers import FlexOlmoForCausalLM, Olmo2ForCausalLM
 
+from deepseemoe.models.handle import declared_expert_names
 from deepseemoe.models.load import load_model
-from deepseemoe.models.spec import declared_expert_names
 from deepseemoe.zoo.flexolmo import PUBLIC, SeparateRecipe, domain_embeddings, train_separate
 
 

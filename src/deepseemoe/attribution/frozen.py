@@ -47,7 +47,7 @@ from deepseemoe.models.experts import (
     has_fused_layout,
     recall_expert_outputs,
 )
-from deepseemoe.models.spec import ModelHandle, MoELayer
+from deepseemoe.models.handle import ModelHandle, MoELayer
 
 FROZEN_ATTENTION = "deepseemoe_frozen"
 

@@ -47,8 +47,8 @@ from deepseemoe.attribution.frozen import (
     shared_mlp,
 )
 from deepseemoe.errors import DeepSeeMoEError
+from deepseemoe.models.handle import ModelHandle
 from deepseemoe.models.routers import router_linear
-from deepseemoe.models.spec import ModelHandle
 
 KINDS = ("token", "feature", "error", "router", "expert", "shared", "mlp", "logit")
 

@@ -26,7 +26,7 @@ from deepseemoe.attribution.graph import AttributionGraph, layer_plans, node_inv
 from deepseemoe.capture.core import Site
 from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.interventions.sites import rewrite_site, routing_hooks
-from deepseemoe.models.spec import ModelHandle
+from deepseemoe.models.handle import ModelHandle
 
 
 def _demeaned(logits: torch.Tensor, v: int) -> float:

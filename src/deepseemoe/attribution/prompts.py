@@ -16,7 +16,7 @@ from deepseemoe.attribution.export import graph_json, perturbation_sentence, rou
 from deepseemoe.attribution.graph import AttributionGraph, build_graph, prune
 from deepseemoe.attribution.perturb import routing_perturbation
 from deepseemoe.errors import DeepSeeMoEError
-from deepseemoe.models.spec import ModelHandle
+from deepseemoe.models.handle import ModelHandle
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Protocol
 import torch
 
 from deepseemoe.errors import DeepSeeMoEError
-from deepseemoe.models.spec import ModelHandle, RoutingEvent
+from deepseemoe.models.handle import ModelHandle, RoutingEvent
 
 SITE_KINDS = (
     "resid_in",  # decoder layer input [T, D]

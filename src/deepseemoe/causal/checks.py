@@ -28,7 +28,7 @@ from deepseemoe.data.tokens import token_domains
 from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.interventions.loss import LossMeter
 from deepseemoe.interventions.routing import ablate, exclude, random_routing, route_intervention
-from deepseemoe.models.spec import ModelHandle, MoELayer, RoutingRewrite
+from deepseemoe.models.handle import ModelHandle, MoELayer, RoutingRewrite
 
 
 def spearman(a, b) -> float:

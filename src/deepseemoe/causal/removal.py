@@ -52,7 +52,7 @@ from deepseemoe.interventions.units import (
     zero_mlp_neurons,
 )
 from deepseemoe.models.experts import fused_expert_width, has_fused_layout
-from deepseemoe.models.spec import ModelHandle
+from deepseemoe.models.handle import ModelHandle
 
 KINDS = ("expert", "expert_neuron", "mlp_neuron", "attention_head", "feature", "module")
 TARGET, OTHER = "target", "off_target"

@@ -20,7 +20,7 @@ from deepseemoe.dictionaries.coder import Coder
 from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.interventions.loss import LossMeter
 from deepseemoe.interventions.sites import REWRITABLE, rewrite_site, routing_hooks, watch_routing
-from deepseemoe.models.spec import ModelHandle
+from deepseemoe.models.handle import ModelHandle
 
 
 class FeatureEdit:

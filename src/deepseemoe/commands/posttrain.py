@@ -67,7 +67,7 @@ def register(app: typer.Typer) -> None:
         if not chosen:
             chosen = list(STRATEGIES) if hint else [s for s in STRATEGIES if s not in HINTED]
         if log:
-            from deepseemoe.dictionaries.spec import check_loggers
+            from deepseemoe.dictionaries.config import check_loggers
 
             check_loggers(log)
         settings = PostTrainSettings(

@@ -20,7 +20,7 @@ def register(app: typer.Typer) -> None:
         """How many neighbouring layers a cross-layer transcoder should write to: one CLT per reach at equal
         latents and L0, every seed, evaluated on held-out text; one table (mean ± sd) with the elbow."""
         from deepseemoe.compare.sweep import SweepSettings, run_sweep
-        from deepseemoe.dictionaries.spec import load_yaml_mapping
+        from deepseemoe.dictionaries.config import load_yaml_mapping
         from deepseemoe.progress import out_console
 
         raw = load_yaml_mapping(config)

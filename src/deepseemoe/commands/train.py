@@ -40,8 +40,8 @@ def register(app: typer.Typer) -> None:
         """Train sparse dictionaries (SAEs, transcoders, router transcoders, crosscoders, CLTs)."""
         import os
 
-        from deepseemoe.dictionaries.run import train_run
-        from deepseemoe.dictionaries.spec import RunSpec, load_yaml_mapping
+        from deepseemoe.dictionaries.config import RunSpec, load_yaml_mapping
+        from deepseemoe.dictionaries.training import train_run
         from deepseemoe.errors import DeepSeeMoEError
         from deepseemoe.progress import out_console
 

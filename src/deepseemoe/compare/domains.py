@@ -29,7 +29,7 @@ from deepseemoe.data.tokens import token_domains
 from deepseemoe.interventions.loss import LossMeter
 from deepseemoe.interventions.routing import exclude, route_intervention
 from deepseemoe.measures import mutual_information, normalised_entropy
-from deepseemoe.models.spec import ModelHandle
+from deepseemoe.models.handle import ModelHandle
 
 
 def routing_counts(handle: ModelHandle, batches: list, class_of, n_classes: int) -> dict[int, dict]:

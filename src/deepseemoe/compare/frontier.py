@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from deepseemoe.dictionaries.config import CoderSpec, RunSpec
 from deepseemoe.dictionaries.evaluate import evaluate_run
-from deepseemoe.dictionaries.run import train_run
-from deepseemoe.dictionaries.spec import CoderSpec, RunSpec
 from deepseemoe.dictionaries.trainer import TrainConfig
+from deepseemoe.dictionaries.training import train_run
 from deepseemoe.runs.dictionary import EVALUATION, DictionaryRun
 
 METRICS = ("fvu", "l0", "dead", "delta_ce", "kl", "loss_recovered", "routing_preserved")

@@ -34,7 +34,7 @@ from deepseemoe.interventions.loss import LossMeter
 from deepseemoe.interventions.routing import ablate, route_intervention
 from deepseemoe.interventions.units import UnitActivity, zero_heads, zero_neurons
 from deepseemoe.measures import entropy
-from deepseemoe.models.spec import ModelHandle
+from deepseemoe.models.handle import ModelHandle
 
 
 def selectivity(mass: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -246,7 +246,7 @@ def _routing_by_domain(h: ModelHandle, select: list, evaluate: list, domains: li
         routing_counts,
         routing_summary,
     )
-    from deepseemoe.models.spec import declared_expert_names
+    from deepseemoe.models.handle import declared_expert_names
 
     declared = declared_expert_names(h.model.config)
     experts = max(m.num_experts for m in h.moe_layers.values())

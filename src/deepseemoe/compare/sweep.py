@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deepseemoe.dictionaries.spec import RunSpec
+from deepseemoe.dictionaries.config import RunSpec
 from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.measures import apart, over_seeds, plus_minus
 from deepseemoe.runs.sweep import SweepRun
@@ -294,7 +294,7 @@ def run_sweep(settings: SweepSettings, *, progress: bool = True, trust_remote_co
     `settings.autointerp` names with `autointerp(seed, seed's run folder)` → {dictionary: the
     summary of `explain.pipeline.run_score`}, and write the table."""
     from deepseemoe.dictionaries.evaluate import evaluate_run
-    from deepseemoe.dictionaries.run import train_run
+    from deepseemoe.dictionaries.training import train_run
     from deepseemoe.runs.dictionary import EVALUATION, DictionaryRun
 
     if settings.autointerp and autointerp is None:  # refused before anything is trained
@@ -361,7 +361,7 @@ def layer_profile(settings: SweepSettings, out: Path, *, trust_remote_code: bool
     from deepseemoe.capture.consumers import RoutingRecorder
     from deepseemoe.capture.core import run_capture
     from deepseemoe.data.tokens import token_domains
-    from deepseemoe.dictionaries.run import load_for_run, run_batches
+    from deepseemoe.dictionaries.training import load_for_run, run_batches
     from deepseemoe.interventions.loss import LossMeter
     from deepseemoe.interventions.routing import ablate, route_intervention
     from deepseemoe.measures import mutual_information

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from deepseemoe.data.tokens import token_domains
 from deepseemoe.interventions.loss import LossMeter
-from deepseemoe.models.spec import ModelHandle
+from deepseemoe.models.handle import ModelHandle
 from deepseemoe.models.ternary import ternarize_model, ternary_record
 
 

@@ -32,7 +32,7 @@ import torch
 
 from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.graphs.modules import aligned, find_modules, nmi
-from deepseemoe.models.spec import ModelHandle
+from deepseemoe.models.handle import ModelHandle
 
 
 @dataclass

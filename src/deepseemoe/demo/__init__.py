@@ -556,7 +556,7 @@ def _describe_separate(run_dir: Path, out_dir: Path, layer: int, backend, judge,
     from deepseemoe.compare.domains import descriptions_naming, preferred_domains
     from deepseemoe.data.demo_corpus import DOMAIN_WORDS
     from deepseemoe.explain.pipeline import demo_expert_explanations
-    from deepseemoe.models.spec import declared_expert_names
+    from deepseemoe.models.handle import declared_expert_names
     from deepseemoe.report.tables import comparison_markdown
     from deepseemoe.runs.explanations import ExplanationStore
     from deepseemoe.runs.study import COMPARISON, save_comparison

@@ -22,11 +22,11 @@ def run_demo_analyses(moe_dir: Path, dense_dir: Path, corpus_dir: Path, out_dir:
     from deepseemoe.compare.selectivity import compare_models
     from deepseemoe.data.sources import TextSource, iter_documents
     from deepseemoe.data.tokens import pack_documents
+    from deepseemoe.dictionaries.config import CoderSpec, RunSpec
     from deepseemoe.dictionaries.evaluate import evaluate_run
-    from deepseemoe.dictionaries.run import train_run
-    from deepseemoe.dictionaries.spec import CoderSpec, RunSpec
     from deepseemoe.dictionaries.trained import TrainedRun
     from deepseemoe.dictionaries.trainer import TrainConfig
+    from deepseemoe.dictionaries.training import train_run
     from deepseemoe.features.map import compute_map
     from deepseemoe.models.load import load_model
     from deepseemoe.report.tables import comparison_markdown

@@ -31,7 +31,7 @@ from deepseemoe.dictionaries.coder import Coder
 from deepseemoe.dictionaries.stream import model_stream
 from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.interventions.sites import REWRITABLE, rewrite_site, routing_hooks, watch_routing
-from deepseemoe.models.spec import ModelHandle
+from deepseemoe.models.handle import ModelHandle
 
 DENSE_FRACTION = 0.10
 SPLICEABLE_SAE_SITES = REWRITABLE
@@ -222,7 +222,7 @@ def evaluate_run(run_dir: str | Path, *, data: str | None = None, tokens: int = 
     pools = {name: SegmentPool() for name in coders} if benchmarks else None
     # expert alignment: the features of a dictionary whose input feeds an MoE layer against that layer's routing
     from deepseemoe.dictionaries.alignment import AlignmentCounts
-    from deepseemoe.models.spec import fed_moe_layer
+    from deepseemoe.models.handle import fed_moe_layer
 
     aligned = {}
     for name, (coder, m) in coders.items() if benchmarks else ():

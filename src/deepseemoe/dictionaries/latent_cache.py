@@ -26,7 +26,7 @@ from safetensors.numpy import save_file
 from deepseemoe.capture.core import Site
 from deepseemoe.dictionaries.coder import Coder
 from deepseemoe.dictionaries.stream import model_stream
-from deepseemoe.models.spec import ModelHandle
+from deepseemoe.models.handle import ModelHandle
 from deepseemoe.runs.lock import atomic_dir
 
 

@@ -13,7 +13,7 @@ import torch
 from deepseemoe.capture.consumers import ActivationCollector
 from deepseemoe.capture.core import Site, run_capture
 from deepseemoe.data.tokens import PackedBatch
-from deepseemoe.models.spec import ModelHandle
+from deepseemoe.models.handle import ModelHandle
 
 SiteGroup = Site | Sequence[Site]
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from deepseemoe.capture.core import Site
 from deepseemoe.dictionaries.coder import Coder
+from deepseemoe.dictionaries.config import RunSpec
 from deepseemoe.dictionaries.formats import load_run_dictionary
-from deepseemoe.dictionaries.spec import RunSpec
-from deepseemoe.models.spec import ModelHandle
+from deepseemoe.models.handle import ModelHandle
 from deepseemoe.runs.dictionary import DictionaryRun
 
 
@@ -77,7 +77,7 @@ class TrainedRun:
     def model(self) -> ModelHandle:
         """The run's model on this command's device, loaded once."""
         if self._handle is None:
-            from deepseemoe.dictionaries.run import load_for_run
+            from deepseemoe.dictionaries.training import load_for_run
 
             self._handle = load_for_run(self.spec, self.spec.model_device, trust_remote_code=self.trust_remote_code)
         return self._handle
@@ -86,7 +86,7 @@ class TrainedRun:
         """Packed batches (data.tokens.PackedBatch) of the run's text, or of `data` read with the run's
         field settings; packed once per (data, batch_size, tokens) (the demo maps each dictionary on the
         same text). Read them, do not change them."""
-        from deepseemoe.dictionaries.run import run_batches
+        from deepseemoe.dictionaries.training import run_batches
 
         key = (data, batch_size, tokens)
         if key not in self._batches:

@@ -1,6 +1,6 @@
 """The explorer (`deepseemoe serve`): a live web app over run directories.
 
-    store.py    what the pages show, read from run directories through runs/ and nothing else;
+    views.py    what the pages show, read from run directories through runs/ and nothing else;
                 every query is bounded (one shard, one document, one unit), never a whole table
     live.py     the model-backed views: a typed text's routing, and interventions on it
     app.py      the web app (Starlette via FastAPI, Jinja templates, vendored static assets) and

@@ -18,7 +18,7 @@ from fastapi import Request  # at module level: the routes' annotations are reso
 
 from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.explore.live import Intervention, Limits, LiveModel
-from deepseemoe.explore.store import NotServed, StudyView, url_id
+from deepseemoe.explore.views import NotServed, StudyView, url_id
 
 MAX_QUERY = 200  # characters of a search
 

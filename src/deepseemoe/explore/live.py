@@ -24,7 +24,7 @@ from deepseemoe.data.sources import Document
 from deepseemoe.data.token_text import token_texts
 from deepseemoe.data.tokens import pack_documents
 from deepseemoe.errors import DeepSeeMoEError
-from deepseemoe.models.spec import ModelHandle
+from deepseemoe.models.handle import ModelHandle
 from deepseemoe.report.components import Strip, show_token
 
 ALTERNATIVES = 3  # the router's best unchosen experts shown per cell

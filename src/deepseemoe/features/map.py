@@ -30,11 +30,11 @@ from deepseemoe.features.statistics import (
     routing_prediction,
     top_examples,
 )
-from deepseemoe.models.spec import fed_moe_layer
+from deepseemoe.models.handle import fed_moe_layer
 
 
 def fed_layer(source: list[Site], moe_layers: list[int]) -> int:
-    """The MoE layer a source site feeds (models.spec.fed_moe_layer), refused when there is none."""
+    """The MoE layer a source site feeds (models.handle.fed_moe_layer), refused when there is none."""
     layer = fed_moe_layer(source[0], moe_layers)
     if layer is None:
         start = source[0].layer + 1 if source[0].kind == "resid_out" else source[0].layer

@@ -29,8 +29,8 @@ from deepseemoe.capture.core import Site
 from deepseemoe.dictionaries.coder import Coder
 from deepseemoe.dictionaries.stream import model_stream
 from deepseemoe.measures import entropy
+from deepseemoe.models.handle import ModelHandle
 from deepseemoe.models.routers import router_linear
-from deepseemoe.models.spec import ModelHandle
 
 
 def router_attribution(coder: Coder, x: torch.Tensor, W_r: torch.Tensor, b_r: torch.Tensor | None) -> dict:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from deepseemoe.data.tokens import counted_predictions
-from deepseemoe.models.spec import ModelHandle
+from deepseemoe.models.handle import ModelHandle
 
 
 @contextmanager

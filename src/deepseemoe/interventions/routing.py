@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 
 from deepseemoe.errors import DeepSeeMoEError
-from deepseemoe.models.spec import ModelHandle, MoELayer, RoutingRewrite
+from deepseemoe.models.handle import ModelHandle, MoELayer, RoutingRewrite
 
 
 def _banned_mask(layer: MoELayer, experts: Iterable[int], device) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 
 from deepseemoe.capture.core import Site
 from deepseemoe.errors import DeepSeeMoEError
-from deepseemoe.models.spec import ModelHandle
+from deepseemoe.models.handle import ModelHandle
 
 REWRITABLE = ("resid_in", "resid_out", "block_in", "block_out")
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from deepseemoe.models.experts import silenced_expert_neurons
-from deepseemoe.models.spec import ModelHandle
+from deepseemoe.models.handle import ModelHandle
 
 
 class UnitActivity:

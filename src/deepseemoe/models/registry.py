@@ -27,8 +27,8 @@ from deepseemoe.models.experts import (
     repack_experts_call,
     unpack_experts_call,
 )
+from deepseemoe.models.handle import DenseMLP, MoEAdapter, MoELayer, RoutingEvent, RoutingRewrite
 from deepseemoe.models.routers import router_family
-from deepseemoe.models.spec import DenseMLP, MoEAdapter, MoELayer, RoutingEvent, RoutingRewrite
 
 ROUTER_ATTRS = ("gate", "router")
 SHARED_ATTRS = ("shared_experts", "shared_expert", "shared_mlp")

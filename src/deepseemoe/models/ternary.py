@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from deepseemoe.errors import DeepSeeMoEError
-from deepseemoe.models.spec import ModelHandle
+from deepseemoe.models.handle import ModelHandle
 
 PARTS = ("experts", "router", "mlp")
 TERNARY_JSON = "ternary.json"  # beside a ternary model: which tensors, their zero shares

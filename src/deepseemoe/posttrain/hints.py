@@ -21,7 +21,7 @@ import torch
 
 from deepseemoe.capture.core import Site
 from deepseemoe.errors import DeepSeeMoEError
-from deepseemoe.models.spec import ModelHandle
+from deepseemoe.models.handle import ModelHandle
 
 UPSTREAM = ("resid_in", "block_in")  # sites at the hint layer that its router reads or precedes
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from deepseemoe.errors import DeepSeeMoEError
-from deepseemoe.models.spec import ModelHandle
+from deepseemoe.models.handle import ModelHandle
 
 STRATEGIES = ("all", "frozen-router", "router-only", "experts-by-hint", "router-by-hint", "random-experts")
 HINTED = ("experts-by-hint", "router-by-hint", "random-experts")

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from deepseemoe.measures import mutual_information, normalised_entropy
-from deepseemoe.models.spec import ModelHandle
+from deepseemoe.models.handle import ModelHandle
 
 
 @dataclass

@@ -25,7 +25,7 @@ import torch
 
 from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.measures import apart, over_seeds, plus_minus
-from deepseemoe.models.spec import ModelHandle
+from deepseemoe.models.handle import ModelHandle
 from deepseemoe.posttrain import hints as hint_lib
 from deepseemoe.posttrain.lora import HINTED, STRATEGIES, apply_lora, merged, require_peft, strategy_targets
 from deepseemoe.posttrain.measure import Snapshot, compare, hint_held, snapshot
@@ -316,7 +316,7 @@ def post_train(settings: PostTrainSettings, *, trust_remote_code: bool = False, 
         run.point(name)
     # the loaded base models serve their first point (a fresh copy is loaded for every later one)
     spare = {False: handle, True: dense_handle}
-    from deepseemoe.dictionaries.run import MetricSinks
+    from deepseemoe.dictionaries.training import MetricSinks
     from deepseemoe.progress import progress_bar
 
     # metrics.jsonl of every step, and wandb / tensorboard / trackio when asked for

@@ -18,7 +18,7 @@ from deepseemoe.data.token_text import token_texts
 from deepseemoe.data.tokens import pack_documents
 from deepseemoe.distributed import World
 from deepseemoe.errors import DeepSeeMoEError, failure_line
-from deepseemoe.models.spec import ModelHandle
+from deepseemoe.models.handle import ModelHandle
 from deepseemoe.runs.routing import RoutingRunWriter
 
 

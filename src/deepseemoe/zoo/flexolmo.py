@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from deepseemoe.errors import DeepSeeMoEError
-from deepseemoe.models.spec import EXPERT_NAMES
+from deepseemoe.models.handle import EXPERT_NAMES
 from deepseemoe.runs.atomic import atomic_write_json, read_json
 from deepseemoe.zoo.recipes import Recipe, get_recipe
 from deepseemoe.zoo.train import (

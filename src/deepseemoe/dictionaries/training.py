@@ -17,13 +17,13 @@ import torch
 
 from deepseemoe.dictionaries.activation_cache import ActivationCacheWriter, cache_state, cached_stream
 from deepseemoe.dictionaries.coder import Coder, build_coder
+from deepseemoe.dictionaries.config import CoderSpec, RunSpec
 from deepseemoe.dictionaries.formats import save_circuit_tracer, save_native, save_saelens, save_sparsify
-from deepseemoe.dictionaries.spec import CoderSpec, RunSpec
 from deepseemoe.dictionaries.stream import model_stream
 from deepseemoe.dictionaries.trainer import CoderTrainer
 from deepseemoe.distributed import join
 from deepseemoe.errors import DeepSeeMoEError, keep
-from deepseemoe.models.spec import ModelHandle
+from deepseemoe.models.handle import ModelHandle
 from deepseemoe.runs import stamp
 from deepseemoe.runs.atomic import atomic_write_bytes
 from deepseemoe.runs.dictionary import DictionaryRun
