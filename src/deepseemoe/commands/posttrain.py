@@ -85,5 +85,5 @@ def register(app: typer.Typer) -> None:
                     f"{h['routed_before']:.1%} of hint tokens on them before training")
         if result.reused:
             c.print(f"reused {len(result.reused)} finished point(s) of an earlier run")
-        c.print((result.run.path / "table.md").read_text())
+        c.print(result.run.table_markdown())
         c.print(f"[green]→ {result.run.path}[/]")

@@ -29,18 +29,18 @@ def register(app: typer.Typer) -> None:
         settings = SweepSettings.from_dict(raw)
         autointerp = None
         if settings.autointerp:  # the explainer is made (or refused) before anything is trained
-            from deepseemoe.commands.explain import make_backend
+            from deepseemoe.explain.backends import chat_backend
             from deepseemoe.explain.sweep import seed_scorer
 
             ai = settings.autointerp
-            backend = make_backend(ai["backend"], ai.get("url"), ai.get("model"), ai.get("api_key_env"), 4, None,
-                                   None, trust_remote_code)
-            judge = make_backend(ai["judge"], ai.get("url"), ai.get("model"), ai.get("api_key_env"), 4, None, None,
-                                 trust_remote_code) if ai.get("judge") else None
+            backend = chat_backend(ai["backend"], ai.get("url"), ai.get("model"), ai.get("api_key_env"),
+                                   trust_remote_code=trust_remote_code)
+            judge = chat_backend(ai["judge"], ai.get("url"), ai.get("model"), ai.get("api_key_env"),
+                                 trust_remote_code=trust_remote_code) if ai.get("judge") else None
             autointerp = seed_scorer(settings, backend, judge, trust_remote_code=trust_remote_code)
         c = out_console()
         result = run_sweep(settings, trust_remote_code=trust_remote_code, echo=c.print, autointerp=autointerp)
         if result.reused:
             c.print(f"reused the finished seed(s) {result.reused}")
-        print((result.run.path / "table.md").read_text())
+        print(result.run.table_markdown())
         c.print(f"[green]→ {result.run.path}[/]")

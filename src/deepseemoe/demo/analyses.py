@@ -20,8 +20,7 @@ def run_demo_analyses(moe_dir: Path, dense_dir: Path, corpus_dir: Path, out_dir:
     from deepseemoe.causal.figures import causal_figures
     from deepseemoe.compare.frontier import dictionary_comparison
     from deepseemoe.compare.selectivity import compare_models
-    from deepseemoe.data.sources import TextSource, iter_documents
-    from deepseemoe.data.tokens import pack_documents
+    from deepseemoe.data.tokens import heldout_batches
     from deepseemoe.dictionaries.config import CoderSpec, RunSpec
     from deepseemoe.dictionaries.evaluate import evaluate_run
     from deepseemoe.dictionaries.trained import TrainedRun
@@ -66,17 +65,13 @@ def run_demo_analyses(moe_dir: Path, dense_dir: Path, corpus_dir: Path, out_dir:
     graphs = demo_graphs(run, [c.name for c in spec.coders], out_dir / "run")
 
     moe, dense = load_model(str(moe_dir)), load_model(str(dense_dir))
-    source = TextSource(val, domain_field="domain")
-
-    def batches(h, tokens):
-        return list(pack_documents(h.tokenizer, iter_documents(source), ctx_len=ctx_len, batch_size=8,
-                                   max_tokens=tokens))
-
-    causal = run_causal_checks(moe, batches(moe, eval_tokens), progress=False)
+    moe_text, dense_text = (heldout_batches(h, val, tokens=eval_tokens, ctx_len=ctx_len) for h in (moe, dense))
+    causal = run_causal_checks(moe, moe_text, progress=False)
     save_ablation(out_dir / "ablate", causal, lambda folder: causal_figures(causal, folder))
     third = load_model(str(separate.model_dir)) if separate is not None else None
-    comparison = compare_models(moe, dense, batches(moe, eval_tokens), batches(dense, eval_tokens), separate=third,
-                                batches_separate=batches(third, eval_tokens) if third is not None else None,
+    comparison = compare_models(moe, dense, moe_text, dense_text, separate=third,
+                                batches_separate=heldout_batches(third, val, tokens=eval_tokens, ctx_len=ctx_len)
+                                if third is not None else None,
                                 max_units_per_kind=16)
     models = {"moe": str(moe_dir), "dense": str(dense_dir)}
     if separate is not None:
@@ -87,7 +82,7 @@ def run_demo_analyses(moe_dir: Path, dense_dir: Path, corpus_dir: Path, out_dir:
                                             out_dir / "compare", layer=layer, ks=[8, 16], expansion_factor=8,
                                             tokens=train_tokens, eval_tokens=eval_tokens, ctx_len=ctx_len))
     save_comparison(out_dir / "compare", comparison, comparison_markdown(comparison))
-    removal = demo_removal(moe, dense, batches(moe, eval_tokens), batches(dense, eval_tokens), out_dir / "remove",
+    removal = demo_removal(moe, dense, moe_text, dense_text, out_dir / "remove",
                            dictionary=(dict_dir, f"sae_block_in_{layer}"))
     return {"evaluation": evaluation, "maps": maps, "graphs": graphs, "causal": causal, "comparison": comparison,
             "removal": removal}

@@ -359,3 +359,32 @@ class Cached:
                     self.db.execute("INSERT OR REPLACE INTO answers VALUES (?, ?)", (keys[i], json.dumps(verdict)))
             self.db.commit()
         return [found[k] for k in keys]
+
+
+BACKENDS = ("smollm2", "openai", "local", "embedding")
+
+
+def chat_backend(backend: str, url: str | None, model: str | None, api_key_env: str | None, concurrency: int = 4,
+                 rate_limit: float | None = None, cache: Path | None = None, trust_remote_code: bool = False):
+    """The writer or judge `backend` names (one of BACKENDS), a writer's answers cached in SQLite (`cache`,
+    default $DEEPSEEMOE_CACHE/explain/answers.sqlite; the embedding judge is fast and uncached); a bad choice or missing setting is refused before any work."""
+    from deepseemoe.zoo.train import default_cache_dir
+
+    if backend not in BACKENDS:
+        raise DeepSeeMoEError(f"--backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    root = default_cache_dir()
+    if backend == "embedding":  # a judge, not a writer; fast enough that its answers are not cached
+        from deepseemoe.explain.embedding import EmbeddingJudge
+
+        return EmbeddingJudge.minilm()
+    if backend == "openai":
+        if not url or not model:
+            raise DeepSeeMoEError("--backend openai needs --url (e.g. http://127.0.0.1:8000/v1) and --model")
+        chat = OpenAIChat(url, model, api_key_env=api_key_env, concurrency=concurrency, rate_limit=rate_limit)
+    elif backend == "local":
+        if not model:
+            raise DeepSeeMoEError("--backend local needs --model (a transformers model folder or hub id)")
+        chat = LocalChat.from_pretrained(model, trust_remote_code=trust_remote_code)
+    else:
+        chat = LocalChat.smollm2(root / "explain")
+    return Cached(chat, Path(cache) if cache else root / "explain" / "answers.sqlite")

@@ -111,6 +111,9 @@ class PostTrainRun:
     def table(self) -> dict:
         return read_json(self.path / TABLE, f"remove {self.path} and run `deepseemoe post-train` again")
 
+    def table_markdown(self) -> str:
+        return (self.path / TABLE_MD).read_text()
+
     def point_names(self) -> list[str]:
         folder = self.path / POINTS
         return sorted(p.name for p in folder.iterdir() if (p / RESULT).exists()) if folder.is_dir() else []

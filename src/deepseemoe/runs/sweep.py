@@ -68,5 +68,8 @@ class SweepRun:
     def table(self) -> dict:
         return read_json(self.path / TABLE, f"remove {self.path / TABLE} and run the sweep again")
 
+    def table_markdown(self) -> str:
+        return (self.path / TABLE_MD).read_text()
+
     def figures(self) -> list[Path]:
         return sorted((self.path / FIGURES).glob("*.png"))
