@@ -23,6 +23,20 @@ def dtype_option():
     return typer.Option(None, "--dtype", help="The model's dtype: float32, bfloat16 or float16 (default: as saved).")
 
 
+def batch_size_option():
+    return typer.Option(8, min=1, help="Contexts per forward pass.")
+
+
+def run_device_option():
+    """--device of the verbs that read a trained dictionary run (its model and its coders)."""
+    return typer.Option(None, help="Device for the model and the coders, e.g. cuda:0 (default: the run's).")
+
+
+def model_device_option():
+    """--device of the verbs that load a model by name."""
+    return typer.Option(None, help="Device for the model, e.g. cuda:0 (default: CPU).")
+
+
 def dictionary_name(run_dir, name: str) -> str:
     """NAME of a dictionary of RUN_DIR, or its current name (with a warning) when NAME is one it had in
     an earlier version."""

@@ -8,9 +8,11 @@ from pathlib import Path
 import typer
 
 from deepseemoe.commands._options import (
+    batch_size_option,
     device_map_option,
     dictionary_name,
     dtype_option,
+    model_device_option,
     trust_remote_code_option,
 )
 
@@ -23,11 +25,11 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(..., "--out", help="Folder for ablation.json and figures."),
         tokens: int = typer.Option(20_000, min=1, help="Held-out tokens."),
         ctx_len: int = typer.Option(None, min=1, help="Context length (default: 256, or the model's position limit when smaller)."),
-        batch_size: int = typer.Option(8, min=1, help="Contexts per forward pass."),
+        batch_size: int = batch_size_option(),
         layers: str = typer.Option(None, help="MoE layers to ablate in, e.g. 0,3 (default: all)."),
         experts: str = typer.Option(None, help="Experts to ablate, e.g. 0,1,2 (default: all)."),
         domain_field: str = typer.Option("domain", help="Field holding each document's domain label."),
-        device: str = typer.Option(None, help="Device for the model."),
+        device: str = model_device_option(),
         dtype: str = dtype_option(),
         device_map: str = device_map_option(),
         seed: int = typer.Option(0, min=0, help="Seed of the random controls and random routing."),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from deepseemoe.commands._options import dictionary_name, trust_remote_code_option
+from deepseemoe.commands._options import dictionary_name, run_device_option, trust_remote_code_option
 
 
 def register(app: typer.Typer) -> None:
@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
                                                         "default: all."),
         perturb: int = typer.Option(8, min=0, help="Zero this many of the most influential features in the model "
                                                    "itself (routing free) and compare with the linear prediction."),
-        device: str = typer.Option(None, help="Device for the model and the coders (default: the run's)."),
+        device: str = run_device_option(),
         trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:
         """Which features decided each routing decision, what the chosen experts wrote, and how it reached the

@@ -6,7 +6,12 @@ from pathlib import Path
 
 import typer
 
-from deepseemoe.commands._options import device_map_option, trust_remote_code_option
+from deepseemoe.commands._options import (
+    batch_size_option,
+    device_map_option,
+    run_device_option,
+    trust_remote_code_option,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -15,8 +20,8 @@ def register(app: typer.Typer) -> None:
         run_dir: Path = typer.Argument(..., help="The --out folder of `deepseemoe train`."),
         data: str = typer.Option(None, help="Held-out text (default: the training data, which is not held out)."),
         tokens: int = typer.Option(20_000, min=1, help="Evaluation tokens."),
-        batch_size: int = typer.Option(8, min=1, help="Contexts per forward pass."),
-        device: str = typer.Option(None, help="Device for the model and coders (default: the run's)."),
+        batch_size: int = batch_size_option(),
+        device: str = run_device_option(),
         device_map: str = device_map_option(),
         trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import typer
 
-from deepseemoe.commands._options import device_map_option, dictionary_name, trust_remote_code_option
+from deepseemoe.commands._options import (
+    batch_size_option,
+    device_map_option,
+    dictionary_name,
+    run_device_option,
+    trust_remote_code_option,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -16,9 +22,9 @@ def register(app: typer.Typer) -> None:
         dictionary: list[str] = typer.Option(None, "--dictionary", help="Coder name(s) (default: all)."),
         data: str = typer.Option(None, help="Text to run (default: the run's data)."),
         tokens: int = typer.Option(100_000, min=1, help="Tokens to cache."),
-        batch_size: int = typer.Option(8, min=1, help="Contexts per forward pass."),
+        batch_size: int = batch_size_option(),
         n_splits: int = typer.Option(5, min=1, help="Latent ranges per file, as delphi reads them."),
-        device: str = typer.Option(None, help="Device for the model and the coders, e.g. cuda:0 (default: the run's)."),
+        device: str = run_device_option(),
         device_map: str = device_map_option(),
         trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:

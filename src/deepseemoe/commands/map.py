@@ -6,7 +6,13 @@ from pathlib import Path
 
 import typer
 
-from deepseemoe.commands._options import device_map_option, dictionary_name, trust_remote_code_option
+from deepseemoe.commands._options import (
+    batch_size_option,
+    device_map_option,
+    dictionary_name,
+    run_device_option,
+    trust_remote_code_option,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -17,9 +23,9 @@ def register(app: typer.Typer) -> None:
         data: str = typer.Option(None, help="Held-out text (default: the run's data)."),
         tokens: int = typer.Option(20_000, min=1, help="Tokens to map on (half fit the routing predictors, half test)."),
         layer: int = typer.Option(None, min=0, help="MoE layer to relate to (default: the one the coder's source feeds)."),
-        batch_size: int = typer.Option(8, min=1, help="Contexts per forward pass."),
+        batch_size: int = batch_size_option(),
         examples: int = typer.Option(5, min=1, help="Top-activating examples per feature."),
-        device: str = typer.Option(None, help="Device for the model and the coders, e.g. cuda:0 (default: the run's)."),
+        device: str = run_device_option(),
         device_map: str = device_map_option(),
         trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:

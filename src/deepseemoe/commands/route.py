@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from deepseemoe.commands._options import trust_remote_code_option
+from deepseemoe.commands._options import batch_size_option, model_device_option, trust_remote_code_option
 
 
 def register(app: typer.Typer) -> None:
@@ -28,8 +28,8 @@ def register(app: typer.Typer) -> None:
         max_tokens: int = typer.Option(None, min=1, help="Stop after this many tokens (BOS included)."),
         ctx_len: int = typer.Option(None, min=1, help="Context length of the packed sequences (default: 256, or the "
                                      "model's position limit when smaller)."),
-        batch_size: int = typer.Option(8, min=1, help="Contexts per forward pass."),
-        device: str = typer.Option(None, help="Device for the model, e.g. cuda:0 (default: CPU)."),
+        batch_size: int = batch_size_option(),
+        device: str = model_device_option(),
         device_map: str = typer.Option(None, help="device_map for models larger than one device, e.g. auto."),
         dtype: str = typer.Option(None, help="float32, bfloat16 or float16 (default: the checkpoint's)."),
         logits: bool = typer.Option(False, "--logits", help="Also store the router logits (logits/)."),

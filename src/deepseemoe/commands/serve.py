@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from deepseemoe.commands._options import dtype_option, trust_remote_code_option
+from deepseemoe.commands._options import dtype_option, model_device_option, trust_remote_code_option
 
 
 def is_loopback(host: str) -> bool:
@@ -27,7 +27,7 @@ def register(app: typer.Typer) -> None:
         host: str = typer.Option("127.0.0.1", help="Address to bind. Anything but loopback exposes the explorer "
                                                    "(and the model) to the network: a warning is printed."),
         model: str = typer.Option(None, "--model", help="Model for the live views (default: the one each run records)."),
-        device: str = typer.Option(None, help="Device for the model."),
+        device: str = model_device_option(),
         dtype: str = dtype_option(),
         max_chars: int = typer.Option(2000, min=1, max=100_000, help="Longest text a request may run."),
         rate: float = typer.Option(2.0, min=0.01, help="Model-backed requests per second per client (bursts of 3×)."),

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import typer
 
-from deepseemoe.commands._options import device_map_option, dictionary_name, trust_remote_code_option
+from deepseemoe.commands._options import (
+    batch_size_option,
+    device_map_option,
+    dictionary_name,
+    run_device_option,
+    trust_remote_code_option,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -18,8 +24,8 @@ def register(app: typer.Typer) -> None:
         scale: float = typer.Option(0.0, help="Multiply the feature's contribution: 0 ablates, 2 doubles."),
         data: str = typer.Option(None, help="Held-out text (default: the run's data)."),
         tokens: int = typer.Option(4_000, min=1, help="Tokens to measure on."),
-        batch_size: int = typer.Option(8, min=1, help="Contexts per forward pass."),
-        device: str = typer.Option(None, help="Device for the model and the coders, e.g. cuda:0 (default: the run's)."),
+        batch_size: int = batch_size_option(),
+        device: str = run_device_option(),
         device_map: str = device_map_option(),
         trust_remote_code: bool = trust_remote_code_option(),
     ) -> None:

@@ -7,7 +7,13 @@ from pathlib import Path
 
 import typer
 
-from deepseemoe.commands._options import device_map_option, dtype_option, trust_remote_code_option
+from deepseemoe.commands._options import (
+    batch_size_option,
+    device_map_option,
+    dtype_option,
+    model_device_option,
+    trust_remote_code_option,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -22,9 +28,9 @@ def register(app: typer.Typer) -> None:
         data: str = typer.Option(None, "--data", help="Held-out text: the loss before and after, per domain."),
         tokens: int = typer.Option(20_000, min=1, help="Held-out tokens."),
         ctx_len: int = typer.Option(None, min=2, help="Context length (default: 256, or the model's position limit when smaller)."),
-        batch_size: int = typer.Option(8, min=1, help="Contexts per forward pass."),
+        batch_size: int = batch_size_option(),
         domain_field: str = typer.Option("domain", help="Field holding each document's domain label."),
-        device: str = typer.Option(None, help="Device for the model."),
+        device: str = model_device_option(),
         dtype: str = dtype_option(),
         device_map: str = device_map_option(),
         trust_remote_code: bool = trust_remote_code_option(),

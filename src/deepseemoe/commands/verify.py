@@ -22,7 +22,7 @@ def register(app: typer.Typer) -> None:
         run = RoutingRun.open(run_dir)
         n, size = run.verify_all()
         extra = ""
-        if (run.run_dir / "analyses").is_dir():
+        if run.has_analyses:
             run.analyses()
             extra = " and its analyses"
         out_console().print(f"[green]{run.run_dir}: {n} files ({size / 1e6:,.1f} MB){extra} match the manifest[/] "

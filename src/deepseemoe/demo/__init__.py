@@ -226,7 +226,7 @@ def _carved(corpus_dir: Path, out_dir: Path, run_dir: Path, stats_key: str, reci
     experts to describe (the clustered carve's routing run and its middle carved layer; None when skipped)."""
     from deepseemoe.compare.specialists import expert_specialists, specialists_markdown
     from deepseemoe.errors import DeepSeeMoEError
-    from deepseemoe.runs.study import save_carve, save_specialists
+    from deepseemoe.runs.study import CARVE, SPECIALISTS, read_specialists, save_carve, save_specialists
     from deepseemoe.zoo.carve import CarveSpec, carve_zoo
 
     plan = DEMO_CARVES.get(recipe.removesuffix("-ternary"), DEMO_CARVES["demo"])
@@ -249,8 +249,8 @@ def _carved(corpus_dir: Path, out_dir: Path, run_dir: Path, stats_key: str, reci
     key = stamp.digest(stage="carved", stats=stats_key, carves={s: c.report["key"] for s, c in carves.items()},
                        **route_kw)
     runs = {s: folder / s for s in carves}
-    if stamp.fresh(out_dir, "carved", key, ["carved/specialists.json", "carved/carve.json"]):
-        result = read_json(folder / "specialists.json", f"run `deepseemoe demo --out {out_dir}` again")
+    if stamp.fresh(out_dir, "carved", key, [f"carved/{SPECIALISTS}", f"carved/{CARVE}"]):
+        result = read_specialists(folder)
         how = "reused"
     else:
         source = TextSource(str(corpus_dir / "val.jsonl"), domain_field="domain", interleave_domains=True)
@@ -318,7 +318,7 @@ def _describe(run_dir: Path, out_dir: Path, layer: int, experts: tuple[Path, int
     stores = {"experts": ExplanationStore.for_experts(expert_run, expert_layer),
               "features": ExplanationStore.for_features(out_dir / "dictionaries", f"sae_block_in_{layer}")}
     cached = ""
-    if stamp.fresh(out_dir, "descriptions", key, [str(st.path.relative_to(out_dir) / "summary.json")
+    if stamp.fresh(out_dir, "descriptions", key, [str(st.summary_path.relative_to(out_dir))
                                                   for st in stores.values()]):
         got = {k: st.summary() for k, st in stores.items()}
         cached = "reused: "
@@ -559,13 +559,13 @@ def _describe_separate(run_dir: Path, out_dir: Path, layer: int, backend, judge,
     from deepseemoe.models.handle import declared_expert_names
     from deepseemoe.report.tables import comparison_markdown
     from deepseemoe.runs.explanations import ExplanationStore
-    from deepseemoe.runs.study import COMPARISON, save_comparison
+    from deepseemoe.runs.study import read_comparison, save_comparison
 
     handle = load_model(str(models.model_dir))
     sep_run = out_dir / "separate" / "run"
     route_corpus(handle, source, sep_run, progress=False, overwrite=True, **route_kw)
     demo_expert_explanations(sep_run, layer, backend, judge=judge)
-    if not (ExplanationStore.for_experts(run_dir, layer).path / "summary.json").exists():  # the carved MoE's were described
+    if ExplanationStore.for_experts(run_dir, layer).summary() is None:  # the carved MoE's were described
         demo_expert_explanations(run_dir, layer, backend, judge=judge)
     names = declared_expert_names(handle.model.config) or []
 
@@ -573,7 +573,7 @@ def _describe_separate(run_dir: Path, out_dir: Path, layer: int, backend, judge,
         return ExplanationStore.for_experts(run, layer).explanations()
 
     folder = out_dir / "compare"
-    comparison = read_json(folder / COMPARISON, f"run `deepseemoe demo --out {out_dir}` again")
+    comparison = read_comparison(folder)
     comparison["descriptions"] = {
         "layer": layer,
         "moe": descriptions_naming(described(run_dir), preferred_domains(run_dir, layer), DOMAIN_WORDS),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from deepseemoe.errors import DeepSeeMoEError
 from deepseemoe.runs.dictionary import EVALUATION, DictionaryRun
-from deepseemoe.runs.study import ABLATION, COMPARISON, REMOVAL, save_ablation, save_comparison, save_removal
+from deepseemoe.runs.study import ABLATION, COMPARISON, save_ablation, save_comparison, save_removal
 
 # the domain the demo removes from the MoE and its dense twin (the first of these the corpus has)
 REMOVAL_DOMAINS = ("ru", "code")
@@ -97,15 +97,12 @@ def demo_analyses_outputs(layer: int) -> list[str]:
 
 def read_demo_analyses(out_dir: Path) -> dict:
     """What `run_demo_analyses` returned, read back from its files (a warm demo's stage 5)."""
-    from deepseemoe.runs.atomic import read_json
+    from deepseemoe.runs.study import read_ablation, read_comparison, read_removal
 
-    fix = f"run `deepseemoe demo --out {out_dir}` again"
     run = DictionaryRun(out_dir / "dictionaries")
-    removal = out_dir / "remove" / REMOVAL
     return {"evaluation": run.evaluation(), "maps": run.map_summaries(), "graphs": run.graph_summaries(),
-            "causal": read_json(out_dir / "ablate" / ABLATION, fix),
-            "comparison": read_json(out_dir / "compare" / COMPARISON, fix),
-            "removal": read_json(removal, fix) if removal.exists() else None}
+            "causal": read_ablation(out_dir / "ablate"), "comparison": read_comparison(out_dir / "compare"),
+            "removal": read_removal(out_dir / "remove")}
 
 
 def demo_removal(moe, dense, batches_moe: list, batches_dense: list, out: Path,

@@ -320,7 +320,7 @@ def post_train(settings: PostTrainSettings, *, trust_remote_code: bool = False, 
     from deepseemoe.progress import progress_bar
 
     # metrics.jsonl of every step, and wandb / tensorboard / trackio when asked for
-    sinks = MetricSinks(settings, run.path, enabled=bool(settings.log), path=run.path / "metrics.jsonl")
+    sinks = MetricSinks(settings, run.path, enabled=bool(settings.log), path=run.metrics)
     with progress_bar(disable=not progress, unit="steps") as bar:
         task = bar.add_task("post-train", total=len(todo) * settings.steps)
         for name, strategy, seed, dense in todo:

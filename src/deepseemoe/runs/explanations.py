@@ -38,6 +38,10 @@ class ExplanationStore:
         """The descriptions of a dictionary's features in its training run (RUN/explanations/NAME/)."""
         return cls(Path(run_dir) / "explanations" / dictionary, dictionary)
 
+    @property
+    def summary_path(self) -> Path:
+        return self.path / "summary.json"
+
     def _unit_file(self, sub: str, unit: int) -> Path:
         return self.path / sub / f"{self.module}_latent{unit}.txt"
 
@@ -64,7 +68,7 @@ class ExplanationStore:
         would otherwise sit beside a summary that no longer lists them (and delphi's loader reads them)."""
         import shutil
 
-        (self.path / "summary.json").unlink(missing_ok=True)  # first: no summary names a half-cleared folder
+        self.summary_path.unlink(missing_ok=True)  # first: no summary names a half-cleared folder
         shutil.rmtree(self.path / "scores", ignore_errors=True)
 
     def scores(self, scorer: str) -> dict[int, list[dict]]:
@@ -93,10 +97,10 @@ class ExplanationStore:
     def save_summary(self, summary: dict, units_table=None) -> None:
         if units_table is not None:
             atomic_write_table(self.path / "units.parquet", units_table)
-        atomic_write_json(self.path / "summary.json", summary)
+        atomic_write_json(self.summary_path, summary)
 
     def summary(self) -> dict | None:
-        path = self.path / "summary.json"
+        path = self.summary_path
         return read_json(path, "run `deepseemoe score` again") if path.exists() else None
 
     def units_table(self):

@@ -10,6 +10,7 @@
     OUT/table.json, OUT/table.md        one row per strategy: mean and spread over the seeds, and the
                                         findings (sentences written from the table's numbers)
     OUT/figures/*.png                   gain vs forgetting (one point per seed), routing drift per layer
+    OUT/metrics.jsonl                   every training step's loss, with --log (and wandb / tensorboard / trackio)
 
 A point folder exists only when its point finished, so a killed run reruns only the missing points;
 a rerun with other settings in the same folder is refused instead of mixing two studies.
@@ -33,6 +34,7 @@ RESULT = "result.json"
 TABLE = "table.json"
 TABLE_MD = "table.md"
 FIGURES = "figures"
+METRICS = "metrics.jsonl"
 
 
 @dataclass
@@ -56,6 +58,10 @@ class PostTrainRun:
 
     def save_settings(self, doc: dict) -> None:
         atomic_write_json(self.path / SETTINGS, doc)
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS
 
     def point_dir(self, name: str) -> Path:
         return self.path / POINTS / name

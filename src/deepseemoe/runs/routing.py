@@ -588,6 +588,11 @@ class RoutingRun:
                 shutil.rmtree(staging, ignore_errors=True)
         return target
 
+    @property
+    def has_analyses(self) -> bool:
+        """`stats` has written RUN_DIR/analyses/ (not yet verified: `analyses()` does that)."""
+        return (self.run_dir / ANALYSES).is_dir()
+
     def analyses(self) -> Analyses:
         """RUN_DIR/analyses/, refused in one line when missing, damaged or computed from other data."""
         folder = self.run_dir / ANALYSES

@@ -75,6 +75,24 @@ def _save_with_markdown(folder: Path, name: str, result: dict, markdown: str) ->
     return folder / name
 
 
+def read_ablation(folder: str | Path) -> dict:
+    return read_json(Path(folder) / ABLATION, FIX)
+
+
+def read_comparison(folder: str | Path) -> dict:
+    return read_json(Path(folder) / COMPARISON, FIX)
+
+
+def read_specialists(folder: str | Path) -> dict:
+    return read_json(Path(folder) / SPECIALISTS, FIX)
+
+
+def read_removal(folder: str | Path) -> dict | None:
+    """FOLDER/removal.json, or None when no removal was saved there."""
+    path = Path(folder) / REMOVAL
+    return read_json(path, FIX) if path.exists() else None
+
+
 def save_carve(folder: str | Path, reports: dict[str, dict]) -> Path:
     """FOLDER/carve.json: the report.json of each carved model (by label: split, settings), as `zoo carve`
     wrote it, and where its routing run is."""
