@@ -52,7 +52,9 @@ def test_the_stage_order():
 
 
 # what only runs/ may name: the sub-folders of a dictionary run, the files of its maps and graphs
-RUN_FOLDER_PARTS = ("explanations", "maps", "graphs", "steering", "nodes.parquet", "edges.parquet")
+RUN_FOLDER_PARTS = ("explanations", "maps", "graphs", "steering", "nodes.parquet", "edges.parquet", "analyses",
+                    "summary.json", "examples.json", "metrics.jsonl", "ablation.json", "comparison.json",
+                    "removal.json", "specialists.json", "table.md")
 
 
 def test_only_run_classes_build_paths_into_dictionary_runs():
@@ -91,3 +93,11 @@ def test_old_module_names_import_the_moved_modules_and_warn():
     users = [f"{p.relative_to(SRC)}: {old}" for p in sorted(SRC.rglob("*.py")) if p.name != "moved.py"
              for old in MOVED if re.search(re.escape(old) + r"\b", p.read_text())]
     assert not users, users
+
+
+def test_only_run_classes_query_run_tables():
+    """DuckDB reads run tables in place; only runs/ may (the explorer asks DictionaryRun.map_rows)."""
+    found = [str(p.relative_to(SRC)) for p in sorted(SRC.rglob("*.py")) if p.relative_to(SRC).parts[0] != "runs"
+             and any(isinstance(n, (ast.Import, ast.ImportFrom)) and "duckdb" in ast.unparse(n)
+                     for n in ast.walk(ast.parse(p.read_text())))]
+    assert not found, found

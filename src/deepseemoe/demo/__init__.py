@@ -119,14 +119,16 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
     t = time.perf_counter()
     key = stamp.digest(stage="stats", routing=key)
     if stamp.fresh(out_dir, "stats", key, ["run/analyses/manifest.json"]):
-        summary = RoutingRun.open(run_dir).analyses().summary
-        console.print(f"[bold]4/11 statistics[/] reused {run_dir / 'analyses'}")
+        routed = RoutingRun.open(run_dir)
+        summary = routed.analyses().summary
+        console.print(f"[bold]4/11 statistics[/] reused {routed.analyses_dir}")
     else:
         with console.status("[bold]4/11 statistics[/]"):
             save_routing_stats(compute_routing_stats(run_dir))
-        summary = RoutingRun.open(run_dir).analyses().summary  # as saved (with its inputs): what a warm run reads
+        routed = RoutingRun.open(run_dir)
+        summary = routed.analyses().summary  # as saved (with its inputs): what a warm run reads
         stamp.write(out_dir, "stats", key)
-        console.print(f"[bold]4/11 statistics[/] {summary['tokens']:,} tokens → {run_dir / 'analyses'}")
+        console.print(f"[bold]4/11 statistics[/] {summary['tokens']:,} tokens → {routed.analyses_dir}")
     seconds["stats"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -156,8 +156,11 @@ class DictionaryView:
     def features(self) -> int:
         return int(self.summary.get("features", 0))
 
-    def table(self, name: str) -> Path | None:
-        return self.run.table_path("maps", self.name, name)
+    def rows(self, stem: str, unit: tuple[str, int], columns: list[str] | None = None, *,
+             order: tuple[tuple[str, bool], ...] = (), limit: int | None = LIST,
+             at_least: tuple[str, int] | None = None) -> list[dict]:
+        """One unit's rows of a map table (`DictionaryRun.map_rows`), `LIST` at most by default."""
+        return self.run.map_rows(self.name, stem, unit, columns, order=order, limit=limit, at_least=at_least)
 
     def graph_data(self, study_key: str) -> dict:
         """graphs/NAME/ for the browser: nodes (id, kind, module, top expert, domain, x, y, link) as
@@ -331,7 +334,7 @@ class StudyView:
 
     def explained_on(self, store: ExplanationStore | None, unit: int, limit: int = 10) -> list[TokenRow]:
         """The token-level examples `explain` showed the explainer for this unit, shaded by activation."""
-        if store is None or not (store.path / "examples.json").exists():
+        if store is None or not store.has_examples:
             return []
         units = self._kept(("examples", id(store)), lambda: store.examples().get("units", {}))
         rows = []
@@ -479,23 +482,20 @@ class StudyView:
             if view.layer != layer:
                 continue
             texts = self.descriptions(view.store)
-            if (path := view.table("feature_experts")) is not None:
-                for f, lift, p, c in _query(
-                        "SELECT feature, lift, p_e_given_f, count FROM read_parquet(?) WHERE expert = ? "
-                        "AND count >= 3 ORDER BY lift DESC, count DESC, feature LIMIT ?", [str(path), expert, LIST]):
-                    routed_by.append(FeatureLink(view.key, int(f), float(lift),
-                                                 f"lift {lift:.1f}, P(e|f) {p:.2f}, n={c}", texts.get(int(f))))
-            if (path := view.table("router_attribution")) is not None:
-                for f, v, push in _query(
-                        "SELECT feature, logit_per_unit, mean_push_when_active FROM read_parquet(?) WHERE expert = ? "
-                        "ORDER BY mean_push_when_active DESC LIMIT ?", [str(path), expert, LIST]):
-                    router_features.append(FeatureLink(view.key, int(f), float(push),
-                                                       f"+{push:.3f} logit when active ({v:.3f} per unit)",
-                                                       texts.get(int(f))))
-            if (path := view.table("expert_composition")) is not None:
-                for f, share in _query("SELECT feature, share FROM read_parquet(?) WHERE expert = ? "
-                                       "ORDER BY share DESC LIMIT ?", [str(path), expert, LIST]):
-                    writes.append(FeatureLink(view.key, int(f), float(share), f"share {share:.3f}", texts.get(int(f))))
+            rows = view.rows("feature_experts", ("expert", expert), ["feature", "lift", "p_e_given_f", "count"],
+                             order=(("lift", True), ("count", True), ("feature", False)), at_least=("count", 3))
+            routed_by += [FeatureLink(view.key, int(r["feature"]), float(r["lift"]),
+                                      f"lift {r['lift']:.1f}, P(e|f) {r['p_e_given_f']:.2f}, n={r['count']}",
+                                      texts.get(int(r["feature"]))) for r in rows]
+            rows = view.rows("router_attribution", ("expert", expert),
+                             ["feature", "logit_per_unit", "mean_push_when_active"], order=(("mean_push_when_active", True),))
+            router_features += [FeatureLink(view.key, int(r["feature"]), float(r["mean_push_when_active"]),
+                                            f"+{r['mean_push_when_active']:.3f} logit when active "
+                                            f"({r['logit_per_unit']:.3f} per unit)", texts.get(int(r["feature"])))
+                                for r in rows]
+            rows = view.rows("expert_composition", ("expert", expert), ["feature", "share"], order=(("share", True),))
+            writes += [FeatureLink(view.key, int(r["feature"]), float(r["share"]), f"share {r['share']:.3f}",
+                                   texts.get(int(r["feature"]))) for r in rows]
         store = self.expert_stores.get(layer)
         ablation, by_domain = None, []
         if self.study.ablation is not None:
@@ -550,22 +550,20 @@ class StudyView:
         view = self.dictionary(key)
         if not 0 <= feature < view.features:
             raise DeepSeeMoEError(f"feature {feature} does not exist; {view.name} has 0..{view.features - 1}")
-        stats = {}
-        if (path := view.table("features")) is not None:
-            rows = _query("SELECT * FROM read_parquet(?) WHERE feature = ?", [str(path), feature], names=True)
-            stats = rows[0] if rows else {}
-        experts, attribution = [], []
+        rows = view.rows("features", ("feature", feature), limit=None)
+        stats = rows[0] if rows else {}
         layer = view.layer
         link = (lambda e: self.expert_link(layer, e)) if layer in self.run.num_experts else (lambda e: None)
-        if (path := view.table("feature_experts")) is not None:
-            for e, p, lift, c in _query("SELECT expert, p_e_given_f, lift, count FROM read_parquet(?) WHERE feature = ? "
-                                        "ORDER BY p_e_given_f DESC LIMIT ?", [str(path), feature, LIST]):
-                experts.append(Bar(f"E{e}", float(p), f"P(e|f) {p:.2f}, lift {lift:.1f}, n={c}", link(int(e))))
-        if (path := view.table("router_attribution")) is not None:
-            for e, v, push in _query("SELECT expert, logit_per_unit, mean_push_when_active FROM read_parquet(?) "
-                                     "WHERE feature = ? ORDER BY logit_per_unit DESC LIMIT ?", [str(path), feature, LIST]):
-                attribution.append(Bar(f"E{e}", float(v), f"{v:+.3f} logit per unit; {push:+.3f} when active",
-                                       link(int(e))))
+        experts = [Bar(f"E{r['expert']}", float(r["p_e_given_f"]),
+                       f"P(e|f) {r['p_e_given_f']:.2f}, lift {r['lift']:.1f}, n={r['count']}", link(int(r["expert"])))
+                   for r in view.rows("feature_experts", ("feature", feature), ["expert", "p_e_given_f", "lift", "count"],
+                                      order=(("p_e_given_f", True),))]
+        attribution = [Bar(f"E{r['expert']}", float(r["logit_per_unit"]),
+                           f"{r['logit_per_unit']:+.3f} logit per unit; {r['mean_push_when_active']:+.3f} when active",
+                           link(int(r["expert"])))
+                       for r in view.rows("router_attribution", ("feature", feature),
+                                          ["expert", "logit_per_unit", "mean_push_when_active"],
+                                          order=(("logit_per_unit", True),))]
         table = view.examples()
         feats = table["feature"].to_numpy()
         lo, hi = int(np.searchsorted(feats, feature, "left")), int(np.searchsorted(feats, feature, "right"))
@@ -620,21 +618,3 @@ def _yellow(a: float) -> str:
     """White to amber by a share in [0, 1]: the shade of a token's activation."""
     a = min(max(a, 0.0), 1.0)
     return f"#ff{int(255 - a * 75):02x}{int(255 - a * 200):02x}" if a > 0 else "transparent"
-
-
-_local = threading.local()
-
-
-def _query(sql: str, params: list, names: bool = False) -> list:
-    """One DuckDB query on this thread's connection (2 threads): rows as tuples, or dicts with `names`."""
-    import duckdb
-
-    con = getattr(_local, "con", None)
-    if con is None:
-        con = _local.con = duckdb.connect(config={"threads": 2})
-    cur = con.execute(sql, params)
-    rows = cur.fetchall()
-    if names:
-        cols = [d[0] for d in cur.description]
-        return [dict(zip(cols, r, strict=True)) for r in rows]
-    return rows

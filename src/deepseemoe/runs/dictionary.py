@@ -21,6 +21,7 @@ refused as stale when a coder changed since (a retrained run in the same folder)
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,6 +208,25 @@ class DictionaryRun:
         path = (self.map_dir(name) if kind == "maps" else self.graph_dir(name)) / f"{stem}.parquet"
         return path if path.exists() else None
 
+    def map_rows(self, name: str, stem: str, unit: tuple[str, int], columns: list[str] | None = None, *,
+                 order: tuple[tuple[str, bool], ...] = (), limit: int | None = None,
+                 at_least: tuple[str, int] | None = None) -> list[dict]:
+        """The rows of maps/NAME/STEM.parquet of one unit — `unit` = (column, value), e.g. ("feature", 7)
+        or ("expert", 3) — as dicts of `columns` (default all), sorted by `order` ((column, descending)
+        pairs), `limit` at most, only those whose column `at_least[0]` is ≥ `at_least[1]`; [] when the
+        map has no such table. One bounded query: DuckDB reads the row groups that hold the unit."""
+        path = self.table_path("maps", name, stem)
+        if path is None:
+            return []
+        names = [unit[0], *(columns or []), *(c for c, _ in order), *([at_least[0]] if at_least else [])]
+        if not all(_IDENTIFIER.fullmatch(c) for c in names):
+            raise ValueError(f"not column names: {names}")
+        sql = (f"SELECT {', '.join(columns) if columns else '*'} FROM read_parquet(?) WHERE {unit[0]} = ?"
+               + (f" AND {at_least[0]} >= {int(at_least[1])}" if at_least else "")
+               + (" ORDER BY " + ", ".join(f"{c} {'DESC' if desc else 'ASC'}" for c, desc in order) if order else "")
+               + (f" LIMIT {int(limit)}" if limit is not None else ""))
+        return _duckdb_rows(sql, [str(path), int(unit[1])])
+
     def graph_table(self, name: str, stem: str, columns: list[str] | None = None) -> dict[str, list]:
         """graphs/NAME/STEM.parquet (nodes, edges) as columns; a missing or damaged table is one line."""
         return self._columns(self.graph_dir(name) / f"{stem}.parquet", f"graph {self.path} --dictionary {name}", columns)
@@ -287,3 +307,20 @@ class DictionaryRun:
 def earlier_names(name: str) -> list[str]:
     """The names dictionary NAME had in earlier versions (`sae_block_in_2` -> [`router_sae_2`])."""
     return [old + name.removeprefix(new) for old, new in RENAMED if re.fullmatch(re.escape(new) + r"\d+", name)]
+
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_local = threading.local()
+
+
+def _duckdb_rows(sql: str, params: list) -> list[dict]:
+    """One DuckDB query on this thread's connection (2 threads each): the rows as dicts."""
+    import duckdb
+
+    con = getattr(_local, "con", None)
+    if con is None:
+        con = _local.con = duckdb.connect(config={"threads": 2})
+    cur = con.execute(sql, params)
+    rows = cur.fetchall()
+    cols = [d[0] for d in cur.description]
+    return [dict(zip(cols, r, strict=True)) for r in rows]

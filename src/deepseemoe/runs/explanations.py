@@ -88,6 +88,11 @@ class ExplanationStore:
             (self.path / name).unlink(missing_ok=True)
         atomic_write_json(self.path / "examples.json", doc)
 
+    @property
+    def has_examples(self) -> bool:
+        """`explain` has written what each unit was explained on."""
+        return (self.path / "examples.json").exists()
+
     def examples(self) -> dict:
         path = self.path / "examples.json"
         if not path.exists():

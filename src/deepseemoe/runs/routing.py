@@ -589,9 +589,13 @@ class RoutingRun:
         return target
 
     @property
+    def analyses_dir(self) -> Path:
+        return self.run_dir / ANALYSES
+
+    @property
     def has_analyses(self) -> bool:
         """`stats` has written RUN_DIR/analyses/ (not yet verified: `analyses()` does that)."""
-        return (self.run_dir / ANALYSES).is_dir()
+        return self.analyses_dir.is_dir()
 
     def analyses(self) -> Analyses:
         """RUN_DIR/analyses/, refused in one line when missing, damaged or computed from other data."""
