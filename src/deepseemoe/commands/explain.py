@@ -67,26 +67,17 @@ def register(app: typer.Typer) -> None:
         """Describe features or experts with an LLM (delphi-style prompts with MoE context)."""
         from deepseemoe.explain.backends import chat_backend
         from deepseemoe.explain.explainer import Prompts
-        from deepseemoe.explain.pipeline import expert_source, feature_source, run_explain
+        from deepseemoe.explain.pipeline import expert_source, feature_source, find_descriptions, run_explain
         from deepseemoe.progress import out_console
-        from deepseemoe.runs.explanations import stores_in
 
         console = out_console()
         if find is not None:
-            from deepseemoe.explain.explainer import NO_DESCRIPTION, UNPARSED
-
-            words = find.lower().split()
-            stores = stores_in(run_dir)
-            found = searched = 0
-            for name, store in stores.items():
-                for unit, text in store.explanations().items():
-                    searched += text not in (NO_DESCRIPTION, UNPARSED)
-                    if text not in (NO_DESCRIPTION, UNPARSED) and all(w in text.lower() for w in words):
-                        console.print(f"{name} {unit}: {text}", soft_wrap=True)
-                        found += 1
+            found, searched, modules = find_descriptions(run_dir, find.lower().split())
+            for name, unit, text in found:
+                console.print(f"{name} {unit}: {text}", soft_wrap=True)
             if not found:
                 console.print(f"no description in {run_dir} holds {find!r} ({searched} descriptions of "
-                              f"{len(stores)} explained module(s) searched)", soft_wrap=True)
+                              f"{modules} explained module(s) searched)", soft_wrap=True)
             return
         store = _target(run_dir, dictionary, layer)
         template = Prompts.load(prompts)
@@ -133,6 +124,7 @@ def register(app: typer.Typer) -> None:
         from deepseemoe.explain.pipeline import run_score
         from deepseemoe.explain.scorers import SCORERS
         from deepseemoe.progress import out_console
+        from deepseemoe.report import terminal
 
         if per_prompt is not None:
             typer.echo("warning: --per-prompt is ignored: each example is now judged on its own prompt "
@@ -147,20 +139,7 @@ def register(app: typer.Typer) -> None:
         chat = chat_backend(backend, url, model, api_key_env, concurrency, rate_limit, cache, trust_remote_code)
         summary = run_score(store, chat, template, names)
         console = out_console()
-        for name, entry in summary["scorers"].items():
-            own, base = entry["explanation"], entry["shuffled_explanation"]
-            line = (f"{name}: balanced accuracy {own['balanced_accuracy']:.3f} (F1 {own['f1']:.3f}; "
-                    f"{own['scored']}/{own['examples']} examples answered)")
-            if base:
-                line += f" · shuffled explanations {base['balanced_accuracy']:.3f}"
-            if "token_baseline" in entry:
-                line += f" · token identity {entry['token_baseline']['balanced_accuracy']:.3f}"
-            if own["auroc"] is not None:
-                line += f" · AUROC {own['auroc']:.3f}" + (f" (shuffled {base['auroc']:.3f})" if base and base["auroc"] is not None else "")
-            judge = own["judge"]
-            line += f" · the judge answered 1 {judge['answered_1']}×, 0 {judge['answered_0']}×"
-            if judge["flag"]:
-                line += f" · [bold red]the judge {judge['flag']}: these scores say nothing about the explanations[/]"
+        for line in terminal.scores(summary):
             console.print(line)
         asked = f" (answers: {chat.hits} cached, {chat.misses} new)" if hasattr(chat, "hits") else ""
         console.print(f"[green]→ {store.path}[/]{asked}")

@@ -176,6 +176,23 @@ def _examples_from(doc: dict) -> UnitExamples:
     return UnitExamples(doc["unit"], *conv, [tuple(t) for t in doc.get("top_tokens", [])])
 
 
+def find_descriptions(run_dir: Path, words: list[str]) -> tuple[list[tuple[str, int, str]], int, int]:
+    """The explained units of `run_dir` whose description holds every one of `words` (lower case):
+    (module, unit, description) each, the usable descriptions searched, and the explained modules."""
+    from deepseemoe.runs.explanations import stores_in
+
+    stores = stores_in(run_dir)
+    found, searched = [], 0
+    for name, store in stores.items():
+        for unit, text in store.explanations().items():
+            if text in (NO_DESCRIPTION, UNPARSED):
+                continue
+            searched += 1
+            if all(w in text.lower() for w in words):
+                found.append((name, unit, text))
+    return found, searched, len(stores)
+
+
 def run_explain(store: ExplanationStore, corpus: Corpus, acts: np.ndarray, units: list[int], contexts: dict[int, str],
                 backend: ChatBackend, prompts: Prompts, *, kind: str, source: dict, window: int = 24,
                 seed: int = 0, routing: bool = False, sizes: dict | None = None, n_routing: int = 40,

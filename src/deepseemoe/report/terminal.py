@@ -106,3 +106,27 @@ def evaluation(doc: dict, console) -> None:
                        if "share_by_offset" in ls else "")
             print(f"{name}: layers each live feature writes to (≥ {ls['threshold']:.0%} of its decoder's energy): "
                   f"{hist}{offsets}")
+
+
+def scores(summary: dict) -> list[str]:
+    """The scores' summary.json: per scorer, the descriptions' balanced accuracy beside the shuffled
+    descriptions' and token identity's, the AUROC, and what the judge answered (flagged when its
+    answers say nothing)."""
+    lines = []
+    for name, entry in summary["scorers"].items():
+        own, base = entry["explanation"], entry["shuffled_explanation"]
+        line = (f"{name}: balanced accuracy {own['balanced_accuracy']:.3f} (F1 {own['f1']:.3f}; "
+                f"{own['scored']}/{own['examples']} examples answered)")
+        if base:
+            line += f" · shuffled explanations {base['balanced_accuracy']:.3f}"
+        if "token_baseline" in entry:
+            line += f" · token identity {entry['token_baseline']['balanced_accuracy']:.3f}"
+        if own["auroc"] is not None:
+            line += f" · AUROC {own['auroc']:.3f}" + (f" (shuffled {base['auroc']:.3f})"
+                                                      if base and base["auroc"] is not None else "")
+        judge = own["judge"]
+        line += f" · the judge answered 1 {judge['answered_1']}×, 0 {judge['answered_0']}×"
+        if judge["flag"]:
+            line += f" · [bold red]the judge {judge['flag']}: these scores say nothing about the explanations[/]"
+        lines.append(line)
+    return lines
