@@ -21,9 +21,8 @@ def train(
 ) -> None:
     """Train (or reuse) the tokenizer, the OLMoE model and its dense twin (and with --separate the
     FlexOlmo-style model); print losses per domain."""
-    from rich.table import Table
-
     from deepseemoe.progress import out_console
+    from deepseemoe.report import terminal
     from deepseemoe.zoo.train import train_zoo
 
     zoo = train_zoo(data, recipe=recipe, cache_dir=cache_dir, retrain=retrain)
@@ -39,12 +38,7 @@ def train(
                    "public base": sep.report["val_loss"]["public_base"], "dense twin": columns["dense twin"]}
         where += f"; {'cached' if sep.cached else 'trained'}: {sep.root}"
         lines.append(f"separately trained experts (FlexOlmoForCausalLM): {sep.model_dir}")
-    table = Table(title=f"validation loss, nats/token ({where})")
-    for col in ("domain", *columns, "unigram"):
-        table.add_column(col)
-    for d in sorted(r["val_loss"]["moe"]):
-        table.add_row(d, *(f"{v[d]:.3f}" for v in columns.values()), f"{r['unigram_baseline'][d]:.3f}")
-    out_console().print(table)
+    out_console().print(terminal.zoo_losses(r, columns, where))
     for kind, t in r.get("ternary", {}).items():
         lines.append(f"{kind}: {', '.join(t['parts'])} ternary, {100 * t['zero_share']:.1f}% of their trits 0")
     out_console().print("\n".join(lines))
@@ -55,27 +49,16 @@ def list_models(
     cache_dir: Path = typer.Option(None, help="Model cache (default ~/.cache/deepseemoe or $DEEPSEEMOE_CACHE)."),
 ) -> None:
     """The models in the cache, with the folders to pass to any verb (route, ablate, wiring, ...)."""
-    from rich.table import Table
-
     from deepseemoe.progress import out_console
-    from deepseemoe.zoo.train import default_cache_dir
+    from deepseemoe.report import terminal
+    from deepseemoe.zoo.train import cached_models
 
-    root = Path(cache_dir or default_cache_dir()) / "zoo"
-    entries = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    root, entries = cached_models(cache_dir)
     console = out_console()
     if not entries:
         console.print(f"no models in {root} yet; `deepseemoe demo` or `deepseemoe zoo train` makes them", soft_wrap=True)
         return
-    table = Table(title=f"models in {root}")
-    for col in ("entry", "state", "model", "folder"):
-        table.add_column(col)
-    for entry in entries:
-        state = "complete" if (entry / "report.json").exists() else "incomplete (interrupted training)"
-        folders = [p for p in sorted(entry.iterdir()) if (p / "config.json").exists()]
-        for i, folder in enumerate(folders or [entry]):
-            table.add_row(entry.name if i == 0 else "", state if i == 0 else "", folder.name if folders else "–",
-                          str(folder))
-    console.print(table)
+    console.print(terminal.zoo_models(root, entries))
 
 
 def register(app: typer.Typer) -> None:
@@ -108,11 +91,10 @@ def carve(
     """Carve a dense model into an MoE without training (CMoE-style): per layer one always-on shared
     expert and routed experts of equal width from co-activation clusters, a least-squares router;
     saved as Qwen2MoeForCausalLM. Prints held-out CE per domain against the dense model."""
-    from rich.table import Table
-
     from deepseemoe.errors import DeepSeeMoEError
     from deepseemoe.progress import out_console
-    from deepseemoe.zoo.carve import CarveSpec, carve_zoo, router_mean
+    from deepseemoe.report import terminal
+    from deepseemoe.zoo.carve import CarveSpec, carve_zoo
 
     def ints(text: str, flag: str) -> list[int]:
         try:
@@ -129,24 +111,6 @@ def carve(
     carved = carve_zoo(data, model=model, spec=spec, out=out, cache_dir=cache_dir, calibration_tokens=calibration_tokens,
                        eval_tokens=eval_tokens, ctx_len=ctx_len, eval_ks=ints(eval_k, "--eval-k") if eval_k else None,
                        recarve=recarve)
-    r = carved.report
-    ce = r["ce"]
-    routed = experts - shared
-    table = Table(title=f"held-out CE, nats/token ({r['heldout_tokens']:,} tokens): dense vs carved, k of {routed} "
-                        f"routed experts + {shared} shared")
-    table.add_column("domain")
-    table.add_column("dense")
-    for k in ce["carved"]:
-        table.add_column(f"k={k}")
-    for d in ce["dense"]:
-        table.add_row(d, f"{ce['dense'][d]:.3f}", *(f"{v[d] - ce['dense'][d]:+.3f}" for v in ce["carved"].values()))
     console = out_console()
-    console.print(table)
-    recall, err = router_mean(r, "recall"), router_mean(r, "relative_error")
-    console.print("router recall of the true top-k (mean over carved layers): "
-                  + ", ".join(f"k={k} {v:.2f}" for k, v in recall.items()))
-    console.print("block output relative error: " + ", ".join(f"k={k} {v:.2f}" for k, v in err.items()))
-    how = "cached" if carved.cached else f"carved in {r['carve_seconds']} s"
-    console.print(f"{how} ({len(r['layers'])} layers, {r['calibration_tokens']:,} calibration tokens, peak "
-                  f"{r['peak_rss_gb']} GB)")
+    console.print(*terminal.carve_report(carved.report, experts - shared, shared, carved.cached), sep="\n")
     console.print(f"MoE (Qwen2MoeForCausalLM): {carved.moe_dir}\ndense twin: {carved.dense_dir}")

@@ -130,3 +130,51 @@ def scores(summary: dict) -> list[str]:
             line += f" · [bold red]the judge {judge['flag']}: these scores say nothing about the explanations[/]"
         lines.append(line)
     return lines
+
+
+def zoo_losses(report: dict, columns: dict[str, dict], where: str) -> Table:
+    """`zoo train`: validation loss per domain of each model (`columns`: label → domain → loss) beside
+    the unigram baseline."""
+    table = Table(title=f"validation loss, nats/token ({where})")
+    for col in ("domain", *columns, "unigram"):
+        table.add_column(col)
+    for d in sorted(report["val_loss"]["moe"]):
+        table.add_row(d, *(f"{v[d]:.3f}" for v in columns.values()), f"{report['unigram_baseline'][d]:.3f}")
+    return table
+
+
+def zoo_models(root, entries: list) -> Table:
+    """`zoo list`: each cache entry (`zoo.train.CachedEntry`), whether it finished, and its model folders."""
+    table = Table(title=f"models in {root}")
+    for col in ("entry", "state", "model", "folder"):
+        table.add_column(col)
+    for entry in entries:
+        state = "complete" if entry.complete else "incomplete (interrupted training)"
+        for i, folder in enumerate(entry.models or [entry.path]):
+            table.add_row(entry.path.name if i == 0 else "", state if i == 0 else "",
+                          folder.name if entry.models else "–", str(folder))
+    return table
+
+
+def carve_report(r: dict, routed: int, shared: int, cached: bool) -> list:
+    """`zoo carve`'s report.json: held-out CE per domain, dense vs carved at each k, then the router's
+    recall, the block outputs' error and what the carve cost."""
+    from deepseemoe.zoo.carve import router_mean
+
+    ce = r["ce"]
+    table = Table(title=f"held-out CE, nats/token ({r['heldout_tokens']:,} tokens): dense vs carved, k of {routed} "
+                        f"routed experts + {shared} shared")
+    table.add_column("domain")
+    table.add_column("dense")
+    for k in ce["carved"]:
+        table.add_column(f"k={k}")
+    for d in ce["dense"]:
+        table.add_row(d, f"{ce['dense'][d]:.3f}", *(f"{v[d] - ce['dense'][d]:+.3f}" for v in ce["carved"].values()))
+    recall, err = router_mean(r, "recall"), router_mean(r, "relative_error")
+    how = "cached" if cached else f"carved in {r['carve_seconds']} s"
+    return [table,
+            "router recall of the true top-k (mean over carved layers): "
+            + ", ".join(f"k={k} {v:.2f}" for k, v in recall.items()),
+            "block output relative error: " + ", ".join(f"k={k} {v:.2f}" for k, v in err.items()),
+            f"{how} ({len(r['layers'])} layers, {r['calibration_tokens']:,} calibration tokens, peak "
+            f"{r['peak_rss_gb']} GB)"]

@@ -169,6 +169,24 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("DEEPSEEMOE_CACHE", Path.home() / ".cache" / "deepseemoe"))
 
 
+@dataclass
+class CachedEntry:
+    """One entry of the zoo cache: complete when its report.json was written (training finished), and
+    the model folders in it (each with a config.json)."""
+
+    path: Path
+    complete: bool
+    models: list[Path]
+
+
+def cached_models(cache_dir: str | Path | None = None) -> tuple[Path, list[CachedEntry]]:
+    """The zoo folder of the cache and its entries, in name order (none when it does not exist)."""
+    root = Path(cache_dir or default_cache_dir()) / "zoo"
+    entries = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    return root, [CachedEntry(e, (e / "report.json").exists(),
+                              [p for p in sorted(e.iterdir()) if (p / "config.json").exists()]) for e in entries]
+
+
 def cache_key(recipe: Recipe, corpus_dir: Path) -> str:
     import tokenizers
     import torch
