@@ -155,10 +155,12 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
     console.print("[bold]6/11 dictionaries and causal checks[/] " + ", ".join(
         f"{n}: FVU {r['fvu']:.3f}, ΔCE {r.get('delta_ce', float('nan')):.3f}" for n, r in ev.items()))
     if analyses["removal"] is not None:
-        rm = analyses["removal"]
-        console.print(f"  removing {rm['target']['label']}: ΔCE on it / elsewhere — " + "; ".join(
-            f"{label} {kind.replace('_', ' ')}s {k['selected']['target']:.3f} / {k['selected']['off_target']:.3f}"
-            for label, m in rm["models"].items() for kind, k in m["kinds"].items() if kind != "attention_head"))
+        from deepseemoe.report.tables import removal_table
+
+        rm = removal_table(analyses["removal"])  # the rows (and kind names) the report and `ablate` show
+        console.print(f"  removing {rm.target}: ΔCE on it / elsewhere — " + "; ".join(
+            f"{r.model} {r.kind}s {r.selected['target']:.3f} / {r.selected['off_target']:.3f}"
+            for r in rm.rows if r.kind != "attention head"))
     seconds["analyses"] = time.perf_counter() - t
 
     t = time.perf_counter()
