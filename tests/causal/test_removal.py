@@ -101,6 +101,39 @@ def test_removing_the_family_expert_hits_the_family_and_nothing_else(planted, cl
     assert (tmp_path / "removal.png").stat().st_size > 0
 
 
+def test_layers_limit_the_removal_to_their_units(planted, cli, tmp_path):
+    """`--layers 1`: only layer 1's units may go. The planted family's expert there is chosen, and its
+    target ΔCE is what a plain forward gives with layer 1's expert 0 zeroed alone (layer 0's still
+    working) — less than removing both; no other prediction moves."""
+    from transformers import AutoModelForCausalLM
+
+    folder, corpus, both = planted
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    pairs = [line for line in corpus.read_text().splitlines() if '"domain": "a"' in line][:1]
+    words = json.loads(pairs[0])["text"].split()
+    ids = {w: i for i, w in WORDS.items()}
+    succ = {ids[a]: ids[s] for a, s in zip(words[::2], words[1::2], strict=True)}
+    clean = {a: _ce(model, a, s) for a, s in succ.items()}
+    with torch.no_grad():
+        model.model.layers[1].mlp.experts.down_proj[0] = 0
+    expected = sum(_ce(model, a, s) - clean[a] for a, s in succ.items()) / len(succ)
+    assert 0.05 < expected < both - 0.05  # layer 0's expert 0 still carries part of it
+
+    tokens = ",".join(f"a{i}" for i in range(10))
+    r = cli("ablate", folder, "--data", corpus, "--out", tmp_path, "--target", f"tokens:{tokens}", "--layers", "1",
+            "--units", "1", "--kinds", "expert,expert_neuron", "--ctx-len", "21", "--batch-size", "4", "--draws", "2")
+    assert r.code == 0, r.err
+    result = json.loads((tmp_path / "removal.json").read_text())
+    assert result["layers"] == [1]
+    kinds = result["models"]["moe"]["kinds"]
+    assert [(c["layer"], c["unit"]) for c in kinds["expert"]["chosen"]] == [(1, 0)]
+    assert kinds["expert"]["of"] == 4  # the 4 experts of layer 1, not the 8 of both layers
+    assert kinds["expert"]["selected"]["target"] == pytest.approx(expected, rel=1e-4)
+    assert abs(kinds["expert"]["selected"]["off_target"]) < 1e-6
+    assert {c["layer"] for c in kinds["expert_neuron"]["chosen"]} == {1}
+    assert "layers 1 only" in r.out
+
+
 def test_a_domain_target_and_zeroing_every_neuron_of_an_expert_equals_ablating_it(planted):
     """Two independent ways to remove expert 0: its routing weight set to 0, or every one of its
     neurons' down-projection weights zeroed. They must agree to the last digit that matters."""
@@ -131,7 +164,9 @@ def test_a_domain_target_and_zeroing_every_neuron_of_an_expert_equals_ablating_i
 def test_target_errors(planted, cli, tmp_path):
     folder, corpus, _ = planted
     for args, words in [(["--target", "domain:nope"], "no token"),
-                        (["--target", "a", "--layers", "0"], "--layers"),
+                        (["--target", "a", "--experts", "0"], "--experts"),
+                        (["--target", "a", "--layers", "7", "--kinds", "expert"], "in layers 7"),
+                        (["--target", "a", "--layers", "one"], "--layers 'one'"),
                         (["--twin", str(folder)], "--target"),
                         (["--target", "ids:999"], "outside the vocabulary"),
                         (["--target", "a", "--kinds", "experts"], "--kinds"),

@@ -147,11 +147,15 @@ class Units:
     ablate: Callable[[list[tuple[int, int]]], contextlib.AbstractContextManager]
 
 
-def unit_inventory(handle: ModelHandle, kinds: tuple[str, ...] = KINDS,
-                   dictionary: Dictionary | None = None) -> dict[str, Units]:
-    """The unit kinds this model has (of `kinds`); features only with a `dictionary`."""
+def unit_inventory(handle: ModelHandle, kinds: tuple[str, ...] = KINDS, dictionary: Dictionary | None = None,
+                   layers: list[int] | None = None) -> dict[str, Units]:
+    """The unit kinds this model has (of `kinds`); features only with a `dictionary`; with `layers`,
+    only the units in those layers (a kind with none there is left out)."""
+    def kept(la: int) -> bool:
+        return layers is None or la in layers
+
     out: dict[str, Units] = {}
-    moes = handle.moe_layers
+    moes = {la: m for la, m in handle.moe_layers.items() if kept(la)}
     if "expert" in kinds and moes:
         per = np.mean([_params(m.experts) / m.num_experts for m in moes.values()])
         out["expert"] = Units("expert", [(la, e) for la, m in moes.items() for e in range(m.num_experts)], per,
@@ -162,18 +166,19 @@ def unit_inventory(handle: ModelHandle, kinds: tuple[str, ...] = KINDS,
         out["expert_neuron"] = Units("expert_neuron", [(la, u) for la, m in moes.items()
                                                        for u in range(m.num_experts * width[la])], per,
                                      lambda chosen: zero_expert_neurons(handle, chosen, width))
-    if "mlp_neuron" in kinds and handle.dense_mlps:
-        mlps = handle.dense_mlps
+    mlps = {la: m for la, m in handle.dense_mlps.items() if kept(la)}
+    if "mlp_neuron" in kinds and mlps:
         per = np.mean([_params(m.module) / m.num_neurons for m in mlps.values()])
         out["mlp_neuron"] = Units("mlp_neuron", [(la, u) for la, m in mlps.items() for u in range(m.num_neurons)], per,
                                   lambda chosen: zero_mlp_neurons(handle, chosen))
     if "attention_head" in kinds:
-        heads = {la: found for la in range(handle.num_layers) if (found := handle.attention_output(la)) is not None}
+        heads = {la: found for la in range(handle.num_layers)
+                 if kept(la) and (found := handle.attention_output(la)) is not None}
         if heads:
             attn = [_params(handle.attention_module(la)) / h for la, (_, h) in heads.items()]
             out["attention_head"] = Units("attention_head", [(la, u) for la, (_, h) in heads.items() for u in range(h)],
                                           float(np.mean(attn)), lambda chosen: zero_layer_heads(heads, chosen))
-    if "feature" in kinds and dictionary is not None:
+    if "feature" in kinds and dictionary is not None and kept(dictionary.site.layer):
         from deepseemoe.causal.steering import FeatureEdit
 
         d = dictionary
@@ -181,7 +186,8 @@ def unit_inventory(handle: ModelHandle, kinds: tuple[str, ...] = KINDS,
         per = _feature_params(d)
         out["feature"] = Units("feature", [(d.site.layer, f) for f in range(d.coder.cfg.n_latents)], per,
                                lambda chosen: FeatureEdit(handle, d.coder, d.site, [f for _, f in chosen], 0.0))
-    if "module" in kinds and dictionary is not None and dictionary.modules and handle.is_moe:
+    if "module" in kinds and dictionary is not None and dictionary.modules and handle.is_moe \
+            and kept(dictionary.graph_layer):
         d = dictionary
         moe = handle.moe_layers[d.graph_layer]
         expert_params = _params(moe.experts) / moe.num_experts
@@ -232,15 +238,18 @@ def specificity(mass: np.ndarray, counts: np.ndarray) -> np.ndarray:
 
 def remove_target(handle: ModelHandle, batches: list, target: Target, *, share: float | None = None,
                   units: int | None = None, kinds: tuple[str, ...] = KINDS, draws: int = 3, seed: int = 0,
-                  progress: bool = False, label: str = "model", dictionary: Dictionary | None = None) -> dict:
+                  progress: bool = False, label: str = "model", dictionary: Dictionary | None = None,
+                  layers: list[int] | None = None) -> dict:
     """For each unit kind: the most specific units ablated together vs `draws` random same-size sets,
     target vs off-target ΔCE on the evaluation half (module docstring). `share` is the budget, a share
-    of each kind's units; `units` fixes the count instead."""
+    of each kind's units; `units` fixes the count instead; `layers`: only units in those layers."""
     if (share is None) == (units is None):
         raise ValueError("give exactly one of share and units")
-    inventory = unit_inventory(handle, kinds, dictionary)
+    inventory = unit_inventory(handle, kinds, dictionary, layers)
     if not inventory:
-        raise DeepSeeMoEError(f"{handle.name} has none of the unit kinds {', '.join(kinds)}")
+        where = f" in layers {', '.join(map(str, layers))}" if layers is not None else ""
+        raise DeepSeeMoEError(f"{handle.name} has none of the unit kinds {', '.join(kinds)}{where}; "
+                              "choose kinds (and layers) it has")
     select, evaluate = split_halves(batches)
     counts, mass = _activity(handle, select, target, "expert_neuron" in inventory, progress, label)
     if "feature" in inventory or "module" in inventory:
@@ -361,11 +370,13 @@ def default_budget(handle: ModelHandle) -> float:
 
 def removal_study(sides: list[tuple[str, ModelHandle, list]], target: str, *, budget: float | None = None,
                   units: int | None = None, kinds: tuple[str, ...] = KINDS, draws: int = 3, seed: int = 0,
-                  progress: bool = False, dictionary: Dictionary | None = None) -> dict:
+                  progress: bool = False, dictionary: Dictionary | None = None,
+                  layers: list[int] | None = None) -> dict:
     """`remove_target` on each (label, model, batches) at one budget: `budget` is the share of each
     kind's units removed (default `default_budget` of the first model), the same for every model;
     `units` fixes the count of units per kind instead. `dictionary` (an SAE of the first model) adds
-    its features as a kind."""
+    its features as a kind. `layers`: only units in these layers, in every model (a carved MoE's
+    band and the same layers of its dense twin)."""
     check_budget(budget)
     first = sides[0][1]
     share = None if units is not None else (budget if budget is not None else default_budget(first))
@@ -375,9 +386,10 @@ def removal_study(sides: list[tuple[str, ModelHandle, list]], target: str, *, bu
         mine = Target.parse(target, handle.require_tokenizer())
         models[label] = remove_target(handle, batches, mine, share=share, units=units, kinds=kinds, draws=draws,
                                       seed=seed, progress=progress, label=label,
-                                      dictionary=dictionary if handle is first else None)
+                                      dictionary=dictionary if handle is first else None, layers=layers)
     return {"target": {"label": parsed.label, "domain": parsed.domain, "token_ids": sorted(parsed.token_ids)},
             "budget": {"share": share, "units": units}, "draws": draws, "seed": seed,
+            "layers": sorted(layers) if layers is not None else None,
             "dictionary": dictionary.name if dictionary is not None else None,
             "models": models}
 

@@ -26,7 +26,8 @@ def register(app: typer.Typer) -> None:
         tokens: int = typer.Option(20_000, min=1, help="Held-out tokens."),
         ctx_len: int = typer.Option(None, min=1, help="Context length (default: 256, or the model's position limit when smaller)."),
         batch_size: int = batch_size_option(),
-        layers: str = typer.Option(None, help="MoE layers to ablate in, e.g. 0,3 (default: all)."),
+        layers: str = typer.Option(None, help="MoE layers to ablate in, e.g. 0,3 (default: all); with --target, "
+                                   "the layers whose units may be removed, in MODEL and --twin alike."),
         experts: str = typer.Option(None, help="Experts to ablate, e.g. 0,1,2 (default: all)."),
         domain_field: str = typer.Option("domain", help="Field holding each document's domain label."),
         device: str = model_device_option(),
@@ -66,26 +67,29 @@ def register(app: typer.Typer) -> None:
         if target is None and (twin or budget is not None or units is not None or dictionary):
             raise DeepSeeMoEError("--twin, --budget, --units and --dictionary choose what --target removes; "
                                   "add --target")
-        if target is not None and (layers or experts):
-            raise DeepSeeMoEError("--layers and --experts choose the causal checks' units; --target chooses its "
-                                  "own: drop them")
+        if target is not None and experts:
+            raise DeepSeeMoEError("--experts chooses the causal checks' units; --target chooses its own: drop it "
+                                  "(--layers limits where)")
         if not data.startswith("hf:"):
             resolve_files(data)
+
+        def parse(s: str | None, option: str) -> list[int] | None:
+            try:
+                return [int(v) for v in s.split(",")] if s else None
+            except ValueError:
+                raise DeepSeeMoEError(f"{option} {s!r}: give numbers separated by commas, e.g. 0,3") from None
+
         load = dict(dtype=dtype, device=device, device_map=device_map, trust_remote_code=trust_remote_code)
         text = dict(tokens=tokens, ctx_len=ctx_len, batch_size=batch_size, domain_field=domain_field)
         if target is not None:
             _remove(model, twin, data, out, target=target, budget=budget, units=units, kinds=kinds, draws=draws,
-                    seed=seed, dictionary=dictionary, load=load, text=text)
+                    seed=seed, dictionary=dictionary, load=load, text=text, layers=parse(layers, "--layers"))
             return
         handle = load_model(model, **load)
         if not handle.is_moe:
             raise DeepSeeMoEError(f"{model} has no MoE layers to ablate")
-
-        def parse(s: str | None) -> list[int] | None:
-            return [int(v) for v in s.split(",")] if s else None
-
-        result = run_causal_checks(handle, heldout_batches(handle, data, **text), layers=parse(layers),
-                                   experts=parse(experts), seed=seed)
+        result = run_causal_checks(handle, heldout_batches(handle, data, **text), layers=parse(layers, "--layers"),
+                                   experts=parse(experts, "--experts"), seed=seed)
         result["model"] = handle.name
         figures: list = []
         path = save_ablation(out, result, lambda folder: figures.extend(causal_figures(result, folder)))
@@ -96,7 +100,7 @@ def register(app: typer.Typer) -> None:
 
 def _remove(model: str, twin: str | None, data: str, out: Path, *, target: str, budget: float | None,
             units: int | None, kinds: str, draws: int, seed: int, dictionary: str | None, load: dict,
-            text: dict) -> None:
+            text: dict, layers: list[int] | None) -> None:
     """`ablate --target`: the options checked before any model loads, then `removal_study` on the model
     (and its twin) at one budget."""
     from deepseemoe.causal.figures import removal_figure
@@ -128,7 +132,7 @@ def _remove(model: str, twin: str | None, data: str, out: Path, *, target: str, 
     if twin and sides[0][0] == sides[1][0]:
         sides = [("model", sides[0][1], sides[0][2]), ("twin", sides[1][1], sides[1][2])]
     result = removal_study(sides, target, budget=budget, units=units, kinds=wanted, draws=draws, seed=seed,
-                           progress=True, dictionary=coder)
+                           progress=True, dictionary=coder, layers=layers)
     path = save_removal(out, result, lambda p: removal_figure(result, p))
     console = out_console()
     console.print(terminal.removal(result))

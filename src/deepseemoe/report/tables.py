@@ -170,6 +170,7 @@ class RemovalTable:
     draws: int
     predictions: dict[str, dict]  # model -> {"target": n, "off_target": n} scored
     rows: list[RemovalRow]
+    layers: list[int] | None = None  # the units came from these layers only (None: every layer)
 
 
 def removal_table(result: dict) -> RemovalTable:
@@ -179,7 +180,7 @@ def removal_table(result: dict) -> RemovalTable:
             for label, m in result["models"].items() for kind, k in m["kinds"].items()]
     return RemovalTable(target=result["target"]["label"], share=result["budget"]["share"], draws=result["draws"],
                         predictions={label: m["evaluate_predictions"] for label, m in result["models"].items()},
-                        rows=rows)
+                        rows=rows, layers=result.get("layers"))
 
 
 @dataclass

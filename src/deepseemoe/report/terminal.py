@@ -40,7 +40,8 @@ def removal(result: dict) -> Table:
     rows = [[r.model, f"{r.units}/{r.of}", r.kind, _f(r.selected["target"]), _f(r.selected["off_target"]),
              _f(r.selected["gap"]), _f((r.random or {}).get("target", float("nan"))),
              _f((r.random or {}).get("off_target", float("nan")))] for r in t.rows]
-    return _table(f"Removing {t.target}: ΔCE (nats/token) on held-out predictions",
+    where = f", units of layers {', '.join(map(str, t.layers))} only" if t.layers else ""
+    return _table(f"Removing {t.target}{where}: ΔCE (nats/token) on held-out predictions",
                   ("model", "units", "kind", "target", "off-target", "gap", "random: target", "random: off-target"), rows)
 
 
