@@ -115,6 +115,32 @@ def test_reduced_demo(tmp_path, cli, zoo_cache):
     ce = carve["clustered"]["ce"]
     assert f"held-out CE +{ce['carved']['4']['all'] - ce['dense']['all']:.3f} nats over the dense twin" \
         in printed.getvalue()
+    # the carved MoE's block-input SAE (its middle carved layer): trained, evaluated and mapped to the carved
+    # experts; the report labels it by folder beside the trained MoE's SAE of the same name, with its FVU
+    cdict = carved / "dictionaries"
+    ev = json.loads((cdict / "evaluation.json").read_text())["coders"]["sae_block_in_1"]
+    assert f'<td class="l">carved/dictionaries: sae_block_in_1</td><td>{ev["fvu"]:.3f}</td>' in page
+    assert '<td class="l">dictionaries: sae_block_in_1</td>' in page
+    assert f"its block-input SAE sae_block_in_1 (float32): held-out FVU {ev['fvu']:.3f}" in printed.getvalue()
+    # its features are described too, and each carved expert's row lists the described carved features with
+    # the highest lift into it, recomputed here from the carved map's table (not the trained MoE's)
+    from deepseemoe.runs.explanations import ExplanationStore
+
+    carved_features = ExplanationStore.for_features(cdict, "sae_block_in_1").explanations()
+    carved_experts = ExplanationStore.for_experts(carved / "clustered", 1).explanations()
+    assert carved_features and carved_experts
+    table = duckdb.sql(f"SELECT expert, feature, lift FROM read_parquet('{cdict}/maps/sae_block_in_1/feature_experts"
+                       f".parquet') WHERE \"count\" >= 3 AND lift > 1 AND feature IN "
+                       f"({','.join(map(str, carved_features))}) ORDER BY expert, lift DESC, feature").fetchall()
+    section = page[page.index("<h3>layer1.experts — <code>carved/clustered</code></h3>"):]
+    section = section[section.index("Each expert beside"):]
+    section = section[:section.index("</table>")]
+    for e in carved_experts:
+        top = [(f, lift) for ex, f, lift in table if ex == e][:5]
+        row = section[section.index(f"<tr><td>{e}</td>"):]
+        row = row[:row.index("</tr>")]
+        shown = re.findall(r"(\d+) \(([0-9.]+)×\)", row)
+        assert shown == [(str(f), f"{lift:.1f}") for f, lift in top], (e, shown, top, row)
     # attribution graphs: one held-out prompt per domain of the corpus, each graph's file checksummed, its
     # sentence and sizes shown; every routing decision the sentence names is a kept node of the file
     attribution = json.loads((tmp_path / "demo" / "attribution" / "attribution.json").read_text())

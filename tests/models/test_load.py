@@ -193,3 +193,19 @@ def test_inspect_answers_from_its_cache_without_importing_torch(tiny_olmoe_dir, 
         entry.write_text('{"key": "x", "structure": {"rows": 5}}')  # damaged: never trusted
     again = cli("inspect", folder)
     assert again.code == 0 and rows(again.out) == rows(changed.out)
+
+
+def test_faster_cpu_dtype_follows_the_measured_clock():
+    """bf16 only where its products are measured at least 1.5x faster than float32's."""
+    import torch
+
+    from deepseemoe.models.load import faster_cpu_dtype
+
+    def clock(bf16: float, fp32: float):
+        return lambda dtype: bf16 if dtype == torch.bfloat16 else fp32
+
+    assert faster_cpu_dtype(timer=clock(0.10, 0.30)) == "bfloat16"
+    assert faster_cpu_dtype(timer=clock(0.25, 0.375)) == "bfloat16"  # exactly 1.5x
+    assert faster_cpu_dtype(timer=clock(0.30, 0.375)) == "float32"
+    assert faster_cpu_dtype(timer=clock(0.90, 0.30)) == "float32"  # emulated bf16
+    assert faster_cpu_dtype() in ("bfloat16", "float32")  # this machine, measured

