@@ -2,11 +2,14 @@
 
 Stages: corpus (text on this machine) → tokenizer + MoE + dense twin (trained once, cached) →
 load the MoE from its folder exactly like a hub model → route the held-out split → route the
-same text through the intermediate checkpoints → routing statistics → dictionaries, feature maps,
-causal checks and the MoE-vs-dense table → descriptions of one layer's experts and a few dozen
-features by the offline explainer (SmolLM2), scored → attribution graphs of one held-out prompt per
-domain through the router → the MoE and its dense twin post-trained with LoRA on the domain the MoE
-knows least, every strategy, 3 seeds → report/index.html.
+same text through the intermediate checkpoints → routing statistics → SmolLM2 carved into an MoE
+(co-activation clusters, and a random split as the null), each routed, its experts measured as
+specialists, and a block-input SAE of the clustered carve mapped to its experts → dictionaries,
+feature maps, causal checks and the MoE-vs-dense table of the trained pair → descriptions of one
+layer's carved experts and of features of both SAEs by the offline explainer (SmolLM2), scored →
+attribution graphs of one held-out prompt per domain through the router → the MoE and its dense
+twin post-trained with LoRA on the domain the MoE knows least, every strategy, 3 seeds → the reach
+sweep → report/index.html.
 """
 
 from __future__ import annotations
