@@ -26,6 +26,15 @@ def test_smollm2_explains_and_scores_offline(tmp_path_factory):
     again = LocalChat.smollm2(cache)  # the dequantised weights are reused, not written again
     again.complete_many([[{"role": "user", "content": "Hi"}]], max_tokens=2)
     assert weights.stat().st_mtime_ns == stamp
+    # in bf16 it answers differently: it runs in that dtype and its ident says so, so answers cached in
+    # float32 are never served for it (and the reverse)
+    import torch
+
+    bf16 = LocalChat.smollm2(cache, dtype="bfloat16")
+    assert bf16.ident != chat.ident and bf16.ident.endswith("@bfloat16")
+    assert bf16.complete_many([[{"role": "user", "content": "Name one animal. Answer in one word."}]],
+                              max_tokens=8)[0].text.strip()
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
 
     corpus, acts = planted(n_tokens=3000)
     store = ExplanationStore(cache / "store", "planted")
@@ -58,16 +67,3 @@ def test_smollm2_explains_and_scores_offline(tmp_path_factory):
     assert (judge["flag"] is not None) == (min(judge["answered_1"], judge["answered_0"]) == 0
                                            or judge["p1_spread"] < 1e-3)
 
-
-@pytest.mark.slow
-def test_smollm2_in_bf16_is_named_apart(tmp_path_factory):
-    """In bf16 SmolLM2 answers differently: it runs in that dtype and its ident says so, so answers
-    cached in float32 are never served for it (and the reverse)."""
-    import torch
-
-    cache = tmp_path_factory.mktemp("smollm2-bf16")
-    fp32, bf16 = LocalChat.smollm2(cache), LocalChat.smollm2(cache, dtype="bfloat16")
-    assert fp32.ident != bf16.ident and bf16.ident.endswith("@bfloat16")
-    answer = bf16.complete_many([[{"role": "user", "content": "Name one animal. Answer in one word."}]], max_tokens=8)[0]
-    assert answer.text and answer.text.strip()
-    assert next(bf16.model.parameters()).dtype == torch.bfloat16

@@ -10,6 +10,20 @@ TRUST_REMOTE_CODE_HELP = ("Run the model repository's own Python code (only if y
                           "grants it: a run's saved config may record it, never grant it.")
 
 
+def int_list(text: str, flag: str) -> list[int]:
+    """"10-19" or "4,8,12" (or both, "0,4-6") as sorted numbers; anything else is one error line."""
+    from deepseemoe.errors import DeepSeeMoEError
+
+    try:
+        got = []
+        for part in text.split(","):
+            a, _, b = part.strip().partition("-")
+            got += list(range(int(a), int(b) + 1)) if b else [int(a)]
+        return sorted(set(got))
+    except ValueError:
+        raise DeepSeeMoEError(f"{flag} {text!r}: give numbers and ranges, e.g. 10-19 or 4,8,12") from None
+
+
 def trust_remote_code_option():
     return typer.Option(False, "--trust-remote-code", help=TRUST_REMOTE_CODE_HELP)
 

@@ -12,6 +12,7 @@ from deepseemoe.commands._options import (
     device_map_option,
     dictionary_name,
     dtype_option,
+    int_list,
     model_device_option,
     trust_remote_code_option,
 )
@@ -26,7 +27,7 @@ def register(app: typer.Typer) -> None:
         tokens: int = typer.Option(20_000, min=1, help="Held-out tokens."),
         ctx_len: int = typer.Option(None, min=1, help="Context length (default: 256, or the model's position limit when smaller)."),
         batch_size: int = batch_size_option(),
-        layers: str = typer.Option(None, help="MoE layers to ablate in, e.g. 0,3 (default: all); with --target, "
+        layers: str = typer.Option(None, help="MoE layers to ablate in, e.g. 0,3 or 2-5 (default: all); with --target, "
                                    "the layers whose units may be removed, in MODEL and --twin alike."),
         experts: str = typer.Option(None, help="Experts to ablate, e.g. 0,1,2 (default: all)."),
         domain_field: str = typer.Option("domain", help="Field holding each document's domain label."),
@@ -73,11 +74,8 @@ def register(app: typer.Typer) -> None:
         if not data.startswith("hf:"):
             resolve_files(data)
 
-        def parse(s: str | None, option: str) -> list[int] | None:
-            try:
-                return [int(v) for v in s.split(",")] if s else None
-            except ValueError:
-                raise DeepSeeMoEError(f"{option} {s!r}: give numbers separated by commas, e.g. 0,3") from None
+        def parse(text: str | None, option: str) -> list[int] | None:
+            return int_list(text, option) if text else None
 
         load = dict(dtype=dtype, device=device, device_map=device_map, trust_remote_code=trust_remote_code)
         text = dict(tokens=tokens, ctx_len=ctx_len, batch_size=batch_size, domain_field=domain_field)

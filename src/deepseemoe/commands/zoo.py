@@ -91,25 +91,15 @@ def carve(
     """Carve a dense model into an MoE without training (CMoE-style): per layer one always-on shared
     expert and routed experts of equal width from co-activation clusters, a least-squares router;
     saved as Qwen2MoeForCausalLM. Prints held-out CE per domain against the dense model."""
-    from deepseemoe.errors import DeepSeeMoEError
+    from deepseemoe.commands._options import int_list
     from deepseemoe.progress import out_console
     from deepseemoe.report import terminal
     from deepseemoe.zoo.carve import CarveSpec, carve_zoo
 
-    def ints(text: str, flag: str) -> list[int]:
-        try:
-            got = []
-            for part in text.split(","):
-                a, _, b = part.strip().partition("-")
-                got += list(range(int(a), int(b) + 1)) if b else [int(a)]
-            return sorted(set(got))
-        except ValueError:
-            raise DeepSeeMoEError(f"{flag} {text!r}: give numbers and ranges, e.g. 10-19 or 4,8,12") from None
-
-    spec = CarveSpec(experts=experts, shared=shared, top_k=top_k, layers=ints(layers, "--layers") if layers else None,
+    spec = CarveSpec(experts=experts, shared=shared, top_k=top_k, layers=int_list(layers, "--layers") if layers else None,
                      split=split, router=router, seed=seed)
     carved = carve_zoo(data, model=model, spec=spec, out=out, cache_dir=cache_dir, calibration_tokens=calibration_tokens,
-                       eval_tokens=eval_tokens, ctx_len=ctx_len, eval_ks=ints(eval_k, "--eval-k") if eval_k else None,
+                       eval_tokens=eval_tokens, ctx_len=ctx_len, eval_ks=int_list(eval_k, "--eval-k") if eval_k else None,
                        recarve=recarve)
     console = out_console()
     console.print(*terminal.carve_report(carved.report, experts - shared, shared, carved.cached), sep="\n")

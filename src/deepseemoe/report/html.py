@@ -379,7 +379,8 @@ def _explanations_context(study: Study) -> list[dict]:
         out.append({"module": store.module, "backend": backend, "explained_by": explained_by,
                     "weak": "SmolLM2" in f"{backend} {explained_by}", "scorers": scorers,
                     "folder": str(store.path.parent.parent.relative_to(study.run.run_dir.parent))
-                    if elsewhere or (run is None and len(study.dictionary_runs) > 1) else None,
+                    if elsewhere or (run is None and len(study.dictionary_runs) + len(study.other_dictionary_runs) > 1)
+                    else None,
                     "columns": cols, "units": units,
                     "mapped": _mapped(store, _same_model(run, study.other_dictionary_runs), study.other_explanations)
                     if elsewhere else _mapped(store, study.dictionary_runs, study.explanations),

@@ -222,6 +222,7 @@ class Study:
                 if folder.is_dir() else []
         study = cls(run, [RoutingRun.open(p) for p in checkpoint_runs])
         study.explanations += list(stores_in(run.run_dir).values())
+
         def dictionaries_in(folder: Path) -> DictionaryRunFiles | None:
             if not ((folder / CONFIG).exists() and (folder / EVALUATION).exists()):
                 return None
