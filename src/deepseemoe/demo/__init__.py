@@ -321,16 +321,20 @@ def _carved(corpus_dir: Path, out_dir: Path, run_dir: Path, stats_key: str, reci
 
 
 def _carved_sae(plan: DemoCarve, corpus_dir: Path, moe_dir: Path, out: Path, layer: int, dtype: str):
-    """The run config of the carved MoE's block-input SAE (the router's input) at `layer`."""
+    """The run config of the carved MoE's block-input SAE (the router's input) at `layer`. Where "auto"
+    fell back to float32 (a CPU without fast bf16), half the tokens: capturing them takes ~2.7x longer
+    there, and the demo's budget holds the same seconds, not the same tokens."""
     from deepseemoe.dictionaries.config import CoderSpec, RunSpec
     from deepseemoe.dictionaries.trainer import TrainConfig
 
+    tokens = plan.sae_tokens // 2 if plan.dtype == "auto" and dtype == "float32" else plan.sae_tokens
+
     # small batches: the few tokens the budget allows still make a few hundred steps
-    return RunSpec(model=str(moe_dir), data=str(corpus_dir / "train.jsonl"), out=str(out), tokens=plan.sae_tokens,
+    return RunSpec(model=str(moe_dir), data=str(corpus_dir / "train.jsonl"), out=str(out), tokens=tokens,
                    ctx_len=plan.ctx_len, domain_field="domain", checkpoint_every=10**9, dtype=dtype,
                    coders=[CoderSpec(kind="sae", site="block_in", layers=[layer], k=plan.sae_k,
                                      expansion_factor=plan.sae_expansion)],
-                   train=TrainConfig(batch_size=128, buffer_size=8192, lr=2e-3, dead_after_tokens=plan.sae_tokens))
+                   train=TrainConfig(batch_size=128, buffer_size=8192, lr=2e-3, dead_after_tokens=tokens))
 
 
 @dataclass
