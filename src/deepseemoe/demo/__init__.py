@@ -259,11 +259,10 @@ def _carved(corpus_dir: Path, out_dir: Path, run_dir: Path, stats_key: str, reci
     middle carved layer with its evaluation and feature ↔ expert map (STUDY/carved/)."""
     from deepseemoe.compare.specialists import expert_specialists, specialists_markdown
     from deepseemoe.errors import DeepSeeMoEError
-    from deepseemoe.models.load import faster_cpu_dtype
     from deepseemoe.runs.study import CARVE, SPECIALISTS, read_specialists, save_carve, save_specialists
     from deepseemoe.zoo.carve import CarveSpec, carve_zoo
 
-    plan = DEMO_CARVES.get(recipe.removesuffix("-ternary"), DEMO_CARVES["demo"])
+    plan = _carve_plan(recipe)
     model = dense_dir if plan.model == "dense-twin" else None
     folder = out_dir / "carved"
     carves = {}
@@ -279,7 +278,7 @@ def _carved(corpus_dir: Path, out_dir: Path, run_dir: Path, stats_key: str, reci
     except DeepSeeMoEError as e:  # SmolLM2 is not installed: the rest of the demo stands
         console.print(f"[bold]5/11 carved MoE[/] [yellow]skipped: {e}[/]")
         return CarvedStage(stamp.digest(stage="carved", stats=stats_key, carved=None))
-    dtype = faster_cpu_dtype() if plan.dtype == "auto" else plan.dtype
+    dtype = _inference_dtype(recipe)
     layer = plan.layers[len(plan.layers) // 2]
     sae = _carved_sae(plan, corpus_dir, carves["clustered"].moe_dir, folder / "dictionaries", layer, dtype)
     route_kw = dict(ctx_len=plan.ctx_len, batch_size=8, max_tokens=plan.route_tokens)
@@ -352,21 +351,16 @@ class _CarvedDictionary:
     def build(self, spec, val: Path, plan: DemoCarve, routing_run: Path) -> None:
         import shutil
 
-        from deepseemoe.demo.analyses import demo_graphs
+        from deepseemoe.demo.analyses import demo_maps
         from deepseemoe.dictionaries.evaluate import evaluate_run
-        from deepseemoe.dictionaries.trained import TrainedRun
         from deepseemoe.dictionaries.training import train_run
-        from deepseemoe.features.map import compute_map
 
         if self.folder.exists():
             shutil.rmtree(self.folder)
         train_run(spec, progress=False)
         run = DictionaryRun(self.folder)
         run.save_evaluation(evaluate_run(self.folder, data=str(val), tokens=plan.sae_eval_tokens, progress=False))
-        m = compute_map(TrainedRun.open(self.folder), self.name, data=str(val), tokens=plan.map_tokens, layer=None,
-                        batch_size=8, n_examples=5)
-        run.save_map(self.name, m.tables, m.examples, m.summary)
-        demo_graphs(run, [self.name], routing_run)
+        demo_maps(run, [self.name], str(val), plan.map_tokens, routing_run)
 
     def line(self, dtype: str) -> str:
         run = DictionaryRun(self.folder)
@@ -381,11 +375,16 @@ class _CarvedDictionary:
                 f"{ev.get('delta_ce', float('nan')):.3f}; routing recall@{m['top_k']} {recall or '–'} → {self.folder}")
 
 
+def _carve_plan(recipe: str) -> DemoCarve:
+    """What the demo carves for `recipe` (its ternary twin carves the same)."""
+    return DEMO_CARVES.get(recipe.removesuffix("-ternary"), DEMO_CARVES["demo"])
+
+
 def _inference_dtype(recipe: str) -> str:
     """The dtype the demo runs SmolLM2 and its carved MoE in after carving (DemoCarve.dtype)."""
     from deepseemoe.models.load import faster_cpu_dtype
 
-    plan = DEMO_CARVES.get(recipe.removesuffix("-ternary"), DEMO_CARVES["demo"])
+    plan = _carve_plan(recipe)
     return faster_cpu_dtype() if plan.dtype == "auto" else plan.dtype
 
 

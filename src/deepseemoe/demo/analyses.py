@@ -23,10 +23,8 @@ def run_demo_analyses(moe_dir: Path, dense_dir: Path, corpus_dir: Path, out_dir:
     from deepseemoe.data.tokens import heldout_batches
     from deepseemoe.dictionaries.config import CoderSpec, RunSpec
     from deepseemoe.dictionaries.evaluate import evaluate_run
-    from deepseemoe.dictionaries.trained import TrainedRun
     from deepseemoe.dictionaries.trainer import TrainConfig
     from deepseemoe.dictionaries.training import train_run
-    from deepseemoe.features.map import compute_map
     from deepseemoe.models.load import load_model
     from deepseemoe.report.tables import comparison_markdown
 
@@ -55,14 +53,7 @@ def run_demo_analyses(moe_dir: Path, dense_dir: Path, corpus_dir: Path, out_dir:
         run.save_evaluation(evaluate_run(dict_dir, data=val, tokens=eval_tokens, progress=False))
         stamp.write(dict_dir, "dictionaries", key)
     evaluation = run.evaluation()
-    maps = {}
-    trained = TrainedRun.open(dict_dir)  # one model for every map
-    for c in spec.coders:
-        m = compute_map(trained, c.name, data=val, tokens=4 * eval_tokens, layer=None, batch_size=8, n_examples=5)
-        run.save_map(c.name, m.tables, m.examples, m.summary)
-        maps[c.name] = m.summary
-
-    graphs = demo_graphs(run, [c.name for c in spec.coders], out_dir / "run")
+    maps, graphs = demo_maps(run, [c.name for c in spec.coders], val, 4 * eval_tokens, out_dir / "run")
 
     moe, dense = load_model(str(moe_dir)), load_model(str(dense_dir))
     moe_text, dense_text = (heldout_batches(h, val, tokens=eval_tokens, ctx_len=ctx_len) for h in (moe, dense))
@@ -122,6 +113,21 @@ def demo_removal(moe, dense, batches_moe: list, batches_dense: list, out: Path,
                            dictionary=sae)
     save_removal(out, result, lambda path: removal_figure(result, path))
     return result
+
+
+def demo_maps(run: DictionaryRun, names: list[str], data: str, tokens: int, routing_run: Path) -> tuple[dict, dict]:
+    """`deepseemoe map` of each dictionary `names` of a trained run on `tokens` of `data` (one model for
+    every map), then `demo_graphs`: (map summaries, graph summaries), by name."""
+    from deepseemoe.dictionaries.trained import TrainedRun
+    from deepseemoe.features.map import compute_map
+
+    maps = {}
+    trained = TrainedRun.open(run.path)
+    for name in names:
+        m = compute_map(trained, name, data=data, tokens=tokens, layer=None, batch_size=8, n_examples=5)
+        run.save_map(name, m.tables, m.examples, m.summary)
+        maps[name] = m.summary
+    return maps, demo_graphs(run, names, routing_run)
 
 
 def demo_graphs(run: DictionaryRun, names: list[str], routing_run: Path) -> dict:

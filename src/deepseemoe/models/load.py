@@ -6,6 +6,7 @@ for GPT-OSS) and silences the router/experts hooks this toolkit depends on.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -28,37 +29,38 @@ def resolve_dtype(dtype: Any):
     return "auto" if key == "auto" else getattr(torch, _DTYPES[key])
 
 
-def faster_cpu_dtype(*, repeats: int = 5, timer=None) -> str:
+def faster_cpu_dtype(*, timer=None) -> str:
     """"bfloat16" when this CPU multiplies bf16 matrices at least 1.5x faster than float32 (CPUs
     with AVX512-BF16 or AMX: SmolLM2's forward ran 2.7x faster on the project's 2-core machine),
-    else "float32" (elsewhere bf16 is emulated and slower). Measured, not read off the CPU's flags:
-    the best of `repeats` products of the shape of a small model's MLP (256 tokens, 576 -> 1,536),
-    tens of milliseconds, once per process; `timer(dtype) -> seconds` replaces the clock in tests.
+    else "float32" (elsewhere bf16 is emulated and slower). Measured, not read off the CPU's flags
+    (`_matmul_seconds`), once per process; `timer(dtype) -> seconds` replaces the clock in tests.
     For inference only: a figure measured in this dtype is a bf16 figure."""
+    if timer is None:
+        return _measured_faster_dtype()
+    import torch
+
+    return "bfloat16" if timer(torch.bfloat16) * 1.5 <= timer(torch.float32) else "float32"
+
+
+@functools.cache
+def _measured_faster_dtype() -> str:
+    return faster_cpu_dtype(timer=_matmul_seconds)
+
+
+def _matmul_seconds(dtype, repeats: int = 5) -> float:
+    """The best of `repeats` products of the shape of a small model's MLP (256 tokens, 576 -> 1,536) in
+    `dtype`: tens of milliseconds."""
     import time
 
     import torch
 
-    global _FASTER
-    if timer is None and _FASTER is not None:
-        return _FASTER
-
-    def clock(dtype) -> float:
-        a, b = torch.randn(256, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)
-        best = float("inf")
-        for _ in range(repeats + 1):  # the first product warms the kernels up
-            start = time.perf_counter()
-            a @ b
-            best = min(best, time.perf_counter() - start)
-        return best
-
-    chosen = "bfloat16" if (timer or clock)(torch.bfloat16) * 1.5 <= (timer or clock)(torch.float32) else "float32"
-    if timer is None:
-        _FASTER = chosen
-    return chosen
-
-
-_FASTER: str | None = None
+    a, b = torch.randn(256, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first product warms the kernels up
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def check_device(device: Any) -> Any:

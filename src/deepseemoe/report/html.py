@@ -196,13 +196,12 @@ def _analyses_context(study: Study) -> dict:
     """Tables of the dictionaries / causal / comparison parts of a study, each None when absent."""
     from deepseemoe.report.tables import comparison_table, removal_table
 
-    coders, maps = [], []
+    coders, maps, graphs = [], [], []
     every = [*study.dictionary_runs, *study.other_dictionary_runs]  # another model's (a carved MoE's) too
-    several = len(every) > 1
     for d in every:
         # with several dictionary runs (the demo's: the trained MoE's and the carved MoE's), each name
         # says whose it is
-        where = f"{d.path.relative_to(study.run.run_dir.parent)}: " if several else ""
+        where = f"{d.path.relative_to(study.run.run_dir.parent)}: " if len(every) > 1 else ""
         for name, r in d.evaluation["coders"].items():
             coders.append({"name": where + name, "kind": r["kind"], "fvu": r["fvu"], "l0": r["l0"], "dead": r["dead"],
                            "delta_ce": r.get("delta_ce"), "kl": r.get("kl"), "recovered": r.get("loss_recovered"),
@@ -213,9 +212,6 @@ def _analyses_context(study: Study) -> dict:
             maps.append({"name": where + name, "layer": m["layer"], "live": m["live_features"], "features": m["features"],
                          "specificity": m["specificity_median"], "specific_share": m["expert_specific_share"],
                          "rp": rp, "attr": m.get("attribution")})
-    graphs = []
-    for d in every:
-        where = f"{d.path.relative_to(study.run.run_dir.parent)}: " if several else ""
         for name, g in d.graphs.items():
             graphs.append({"name": where + name, "summary": g, "figure": _png(d.graph_figure(name)),
                            "kinds": ", ".join(f"{k['kind']} {k['kept']:,} of {k['candidates']:,} "
